@@ -1,0 +1,154 @@
+//! `lastmile engine-bench`: prefill and decode throughput of the engine itself (no HTTP), in the
+//! shape of llama.cpp's `llama-bench` (pp = prompt processing of N tokens, tg = generation of N
+//! tokens), plus this machine's memory read bandwidth for the physical limit.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use lastmile_engine::{EngineHandle, GenerateRequest, GenerationEvent, SamplingParams};
+
+use crate::ModelArgs;
+
+/// Options of `engine-bench`.
+#[derive(Args)]
+pub struct EngineBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Generated tokens for the decode measurement.
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Repetitions (medians are reported).
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return 0.0;
+    }
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+/// Runs one request to the end; returns (time to first token, time of the rest, tokens generated).
+fn time_request(
+    engine: &EngineHandle,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+) -> Result<(f64, f64, usize)> {
+    let start = Instant::now();
+    let mut stream = engine.submit(GenerateRequest {
+        prompt,
+        sampling: SamplingParams::greedy(),
+        max_tokens,
+        stop: vec![],
+        ignore_eos: true,
+    })?;
+    let mut first = None;
+    let mut n = 0;
+    while let Some(ev) = stream.blocking_next() {
+        match ev {
+            GenerationEvent::Token { .. } => {
+                n += 1;
+                first.get_or_insert_with(|| start.elapsed().as_secs_f64());
+            }
+            GenerationEvent::Finished { .. } => break,
+            GenerationEvent::Failed(e) => anyhow::bail!("{e}"),
+        }
+    }
+    let total = start.elapsed().as_secs_f64();
+    let first = first.unwrap_or(total);
+    Ok((first, total - first, n))
+}
+
+/// Reads a buffer larger than the caches with both cores; returns GB/s.
+fn memory_read_bandwidth() -> f64 {
+    let n: usize = 256 << 20; // 1 GiB of u32
+    let buf: Vec<u32> = (0..n as u32).collect();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let sum: u64 = std::thread::scope(|s| {
+            let handles: Vec<_> = buf
+                .chunks(n.div_ceil(threads))
+                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x as u64))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(0))
+                .fold(0u64, u64::wrapping_add)
+        });
+        std::hint::black_box(sum);
+        best = best.max((n * 4) as f64 / start.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+/// Runs the benchmark.
+pub fn run(args: EngineBenchArgs) -> Result<()> {
+    let (engine, id) = args.model.start_engine()?;
+    let vocab = engine.info().vocab_size as u32;
+    // A deterministic pseudo-text prompt of ordinary tokens (as llama-bench uses random tokens).
+    let prompt: Vec<u32> = (0..args.prompt_tokens as u32)
+        .map(|i| 1000 + (i * 7919) % (vocab - 2000))
+        .collect();
+    // Warm-up: page the weights in and size every buffer.
+    time_request(&engine, prompt.clone(), 2)?;
+    let mut pp = Vec::new();
+    let mut tg = Vec::new();
+    let bar = indicatif::ProgressBar::new(args.repeats as u64 * 2).with_message("engine-bench");
+    for _ in 0..args.repeats {
+        let (ttft, _, _) = time_request(&engine, prompt.clone(), 1)?;
+        pp.push(args.prompt_tokens as f64 / ttft);
+        bar.inc(1);
+        let (_, rest, n) = time_request(&engine, vec![prompt[0]], args.gen_tokens + 1)?;
+        tg.push((n - 1) as f64 / rest);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let bw = memory_read_bandwidth();
+    let bytes = engine.info().weight_bytes_per_token as f64;
+    let limit = bw * 1e9 / bytes;
+    let (pp_med, tg_med) = (median(&mut pp.clone()), median(&mut tg.clone()));
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": id, "threads": args.model.threads,
+                "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
+                "prefill_tok_s": pp, "decode_tok_s": tg,
+                "prefill_tok_s_median": pp_med, "decode_tok_s_median": tg_med,
+                "mem_read_gb_s": bw, "weight_bytes_per_token": bytes, "decode_limit_tok_s": limit,
+            })
+        );
+    } else {
+        println!(
+            "model {id}: prefill {} tokens: {pp_med:.1} tok/s (median of {})",
+            args.prompt_tokens, args.repeats
+        );
+        println!(
+            "model {id}: decode {} tokens: {tg_med:.1} tok/s (median of {})",
+            args.gen_tokens, args.repeats
+        );
+        println!(
+            "memory read {bw:.1} GB/s / {:.1} MB per token = decode limit {limit:.0} tok/s",
+            bytes / 1e6
+        );
+    }
+    Ok(())
+}

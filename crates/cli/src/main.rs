@@ -1,0 +1,221 @@
+//! The `lastmile` binary: argument parsing and wiring only.
+
+mod bench;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use lastmile_engine::fetch::{ensure_default_model, DEFAULT_MODEL_ID};
+use lastmile_engine::{
+    EngineConfig, EngineHandle, GenerateRequest, GenerationEvent, LoadedModel, SamplingParams,
+};
+
+/// lastmile: serve LLMs with an OpenAI-compatible API from one binary.
+#[derive(Parser)]
+#[command(name = "lastmile", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a model over HTTP with the OpenAI API (fetches the default model on first use).
+    Serve(ServeArgs),
+    /// Complete a raw prompt (no chat template) and print the text.
+    Generate(GenerateArgs),
+    /// Manage models.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+    /// Measure the engine's prefill and decode speed (JSON with --json).
+    EngineBench(bench::EngineBenchArgs),
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Download and verify the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) into the cache.
+    Pull,
+}
+
+/// Options shared by every command that loads a model.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// A GGUF file or a Hugging Face model folder (config.json, *.safetensors, tokenizer.json).
+    /// Default: the embedded default model, fetched on first use into $LASTMILE_HOME.
+    #[arg(long, env = "LASTMILE_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Compute threads for the engine (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// KV cache memory in MiB (at least one full context is always kept).
+    #[arg(long, default_value_t = 1024)]
+    pub kv_cache_mib: usize,
+    /// Most tokens computed in one engine step (decodes plus prefill chunks).
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Most sequences decoding at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_running: usize,
+}
+
+impl ModelArgs {
+    /// Loads the model and starts its engine.
+    pub fn start_engine(&self) -> Result<(EngineHandle, String)> {
+        let (path, id) = match &self.model {
+            Some(p) => (p.clone(), model_id_from_path(p)),
+            None => (ensure_default_model()?, DEFAULT_MODEL_ID.to_string()),
+        };
+        let bar = indicatif::ProgressBar::new_spinner()
+            .with_message(format!("loading {}", path.display()));
+        bar.enable_steady_tick(std::time::Duration::from_millis(100));
+        let loaded =
+            LoadedModel::load(&path).with_context(|| format!("loading {}", path.display()));
+        bar.finish_and_clear();
+        let loaded = loaded?;
+        let mut config = EngineConfig {
+            kv_cache_mib: self.kv_cache_mib,
+            max_batch_tokens: self.max_batch_tokens,
+            max_running: self.max_running,
+            ..EngineConfig::default()
+        };
+        if let Some(t) = self.threads {
+            config.threads = t;
+        }
+        let engine = EngineHandle::start(loaded, config)?;
+        tracing::info!(model = %id, load_s = engine.info().load_seconds, "model loaded");
+        Ok((engine, id))
+    }
+}
+
+fn model_id_from_path(p: &std::path::Path) -> String {
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    name.strip_suffix(".gguf").unwrap_or(&name).to_lowercase()
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// The model id clients must send (default: the default model's id, or the file name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Largest accepted request body, in bytes (larger ones get 413).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    max_body_bytes: usize,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The raw prompt to complete.
+    #[arg(long)]
+    prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Seed for sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Generate(args) => generate(args),
+        Command::Models {
+            command: ModelsCommand::Pull,
+        } => {
+            let path = ensure_default_model()?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::EngineBench(args) => bench::run(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let (engine, id) = args.model.start_engine()?;
+    let config = lastmile_worker::ServerConfig {
+        model_id: args.served_model_name.unwrap_or(id),
+        max_body_bytes: args.max_body_bytes,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tracing::info!("serving {} on http://{addr}", config.model_id);
+        eprintln!(
+            "lastmile: serving `{}` on http://{addr} (OpenAI API at /v1)",
+            config.model_id
+        );
+        lastmile_worker::serve(listener, engine, config, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("shutting down");
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    use std::io::Write;
+    let (engine, _) = args.model.start_engine()?;
+    let prompt = engine.tokenizer().encode_prompt(&args.prompt)?;
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        seed: args.seed,
+        ..SamplingParams::default()
+    };
+    let mut stream = engine.submit(GenerateRequest {
+        prompt,
+        sampling,
+        max_tokens: args.max_tokens,
+        stop: vec![],
+        ignore_eos: false,
+    })?;
+    let mut out = std::io::stdout().lock();
+    write!(out, "{}", args.prompt)?;
+    while let Some(ev) = stream.blocking_next() {
+        match ev {
+            GenerationEvent::Token { text, .. } => {
+                write!(out, "{text}")?;
+                out.flush()?;
+            }
+            GenerationEvent::Finished { text, .. } => {
+                writeln!(out, "{text}")?;
+                break;
+            }
+            GenerationEvent::Failed(e) => anyhow::bail!("generation failed: {e}"),
+        }
+    }
+    Ok(())
+}

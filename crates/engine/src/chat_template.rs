@@ -1,0 +1,100 @@
+//! Chat templates: the Jinja program shipped with a model (`tokenizer.chat_template`) rendered
+//! with minijinja and Python-compatible string/list/dict methods, as Hugging Face renders it.
+
+use minijinja::{Environment, ErrorKind, Value};
+
+use crate::error::{EngineError, Result};
+
+/// ChatML, used when a model ships no template.
+pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos: String,
+    eos: String,
+}
+
+impl ChatTemplate {
+    /// Compiles `source`; `bos`/`eos` are exposed to it as `bos_token`/`eos_token`.
+    pub fn new(source: &str, bos: Option<&str>, eos: Option<&str>) -> Result<Self> {
+        let mut env = Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        env.add_function("strftime_now", |_fmt: String| -> String { String::new() });
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| EngineError::ChatTemplate(format!("parsing the template: {e}")))?;
+        Ok(Self {
+            env,
+            bos: bos.unwrap_or_default().to_string(),
+            eos: eos.unwrap_or_default().to_string(),
+        })
+    }
+
+    /// Renders `messages` (a JSON array of `{role, content, ...}`), optionally opening the
+    /// assistant's turn.
+    pub fn render(
+        &self,
+        messages: &serde_json::Value,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
+        tmpl.render(minijinja::context! {
+            messages => Value::from_serialize(messages),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos.clone(),
+            eos_token => self.eos.clone(),
+            tools => Value::from(()),
+        })
+        .map_err(|e| EngineError::ChatTemplate(format!("rendering: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chatml_renders_with_generation_prompt() {
+        let t = ChatTemplate::new(CHATML, None, None).unwrap();
+        let out = t
+            .render(
+                &serde_json::json!([{"role": "user", "content": "hi"}]),
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn python_methods_and_raise_exception_work() {
+        let src = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}{{ messages[0]['content'].strip().upper() }}";
+        let t = ChatTemplate::new(src, None, None).unwrap();
+        let ok = t
+            .render(
+                &serde_json::json!([{"role": "user", "content": "  hi "}]),
+                false,
+            )
+            .unwrap();
+        assert_eq!(ok, "HI");
+        let err = t
+            .render(
+                &serde_json::json!([{"role": "system", "content": "x"}]),
+                false,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("first must be user"));
+    }
+}

@@ -1,0 +1,301 @@
+//! The engine: one model and its KV pool on a dedicated OS thread. Requests arrive on a bounded
+//! channel; each carries the sender for its output events; a dropped receiver cancels the request
+//! and frees its blocks at the next step.
+
+mod scheduler;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::Arc;
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::chat_template::ChatTemplate;
+use crate::error::{EngineError, Result};
+use crate::kv::KvCache;
+use crate::loader::LoadedModel;
+use crate::sampler::SamplingParams;
+use crate::tokenizer::TextTokenizer;
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Compute threads (the engine thread included).
+    pub threads: usize,
+    /// Memory for the KV cache, in MiB (at least one full context is always reserved).
+    pub kv_cache_mib: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Most tokens computed in one step (decodes plus prefill chunks).
+    pub max_batch_tokens: usize,
+    /// Most sequences running at once.
+    pub max_running: usize,
+    /// Most requests waiting; beyond it `submit` fails with `Overloaded`.
+    pub max_waiting: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            kv_cache_mib: 1024,
+            block_size: 16,
+            max_batch_tokens: 512,
+            max_running: 64,
+            max_waiting: 1024,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Checks the settings make sense.
+    pub fn validate(&self) -> Result<()> {
+        if self.threads == 0
+            || self.block_size == 0
+            || self.max_batch_tokens == 0
+            || self.max_running == 0
+        {
+            return Err(EngineError::InvalidRequest(format!(
+                "engine settings must be positive: {self:?}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A generation request in token space.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Sampling settings.
+    pub sampling: SamplingParams,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Stop strings (never emitted).
+    pub stop: Vec<String>,
+    /// Keep going past end-of-generation tokens.
+    pub ignore_eos: bool,
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+/// What a request's stream yields.
+#[derive(Debug, Clone)]
+pub enum GenerationEvent {
+    /// A generated token and the text it completed (may be empty while text is held back).
+    Token {
+        /// Token id.
+        id: u32,
+        /// New text.
+        text: String,
+    },
+    /// The end of the sequence.
+    Finished {
+        /// Why it ended.
+        reason: FinishReason,
+        /// Text released at the end (held back for a stop string that did not complete).
+        text: String,
+        /// Prompt tokens.
+        prompt_tokens: usize,
+        /// Generated tokens.
+        completion_tokens: usize,
+    },
+    /// The engine failed this request.
+    Failed(String),
+}
+
+/// The receiving end of one request; dropping it cancels the request.
+pub struct GenerationStream {
+    rx: UnboundedReceiver<GenerationEvent>,
+}
+
+impl GenerationStream {
+    /// The next event, or `None` once the stream is over.
+    pub async fn next(&mut self) -> Option<GenerationEvent> {
+        self.rx.recv().await
+    }
+
+    /// Blocking variant for non-async callers.
+    pub fn blocking_next(&mut self) -> Option<GenerationEvent> {
+        self.rx.blocking_recv()
+    }
+}
+
+/// Live counters shared between the engine thread and its handles.
+#[derive(Default, Debug)]
+pub struct EngineStats {
+    /// Sequences in the running batch.
+    pub running: AtomicUsize,
+    /// Requests waiting to start.
+    pub waiting: AtomicUsize,
+    /// KV blocks in use.
+    pub kv_blocks_used: AtomicUsize,
+    /// KV blocks in the pool.
+    pub kv_blocks_total: AtomicUsize,
+    /// Prompt tokens computed (including recomputation after preemption).
+    pub prefill_tokens: AtomicU64,
+    /// Tokens generated.
+    pub generated_tokens: AtomicU64,
+    /// Sequences preempted for lack of KV blocks.
+    pub preemptions: AtomicU64,
+    /// Engine steps run.
+    pub steps: AtomicU64,
+}
+
+/// Facts about the served model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Context length in tokens.
+    pub context_length: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Architecture name.
+    pub arch: String,
+    /// Weight bytes read per generated token.
+    pub weight_bytes_per_token: usize,
+    /// KV capacity in tokens.
+    pub kv_capacity_tokens: usize,
+    /// Seconds the model took to load.
+    pub load_seconds: f64,
+}
+
+pub(crate) struct Submission {
+    pub(crate) request: GenerateRequest,
+    pub(crate) tx: UnboundedSender<GenerationEvent>,
+}
+
+/// A cheap, cloneable handle to a running engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: SyncSender<Submission>,
+    info: Arc<ModelInfo>,
+    stats: Arc<EngineStats>,
+    tokenizer: Arc<TextTokenizer>,
+    template: Arc<ChatTemplate>,
+    max_waiting: usize,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread for a loaded model.
+    pub fn start(loaded: LoadedModel, config: EngineConfig) -> Result<Self> {
+        config.validate()?;
+        let LoadedModel {
+            model,
+            tokenizer,
+            template,
+            load_seconds,
+        } = loaded;
+        let c = &model.config;
+        let per_token = KvCache::bytes_per_token(c.layers, c.kv_dim());
+        let want_tokens = (config.kv_cache_mib << 20) / per_token.max(1);
+        let tokens = want_tokens.max(c.context_length + config.block_size);
+        let num_blocks = tokens.div_ceil(config.block_size);
+        let info = Arc::new(ModelInfo {
+            context_length: c.context_length,
+            vocab_size: c.vocab,
+            arch: c.arch.clone(),
+            weight_bytes_per_token: model.weights.bytes_per_token(),
+            kv_capacity_tokens: num_blocks * config.block_size,
+            load_seconds,
+        });
+        let stats = Arc::new(EngineStats::default());
+        stats.kv_blocks_total.store(num_blocks, Ordering::Relaxed);
+        let tokenizer = Arc::new(tokenizer);
+        let (tx, rx) = sync_channel(config.max_waiting);
+        let thread_stats = stats.clone();
+        let thread_tok = tokenizer.clone();
+        let max_waiting = config.max_waiting;
+        std::thread::Builder::new()
+            .name("lastmile-engine".into())
+            .spawn(move || {
+                let mut s =
+                    scheduler::Scheduler::new(model, thread_tok, config, num_blocks, thread_stats);
+                s.run(rx);
+            })
+            .map_err(|e| EngineError::io("spawning the engine thread", e))?;
+        Ok(Self {
+            tx,
+            info,
+            stats,
+            tokenizer,
+            template: Arc::new(template),
+            max_waiting,
+        })
+    }
+
+    /// Queues a request; its events arrive on the returned stream.
+    pub fn submit(&self, request: GenerateRequest) -> Result<GenerationStream> {
+        if request.prompt.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        if let Some(&bad) = request
+            .prompt
+            .iter()
+            .find(|&&t| t as usize >= self.info.vocab_size)
+        {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.info.vocab_size
+            )));
+        }
+        let total = request.prompt.len() + request.max_tokens;
+        if total > self.info.context_length {
+            return Err(EngineError::InvalidRequest(format!(
+                "{} prompt tokens + {} max tokens exceed the context length {}",
+                request.prompt.len(),
+                request.max_tokens,
+                self.info.context_length
+            )));
+        }
+        if self.stats.waiting.load(Ordering::Relaxed) >= self.max_waiting {
+            return Err(EngineError::Overloaded(format!(
+                "{} requests are already waiting",
+                self.max_waiting
+            )));
+        }
+        let (tx, rx) = unbounded_channel();
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(Submission { request, tx }) {
+            Ok(()) => Ok(GenerationStream { rx }),
+            Err(e) => {
+                self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                Err(match e {
+                    TrySendError::Full(_) => {
+                        EngineError::Overloaded("the request queue is full".into())
+                    }
+                    TrySendError::Disconnected(_) => EngineError::Stopped,
+                })
+            }
+        }
+    }
+
+    /// The model's facts.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    /// The chat template.
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+}

@@ -1,0 +1,358 @@
+//! The engine thread's loop. Every step builds one batch — running decodes first, then prefill
+//! chunks up to the token budget — runs one forward pass, samples, and streams results. Sequences
+//! join and leave at any step. When a decode needs a KV block and none is free, the newest
+//! sequence is preempted (its blocks freed; it is recomputed later from prompt + output, and its
+//! stream continues seamlessly), never the whole batch.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::{
+    EngineConfig, EngineStats, FinishReason, GenerateRequest, GenerationEvent, Submission,
+};
+use crate::kv::{BlockAllocator, KvCache};
+use crate::model::{BatchSeq, LlamaModel, Scratch};
+use crate::parallel::ThreadPool;
+use crate::sampler::{Sampler, StopMatcher};
+use crate::tokenizer::{DecodeStream, TextTokenizer};
+
+struct Sequence {
+    id: u64,
+    /// Prompt followed by generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Tokens whose keys and values are in the cache.
+    computed: usize,
+    blocks: Vec<u32>,
+    request: GenerateRequest,
+    sampler: Sampler,
+    decoder: DecodeStream,
+    stops: StopMatcher,
+    tx: UnboundedSender<GenerationEvent>,
+}
+
+impl Sequence {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+}
+
+pub(super) struct Scheduler {
+    model: LlamaModel,
+    tokenizer: Arc<TextTokenizer>,
+    config: EngineConfig,
+    kv: KvCache,
+    alloc: BlockAllocator,
+    pool: ThreadPool,
+    scratch: Scratch,
+    stats: Arc<EngineStats>,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    next_id: u64,
+}
+
+fn blocks_for(tokens: usize, block_size: usize) -> usize {
+    tokens.div_ceil(block_size)
+}
+
+impl Scheduler {
+    pub(super) fn new(
+        model: LlamaModel,
+        tokenizer: Arc<TextTokenizer>,
+        config: EngineConfig,
+        num_blocks: usize,
+        stats: Arc<EngineStats>,
+    ) -> Self {
+        let c = &model.config;
+        let kv = KvCache::new(c.layers, num_blocks, config.block_size, c.kv_dim());
+        Self {
+            pool: ThreadPool::new(config.threads),
+            model,
+            tokenizer,
+            kv,
+            alloc: BlockAllocator::new(num_blocks),
+            scratch: Scratch::default(),
+            stats,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 0,
+            config,
+        }
+    }
+
+    pub(super) fn run(&mut self, rx: Receiver<Submission>) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.recv() {
+                    Ok(s) => self.admit(s),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(s) => self.admit(s),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        if self.running.is_empty() && self.waiting.is_empty() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+            if step.is_err() {
+                tracing::error!("engine step panicked; failing every request in flight");
+                for s in self.running.drain(..).chain(self.waiting.drain(..)) {
+                    let _ =
+                        s.tx.send(GenerationEvent::Failed("internal engine error".into()));
+                }
+                self.alloc = BlockAllocator::new(self.kv.num_blocks);
+            }
+            self.publish_stats();
+        }
+    }
+
+    fn admit(&mut self, s: Submission) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let prompt = s.request.prompt.clone();
+        let seq = Sequence {
+            id,
+            prompt_len: prompt.len(),
+            sampler: Sampler::new(s.request.sampling.clone(), &prompt),
+            stops: StopMatcher::new(s.request.stop.clone()),
+            tokens: prompt,
+            computed: 0,
+            blocks: Vec::new(),
+            request: s.request,
+            decoder: DecodeStream::default(),
+            tx: s.tx,
+        };
+        if blocks_for(
+            seq.tokens.len() + seq.request.max_tokens,
+            self.kv.block_size,
+        ) > self.kv.num_blocks
+        {
+            let _ = seq.tx.send(GenerationEvent::Failed(format!(
+                "the request needs more KV cache than the engine has ({} tokens)",
+                self.kv.num_blocks * self.kv.block_size
+            )));
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        self.waiting.push_back(seq);
+    }
+
+    fn publish_stats(&self) {
+        self.stats
+            .running
+            .store(self.running.len(), Ordering::Relaxed);
+        self.stats
+            .waiting
+            .store(self.waiting.len(), Ordering::Relaxed);
+        self.stats
+            .kv_blocks_used
+            .store(self.alloc.used_blocks(), Ordering::Relaxed);
+    }
+
+    fn release(&mut self, mut seq: Sequence) {
+        self.alloc.release(&mut seq.blocks);
+    }
+
+    /// Frees the newest running sequence and queues it for recomputation.
+    fn preempt_newest(&mut self) -> bool {
+        let Some(idx) = (0..self.running.len()).max_by_key(|&i| self.running[i].id) else {
+            return false;
+        };
+        let mut seq = self.running.remove(idx);
+        self.alloc.release(&mut seq.blocks);
+        seq.computed = 0;
+        self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(seq = seq.id, "preempted for lack of KV blocks");
+        // Keep the waiting queue in arrival order.
+        let at = self
+            .waiting
+            .iter()
+            .position(|w| w.id > seq.id)
+            .unwrap_or(self.waiting.len());
+        self.waiting.insert(at, seq);
+        true
+    }
+
+    fn step(&mut self) {
+        // Cancelled requests (their receiver is gone) leave and free their blocks.
+        let (gone, kept): (Vec<_>, Vec<_>) = self.running.drain(..).partition(|s| s.tx.is_closed());
+        self.running = kept;
+        for s in gone {
+            self.release(s);
+        }
+        let before = self.waiting.len();
+        self.waiting.retain(|s| !s.tx.is_closed());
+        let _ = before;
+
+        // Decodes need room for one more token; preempt the newest sequence when full.
+        let bs = self.kv.block_size;
+        let mut i = 0;
+        while i < self.running.len() {
+            let need = blocks_for(self.running[i].computed + 1, bs);
+            if need > self.running[i].blocks.len() {
+                match self.alloc.allocate(need - self.running[i].blocks.len()) {
+                    Some(mut b) => self.running[i].blocks.append(&mut b),
+                    None => {
+                        let victim_is_self =
+                            self.running.iter().map(|s| s.id).max() == Some(self.running[i].id);
+                        self.preempt_newest();
+                        if victim_is_self {
+                            continue;
+                        }
+                        continue; // retry this sequence with the freed blocks
+                    }
+                }
+            }
+            i += 1;
+        }
+
+        // Admit waiting sequences while their whole (re)computation fits, oldest first.
+        let watermark = self.kv.num_blocks / 100;
+        while self.running.len() < self.config.max_running {
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
+            let need = blocks_for(front.tokens.len() + 1, bs);
+            let reserve = if self.running.is_empty() {
+                0
+            } else {
+                watermark
+            };
+            if self.alloc.free_blocks() < need + reserve {
+                break;
+            }
+            let Some(mut seq) = self.waiting.pop_front() else {
+                break;
+            };
+            if let Some(mut b) = self.alloc.allocate(need) {
+                seq.blocks.append(&mut b);
+            }
+            self.running.push(seq);
+        }
+
+        // Build the batch: decodes first, then prefill chunks within the token budget.
+        let mut budget = self.config.max_batch_tokens;
+        let mut plan: Vec<(usize, usize)> = Vec::new(); // (running index, tokens this step)
+        for (idx, s) in self.running.iter().enumerate() {
+            if s.tokens.len() - s.computed == 1 {
+                plan.push((idx, 1));
+                budget = budget.saturating_sub(1);
+            }
+        }
+        for (idx, s) in self.running.iter().enumerate() {
+            let remaining = s.tokens.len() - s.computed;
+            if remaining > 1 && budget > 0 {
+                let chunk = remaining.min(budget);
+                plan.push((idx, chunk));
+                budget -= chunk;
+            }
+        }
+        if plan.is_empty() {
+            return;
+        }
+        plan.sort_unstable();
+
+        let mut tokens = Vec::with_capacity(self.config.max_batch_tokens);
+        let mut batch = Vec::with_capacity(plan.len());
+        for &(idx, n) in &plan {
+            let s = &self.running[idx];
+            batch.push(BatchSeq {
+                start: tokens.len(),
+                len: n,
+                pos0: s.computed,
+                blocks: &s.blocks,
+                want_logits: s.computed + n == s.tokens.len(),
+            });
+            tokens.extend_from_slice(&s.tokens[s.computed..s.computed + n]);
+        }
+        self.model
+            .forward(&tokens, &batch, &mut self.kv, &mut self.scratch, &self.pool);
+        drop(batch);
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+
+        let vocab = self.model.config.vocab;
+        let mut logit_row = 0;
+        let mut finished = Vec::new();
+        for &(idx, n) in &plan {
+            let s = &mut self.running[idx];
+            if s.computed < s.prompt_len {
+                self.stats
+                    .prefill_tokens
+                    .fetch_add(n.min(s.prompt_len - s.computed) as u64, Ordering::Relaxed);
+            }
+            s.computed += n;
+            if s.computed != s.tokens.len() {
+                continue;
+            }
+            let logits = &mut self.scratch.logits[logit_row * vocab..(logit_row + 1) * vocab];
+            logit_row += 1;
+            let token = s.sampler.sample(logits);
+            s.sampler.observe(token);
+            s.tokens.push(token);
+            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            if let Some(reason) = emit(s, &self.tokenizer, token) {
+                finished.push((idx, reason));
+            }
+        }
+        finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        for (idx, _) in finished {
+            let s = self.running.remove(idx);
+            self.release(s);
+        }
+    }
+}
+
+/// Streams one new token of `s`; returns a finish reason when the sequence is done.
+fn emit(s: &mut Sequence, tok: &TextTokenizer, token: u32) -> Option<FinishReason> {
+    let is_eog = !s.request.ignore_eos && tok.eog_ids.contains(&token);
+    let mut reason = None;
+    let mut text = String::new();
+    if !is_eog {
+        match s.decoder.step(tok, token) {
+            Ok(Some(t)) => {
+                let (out, stopped) = s.stops.push(&t);
+                text = out;
+                if stopped {
+                    reason = Some(FinishReason::Stop);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let _ = s.tx.send(GenerationEvent::Failed(e.to_string()));
+                return Some(FinishReason::Stop);
+            }
+        }
+    } else {
+        reason = Some(FinishReason::Stop);
+    }
+    if reason.is_none() && s.generated() >= s.request.max_tokens {
+        reason = Some(FinishReason::Length);
+    }
+    let _ = s.tx.send(GenerationEvent::Token { id: token, text });
+    if let Some(r) = reason {
+        let tail = if r == FinishReason::Length || is_eog {
+            s.stops.flush()
+        } else {
+            String::new()
+        };
+        let completion_tokens = s.generated();
+        let _ = s.tx.send(GenerationEvent::Finished {
+            reason: r,
+            text: tail,
+            prompt_tokens: s.prompt_len,
+            completion_tokens,
+        });
+    }
+    reason
+}

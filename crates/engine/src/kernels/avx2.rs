@@ -1,0 +1,210 @@
+//! AVX2 + FMA + F16C kernels. Each takes one weight row and `R` activation rows so that a weight
+//! block is loaded and unpacked once for several tokens (prefill and batched decode).
+//!
+//! Integer formats multiply 4/8-bit weights with 8-bit activations using `maddubs` (u8 x i8 pairs
+//! into i16, at most 2 * 255 * 127 in magnitude, so no saturation for these value ranges), widen
+//! to i32 with `madd`, and scale in f32 once per block.
+
+#![cfg_attr(not(target_arch = "x86_64"), allow(unused))]
+
+use super::q8::Q8Row;
+use super::QKind;
+
+/// Dispatches to the kernel for `kind`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn dot_rows<const R: usize>(
+    kind: QKind,
+    w: &[u8],
+    xf: [&[f32]; R],
+    xq: Option<[Q8Row<'_>; R]>,
+) -> [f32; R] {
+    // SAFETY: forwarded from the caller: the CPU has the features these functions enable.
+    unsafe {
+        match (kind, xq) {
+            (QKind::Q4_0, Some(xq)) => x86::q4::<R, 18, false>(w, &xq),
+            (QKind::Q4_1, Some(xq)) => x86::q4::<R, 20, true>(w, &xq),
+            (QKind::Q8_0, Some(xq)) => x86::q8_0::<R>(w, &xq),
+            (QKind::F32, _) => x86::float::<R, 0>(w, &xf),
+            (QKind::F16, _) => x86::float::<R, 1>(w, &xf),
+            (QKind::BF16, _) => x86::float::<R, 2>(w, &xf),
+            _ => super::scalar::dot_rows::<R>(kind, w, xf, xq),
+        }
+    }
+}
+
+/// Never called off x86-64 (`has_avx2` is false there).
+///
+/// # Safety
+/// Always safe; kept `unsafe` to match the x86-64 signature.
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn dot_rows<const R: usize>(
+    kind: QKind,
+    w: &[u8],
+    xf: [&[f32]; R],
+    xq: Option<[Q8Row<'_>; R]>,
+) -> [f32; R] {
+    super::scalar::dot_rows::<R>(kind, w, xf, xq)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Q8Row;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16_at(p: *const u8) -> f32 {
+        // SAFETY: the caller guarantees two readable bytes at `p`.
+        unsafe {
+            let bits = std::ptr::read_unaligned(p as *const u16);
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_hadd_ps(s, s);
+        let s = _mm_hadd_ps(s, s);
+        _mm_cvtss_f32(s)
+    }
+
+    fn check_rows<const R: usize>(nb: usize, xq: &[Q8Row<'_>; R]) {
+        for x in xq {
+            assert!(x.qs.len() >= nb * 32 && x.d.len() >= nb && x.s.len() >= nb);
+        }
+    }
+
+    /// Q4_0 (`BS` = 18, no minimum) and Q4_1 (`BS` = 20, `MIN` = true).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4<const R: usize, const BS: usize, const MIN: bool>(
+        w: &[u8],
+        xq: &[Q8Row<'_>; R],
+    ) -> [f32; R] {
+        let nb = w.len() / BS;
+        check_rows(nb, xq);
+        let qoff = if MIN { 4 } else { 2 };
+        let mask = _mm_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc_off = [0.0f32; R];
+        // SAFETY: `b < nb` keeps every weight read inside `w`; `check_rows` keeps every
+        // activation read inside its row.
+        unsafe {
+            let wp = w.as_ptr();
+            for b in 0..nb {
+                let blk = wp.add(b * BS);
+                let d = f16_at(blk);
+                let off = if MIN { f16_at(blk.add(2)) } else { -8.0 * d };
+                let q = _mm_loadu_si128(blk.add(qoff) as *const __m128i);
+                let lo = _mm_and_si128(q, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+                let wv = _mm256_set_m128i(hi, lo);
+                for r in 0..R {
+                    let x = &xq[r];
+                    let xv = _mm256_loadu_si256(x.qs.as_ptr().add(b * 32) as *const __m256i);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
+                    let scale = _mm256_set1_ps(d * *x.d.get_unchecked(b));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r]);
+                    acc_off[r] += off * *x.s.get_unchecked(b);
+                }
+            }
+            let mut out = [0.0f32; R];
+            for r in 0..R {
+                out[r] = hsum(acc[r]) + acc_off[r];
+            }
+            out
+        }
+    }
+
+    /// Q8_0: signed weights, so the sign moves onto the activation before `maddubs`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q8_0<const R: usize>(w: &[u8], xq: &[Q8Row<'_>; R]) -> [f32; R] {
+        let nb = w.len() / 34;
+        check_rows(nb, xq);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        // SAFETY: as in `q4`: all reads are bounded by `nb` and `check_rows`.
+        unsafe {
+            let wp = w.as_ptr();
+            for b in 0..nb {
+                let blk = wp.add(b * 34);
+                let d = f16_at(blk);
+                let wv = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                let aw = _mm256_sign_epi8(wv, wv);
+                for r in 0..R {
+                    let x = &xq[r];
+                    let xv = _mm256_loadu_si256(x.qs.as_ptr().add(b * 32) as *const __m256i);
+                    let sx = _mm256_sign_epi8(xv, wv);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+                    let scale = _mm256_set1_ps(d * *x.d.get_unchecked(b));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r]);
+                }
+            }
+            let mut out = [0.0f32; R];
+            for r in 0..R {
+                out[r] = hsum(acc[r]);
+            }
+            out
+        }
+    }
+
+    /// Float weights against f32 activations: `F` = 0 for f32, 1 for f16, 2 for bf16.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn float<const R: usize, const F: usize>(w: &[u8], xf: &[&[f32]; R]) -> [f32; R] {
+        let esize = if F == 0 { 4 } else { 2 };
+        let n = w.len() / esize;
+        for x in xf {
+            assert!(x.len() >= n);
+        }
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut out = [0.0f32; R];
+        // SAFETY: `i + 8 <= n` bounds every vector read of `w` and of each `x`.
+        unsafe {
+            let wp = w.as_ptr();
+            let mut i = 0;
+            while i + 8 <= n {
+                let wv = match F {
+                    0 => _mm256_loadu_ps(wp.add(i * 4) as *const f32),
+                    1 => _mm256_cvtph_ps(_mm_loadu_si128(wp.add(i * 2) as *const __m128i)),
+                    _ => {
+                        let h =
+                            _mm256_cvtepu16_epi32(_mm_loadu_si128(wp.add(i * 2) as *const __m128i));
+                        _mm256_castsi256_ps(_mm256_slli_epi32(h, 16))
+                    }
+                };
+                for r in 0..R {
+                    let xv = _mm256_loadu_ps(xf[r].as_ptr().add(i));
+                    acc[r] = _mm256_fmadd_ps(wv, xv, acc[r]);
+                }
+                i += 8;
+            }
+            for r in 0..R {
+                out[r] = hsum(acc[r]);
+            }
+            while i < n {
+                let wv = match F {
+                    0 => std::ptr::read_unaligned(wp.add(i * 4) as *const f32),
+                    1 => {
+                        half::f16::from_bits(std::ptr::read_unaligned(wp.add(i * 2) as *const u16))
+                            .to_f32()
+                    }
+                    _ => {
+                        half::bf16::from_bits(std::ptr::read_unaligned(wp.add(i * 2) as *const u16))
+                            .to_f32()
+                    }
+                };
+                for r in 0..R {
+                    out[r] += wv * xf[r][i];
+                }
+                i += 1;
+            }
+        }
+        out
+    }
+}

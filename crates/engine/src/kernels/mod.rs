@@ -1,0 +1,321 @@
+//! The hot path: quantized weight matrices and the matrix products over them.
+//!
+//! Weights stay in their file layout (memory-mapped GGUF blocks) for the kinds we have kernels
+//! for; activations are quantized to 8-bit blocks of 32 (`Q8Acts`) once per matrix input and then
+//! multiplied against every weight row with integer SIMD (AVX2/FMA/F16C, detected at run time,
+//! with a portable scalar fallback that computes exactly the same sums).
+
+mod avx2;
+mod matmul;
+mod q8;
+mod scalar;
+
+pub use matmul::{matmul, MatmulTask};
+pub use q8::Q8Acts;
+
+use std::sync::Arc;
+use std::sync::OnceLock;
+
+use memmap2::Mmap;
+
+/// Elements per quantization block for every block format here.
+pub const QK: usize = 32;
+
+/// The storage formats the kernels multiply directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QKind {
+    /// 32-bit floats.
+    F32,
+    /// IEEE half floats.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// 4-bit, one f16 scale per 32 (ggml Q4_0, 18 bytes a block).
+    Q4_0,
+    /// 4-bit, f16 scale and minimum per 32 (ggml Q4_1, 20 bytes a block).
+    Q4_1,
+    /// 8-bit, one f16 scale per 32 (ggml Q8_0, 34 bytes a block).
+    Q8_0,
+}
+
+impl QKind {
+    /// Bytes used by `cols` elements of one row.
+    pub fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            Self::F32 => cols * 4,
+            Self::F16 | Self::BF16 => cols * 2,
+            Self::Q4_0 => cols / QK * 18,
+            Self::Q4_1 => cols / QK * 20,
+            Self::Q8_0 => cols / QK * 34,
+        }
+    }
+
+    /// Whether the kernel takes 8-bit quantized activations (else f32).
+    pub fn wants_q8(self) -> bool {
+        matches!(self, Self::Q4_0 | Self::Q4_1 | Self::Q8_0)
+    }
+}
+
+/// Bytes of a weight matrix: either a window of the model's memory map or an owned buffer (for
+/// formats converted at load).
+#[derive(Clone)]
+pub enum WeightBytes {
+    /// A range inside a shared memory map.
+    Mapped {
+        /// The mapping (kept alive by every matrix that points into it).
+        mmap: Arc<Mmap>,
+        /// Start offset.
+        start: usize,
+        /// Length in bytes.
+        len: usize,
+    },
+    /// Bytes owned by the matrix.
+    Owned(Arc<Vec<u8>>),
+}
+
+impl WeightBytes {
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Self::Mapped { mmap, start, len } => &mmap[*start..*start + *len],
+            Self::Owned(v) => v,
+        }
+    }
+}
+
+/// A weight matrix of `rows` outputs by `cols` inputs, row-major, in one of the `QKind` layouts.
+#[derive(Clone)]
+pub struct QMatrix {
+    /// Storage format.
+    pub kind: QKind,
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    bytes: WeightBytes,
+}
+
+impl QMatrix {
+    /// Wraps bytes as a matrix, checking the length matches the shape.
+    pub fn new(kind: QKind, rows: usize, cols: usize, bytes: WeightBytes) -> Result<Self, String> {
+        if kind != QKind::F32 && kind != QKind::F16 && kind != QKind::BF16 && cols % QK != 0 {
+            return Err(format!(
+                "{kind:?} matrix needs columns in multiples of {QK}, got {cols}"
+            ));
+        }
+        let want = kind.row_bytes(cols) * rows;
+        let got = bytes.as_slice().len();
+        if want != got {
+            return Err(format!(
+                "{kind:?} matrix {rows}x{cols} needs {want} bytes, got {got}"
+            ));
+        }
+        Ok(Self {
+            kind,
+            rows,
+            cols,
+            bytes,
+        })
+    }
+
+    /// The bytes of row `r`.
+    #[inline]
+    pub fn row(&self, r: usize) -> &[u8] {
+        let rb = self.kind.row_bytes(self.cols);
+        &self.bytes.as_slice()[r * rb..(r + 1) * rb]
+    }
+
+    /// Total bytes (what one full pass over the matrix reads).
+    pub fn byte_len(&self) -> usize {
+        self.bytes.as_slice().len()
+    }
+
+    /// Dequantizes row `r` into `out` (length `cols`).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        scalar::dequantize_row(self.kind, self.row(r), out);
+    }
+}
+
+/// Whether the AVX2 + FMA + F16C kernels can run on this CPU (checked once).
+pub fn has_avx2() -> bool {
+    static DETECTED: OnceLock<bool> = OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::env::var_os("LASTMILE_NO_SIMD").is_none()
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Quantizes f32 values to ggml Q8_0 blocks (used when converting formats we have no kernel for).
+pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
+    scalar::quantize_q8_0(values)
+}
+
+/// Dot product of one row of `kind` bytes with one activation row.
+#[inline]
+pub(crate) fn dot_rows<const R: usize>(
+    kind: QKind,
+    w: &[u8],
+    xf: [&[f32]; R],
+    xq: Option<[q8::Q8Row<'_>; R]>,
+) -> [f32; R] {
+    if has_avx2() {
+        // SAFETY: the required CPU features were detected at run time just above.
+        unsafe { avx2::dot_rows::<R>(kind, w, xf, xq) }
+    } else {
+        scalar::dot_rows::<R>(kind, w, xf, xq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    }
+
+    fn make_q4_1(values: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for b in values.chunks(QK) {
+            let min = b.iter().cloned().fold(f32::INFINITY, f32::min);
+            let max = b.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let d = (max - min) / 15.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
+            out.extend_from_slice(&half::f16::from_f32(min).to_le_bytes());
+            for j in 0..16 {
+                let lo = (((b[j] - min) * id).round() as u8).min(15);
+                let hi = (((b[j + 16] - min) * id).round() as u8).min(15);
+                out.push(lo | (hi << 4));
+            }
+        }
+        out
+    }
+
+    fn make_q4_0(values: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for b in values.chunks(QK) {
+            let mut amax = 0.0f32;
+            let mut max = 0.0f32;
+            for &v in b {
+                if v.abs() > amax {
+                    amax = v.abs();
+                    max = v;
+                }
+            }
+            let d = max / -8.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
+            for j in 0..16 {
+                let lo = ((b[j] * id + 8.5) as u8).min(15);
+                let hi = ((b[j + 16] * id + 8.5) as u8).min(15);
+                out.push(lo | (hi << 4));
+            }
+        }
+        out
+    }
+
+    fn reference(m: &QMatrix, x: &[f32]) -> Vec<f32> {
+        let mut row = vec![0.0; m.cols];
+        (0..m.rows)
+            .map(|r| {
+                m.dequantize_row(r, &mut row);
+                row.iter().zip(x).map(|(a, b)| a * b).sum()
+            })
+            .collect()
+    }
+
+    fn check_kind(kind: QKind) {
+        let (rows, cols, n) = (37, 256, 5);
+        let mut seed = 7u64;
+        let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
+        let bytes = match kind {
+            QKind::F32 => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            QKind::F16 => w
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+            QKind::BF16 => w
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+            QKind::Q4_0 => make_q4_0(&w),
+            QKind::Q4_1 => make_q4_1(&w),
+            QKind::Q8_0 => quantize_q8_0(&w),
+        };
+        let m = QMatrix::new(kind, rows, cols, WeightBytes::Owned(Arc::new(bytes))).unwrap();
+        let x: Vec<f32> = (0..n * cols).map(|_| lcg(&mut seed)).collect();
+        let pool = crate::parallel::ThreadPool::new(2);
+        let mut acts = Q8Acts::default();
+        acts.quantize(&x, n, cols);
+        let mut out = vec![0.0; n * rows];
+        matmul(
+            &pool,
+            &mut [MatmulTask {
+                w: &m,
+                out: &mut out,
+            }],
+            &x,
+            &acts,
+            n,
+        );
+        for t in 0..n {
+            let want = reference(&m, &x[t * cols..(t + 1) * cols]);
+            for r in 0..rows {
+                let got = out[t * rows + r];
+                // 8-bit activations: error grows with sqrt(cols); values are O(sqrt(cols)).
+                let tol = if kind.wants_q8() { 0.1 } else { 1e-3 };
+                assert!(
+                    (got - want[r]).abs() < tol,
+                    "{kind:?} t{t} r{r}: {got} vs {}",
+                    want[r]
+                );
+            }
+        }
+        // The scalar path must agree with the SIMD path.
+        let xq = acts.row(0);
+        let s = scalar::dot_rows::<1>(kind, m.row(3), [&x[..cols]], Some([xq]));
+        let d = dot_rows::<1>(kind, m.row(3), [&x[..cols]], Some([acts.row(0)]));
+        assert!(
+            (s[0] - d[0]).abs() < 1e-3 * (1.0 + s[0].abs()),
+            "{kind:?}: {s:?} vs {d:?}"
+        );
+    }
+
+    #[test]
+    fn every_kind_matches_dequantized_reference() {
+        for kind in [
+            QKind::F32,
+            QKind::F16,
+            QKind::BF16,
+            QKind::Q4_0,
+            QKind::Q4_1,
+            QKind::Q8_0,
+        ] {
+            check_kind(kind);
+        }
+    }
+
+    #[test]
+    fn wrong_length_is_rejected() {
+        let r = QMatrix::new(
+            QKind::Q4_1,
+            2,
+            64,
+            WeightBytes::Owned(Arc::new(vec![0; 10])),
+        );
+        assert!(r.is_err());
+    }
+}

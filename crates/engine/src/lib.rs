@@ -1,0 +1,25 @@
+//! lastmile's inference engine: loads GGUF and safetensors llama-family models, tokenizes and
+//! renders chat templates, and runs continuous batching over a paged KV cache on its own thread,
+//! with SIMD quantized kernels over memory-mapped weights.
+#![warn(missing_docs)]
+
+pub mod chat_template;
+pub mod engine;
+pub mod error;
+pub mod fetch;
+pub mod gguf;
+pub mod kernels;
+pub mod kv;
+pub mod loader;
+pub mod model;
+pub mod parallel;
+pub mod sampler;
+pub mod tokenizer;
+
+pub use engine::{
+    EngineConfig, EngineHandle, EngineStats, FinishReason, GenerateRequest, GenerationEvent,
+    GenerationStream, ModelInfo,
+};
+pub use error::{EngineError, Result};
+pub use loader::LoadedModel;
+pub use sampler::SamplingParams;

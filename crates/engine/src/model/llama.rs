@@ -1,0 +1,333 @@
+//! The llama decoder ("LLaMA: Open and Efficient Foundation Language Models", Touvron et al.,
+//! 2023): RMSNorm, rotary embeddings, grouped-query attention, SwiGLU feed-forward.
+//!
+//! One call runs a whole engine step: the tokens of every scheduled sequence (decodes and prefill
+//! chunks) are flattened into one batch so each weight matrix is streamed once per step, and each
+//! token attends over its own sequence's paged KV blocks.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use super::config::ModelConfig;
+use super::ops;
+use super::weights::Weights;
+use crate::kernels::{matmul, MatmulTask, Q8Acts};
+use crate::kv::KvCache;
+use crate::parallel::{SharedMut, ThreadPool};
+
+/// One sequence's slice of a batch.
+pub struct BatchSeq<'a> {
+    /// Index of its first token in the batch.
+    pub start: usize,
+    /// Number of its tokens in the batch.
+    pub len: usize,
+    /// Position of its first batch token in the sequence.
+    pub pos0: usize,
+    /// Its KV block table (covering every position up to `pos0 + len`).
+    pub blocks: &'a [u32],
+    /// Whether to compute logits for its last token.
+    pub want_logits: bool,
+}
+
+/// Reusable buffers of the forward pass (grown on demand, never shrunk: no allocation per token
+/// once warm).
+#[derive(Default)]
+pub struct Scratch {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    acts: Q8Acts,
+    last: Vec<f32>,
+    /// Logits of the rows that asked for them, `vocab` floats each, in batch order.
+    pub logits: Vec<f32>,
+    pos: Vec<usize>,
+    seq_of: Vec<usize>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    scores: Vec<Mutex<Vec<f32>>>,
+}
+
+fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
+/// A loaded llama-family model.
+pub struct LlamaModel {
+    /// Its shape.
+    pub config: ModelConfig,
+    /// Its weights.
+    pub weights: Weights,
+    inv_freq: Vec<f32>,
+}
+
+impl LlamaModel {
+    /// Wraps config and weights.
+    pub fn new(config: ModelConfig, weights: Weights) -> Self {
+        let half = config.rope_dims / 2;
+        let inv_freq = (0..half)
+            .map(|i| {
+                let f = 1.0
+                    / config
+                        .rope_base
+                        .powf(2.0 * i as f32 / config.rope_dims as f32);
+                match &weights.rope_freqs {
+                    Some(div) if i < div.len() => f / div[i],
+                    _ => f,
+                }
+            })
+            .collect();
+        Self {
+            config,
+            weights,
+            inv_freq,
+        }
+    }
+
+    /// Runs one step over `tokens` (grouped by `seqs`), writing their keys and values into `kv`
+    /// and the logits of every sequence with `want_logits` into `s.logits`. Returns how many
+    /// logit rows were produced.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        seqs: &[BatchSeq<'_>],
+        kv: &mut KvCache,
+        s: &mut Scratch,
+        pool: &ThreadPool,
+    ) -> usize {
+        let c = &self.config;
+        let w = &self.weights;
+        let n = tokens.len();
+        let (h, qd, kvd, ff, hd) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn_hidden, c.head_dim);
+        grow(&mut s.x, n * h);
+        grow(&mut s.xn, n * h);
+        grow(&mut s.q, n * qd);
+        grow(&mut s.k, n * kvd);
+        grow(&mut s.v, n * kvd);
+        grow(&mut s.att, n * qd);
+        grow(&mut s.gate, n * ff);
+        grow(&mut s.up, n * ff);
+        while s.scores.len() < pool.threads() {
+            s.scores.push(Mutex::new(Vec::new()));
+        }
+        s.pos.clear();
+        s.seq_of.clear();
+        s.pos.resize(n, 0);
+        s.seq_of.resize(n, 0);
+        for (si, sq) in seqs.iter().enumerate() {
+            for j in 0..sq.len {
+                s.pos[sq.start + j] = sq.pos0 + j;
+                s.seq_of[sq.start + j] = si;
+            }
+        }
+        // Rotary tables for this step's positions.
+        let half = self.inv_freq.len();
+        grow(&mut s.cos, n * half);
+        grow(&mut s.sin, n * half);
+        for t in 0..n {
+            for (i, f) in self.inv_freq.iter().enumerate() {
+                let (sn, cs) = (s.pos[t] as f32 * f).sin_cos();
+                s.cos[t * half + i] = cs;
+                s.sin[t * half + i] = sn;
+            }
+        }
+        for (t, &tok) in tokens.iter().enumerate() {
+            w.embed
+                .dequantize_row(tok as usize, &mut s.x[t * h..(t + 1) * h]);
+        }
+
+        for (li, l) in w.layers.iter().enumerate() {
+            for t in 0..n {
+                let r = t * h..(t + 1) * h;
+                ops::rmsnorm(&mut s.xn[r.clone()], &s.x[r], &l.attn_norm, c.rms_eps);
+            }
+            s.acts.quantize(&s.xn, n, h);
+            matmul(
+                pool,
+                &mut [
+                    MatmulTask {
+                        w: &l.wq,
+                        out: &mut s.q,
+                    },
+                    MatmulTask {
+                        w: &l.wk,
+                        out: &mut s.k,
+                    },
+                    MatmulTask {
+                        w: &l.wv,
+                        out: &mut s.v,
+                    },
+                ],
+                &s.xn,
+                &s.acts,
+                n,
+            );
+            if let Some([bq, bk, bv]) = &l.bias_qkv {
+                for t in 0..n {
+                    ops::axpy(&mut s.q[t * qd..(t + 1) * qd], 1.0, bq);
+                    ops::axpy(&mut s.k[t * kvd..(t + 1) * kvd], 1.0, bk);
+                    ops::axpy(&mut s.v[t * kvd..(t + 1) * kvd], 1.0, bv);
+                }
+            }
+            for t in 0..n {
+                let (cs, sn) = (
+                    &s.cos[t * half..(t + 1) * half],
+                    &s.sin[t * half..(t + 1) * half],
+                );
+                for hh in 0..c.heads {
+                    let at = t * qd + hh * hd;
+                    ops::rope(&mut s.q[at..at + hd], cs, sn, c.rope_style);
+                }
+                for hh in 0..c.kv_heads {
+                    let at = t * kvd + hh * hd;
+                    ops::rope(&mut s.k[at..at + hd], cs, sn, c.rope_style);
+                }
+                let sq = &seqs[s.seq_of[t]];
+                let slot = kv.slot(sq.blocks, s.pos[t]);
+                kv.write(
+                    li,
+                    slot,
+                    &s.k[t * kvd..(t + 1) * kvd],
+                    &s.v[t * kvd..(t + 1) * kvd],
+                );
+            }
+            self.attention(li, n, seqs, kv, s, pool);
+            s.acts.quantize(&s.att, n, qd);
+            matmul(
+                pool,
+                &mut [MatmulTask {
+                    w: &l.wo,
+                    out: &mut s.xn,
+                }],
+                &s.att,
+                &s.acts,
+                n,
+            );
+            for (xv, ov) in s.x[..n * h].iter_mut().zip(&s.xn[..n * h]) {
+                *xv += ov;
+            }
+            for t in 0..n {
+                let r = t * h..(t + 1) * h;
+                ops::rmsnorm(&mut s.xn[r.clone()], &s.x[r], &l.ffn_norm, c.rms_eps);
+            }
+            s.acts.quantize(&s.xn, n, h);
+            matmul(
+                pool,
+                &mut [
+                    MatmulTask {
+                        w: &l.w_gate,
+                        out: &mut s.gate,
+                    },
+                    MatmulTask {
+                        w: &l.w_up,
+                        out: &mut s.up,
+                    },
+                ],
+                &s.xn,
+                &s.acts,
+                n,
+            );
+            ops::swiglu(&mut s.gate[..n * ff], &s.up[..n * ff]);
+            s.acts.quantize(&s.gate, n, ff);
+            matmul(
+                pool,
+                &mut [MatmulTask {
+                    w: &l.w_down,
+                    out: &mut s.xn,
+                }],
+                &s.gate,
+                &s.acts,
+                n,
+            );
+            for (xv, ov) in s.x[..n * h].iter_mut().zip(&s.xn[..n * h]) {
+                *xv += ov;
+            }
+        }
+
+        let rows: Vec<usize> = seqs
+            .iter()
+            .filter(|q| q.want_logits)
+            .map(|q| q.start + q.len - 1)
+            .collect();
+        let m = rows.len();
+        if m == 0 {
+            return 0;
+        }
+        grow(&mut s.last, m * h);
+        for (j, &t) in rows.iter().enumerate() {
+            ops::rmsnorm(
+                &mut s.last[j * h..(j + 1) * h],
+                &s.x[t * h..(t + 1) * h],
+                &w.out_norm,
+                c.rms_eps,
+            );
+        }
+        s.acts.quantize(&s.last, m, h);
+        grow(&mut s.logits, m * c.vocab);
+        matmul(
+            pool,
+            &mut [MatmulTask {
+                w: &w.output,
+                out: &mut s.logits,
+            }],
+            &s.last,
+            &s.acts,
+            m,
+        );
+        m
+    }
+
+    /// Causal attention of every batch token over its sequence's cached positions, one work item
+    /// per (token, query head), handed out dynamically (later positions cost more).
+    fn attention(
+        &self,
+        layer: usize,
+        n: usize,
+        seqs: &[BatchSeq<'_>],
+        kv: &KvCache,
+        s: &mut Scratch,
+        pool: &ThreadPool,
+    ) {
+        let c = &self.config;
+        let (qd, hd) = (c.q_dim(), c.head_dim);
+        let group = c.heads / c.kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let items = n * c.heads;
+        let next = AtomicUsize::new(0);
+        let out = SharedMut::new(&mut s.att[..n * qd]);
+        let (q, pos, seq_of, scores) = (&s.q, &s.pos, &s.seq_of, &s.scores);
+        pool.run(&|tid| {
+            let mut buf = scores[tid].lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                let item = next.fetch_add(1, Ordering::Relaxed);
+                if item >= items {
+                    break;
+                }
+                let (t, head) = (item / c.heads, item % c.heads);
+                let kvh = head / group;
+                let table = seqs[seq_of[t]].blocks;
+                let ctx = pos[t] + 1;
+                if buf.len() < ctx {
+                    buf.resize(ctx, 0.0);
+                }
+                let qv = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
+                for (p, sc) in buf[..ctx].iter_mut().enumerate() {
+                    *sc = ops::dot(qv, kv.key(layer, kv.slot(table, p), kvh, hd)) * scale;
+                }
+                ops::softmax(&mut buf[..ctx]);
+                // SAFETY: item (t, head) is taken by exactly one thread, and owns this window.
+                let o = unsafe { out.slice(t * qd + head * hd, hd) };
+                o.fill(0.0);
+                for (p, &wgt) in buf[..ctx].iter().enumerate() {
+                    ops::axpy(o, wgt, kv.value(layer, kv.slot(table, p), kvh, hd));
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,361 @@
+//! Loading a llama-family model's weights, by the names GGUF and Hugging Face give them.
+//!
+//! GGUF tensors in a format with a kernel (F32, F16, BF16, Q4_0, Q4_1, Q8_0) stay in the memory
+//! map: loading touches no weight bytes. Other GGUF formats (K-quants, Q5_x) are dequantized by
+//! candle and re-quantized to Q8_0 at load. Safetensors weights are copied out of candle's map in
+//! their own float format.
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use super::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::gguf::GgufFile;
+use crate::kernels::{quantize_q8_0, QKind, QMatrix, WeightBytes, QK};
+
+/// One decoder block's weights.
+pub struct LayerWeights {
+    /// RMSNorm before attention.
+    pub attn_norm: Vec<f32>,
+    /// Query projection (`q_dim x hidden`).
+    pub wq: QMatrix,
+    /// Key projection (`kv_dim x hidden`).
+    pub wk: QMatrix,
+    /// Value projection (`kv_dim x hidden`).
+    pub wv: QMatrix,
+    /// Optional Q/K/V biases (Qwen2).
+    pub bias_qkv: Option<[Vec<f32>; 3]>,
+    /// Attention output projection (`hidden x q_dim`).
+    pub wo: QMatrix,
+    /// RMSNorm before the feed-forward.
+    pub ffn_norm: Vec<f32>,
+    /// SwiGLU gate (`ffn x hidden`).
+    pub w_gate: QMatrix,
+    /// SwiGLU up (`ffn x hidden`).
+    pub w_up: QMatrix,
+    /// Down projection (`hidden x ffn`).
+    pub w_down: QMatrix,
+}
+
+/// All weights of a model.
+pub struct Weights {
+    /// Token embedding (`vocab x hidden`), rows dequantized on lookup.
+    pub embed: QMatrix,
+    /// Decoder blocks.
+    pub layers: Vec<LayerWeights>,
+    /// Final RMSNorm.
+    pub out_norm: Vec<f32>,
+    /// Output projection (`vocab x hidden`); the embedding when tied.
+    pub output: QMatrix,
+    /// Llama 3.1-style per-frequency RoPE divisors, if the model has them.
+    pub rope_freqs: Option<Vec<f32>>,
+}
+
+impl Weights {
+    /// Bytes of weights read for one token's forward pass (every matrix once, embedding row aside).
+    pub fn bytes_per_token(&self) -> usize {
+        let layer: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                    .iter()
+                    .map(|m| m.byte_len())
+                    .sum::<usize>()
+            })
+            .sum();
+        layer + self.output.byte_len()
+    }
+
+    /// Loads from a GGUF file.
+    pub fn from_gguf(f: &GgufFile, cfg: &ModelConfig) -> Result<Self> {
+        let embed = gguf_matrix(f, "token_embd.weight")?;
+        let output = if f.tensor("output.weight").is_some() {
+            gguf_matrix(f, "output.weight")?
+        } else {
+            embed.clone()
+        };
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            let bias_qkv = if f.tensor(&n("attn_q.bias")).is_some() {
+                Some([
+                    gguf_vector(f, &n("attn_q.bias"))?,
+                    gguf_vector(f, &n("attn_k.bias"))?,
+                    gguf_vector(f, &n("attn_v.bias"))?,
+                ])
+            } else {
+                None
+            };
+            layers.push(LayerWeights {
+                attn_norm: gguf_vector(f, &n("attn_norm.weight"))?,
+                wq: gguf_matrix(f, &n("attn_q.weight"))?,
+                wk: gguf_matrix(f, &n("attn_k.weight"))?,
+                wv: gguf_matrix(f, &n("attn_v.weight"))?,
+                bias_qkv,
+                wo: gguf_matrix(f, &n("attn_output.weight"))?,
+                ffn_norm: gguf_vector(f, &n("ffn_norm.weight"))?,
+                w_gate: gguf_matrix(f, &n("ffn_gate.weight"))?,
+                w_up: gguf_matrix(f, &n("ffn_up.weight"))?,
+                w_down: gguf_matrix(f, &n("ffn_down.weight"))?,
+            });
+        }
+        let rope_freqs = match f.tensor("rope_freqs.weight") {
+            Some(_) => Some(gguf_vector(f, "rope_freqs.weight")?),
+            None => None,
+        };
+        let w = Self {
+            embed,
+            layers,
+            out_norm: gguf_vector(f, "output_norm.weight")?,
+            output,
+            rope_freqs,
+        };
+        w.check_shapes(cfg)?;
+        Ok(w)
+    }
+
+    /// Loads from Hugging Face safetensors files.
+    pub fn from_safetensors(files: &[std::path::PathBuf], cfg: &ModelConfig) -> Result<Self> {
+        // SAFETY: the files are mapped read-only and not modified while mapped (memmap2's caveat).
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
+            .map_err(|e| EngineError::InvalidModel(format!("reading safetensors: {e}")))?;
+        let load = |name: &str| -> Result<Tensor> {
+            st.load(name, &Device::Cpu)
+                .map_err(|e| EngineError::InvalidModel(format!("tensor {name}: {e}")))
+        };
+        let has = |name: &str| st.get(name).is_ok();
+        let matrix = |name: &str| -> Result<QMatrix> { tensor_matrix(name, &load(name)?) };
+        let vector = |name: &str| -> Result<Vec<f32>> {
+            load(name)?
+                .to_dtype(DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| EngineError::InvalidModel(format!("tensor {name}: {e}")))
+        };
+        let embed = matrix("model.embed_tokens.weight")?;
+        let output = if has("lm_head.weight") {
+            matrix("lm_head.weight")?
+        } else {
+            embed.clone()
+        };
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            let n = |s: &str| format!("model.layers.{i}.{s}");
+            let bias_qkv = if has(&n("self_attn.q_proj.bias")) {
+                Some([
+                    vector(&n("self_attn.q_proj.bias"))?,
+                    vector(&n("self_attn.k_proj.bias"))?,
+                    vector(&n("self_attn.v_proj.bias"))?,
+                ])
+            } else {
+                None
+            };
+            layers.push(LayerWeights {
+                attn_norm: vector(&n("input_layernorm.weight"))?,
+                wq: matrix(&n("self_attn.q_proj.weight"))?,
+                wk: matrix(&n("self_attn.k_proj.weight"))?,
+                wv: matrix(&n("self_attn.v_proj.weight"))?,
+                bias_qkv,
+                wo: matrix(&n("self_attn.o_proj.weight"))?,
+                ffn_norm: vector(&n("post_attention_layernorm.weight"))?,
+                w_gate: matrix(&n("mlp.gate_proj.weight"))?,
+                w_up: matrix(&n("mlp.up_proj.weight"))?,
+                w_down: matrix(&n("mlp.down_proj.weight"))?,
+            });
+        }
+        let w = Self {
+            embed,
+            layers,
+            out_norm: vector("model.norm.weight")?,
+            output,
+            rope_freqs: None,
+        };
+        w.check_shapes(cfg)?;
+        Ok(w)
+    }
+
+    fn check_shapes(&self, cfg: &ModelConfig) -> Result<()> {
+        let expect = |what: &str, m: &QMatrix, rows: usize, cols: usize| {
+            if m.rows != rows || m.cols != cols {
+                Err(EngineError::InvalidModel(format!(
+                    "{what} is {}x{}, expected {rows}x{cols} from the model config",
+                    m.rows, m.cols
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        let (h, q, kv, ff) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.ffn_hidden);
+        expect("embedding", &self.embed, cfg.vocab, h)?;
+        expect("output", &self.output, cfg.vocab, h)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            let w = |s: &str| format!("layer {i} {s}");
+            expect(&w("q"), &l.wq, q, h)?;
+            expect(&w("k"), &l.wk, kv, h)?;
+            expect(&w("v"), &l.wv, kv, h)?;
+            expect(&w("o"), &l.wo, h, q)?;
+            expect(&w("gate"), &l.w_gate, ff, h)?;
+            expect(&w("up"), &l.w_up, ff, h)?;
+            expect(&w("down"), &l.w_down, h, ff)?;
+            if l.attn_norm.len() != h || l.ffn_norm.len() != h {
+                return Err(EngineError::InvalidModel(format!(
+                    "layer {i} norm width mismatch"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn missing(name: &str) -> EngineError {
+    EngineError::InvalidModel(format!("tensor {name} is missing"))
+}
+
+fn native_kind(d: GgmlDType) -> Option<QKind> {
+    Some(match d {
+        GgmlDType::F32 => QKind::F32,
+        GgmlDType::F16 => QKind::F16,
+        GgmlDType::BF16 => QKind::BF16,
+        GgmlDType::Q4_0 => QKind::Q4_0,
+        GgmlDType::Q4_1 => QKind::Q4_1,
+        GgmlDType::Q8_0 => QKind::Q8_0,
+        _ => return None,
+    })
+}
+
+fn dequantize_gguf(f: &GgufFile, name: &str) -> Result<Vec<f32>> {
+    let t = f.tensor(name).ok_or_else(|| missing(name))?;
+    let bytes = f.tensor_bytes(t);
+    let err = |e: candle_core::Error| {
+        EngineError::InvalidModel(format!("tensor {name} ({:?}): {e}", t.dtype))
+    };
+    let storage = QStorage::from_data(Cow::Borrowed(bytes), &Device::Cpu, t.dtype).map_err(err)?;
+    QTensor::new(storage, t.dims.clone())
+        .and_then(|q| q.dequantize(&Device::Cpu))
+        .and_then(|x| x.flatten_all())
+        .and_then(|x| x.to_vec1::<f32>())
+        .map_err(err)
+}
+
+/// A 2-D GGUF tensor as a matrix (zero-copy when a kernel exists for its format).
+pub fn gguf_matrix(f: &GgufFile, name: &str) -> Result<QMatrix> {
+    let t = f.tensor(name).ok_or_else(|| missing(name))?;
+    if t.dims.len() != 2 {
+        return Err(EngineError::InvalidModel(format!(
+            "tensor {name} has shape {:?}, expected 2-D",
+            t.dims
+        )));
+    }
+    let (rows, cols) = (t.dims[0], t.dims[1]);
+    let bad = |e: String| EngineError::InvalidModel(format!("tensor {name}: {e}"));
+    match native_kind(t.dtype) {
+        Some(kind) => QMatrix::new(
+            kind,
+            rows,
+            cols,
+            WeightBytes::Mapped {
+                mmap: f.mmap().clone(),
+                start: t.start,
+                len: t.len,
+            },
+        )
+        .map_err(bad),
+        None => {
+            let values = dequantize_gguf(f, name)?;
+            let (kind, bytes) = if cols % QK == 0 {
+                (QKind::Q8_0, quantize_q8_0(&values))
+            } else {
+                (
+                    QKind::F32,
+                    values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                )
+            };
+            QMatrix::new(kind, rows, cols, WeightBytes::Owned(Arc::new(bytes))).map_err(bad)
+        }
+    }
+}
+
+/// A 1-D GGUF tensor as f32 values.
+pub fn gguf_vector(f: &GgufFile, name: &str) -> Result<Vec<f32>> {
+    let t = f.tensor(name).ok_or_else(|| missing(name))?;
+    match native_kind(t.dtype) {
+        Some(kind) if !kind.wants_q8() => {
+            let n: usize = t.dims.iter().product();
+            let m = QMatrix::new(
+                kind,
+                1,
+                n,
+                WeightBytes::Mapped {
+                    mmap: f.mmap().clone(),
+                    start: t.start,
+                    len: t.len,
+                },
+            )
+            .map_err(|e| EngineError::InvalidModel(format!("tensor {name}: {e}")))?;
+            let mut out = vec![0.0; n];
+            m.dequantize_row(0, &mut out);
+            Ok(out)
+        }
+        _ => dequantize_gguf(f, name),
+    }
+}
+
+fn tensor_matrix(name: &str, t: &Tensor) -> Result<QMatrix> {
+    let err = |e: String| EngineError::InvalidModel(format!("tensor {name}: {e}"));
+    let dims = t.dims().to_vec();
+    if dims.len() != 2 {
+        return Err(err(format!("shape {dims:?}, expected 2-D")));
+    }
+    let ce = |e: candle_core::Error| err(e.to_string());
+    let flat = t.flatten_all().map_err(ce)?;
+    let (kind, bytes): (QKind, Vec<u8>) = match t.dtype() {
+        DType::F16 => (
+            QKind::F16,
+            flat.to_vec1::<half::f16>()
+                .map_err(ce)?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        DType::BF16 => (
+            QKind::BF16,
+            flat.to_vec1::<half::bf16>()
+                .map_err(ce)?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        _ => (
+            QKind::F32,
+            flat.to_dtype(DType::F32)
+                .and_then(|x| x.to_vec1::<f32>())
+                .map_err(ce)?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+    };
+    QMatrix::new(kind, dims[0], dims[1], WeightBytes::Owned(Arc::new(bytes))).map_err(err)
+}
+
+/// Lists the `*.safetensors` files of a model folder, sorted.
+pub fn safetensor_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| EngineError::io(format!("reading {}", dir.display()), e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(EngineError::InvalidModel(format!(
+            "{} has no *.safetensors files",
+            dir.display()
+        )));
+    }
+    Ok(files)
+}

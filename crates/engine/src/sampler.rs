@@ -1,0 +1,361 @@
+//! Turning logits into the next token: penalties, temperature, top-k, top-p, min-p, and a seeded
+//! random generator so the same seed and request give the same output.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Sampling settings of one request (already validated by the API layer).
+#[derive(Debug, Clone)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Nucleus mass, 1 disables.
+    pub top_p: f32,
+    /// Keep the k most likely, 0 disables.
+    pub top_k: usize,
+    /// Drop tokens below `min_p * p_max`, 0 disables.
+    pub min_p: f32,
+    /// OpenAI presence penalty over generated tokens.
+    pub presence_penalty: f32,
+    /// OpenAI frequency penalty over generated tokens.
+    pub frequency_penalty: f32,
+    /// Multiplicative penalty over prompt and generated tokens (1 disables).
+    pub repetition_penalty: f32,
+    /// Seed; a fresh random one when absent.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+}
+
+/// xoshiro256** seeded through splitmix64: small, fast, and stable across platforms and versions.
+struct Rng([u64; 4]);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        let mut z = seed;
+        let mut next = || {
+            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut x = z;
+            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            x ^ (x >> 31)
+        };
+        Self([next(), next(), next(), next()])
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let s = &mut self.0;
+        let r = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        r
+    }
+
+    /// Uniform in [0, 1).
+    fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+fn fresh_seed() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ COUNTER.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+}
+
+/// Per-sequence sampling state.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+    counts: HashMap<u32, u32>,
+    prompt_set: HashSet<u32>,
+    candidates: Vec<(u32, f32)>,
+}
+
+impl Sampler {
+    /// A sampler for a sequence with this prompt.
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
+        let prompt_set = if params.repetition_penalty != 1.0 {
+            prompt.iter().copied().collect()
+        } else {
+            HashSet::new()
+        };
+        Self {
+            rng: Rng::new(params.seed.unwrap_or_else(fresh_seed)),
+            params,
+            counts: HashMap::new(),
+            prompt_set,
+            candidates: Vec::new(),
+        }
+    }
+
+    /// Records a token the sequence produced (for penalties).
+    pub fn observe(&mut self, token: u32) {
+        *self.counts.entry(token).or_insert(0) += 1;
+    }
+
+    /// Picks the next token from `logits` (modified in place by penalties).
+    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let rp = p.repetition_penalty;
+            for &t in self.prompt_set.iter().chain(self.counts.keys()) {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l > 0.0 { *l / rp } else { *l * rp };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &c) in &self.counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.frequency_penalty * c as f32 + p.presence_penalty;
+                }
+            }
+        }
+        if p.temperature <= 0.0 || p.top_k == 1 {
+            return argmax(logits);
+        }
+        let inv_t = 1.0 / p.temperature;
+        let cands = &mut self.candidates;
+        cands.clear();
+        cands.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l * inv_t)),
+        );
+        let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
+        if p.top_k > 0 && p.top_k < cands.len() {
+            cands.select_nth_unstable_by(p.top_k - 1, desc);
+            cands.truncate(p.top_k);
+        }
+        let max = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for c in cands.iter_mut() {
+            c.1 = (c.1 - max).exp();
+            sum += c.1;
+        }
+        for c in cands.iter_mut() {
+            c.1 /= sum;
+        }
+        if p.min_p > 0.0 {
+            // After normalisation the most likely token has probability exp(0)/sum.
+            let floor = p.min_p / sum;
+            cands.retain(|c| c.1 >= floor);
+        }
+        if p.top_p < 1.0 {
+            cands.sort_unstable_by(desc);
+            let mut acc = 0.0;
+            let mut keep = cands.len();
+            for (i, c) in cands.iter().enumerate() {
+                acc += c.1;
+                if acc >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            cands.truncate(keep.max(1));
+        }
+        let total: f32 = cands.iter().map(|c| c.1).sum();
+        let mut r = self.rng.next_f32() * total;
+        for c in cands.iter() {
+            r -= c.1;
+            if r <= 0.0 {
+                return c.0;
+            }
+        }
+        cands.last().map(|c| c.0).unwrap_or_else(|| argmax(logits))
+    }
+}
+
+/// Index of the largest logit (the first on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Holds back generated text that might be the start of a stop string, and cuts the text at the
+/// first complete stop string (which is never emitted).
+#[derive(Default)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    pending: String,
+}
+
+impl StopMatcher {
+    /// A matcher for these stop strings (empty strings are ignored).
+    pub fn new(stops: Vec<String>) -> Self {
+        Self {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            pending: String::new(),
+        }
+    }
+
+    /// Adds generated text; returns what may be emitted now and whether a stop string matched.
+    pub fn push(&mut self, text: &str) -> (String, bool) {
+        self.pending.push_str(text);
+        if let Some(pos) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
+            let out = self.pending[..pos].to_string();
+            self.pending.clear();
+            return (out, true);
+        }
+        let mut hold = 0;
+        for s in &self.stops {
+            for (k, _) in s.char_indices().skip(1) {
+                if k > hold && self.pending.ends_with(&s[..k]) {
+                    hold = k;
+                }
+            }
+        }
+        let cut = self.pending.len() - hold;
+        let out = self.pending[..cut].to_string();
+        self.pending.drain(..cut);
+        (out, false)
+    }
+
+    /// Releases held-back text at the end of generation.
+    pub fn flush(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_picks_argmax_and_penalties_apply() {
+        let mut s = Sampler::new(SamplingParams::greedy(), &[]);
+        assert_eq!(s.sample(&mut [0.1, 2.0, 1.9]), 1);
+        let mut s = Sampler::new(
+            SamplingParams {
+                presence_penalty: 1.0,
+                ..SamplingParams::greedy()
+            },
+            &[],
+        );
+        s.observe(1);
+        assert_eq!(s.sample(&mut [0.1, 2.0, 1.9]), 2);
+        let mut s = Sampler::new(
+            SamplingParams {
+                repetition_penalty: 2.0,
+                ..SamplingParams::greedy()
+            },
+            &[1],
+        );
+        assert_eq!(s.sample(&mut [0.1, 2.0, 1.9]), 2);
+    }
+
+    #[test]
+    fn same_seed_same_samples() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: Some(42),
+            ..Default::default()
+        };
+        let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.1).sin()).collect();
+        let run = || {
+            let mut s = Sampler::new(params.clone(), &[]);
+            (0..20)
+                .map(|_| s.sample(&mut logits.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
+        assert!(
+            run().iter().collect::<HashSet<_>>().len() > 3,
+            "sampling should vary"
+        );
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_candidates() {
+        let logits = vec![5.0, 4.9, 0.0, -1.0];
+        let mut s = Sampler::new(
+            SamplingParams {
+                top_k: 2,
+                seed: Some(1),
+                ..Default::default()
+            },
+            &[],
+        );
+        for _ in 0..50 {
+            assert!(s.sample(&mut logits.clone()) < 2);
+        }
+        let mut s = Sampler::new(
+            SamplingParams {
+                top_p: 0.5,
+                seed: Some(1),
+                ..Default::default()
+            },
+            &[],
+        );
+        for _ in 0..50 {
+            assert_eq!(s.sample(&mut logits.clone()), 0);
+        }
+        let mut s = Sampler::new(
+            SamplingParams {
+                min_p: 0.5,
+                seed: Some(1),
+                ..Default::default()
+            },
+            &[],
+        );
+        for _ in 0..50 {
+            assert!(s.sample(&mut logits.clone()) < 2);
+        }
+    }
+
+    #[test]
+    fn stop_strings_across_pushes_are_cut_and_held() {
+        let mut m = StopMatcher::new(vec!["END".into()]);
+        assert_eq!(m.push("hello E"), ("hello ".to_string(), false));
+        assert_eq!(m.push("N"), (String::new(), false));
+        assert_eq!(m.push("Dxyz"), (String::new(), true));
+        let mut m = StopMatcher::new(vec!["END".into()]);
+        assert_eq!(m.push("ab EN"), ("ab ".to_string(), false));
+        assert_eq!(m.push("x"), ("ENx".to_string(), false));
+        assert_eq!(m.push("E"), (String::new(), false));
+        assert_eq!(m.flush(), "E");
+    }
+}

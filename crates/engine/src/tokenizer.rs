@@ -1,0 +1,348 @@
+//! Text <-> token ids, through the `tokenizers` crate. Built either from a Hugging Face
+//! `tokenizer.json` or from GGUF metadata (`gpt2` byte-level BPE with the pre-tokenizer the file
+//! names, or `llama` SentencePiece BPE with byte fallback), so token ids match llama.cpp's.
+//! `DecodeStream` turns generated ids into text deltas that never split a UTF-8 character.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::str::FromStr;
+
+use serde_json::{json, Value};
+use tokenizers::Tokenizer;
+
+use crate::error::{EngineError, Result};
+use crate::gguf::GgufFile;
+
+const REGEX_LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const REGEX_QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Token texts that end a turn in the chat formats we know.
+const END_OF_TURN: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|endoftext|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|eom_id|>",
+    "</s>",
+];
+
+/// A model's tokenizer plus the special-token facts the engine needs.
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    /// Token that starts a sequence, if any.
+    pub bos_id: Option<u32>,
+    /// Text of the BOS token (what chat templates render).
+    pub bos_text: Option<String>,
+    /// Text of the EOS token.
+    pub eos_text: Option<String>,
+    /// Whether raw prompts get BOS prepended.
+    pub add_bos: bool,
+    /// Tokens that end generation.
+    pub eog_ids: HashSet<u32>,
+}
+
+impl TextTokenizer {
+    /// Builds the tokenizer described by a GGUF file's metadata.
+    pub fn from_gguf(f: &GgufFile) -> Result<Self> {
+        let model = f
+            .get_str("tokenizer.ggml.model")
+            .ok_or_else(|| EngineError::Tokenizer("GGUF has no tokenizer.ggml.model".into()))?;
+        let tokens = f
+            .get_str_array("tokenizer.ggml.tokens")
+            .ok_or_else(|| EngineError::Tokenizer("GGUF has no tokenizer.ggml.tokens".into()))?;
+        let types = f
+            .get_i64_array("tokenizer.ggml.token_type")
+            .unwrap_or_default();
+        let ttype = |i: usize| types.get(i).copied().unwrap_or(1);
+        let mut vocab = serde_json::Map::with_capacity(tokens.len());
+        for (i, t) in tokens.iter().enumerate() {
+            vocab.entry(t.to_string()).or_insert(json!(i));
+        }
+        let (model_json, normalizer, pre, decoder, default_add_bos) = match model {
+            "gpt2" => {
+                let merges: Vec<Value> = f
+                    .get_str_array("tokenizer.ggml.merges")
+                    .ok_or_else(|| EngineError::Tokenizer("gpt2 tokenizer without merges".into()))?
+                    .iter()
+                    .filter_map(|m| m.split_once(' ').map(|(a, b)| json!([a, b])))
+                    .collect();
+                let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+                let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
+                let pre_name = f.get_str("tokenizer.ggml.pre").unwrap_or("default");
+                let (normalizer, pre) = match pre_name {
+                    "smollm" => (
+                        Value::Null,
+                        json!({"type": "Sequence", "pretokenizers": [
+                            {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+                    ),
+                    "llama3" | "llama-bpe" | "smaug-bpe" | "lfm2" => (
+                        Value::Null,
+                        json!({"type": "Sequence", "pretokenizers": [split(REGEX_LLAMA3), byte_level(false)]}),
+                    ),
+                    "qwen2" | "deepseek-r1-qwen" => (
+                        json!({"type": "NFC"}),
+                        json!({"type": "Sequence", "pretokenizers": [split(REGEX_QWEN2), byte_level(false)]}),
+                    ),
+                    _ => (Value::Null, byte_level(true)),
+                };
+                let model = json!({"type": "BPE", "dropout": null, "unk_token": null,
+                    "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+                    "byte_fallback": false, "ignore_merges": pre_name.starts_with("llama"),
+                    "vocab": vocab, "merges": merges});
+                let decoder = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
+                (model, normalizer, pre, decoder, false)
+            }
+            "llama" => {
+                let scores = f.get_f32_array("tokenizer.ggml.scores").unwrap_or_default();
+                let merges = spm_merges(&tokens, &scores, &types);
+                let unk = f
+                    .get_u64("tokenizer.ggml.unknown_token_id")
+                    .and_then(|i| tokens.get(i as usize))
+                    .map(|s| s.to_string());
+                let model = json!({"type": "BPE", "dropout": null, "unk_token": unk,
+                    "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+                    "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges});
+                let prefix = f
+                    .get_bool("tokenizer.ggml.add_space_prefix")
+                    .unwrap_or(true);
+                let mut norms = vec![];
+                if prefix {
+                    norms.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
+                }
+                norms.push(
+                    json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}),
+                );
+                let mut decoders = vec![
+                    json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+                    json!({"type": "ByteFallback"}),
+                    json!({"type": "Fuse"}),
+                ];
+                if prefix {
+                    decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+                }
+                (
+                    model,
+                    json!({"type": "Sequence", "normalizers": norms}),
+                    Value::Null,
+                    json!({"type": "Sequence", "decoders": decoders}),
+                    true,
+                )
+            }
+            other => {
+                return Err(EngineError::Tokenizer(format!(
+                    "tokenizer model `{other}` is not supported (supported: gpt2, llama)"
+                )))
+            }
+        };
+        // Control (3) and user-defined (4) tokens are matched whole in text, as llama.cpp does
+        // with special parsing on.
+        let added: Vec<Value> = tokens
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| matches!(ttype(*i), 3 | 4))
+            .map(|(i, t)| {
+                json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                    "normalized": false, "special": ttype(i) == 3})
+            })
+            .collect();
+        let doc = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+            "normalizer": normalizer, "pre_tokenizer": pre, "post_processor": null, "decoder": decoder,
+            "model": model_json});
+        let inner = Tokenizer::from_str(&doc.to_string())
+            .map_err(|e| EngineError::Tokenizer(format!("building the GGUF tokenizer: {e}")))?;
+        let id_text = |key: &str| {
+            f.get_u64(key)
+                .and_then(|i| tokens.get(i as usize).map(|t| (i as u32, t.to_string())))
+        };
+        let bos = id_text("tokenizer.ggml.bos_token_id");
+        let eos = id_text("tokenizer.ggml.eos_token_id");
+        let mut eog_ids = HashSet::new();
+        for key in [
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        ] {
+            if let Some(i) = f.get_u64(key) {
+                eog_ids.insert(i as u32);
+            }
+        }
+        for (i, t) in tokens.iter().enumerate() {
+            if matches!(ttype(i), 3 | 4) && END_OF_TURN.contains(t) {
+                eog_ids.insert(i as u32);
+            }
+        }
+        Ok(Self {
+            inner,
+            add_bos: f
+                .get_bool("tokenizer.ggml.add_bos_token")
+                .unwrap_or(default_add_bos)
+                && bos.is_some(),
+            bos_id: bos.as_ref().map(|b| b.0),
+            bos_text: bos.map(|b| b.1),
+            eos_text: eos.map(|e| e.1),
+            eog_ids,
+        })
+    }
+
+    /// Loads `tokenizer.json` (and `tokenizer_config.json` for BOS/EOS) from a model folder.
+    pub fn from_hf_dir(dir: &Path, config: &Value) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let inner = Tokenizer::from_file(&path)
+            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let tk_cfg: Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(Value::Null);
+        let token_text = |key: &str| -> Option<String> {
+            match tk_cfg.get(key)? {
+                Value::String(s) => Some(s.clone()),
+                Value::Object(o) => o
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .map(str::to_string),
+                _ => None,
+            }
+        };
+        let bos_text = token_text("bos_token");
+        let eos_text = token_text("eos_token");
+        let bos_id = bos_text.as_deref().and_then(|t| inner.token_to_id(t));
+        let mut eog_ids = HashSet::new();
+        if let Some(id) = eos_text.as_deref().and_then(|t| inner.token_to_id(t)) {
+            eog_ids.insert(id);
+        }
+        match config.get("eos_token_id") {
+            Some(Value::Number(n)) => {
+                eog_ids.extend(n.as_u64().map(|x| x as u32));
+            }
+            Some(Value::Array(a)) => {
+                eog_ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32))
+            }
+            _ => {}
+        }
+        for t in END_OF_TURN {
+            if let Some(id) = inner
+                .get_added_vocabulary()
+                .token_to_id(t, inner.get_model())
+            {
+                eog_ids.insert(id);
+            }
+        }
+        let add_bos = tk_cfg
+            .get("add_bos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+            && bos_id.is_some();
+        Ok(Self {
+            inner,
+            bos_id,
+            bos_text,
+            eos_text,
+            add_bos,
+            eog_ids,
+        })
+    }
+
+    /// Token ids of `text`, special-token texts parsed as their tokens, no BOS added.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| EngineError::Tokenizer(format!("encoding: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of a raw prompt, with BOS prepended when the model wants it.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        if self.add_bos {
+            ids.extend(self.bos_id);
+        }
+        ids.extend(self.encode(text)?);
+        Ok(ids)
+    }
+
+    /// Token ids of a rendered chat prompt: BOS is added only if the template did not write it.
+    pub fn encode_chat(&self, rendered: &str) -> Result<Vec<u32>> {
+        let starts_with_bos = self
+            .bos_text
+            .as_deref()
+            .is_some_and(|b| rendered.starts_with(b));
+        if self.add_bos && !starts_with_bos {
+            self.encode_prompt(rendered)
+        } else {
+            self.encode(rendered)
+        }
+    }
+
+    /// Text of `ids`, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| EngineError::Tokenizer(format!("decoding: {e}")))
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The id of a token text, if it is in the vocabulary.
+    pub fn token_id(&self, text: &str) -> Option<u32> {
+        self.inner.token_to_id(text)
+    }
+}
+
+/// Merges for SentencePiece BPE vocabularies, which GGUF stores without merges: every split of a
+/// vocabulary piece into two pieces that are both in the vocabulary is a merge, ranked by the
+/// merged piece's score (highest first).
+fn spm_merges(tokens: &[&str], scores: &[f32], types: &[i64]) -> Vec<Value> {
+    let index: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+    let mut merges: Vec<(f32, usize, usize, &str, &str)> = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        if types.get(i).copied().unwrap_or(1) != 1 {
+            continue;
+        }
+        let score = scores.get(i).copied().unwrap_or(0.0);
+        for (cut, _) in t.char_indices().skip(1) {
+            let (a, b) = t.split_at(cut);
+            if let (Some(&ia), Some(&ib)) = (index.get(a), index.get(b)) {
+                merges.push((score, ia, ib, a, b));
+            }
+        }
+    }
+    merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+    merges
+        .into_iter()
+        .map(|(_, _, _, a, b)| json!([a, b]))
+        .collect()
+}
+
+/// Incremental detokenization of one generated sequence: yields text only once it is complete
+/// (never a dangling partial UTF-8 character), and reproduces the full decode exactly.
+#[derive(Default)]
+pub struct DecodeStream {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl DecodeStream {
+    /// Adds one token; returns newly completed text, if any.
+    pub fn step(&mut self, tok: &TextTokenizer, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tok.decode(&self.ids[self.prefix_offset..])?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
+            let delta = match full.get(prefix.len()..) {
+                Some(d) if full.starts_with(&prefix) => d.to_string(),
+                _ => full.clone(),
+            };
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            return Ok(Some(delta));
+        }
+        Ok(None)
+    }
+}

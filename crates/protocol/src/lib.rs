@@ -1,0 +1,31 @@
+//! OpenAI-compatible wire types for lastmile: requests and their validation,
+//! responses and stream chunks, the OpenAI error object, and SSE framing.
+//!
+//! Pure data, no I/O: the HTTP layer parses a body with [`parse_json`], calls
+//! `validate()`, maps the request to the engine via `sampling()`, and sends
+//! back responses, chunks framed by [`sse_event`], or an [`ApiError`].
+
+#![warn(missing_docs)]
+
+pub mod chat;
+pub mod completions;
+pub mod error;
+pub mod models;
+pub mod sampling;
+pub mod sse;
+
+pub use chat::{
+    AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
+    ChatCompletionResponse, ChatMessage, ChunkChoice, ContentPart, Delta, MessageContent, Role,
+};
+pub use completions::{
+    CompletionChoice, CompletionChunk, CompletionChunkChoice, CompletionRequest,
+    CompletionResponse, PromptInput, PromptRef,
+};
+pub use error::{parse_json, ApiError};
+pub use models::{ModelCard, ModelList};
+pub use sampling::{
+    FinishReason, ResponseMeta, SamplingFields, SamplingRequest, StopSequences, StreamOptions,
+    Usage, UsageField, MAX_STOP_SEQUENCES,
+};
+pub use sse::{parse_sse_data, sse_event, SSE_DONE};

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Build the llama.cpp anchor (the copy vendored in the llama-cpp-python 0.3.36 sdist): CPU only,
+# native CPU flags, shared libraries. Idempotent: the download, the unpacking and the build are
+# each skipped when their result is already there.
+#
+#   scripts/anchor/build_llama_cpp.sh            # build (or just print the paths)
+#
+# Environment:
+#   LASTMILE_ANCHOR_DIR   where everything goes (default: $HOME/.cache/lastmile/anchor)
+#   LASTMILE_ANCHOR_JOBS  parallel compile jobs (default: 2)
+#
+# Results: $LASTMILE_ANCHOR_DIR/build/bin/{llama-bench,llama-server,llama-quantize,libllama.so,
+# libggml*.so}. make_golden.py loads libllama.so from there through LLAMA_CPP_LIB_PATH.
+set -euo pipefail
+
+VERSION=0.3.36
+ANCHOR_DIR="${LASTMILE_ANCHOR_DIR:-$HOME/.cache/lastmile/anchor}"
+JOBS="${LASTMILE_ANCHOR_JOBS:-2}"
+SDIST_DIR="$ANCHOR_DIR/sdist"
+SDIST="$SDIST_DIR/llama_cpp_python-$VERSION.tar.gz"
+SRC_ROOT="$ANCHOR_DIR/llama_cpp_python-$VERSION"
+SRC="$SRC_ROOT/vendor/llama.cpp"
+BUILD="$ANCHOR_DIR/build"
+BIN="$BUILD/bin"
+TARGETS=(llama-bench llama-server llama-quantize llama)
+OUTPUTS=(llama-bench llama-server llama-quantize libllama.so)
+
+mkdir -p "$SDIST_DIR"
+
+# 1. The sdist (llama.cpp's source rides inside it, under vendor/llama.cpp).
+if [[ ! -f "$SDIST" ]]; then
+    echo "anchor: downloading llama-cpp-python $VERSION sdist into $SDIST_DIR"
+    python3 -m pip download --no-deps --no-binary llama-cpp-python \
+        "llama-cpp-python==$VERSION" -d "$SDIST_DIR"
+fi
+[[ -f "$SDIST" ]] || { echo "anchor: $SDIST missing after download" >&2; exit 1; }
+
+# 2. Unpack (once).
+if [[ ! -f "$SRC/CMakeLists.txt" ]]; then
+    echo "anchor: unpacking $SDIST"
+    tar -xzf "$SDIST" -C "$ANCHOR_DIR"
+fi
+
+# 3. Configure and build, unless every output is there from a build with these same options.
+#
+# AMX is switched off inside ggml: with -march=native on an AMX machine, GCC 12 drops the stores
+# that fill ggml's tile configuration before `ldtilecfg` (all tiles end up 0x0), so the first
+# AMX matmul (prompt batches) dies with SIGILL. The flags go in through a project include so they
+# reach only the ggml targets; explicit -mno-* win over -march=native whatever their order.
+NO_AMX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+CMAKE_ARGS=(
+    -DCMAKE_BUILD_TYPE=Release
+    -DBUILD_SHARED_LIBS=ON
+    -DGGML_NATIVE=ON
+    -DLLAMA_CURL=OFF
+    -DLLAMA_OPENSSL=OFF
+    -DLLAMA_BUILD_UI=OFF
+    -DLLAMA_USE_PREBUILT_UI=OFF
+    -DLLAMA_BUILD_TESTS=OFF
+    -DLLAMA_BUILD_EXAMPLES=OFF
+    -DLLAMA_BUILD_APP=OFF
+    -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF
+    "-DCMAKE_PROJECT_ggml_INCLUDE=$BUILD/lastmile-ggml-flags.cmake"
+)
+STAMP="$BUILD/lastmile-config.txt"
+WANT_STAMP="$(printf '%s\n' "$VERSION" "$NO_AMX_FLAGS" "${CMAKE_ARGS[@]}")"
+
+have_all=1
+for out in "${OUTPUTS[@]}"; do
+    [[ -e "$BIN/$out" ]] || have_all=0
+done
+if [[ $have_all == 1 && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT_STAMP" ]]; then
+    echo "anchor: already built, skipping"
+else
+    start=$(date +%s)
+    mkdir -p "$BUILD"
+    rm -f "$STAMP"
+    printf 'string(APPEND CMAKE_C_FLAGS " %s")\nstring(APPEND CMAKE_CXX_FLAGS " %s")\n' \
+        "$NO_AMX_FLAGS" "$NO_AMX_FLAGS" > "$BUILD/lastmile-ggml-flags.cmake"
+    # Offline-friendly: no curl, no OpenSSL, no web UI download, no tests/examples/unified app.
+    nice -n 19 cmake -S "$SRC" -B "$BUILD" "${CMAKE_ARGS[@]}"
+    nice -n 19 cmake --build "$BUILD" --config Release -j "$JOBS" --target "${TARGETS[@]}"
+    if objdump -d "$BIN/libggml-cpu.so" 2>/dev/null | grep -q ldtilecfg; then
+        echo "anchor: libggml-cpu.so still contains AMX code; refusing it" >&2
+        exit 1
+    fi
+    printf '%s\n' "$WANT_STAMP" > "$STAMP"
+    echo "anchor: build took $(( $(date +%s) - start )) s"
+fi
+
+for out in "${OUTPUTS[@]}"; do
+    [[ -e "$BIN/$out" ]] || { echo "anchor: missing $BIN/$out" >&2; exit 1; }
+done
+
+echo "anchor: llama.cpp (llama-cpp-python $VERSION) binaries:"
+for out in "${OUTPUTS[@]}"; do echo "  $BIN/$out"; done
+echo "anchor: ggml libraries: $(cd "$BIN" && ls libggml*.so 2>/dev/null | tr '\n' ' ')"
+echo "anchor: python sources: $SRC_ROOT/llama_cpp (set LLAMA_CPP_LIB_PATH=$BIN)"
