@@ -52,7 +52,7 @@ impl GgufFile {
             let dims: Vec<usize> = info.shape.dims().to_vec();
             let elems: usize = dims.iter().product();
             let block = info.ggml_dtype.block_size();
-            if elems % block != 0 {
+            if !elems.is_multiple_of(block) {
                 return Err(EngineError::InvalidModel(format!(
                     "{}: tensor {name} has {elems} elements, not a multiple of its block size {block}",
                     path.display()

@@ -95,7 +95,7 @@ impl ThreadPool {
         let mut spins = 0u32;
         while s.pending.load(Ordering::Acquire) != 0 {
             spins += 1;
-            if spins % 1024 == 0 {
+            if spins.is_multiple_of(1024) {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -141,7 +141,7 @@ fn worker_loop(s: &Shared, idx: usize) {
                 return;
             }
             spins += 1;
-            if spins % 64 != 0 || spin_start.elapsed() < SPIN {
+            if !spins.is_multiple_of(64) || spin_start.elapsed() < SPIN {
                 std::hint::spin_loop();
                 continue;
             }

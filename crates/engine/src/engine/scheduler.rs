@@ -191,9 +191,7 @@ impl Scheduler {
         for s in gone {
             self.release(s);
         }
-        let before = self.waiting.len();
         self.waiting.retain(|s| !s.tx.is_closed());
-        let _ = before;
 
         // Decodes need room for one more token; preempt the newest sequence when full.
         let bs = self.kv.block_size;
@@ -204,13 +202,11 @@ impl Scheduler {
                 match self.alloc.allocate(need - self.running[i].blocks.len()) {
                     Some(mut b) => self.running[i].blocks.append(&mut b),
                     None => {
-                        let victim_is_self =
-                            self.running.iter().map(|s| s.id).max() == Some(self.running[i].id);
+                        // The newest sequence may sit anywhere in `running` (re-admitted ones
+                        // are appended), so start over: sequences already served just pass.
                         self.preempt_newest();
-                        if victim_is_self {
-                            continue;
-                        }
-                        continue; // retry this sequence with the freed blocks
+                        i = 0;
+                        continue;
                     }
                 }
             }
@@ -305,7 +301,7 @@ impl Scheduler {
                 finished.push((idx, reason));
             }
         }
-        finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         for (idx, _) in finished {
             let s = self.running.remove(idx);
             self.release(s);

@@ -98,7 +98,11 @@ pub struct QMatrix {
 impl QMatrix {
     /// Wraps bytes as a matrix, checking the length matches the shape.
     pub fn new(kind: QKind, rows: usize, cols: usize, bytes: WeightBytes) -> Result<Self, String> {
-        if kind != QKind::F32 && kind != QKind::F16 && kind != QKind::BF16 && cols % QK != 0 {
+        if kind != QKind::F32
+            && kind != QKind::F16
+            && kind != QKind::BF16
+            && !cols.is_multiple_of(QK)
+        {
             return Err(format!(
                 "{kind:?} matrix needs columns in multiples of {QK}, got {cols}"
             ));

@@ -29,7 +29,7 @@ impl Q8Acts {
     /// only f32-input kernels use).
     pub fn quantize(&mut self, x: &[f32], n: usize, cols: usize) {
         self.cols = cols;
-        if cols % QK != 0 {
+        if !cols.is_multiple_of(QK) {
             return;
         }
         let nb = n * cols / QK;

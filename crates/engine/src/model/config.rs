@@ -69,7 +69,7 @@ impl ModelConfig {
         let head_dim = f
             .get_u64(&key("attention.key_length"))
             .map(|v| v as usize)
-            .unwrap_or(if heads > 0 { hidden / heads } else { 0 });
+            .unwrap_or(hidden.checked_div(heads).unwrap_or(0));
         let vocab = match f.get_u64(&key("vocab_size")) {
             Some(v) => v as usize,
             None => f
@@ -124,7 +124,7 @@ impl ModelConfig {
         }
         let hidden = need("hidden_size")?;
         let heads = need("num_attention_heads")?;
-        let head_dim = get("head_dim").unwrap_or(if heads > 0 { hidden / heads } else { 0 });
+        let head_dim = get("head_dim").unwrap_or(hidden.checked_div(heads).unwrap_or(0));
         let cfg = Self {
             arch: model_type,
             hidden,
@@ -156,13 +156,13 @@ impl ModelConfig {
         if self.hidden == 0 || self.layers == 0 || self.heads == 0 || self.kv_heads == 0 {
             return bad(format!("degenerate model shape: {self:?}"));
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!(
                 "{} query heads are not a multiple of {} KV heads",
                 self.heads, self.kv_heads
             ));
         }
-        if self.rope_dims > self.head_dim || self.rope_dims % 2 != 0 {
+        if self.rope_dims > self.head_dim || !self.rope_dims.is_multiple_of(2) {
             return bad(format!(
                 "rope dimension {} does not fit head dimension {}",
                 self.rope_dims, self.head_dim

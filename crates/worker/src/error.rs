@@ -1,0 +1,67 @@
+//! The worker's error type and the one place errors become HTTP responses (OpenAI's error object,
+//! with `Retry-After` on 503).
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use lastmile_engine::EngineError;
+use lastmile_protocol::ApiError;
+use thiserror::Error;
+
+/// Everything a worker request can fail with.
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    /// A client-facing API error (already in OpenAI's shape).
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// An engine failure.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl WorkerError {
+    /// A short label for metrics.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Self::Api(_) => "api",
+            Self::Engine(e) => e.error_type(),
+        }
+    }
+
+    /// The OpenAI error this becomes.
+    pub fn to_api(&self) -> ApiError {
+        match self {
+            Self::Api(e) => e.clone(),
+            Self::Engine(e) => match e {
+                EngineError::InvalidRequest(m) => ApiError::invalid_request(m.clone(), None),
+                EngineError::Tokenizer(m) | EngineError::ChatTemplate(m) => {
+                    ApiError::invalid_request(
+                        format!("could not build the prompt: {m}"),
+                        Some("messages"),
+                    )
+                }
+                EngineError::Overloaded(m) => {
+                    ApiError::overloaded(format!("server overloaded: {m}"))
+                }
+                EngineError::Stopped => ApiError::overloaded("the engine is not running"),
+                other => ApiError::internal(other.to_string()),
+            },
+        }
+    }
+}
+
+impl IntoResponse for WorkerError {
+    fn into_response(self) -> Response {
+        api_response(&self.to_api())
+    }
+}
+
+/// Renders an API error as its HTTP response.
+pub fn api_response(e: &ApiError) -> Response {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = (status, axum::Json(e.body())).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}

@@ -1,0 +1,98 @@
+//! One real server per test binary: the default model behind real HTTP on an ephemeral port,
+//! running on its own runtime thread so it outlives each test's runtime.
+
+use std::sync::OnceLock;
+
+use lastmile_engine::fetch::ensure_default_model;
+use lastmile_engine::{EngineConfig, EngineHandle, LoadedModel};
+use lastmile_worker::ServerConfig;
+
+/// The model id the test server serves.
+pub const MODEL: &str = "smollm2-135m-instruct";
+
+/// Base URL (`http://127.0.0.1:PORT`) of the shared test server.
+pub fn server() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        let path = ensure_default_model().expect("fetching the default model");
+        let loaded = LoadedModel::load(&path).expect("loading the default model");
+        let engine = EngineHandle::start(
+            loaded,
+            EngineConfig {
+                threads: 2,
+                ..EngineConfig::default()
+            },
+        )
+        .expect("starting the engine");
+        let config = ServerConfig {
+            model_id: MODEL.to_string(),
+            max_body_bytes: 64 * 1024,
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding");
+        let addr = listener.local_addr().expect("address");
+        listener.set_nonblocking(true).expect("nonblocking");
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                lastmile_worker::serve(listener, engine, config, std::future::pending())
+                    .await
+                    .expect("serving");
+            });
+        });
+        format!("http://{addr}")
+    })
+}
+
+/// POSTs JSON and returns (status, parsed body).
+#[allow(dead_code)]
+pub async fn post(path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}{path}", server()))
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+/// POSTs a streaming request and returns the `data:` payloads.
+#[allow(dead_code)]
+pub async fn post_stream(path: &str, body: serde_json::Value) -> Vec<String> {
+    let resp = reqwest::Client::new()
+        .post(format!("{}{path}", server()))
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    lastmile_protocol::parse_sse_data(&resp.text().await.expect("body"))
+}
+
+/// Reads one gauge or counter from `/metrics`.
+#[allow(dead_code)]
+pub async fn metric(name: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", server()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|r| r.strip_prefix(' '))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("metric {name} not found"))
+}

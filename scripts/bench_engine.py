@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Engine throughput, ours against llama.cpp's `llama-bench`, in one run on the same GGUF and threads.
+
+    python3 scripts/bench_engine.py [--threads 2] [--repeats 5] [--model PATH] [--write BENCHMARKS.md]
+
+Builds the anchor first if needed (scripts/anchor/build_llama_cpp.sh, ~15 min once), then runs
+`llama-bench -p 512 -n 128` and `lastmile engine-bench --prompt-tokens 512 --gen-tokens 128`
+alternately, and prints medians and ratios plus the physical decode limit (measured memory read
+bandwidth / weight bytes read per token). With --write, replaces the engine section of BENCHMARKS.md.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--model", help="GGUF file (default: the default model)")
+    ap.add_argument("--write", help="update this markdown file's engine section")
+    a = ap.parse_args()
+
+    anchor = Path(os.environ.get("LASTMILE_ANCHOR_DIR", Path.home() / ".cache/lastmile/anchor"))
+    bench_bin = anchor / "build/bin/llama-bench"
+    if not bench_bin.exists():
+        subprocess.run(["bash", str(ROOT / "scripts/anchor/build_llama_cpp.sh")], check=True)
+    ours = ROOT / "target/release/lastmile"
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "lastmile"], check=True, cwd=ROOT)
+    model = a.model or run([str(ours), "models", "pull"]).strip()
+
+    ll_pp, ll_tg, our_pp, our_tg = [], [], [], []
+    extra = {}
+    rounds = a.repeats
+    for i in range(rounds):
+        print(f"round {i + 1}/{rounds}: llama.cpp ...", file=sys.stderr, flush=True)
+        out = run([str(bench_bin), "-m", model, "-t", str(a.threads), "-p", str(a.prompt_tokens),
+                   "-n", str(a.gen_tokens), "-r", "1", "-o", "json"],
+                  env={**os.environ, "LD_LIBRARY_PATH": str(bench_bin.parent)})
+        for row in json.loads(out):
+            (ll_pp if row["n_prompt"] > 0 else ll_tg).append(row["avg_ts"])
+        print(f"round {i + 1}/{rounds}: lastmile ...", file=sys.stderr, flush=True)
+        out = run([str(ours), "engine-bench", "--model", model, "--threads", str(a.threads),
+                   "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens),
+                   "--repeats", "1", "--json"], env={**os.environ, "RUST_LOG": "warn"})
+        r = json.loads(out.strip().splitlines()[-1])
+        our_pp += r["prefill_tok_s"]
+        our_tg += r["decode_tok_s"]
+        extra = r
+
+    med = statistics.median
+    rows = [
+        (f"prefill {a.prompt_tokens} tokens (tok/s)", med(our_pp), med(ll_pp)),
+        (f"decode {a.gen_tokens} tokens (tok/s)", med(our_tg), med(ll_tg)),
+    ]
+    limit = extra["decode_limit_tok_s"]
+    cmd = f"python3 scripts/bench_engine.py --threads {a.threads} --repeats {a.repeats}"
+    lines = [
+        "## Engine: single-stream prefill and decode vs llama.cpp",
+        "",
+        f"Model `{Path(model).name}`, {a.threads} threads, medians of {a.repeats} alternating rounds "
+        "(llama.cpp's `llama-bench` from the llama-cpp-python 0.3.36 sources, same GGUF, same machine, one run).",
+        "",
+        "| measure | lastmile | llama.cpp | ratio |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, ours_v, ll_v in rows:
+        lines.append(f"| {name} | {ours_v:.1f} | {ll_v:.1f} | **{ours_v / ll_v:.2f}x** |")
+    lines += [
+        "",
+        f"Physical decode limit here: {extra['mem_read_gb_s']:.1f} GB/s measured read bandwidth / "
+        f"{extra['weight_bytes_per_token'] / 1e6:.1f} MB of weights per token = **{limit:.0f} tok/s** "
+        f"(ours reaches {med(our_tg) / limit:.0%} of it).",
+        "",
+        f"Reproduce: `{cmd}`",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if a.write:
+        path = ROOT / a.write
+        old = path.read_text() if path.exists() else "# Benchmarks\n\n"
+        start = old.find("## Engine: single-stream")
+        if start >= 0:
+            end = old.find("\n## ", start + 1)
+            old = old[:start] + (old[end + 1:] if end >= 0 else "")
+        path.write_text(old.rstrip() + "\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
