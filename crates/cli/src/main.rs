@@ -79,6 +79,7 @@ impl ModelArgs {
             kv_cache_mib: self.kv_cache_mib,
             max_batch_tokens: self.max_batch_tokens,
             max_running: self.max_running,
+            kv_cache_tokens: None,
             ..EngineConfig::default()
         };
         if let Some(t) = self.threads {

@@ -24,6 +24,9 @@ pub struct EngineConfig {
     pub threads: usize,
     /// Memory for the KV cache, in MiB (at least one full context is always reserved).
     pub kv_cache_mib: usize,
+    /// Exact KV capacity in tokens, overriding `kv_cache_mib` and the one-context minimum
+    /// (requests that cannot fit are refused).
+    pub kv_cache_tokens: Option<usize>,
     /// Tokens per KV block.
     pub block_size: usize,
     /// Most tokens computed in one step (decodes plus prefill chunks).
@@ -41,6 +44,7 @@ impl Default for EngineConfig {
                 .map(|n| n.get())
                 .unwrap_or(1),
             kv_cache_mib: 1024,
+            kv_cache_tokens: None,
             block_size: 16,
             max_batch_tokens: 512,
             max_running: 64,
@@ -198,7 +202,9 @@ impl EngineHandle {
         let c = &model.config;
         let per_token = KvCache::bytes_per_token(c.layers, c.kv_dim());
         let want_tokens = (config.kv_cache_mib << 20) / per_token.max(1);
-        let tokens = want_tokens.max(c.context_length + config.block_size);
+        let tokens = config
+            .kv_cache_tokens
+            .unwrap_or_else(|| want_tokens.max(c.context_length + config.block_size));
         let num_blocks = tokens.div_ceil(config.block_size);
         let info = Arc::new(ModelInfo {
             context_length: c.context_length,

@@ -6,6 +6,7 @@ use lastmile_engine::fetch::ensure_default_model;
 use lastmile_engine::LoadedModel;
 
 /// The default model (fetched into the cache on first use).
+#[allow(dead_code)] // not every test binary uses the shared model
 pub fn default_model() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();
     MODEL.get_or_init(|| {
