@@ -1,7 +1,6 @@
 //! The engine end to end through its handle: continuous batching gives every request its solo
 //! output, preemption under KV pressure is invisible to clients, and hopeless requests are refused.
 
-
 use lastmile_engine::fetch::ensure_default_model;
 use lastmile_engine::{
     EngineConfig, EngineHandle, FinishReason, GenerateRequest, GenerationEvent, LoadedModel,
