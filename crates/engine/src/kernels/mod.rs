@@ -242,7 +242,12 @@ mod tests {
     }
 
     fn check_kind(kind: QKind) {
-        let (rows, cols, n) = (37, 256, 5);
+        for (rows, cols, n) in [(37, 256, 5), (9, 96, 3)] {
+            check_shape(kind, rows, cols, n);
+        }
+    }
+
+    fn check_shape(kind: QKind, rows: usize, cols: usize, n: usize) {
         let mut seed = 7u64;
         let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
         let bytes = match kind {

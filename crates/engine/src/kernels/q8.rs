@@ -11,6 +11,12 @@ pub struct Q8Acts {
     d: Vec<f32>,
     s: Vec<f32>,
     cols: usize,
+    // The same values laid out for kernels that take two weight blocks per step: per pair of
+    // blocks (b0, b1), 32 bytes `b0[0..16] ++ b1[0..16]`, 32 bytes `b0[16..32] ++ b1[16..32]`,
+    // scales `[d0; 4] ++ [d1; 4]`, and offsets `[0, s0, 0, s1]`.
+    pq: Vec<i8>,
+    pd: Vec<f32>,
+    ps: Vec<f32>,
 }
 
 /// One quantized row.
@@ -22,6 +28,12 @@ pub struct Q8Row<'a> {
     pub d: &'a [f32],
     /// Per-block `d * sum(q)`.
     pub s: &'a [f32],
+    /// Pair layout: values (64 bytes per pair of blocks).
+    pub pq: &'a [i8],
+    /// Pair layout: scales (8 per pair).
+    pub pd: &'a [f32],
+    /// Pair layout: offsets (4 per pair).
+    pub ps: &'a [f32],
 }
 
 impl Q8Acts {
@@ -50,16 +62,41 @@ impl Q8Acts {
             self.d[b] = d;
             self.s[b] = d * sum as f32;
         }
+        let per_row_pairs = cols / QK / 2;
+        let pairs = n * per_row_pairs;
+        self.pq.resize(pairs * 64, 0);
+        self.pd.resize(pairs * 8, 0.0);
+        self.ps.resize(pairs * 4, 0.0);
+        let nb = cols / QK;
+        for t in 0..n {
+            for p in 0..per_row_pairs {
+                let (b0, b1) = (t * nb + 2 * p, t * nb + 2 * p + 1);
+                let at = (t * per_row_pairs + p) * 64;
+                let dst = &mut self.pq[at..at + 64];
+                dst[0..16].copy_from_slice(&self.qs[b0 * QK..b0 * QK + 16]);
+                dst[16..32].copy_from_slice(&self.qs[b1 * QK..b1 * QK + 16]);
+                dst[32..48].copy_from_slice(&self.qs[b0 * QK + 16..b0 * QK + 32]);
+                dst[48..64].copy_from_slice(&self.qs[b1 * QK + 16..b1 * QK + 32]);
+                let pi = t * per_row_pairs + p;
+                self.pd[pi * 8..pi * 8 + 4].fill(self.d[b0]);
+                self.pd[pi * 8 + 4..pi * 8 + 8].fill(self.d[b1]);
+                self.ps[pi * 4..pi * 4 + 4].copy_from_slice(&[0.0, self.s[b0], 0.0, self.s[b1]]);
+            }
+        }
     }
 
     /// Row `t`.
     #[inline]
     pub fn row(&self, t: usize) -> Q8Row<'_> {
         let nb = self.cols / QK;
+        let np = nb / 2;
         Q8Row {
             qs: &self.qs[t * self.cols..(t + 1) * self.cols],
             d: &self.d[t * nb..(t + 1) * nb],
             s: &self.s[t * nb..(t + 1) * nb],
+            pq: &self.pq[t * np * 64..(t + 1) * np * 64],
+            pd: &self.pd[t * np * 8..(t + 1) * np * 8],
+            ps: &self.ps[t * np * 4..(t + 1) * np * 4],
         }
     }
 }
