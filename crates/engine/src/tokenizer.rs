@@ -282,6 +282,13 @@ impl TextTokenizer {
             .map_err(|e| EngineError::Tokenizer(format!("decoding: {e}")))
     }
 
+    /// The tokenizer as a Hugging Face `tokenizer.json` document.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| EngineError::Tokenizer(format!("serializing: {e}")))
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

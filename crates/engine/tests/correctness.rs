@@ -103,3 +103,34 @@ fn teacher_forced_greedy_agrees_with_llama_cpp() {
         "top-1 agreement {rate:.3} over {positions} positions (near-ties: {worst:?})"
     );
 }
+
+#[test]
+fn incremental_detokenization_never_splits_characters() {
+    let m = common::default_model();
+    let fx = common::fixture("tokenizer_smollm2.json");
+    let mut multibyte = 0;
+    for c in fx["cases"].as_array().expect("cases") {
+        let want_ids = ids(&c["ids"]);
+        let mut stream = lastmile_engine::tokenizer::DecodeStream::default();
+        let mut text = String::new();
+        for &id in &want_ids {
+            if let Some(delta) = stream.step(&m.tokenizer, id).expect("decode") {
+                assert!(!delta.contains('\u{FFFD}'), "broken character in {delta:?}");
+                text.push_str(&delta);
+            }
+        }
+        assert_eq!(
+            text,
+            m.tokenizer.decode(&want_ids).expect("decode"),
+            "{:?}",
+            c["text"]
+        );
+        if c["text"]
+            .as_str()
+            .is_some_and(|t| t.chars().any(|ch| ch.len_utf8() > 2))
+        {
+            multibyte += 1;
+        }
+    }
+    assert!(multibyte >= 3, "the fixture should hold emoji and CJK text");
+}
