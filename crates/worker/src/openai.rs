@@ -75,6 +75,17 @@ struct Prepared {
     model: String,
 }
 
+/// The engine request for a prompt under the API's sampling settings.
+fn engine_request(prompt: Vec<u32>, s: &SamplingRequest, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        prompt,
+        sampling: engine_sampling(s),
+        max_tokens,
+        stop: s.stop.clone(),
+        ignore_eos: s.ignore_eos,
+    }
+}
+
 fn engine_sampling(s: &SamplingRequest) -> SamplingParams {
     SamplingParams {
         temperature: s.temperature,
@@ -134,16 +145,9 @@ async fn prepare_chat(state: &Arc<AppState>, body: &[u8]) -> Result<Prepared, Wo
     })
     .await
     .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))??;
-    let sampling = req.sampling();
     let max_tokens = budget(state, prompt.len(), req.max_new_tokens())?;
     Ok(Prepared {
-        request: GenerateRequest {
-            prompt,
-            sampling: engine_sampling(&sampling),
-            max_tokens,
-            stop: sampling.stop.clone(),
-            ignore_eos: sampling.ignore_eos,
-        },
+        request: engine_request(prompt, &req.sampling(), max_tokens),
         stream: req.stream,
         include_usage: req.include_usage(),
         model: req.model,
@@ -172,19 +176,9 @@ async fn prepare_completion(state: &Arc<AppState>, body: &[u8]) -> Result<Prepar
         )
         .into());
     }
-    let sampling = req.sampling();
-    let ctx = state.engine.info().context_length;
-    let max_tokens = budget(state, prompt.len(), Some(req.max_new_tokens())).map_err(|_| {
-        ApiError::context_length_exceeded(prompt.len(), req.max_new_tokens() as usize, ctx)
-    })?;
+    let max_tokens = budget(state, prompt.len(), Some(req.max_new_tokens()))?;
     Ok(Prepared {
-        request: GenerateRequest {
-            prompt,
-            sampling: engine_sampling(&sampling),
-            max_tokens,
-            stop: sampling.stop.clone(),
-            ignore_eos: sampling.ignore_eos,
-        },
+        request: engine_request(prompt, &req.sampling(), max_tokens),
         stream: req.stream,
         include_usage: req.include_usage(),
         model: req.model,
