@@ -59,6 +59,9 @@ pub struct ModelArgs {
     /// Most sequences decoding at once.
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
+    /// Turn off the prefix cache (every prompt is computed from scratch).
+    #[arg(long)]
+    pub no_prefix_cache: bool,
 }
 
 impl ModelArgs {
@@ -80,6 +83,7 @@ impl ModelArgs {
             max_batch_tokens: self.max_batch_tokens,
             max_running: self.max_running,
             kv_cache_tokens: None,
+            prefix_cache: !self.no_prefix_cache,
             ..EngineConfig::default()
         };
         if let Some(t) = self.threads {

@@ -10,6 +10,7 @@
 pub mod chat;
 pub mod completions;
 pub mod error;
+pub mod kv;
 pub mod models;
 pub mod sampling;
 pub mod sse;
@@ -23,6 +24,7 @@ pub use completions::{
     CompletionResponse, PromptInput, PromptRef,
 };
 pub use error::{parse_json, ApiError};
+pub use kv::{block_hash, prefix_hashes, KvEvent};
 pub use models::{ModelCard, ModelList};
 pub use sampling::{
     FinishReason, ResponseMeta, SamplingFields, SamplingRequest, StopSequences, StreamOptions,

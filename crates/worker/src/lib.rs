@@ -59,6 +59,7 @@ pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
+        .route("/v1/kv/events", get(kv_events))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -112,6 +113,30 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     let body = s.metrics.render(s.engine.stats());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// Server-sent events of the prefix cache: `data: {"type":"stored","hash":..,"parent":..}` and
+/// `data: {"type":"removed","hash":..}`, from the moment of subscription. A subscriber that falls
+/// behind gets `event: lagged` with the number of events it missed and should resynchronise.
+async fn kv_events(State(s): State<Arc<AppState>>) -> Response {
+    let rx = s.engine.subscribe_kv_events();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        use tokio::sync::broadcast::error::RecvError;
+        let frame = match rx.recv().await {
+            Ok(e) => lastmile_protocol::sse_event(&e),
+            Err(RecvError::Lagged(n)) => format!("event: lagged\ndata: {{\"missed\":{n}}}\n\n"),
+            Err(RecvError::Closed) => return None,
+        };
+        Some((Ok::<_, std::convert::Infallible>(frame), rx))
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {

@@ -183,6 +183,33 @@ impl Metrics {
         );
         gauge(
             &mut out,
+            "lastmile_kv_blocks_cached",
+            "KV blocks indexed by the prefix cache.",
+            us(&engine.kv_blocks_cached),
+        );
+        counter(
+            &mut out,
+            "lastmile_prefix_cache_query_tokens_total",
+            "Prompt tokens looked up in the prefix cache.",
+            ld(&engine.prefix_query_tokens),
+        );
+        counter(
+            &mut out,
+            "lastmile_prefix_cache_hit_tokens_total",
+            "Prompt tokens served from the prefix cache instead of recomputed.",
+            ld(&engine.prefix_hit_tokens),
+        );
+        let (q, h) = (
+            ld(&engine.prefix_query_tokens),
+            ld(&engine.prefix_hit_tokens),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP lastmile_prefix_cache_hit_rate Share of prompt tokens served from the prefix cache.\n# TYPE lastmile_prefix_cache_hit_rate gauge\nlastmile_prefix_cache_hit_rate {}",
+            if q == 0 { 0.0 } else { h as f64 / q as f64 }
+        );
+        gauge(
+            &mut out,
             "lastmile_kv_blocks_total",
             "KV cache blocks in the pool.",
             us(&engine.kv_blocks_total),

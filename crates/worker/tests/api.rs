@@ -299,8 +299,45 @@ async fn models_health_and_metrics() {
         "lastmile_running_sequences",
         "lastmile_waiting_sequences",
         "lastmile_kv_blocks_used",
+        "lastmile_kv_blocks_cached",
+        "lastmile_prefix_cache_hit_rate",
+        "lastmile_prefix_cache_hit_tokens_total",
     ] {
         assert!(text.contains(name), "metrics lack {name}");
     }
     assert!(metric("lastmile_generation_tokens_total").await >= 2.0);
+}
+
+#[tokio::test]
+async fn kv_events_stream_reports_stored_blocks() {
+    use futures::StreamExt;
+    let resp = reqwest::get(format!("{}/v1/kv/events", server()))
+        .await
+        .expect("events");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.bytes_stream();
+    // A fresh prompt of 40+ tokens fills at least two blocks, which become cached.
+    let prompt =
+        "Unique words for the event test: zebra quartz violin meadow copper lantern. ".repeat(4);
+    let (status, _) = post(
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": prompt, "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !text.contains("\"stored\"") {
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .expect("an event in time");
+        text.push_str(&String::from_utf8_lossy(
+            &chunk.expect("open").expect("chunk"),
+        ));
+    }
+    let first = lastmile_protocol::parse_sse_data(&text);
+    let ev: Value = serde_json::from_str(&first[0]).expect("json event");
+    assert_eq!(ev["type"], "stored");
+    assert!(ev["hash"].is_u64());
 }

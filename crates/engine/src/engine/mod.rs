@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 
+use lastmile_protocol::KvEvent;
+use tokio::sync::broadcast;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::chat_template::ChatTemplate;
@@ -35,6 +37,8 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Most requests waiting; beyond it `submit` fails with `Overloaded`.
     pub max_waiting: usize,
+    /// Reuse the KV blocks of prompts' cached prefixes.
+    pub prefix_cache: bool,
 }
 
 impl Default for EngineConfig {
@@ -49,6 +53,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             max_running: 64,
             max_waiting: 1024,
+            prefix_cache: true,
         }
     }
 }
@@ -154,6 +159,12 @@ pub struct EngineStats {
     pub preemptions: AtomicU64,
     /// Engine steps run.
     pub steps: AtomicU64,
+    /// KV blocks indexed by the prefix cache.
+    pub kv_blocks_cached: AtomicUsize,
+    /// Prompt tokens looked up in the prefix cache.
+    pub prefix_query_tokens: AtomicU64,
+    /// Prompt tokens found there (not recomputed).
+    pub prefix_hit_tokens: AtomicU64,
 }
 
 /// Facts about the served model.
@@ -187,6 +198,7 @@ pub struct EngineHandle {
     tokenizer: Arc<TextTokenizer>,
     template: Arc<ChatTemplate>,
     max_waiting: usize,
+    kv_events: broadcast::Sender<KvEvent>,
 }
 
 impl EngineHandle {
@@ -221,11 +233,21 @@ impl EngineHandle {
         let thread_stats = stats.clone();
         let thread_tok = tokenizer.clone();
         let max_waiting = config.max_waiting;
+        let (kv_events, _) = broadcast::channel(4096);
+        let thread_events = kv_events.clone();
         std::thread::Builder::new()
             .name("lastmile-engine".into())
             .spawn(move || {
-                let mut s =
-                    scheduler::Scheduler::new(model, thread_tok, config, num_blocks, thread_stats);
+                let mut s = scheduler::Scheduler::new(
+                    model,
+                    thread_tok,
+                    config,
+                    scheduler::Shared {
+                        num_blocks,
+                        stats: thread_stats,
+                        kv_events: thread_events,
+                    },
+                );
                 s.run(rx);
             })
             .map_err(|e| EngineError::io("spawning the engine thread", e))?;
@@ -236,6 +258,7 @@ impl EngineHandle {
             tokenizer,
             template: Arc::new(template),
             max_waiting,
+            kv_events,
         })
     }
 
@@ -298,6 +321,12 @@ impl EngineHandle {
     /// The tokenizer.
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.tokenizer
+    }
+
+    /// A live feed of blocks entering and leaving the prefix cache (from now on; a subscriber
+    /// that lags by more than 4096 events is told so by the channel).
+    pub fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEvent> {
+        self.kv_events.subscribe()
     }
 
     /// The chat template.

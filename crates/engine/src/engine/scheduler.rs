@@ -9,16 +9,18 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 
+use tokio::sync::broadcast;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::{
     EngineConfig, EngineStats, FinishReason, GenerateRequest, GenerationEvent, Submission,
 };
-use crate::kv::{BlockAllocator, KvCache};
+use crate::kv::{BlockPool, KvCache};
 use crate::model::{BatchSeq, LlamaModel, Scratch};
 use crate::parallel::ThreadPool;
 use crate::sampler::{Sampler, StopMatcher};
 use crate::tokenizer::{DecodeStream, TextTokenizer};
+use lastmile_protocol::{block_hash, prefix_hashes, KvEvent};
 
 struct Sequence {
     id: u64,
@@ -28,6 +30,8 @@ struct Sequence {
     /// Tokens whose keys and values are in the cache.
     computed: usize,
     blocks: Vec<u32>,
+    /// Hashes of the full blocks registered in the prefix cache so far (a prefix of `blocks`).
+    hashes: Vec<u64>,
     request: GenerateRequest,
     sampler: Sampler,
     decoder: DecodeStream,
@@ -41,12 +45,23 @@ impl Sequence {
     }
 }
 
+/// What the engine thread shares with its handles.
+pub(super) struct Shared {
+    /// Blocks in the KV pool.
+    pub(super) num_blocks: usize,
+    /// Live counters.
+    pub(super) stats: Arc<EngineStats>,
+    /// Prefix-cache events.
+    pub(super) kv_events: broadcast::Sender<KvEvent>,
+}
+
 pub(super) struct Scheduler {
     model: LlamaModel,
     tokenizer: Arc<TextTokenizer>,
     config: EngineConfig,
     kv: KvCache,
-    alloc: BlockAllocator,
+    alloc: BlockPool,
+    kv_events: broadcast::Sender<KvEvent>,
     pool: ThreadPool,
     scratch: Scratch,
     stats: Arc<EngineStats>,
@@ -64,9 +79,13 @@ impl Scheduler {
         model: LlamaModel,
         tokenizer: Arc<TextTokenizer>,
         config: EngineConfig,
-        num_blocks: usize,
-        stats: Arc<EngineStats>,
+        shared: Shared,
     ) -> Self {
+        let Shared {
+            num_blocks,
+            stats,
+            kv_events,
+        } = shared;
         let c = &model.config;
         let kv = KvCache::new(c.layers, num_blocks, config.block_size, c.kv_dim());
         Self {
@@ -74,7 +93,8 @@ impl Scheduler {
             model,
             tokenizer,
             kv,
-            alloc: BlockAllocator::new(num_blocks),
+            alloc: BlockPool::new(num_blocks, config.prefix_cache),
+            kv_events,
             scratch: Scratch::default(),
             stats,
             waiting: VecDeque::new(),
@@ -111,9 +131,10 @@ impl Scheduler {
                     let _ =
                         s.tx.send(GenerationEvent::Failed("internal engine error".into()));
                 }
-                self.alloc = BlockAllocator::new(self.kv.num_blocks);
+                self.alloc = BlockPool::new(self.kv.num_blocks, self.config.prefix_cache);
             }
             self.publish_stats();
+            self.publish_events();
         }
     }
 
@@ -129,6 +150,7 @@ impl Scheduler {
             tokens: prompt,
             computed: 0,
             blocks: Vec::new(),
+            hashes: Vec::new(),
             request: s.request,
             decoder: DecodeStream::default(),
             tx: s.tx,
@@ -158,6 +180,16 @@ impl Scheduler {
         self.stats
             .kv_blocks_used
             .store(self.alloc.used_blocks(), Ordering::Relaxed);
+        self.stats
+            .kv_blocks_cached
+            .store(self.alloc.cached_blocks(), Ordering::Relaxed);
+    }
+
+    fn publish_events(&mut self) {
+        for e in self.alloc.take_events() {
+            // Nobody listening is fine: events are advisory.
+            let _ = self.kv_events.send(e);
+        }
     }
 
     fn release(&mut self, mut seq: Sequence) {
@@ -171,6 +203,7 @@ impl Scheduler {
         };
         let mut seq = self.running.remove(idx);
         self.alloc.release(&mut seq.blocks);
+        seq.hashes.clear();
         seq.computed = 0;
         self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(seq = seq.id, "preempted for lack of KV blocks");
@@ -213,27 +246,50 @@ impl Scheduler {
             i += 1;
         }
 
-        // Admit waiting sequences while their whole (re)computation fits, oldest first.
+        // Admit waiting sequences while their whole (re)computation fits, oldest first, reusing
+        // every cached block of their prefix (at least one token is always left to compute, for
+        // its logits).
         let watermark = self.kv.num_blocks / 100;
         while self.running.len() < self.config.max_running {
             let Some(front) = self.waiting.front() else {
                 break;
             };
-            let need = blocks_for(front.tokens.len() + 1, bs);
+            let len = front.tokens.len();
+            let mut hashes = prefix_hashes(&front.tokens, bs);
+            hashes.truncate((len - 1) / bs);
+            let mut hits = self.alloc.lookup(&hashes);
+            let need = blocks_for(len + 1, bs) - hits.len();
             let reserve = if self.running.is_empty() {
                 0
             } else {
                 watermark
             };
-            if self.alloc.free_blocks() < need + reserve {
+            let fresh = if self.alloc.free_blocks() >= need + reserve {
+                self.alloc.allocate(need)
+            } else {
+                None
+            };
+            let Some(mut fresh) = fresh else {
+                self.alloc.release(&mut hits);
                 break;
-            }
+            };
             let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
-            if let Some(mut b) = self.alloc.allocate(need) {
-                seq.blocks.append(&mut b);
+            let hit_tokens = hits.len() * bs;
+            if seq.generated() == 0 {
+                self.stats
+                    .prefix_query_tokens
+                    .fetch_add(len as u64, Ordering::Relaxed);
+                self.stats
+                    .prefix_hit_tokens
+                    .fetch_add(hit_tokens as u64, Ordering::Relaxed);
             }
+            hashes.truncate(hits.len());
+            seq.hashes = hashes;
+            seq.computed = hit_tokens;
+            seq.blocks = hits;
+            seq.blocks.append(&mut fresh);
             self.running.push(seq);
         }
 
@@ -288,6 +344,14 @@ impl Scheduler {
                     .fetch_add(n.min(s.prompt_len - s.computed) as u64, Ordering::Relaxed);
             }
             s.computed += n;
+            // Newly completed full blocks become reusable.
+            while s.hashes.len() < s.computed / bs {
+                let k = s.hashes.len();
+                let parent = s.hashes.last().copied();
+                let h = block_hash(parent, &s.tokens[k * bs..(k + 1) * bs]);
+                self.alloc.register(s.blocks[k], h, parent);
+                s.hashes.push(h);
+            }
             if s.computed != s.tokens.len() {
                 continue;
             }

@@ -1,0 +1,163 @@
+//! The prefix cache: reused blocks give identical greedy output, hits are counted, blocks are
+//! shared while in use and return to the pool after, and events name what was stored.
+
+use std::sync::atomic::Ordering;
+
+use lastmile_engine::fetch::ensure_default_model;
+use lastmile_engine::{
+    EngineConfig, EngineHandle, GenerateRequest, GenerationEvent, LoadedModel, SamplingParams,
+};
+
+fn engine(prefix_cache: bool, kv_tokens: Option<usize>) -> EngineHandle {
+    let loaded = LoadedModel::load(&ensure_default_model().expect("model")).expect("load");
+    let config = EngineConfig {
+        threads: 2,
+        prefix_cache,
+        kv_cache_tokens: kv_tokens,
+        ..EngineConfig::default()
+    };
+    EngineHandle::start(loaded, config).expect("engine")
+}
+
+fn run(e: &EngineHandle, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    let mut s = e
+        .submit(GenerateRequest {
+            prompt: prompt.to_vec(),
+            sampling: SamplingParams::greedy(),
+            max_tokens,
+            stop: vec![],
+            ignore_eos: true,
+        })
+        .expect("submit");
+    let mut ids = Vec::new();
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            GenerationEvent::Token { id, .. } => ids.push(id),
+            GenerationEvent::Finished { .. } => return ids,
+            GenerationEvent::Failed(m) => panic!("{m}"),
+        }
+    }
+    panic!("no Finished event")
+}
+
+fn wait_idle(e: &EngineHandle) {
+    for _ in 0..200 {
+        if e.stats().kv_blocks_used.load(Ordering::Relaxed) == 0
+            && e.stats().running.load(Ordering::Relaxed) == 0
+        {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!(
+        "blocks still in use: {}",
+        e.stats().kv_blocks_used.load(Ordering::Relaxed)
+    );
+}
+
+fn system_prompt(e: &EngineHandle, user: &str) -> Vec<u32> {
+    let sys =
+        "You are a meticulous assistant. Answer briefly, cite facts, and never invent sources. "
+            .repeat(6);
+    e.tokenizer()
+        .encode(&format!("<|im_start|>system\n{sys}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"))
+        .expect("encode")
+}
+
+#[test]
+fn shared_prefixes_are_reused_with_identical_output() {
+    let cached = engine(true, None);
+    let plain = engine(false, None);
+    let mut events = cached.subscribe_kv_events();
+    let users = [
+        "What is a prime number?",
+        "Name a large river.",
+        "What is a prime number?",
+    ];
+    for (i, u) in users.iter().enumerate() {
+        let p = system_prompt(&cached, u);
+        assert!(p.len() > 100);
+        let a = run(&cached, &p, 12);
+        let b = run(&plain, &p, 12);
+        assert_eq!(a, b, "request {i}: the prefix cache changed the output");
+    }
+    let st = cached.stats();
+    let (q, h) = (
+        st.prefix_query_tokens.load(Ordering::Relaxed),
+        st.prefix_hit_tokens.load(Ordering::Relaxed),
+    );
+    // Requests 2 and 3 reuse the system prompt (3 all but its last block): well over a third of
+    // all prompt tokens.
+    assert!(3 * h > q, "hits {h} of {q} tokens");
+    assert_eq!(plain.stats().prefix_hit_tokens.load(Ordering::Relaxed), 0);
+    wait_idle(&cached);
+    assert!(
+        st.kv_blocks_cached.load(Ordering::Relaxed) > 0,
+        "idle blocks stay cached"
+    );
+    let mut stored = 0;
+    while let Ok(ev) = events.try_recv() {
+        if matches!(ev, lastmile_protocol::KvEvent::Stored { .. }) {
+            stored += 1;
+        }
+    }
+    assert!(
+        stored >= 8,
+        "expected Stored events for the cached blocks, got {stored}"
+    );
+}
+
+#[test]
+fn concurrent_sharers_and_eviction_keep_accounting_exact() {
+    // A small pool: 20 blocks of 16. Shared prefixes are referenced by several running sequences;
+    // later prompts force idle cached blocks out (Removed events).
+    let e = engine(true, Some(320));
+    let mut events = e.subscribe_kv_events();
+    let prompts: Vec<Vec<u32>> = ["apples", "pears", "plums"]
+        .iter()
+        .map(|u| system_prompt(&e, u))
+        .collect();
+    let solo: Vec<Vec<u32>> = prompts.iter().map(|p| run(&e, p, 8)).collect();
+    wait_idle(&e);
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            e.submit(GenerateRequest {
+                prompt: p.clone(),
+                sampling: SamplingParams::greedy(),
+                max_tokens: 8,
+                stop: vec![],
+                ignore_eos: true,
+            })
+            .expect("submit")
+        })
+        .collect();
+    for (i, mut s) in streams.into_iter().enumerate() {
+        let mut ids = Vec::new();
+        while let Some(ev) = s.blocking_next() {
+            match ev {
+                GenerationEvent::Token { id, .. } => ids.push(id),
+                GenerationEvent::Finished { .. } => break,
+                GenerationEvent::Failed(m) => panic!("{m}"),
+            }
+        }
+        assert_eq!(ids, solo[i]);
+    }
+    wait_idle(&e);
+    // Unrelated long prompts push the cached prefix out.
+    for k in 0..3 {
+        let p = e
+            .tokenizer()
+            .encode(&format!("{k} unrelated text about the weather and the sea. ").repeat(12))
+            .expect("encode");
+        run(&e, &p, 4);
+    }
+    wait_idle(&e);
+    let mut removed = 0;
+    while let Ok(ev) = events.try_recv() {
+        if matches!(ev, lastmile_protocol::KvEvent::Removed { .. }) {
+            removed += 1;
+        }
+    }
+    assert!(removed > 0, "eviction should publish Removed events");
+}
