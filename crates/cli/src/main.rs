@@ -1,6 +1,7 @@
 //! The `lastmile` binary: argument parsing and wiring only.
 
-mod bench;
+mod engine_bench;
+mod load_bench;
 
 use std::path::PathBuf;
 
@@ -30,8 +31,11 @@ enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// Load-test an OpenAI-compatible server (ours, llama.cpp's, vLLM's): latency percentiles,
+    /// throughput, JSON and an SVG curve; --compare runs two servers side by side.
+    Bench(load_bench::LoadBenchArgs),
     /// Measure the engine's prefill and decode speed (JSON with --json).
-    EngineBench(bench::EngineBenchArgs),
+    EngineBench(engine_bench::EngineBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -59,6 +63,10 @@ pub struct ModelArgs {
     /// Most sequences decoding at once.
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
+    /// Most prompt tokens computed in a step that also decodes other streams (lower keeps their
+    /// inter-token latency steadier while a long prompt is prefilled).
+    #[arg(long, default_value_t = 64)]
+    pub prefill_chunk: usize,
     /// Turn off the prefix cache (every prompt is computed from scratch).
     #[arg(long)]
     pub no_prefix_cache: bool,
@@ -84,6 +92,7 @@ impl ModelArgs {
             max_running: self.max_running,
             kv_cache_tokens: None,
             prefix_cache: !self.no_prefix_cache,
+            prefill_chunk_while_decoding: self.prefill_chunk,
             ..EngineConfig::default()
         };
         if let Some(t) = self.threads {
@@ -158,7 +167,8 @@ fn main() -> Result<()> {
             println!("{}", path.display());
             Ok(())
         }
-        Command::EngineBench(args) => bench::run(args),
+        Command::Bench(args) => load_bench::run(args),
+        Command::EngineBench(args) => engine_bench::run(args),
     }
 }
 

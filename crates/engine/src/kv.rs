@@ -42,10 +42,29 @@ impl KvCache {
     }
 
     /// Stores one token's key and value at `slot` of `layer`.
+    ///
+    /// Values are rounded to f16 precision, as llama.cpp's default f16 cache holds them: the
+    /// numbers then track the reference implementation closely (halving the storage is the
+    /// next step).
     pub fn write(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
         let at = slot * self.kv_dim;
-        self.k[layer][at..at + self.kv_dim].copy_from_slice(k);
-        self.v[layer][at..at + self.kv_dim].copy_from_slice(v);
+        let round = |x: &f32| half::f16::from_f32(*x).to_f32();
+        for (d, s) in self.k[layer][at..at + self.kv_dim].iter_mut().zip(k) {
+            *d = round(s);
+        }
+        for (d, s) in self.v[layer][at..at + self.kv_dim].iter_mut().zip(v) {
+            *d = round(s);
+        }
+    }
+
+    /// The keys and values of `layer`, `num_blocks * block_size` slots of `kv_dim` floats.
+    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        (&self.k[layer], &self.v[layer])
+    }
+
+    /// Floats per slot (all KV heads).
+    pub fn kv_dim(&self) -> usize {
+        self.kv_dim
     }
 
     /// The key of `slot` for KV head `h` (of width `head_dim`).

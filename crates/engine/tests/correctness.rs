@@ -97,6 +97,11 @@ fn teacher_forced_greedy_agrees_with_llama_cpp() {
             logits = step(&[want], &mut s, &mut kv);
         }
     }
+    worst.sort_by(|a, b| b.total_cmp(a));
+    eprintln!(
+        "positions {positions}, top-1 equal {top1_equal}, largest gaps {:?}",
+        &worst[..worst.len().min(5)]
+    );
     let rate = top1_equal as f64 / positions as f64;
     assert!(
         rate >= 0.95,

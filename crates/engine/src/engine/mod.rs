@@ -33,6 +33,9 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Most tokens computed in one step (decodes plus prefill chunks).
     pub max_batch_tokens: usize,
+    /// Most prompt tokens computed in a step that also decodes (bounds inter-token latency while
+    /// long prompts are prefilled).
+    pub prefill_chunk_while_decoding: usize,
     /// Most sequences running at once.
     pub max_running: usize,
     /// Most requests waiting; beyond it `submit` fails with `Overloaded`.
@@ -51,6 +54,7 @@ impl Default for EngineConfig {
             kv_cache_tokens: None,
             block_size: 16,
             max_batch_tokens: 512,
+            prefill_chunk_while_decoding: 64,
             max_running: 64,
             max_waiting: 1024,
             prefix_cache: true,
@@ -65,6 +69,7 @@ impl EngineConfig {
             || self.block_size == 0
             || self.max_batch_tokens == 0
             || self.max_running == 0
+            || self.prefill_chunk_while_decoding == 0
         {
             return Err(EngineError::InvalidRequest(format!(
                 "engine settings must be positive: {self:?}"

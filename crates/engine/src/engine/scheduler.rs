@@ -4,7 +4,7 @@
 //! sequence is preempted (its blocks freed; it is recomputed later from prompt + output, and its
 //! stream continues seamlessly), never the whole batch.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
@@ -32,6 +32,8 @@ struct Sequence {
     blocks: Vec<u32>,
     /// Hashes of the full blocks registered in the prefix cache so far (a prefix of `blocks`).
     hashes: Vec<u64>,
+    /// Hashes of every full block of `tokens` at admission (what this sequence will compute).
+    prompt_hashes: Vec<u64>,
     request: GenerateRequest,
     sampler: Sampler,
     decoder: DecodeStream,
@@ -151,6 +153,7 @@ impl Scheduler {
             computed: 0,
             blocks: Vec::new(),
             hashes: Vec::new(),
+            prompt_hashes: Vec::new(),
             request: s.request,
             decoder: DecodeStream::default(),
             tx: s.tx,
@@ -248,16 +251,31 @@ impl Scheduler {
 
         // Admit waiting sequences while their whole (re)computation fits, oldest first, reusing
         // every cached block of their prefix (at least one token is always left to compute, for
-        // its logits).
+        // its logits). A sequence whose next uncached block is being computed right now by a
+        // running sequence waits a step or two and then reuses it, instead of computing it again
+        // (many requests with one system prompt arriving together).
         let watermark = self.kv.num_blocks / 100;
-        while self.running.len() < self.config.max_running {
-            let Some(front) = self.waiting.front() else {
-                break;
-            };
-            let len = front.tokens.len();
-            let mut hashes = prefix_hashes(&front.tokens, bs);
-            hashes.truncate((len - 1) / bs);
-            let mut hits = self.alloc.lookup(&hashes);
+        let inflight: HashSet<u64> = if self.config.prefix_cache {
+            self.running
+                .iter()
+                .filter(|r| r.tokens.len() - r.computed > 1)
+                .flat_map(|r| r.prompt_hashes.iter().skip(r.hashes.len()).copied())
+                .collect()
+        } else {
+            HashSet::new()
+        };
+        let mut i = 0;
+        while self.running.len() < self.config.max_running && i < self.waiting.len() {
+            let cand = &self.waiting[i];
+            let len = cand.tokens.len();
+            let mut hashes = prefix_hashes(&cand.tokens, bs);
+            let usable = (len - 1) / bs;
+            let mut hits = self.alloc.lookup(&hashes[..usable.min(hashes.len())]);
+            if hits.len() < usable && inflight.contains(&hashes[hits.len()]) {
+                self.alloc.release(&mut hits);
+                i += 1;
+                continue;
+            }
             let need = blocks_for(len + 1, bs) - hits.len();
             let reserve = if self.running.is_empty() {
                 0
@@ -273,7 +291,7 @@ impl Scheduler {
                 self.alloc.release(&mut hits);
                 break;
             };
-            let Some(mut seq) = self.waiting.pop_front() else {
+            let Some(mut seq) = self.waiting.remove(i) else {
                 break;
             };
             let hit_tokens = hits.len() * bs;
@@ -285,8 +303,8 @@ impl Scheduler {
                     .prefix_hit_tokens
                     .fetch_add(hit_tokens as u64, Ordering::Relaxed);
             }
-            hashes.truncate(hits.len());
-            seq.hashes = hashes;
+            seq.prompt_hashes = std::mem::take(&mut hashes);
+            seq.hashes = seq.prompt_hashes[..hits.len()].to_vec();
             seq.computed = hit_tokens;
             seq.blocks = hits;
             seq.blocks.append(&mut fresh);
@@ -301,6 +319,10 @@ impl Scheduler {
                 plan.push((idx, 1));
                 budget = budget.saturating_sub(1);
             }
+        }
+        if !plan.is_empty() {
+            // Streams are decoding: keep each step short so their inter-token latency holds.
+            budget = budget.min(self.config.prefill_chunk_while_decoding);
         }
         for (idx, s) in self.running.iter().enumerate() {
             let remaining = s.tokens.len() - s.computed;

@@ -317,16 +317,18 @@ impl LlamaModel {
                     buf.resize(ctx, 0.0);
                 }
                 let qv = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
-                for (p, sc) in buf[..ctx].iter_mut().enumerate() {
-                    *sc = ops::dot(qv, kv.key(layer, kv.slot(table, p), kvh, hd)) * scale;
-                }
-                ops::softmax(&mut buf[..ctx]);
+                let (k, v) = kv.layer(layer);
+                let paged = ops::PagedHead {
+                    k,
+                    v,
+                    table,
+                    block_size: kv.block_size,
+                    stride: kv.kv_dim(),
+                    offset: kvh * hd,
+                };
                 // SAFETY: item (t, head) is taken by exactly one thread, and owns this window.
                 let o = unsafe { out.slice(t * qd + head * hd, hd) };
-                o.fill(0.0);
-                for (p, &wgt) in buf[..ctx].iter().enumerate() {
-                    ops::axpy(o, wgt, kv.value(layer, kv.slot(table, p), kvh, hd));
-                }
+                ops::attend(qv, ctx, &paged, scale, &mut buf[..ctx], o);
             }
         });
     }

@@ -55,6 +55,82 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
+/// Where one KV head's keys and values live: a layer's paged arrays, the sequence's block table,
+/// and the head's offset within a slot.
+pub struct PagedHead<'a> {
+    /// The layer's keys, `slots * stride` floats.
+    pub k: &'a [f32],
+    /// The layer's values, same layout.
+    pub v: &'a [f32],
+    /// The sequence's block table.
+    pub table: &'a [u32],
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Floats per slot (all KV heads).
+    pub stride: usize,
+    /// This head's offset inside a slot.
+    pub offset: usize,
+}
+
+impl PagedHead<'_> {
+    #[inline]
+    fn at(&self, p: usize) -> usize {
+        (self.table[p / self.block_size] as usize * self.block_size + p % self.block_size)
+            * self.stride
+            + self.offset
+    }
+}
+
+/// Softmax attention of one query head over positions `0..ctx`: `out = softmax(q·K * scale) V`.
+/// `scores` needs `ctx` floats of room.
+pub fn attend(
+    q: &[f32],
+    ctx: usize,
+    h: &PagedHead<'_>,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    assert!(ctx >= 1 && scores.len() >= ctx && out.len() == hd);
+    assert!(
+        h.table.len() * h.block_size >= ctx,
+        "block table too short for the context"
+    );
+    let max_slot = h.table[..ctx.div_ceil(h.block_size)]
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0) as usize;
+    let end = (max_slot * h.block_size + h.block_size - 1) * h.stride + h.offset + hd;
+    assert!(
+        h.k.len() >= end && h.v.len() >= end,
+        "paged KV index out of range"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() && hd == 64 {
+        // SAFETY: AVX2/FMA detected; every slot read lies below `end`, checked above.
+        unsafe { x86::attend::<8>(q, ctx, h, scale, scores, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() && hd == 128 {
+        // SAFETY: as above.
+        unsafe { x86::attend::<16>(q, ctx, h, scale, scores, out) };
+        return;
+    }
+    for (p, sc) in scores[..ctx].iter_mut().enumerate() {
+        let at = h.at(p);
+        *sc = dot(q, &h.k[at..at + hd]) * scale;
+    }
+    softmax(&mut scores[..ctx]);
+    out.fill(0.0);
+    for (p, &w) in scores[..ctx].iter().enumerate() {
+        let at = h.at(p);
+        axpy(out, w, &h.v[at..at + hd]);
+    }
+}
+
 /// Dot product.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -85,6 +161,74 @@ pub fn axpy(out: &mut [f32], alpha: f32, x: &[f32]) {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    use super::PagedHead;
+
+    /// Eight accumulators to one vector of their eight sums.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum8(a: &[__m256; 8]) -> __m256 {
+        let t0 = _mm256_hadd_ps(a[0], a[1]);
+        let t1 = _mm256_hadd_ps(a[2], a[3]);
+        let t2 = _mm256_hadd_ps(a[4], a[5]);
+        let t3 = _mm256_hadd_ps(a[6], a[7]);
+        let u0 = _mm256_hadd_ps(t0, t1);
+        let u1 = _mm256_hadd_ps(t2, t3);
+        _mm256_add_ps(
+            _mm256_permute2f128_ps(u0, u1, 0x20),
+            _mm256_permute2f128_ps(u0, u1, 0x31),
+        )
+    }
+
+    /// `attend` for head dimension `8 * D8`: the query stays in registers, scores are computed
+    /// eight positions at a time with one reduction, and the output accumulates in registers.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn attend<const D8: usize>(
+        q: &[f32],
+        ctx: usize,
+        h: &PagedHead<'_>,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller checked every slot read is inside `h.k` / `h.v`, `q` and `out` have
+        // `8 * D8` floats and `scores` has `ctx`.
+        unsafe {
+            let qv: [__m256; D8] = std::array::from_fn(|i| _mm256_loadu_ps(q.as_ptr().add(8 * i)));
+            let (kp, vp) = (h.k.as_ptr(), h.v.as_ptr());
+            let vscale = _mm256_set1_ps(scale);
+            let mut p = 0;
+            while p < ctx {
+                let n = (ctx - p).min(8);
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for (j, a) in acc.iter_mut().enumerate().take(n) {
+                    let k = kp.add(h.at(p + j));
+                    let mut s = _mm256_mul_ps(qv[0], _mm256_loadu_ps(k));
+                    for (i, qi) in qv.iter().enumerate().skip(1) {
+                        s = _mm256_fmadd_ps(*qi, _mm256_loadu_ps(k.add(8 * i)), s);
+                    }
+                    *a = s;
+                }
+                let sums = _mm256_mul_ps(hsum8(&acc), vscale);
+                let mut tmp = [0.0f32; 8];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), sums);
+                scores[p..p + n].copy_from_slice(&tmp[..n]);
+                p += 8;
+            }
+            super::softmax(&mut scores[..ctx]);
+            let mut o = [_mm256_setzero_ps(); D8];
+            for (p, &w) in scores[..ctx].iter().enumerate() {
+                let v = vp.add(h.at(p));
+                let wv = _mm256_set1_ps(w);
+                for (i, oi) in o.iter_mut().enumerate() {
+                    *oi = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v.add(8 * i)), *oi);
+                }
+            }
+            for (i, oi) in o.iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(8 * i), *oi);
+            }
+        }
+    }
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -176,6 +320,52 @@ mod tests {
         let mut h = vec![1.0, 0.0, 0.0, 1.0];
         rope(&mut h, &[0.0, 1.0], &[1.0, 0.0], RopeStyle::Neox);
         assert_eq!(h, vec![0.0, 0.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn paged_attention_matches_a_dense_reference() {
+        for hd in [64usize, 128, 24] {
+            let (bs, kv_heads, blocks) = (4usize, 2usize, 6usize);
+            let stride = kv_heads * hd;
+            let n = blocks * bs * stride;
+            let k: Vec<f32> = (0..n).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.05).collect();
+            let v: Vec<f32> = (0..n).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1).collect();
+            let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.3).sin()).collect();
+            let table = [4u32, 1, 5, 0, 2];
+            for ctx in [1usize, 7, 8, 9, 19] {
+                let h = PagedHead {
+                    k: &k,
+                    v: &v,
+                    table: &table,
+                    block_size: bs,
+                    stride,
+                    offset: hd,
+                };
+                let mut scores = vec![0.0; ctx];
+                let mut out = vec![0.0; hd];
+                attend(&q, ctx, &h, 0.125, &mut scores, &mut out);
+                // Dense reference.
+                let mut w: Vec<f32> = (0..ctx)
+                    .map(|p| {
+                        let at = h.at(p);
+                        q.iter()
+                            .zip(&k[at..at + hd])
+                            .map(|(a, b)| a * b)
+                            .sum::<f32>()
+                            * 0.125
+                    })
+                    .collect();
+                softmax(&mut w);
+                for d in 0..hd {
+                    let want: f32 = (0..ctx).map(|p| w[p] * v[h.at(p) + d]).sum();
+                    assert!(
+                        (out[d] - want).abs() < 1e-4,
+                        "hd {hd} ctx {ctx} d {d}: {} vs {want}",
+                        out[d]
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,232 @@
+//! `lastmile bench`: a load generator for any OpenAI-compatible endpoint (lastmile, llama.cpp's
+//! `llama-server`, vLLM, ...). It sends streaming chat requests under a workload — fixed lengths,
+//! a shared system prompt, or multi-turn conversations whose context grows — at a fixed
+//! concurrency (closed loop) or a Poisson arrival rate (open loop), and reports time to first
+//! token, inter-token latency and end-to-end latency percentiles, throughput and errors, using the
+//! token counts the server reports in `usage`.
+#![warn(missing_docs)]
+
+mod client;
+mod plot;
+mod stats;
+mod workload;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use thiserror::Error;
+use tokio::sync::Semaphore;
+
+pub use client::RequestResult;
+pub use plot::{latency_throughput_svg, CurvePoint};
+pub use stats::{Percentiles, Summary};
+pub use workload::{Workload, WorkloadKind};
+
+/// Load-generator failures (per-request failures are counted in the report instead).
+#[derive(Debug, Error)]
+pub enum BenchError {
+    /// The endpoint could not be reached or answered nonsense.
+    #[error("endpoint {url}: {message}")]
+    Endpoint {
+        /// The base URL.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The settings are inconsistent.
+    #[error("invalid benchmark settings: {0}")]
+    Config(String),
+}
+
+impl BenchError {
+    /// A short label for logs.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Self::Endpoint { .. } => "endpoint",
+            Self::Config(_) => "config",
+        }
+    }
+}
+
+/// How requests arrive.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "snake_case", tag = "mode", content = "value")]
+pub enum Arrival {
+    /// A fixed number of requests in flight (a new one starts when one ends).
+    Concurrency(usize),
+    /// Poisson arrivals at this many requests per second, however many are in flight.
+    Rate(f64),
+}
+
+/// One load run.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// Base URL of the server (`http://host:port`, without `/v1`).
+    pub url: String,
+    /// Model id to request.
+    pub model: String,
+    /// Arrival process.
+    pub arrival: Arrival,
+    /// What to send.
+    pub workload: Workload,
+    /// Per-request timeout.
+    pub timeout: Duration,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+impl LoadConfig {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<(), BenchError> {
+        match self.arrival {
+            Arrival::Concurrency(0) => {
+                return Err(BenchError::Config("concurrency must be at least 1".into()))
+            }
+            Arrival::Rate(r) if !(r > 0.0 && r.is_finite()) => {
+                return Err(BenchError::Config(format!(
+                    "rate must be positive, got {r}"
+                )))
+            }
+            _ => {}
+        }
+        self.workload.validate()
+    }
+}
+
+/// The outcome of one load run.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    /// The arrival process used.
+    pub arrival: Arrival,
+    /// Aggregates.
+    pub summary: Summary,
+    /// Every request, in completion order.
+    pub requests: Vec<RequestResult>,
+}
+
+/// Finds the model id a server serves (its first model).
+pub async fn discover_model(url: &str) -> Result<String, BenchError> {
+    let err = |m: String| BenchError::Endpoint {
+        url: url.to_string(),
+        message: m,
+    };
+    let v: serde_json::Value = reqwest::get(format!("{url}/v1/models"))
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .json()
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    v["data"][0]["id"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| err(format!("no model in /v1/models: {v}")))
+}
+
+/// Waits until `GET {url}/health` answers 200.
+pub async fn wait_healthy(url: &str, within: Duration) -> Result<(), BenchError> {
+    let deadline = Instant::now() + within;
+    let client = reqwest::Client::new();
+    while Instant::now() < deadline {
+        if let Ok(r) = client
+            .get(format!("{url}/health"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+        {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(BenchError::Endpoint {
+        url: url.to_string(),
+        message: format!("not healthy within {within:?}"),
+    })
+}
+
+/// Runs the load and gathers the report.
+pub async fn run_load(config: &LoadConfig) -> Result<LoadReport, BenchError> {
+    config.validate()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()
+        .map_err(|e| BenchError::Config(e.to_string()))?;
+    let plan = config.workload.plan();
+    let total_requests: usize = plan.iter().map(|c| c.turns.len()).sum();
+    let bar = if config.progress {
+        let b = indicatif::ProgressBar::new(total_requests as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {pos}/{len} requests ({elapsed})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_message(format!("{:?}", config.arrival));
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let started = Instant::now();
+    let results = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(total_requests)));
+    // Conversations are the unit of scheduling: their turns run in order, each turn one request.
+    let slots = match config.arrival {
+        Arrival::Concurrency(n) => Some(Arc::new(Semaphore::new(n))),
+        Arrival::Rate(_) => None,
+    };
+    let mut rng = workload::Rng::new(config.workload.seed ^ 0x5EED);
+    let mut tasks = Vec::new();
+    for conv in plan {
+        if let Arrival::Rate(r) = config.arrival {
+            let gap = -(1.0 - rng.next_f64()).ln() / r;
+            tokio::time::sleep(Duration::from_secs_f64(gap)).await;
+        }
+        let (client, results, bar, slots) =
+            (client.clone(), results.clone(), bar.clone(), slots.clone());
+        let (url, model, timeout, max_tokens) = (
+            config.url.clone(),
+            config.model.clone(),
+            config.timeout,
+            config.workload.output_tokens,
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut messages: Vec<serde_json::Value> = Vec::new();
+            if let Some(system) = &conv.system {
+                messages.push(serde_json::json!({"role": "system", "content": system}));
+            }
+            for user in conv.turns {
+                messages.push(serde_json::json!({"role": "user", "content": user}));
+                let permit = match &slots {
+                    Some(s) => Some(s.clone().acquire_owned().await),
+                    None => None,
+                };
+                let req = client::ChatRequest {
+                    url: &url,
+                    model: &model,
+                    messages: &messages,
+                    max_tokens,
+                    timeout,
+                };
+                let r = client::stream_chat(&client, &req).await;
+                drop(permit);
+                let reply = r.text.clone();
+                results.lock().await.push(r);
+                bar.inc(1);
+                messages.push(serde_json::json!({"role": "assistant", "content": reply}));
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    bar.finish_and_clear();
+    let wall = started.elapsed().as_secs_f64();
+    let requests = std::mem::take(&mut *results.lock().await);
+    let summary = Summary::from_results(&requests, wall);
+    Ok(LoadReport {
+        arrival: config.arrival,
+        summary,
+        requests,
+    })
+}

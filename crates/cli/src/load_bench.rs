@@ -1,0 +1,382 @@
+//! `lastmile bench`: drives an OpenAI-compatible endpoint with a workload and reports latency and
+//! throughput; with `--compare` it starts two servers (ours and llama.cpp's `llama-server`, or
+//! ours with and without the prefix cache) and runs the same workload against both in one run.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use lastmile_bench::{
+    discover_model, latency_throughput_svg, run_load, wait_healthy, Arrival, CurvePoint,
+    LoadConfig, LoadReport, Workload, WorkloadKind,
+};
+
+/// Workload shapes on the command line.
+#[derive(Clone, Copy, ValueEnum)]
+enum WorkloadArg {
+    /// Independent requests of --input-tokens in, --output-tokens out.
+    Fixed,
+    /// The same --system-tokens system prompt, then a distinct user turn.
+    SharedPrefix,
+    /// --requests conversations of --turns turns; the context grows turn by turn.
+    MultiTurn,
+}
+
+/// What `--compare` sets side by side.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CompareArg {
+    /// lastmile against llama.cpp's llama-server (same GGUF, threads, slots = concurrency).
+    LlamaCpp,
+    /// lastmile with the prefix cache against lastmile with --no-prefix-cache.
+    NoPrefixCache,
+}
+
+/// Options of `lastmile bench`.
+#[derive(Args)]
+pub struct LoadBenchArgs {
+    /// Server to load (`http://host:port`). Default: start `lastmile serve` with --gguf.
+    #[arg(long)]
+    url: Option<String>,
+    /// Model id to request (default: the server's first model).
+    #[arg(long)]
+    model_id: Option<String>,
+    /// Requests in flight; a comma list runs one load level per value (e.g. 1,4,16).
+    #[arg(long, default_value = "8", value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// Poisson arrivals per second instead of fixed concurrency (comma list allowed).
+    #[arg(long, value_delimiter = ',')]
+    rate: Vec<f64>,
+    /// Shape of the traffic.
+    #[arg(long, value_enum, default_value = "fixed")]
+    workload: WorkloadArg,
+    /// Requests per load level (conversations for multi-turn).
+    #[arg(long, default_value_t = 32)]
+    requests: usize,
+    /// Turns per conversation (multi-turn).
+    #[arg(long, default_value_t = 4)]
+    turns: usize,
+    /// Approximate tokens per user message.
+    #[arg(long, default_value_t = 128)]
+    input_tokens: usize,
+    /// Tokens generated per request (max_tokens with ignore_eos).
+    #[arg(long, default_value_t = 128)]
+    output_tokens: usize,
+    /// Approximate tokens of the shared system prompt (shared-prefix, multi-turn).
+    #[arg(long, default_value_t = 1000)]
+    system_tokens: usize,
+    /// Seed of the prompt text.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// Run the same workload against two servers started here, and print ratios.
+    #[arg(long, value_enum)]
+    compare: Option<CompareArg>,
+    /// GGUF for servers started here (default: the default model).
+    #[arg(long)]
+    gguf: Option<PathBuf>,
+    /// Threads for servers started here.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// llama-server binary (default: the anchor build under $LASTMILE_HOME/anchor).
+    #[arg(long)]
+    llama_server: Option<PathBuf>,
+    /// Write the full results (every request) as JSON here.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+    /// Draw the latency/throughput curve (SVG) here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+/// A server process that is killed when dropped.
+struct ServerGuard {
+    name: String,
+    url: String,
+    child: Child,
+}
+
+impl Drop for ServerGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn start_ours(
+    gguf: &std::path::Path,
+    threads: usize,
+    extra: &[&str],
+    name: &str,
+) -> Result<ServerGuard> {
+    let port = free_port()?;
+    let exe = std::env::current_exe()?;
+    let child = Command::new(exe)
+        .args([
+            "serve",
+            "--port",
+            &port.to_string(),
+            "--threads",
+            &threads.to_string(),
+            "--model",
+        ])
+        .arg(gguf)
+        .args(["--served-model-name", "bench-model"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting lastmile serve")?;
+    Ok(ServerGuard {
+        name: name.to_string(),
+        url: format!("http://127.0.0.1:{port}"),
+        child,
+    })
+}
+
+fn start_llama_server(
+    bin: &std::path::Path,
+    gguf: &std::path::Path,
+    threads: usize,
+    slots: usize,
+) -> Result<ServerGuard> {
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it with scripts/anchor/build_llama_cpp.sh or pass --llama-server",
+            bin.display()
+        );
+    }
+    let port = free_port()?;
+    let lib_dir = bin.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+    let child = Command::new(bin)
+        .arg("-m")
+        .arg(gguf)
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-np",
+            &slots.to_string(),
+            "-c",
+            &(slots * 4096).to_string(),
+        ])
+        .args([
+            "--cont-batching",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--alias",
+            "bench-model",
+        ])
+        .env("LD_LIBRARY_PATH", lib_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting llama-server")?;
+    Ok(ServerGuard {
+        name: "llama.cpp".into(),
+        url: format!("http://127.0.0.1:{port}"),
+        child,
+    })
+}
+
+fn workload(a: &LoadBenchArgs) -> Workload {
+    Workload {
+        kind: match a.workload {
+            WorkloadArg::Fixed => WorkloadKind::Fixed,
+            WorkloadArg::SharedPrefix => WorkloadKind::SharedPrefix,
+            WorkloadArg::MultiTurn => WorkloadKind::MultiTurn,
+        },
+        requests: a.requests,
+        turns: a.turns,
+        input_tokens: a.input_tokens,
+        output_tokens: a.output_tokens,
+        system_tokens: a.system_tokens,
+        seed: a.seed,
+    }
+}
+
+fn levels(a: &LoadBenchArgs) -> Vec<Arrival> {
+    if a.rate.is_empty() {
+        a.concurrency
+            .iter()
+            .map(|&c| Arrival::Concurrency(c))
+            .collect()
+    } else {
+        a.rate.iter().map(|&r| Arrival::Rate(r)).collect()
+    }
+}
+
+fn level_label(a: &Arrival) -> String {
+    match a {
+        Arrival::Concurrency(c) => format!("c={c}"),
+        Arrival::Rate(r) => format!("{r}/s"),
+    }
+}
+
+fn print_report(server: &str, r: &LoadReport) {
+    let s = &r.summary;
+    println!(
+        "{server:<12} {:<7} {:>4} ok {:>3} err | {:>8.1} out tok/s {:>6.2} req/s | TTFT ms mean {:>7.0} p50 {:>7.0} p90 {:>7.0} p99 {:>7.0} | ITL ms p50 {:>6.1} p99 {:>6.1} | e2e p50 {:>7.0} ms",
+        level_label(&r.arrival),
+        s.completed,
+        s.errors,
+        s.output_tok_s,
+        s.requests_s,
+        s.ttft_ms.mean,
+        s.ttft_ms.p50,
+        s.ttft_ms.p90,
+        s.ttft_ms.p99,
+        s.itl_ms.p50,
+        s.itl_ms.p99,
+        s.e2e_ms.p50
+    );
+    for e in &s.error_samples {
+        println!("             error: {e}");
+    }
+}
+
+/// Runs `lastmile bench`.
+pub fn run(a: LoadBenchArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let wl = workload(&a);
+    let gguf = match &a.gguf {
+        Some(p) => p.clone(),
+        None => lastmile_engine::fetch::ensure_default_model()?,
+    };
+    // Which servers: an existing URL, or servers started here.
+    let mut servers: Vec<ServerGuard> = Vec::new();
+    let mut targets: Vec<(String, String)> = Vec::new();
+    match (&a.url, a.compare) {
+        (Some(url), None) => targets.push(("server".into(), url.trim_end_matches('/').to_string())),
+        (Some(_), Some(_)) => bail!("--compare starts its own servers; drop --url"),
+        (None, None) => servers.push(start_ours(&gguf, a.threads, &[], "lastmile")?),
+        (None, Some(CompareArg::NoPrefixCache)) => {
+            servers.push(start_ours(&gguf, a.threads, &[], "lastmile")?);
+            servers.push(start_ours(
+                &gguf,
+                a.threads,
+                &["--no-prefix-cache"],
+                "no-cache",
+            )?);
+        }
+        (None, Some(CompareArg::LlamaCpp)) => {
+            servers.push(start_ours(&gguf, a.threads, &[], "lastmile")?);
+            let bin = a.llama_server.clone().unwrap_or_else(|| {
+                lastmile_engine::fetch::lastmile_home().join("anchor/build/bin/llama-server")
+            });
+            let slots = a.concurrency.iter().copied().max().unwrap_or(1).max(1);
+            servers.push(start_llama_server(&bin, &gguf, a.threads, slots)?);
+        }
+    }
+    for s in &servers {
+        targets.push((s.name.clone(), s.url.clone()));
+    }
+    let mut all: Vec<(String, Vec<LoadReport>)> = Vec::new();
+    rt.block_on(async {
+        for (name, url) in &targets {
+            wait_healthy(url, Duration::from_secs(300)).await?;
+            let model = match &a.model_id {
+                Some(m) => m.clone(),
+                None => discover_model(url).await?,
+            };
+            // One warm-up request so first-touch costs do not land in the first level.
+            let warm = Workload {
+                requests: 1,
+                kind: WorkloadKind::Fixed,
+                output_tokens: 4,
+                ..wl.clone()
+            };
+            let _ = run_load(&LoadConfig {
+                url: url.clone(),
+                model: model.clone(),
+                arrival: Arrival::Concurrency(1),
+                workload: warm,
+                timeout: Duration::from_secs(a.timeout),
+                progress: false,
+            })
+            .await;
+            let mut reports = Vec::new();
+            for arrival in levels(&a) {
+                eprintln!(
+                    "{name}: {} ({} requests)",
+                    level_label(&arrival),
+                    wl.total_requests()
+                );
+                let report = run_load(&LoadConfig {
+                    url: url.clone(),
+                    model: model.clone(),
+                    arrival,
+                    workload: wl.clone(),
+                    timeout: Duration::from_secs(a.timeout),
+                    progress: true,
+                })
+                .await?;
+                print_report(name, &report);
+                reports.push(report);
+            }
+            all.push((name.clone(), reports));
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    drop(servers);
+    if all.len() == 2 {
+        println!("\nratios ({} / {}):", all[0].0, all[1].0);
+        for (x, y) in all[0].1.iter().zip(&all[1].1) {
+            let (sx, sy) = (&x.summary, &y.summary);
+            println!(
+                "  {:<7} output tok/s {:.2}x | mean TTFT {:.2}x lower | p50 ITL {:.2}x lower | p99 ITL {:.2}x lower",
+                level_label(&x.arrival),
+                sx.output_tok_s / sy.output_tok_s.max(1e-9),
+                sy.ttft_ms.mean / sx.ttft_ms.mean.max(1e-9),
+                sy.itl_ms.p50 / sx.itl_ms.p50.max(1e-9),
+                sy.itl_ms.p99 / sx.itl_ms.p99.max(1e-9),
+            );
+        }
+    }
+    if let Some(path) = &a.json_out {
+        let doc = serde_json::json!({
+            "workload": wl,
+            "servers": all.iter().map(|(n, r)| serde_json::json!({"name": n, "levels": r})).collect::<Vec<_>>(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &a.plot {
+        let series: Vec<(String, Vec<CurvePoint>)> = all
+            .iter()
+            .map(|(n, reps)| {
+                (
+                    n.clone(),
+                    reps.iter()
+                        .map(|r| {
+                            (
+                                r.summary.output_tok_s,
+                                r.summary.itl_ms.p50,
+                                level_label(&r.arrival),
+                            )
+                        })
+                        .collect(),
+                )
+            })
+            .collect();
+        let svg = latency_throughput_svg(
+            "Latency vs throughput",
+            "p50 inter-token latency (ms)",
+            &series,
+        );
+        std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
