@@ -150,7 +150,9 @@ pub async fn wait_healthy(url: &str, within: Duration) -> Result<(), BenchError>
 pub async fn run_load(config: &LoadConfig) -> Result<LoadReport, BenchError> {
     config.validate()?;
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(1024)
+        // A fresh connection per request: some servers (llama-server) drop idle keep-alive
+        // connections, and a reused dead connection would count as a server error.
+        .pool_max_idle_per_host(0)
         .build()
         .map_err(|e| BenchError::Config(e.to_string()))?;
     let plan = config.workload.plan();

@@ -296,6 +296,7 @@ pub fn run(a: LoadBenchArgs) -> Result<()> {
                 requests: 1,
                 kind: WorkloadKind::Fixed,
                 output_tokens: 4,
+                seed: wl.seed ^ 0xDEAD_BEEF,
                 ..wl.clone()
             };
             let _ = run_load(&LoadConfig {
@@ -308,17 +309,23 @@ pub fn run(a: LoadBenchArgs) -> Result<()> {
             })
             .await;
             let mut reports = Vec::new();
-            for arrival in levels(&a) {
+            for (level, arrival) in levels(&a).into_iter().enumerate() {
                 eprintln!(
                     "{name}: {} ({} requests)",
                     level_label(&arrival),
                     wl.total_requests()
                 );
+                // Fresh text per level, so no level is served from an earlier level's cache
+                // (the shared system prompt of `shared-prefix` stays shared within a level).
+                let level_wl = Workload {
+                    seed: wl.seed.wrapping_add(1_000_003 * (level as u64 + 1)),
+                    ..wl.clone()
+                };
                 let report = run_load(&LoadConfig {
                     url: url.clone(),
                     model: model.clone(),
                     arrival,
-                    workload: wl.clone(),
+                    workload: level_wl,
                     timeout: Duration::from_secs(a.timeout),
                     progress: true,
                 })
