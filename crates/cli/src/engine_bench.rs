@@ -100,7 +100,9 @@ fn memory_read_bandwidth() -> f64 {
 }
 
 /// Runs the benchmark.
-pub fn run(args: EngineBenchArgs) -> Result<()> {
+pub fn run(mut args: EngineBenchArgs) -> Result<()> {
+    // Every repetition sends the same prompt: measure computing it, not finding it cached.
+    args.model.no_prefix_cache = true;
     let (engine, id) = args.model.start_engine()?;
     let vocab = engine.info().vocab_size as u32;
     // A deterministic pseudo-text prompt of ordinary tokens (as llama-bench uses random tokens).
