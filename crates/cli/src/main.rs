@@ -67,6 +67,9 @@ pub struct ModelArgs {
     /// inter-token latency steadier while a long prompt is prefilled).
     #[arg(long, default_value_t = 64)]
     pub prefill_chunk: usize,
+    /// Most requests queued before new ones get 503 (with Retry-After).
+    #[arg(long, default_value_t = 1024)]
+    pub max_waiting: usize,
     /// Turn off the prefix cache (every prompt is computed from scratch).
     #[arg(long)]
     pub no_prefix_cache: bool,
@@ -92,6 +95,7 @@ impl ModelArgs {
             max_running: self.max_running,
             kv_cache_tokens: None,
             prefix_cache: !self.no_prefix_cache,
+            max_waiting: self.max_waiting,
             prefill_chunk_while_decoding: self.prefill_chunk,
             ..EngineConfig::default()
         };

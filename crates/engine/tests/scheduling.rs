@@ -131,3 +131,49 @@ fn a_request_larger_than_the_cache_fails_cleanly() {
     );
     assert_eq!(ids.len(), 8);
 }
+
+#[test]
+fn a_full_queue_refuses_new_requests_as_overloaded() {
+    let loaded = LoadedModel::load(&ensure_default_model().expect("model")).expect("load");
+    let config = EngineConfig {
+        threads: 2,
+        max_running: 1,
+        max_waiting: 2,
+        ..EngineConfig::default()
+    };
+    let e = EngineHandle::start(loaded, config).expect("engine");
+    // One runs (wait until it does), two wait; the queue is then full.
+    let mut held = vec![e
+        .submit(request(&e, "Once upon a time", 200))
+        .expect("fits")];
+    while e.stats().running.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    held.extend((0..2).map(|_| {
+        e.submit(request(&e, "Once upon a time", 200))
+            .expect("fits")
+    }));
+    let refused = (0..3)
+        .filter(|_| {
+            matches!(
+                e.submit(request(&e, "Hello", 4)),
+                Err(lastmile_engine::EngineError::Overloaded(_))
+            )
+        })
+        .count();
+    assert_eq!(
+        refused, 3,
+        "requests beyond the queue bound must be refused"
+    );
+    drop(held); // cancelling frees the queue
+    let mut ok = false;
+    for _ in 0..200 {
+        if let Ok(s) = e.submit(request(&e, "Hello", 4)) {
+            assert_eq!(collect(s).0.len(), 4);
+            ok = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(ok, "the engine accepts work again once the queue drains");
+}

@@ -65,3 +65,18 @@ pub fn api_response(e: &ApiError) -> Response {
     }
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overload_is_503_with_retry_after_in_openai_shape() {
+        let r = WorkerError::Engine(EngineError::Overloaded("queue full".into())).into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let bad = WorkerError::Engine(EngineError::InvalidRequest("x".into())).into_response();
+        assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+        assert!(bad.headers().get(header::RETRY_AFTER).is_none());
+    }
+}
