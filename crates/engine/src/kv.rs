@@ -6,15 +6,17 @@ use std::collections::{BTreeMap, HashMap};
 
 use lastmile_protocol::KvEvent;
 
-/// Key and value storage for every layer, `num_blocks * block_size` slots of `kv_dim` floats.
+/// Key and value storage for every layer, `num_blocks * block_size` slots of `kv_dim` values,
+/// held as IEEE half floats (raw bits), as llama.cpp's default cache holds them: half the memory
+/// and bandwidth of f32, and numbers that track the reference implementation closely.
 pub struct KvCache {
     /// Tokens per block.
     pub block_size: usize,
     /// Blocks in the pool.
     pub num_blocks: usize,
     kv_dim: usize,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Vec<u16>>,
+    v: Vec<Vec<u16>>,
 }
 
 impl KvCache {
@@ -25,14 +27,14 @@ impl KvCache {
             block_size,
             num_blocks,
             kv_dim,
-            k: (0..layers).map(|_| vec![0.0; per_layer]).collect(),
-            v: (0..layers).map(|_| vec![0.0; per_layer]).collect(),
+            k: (0..layers).map(|_| vec![0u16; per_layer]).collect(),
+            v: (0..layers).map(|_| vec![0u16; per_layer]).collect(),
         }
     }
 
     /// Bytes one token occupies across all layers.
     pub fn bytes_per_token(layers: usize, kv_dim: usize) -> usize {
-        layers * kv_dim * 2 * std::mem::size_of::<f32>()
+        layers * kv_dim * 2 * std::mem::size_of::<u16>()
     }
 
     /// The slot of position `pos` under `table`.
@@ -41,44 +43,26 @@ impl KvCache {
         table[pos / self.block_size] as usize * self.block_size + pos % self.block_size
     }
 
-    /// Stores one token's key and value at `slot` of `layer`.
-    ///
-    /// Values are rounded to f16 precision, as llama.cpp's default f16 cache holds them: the
-    /// numbers then track the reference implementation closely (halving the storage is the
-    /// next step).
+    /// Stores one token's key and value at `slot` of `layer` (rounded to f16).
     pub fn write(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
         let at = slot * self.kv_dim;
-        let round = |x: &f32| half::f16::from_f32(*x).to_f32();
+        let bits = |x: &f32| half::f16::from_f32(*x).to_bits();
         for (d, s) in self.k[layer][at..at + self.kv_dim].iter_mut().zip(k) {
-            *d = round(s);
+            *d = bits(s);
         }
         for (d, s) in self.v[layer][at..at + self.kv_dim].iter_mut().zip(v) {
-            *d = round(s);
+            *d = bits(s);
         }
     }
 
-    /// The keys and values of `layer`, `num_blocks * block_size` slots of `kv_dim` floats.
-    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+    /// The keys and values of `layer` as f16 bits, `num_blocks * block_size` slots of `kv_dim`.
+    pub fn layer(&self, layer: usize) -> (&[u16], &[u16]) {
         (&self.k[layer], &self.v[layer])
     }
 
-    /// Floats per slot (all KV heads).
+    /// Values per slot (all KV heads).
     pub fn kv_dim(&self) -> usize {
         self.kv_dim
-    }
-
-    /// The key of `slot` for KV head `h` (of width `head_dim`).
-    #[inline]
-    pub fn key(&self, layer: usize, slot: usize, h: usize, head_dim: usize) -> &[f32] {
-        let at = slot * self.kv_dim + h * head_dim;
-        &self.k[layer][at..at + head_dim]
-    }
-
-    /// The value of `slot` for KV head `h`.
-    #[inline]
-    pub fn value(&self, layer: usize, slot: usize, h: usize, head_dim: usize) -> &[f32] {
-        let at = slot * self.kv_dim + h * head_dim;
-        &self.v[layer][at..at + head_dim]
     }
 }
 

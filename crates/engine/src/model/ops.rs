@@ -58,10 +58,10 @@ pub fn softmax(x: &mut [f32]) {
 /// Where one KV head's keys and values live: a layer's paged arrays, the sequence's block table,
 /// and the head's offset within a slot.
 pub struct PagedHead<'a> {
-    /// The layer's keys, `slots * stride` floats.
-    pub k: &'a [f32],
+    /// The layer's keys as f16 bits, `slots * stride` of them.
+    pub k: &'a [u16],
     /// The layer's values, same layout.
-    pub v: &'a [f32],
+    pub v: &'a [u16],
     /// The sequence's block table.
     pub table: &'a [u32],
     /// Tokens per block.
@@ -109,7 +109,7 @@ pub fn attend(
     );
     #[cfg(target_arch = "x86_64")]
     if has_avx2() && hd == 64 {
-        // SAFETY: AVX2/FMA detected; every slot read lies below `end`, checked above.
+        // SAFETY: AVX2/FMA/F16C detected; every slot read lies below `end`, checked above.
         unsafe { x86::attend::<8>(q, ctx, h, scale, scores, out) };
         return;
     }
@@ -119,15 +119,23 @@ pub fn attend(
         unsafe { x86::attend::<16>(q, ctx, h, scale, scores, out) };
         return;
     }
+    let f = |b: u16| half::f16::from_bits(b).to_f32();
     for (p, sc) in scores[..ctx].iter_mut().enumerate() {
         let at = h.at(p);
-        *sc = dot(q, &h.k[at..at + hd]) * scale;
+        *sc = q
+            .iter()
+            .zip(&h.k[at..at + hd])
+            .map(|(a, &b)| a * f(b))
+            .sum::<f32>()
+            * scale;
     }
     softmax(&mut scores[..ctx]);
     out.fill(0.0);
     for (p, &w) in scores[..ctx].iter().enumerate() {
         let at = h.at(p);
-        axpy(out, w, &h.v[at..at + hd]);
+        for (o, &b) in out.iter_mut().zip(&h.v[at..at + hd]) {
+            *o += w * f(b);
+        }
     }
 }
 
@@ -180,9 +188,17 @@ mod x86 {
         )
     }
 
+    /// Eight f16 values at `p` as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_f16(p: *const u16) -> __m256 {
+        // SAFETY: the caller guarantees 16 readable bytes at `p`.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+
     /// `attend` for head dimension `8 * D8`: the query stays in registers, scores are computed
     /// eight positions at a time with one reduction, and the output accumulates in registers.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn attend<const D8: usize>(
         q: &[f32],
         ctx: usize,
@@ -203,9 +219,9 @@ mod x86 {
                 let mut acc = [_mm256_setzero_ps(); 8];
                 for (j, a) in acc.iter_mut().enumerate().take(n) {
                     let k = kp.add(h.at(p + j));
-                    let mut s = _mm256_mul_ps(qv[0], _mm256_loadu_ps(k));
+                    let mut s = _mm256_mul_ps(qv[0], load_f16(k));
                     for (i, qi) in qv.iter().enumerate().skip(1) {
-                        s = _mm256_fmadd_ps(*qi, _mm256_loadu_ps(k.add(8 * i)), s);
+                        s = _mm256_fmadd_ps(*qi, load_f16(k.add(8 * i)), s);
                     }
                     *a = s;
                 }
@@ -221,7 +237,7 @@ mod x86 {
                 let v = vp.add(h.at(p));
                 let wv = _mm256_set1_ps(w);
                 for (i, oi) in o.iter_mut().enumerate() {
-                    *oi = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v.add(8 * i)), *oi);
+                    *oi = _mm256_fmadd_ps(wv, load_f16(v.add(8 * i)), *oi);
                 }
             }
             for (i, oi) in o.iter().enumerate() {
@@ -328,14 +344,21 @@ mod tests {
             let (bs, kv_heads, blocks) = (4usize, 2usize, 6usize);
             let stride = kv_heads * hd;
             let n = blocks * bs * stride;
-            let k: Vec<f32> = (0..n).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.05).collect();
-            let v: Vec<f32> = (0..n).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1).collect();
+            let h16 = |x: f32| half::f16::from_f32(x);
+            let k: Vec<half::f16> = (0..n)
+                .map(|i| h16(((i * 7 % 13) as f32 - 6.0) * 0.05))
+                .collect();
+            let v: Vec<half::f16> = (0..n)
+                .map(|i| h16(((i * 5 % 11) as f32 - 5.0) * 0.1))
+                .collect();
+            let kb: Vec<u16> = k.iter().map(|x| x.to_bits()).collect();
+            let vb: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
             let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.3).sin()).collect();
             let table = [4u32, 1, 5, 0, 2];
             for ctx in [1usize, 7, 8, 9, 19] {
                 let h = PagedHead {
-                    k: &k,
-                    v: &v,
+                    k: &kb,
+                    v: &vb,
                     table: &table,
                     block_size: bs,
                     stride,
@@ -350,14 +373,14 @@ mod tests {
                         let at = h.at(p);
                         q.iter()
                             .zip(&k[at..at + hd])
-                            .map(|(a, b)| a * b)
+                            .map(|(a, b)| a * b.to_f32())
                             .sum::<f32>()
                             * 0.125
                     })
                     .collect();
                 softmax(&mut w);
                 for d in 0..hd {
-                    let want: f32 = (0..ctx).map(|p| w[p] * v[h.at(p) + d]).sum();
+                    let want: f32 = (0..ctx).map(|p| w[p] * v[h.at(p) + d].to_f32()).sum();
                     assert!(
                         (out[d] - want).abs() < 1e-4,
                         "hd {hd} ctx {ctx} d {d}: {} vs {want}",
