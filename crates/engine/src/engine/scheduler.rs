@@ -153,7 +153,7 @@ impl Scheduler {
             computed: 0,
             blocks: Vec::new(),
             hashes: Vec::new(),
-            prompt_hashes: Vec::new(),
+            prompt_hashes: prefix_hashes(&s.request.prompt, self.kv.block_size),
             request: s.request,
             decoder: DecodeStream::default(),
             tx: s.tx,
@@ -207,6 +207,8 @@ impl Scheduler {
         let mut seq = self.running.remove(idx);
         self.alloc.release(&mut seq.blocks);
         seq.hashes.clear();
+        // It will recompute its prompt and what it generated so far: name all of it.
+        seq.prompt_hashes = prefix_hashes(&seq.tokens, self.kv.block_size);
         seq.computed = 0;
         self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(seq = seq.id, "preempted for lack of KV blocks");
@@ -268,7 +270,8 @@ impl Scheduler {
         while self.running.len() < self.config.max_running && i < self.waiting.len() {
             let cand = &self.waiting[i];
             let len = cand.tokens.len();
-            let mut hashes = prefix_hashes(&cand.tokens, bs);
+            // Hashed once on arrival (and again after a preemption), not on every step.
+            let hashes = &cand.prompt_hashes;
             let usable = (len - 1) / bs;
             let mut hits = self.alloc.lookup(&hashes[..usable.min(hashes.len())]);
             if hits.len() < usable && inflight.contains(&hashes[hits.len()]) {
@@ -303,7 +306,6 @@ impl Scheduler {
                     .prefix_hit_tokens
                     .fetch_add(hit_tokens as u64, Ordering::Relaxed);
             }
-            seq.prompt_hashes = std::mem::take(&mut hashes);
             seq.hashes = seq.prompt_hashes[..hits.len()].to_vec();
             seq.computed = hit_tokens;
             seq.blocks = hits;
