@@ -9,9 +9,6 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use lastmile_engine::fetch::ensure_default_model;
-use lastmile_engine::kv::KvCache;
-use lastmile_engine::model::{BatchSeq, Scratch};
-use lastmile_engine::parallel::ThreadPool;
 use lastmile_engine::LoadedModel;
 
 fn temp_path(name: &str) -> std::path::PathBuf {
@@ -70,33 +67,6 @@ fn write_mixed_gguf(path: &std::path::Path) {
     gguf_file::write(&mut out, &meta, &tens).expect("write gguf");
 }
 
-fn greedy_ids(m: &LoadedModel, prompt: &[u32], steps: usize) -> Vec<u32> {
-    let cfg = &m.model.config;
-    let pool = ThreadPool::new(2);
-    let total = prompt.len() + steps;
-    let mut kv = KvCache::new(cfg.layers, total.div_ceil(16), 16, cfg.kv_dim());
-    let blocks: Vec<u32> = (0..total.div_ceil(16) as u32).collect();
-    let mut s = Scratch::default();
-    let mut out = Vec::new();
-    let mut feed = prompt.to_vec();
-    let mut pos = 0;
-    for _ in 0..steps {
-        let b = [BatchSeq {
-            start: 0,
-            len: feed.len(),
-            pos0: pos,
-            blocks: &blocks,
-            want_logits: true,
-        }];
-        m.model.forward(&feed, &b, &mut kv, &mut s, &pool);
-        pos += feed.len();
-        let next = lastmile_engine::sampler::argmax(&s.logits[..cfg.vocab]);
-        out.push(next);
-        feed = vec![next];
-    }
-    out
-}
-
 #[test]
 fn every_tensor_type_loads_and_generates_like_the_original() {
     let path = temp_path("mixed.gguf");
@@ -107,8 +77,8 @@ fn every_tensor_type_loads_and_generates_like_the_original() {
         .tokenizer
         .encode("The capital of France is Paris. The capital of Germany is")
         .expect("encode");
-    let a = greedy_ids(original, &prompt, 8);
-    let b = greedy_ids(&mixed, &prompt, 8);
+    let a = common::greedy_ids(original, &prompt, 8);
+    let b = common::greedy_ids(&mixed, &prompt, 8);
     let text = mixed.tokenizer.decode(&b).expect("decode");
     assert!(
         text.contains("Berlin"),

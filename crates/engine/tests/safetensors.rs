@@ -9,9 +9,6 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use lastmile_engine::kernels::QMatrix;
-use lastmile_engine::kv::KvCache;
-use lastmile_engine::model::{BatchSeq, Scratch};
-use lastmile_engine::parallel::ThreadPool;
 use lastmile_engine::LoadedModel;
 
 fn dense(m: &QMatrix) -> Vec<f32> {
@@ -112,30 +109,6 @@ fn build_hf_folder(dir: &std::path::Path) {
     std::fs::write(dir.join("tokenizer_config.json"), tk.to_string()).expect("tokenizer config");
 }
 
-fn greedy(m: &LoadedModel, prompt: &[u32], steps: usize) -> Vec<u32> {
-    let cfg = &m.model.config;
-    let pool = ThreadPool::new(2);
-    let total = prompt.len() + steps;
-    let mut kv = KvCache::new(cfg.layers, total.div_ceil(16), 16, cfg.kv_dim());
-    let blocks: Vec<u32> = (0..total.div_ceil(16) as u32).collect();
-    let (mut s, mut feed, mut pos, mut out) = (Scratch::default(), prompt.to_vec(), 0, Vec::new());
-    for _ in 0..steps {
-        let b = [BatchSeq {
-            start: 0,
-            len: feed.len(),
-            pos0: pos,
-            blocks: &blocks,
-            want_logits: true,
-        }];
-        m.model.forward(&feed, &b, &mut kv, &mut s, &pool);
-        pos += feed.len();
-        let next = lastmile_engine::sampler::argmax(&s.logits[..cfg.vocab]);
-        out.push(next);
-        feed = vec![next];
-    }
-    out
-}
-
 #[test]
 fn hugging_face_folder_matches_the_gguf() {
     let dir = std::env::temp_dir().join(format!("lastmile-hf-{}", std::process::id()));
@@ -152,8 +125,8 @@ fn hugging_face_folder_matches_the_gguf() {
         "tokenizer.json round trip"
     );
     assert!(hf.tokenizer.eog_ids.contains(&2));
-    let a = greedy(gguf, &ids, 10);
-    let b = greedy(&hf, &ids, 10);
+    let a = common::greedy_ids(gguf, &ids, 10);
+    let b = common::greedy_ids(&hf, &ids, 10);
     let same = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
     // f16 weights with f32 activations vs Q4_1 with 8-bit activations: near-ties may flip late.
     assert!(same >= 5, "HF folder diverges early: {a:?} vs {b:?}");

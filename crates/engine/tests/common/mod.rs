@@ -25,3 +25,33 @@ pub fn fixture(name: &str) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&text).expect("fixture is JSON")
 }
+
+/// Greedy continuation of `prompt` for `steps` tokens: the prompt as one prefill, then one decode
+/// step per token, straight through the forward pass.
+#[allow(dead_code)] // not every test binary decodes
+pub fn greedy_ids(m: &LoadedModel, prompt: &[u32], steps: usize) -> Vec<u32> {
+    use lastmile_engine::kv::KvCache;
+    use lastmile_engine::model::{BatchSeq, Scratch};
+    use lastmile_engine::parallel::ThreadPool;
+    let cfg = &m.model.config;
+    let pool = ThreadPool::new(2);
+    let total = prompt.len() + steps;
+    let mut kv = KvCache::new(cfg.layers, total.div_ceil(16), 16, cfg.kv_dim());
+    let blocks: Vec<u32> = (0..total.div_ceil(16) as u32).collect();
+    let (mut s, mut feed, mut pos, mut out) = (Scratch::default(), prompt.to_vec(), 0, Vec::new());
+    for _ in 0..steps {
+        let b = [BatchSeq {
+            start: 0,
+            len: feed.len(),
+            pos0: pos,
+            blocks: &blocks,
+            want_logits: true,
+        }];
+        m.model.forward(&feed, &b, &mut kv, &mut s, &pool);
+        pos += feed.len();
+        let next = lastmile_engine::sampler::argmax(&s.logits[..cfg.vocab]);
+        out.push(next);
+        feed = vec![next];
+    }
+    out
+}

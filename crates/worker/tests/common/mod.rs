@@ -48,32 +48,35 @@ pub fn server() -> &'static str {
     })
 }
 
-/// POSTs JSON and returns (status, parsed body).
-#[allow(dead_code)]
-pub async fn post(path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-    let resp = reqwest::Client::new()
+/// POSTs JSON to the test server.
+async fn send(path: &str, body: serde_json::Value) -> reqwest::Response {
+    reqwest::Client::new()
         .post(format!("{}{path}", server()))
         .json(&body)
         .send()
         .await
-        .expect("request");
+        .expect("request")
+}
+
+/// POSTs JSON and returns (status, parsed body).
+#[allow(dead_code)]
+pub async fn post(path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let resp = send(path, body).await;
     let status = resp.status().as_u16();
     let text = resp.text().await.expect("body");
     (
         status,
-        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        match serde_json::from_str(&text) {
+            Ok(v) => v,
+            Err(_) => serde_json::Value::String(text),
+        },
     )
 }
 
 /// POSTs a streaming request and returns the `data:` payloads.
 #[allow(dead_code)]
 pub async fn post_stream(path: &str, body: serde_json::Value) -> Vec<String> {
-    let resp = reqwest::Client::new()
-        .post(format!("{}{path}", server()))
-        .json(&body)
-        .send()
-        .await
-        .expect("request");
+    let resp = send(path, body).await;
     assert_eq!(resp.status().as_u16(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     lastmile_protocol::parse_sse_data(&resp.text().await.expect("body"))
