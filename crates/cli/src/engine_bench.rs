@@ -55,6 +55,8 @@ fn time_request(
         max_tokens,
         stop: vec![],
         ignore_eos: true,
+        logprobs: None,
+        grammar: None,
     })?;
     let mut first = None;
     let mut n = 0;

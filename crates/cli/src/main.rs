@@ -220,6 +220,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
         max_tokens: args.max_tokens,
         stop: vec![],
         ignore_eos: false,
+        logprobs: None,
+        grammar: None,
     })?;
     let mut out = std::io::stdout().lock();
     write!(out, "{}", args.prompt)?;

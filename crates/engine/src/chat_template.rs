@@ -13,6 +13,7 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
     eos: String,
+    knows_tools: bool,
 }
 
 impl ChatTemplate {
@@ -34,7 +35,14 @@ impl ChatTemplate {
             env,
             bos: bos.unwrap_or_default().to_string(),
             eos: eos.unwrap_or_default().to_string(),
+            knows_tools: source.contains("tools") && source.contains("tool_call"),
         })
+    }
+
+    /// Whether the template renders tool definitions, tool calls and tool results itself
+    /// (otherwise the server writes them into the conversation as text).
+    pub fn knows_tools(&self) -> bool {
+        self.knows_tools
     }
 
     /// Renders `messages` (a JSON array of `{role, content, ...}`), optionally opening the
@@ -42,6 +50,16 @@ impl ChatTemplate {
     pub fn render(
         &self,
         messages: &serde_json::Value,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Renders `messages` with `tools` (OpenAI tool definitions) exposed to the template.
+    pub fn render_with_tools(
+        &self,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
     ) -> Result<String> {
         let tmpl = self
@@ -53,7 +71,7 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos.clone(),
             eos_token => self.eos.clone(),
-            tools => Value::from(()),
+            tools => tools.map_or(Value::from(()), Value::from_serialize),
         })
         .map_err(|e| EngineError::ChatTemplate(format!("rendering: {e}")))
     }

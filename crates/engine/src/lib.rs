@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod chat_template;
+pub mod constraint;
 pub mod engine;
 pub mod error;
 pub mod fetch;
@@ -16,10 +17,12 @@ pub mod parallel;
 pub mod sampler;
 pub mod tokenizer;
 
+pub use constraint::{Grammar, GrammarSpec};
 pub use engine::{
     EngineConfig, EngineHandle, EngineStats, FinishReason, GenerateRequest, GenerationEvent,
-    GenerationStream, ModelInfo,
+    GenerationStream, ModelInfo, TokenLogprobs,
 };
 pub use error::{EngineError, Result};
 pub use loader::LoadedModel;
 pub use sampler::SamplingParams;
+pub use tokenizer::TokenPiece;

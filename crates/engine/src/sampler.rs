@@ -4,6 +4,10 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use llguidance::toktrie::SimpleVob;
+
+use crate::engine::TokenLogprobs;
+
 /// Sampling settings of one request (already validated by the API layer).
 #[derive(Debug, Clone)]
 pub struct SamplingParams {
@@ -23,6 +27,8 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// Seed; a fresh random one when absent.
     pub seed: Option<u64>,
+    /// Added to these tokens' logits before sampling (OpenAI `logit_bias`, -100..100).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -36,6 +42,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             repetition_penalty: 1.0,
             seed: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -125,9 +132,23 @@ impl Sampler {
         *self.counts.entry(token).or_insert(0) += 1;
     }
 
-    /// Picks the next token from `logits` (modified in place by penalties).
-    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+    /// Picks the next token from `logits` (modified in place by penalties and biases); with
+    /// `allowed`, only among those tokens.
+    pub fn sample(&mut self, logits: &mut [f32], allowed: Option<&SimpleVob>) -> u32 {
         let p = &self.params;
+        for &(t, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
+        if let Some(mask) = allowed {
+            let n = mask.len();
+            for (i, l) in logits.iter_mut().enumerate() {
+                if i >= n || !mask.is_allowed(i as u32) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         if p.repetition_penalty != 1.0 {
             let rp = p.repetition_penalty;
             for &t in self.prompt_set.iter().chain(self.counts.keys()) {
@@ -199,6 +220,31 @@ impl Sampler {
     }
 }
 
+/// The log probability of `token` and of the `top` most likely tokens under raw `logits`
+/// (a log-softmax; ties keep the lower id first).
+pub fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    let lse = max + sum.ln();
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if best.len() == top && best.last().is_some_and(|b| l <= b.1) {
+                continue;
+            }
+            let pos = best.partition_point(|b| b.1 >= l);
+            best.insert(pos, (i as u32, l));
+            best.truncate(top);
+        }
+    }
+    TokenLogprobs {
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&l| l - lse),
+        top: best.into_iter().map(|(i, l)| (i, l - lse)).collect(),
+    }
+}
+
 /// Index of the largest logit (the first on ties).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -216,6 +262,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 pub struct StopMatcher {
     stops: Vec<String>,
     pending: String,
+    matched: Option<usize>,
 }
 
 impl StopMatcher {
@@ -224,20 +271,30 @@ impl StopMatcher {
         Self {
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
             pending: String::new(),
+            matched: None,
         }
+    }
+
+    /// The stop string that ended generation, once one has.
+    pub fn matched(&self) -> Option<&str> {
+        self.matched
+            .and_then(|i| self.stops.get(i))
+            .map(String::as_str)
     }
 
     /// Adds generated text; returns what may be emitted now and whether a stop string matched.
     pub fn push(&mut self, text: &str) -> (String, bool) {
         self.pending.push_str(text);
-        if let Some(pos) = self
+        if let Some((pos, which)) = self
             .stops
             .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
+            .enumerate()
+            .filter_map(|(i, s)| self.pending.find(s.as_str()).map(|p| (p, i)))
             .min()
         {
             let out = self.pending[..pos].to_string();
             self.pending.clear();
+            self.matched = Some(which);
             return (out, true);
         }
         let mut hold = 0;
@@ -267,7 +324,7 @@ mod tests {
     #[test]
     fn greedy_picks_argmax_and_penalties_apply() {
         let mut s = Sampler::new(SamplingParams::greedy(), &[]);
-        assert_eq!(s.sample(&mut [0.1, 2.0, 1.9]), 1);
+        assert_eq!(s.sample(&mut [0.1, 2.0, 1.9], None), 1);
         let mut s = Sampler::new(
             SamplingParams {
                 presence_penalty: 1.0,
@@ -276,7 +333,7 @@ mod tests {
             &[],
         );
         s.observe(1);
-        assert_eq!(s.sample(&mut [0.1, 2.0, 1.9]), 2);
+        assert_eq!(s.sample(&mut [0.1, 2.0, 1.9], None), 2);
         let mut s = Sampler::new(
             SamplingParams {
                 repetition_penalty: 2.0,
@@ -284,7 +341,7 @@ mod tests {
             },
             &[1],
         );
-        assert_eq!(s.sample(&mut [0.1, 2.0, 1.9]), 2);
+        assert_eq!(s.sample(&mut [0.1, 2.0, 1.9], None), 2);
     }
 
     #[test]
@@ -298,7 +355,7 @@ mod tests {
         let run = || {
             let mut s = Sampler::new(params.clone(), &[]);
             (0..20)
-                .map(|_| s.sample(&mut logits.clone()))
+                .map(|_| s.sample(&mut logits.clone(), None))
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
@@ -320,7 +377,7 @@ mod tests {
             &[],
         );
         for _ in 0..50 {
-            assert!(s.sample(&mut logits.clone()) < 2);
+            assert!(s.sample(&mut logits.clone(), None) < 2);
         }
         let mut s = Sampler::new(
             SamplingParams {
@@ -331,7 +388,7 @@ mod tests {
             &[],
         );
         for _ in 0..50 {
-            assert_eq!(s.sample(&mut logits.clone()), 0);
+            assert_eq!(s.sample(&mut logits.clone(), None), 0);
         }
         let mut s = Sampler::new(
             SamplingParams {
@@ -342,8 +399,45 @@ mod tests {
             &[],
         );
         for _ in 0..50 {
-            assert!(s.sample(&mut logits.clone()) < 2);
+            assert!(s.sample(&mut logits.clone(), None) < 2);
         }
+    }
+
+    #[test]
+    fn logit_bias_and_mask_steer_the_choice() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                logit_bias: vec![(0, 100.0)],
+                ..SamplingParams::greedy()
+            },
+            &[],
+        );
+        assert_eq!(s.sample(&mut [0.1, 2.0, 1.9], None), 0);
+        let mut mask = SimpleVob::alloc(3);
+        mask.allow_token(2);
+        for params in [SamplingParams::greedy(), SamplingParams::default()] {
+            let mut s = Sampler::new(params, &[]);
+            for _ in 0..20 {
+                assert_eq!(s.sample(&mut [0.1, 2.0, 1.9], Some(&mask)), 2);
+            }
+        }
+        // Logits past the mask's length (padding rows of the output matrix) are never chosen.
+        let short = SimpleVob::alloc_ones(2);
+        let mut s = Sampler::new(SamplingParams::greedy(), &[]);
+        assert_eq!(s.sample(&mut [0.1, 2.0, 9.0], Some(&short)), 1);
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_sorted_alternatives() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let lp = logprobs(&logits, 2, 3);
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        assert!((lp.logprob - (2.0f32.exp() / z).ln()).abs() < 1e-5);
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![1, 3, 2]);
+        let total: f32 = (0..4).map(|t| logprobs(&logits, t, 0).logprob.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5);
+        assert!(logprobs(&logits, 0, 0).top.is_empty());
     }
 
     #[test]
@@ -351,7 +445,9 @@ mod tests {
         let mut m = StopMatcher::new(vec!["END".into()]);
         assert_eq!(m.push("hello E"), ("hello ".to_string(), false));
         assert_eq!(m.push("N"), (String::new(), false));
+        assert_eq!(m.matched(), None);
         assert_eq!(m.push("Dxyz"), (String::new(), true));
+        assert_eq!(m.matched(), Some("END"));
         let mut m = StopMatcher::new(vec!["END".into()]);
         assert_eq!(m.push("ab EN"), ("ab ".to_string(), false));
         assert_eq!(m.push("x"), ("ENx".to_string(), false));

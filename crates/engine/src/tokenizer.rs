@@ -3,9 +3,10 @@
 //! names, or `llama` SentencePiece BPE with byte fallback), so token ids match llama.cpp's.
 //! `DecodeStream` turns generated ids into text deltas that never split a UTF-8 character.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
@@ -40,6 +41,17 @@ pub struct TextTokenizer {
     pub add_bos: bool,
     /// Tokens that end generation.
     pub eog_ids: HashSet<u32>,
+    /// Each token's bytes, built on first use (logprobs and grammars need them).
+    pieces: OnceLock<Vec<TokenPiece>>,
+}
+
+/// The raw bytes a token stands for, and whether it is a special (control) token.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenPiece {
+    /// The bytes the token adds to the text (for special tokens: their text).
+    pub bytes: Vec<u8>,
+    /// A control token such as `<|im_end|>`, never produced by encoding plain text.
+    pub special: bool,
 }
 
 impl TextTokenizer {
@@ -182,6 +194,7 @@ impl TextTokenizer {
             bos_text: bos.map(|b| b.1),
             eos_text: eos.map(|e| e.1),
             eog_ids,
+            pieces: OnceLock::new(),
         })
     }
 
@@ -240,6 +253,7 @@ impl TextTokenizer {
             eos_text,
             add_bos,
             eog_ids,
+            pieces: OnceLock::new(),
         })
     }
 
@@ -298,6 +312,78 @@ impl TextTokenizer {
     pub fn token_id(&self, text: &str) -> Option<u32> {
         self.inner.token_to_id(text)
     }
+
+    /// Every token's bytes, indexed by id (built once, on first use).
+    pub fn pieces(&self) -> &[TokenPiece] {
+        self.pieces.get_or_init(|| vocabulary_pieces(&self.inner))
+    }
+
+    /// One token's bytes; empty for ids outside the vocabulary.
+    pub fn piece(&self, id: u32) -> &[u8] {
+        self.pieces()
+            .get(id as usize)
+            .map(|p| p.bytes.as_slice())
+            .unwrap_or_default()
+    }
+}
+
+/// The bytes behind every vocabulary entry: byte-level BPE pieces are mapped back through GPT-2's
+/// byte-to-character table; SentencePiece pieces turn `▁` into a space and `<0xNN>` into its byte.
+fn vocabulary_pieces(inner: &Tokenizer) -> Vec<TokenPiece> {
+    let byte_level = serde_json::to_value(inner.get_decoder())
+        .map(|d| d.to_string().contains("\"ByteLevel\""))
+        .unwrap_or(false);
+    let chars = byte_level_chars();
+    let added = inner.get_added_tokens_decoder();
+    (0..inner.get_vocab_size(true) as u32)
+        .map(|id| {
+            if let Some(a) = added.get(&id) {
+                return TokenPiece {
+                    bytes: a.content.as_bytes().to_vec(),
+                    special: a.special,
+                };
+            }
+            let Some(piece) = inner.id_to_token(id) else {
+                return TokenPiece::default();
+            };
+            let bytes = if byte_level {
+                piece
+                    .chars()
+                    .map(|c| chars.get(&c).copied())
+                    .collect::<Option<Vec<u8>>>()
+                    .unwrap_or_else(|| piece.clone().into_bytes())
+            } else if let Some(b) = piece
+                .strip_prefix("<0x")
+                .and_then(|h| h.strip_suffix('>'))
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                vec![b]
+            } else {
+                piece.replace('\u{2581}', " ").into_bytes()
+            };
+            TokenPiece {
+                bytes,
+                special: false,
+            }
+        })
+        .collect()
+}
+
+/// GPT-2's table from the printable characters byte-level BPE writes back to the bytes they stand
+/// for: printable Latin-1 bytes stand for themselves, the rest are shifted past U+0100 in order.
+fn byte_level_chars() -> HashMap<char, u8> {
+    let mut map = HashMap::with_capacity(256);
+    let mut next = 0x100u32;
+    for b in 0..=255u8 {
+        let c = b as char;
+        if matches!(c, '!'..='~' | '\u{A1}'..='\u{AC}' | '\u{AE}'..='\u{FF}') {
+            map.insert(c, b);
+        } else if let Some(shifted) = char::from_u32(next) {
+            map.insert(shifted, b);
+            next += 1;
+        }
+    }
+    map
 }
 
 /// Merges for SentencePiece BPE vocabularies, which GGUF stores without merges: every split of a

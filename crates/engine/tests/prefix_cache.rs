@@ -27,6 +27,8 @@ fn run(e: &EngineHandle, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
             max_tokens,
             stop: vec![],
             ignore_eos: true,
+            logprobs: None,
+            grammar: None,
         })
         .expect("submit");
     let mut ids = Vec::new();
@@ -128,6 +130,8 @@ fn concurrent_sharers_and_eviction_keep_accounting_exact() {
                 max_tokens: 8,
                 stop: vec![],
                 ignore_eos: true,
+                logprobs: None,
+                grammar: None,
             })
             .expect("submit")
         })

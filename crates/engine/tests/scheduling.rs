@@ -25,6 +25,8 @@ fn request(e: &EngineHandle, text: &str, max_tokens: usize) -> GenerateRequest {
         max_tokens,
         stop: vec![],
         ignore_eos: true,
+        logprobs: None,
+        grammar: None,
     }
 }
 
@@ -32,7 +34,7 @@ fn collect(mut s: lastmile_engine::GenerationStream) -> (Vec<u32>, String, Finis
     let (mut ids, mut text) = (Vec::new(), String::new());
     while let Some(ev) = s.blocking_next() {
         match ev {
-            GenerationEvent::Token { id, text: t } => {
+            GenerationEvent::Token { id, text: t, .. } => {
                 ids.push(id);
                 text.push_str(&t);
             }

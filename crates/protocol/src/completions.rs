@@ -12,10 +12,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
+use crate::logprobs::CompletionLogprobs;
 use crate::sampling::{
     deserialize_seed, FinishReason, ResponseMeta, SamplingFields, SamplingRequest, StopSequences,
     StreamOptions, Usage, UsageField,
 };
+use crate::structured::{ConstraintFields, OutputConstraint};
+
+/// Most alternatives `logprobs` may ask for on `/v1/completions`.
+pub const MAX_COMPLETION_LOGPROBS: u32 = 5;
 
 /// OpenAI's default `max_tokens` for text completions.
 pub const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
@@ -42,7 +47,7 @@ pub struct CompletionRequest {
     /// Extension: min-p cutoff in [0, 1].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_p: Option<f64>,
-    /// Number of choices; only 1 for now.
+    /// Number of independent choices, 1 to 16.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<u32>,
     /// Stream the answer as server-sent events.
@@ -73,10 +78,10 @@ pub struct CompletionRequest {
     /// Extension: keep generating past EOS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ignore_eos: Option<bool>,
-    /// Echo the prompt before the completion (not supported yet).
+    /// Echo the prompt before the completion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub echo: Option<bool>,
-    /// Number of top log probabilities per token (not supported yet).
+    /// Return each generated token's log probability and this many alternatives (0 to 5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<u32>,
     /// Text that follows the completion (not supported yet).
@@ -85,12 +90,27 @@ pub struct CompletionRequest {
     /// Candidates to sample server-side; must be 1 for now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_of: Option<u32>,
-    /// Token-id → bias map (not supported yet).
+    /// Token-id → bias map, biases in [-100, 100].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logit_bias: Option<Map<String, Value>>,
     /// End-user identifier; recorded, not used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Extension (vLLM): output format as on chat (`json_object`, `json_schema`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<Value>,
+    /// Extension (vLLM): JSON Schema the output must follow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guided_json: Option<Value>,
+    /// Extension (vLLM): regular expression the output must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guided_regex: Option<String>,
+    /// Extension (vLLM): the output is exactly one of these strings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guided_choice: Option<Vec<String>>,
+    /// Extension: a Lark grammar the output must follow (llguidance's dialect).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guided_grammar: Option<String>,
 }
 
 impl CompletionRequest {
@@ -119,7 +139,24 @@ impl CompletionRequest {
             best_of: None,
             logit_bias: None,
             user: None,
+            response_format: None,
+            guided_json: None,
+            guided_regex: None,
+            guided_choice: None,
+            guided_grammar: None,
         }
+    }
+
+    /// The output constraint from `response_format` or a `guided_*` field, if any.
+    pub fn output_constraint(&self) -> Result<Option<OutputConstraint>, ApiError> {
+        ConstraintFields {
+            response_format: self.response_format.as_ref(),
+            guided_json: self.guided_json.as_ref(),
+            guided_regex: self.guided_regex.as_deref(),
+            guided_choice: self.guided_choice.as_deref(),
+            guided_grammar: self.guided_grammar.as_deref(),
+        }
+        .parse()
     }
 
     /// The token limit: `max_tokens`, or OpenAI's default of 16.
@@ -148,6 +185,7 @@ impl CompletionRequest {
             max_tokens_param: "max_tokens",
             stop: self.stop.as_ref(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            logit_bias: self.logit_bias.as_ref(),
         }
     }
 
@@ -186,12 +224,21 @@ impl CompletionRequest {
     /// Features OpenAI has and we do not yet; silently ignoring them would
     /// return answers the client did not ask for.
     fn reject_unsupported(&self) -> Result<(), ApiError> {
-        if self.echo == Some(true) {
-            return Err(ApiError::unsupported("echo", "echo"));
+        if let Some(k) = self.logprobs {
+            if k > MAX_COMPLETION_LOGPROBS {
+                return Err(ApiError::invalid_request(
+                    format!("logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {k}"),
+                    Some("logprobs"),
+                ));
+            }
+            if self.echo == Some(true) {
+                return Err(ApiError::unsupported(
+                    "echo together with logprobs (prompt log probabilities)",
+                    "echo",
+                ));
+            }
         }
-        if self.logprobs.is_some() {
-            return Err(ApiError::unsupported("logprobs", "logprobs"));
-        }
+        self.output_constraint()?;
         if self.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::unsupported("suffix", "suffix"));
         }
@@ -205,9 +252,6 @@ impl CompletionRequest {
             if best_of > 1 {
                 return Err(ApiError::unsupported("best_of > 1", "best_of"));
             }
-        }
-        if self.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(ApiError::unsupported("logit_bias", "logit_bias"));
         }
         Ok(())
     }
@@ -413,17 +457,23 @@ impl CompletionResponse {
         finish_reason: FinishReason,
         usage: Usage,
     ) -> Self {
+        let choice = CompletionChoice {
+            text: text.into(),
+            index: 0,
+            logprobs: None,
+            finish_reason,
+        };
+        Self::with_choices(meta, vec![choice], usage)
+    }
+
+    /// A response with these choices.
+    pub fn with_choices(meta: &ResponseMeta, choices: Vec<CompletionChoice>, usage: Usage) -> Self {
         Self {
             id: meta.id.clone(),
             object: "text_completion".to_owned(),
             created: meta.created,
             model: meta.model.clone(),
-            choices: vec![CompletionChoice {
-                text: text.into(),
-                index: 0,
-                logprobs: None,
-                finish_reason,
-            }],
+            choices,
             usage,
             system_fingerprint: None,
         }
@@ -437,9 +487,9 @@ pub struct CompletionChoice {
     pub text: String,
     /// Position among the choices.
     pub index: u32,
-    /// Always null until logprobs are supported.
+    /// Log probabilities of the generated tokens, when asked for.
     #[serde(default)]
-    pub logprobs: Option<Value>,
+    pub logprobs: Option<CompletionLogprobs>,
     /// Why generation stopped.
     pub finish_reason: FinishReason,
 }
@@ -513,6 +563,22 @@ impl CompletionChunk {
         Self::with_choices(meta, Vec::new(), UsageField::Reported(usage))
     }
 
+    /// The same chunk for choice `index` (chunks are built for choice 0).
+    pub fn at(mut self, index: u32) -> Self {
+        for c in &mut self.choices {
+            c.index = index;
+        }
+        self
+    }
+
+    /// Attaches log probabilities to the chunk's choice.
+    pub fn with_logprobs(mut self, logprobs: Option<CompletionLogprobs>) -> Self {
+        if let Some(c) = self.choices.first_mut() {
+            c.logprobs = logprobs;
+        }
+        self
+    }
+
     /// With `include_usage`, turns an omitted `usage` into `"usage": null`;
     /// a reported usage is kept either way.
     pub fn with_usage_field(mut self, include_usage: bool) -> Self {
@@ -530,9 +596,9 @@ pub struct CompletionChunkChoice {
     pub text: String,
     /// Position among the choices.
     pub index: u32,
-    /// Always null until logprobs are supported.
+    /// Log probabilities of the tokens in this chunk, when asked for.
     #[serde(default)]
-    pub logprobs: Option<Value>,
+    pub logprobs: Option<CompletionLogprobs>,
     /// Set on the chunk that ends the choice, null before.
     #[serde(default)]
     pub finish_reason: Option<FinishReason>,
@@ -693,23 +759,30 @@ mod tests {
     #[test]
     fn unsupported_features_rejected() {
         let cases = [
-            ("echo", json!(true)),
-            ("logprobs", json!(0)),
-            ("logprobs", json!(5)),
-            ("suffix", json!("The end.")),
-            ("best_of", json!(3)),
-            ("n", json!(2)),
-            ("logit_bias", json!({"50256": -100})),
+            ("suffix", json!("The end."), "not supported yet"),
+            ("best_of", json!(3), "not supported yet"),
+            ("logprobs", json!(6), "between 0 and 5"),
+            ("n", json!(17), "between 1 and 16"),
+            ("logit_bias", json!({"x": 1}), "token ids"),
+            ("guided_choice", json!([]), "at least one"),
         ];
-        for (field, value) in cases {
+        for (field, value, needle) in cases {
             let err = rejected(&with(field, value));
             assert_eq!(err.param.as_deref(), Some(field));
-            assert!(err.message.contains("not supported yet"), "{}", err.message);
+            assert!(err.message.contains(needle), "{}", err.message);
         }
+        let mut both = with("echo", json!(true));
+        both.logprobs = Some(1);
+        assert_eq!(rejected(&both).param.as_deref(), Some("echo"));
         let err = rejected(&with("best_of", json!(0)));
         assert_eq!(err.param.as_deref(), Some("best_of"));
         for (field, value) in [
             ("echo", json!(false)),
+            ("echo", json!(true)),
+            ("logprobs", json!(5)),
+            ("n", json!(2)),
+            ("logit_bias", json!({"50256": -100})),
+            ("guided_regex", json!("a|b")),
             ("suffix", json!("")),
             ("best_of", json!(1)),
         ] {

@@ -7,17 +7,22 @@
 
 #![warn(missing_docs)]
 
+pub mod anthropic;
 pub mod chat;
 pub mod completions;
 pub mod error;
 pub mod kv;
+pub mod logprobs;
 pub mod models;
 pub mod sampling;
 pub mod sse;
+pub mod structured;
 
 pub use chat::{
     AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatMessage, ChunkChoice, ContentPart, Delta, MessageContent, Role,
+    ChatCompletionResponse, ChatMessage, ChunkChoice, ContentPart, Delta, FunctionCall,
+    FunctionCallDelta, FunctionDefinition, MessageContent, Role, Tool, ToolCall, ToolCallDelta,
+    ToolChoice,
 };
 pub use completions::{
     CompletionChoice, CompletionChunk, CompletionChunkChoice, CompletionRequest,
@@ -25,9 +30,13 @@ pub use completions::{
 };
 pub use error::{parse_json, ApiError};
 pub use kv::{block_hash, prefix_hashes, KvEvent};
+pub use logprobs::{
+    ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TokenText, TopLogprob, MAX_TOP_LOGPROBS,
+};
 pub use models::{ModelCard, ModelList};
 pub use sampling::{
     FinishReason, ResponseMeta, SamplingFields, SamplingRequest, StopSequences, StreamOptions,
-    Usage, UsageField, MAX_STOP_SEQUENCES,
+    Usage, UsageField, MAX_CHOICES, MAX_STOP_SEQUENCES,
 };
 pub use sse::{parse_sse_data, sse_event, SSE_DONE};
+pub use structured::{ConstraintFields, OutputConstraint};

@@ -10,6 +10,7 @@ use std::fmt;
 
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
+use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 
@@ -230,7 +231,14 @@ pub struct SamplingRequest {
     pub stop: Vec<String>,
     /// Keep generating past the EOS token.
     pub ignore_eos: bool,
+    /// Token id and bias added to its logit, in [-100, 100].
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Independent choices to generate (1 to [`MAX_CHOICES`]).
+    pub n: u32,
 }
+
+/// Most choices (`n`) one request may ask for.
+pub const MAX_CHOICES: u32 = 16;
 
 impl Default for SamplingRequest {
     fn default() -> Self {
@@ -246,6 +254,8 @@ impl Default for SamplingRequest {
             max_tokens: None,
             stop: Vec::new(),
             ignore_eos: false,
+            logit_bias: Vec::new(),
+            n: 1,
         }
     }
 }
@@ -270,7 +280,7 @@ pub struct SamplingFields<'a> {
     pub frequency_penalty: Option<f64>,
     /// `repetition_penalty`, allowed in (0, 10].
     pub repetition_penalty: Option<f64>,
-    /// `n`; only 1 is supported for now.
+    /// `n`, 1 to [`MAX_CHOICES`].
     pub n: Option<u32>,
     /// `seed`.
     pub seed: Option<u64>,
@@ -282,6 +292,8 @@ pub struct SamplingFields<'a> {
     pub stop: Option<&'a StopSequences>,
     /// `ignore_eos`.
     pub ignore_eos: bool,
+    /// `logit_bias`: token id (as a string) to a bias in [-100, 100].
+    pub logit_bias: Option<&'a Map<String, Value>>,
 }
 
 impl SamplingFields<'_> {
@@ -303,16 +315,14 @@ impl SamplingFields<'_> {
             }
         }
         if let Some(n) = self.n {
-            if n == 0 {
+            if !(1..=MAX_CHOICES).contains(&n) {
                 return Err(ApiError::invalid_request(
-                    format!("n must be at least 1, got {n}"),
+                    format!("n must be between 1 and {MAX_CHOICES}, got {n}"),
                     Some("n"),
                 ));
             }
-            if n > 1 {
-                return Err(ApiError::unsupported("n > 1", "n"));
-            }
         }
+        self.parse_logit_bias()?;
         let param = if self.max_tokens_param.is_empty() {
             "max_tokens"
         } else {
@@ -344,7 +354,40 @@ impl SamplingFields<'_> {
             max_tokens: self.max_tokens,
             stop: self.stop.map(|s| s.as_slice().to_vec()).unwrap_or_default(),
             ignore_eos: self.ignore_eos,
+            logit_bias: self.parse_logit_bias().unwrap_or_default(),
+            n: self.n.unwrap_or(1),
         }
+    }
+
+    /// `logit_bias` as (token id, bias) pairs, sorted by id.
+    fn parse_logit_bias(&self) -> Result<Vec<(u32, f32)>, ApiError> {
+        let Some(map) = self.logit_bias else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(map.len());
+        for (key, value) in map {
+            let id: u32 = key.trim().parse().map_err(|_| {
+                ApiError::invalid_request(
+                    format!("logit_bias keys must be token ids, got {key:?}"),
+                    Some("logit_bias"),
+                )
+            })?;
+            let bias = value
+                .as_f64()
+                .filter(|b| (-100.0..=100.0).contains(b))
+                .ok_or_else(|| {
+                    ApiError::invalid_request(
+                        format!(
+                            "logit_bias values must be numbers between -100 and 100, got {value} \
+                             for token {id}"
+                        ),
+                        Some("logit_bias"),
+                    )
+                })?;
+            out.push((id, bias as f32));
+        }
+        out.sort_unstable_by_key(|p| p.0);
+        Ok(out)
     }
 }
 
@@ -636,16 +679,47 @@ mod tests {
                 ..fields()
             },
             "n",
-            &["n must be at least 1, got 0"],
+            &["n must be between 1 and 16, got 0"],
         );
         assert_rejects(
             SamplingFields {
-                n: Some(2),
+                n: Some(17),
                 ..fields()
             },
             "n",
-            &["n > 1", "not supported yet"],
+            &["between 1 and 16", "17"],
         );
+        for (bias, needle) in [
+            (json!({"abc": 1}), "token ids"),
+            (json!({"5": 101}), "between -100 and 100"),
+            (json!({"5": "x"}), "between -100 and 100"),
+        ] {
+            let map = bias.as_object().cloned().expect("object");
+            assert_rejects(
+                SamplingFields {
+                    logit_bias: Some(&map),
+                    ..fields()
+                },
+                "logit_bias",
+                &[needle],
+            );
+        }
+    }
+
+    #[test]
+    fn logit_bias_and_n_convert() {
+        let map = json!({"7": -100, " 3": 2.5})
+            .as_object()
+            .cloned()
+            .expect("object");
+        let req = SamplingFields {
+            logit_bias: Some(&map),
+            n: Some(3),
+            ..fields()
+        }
+        .to_request();
+        assert_eq!(req.logit_bias, vec![(3, 2.5), (7, -100.0)]);
+        assert_eq!(req.n, 3);
     }
 
     #[test]

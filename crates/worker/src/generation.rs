@@ -4,17 +4,38 @@
 
 use std::time::Instant;
 
-use lastmile_engine::{FinishReason as EngineFinish, GenerationEvent, GenerationStream};
+use lastmile_engine::{
+    FinishReason as EngineFinish, GenerationEvent, GenerationStream, TokenLogprobs,
+};
 use lastmile_protocol::{ApiError, FinishReason, Usage};
 
 use crate::metrics::Metrics;
 
 /// What the driver yields.
 pub(crate) enum Piece {
-    /// New text (never empty).
-    Text(String),
-    /// The end, with the reason and token counts.
-    End(FinishReason, Usage),
+    /// New text; empty only when it carries a token's log probabilities (text held back).
+    Text {
+        /// The text.
+        text: String,
+        /// The token that produced it, with its log probabilities, when they were asked for.
+        token: Option<(u32, TokenLogprobs)>,
+    },
+    /// The end, with the reason, the token counts and the stop string that ended it (if one did).
+    End(FinishReason, Usage, Option<String>),
+}
+
+impl Piece {
+    fn text(text: String) -> Self {
+        Self::Text { text, token: None }
+    }
+}
+
+/// How the engine ended a request.
+struct Ending {
+    reason: EngineFinish,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    stop_sequence: Option<String>,
 }
 
 /// One engine request being relayed to a client.
@@ -22,7 +43,7 @@ pub(crate) struct Generation {
     stream: GenerationStream,
     started: Instant,
     last_token: Option<Instant>,
-    pending_end: Option<(EngineFinish, usize, usize)>,
+    pending_end: Option<Ending>,
     done: bool,
 }
 
@@ -42,8 +63,8 @@ impl Generation {
         if self.done {
             return None;
         }
-        if let Some((reason, p, c)) = self.pending_end.take() {
-            return Some(Ok(self.finish(reason, p, c, metrics)));
+        if let Some(end) = self.pending_end.take() {
+            return Some(Ok(self.finish(end, metrics)));
         }
         loop {
             let Some(ev) = self.stream.next().await else {
@@ -53,7 +74,7 @@ impl Generation {
                 )));
             };
             match ev {
-                GenerationEvent::Token { text, .. } => {
+                GenerationEvent::Token { id, text, logprobs } => {
                     let now = Instant::now();
                     match self.last_token {
                         None => metrics.ttft.observe((now - self.started).as_secs_f64()),
@@ -63,8 +84,14 @@ impl Generation {
                     metrics
                         .generation_tokens
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let Some(lp) = logprobs {
+                        return Some(Ok(Piece::Text {
+                            text,
+                            token: Some((id, lp)),
+                        }));
+                    }
                     if !text.is_empty() {
-                        return Some(Ok(Piece::Text(text)));
+                        return Some(Ok(Piece::text(text)));
                     }
                 }
                 GenerationEvent::Finished {
@@ -72,18 +99,20 @@ impl Generation {
                     text,
                     prompt_tokens,
                     completion_tokens,
+                    stop_sequence,
                 } => {
-                    if !text.is_empty() {
-                        // Release held-back text first; the end comes on the next call.
-                        self.pending_end = Some((reason, prompt_tokens, completion_tokens));
-                        return Some(Ok(Piece::Text(text)));
-                    }
-                    return Some(Ok(self.finish(
+                    let end = Ending {
                         reason,
                         prompt_tokens,
                         completion_tokens,
-                        metrics,
-                    )));
+                        stop_sequence,
+                    };
+                    if !text.is_empty() {
+                        // Release held-back text first; the end comes on the next call.
+                        self.pending_end = Some(end);
+                        return Some(Ok(Piece::text(text)));
+                    }
+                    return Some(Ok(self.finish(end, metrics)));
                 }
                 GenerationEvent::Failed(msg) => {
                     self.done = true;
@@ -93,19 +122,14 @@ impl Generation {
         }
     }
 
-    fn finish(
-        &mut self,
-        reason: EngineFinish,
-        prompt: usize,
-        completion: usize,
-        metrics: &Metrics,
-    ) -> Piece {
+    fn finish(&mut self, end: Ending, metrics: &Metrics) -> Piece {
         self.done = true;
         metrics.e2e.observe(self.started.elapsed().as_secs_f64());
-        let reason = match reason {
+        let reason = match end.reason {
             EngineFinish::Stop => FinishReason::Stop,
             EngineFinish::Length => FinishReason::Length,
         };
-        Piece::End(reason, Usage::new(prompt as u32, completion as u32))
+        let usage = Usage::new(end.prompt_tokens as u32, end.completion_tokens as u32);
+        Piece::End(reason, usage, end.stop_sequence)
     }
 }

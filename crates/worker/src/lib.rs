@@ -2,10 +2,12 @@
 //! `/v1/completions`, `/v1/models`), `/health` and Prometheus `/metrics`.
 #![warn(missing_docs)]
 
+mod anthropic;
 mod error;
 mod generation;
 mod metrics;
 mod openai;
+mod tools;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -57,6 +59,8 @@ pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
         .route("/v1/kv/events", get(kv_events))

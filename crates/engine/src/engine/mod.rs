@@ -13,6 +13,7 @@ use tokio::sync::broadcast;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::chat_template::ChatTemplate;
+use crate::constraint::{Grammar, GrammarCompiler, GrammarSpec};
 use crate::error::{EngineError, Result};
 use crate::kv::KvCache;
 use crate::loader::LoadedModel;
@@ -92,6 +93,34 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Keep going past end-of-generation tokens.
     pub ignore_eos: bool,
+    /// Report each generated token's log probability and this many alternatives.
+    pub logprobs: Option<usize>,
+    /// Output constraint; generation ends when the grammar is complete.
+    pub grammar: Option<Grammar>,
+}
+
+impl GenerateRequest {
+    /// A request for `max_tokens` tokens after `prompt`, with no stop strings, logprobs or grammar.
+    pub fn new(prompt: Vec<u32>, sampling: SamplingParams, max_tokens: usize) -> Self {
+        Self {
+            prompt,
+            sampling,
+            max_tokens,
+            stop: Vec::new(),
+            ignore_eos: false,
+            logprobs: None,
+            grammar: None,
+        }
+    }
+}
+
+/// A generated token's log probability under the model, and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// Natural log of the chosen token's probability (before penalties, biases and grammars).
+    pub logprob: f32,
+    /// The most likely tokens at this position with their log probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
 }
 
 /// Why a sequence ended.
@@ -112,6 +141,8 @@ pub enum GenerationEvent {
         id: u32,
         /// New text.
         text: String,
+        /// Log probabilities, when the request asked for them.
+        logprobs: Option<TokenLogprobs>,
     },
     /// The end of the sequence.
     Finished {
@@ -123,6 +154,8 @@ pub enum GenerationEvent {
         prompt_tokens: usize,
         /// Generated tokens.
         completion_tokens: usize,
+        /// The stop string that ended generation, if one did.
+        stop_sequence: Option<String>,
     },
     /// The engine failed this request.
     Failed(String),
@@ -204,6 +237,7 @@ pub struct EngineHandle {
     template: Arc<ChatTemplate>,
     max_waiting: usize,
     kv_events: broadcast::Sender<KvEvent>,
+    grammars: Arc<GrammarCompiler>,
 }
 
 impl EngineHandle {
@@ -260,6 +294,7 @@ impl EngineHandle {
             tx,
             info,
             stats,
+            grammars: Arc::new(GrammarCompiler::new(tokenizer.clone())),
             tokenizer,
             template: Arc::new(template),
             max_waiting,
@@ -337,5 +372,12 @@ impl EngineHandle {
     /// The chat template.
     pub fn template(&self) -> &ChatTemplate {
         &self.template
+    }
+
+    /// Compiles an output constraint for a request. CPU-bound (milliseconds for a schema, about
+    /// a tenth of a second the first time, when the vocabulary index is built): call it from a
+    /// blocking thread. An invalid schema, pattern or grammar is an `InvalidRequest`.
+    pub fn compile_grammar(&self, spec: &GrammarSpec) -> Result<Grammar> {
+        self.grammars.compile(spec)
     }
 }

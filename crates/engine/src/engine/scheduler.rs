@@ -14,11 +14,12 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::{
     EngineConfig, EngineStats, FinishReason, GenerateRequest, GenerationEvent, Submission,
+    TokenLogprobs,
 };
 use crate::kv::{BlockPool, KvCache};
 use crate::model::{BatchSeq, LlamaModel, Scratch};
 use crate::parallel::ThreadPool;
-use crate::sampler::{Sampler, StopMatcher};
+use crate::sampler::{logprobs, Sampler, StopMatcher};
 use crate::tokenizer::{DecodeStream, TextTokenizer};
 use lastmile_protocol::{block_hash, prefix_hashes, KvEvent};
 
@@ -70,6 +71,8 @@ pub(super) struct Scheduler {
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
     next_id: u64,
+    /// Copy of one row of logits before sampling changes it (for log probabilities).
+    raw_logits: Vec<f32>,
 }
 
 fn blocks_for(tokens: usize, block_size: usize) -> usize {
@@ -102,6 +105,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_id: 0,
+            raw_logits: Vec::new(),
             config,
         }
     }
@@ -381,11 +385,18 @@ impl Scheduler {
             }
             let logits = &mut self.scratch.logits[logit_row * vocab..(logit_row + 1) * vocab];
             logit_row += 1;
-            let token = s.sampler.sample(logits);
-            s.sampler.observe(token);
+            let sampled = sample_next(s, logits, &mut self.raw_logits);
+            let (token, logprobs) = match sampled {
+                Ok(x) => x,
+                Err(e) => {
+                    let _ = s.tx.send(GenerationEvent::Failed(e.to_string()));
+                    finished.push((idx, FinishReason::Stop));
+                    continue;
+                }
+            };
             s.tokens.push(token);
             self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            if let Some(reason) = emit(s, &self.tokenizer, token) {
+            if let Some(reason) = emit(s, &self.tokenizer, token, logprobs) {
                 finished.push((idx, reason));
             }
         }
@@ -397,8 +408,37 @@ impl Scheduler {
     }
 }
 
+/// Picks `s`'s next token from its logits: under its grammar if it has one, with log
+/// probabilities (taken from the raw logits, before penalties and masks) if it asked for them.
+fn sample_next(
+    s: &mut Sequence,
+    logits: &mut [f32],
+    raw: &mut Vec<f32>,
+) -> crate::error::Result<(u32, Option<TokenLogprobs>)> {
+    if s.request.logprobs.is_some() {
+        raw.clear();
+        raw.extend_from_slice(logits);
+    }
+    let allowed = match s.request.grammar.as_mut() {
+        Some(g) => Some(g.allowed()?),
+        None => None,
+    };
+    let token = s.sampler.sample(logits, allowed.as_ref());
+    if let Some(g) = s.request.grammar.as_mut() {
+        g.accept(token)?;
+    }
+    s.sampler.observe(token);
+    let logprobs = s.request.logprobs.map(|k| logprobs(raw, token, k));
+    Ok((token, logprobs))
+}
+
 /// Streams one new token of `s`; returns a finish reason when the sequence is done.
-fn emit(s: &mut Sequence, tok: &TextTokenizer, token: u32) -> Option<FinishReason> {
+fn emit(
+    s: &mut Sequence,
+    tok: &TextTokenizer,
+    token: u32,
+    logprobs: Option<TokenLogprobs>,
+) -> Option<FinishReason> {
     let is_eog = !s.request.ignore_eos && tok.eog_ids.contains(&token);
     let mut reason = None;
     let mut text = String::new();
@@ -420,12 +460,20 @@ fn emit(s: &mut Sequence, tok: &TextTokenizer, token: u32) -> Option<FinishReaso
     } else {
         reason = Some(FinishReason::Stop);
     }
+    if reason.is_none() && s.request.grammar.as_ref().is_some_and(|g| g.is_finished()) {
+        reason = Some(FinishReason::Stop);
+    }
     if reason.is_none() && s.generated() >= s.request.max_tokens {
         reason = Some(FinishReason::Length);
     }
-    let _ = s.tx.send(GenerationEvent::Token { id: token, text });
+    let _ = s.tx.send(GenerationEvent::Token {
+        id: token,
+        text,
+        logprobs,
+    });
     if let Some(r) = reason {
-        let tail = if r == FinishReason::Length || is_eog {
+        let grammar_done = s.request.grammar.is_some();
+        let tail = if r == FinishReason::Length || is_eog || grammar_done {
             s.stops.flush()
         } else {
             String::new()
@@ -436,6 +484,7 @@ fn emit(s: &mut Sequence, tok: &TextTokenizer, token: u32) -> Option<FinishReaso
             text: tail,
             prompt_tokens: s.prompt_len,
             completion_tokens,
+            stop_sequence: s.stops.matched().map(str::to_string),
         });
     }
     reason

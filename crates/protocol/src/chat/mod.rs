@@ -1,9 +1,20 @@
-//! `/v1/chat/completions`: the request, its validation, the response and the stream chunks.
+//! `/v1/chat/completions`: the request and its validation; the response and stream chunks live
+//! in [`response`], tool calling in [`tools`].
 //!
 //! Invariants: a request that passes [`ChatCompletionRequest::validate`] has at
-//! least one message, only text content, sampling values in range, and asks for
-//! no feature this server has not implemented yet. Unknown request fields are
-//! ignored, as OpenAI does.
+//! least one message, only text content, sampling values in range, well-formed tools and
+//! output constraints, and asks for no feature this server has not implemented yet. Unknown
+//! request fields are ignored, as OpenAI does.
+
+pub mod response;
+pub mod tools;
+
+pub use response::{
+    AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionResponse, ChunkChoice, Delta,
+};
+pub use tools::{
+    FunctionCall, FunctionCallDelta, FunctionDefinition, Tool, ToolCall, ToolCallDelta, ToolChoice,
+};
 
 use serde::de::{self, Deserializer};
 use serde::ser::Serializer;
@@ -11,10 +22,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
+use crate::logprobs::MAX_TOP_LOGPROBS;
 use crate::sampling::{
-    check_max_tokens, deserialize_seed, FinishReason, ResponseMeta, SamplingFields,
-    SamplingRequest, StopSequences, StreamOptions, Usage, UsageField,
+    check_max_tokens, deserialize_seed, SamplingFields, SamplingRequest, StopSequences,
+    StreamOptions,
 };
+use crate::structured::{ConstraintFields, OutputConstraint};
 
 /// The body of `POST /v1/chat/completions`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,7 +54,7 @@ pub struct ChatCompletionRequest {
     /// Extension: min-p cutoff in [0, 1].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_p: Option<f64>,
-    /// Number of choices; only 1 for now.
+    /// Number of independent choices, 1 to 16.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<u32>,
     /// Stream the answer as server-sent events.
@@ -72,30 +85,42 @@ pub struct ChatCompletionRequest {
     /// Extension: keep generating past EOS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ignore_eos: Option<bool>,
-    /// Return log probabilities (not supported yet).
+    /// Return each generated token's log probability.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<bool>,
-    /// Number of alternatives per position with `logprobs` (not supported yet).
+    /// Number of alternatives per position with `logprobs` (0 to 20).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_logprobs: Option<u32>,
-    /// Token-id → bias map (not supported yet).
+    /// Token-id → bias map, biases in [-100, 100].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logit_bias: Option<Map<String, Value>>,
     /// End-user identifier; recorded, not used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
-    /// Tool definitions (not supported yet when non-empty).
+    /// Functions the model may call, as sent (typed view: [`Self::typed_tools`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tools: Option<Vec<Value>>,
-    /// Tool choice; meaningless without tools.
+    /// `"none"`, `"auto"`, `"required"` or a named function (typed: [`Self::typed_tool_choice`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_choice: Option<Value>,
-    /// Allow parallel tool calls; meaningless without tools.
+    /// Allow more than one tool call in one answer (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parallel_tool_calls: Option<bool>,
-    /// Output format; only `{"type": "text"}` for now.
+    /// Output format: `text`, `json_object` or `json_schema`, enforced by constrained decoding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_format: Option<Value>,
+    /// Extension (vLLM): JSON Schema the output must follow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guided_json: Option<Value>,
+    /// Extension (vLLM): regular expression the output must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guided_regex: Option<String>,
+    /// Extension (vLLM): the output is exactly one of these strings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guided_choice: Option<Vec<String>>,
+    /// Extension: a Lark grammar the output must follow (llguidance's dialect).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guided_grammar: Option<String>,
 }
 
 impl ChatCompletionRequest {
@@ -127,6 +152,10 @@ impl ChatCompletionRequest {
             tool_choice: None,
             parallel_tool_calls: None,
             response_format: None,
+            guided_json: None,
+            guided_regex: None,
+            guided_choice: None,
+            guided_grammar: None,
         }
     }
 
@@ -161,6 +190,7 @@ impl ChatCompletionRequest {
             },
             stop: self.stop.as_ref(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            logit_bias: self.logit_bias.as_ref(),
         }
     }
 
@@ -195,40 +225,61 @@ impl ChatCompletionRequest {
                 Some("stream_options"),
             ));
         }
-        self.reject_unsupported()
+        self.validate_features()
     }
 
-    /// Features OpenAI has and we do not yet; silently ignoring them would
-    /// return answers the client did not ask for.
-    fn reject_unsupported(&self) -> Result<(), ApiError> {
-        if self.logprobs == Some(true) {
-            return Err(ApiError::unsupported("logprobs", "logprobs"));
+    /// How many alternatives to report per token when `logprobs` is on (`None`: logprobs off).
+    pub fn top_logprobs_wanted(&self) -> Option<usize> {
+        (self.logprobs == Some(true)).then(|| self.top_logprobs.unwrap_or(0) as usize)
+    }
+
+    /// The tools, typed (empty when none; call after [`Self::validate`]).
+    pub fn typed_tools(&self) -> Result<Vec<Tool>, ApiError> {
+        tools::parse_tools(self.tools.as_deref().unwrap_or_default())
+    }
+
+    /// The tool choice, typed and checked against the tools.
+    pub fn typed_tool_choice(&self) -> Result<ToolChoice, ApiError> {
+        tools::parse_tool_choice(self.tool_choice.as_ref(), &self.typed_tools()?)
+    }
+
+    /// The output constraint from `response_format` or a `guided_*` field, if any.
+    pub fn output_constraint(&self) -> Result<Option<OutputConstraint>, ApiError> {
+        ConstraintFields {
+            response_format: self.response_format.as_ref(),
+            guided_json: self.guided_json.as_ref(),
+            guided_regex: self.guided_regex.as_deref(),
+            guided_choice: self.guided_choice.as_deref(),
+            guided_grammar: self.guided_grammar.as_deref(),
         }
-        if self.top_logprobs.is_some_and(|n| n > 0) {
-            return Err(ApiError::unsupported("top_logprobs", "top_logprobs"));
-        }
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::unsupported("tools", "tools"));
-        }
-        if self.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(ApiError::unsupported("logit_bias", "logit_bias"));
-        }
-        if let Some(format) = &self.response_format {
-            match format.get("type").and_then(Value::as_str) {
-                Some("text") => {}
-                Some(kind) => {
-                    return Err(ApiError::unsupported(
-                        &format!("response_format: {kind}"),
-                        "response_format",
-                    ))
-                }
-                None => {
-                    return Err(ApiError::invalid_request(
-                        "response_format must be an object with a string `type`",
-                        Some("response_format"),
-                    ))
-                }
+        .parse()
+    }
+
+    /// Tools, logprobs and output constraints are well-formed and consistent.
+    fn validate_features(&self) -> Result<(), ApiError> {
+        if let Some(k) = self.top_logprobs {
+            if k > MAX_TOP_LOGPROBS {
+                return Err(ApiError::invalid_request(
+                    format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"),
+                    Some("top_logprobs"),
+                ));
             }
+            if k > 0 && self.logprobs != Some(true) {
+                return Err(ApiError::invalid_request(
+                    "top_logprobs requires logprobs to be true",
+                    Some("top_logprobs"),
+                ));
+            }
+        }
+        let choice = self.typed_tool_choice()?;
+        let constraint = self.output_constraint()?;
+        if constraint.is_some() && matches!(choice, ToolChoice::Required | ToolChoice::Function(_))
+        {
+            return Err(ApiError::invalid_request(
+                "a forced tool call (tool_choice) cannot be combined with response_format or a \
+                 guided_* constraint",
+                Some("tool_choice"),
+            ));
         }
         Ok(())
     }
@@ -274,7 +325,7 @@ pub struct ChatMessage {
     /// Optional participant name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// Tool calls made by an assistant message, kept as sent.
+    /// Tool calls made by an assistant message, as sent (typed: [`Self::typed_tool_calls`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<Value>>,
     /// For `tool` messages: which call this answers.
@@ -302,7 +353,22 @@ impl ChatMessage {
             .unwrap_or_default()
     }
 
+    /// The typed tool calls of an assistant message (empty when none).
+    pub fn typed_tool_calls(&self, index: usize) -> Result<Vec<ToolCall>, ApiError> {
+        tools::parse_tool_calls(self.tool_calls.as_deref().unwrap_or_default(), index)
+    }
+
     fn validate(&self, index: usize) -> Result<(), ApiError> {
+        if self.tool_calls.is_some() {
+            if self.role != Role::Assistant {
+                let param = format!("messages[{index}].tool_calls");
+                return Err(ApiError::invalid_request(
+                    format!("{param} is only allowed on assistant messages"),
+                    Some(&param),
+                ));
+            }
+            self.typed_tool_calls(index)?;
+        }
         let param = format!("messages[{index}].content");
         match &self.content {
             None if self.role != Role::Assistant => Err(ApiError::invalid_request(
@@ -416,203 +482,11 @@ impl<'de> Deserialize<'de> for ContentPart {
     }
 }
 
-/// The non-streaming answer to a chat request.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ChatCompletionResponse {
-    /// Response id, e.g. `chatcmpl-...`.
-    pub id: String,
-    /// Always `"chat.completion"`.
-    pub object: String,
-    /// Unix timestamp (seconds).
-    pub created: u64,
-    /// Model that answered.
-    pub model: String,
-    /// The generated choices.
-    pub choices: Vec<ChatChoice>,
-    /// Token accounting.
-    pub usage: Usage,
-    /// Backend configuration fingerprint, omitted when unknown.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub system_fingerprint: Option<String>,
-}
-
-impl ChatCompletionResponse {
-    /// A response with one choice (index 0) holding `content`.
-    pub fn new(
-        meta: &ResponseMeta,
-        content: impl Into<String>,
-        finish_reason: FinishReason,
-        usage: Usage,
-    ) -> Self {
-        Self {
-            id: meta.id.clone(),
-            object: "chat.completion".to_owned(),
-            created: meta.created,
-            model: meta.model.clone(),
-            choices: vec![ChatChoice {
-                index: 0,
-                message: AssistantMessage::new(content),
-                logprobs: None,
-                finish_reason,
-            }],
-            usage,
-            system_fingerprint: None,
-        }
-    }
-}
-
-/// One choice of a [`ChatCompletionResponse`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ChatChoice {
-    /// Position among the choices.
-    pub index: u32,
-    /// The generated message.
-    pub message: AssistantMessage,
-    /// Always null until logprobs are supported.
-    #[serde(default)]
-    pub logprobs: Option<Value>,
-    /// Why generation stopped.
-    pub finish_reason: FinishReason,
-}
-
-/// The message the model produced.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AssistantMessage {
-    /// Always [`Role::Assistant`].
-    pub role: Role,
-    /// The generated text.
-    pub content: Option<String>,
-}
-
-impl AssistantMessage {
-    /// An assistant message with the given text.
-    pub fn new(content: impl Into<String>) -> Self {
-        Self {
-            role: Role::Assistant,
-            content: Some(content.into()),
-        }
-    }
-}
-
-/// One server-sent event of a streamed chat completion.
-///
-/// A stream is: [`Self::role`], any number of [`Self::content`], [`Self::finish`],
-/// then, if usage was requested, [`Self::usage`] (empty `choices`). With usage
-/// requested every other chunk carries `"usage": null`; see [`Self::with_usage_field`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ChatCompletionChunk {
-    /// Same id on every chunk of the stream.
-    pub id: String,
-    /// Always `"chat.completion.chunk"`.
-    pub object: String,
-    /// Unix timestamp (seconds), same on every chunk.
-    pub created: u64,
-    /// Model that answered.
-    pub model: String,
-    /// Backend configuration fingerprint, omitted when unknown.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub system_fingerprint: Option<String>,
-    /// Zero or one choice deltas (zero only on the usage chunk).
-    pub choices: Vec<ChunkChoice>,
-    /// Absent, null, or the final usage.
-    #[serde(default, skip_serializing_if = "UsageField::is_omitted")]
-    pub usage: UsageField,
-}
-
-impl ChatCompletionChunk {
-    fn with_choice(meta: &ResponseMeta, delta: Delta, finish_reason: Option<FinishReason>) -> Self {
-        Self {
-            id: meta.id.clone(),
-            object: "chat.completion.chunk".to_owned(),
-            created: meta.created,
-            model: meta.model.clone(),
-            system_fingerprint: None,
-            choices: vec![ChunkChoice {
-                index: 0,
-                delta,
-                logprobs: None,
-                finish_reason,
-            }],
-            usage: UsageField::Omitted,
-        }
-    }
-
-    /// The first chunk: `{"role": "assistant", "content": ""}`.
-    pub fn role(meta: &ResponseMeta) -> Self {
-        let delta = Delta {
-            role: Some(Role::Assistant),
-            content: Some(String::new()),
-        };
-        Self::with_choice(meta, delta, None)
-    }
-
-    /// A chunk carrying generated text.
-    pub fn content(meta: &ResponseMeta, text: impl Into<String>) -> Self {
-        let delta = Delta {
-            role: None,
-            content: Some(text.into()),
-        };
-        Self::with_choice(meta, delta, None)
-    }
-
-    /// The chunk that ends the choice: empty delta and a finish reason.
-    pub fn finish(meta: &ResponseMeta, reason: FinishReason) -> Self {
-        Self::with_choice(meta, Delta::default(), Some(reason))
-    }
-
-    /// The extra last chunk sent when usage was requested: no choices, usage filled in.
-    pub fn usage(meta: &ResponseMeta, usage: Usage) -> Self {
-        Self {
-            id: meta.id.clone(),
-            object: "chat.completion.chunk".to_owned(),
-            created: meta.created,
-            model: meta.model.clone(),
-            system_fingerprint: None,
-            choices: Vec::new(),
-            usage: UsageField::Reported(usage),
-        }
-    }
-
-    /// With `include_usage`, turns an omitted `usage` into `"usage": null`;
-    /// a reported usage is kept either way.
-    pub fn with_usage_field(mut self, include_usage: bool) -> Self {
-        if include_usage && self.usage.is_omitted() {
-            self.usage = UsageField::Null;
-        }
-        self
-    }
-}
-
-/// One choice's change in a [`ChatCompletionChunk`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ChunkChoice {
-    /// Position among the choices.
-    pub index: u32,
-    /// What was added.
-    pub delta: Delta,
-    /// Always null until logprobs are supported.
-    #[serde(default)]
-    pub logprobs: Option<Value>,
-    /// Set on the chunk that ends the choice, null before.
-    #[serde(default)]
-    pub finish_reason: Option<FinishReason>,
-}
-
-/// The new part of the assistant message; unset fields are left out of the JSON.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Delta {
-    /// Set on the first chunk only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub role: Option<Role>,
-    /// Newly generated text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content: Option<String>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::error::parse_json;
+    use crate::sampling::{FinishReason, ResponseMeta, Usage};
     use serde_json::json;
 
     fn parse(v: Value) -> ChatCompletionRequest {
@@ -850,45 +724,49 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_features_rejected() {
-        let cases = [
-            ("logprobs", json!(true), "logprobs"),
-            ("top_logprobs", json!(3), "top_logprobs"),
-            ("n", json!(2), "n"),
-            ("logit_bias", json!({"50256": -100}), "logit_bias"),
-            (
-                "tools",
-                json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-                "tools",
-            ),
-            (
-                "response_format",
-                json!({"type": "json_object"}),
-                "response_format",
-            ),
+    fn features_accepted_and_bad_forms_rejected() {
+        let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+        for (field, value) in [
+            ("logprobs", json!(true)),
+            ("n", json!(16)),
+            ("logit_bias", json!({"50256": -100})),
+            ("tools", tool.clone()),
+            ("response_format", json!({"type": "json_object"})),
             (
                 "response_format",
                 json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-                "response_format",
             ),
-        ];
-        for (field, value, param) in cases {
-            let err = rejected(&with(field, value));
-            assert_eq!(err.param.as_deref(), Some(param), "{field}");
-            assert!(err.message.contains("not supported yet"), "{}", err.message);
-        }
-        let err = rejected(&with("response_format", json!({"type": "json_object"})));
-        assert!(err.message.contains("json_object"));
-        // Harmless forms of those fields pass.
-        for (field, value) in [
+            ("guided_regex", json!("[a-z]+")),
+            ("guided_choice", json!(["yes", "no"])),
             ("logprobs", json!(false)),
             ("tools", json!([])),
             ("logit_bias", json!({})),
             ("response_format", json!({"type": "text"})),
             ("n", json!(1)),
         ] {
-            assert!(with(field, value).validate().is_ok(), "{field}");
+            assert!(
+                with(field, value.clone()).validate().is_ok(),
+                "{field}: {value}"
+            );
         }
+        let mut top = with("logprobs", json!(true));
+        top.top_logprobs = Some(20);
+        assert!(top.validate().is_ok());
+        assert_eq!(top.top_logprobs_wanted(), Some(20));
+        top.top_logprobs = Some(21);
+        assert_eq!(rejected(&top).param.as_deref(), Some("top_logprobs"));
+        let err = rejected(&with("top_logprobs", json!(3)));
+        assert!(err.message.contains("requires logprobs"), "{}", err.message);
+        let err = rejected(&with("n", json!(17)));
+        assert_eq!(err.param.as_deref(), Some("n"));
+        let err = rejected(&with("tool_choice", json!("required")));
+        assert_eq!(err.param.as_deref(), Some("tool_choice"));
+        let mut forced = with("tools", tool);
+        forced.tool_choice = Some(json!("required"));
+        forced.response_format = Some(json!({"type": "json_object"}));
+        assert_eq!(rejected(&forced).param.as_deref(), Some("tool_choice"));
+        let err = rejected(&with("response_format", json!({"type": "yaml"})));
+        assert_eq!(err.param.as_deref(), Some("response_format.type"));
         let err = rejected(&with("response_format", json!("text")));
         assert_eq!(err.param.as_deref(), Some("response_format"));
     }

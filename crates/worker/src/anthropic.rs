@@ -1,0 +1,205 @@
+//! `POST /v1/messages` and `POST /v1/messages/count_tokens`: Anthropic's Messages API on top of
+//! the chat pipeline. A request is converted to a chat request (system prompt, turns, tool use
+//! and tool results, tools and tool choice), prepared and run exactly as `/v1/chat/completions`
+//! runs it, and answered as a message or as Anthropic's event stream. Every error, including
+//! the pipeline's, goes out in Anthropic's error shape.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures::stream;
+use lastmile_protocol::anthropic::{
+    frame_events, AnthropicError, CountTokensRequest, CountTokensResponse, MessageOutput,
+    MessageStream, MessagesRequest, MessagesResponse,
+};
+use lastmile_protocol::{parse_json, ApiError};
+
+use crate::error::WorkerError;
+use crate::generation::{Generation, Piece};
+use crate::openai::{
+    chat_prompt, collect, new_id, prepare_chat_request, read_body, submit, ChoiceBuilder, Prepared,
+};
+use crate::tools::ToolSetup;
+use crate::AppState;
+
+const ENDPOINT: &str = "/v1/messages";
+
+fn error_response(e: &AnthropicError) -> Response {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = (status, axum::Json(e.body())).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+fn from_worker(e: WorkerError) -> AnthropicError {
+    AnthropicError::from(e.to_api())
+}
+
+pub(crate) async fn messages(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let body = read_body(req, state.config.max_body_bytes).await?;
+        let request: MessagesRequest = parse_json(&body)?;
+        let chat = request.to_chat()?;
+        let prepared = prepare_chat_request(&state, chat)
+            .await
+            .map_err(from_worker)?;
+        let generations = submit(&state, &prepared, started).map_err(from_worker)?;
+        Ok::<_, AnthropicError>((prepared, generations))
+    }
+    .await;
+    let (prepared, mut generations) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            state.metrics.count_request(ENDPOINT, e.status);
+            return error_response(&e);
+        }
+    };
+    let id = new_id("msg").replacen('-', "_", 1);
+    if prepared.stream {
+        state.metrics.count_request(ENDPOINT, 200);
+        let Some(g) = generations.pop() else {
+            return error_response(&ApiError::internal("no generation was started").into());
+        };
+        return event_stream(state, prepared, g, id);
+    }
+    let resp = match collect(&state, &prepared, generations).await {
+        Ok((mut choices, usage)) => match choices.pop() {
+            Some((builder, finish_reason)) => {
+                let stop_sequence = builder.stop_sequence.clone();
+                let (text, tool_calls) = builder.into_message();
+                let output = MessageOutput {
+                    text,
+                    tool_calls,
+                    finish_reason,
+                    usage,
+                    stop_sequence,
+                };
+                axum::Json(MessagesResponse::new(id, prepared.model, output)).into_response()
+            }
+            None => error_response(&ApiError::internal("no choice was generated").into()),
+        },
+        Err(e) => error_response(&e.into()),
+    };
+    state
+        .metrics
+        .count_request(ENDPOINT, resp.status().as_u16());
+    resp
+}
+
+/// Anthropic's event stream for one generation.
+fn event_stream(state: Arc<AppState>, prepared: Prepared, g: Generation, id: String) -> Response {
+    struct S {
+        state: Arc<AppState>,
+        g: Generation,
+        builder: ChoiceBuilder,
+        events: MessageStream,
+        done: bool,
+    }
+    let input_tokens = prepared.requests.first().map_or(0, |r| r.prompt.len()) as u32;
+    let mut events = MessageStream::new(id, prepared.model.clone(), input_tokens);
+    let opening = frame_events(&events.start());
+    let init = S {
+        builder: prepared.choice(0),
+        state,
+        g,
+        events,
+        done: false,
+    };
+    let rest = stream::unfold(init, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        let tok = s.state.engine.tokenizer();
+        let out = match s.g.next(&s.state.metrics).await {
+            Some(Ok(Piece::Text { text, token })) => {
+                let update = s.builder.push(&text, token, tok);
+                frame_update(&mut s.events, update)
+            }
+            Some(Ok(Piece::End(reason, usage, stop))) => {
+                let (update, reason) = s.builder.finish(reason);
+                let mut out = frame_update(&mut s.events, update);
+                out.push_str(&frame_events(&s.events.finish(
+                    reason,
+                    usage.completion_tokens,
+                    stop.as_deref(),
+                )));
+                s.done = true;
+                out
+            }
+            Some(Err(e)) => {
+                s.done = true;
+                frame_events(&[AnthropicError::from(e).event()])
+            }
+            None => {
+                s.done = true;
+                frame_events(&[AnthropicError::from(ApiError::internal(
+                    "the generation ended without a result",
+                ))
+                .event()])
+            }
+        };
+        Some((Ok::<_, Infallible>(out), s))
+    });
+    let body = stream::StreamExt::chain(
+        stream::once(async move { Ok::<_, Infallible>(opening) }),
+        rest,
+    );
+    let mut resp = Response::new(Body::from_stream(body));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+fn frame_update(events: &mut MessageStream, update: crate::openai::Update) -> String {
+    let mut out = frame_events(&events.text(&update.text));
+    for call in update.calls {
+        out.push_str(&frame_events(&events.tool_call(
+            &call.id,
+            &call.function.name,
+            &call.function.arguments,
+        )));
+    }
+    out
+}
+
+pub(crate) async fn count_tokens(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    const COUNT: &str = "/v1/messages/count_tokens";
+    let result = async {
+        let body = read_body(req, state.config.max_body_bytes).await?;
+        let request: CountTokensRequest = parse_json(&body)?;
+        let chat = request.to_chat()?;
+        chat.validate()?;
+        if chat.model != state.config.model_id {
+            return Err(ApiError::model_not_found(&chat.model).into());
+        }
+        let tools = ToolSetup::from_request(&chat)?;
+        let st = state.clone();
+        let prompt = tokio::task::spawn_blocking(move || chat_prompt(&st, &chat, tools.as_ref()))
+            .await
+            .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))?
+            .map_err(from_worker)?;
+        Ok::<_, AnthropicError>(CountTokensResponse {
+            input_tokens: prompt.len() as u32,
+        })
+    }
+    .await;
+    let resp = match result {
+        Ok(r) => axum::Json(r).into_response(),
+        Err(e) => error_response(&e),
+    };
+    state.metrics.count_request(COUNT, resp.status().as_u16());
+    resp
+}

@@ -1,0 +1,463 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`: parse and validate the body, build the
+//! prompt (chat template with tools, tokenization and grammar compilation off the async threads),
+//! check it fits the context, submit one engine request per choice, and answer whole or as an
+//! OpenAI-style SSE stream.
+
+mod choices;
+mod stream;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use lastmile_engine::{GenerateRequest, Grammar, GrammarSpec, SamplingParams};
+use lastmile_protocol::structured::regex_escape;
+use lastmile_protocol::{
+    parse_json, ApiError, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+    CompletionResponse, FinishReason, OutputConstraint, PromptRef, ResponseMeta, SamplingRequest,
+    Usage,
+};
+use serde_json::{json, Value};
+
+pub(crate) use choices::{ChoiceBuilder, LogprobStyle, Update};
+
+use crate::error::{api_response, WorkerError};
+use crate::generation::{Generation, Piece};
+use crate::tools::{template_messages, ToolSetup};
+use crate::{unix_now, AppState};
+
+/// Which endpoint a request came through (they differ only in framing).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Chat,
+    Completion,
+}
+
+impl Kind {
+    fn endpoint(self) -> &'static str {
+        match self {
+            Kind::Chat => "/v1/chat/completions",
+            Kind::Completion => "/v1/completions",
+        }
+    }
+}
+
+pub(crate) fn new_id(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(1);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{:016x}{n:04x}",
+        t.rotate_left(17) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    )
+}
+
+pub(crate) async fn read_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|e| {
+            let too_big = std::error::Error::source(&e)
+                .map(|s| s.to_string().contains("length limit"))
+                .unwrap_or(false)
+                || e.to_string().contains("length limit");
+            if too_big {
+                ApiError::payload_too_large(limit)
+            } else {
+                ApiError::invalid_request(format!("could not read the request body: {e}"), None)
+            }
+        })
+}
+
+/// A request ready for the engine: one engine request per choice, and how to present them.
+pub(crate) struct Prepared {
+    /// One per choice (`n`).
+    pub(crate) requests: Vec<GenerateRequest>,
+    pub(crate) stream: bool,
+    pub(crate) include_usage: bool,
+    pub(crate) model: String,
+    /// Tools the answer may call (read out of the generated text).
+    pub(crate) tools: Option<Arc<ToolSetup>>,
+    pub(crate) logprobs: LogprobStyle,
+    /// Completions with `echo`: the prompt text each choice starts with.
+    pub(crate) echo: Option<String>,
+}
+
+impl Prepared {
+    /// A fresh builder for choice `index`.
+    pub(crate) fn choice(&self, index: u32) -> ChoiceBuilder {
+        ChoiceBuilder::new(
+            index,
+            self.tools.as_deref(),
+            self.logprobs,
+            self.echo.as_deref().unwrap_or(""),
+        )
+    }
+}
+
+fn engine_sampling(s: &SamplingRequest) -> SamplingParams {
+    SamplingParams {
+        temperature: s.temperature,
+        top_p: s.top_p,
+        top_k: s.top_k as usize,
+        min_p: s.min_p,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        repetition_penalty: s.repetition_penalty,
+        seed: s.seed,
+        logit_bias: s.logit_bias.clone(),
+    }
+}
+
+/// The engine requests for `n` choices of one prompt. Choice `i` of a seeded request uses
+/// seed + i, so choices differ and the whole answer is reproducible.
+fn engine_requests(
+    prompt: Vec<u32>,
+    s: &SamplingRequest,
+    max_tokens: usize,
+    logprobs: Option<usize>,
+    grammar: Option<Grammar>,
+) -> Vec<GenerateRequest> {
+    (0..s.n.max(1))
+        .map(|i| {
+            let mut sampling = engine_sampling(s);
+            sampling.seed = s.seed.map(|seed| seed.wrapping_add(u64::from(i)));
+            GenerateRequest {
+                stop: s.stop.clone(),
+                ignore_eos: s.ignore_eos,
+                logprobs,
+                grammar: grammar.clone(),
+                ..GenerateRequest::new(prompt.clone(), sampling, max_tokens)
+            }
+        })
+        .collect()
+}
+
+fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
+    if model == state.config.model_id {
+        Ok(())
+    } else {
+        Err(ApiError::model_not_found(model))
+    }
+}
+
+/// Fits `max_tokens` to the context: an explicit value must fit, a missing one fills the rest.
+fn budget(state: &AppState, prompt_len: usize, max_tokens: Option<u32>) -> Result<usize, ApiError> {
+    let ctx = state.engine.info().context_length;
+    match max_tokens {
+        Some(m) if prompt_len + m as usize > ctx => Err(ApiError::context_length_exceeded(
+            prompt_len, m as usize, ctx,
+        )),
+        Some(m) => Ok(m as usize),
+        None if prompt_len >= ctx => Err(ApiError::context_length_exceeded(prompt_len, 0, ctx)),
+        None => Ok(ctx - prompt_len),
+    }
+}
+
+/// JSON layout for schema-constrained output unless the schema says otherwise: one line with
+/// `", "` and `": "` separators, so a small model cannot pad the answer with endless whitespace.
+fn with_json_layout(mut schema: Value) -> Value {
+    if let Some(obj) = schema.as_object_mut() {
+        obj.entry("x-guidance").or_insert_with(
+            || json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+        );
+    }
+    schema
+}
+
+/// The grammar that enforces an output constraint.
+fn grammar_spec(c: &OutputConstraint) -> GrammarSpec {
+    match c {
+        OutputConstraint::JsonObject => {
+            GrammarSpec::JsonSchema(with_json_layout(json!({"type": "object"})))
+        }
+        OutputConstraint::JsonSchema(s) => GrammarSpec::JsonSchema(with_json_layout(s.clone())),
+        OutputConstraint::Regex(r) => GrammarSpec::Regex(r.clone()),
+        OutputConstraint::Choice(options) => GrammarSpec::Regex(
+            options
+                .iter()
+                .map(|o| format!("({})", regex_escape(o)))
+                .collect::<Vec<_>>()
+                .join("|"),
+        ),
+        OutputConstraint::Grammar(g) => GrammarSpec::Lark(g.clone()),
+    }
+}
+
+/// Compiles `spec`, naming `param` in the error.
+fn compile(state: &AppState, spec: &GrammarSpec, param: &str) -> Result<Grammar, WorkerError> {
+    state.engine.compile_grammar(spec).map_err(|e| {
+        WorkerError::from(ApiError::invalid_request(
+            format!(
+                "{param}: {}",
+                e.to_string().trim_start_matches("invalid request: ")
+            ),
+            Some(param),
+        ))
+    })
+}
+
+/// The prompt tokens of a chat conversation with its tools (CPU-bound: call off the async
+/// threads).
+pub(crate) fn chat_prompt(
+    state: &AppState,
+    req: &ChatCompletionRequest,
+    tools: Option<&ToolSetup>,
+) -> Result<Vec<u32>, WorkerError> {
+    let template = state.engine.template();
+    let (messages, tool_defs) = template_messages(req, tools, template.knows_tools())?;
+    let rendered = template.render_with_tools(&messages, tool_defs.as_ref(), true)?;
+    Ok(state.engine.tokenizer().encode_chat(&rendered)?)
+}
+
+/// Everything CPU-bound about a chat request, on a blocking thread: the template, tokenization,
+/// and the grammar (a forced tool call, or the output constraint).
+fn build_chat_prompt(
+    state: &AppState,
+    req: &ChatCompletionRequest,
+    tools: Option<&ToolSetup>,
+    constraint: Option<&OutputConstraint>,
+) -> Result<(Vec<u32>, Option<Grammar>), WorkerError> {
+    let prompt = chat_prompt(state, req, tools)?;
+    let grammar = match (tools, constraint) {
+        (Some(t), _) => {
+            // Compiled even when not enforced, so that a broken parameter schema is refused.
+            let calls = compile(state, &GrammarSpec::Lark(t.call_grammar()), "tools")?;
+            t.forced_grammar().map(|_| calls)
+        }
+        (None, Some(c)) => Some(compile(state, &grammar_spec(c), "response_format")?),
+        (None, None) => None,
+    };
+    Ok((prompt, grammar))
+}
+
+/// Validates a chat request and prepares its engine requests.
+pub(crate) async fn prepare_chat_request(
+    state: &Arc<AppState>,
+    req: ChatCompletionRequest,
+) -> Result<Prepared, WorkerError> {
+    req.validate()?;
+    check_model(state, &req.model)?;
+    let tools = ToolSetup::from_request(&req)?.map(Arc::new);
+    let constraint = req.output_constraint()?;
+    let st = state.clone();
+    let (req, tools, built) = tokio::task::spawn_blocking(move || {
+        let built = build_chat_prompt(&st, &req, tools.as_deref(), constraint.as_ref());
+        (req, tools, built)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("prompt task failed: {e}")))?;
+    let (prompt, grammar) = built?;
+    let max_tokens = budget(state, prompt.len(), req.max_new_tokens())?;
+    let logprobs = req.top_logprobs_wanted();
+    Ok(Prepared {
+        requests: engine_requests(prompt, &req.sampling(), max_tokens, logprobs, grammar),
+        stream: req.stream,
+        include_usage: req.include_usage(),
+        model: req.model,
+        tools,
+        logprobs: if logprobs.is_some() {
+            LogprobStyle::Chat
+        } else {
+            LogprobStyle::Off
+        },
+        echo: None,
+    })
+}
+
+async fn prepare_completion(state: &Arc<AppState>, body: &[u8]) -> Result<Prepared, WorkerError> {
+    let req: CompletionRequest = parse_json(body)?;
+    req.validate()?;
+    check_model(state, &req.model)?;
+    let constraint = req.output_constraint()?;
+    let prompt_ref = req
+        .prompt
+        .single()
+        .ok_or_else(|| ApiError::unsupported("multiple prompts", "prompt"))?;
+    let (text, ids) = match prompt_ref {
+        PromptRef::Tokens(ids) => (None, Some(ids.to_vec())),
+        PromptRef::Text(text) => (Some(text.to_string()), None),
+    };
+    let vocab = state.engine.info().vocab_size;
+    if let Some(bad) = ids.iter().flatten().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::invalid_request(
+            format!("token id {bad} is outside the vocabulary (size {vocab})"),
+            Some("prompt"),
+        )
+        .into());
+    }
+    let echo = req.echo == Some(true);
+    let st = state.clone();
+    let (prompt, echo_text, grammar) = tokio::task::spawn_blocking(move || {
+        let tok = st.engine.tokenizer();
+        let prompt = match (ids, &text) {
+            (Some(ids), _) => ids,
+            (None, Some(t)) => tok.encode_prompt(t)?,
+            (None, None) => Vec::new(),
+        };
+        let echo_text = match (echo, text) {
+            (false, _) => None,
+            (true, Some(t)) => Some(t),
+            (true, None) => Some(tok.decode(&prompt)?),
+        };
+        let grammar = match &constraint {
+            Some(c) => Some(compile(&st, &grammar_spec(c), "response_format")?),
+            None => None,
+        };
+        Ok::<_, WorkerError>((prompt, echo_text, grammar))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))??;
+    let max_tokens = budget(state, prompt.len(), Some(req.max_new_tokens()))?;
+    let logprobs = req.logprobs.map(|k| k as usize);
+    Ok(Prepared {
+        requests: engine_requests(prompt, &req.sampling(), max_tokens, logprobs, grammar),
+        stream: req.stream,
+        include_usage: req.include_usage(),
+        model: req.model,
+        tools: None,
+        logprobs: if logprobs.is_some() {
+            LogprobStyle::Completion
+        } else {
+            LogprobStyle::Off
+        },
+        echo: echo_text,
+    })
+}
+
+/// Submits every choice's engine request; all or none are running afterwards.
+pub(crate) fn submit(
+    state: &AppState,
+    prepared: &Prepared,
+    started: Instant,
+) -> Result<Vec<Generation>, WorkerError> {
+    let mut out = Vec::with_capacity(prepared.requests.len());
+    for r in &prepared.requests {
+        // On failure the streams already submitted are dropped, which cancels them.
+        out.push(Generation::new(state.engine.submit(r.clone())?, started));
+    }
+    let prompt_len = prepared.requests.first().map_or(0, |r| r.prompt.len());
+    state
+        .metrics
+        .prompt_tokens
+        .fetch_add(prompt_len as u64, Ordering::Relaxed);
+    Ok(out)
+}
+
+pub(crate) async fn chat_completions(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    handle(state, req, Kind::Chat).await
+}
+
+pub(crate) async fn completions(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    handle(state, req, Kind::Completion).await
+}
+
+async fn handle(state: Arc<AppState>, req: Request, kind: Kind) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let body = read_body(req, state.config.max_body_bytes).await?;
+        let prepared = match kind {
+            Kind::Chat => prepare_chat_request(&state, parse_json(&body)?).await?,
+            Kind::Completion => prepare_completion(&state, &body).await?,
+        };
+        let generations = submit(&state, &prepared, started)?;
+        Ok::<_, WorkerError>((prepared, generations))
+    }
+    .await;
+    let (prepared, generations) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            let api = e.to_api();
+            state.metrics.count_request(kind.endpoint(), api.status);
+            return api_response(&api);
+        }
+    };
+    let meta = ResponseMeta::new(
+        new_id(if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        }),
+        unix_now(),
+        prepared.model.clone(),
+    );
+    if prepared.stream {
+        state.metrics.count_request(kind.endpoint(), 200);
+        stream::openai_stream(state, prepared, generations, meta, kind)
+    } else {
+        let resp = match collect(&state, &prepared, generations).await {
+            Ok((choices, usage)) => match kind {
+                Kind::Chat => axum::Json(ChatCompletionResponse::with_choices(
+                    &meta,
+                    choices.into_iter().map(|(c, r)| c.into_chat(r)).collect(),
+                    usage,
+                ))
+                .into_response(),
+                Kind::Completion => axum::Json(CompletionResponse::with_choices(
+                    &meta,
+                    choices
+                        .into_iter()
+                        .map(|(c, r)| c.into_completion(r))
+                        .collect(),
+                    usage,
+                ))
+                .into_response(),
+            },
+            Err(e) => api_response(&e),
+        };
+        state
+            .metrics
+            .count_request(kind.endpoint(), resp.status().as_u16());
+        resp
+    }
+}
+
+/// Runs every choice to the end (concurrently in the engine) and sums the usage.
+pub(crate) async fn collect(
+    state: &AppState,
+    prepared: &Prepared,
+    generations: Vec<Generation>,
+) -> Result<(Vec<(ChoiceBuilder, FinishReason)>, Usage), ApiError> {
+    let runs = generations.into_iter().enumerate().map(|(i, g)| {
+        let builder = prepared.choice(i as u32);
+        run_choice(state, builder, g)
+    });
+    let results = futures::future::join_all(runs).await;
+    let mut choices = Vec::with_capacity(results.len());
+    let mut usage = Usage::new(0, 0);
+    for r in results {
+        let (builder, reason, u) = r?;
+        usage = Usage::new(
+            u.prompt_tokens,
+            usage.completion_tokens + u.completion_tokens,
+        );
+        choices.push((builder, reason));
+    }
+    Ok((choices, usage))
+}
+
+async fn run_choice(
+    state: &AppState,
+    mut builder: ChoiceBuilder,
+    mut g: Generation,
+) -> Result<(ChoiceBuilder, FinishReason, Usage), ApiError> {
+    let tok = state.engine.tokenizer();
+    while let Some(piece) = g.next(&state.metrics).await {
+        match piece? {
+            Piece::Text { text, token } => {
+                builder.push(&text, token, tok);
+            }
+            Piece::End(reason, usage, stop) => {
+                let (_, reason) = builder.finish(reason);
+                builder.stop_sequence = stop;
+                return Ok((builder, reason, usage));
+            }
+        }
+    }
+    Err(ApiError::internal("the generation ended without a result"))
+}
