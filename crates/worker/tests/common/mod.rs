@@ -73,6 +73,14 @@ pub async fn post(path: &str, body: serde_json::Value) -> (u16, serde_json::Valu
     )
 }
 
+/// POSTs JSON and returns (status, raw body text).
+#[allow(dead_code)]
+pub async fn post_text(path: &str, body: serde_json::Value) -> (u16, String) {
+    let resp = send(path, body).await;
+    let status = resp.status().as_u16();
+    (status, resp.text().await.expect("body"))
+}
+
 /// POSTs a streaming request and returns the `data:` payloads.
 #[allow(dead_code)]
 pub async fn post_stream(path: &str, body: serde_json::Value) -> Vec<String> {
