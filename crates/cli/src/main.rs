@@ -195,6 +195,15 @@ fn serve(args: ServeArgs) -> Result<()> {
             "lastmile: serving `{}` on http://{addr} (OpenAI API at /v1)",
             config.model_id
         );
+        // Structured output and tool calls need a vocabulary index; build it while idle.
+        let warm = engine.clone();
+        std::thread::Builder::new()
+            .name("lastmile-grammar-warmup".into())
+            .spawn(move || {
+                if let Err(e) = warm.warm_grammars() {
+                    tracing::warn!("structured output is unavailable for this model: {e}");
+                }
+            })?;
         lastmile_worker::serve(listener, engine, config, shutdown_signal()).await?;
         Ok(())
     })
