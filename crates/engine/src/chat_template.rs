@@ -13,7 +13,18 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
     eos: String,
-    knows_tools: bool,
+    tool_style: ToolStyle,
+}
+
+/// How a chat template deals with tools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolStyle {
+    /// The template ignores tools; the server writes them into the conversation as text.
+    Unaware,
+    /// The template renders tools, and calls are `<tool_call>{json}</tool_call>` (Qwen, Hermes).
+    Tagged,
+    /// The template renders tools, and a call is a bare JSON object (Llama 3).
+    BareJson,
 }
 
 impl ChatTemplate {
@@ -35,14 +46,19 @@ impl ChatTemplate {
             env,
             bos: bos.unwrap_or_default().to_string(),
             eos: eos.unwrap_or_default().to_string(),
-            knows_tools: source.contains("tools") && source.contains("tool_call"),
+            tool_style: if !(source.contains("tools") && source.contains("tool_call")) {
+                ToolStyle::Unaware
+            } else if source.contains("<tool_call>") {
+                ToolStyle::Tagged
+            } else {
+                ToolStyle::BareJson
+            },
         })
     }
 
-    /// Whether the template renders tool definitions, tool calls and tool results itself
-    /// (otherwise the server writes them into the conversation as text).
-    pub fn knows_tools(&self) -> bool {
-        self.knows_tools
+    /// Whether and how the template renders tool definitions, calls and results.
+    pub fn tool_style(&self) -> ToolStyle {
+        self.tool_style
     }
 
     /// Renders `messages` (a JSON array of `{role, content, ...}`), optionally opening the
@@ -93,6 +109,20 @@ mod tests {
         assert_eq!(
             out,
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn tool_style_is_read_from_the_source() {
+        let style = |src: &str| ChatTemplate::new(src, None, None).unwrap().tool_style();
+        assert_eq!(style(CHATML), ToolStyle::Unaware);
+        assert_eq!(
+            style("{% if tools %}{% for m in messages %}{{ m.tool_calls }}<tool_call>{% endfor %}{% endif %}"),
+            ToolStyle::Tagged
+        );
+        assert_eq!(
+            style("{% if tools %}{% for m in messages %}{{ m.tool_calls }}{% endfor %}{% endif %}"),
+            ToolStyle::BareJson
         );
     }
 

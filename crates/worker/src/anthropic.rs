@@ -185,7 +185,7 @@ pub(crate) async fn count_tokens(State(state): State<Arc<AppState>>, req: Reques
         if chat.model != state.config.model_id {
             return Err(ApiError::model_not_found(&chat.model).into());
         }
-        let tools = ToolSetup::from_request(&chat)?;
+        let tools = ToolSetup::from_request(&chat, state.engine.template().tool_style())?;
         let st = state.clone();
         let prompt = tokio::task::spawn_blocking(move || chat_prompt(&st, &chat, tools.as_ref()))
             .await

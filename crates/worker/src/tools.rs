@@ -7,8 +7,9 @@
 //! (it mentions `tools` and `tool_call`) gets the tools and structured calls; otherwise the
 //! server writes them into the conversation as text in that same format. A bare JSON object
 //! `{"name": ..., "parameters"|"arguments": ...}` as the whole answer (Llama 3's style) is also
-//! read as a call.
+//! read as a call, and is the forced format for templates that render tools without tags.
 
+use lastmile_engine::chat_template::ToolStyle;
 use lastmile_protocol::{ApiError, ChatCompletionRequest, Role, Tool, ToolCall, ToolChoice};
 use serde_json::{json, Value};
 
@@ -26,11 +27,16 @@ pub(crate) struct ToolSetup {
     pub(crate) tools: Vec<Tool>,
     pub(crate) choice: ToolChoice,
     pub(crate) parallel: bool,
+    /// How the chat template renders tools (and so how calls are written).
+    pub(crate) style: ToolStyle,
 }
 
 impl ToolSetup {
     /// Reads (already validated) tool fields; `None` when no tools can be called.
-    pub(crate) fn from_request(req: &ChatCompletionRequest) -> Result<Option<Self>, ApiError> {
+    pub(crate) fn from_request(
+        req: &ChatCompletionRequest,
+        style: ToolStyle,
+    ) -> Result<Option<Self>, ApiError> {
         let tools = req.typed_tools()?;
         let choice = req.typed_tool_choice()?;
         if tools.is_empty() || choice == ToolChoice::None {
@@ -40,6 +46,7 @@ impl ToolSetup {
             tools,
             choice,
             parallel: req.parallel_tool_calls.unwrap_or(true),
+            style,
         }))
     }
 
@@ -60,19 +67,27 @@ impl ToolSetup {
         Some(self.call_grammar())
     }
 
-    /// The grammar of one or more calls to the offered tools (compiled for every request with
-    /// tools, so an invalid parameter schema is refused up front).
+    /// The grammar of the calls to the offered tools, in the template's format: one or more
+    /// `<tool_call>` blocks, or (Llama 3 style) one bare `{"name": …, "parameters": …}` object.
+    /// Compiled for every request with tools, so an invalid parameter schema is refused up front.
     pub(crate) fn call_grammar(&self) -> String {
+        let bare = self.style == ToolStyle::BareJson;
+        let args_key = if bare { "parameters" } else { "arguments" };
         let variants: Vec<Value> = self
             .offered()
             .map(|t| {
-                json!({"type": "object",
-                    "properties": {"name": {"const": t.function.name}, "arguments": t.parameters()},
-                    "required": ["name", "arguments"], "additionalProperties": false})
+                let mut properties = serde_json::Map::new();
+                properties.insert("name".into(), json!({"const": t.function.name}));
+                properties.insert(args_key.into(), t.parameters());
+                json!({"type": "object", "properties": properties,
+                    "required": ["name", args_key], "additionalProperties": false})
             })
             .collect();
         let mut schema = json!({"anyOf": variants});
         schema["x-guidance"] = compact_json_options();
+        if bare {
+            return format!("start: body\nbody: %json {schema}\n");
+        }
         let repeat = if self.parallel {
             " (\"\\n\" call)*"
         } else {
@@ -106,8 +121,9 @@ impl ToolSetup {
 pub(crate) fn template_messages(
     req: &ChatCompletionRequest,
     setup: Option<&ToolSetup>,
-    template_knows_tools: bool,
+    style: ToolStyle,
 ) -> Result<(Value, Option<Value>), ApiError> {
+    let template_knows_tools = style != ToolStyle::Unaware;
     let mut out: Vec<Value> = Vec::with_capacity(req.messages.len() + 1);
     for (i, m) in req.messages.iter().enumerate() {
         let calls = m.typed_tool_calls(i)?;
@@ -388,6 +404,7 @@ mod tests {
             )],
             choice,
             parallel: true,
+            style: ToolStyle::Unaware,
         }
     }
 
@@ -494,7 +511,7 @@ mod tests {
         req.messages.push(result.clone());
         req.messages.push(result);
         let s = setup(ToolChoice::Auto);
-        let (msgs, tools) = template_messages(&req, Some(&s), false).expect("renders");
+        let (msgs, tools) = template_messages(&req, Some(&s), ToolStyle::Unaware).expect("renders");
         assert!(tools.is_none());
         let msgs = msgs.as_array().expect("array").clone();
         assert_eq!(msgs.len(), 4, "{msgs:?}");
@@ -512,7 +529,7 @@ mod tests {
             msgs[3]["content"],
             "<tool_response>\n18 C, sunny\n</tool_response>\n<tool_response>\n18 C, sunny\n</tool_response>"
         );
-        let (msgs, tools) = template_messages(&req, Some(&s), true).expect("renders");
+        let (msgs, tools) = template_messages(&req, Some(&s), ToolStyle::Tagged).expect("renders");
         assert_eq!(tools.expect("tools")[0]["function"]["name"], "get_weather");
         assert_eq!(
             msgs[1]["tool_calls"][0]["function"]["arguments"]["city"],

@@ -210,7 +210,7 @@ pub(crate) fn chat_prompt(
     tools: Option<&ToolSetup>,
 ) -> Result<Vec<u32>, WorkerError> {
     let template = state.engine.template();
-    let (messages, tool_defs) = template_messages(req, tools, template.knows_tools())?;
+    let (messages, tool_defs) = template_messages(req, tools, template.tool_style())?;
     let rendered = template.render_with_tools(&messages, tool_defs.as_ref(), true)?;
     Ok(state.engine.tokenizer().encode_chat(&rendered)?)
 }
@@ -243,7 +243,8 @@ pub(crate) async fn prepare_chat_request(
 ) -> Result<Prepared, WorkerError> {
     req.validate()?;
     check_model(state, &req.model)?;
-    let tools = ToolSetup::from_request(&req)?.map(Arc::new);
+    let style = state.engine.template().tool_style();
+    let tools = ToolSetup::from_request(&req, style)?.map(Arc::new);
     let constraint = req.output_constraint()?;
     let st = state.clone();
     let (req, tools, built) = tokio::task::spawn_blocking(move || {
