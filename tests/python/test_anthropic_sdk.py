@@ -3,6 +3,7 @@ prompt and several turns, stop sequences, streaming events, tool use with a full
 count_tokens, and errors raised as the SDK's own exception types."""
 
 import anthropic
+from pydantic import BaseModel
 import pytest
 
 from conftest import MODEL
@@ -149,3 +150,22 @@ def test_errors_are_sdk_exceptions(claude):
             tools=[WEATHER],
             tool_choice={"type": "tool", "name": "nope"},
         )
+
+
+class City(BaseModel):
+    name: str
+    population: int
+    capital: bool
+
+
+def test_structured_output_with_parse(claude):
+    r = claude.messages.parse(
+        model=MODEL,
+        max_tokens=60,
+        messages=[{"role": "user", "content": "Describe a large city as JSON."}],
+        output_format=City,
+        extra_body={"temperature": 0},
+    )
+    assert r.stop_reason == "end_turn", r
+    assert isinstance(r.parsed_output, City)
+    assert City.model_validate_json(r.content[0].text) == r.parsed_output

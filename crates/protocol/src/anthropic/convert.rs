@@ -39,7 +39,31 @@ impl MessagesRequest {
                 include_usage: true,
             });
         }
+        chat.response_format = self.response_format()?;
         Ok(chat)
+    }
+
+    /// `output_config.format` as the chat API's `response_format`.
+    fn response_format(&self) -> Result<Option<Value>, AnthropicError> {
+        let Some(format) = self.output_config.as_ref().and_then(|c| c.get("format")) else {
+            return Ok(None);
+        };
+        if format.is_null() {
+            return Ok(None);
+        }
+        match (
+            format.get("type").and_then(Value::as_str),
+            format.get("schema"),
+        ) {
+            (Some("json_schema"), Some(schema @ Value::Object(_))) => Ok(Some(json!({
+                "type": "json_schema",
+                "json_schema": {"name": "output", "schema": schema, "strict": true}
+            }))),
+            _ => Err(AnthropicError::invalid_param(
+                "output_config.format",
+                "must be {\"type\": \"json_schema\", \"schema\": {...}}",
+            )),
+        }
     }
 }
 
@@ -354,6 +378,29 @@ mod tests {
         let req = parse(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}));
         let err = req.to_chat().expect_err("max_tokens missing");
         assert!(err.message.starts_with("max_tokens: "), "{}", err.message);
+    }
+
+    #[test]
+    fn output_format_becomes_a_json_schema_response_format() {
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let req = parse(json!({"model": "m", "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}],
+            "output_config": {"effort": "low", "format": {"type": "json_schema", "schema": schema}}}));
+        let chat = req.to_chat().expect("converts");
+        assert_eq!(
+            chat.response_format.as_ref().expect("format")["json_schema"]["schema"],
+            schema
+        );
+        assert!(chat.validate().is_ok());
+        let bad = parse(json!({"model": "m", "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}],
+            "output_config": {"format": {"type": "xml"}}}));
+        let err = bad.to_chat().expect_err("refused");
+        assert!(
+            err.message.contains("output_config.format"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

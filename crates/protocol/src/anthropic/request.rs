@@ -47,6 +47,10 @@ pub struct MessagesRequest {
     /// Request metadata (e.g. `user_id`); accepted and ignored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Value>,
+    /// Output settings: `format` (`{"type": "json_schema", "schema": {...}}`) constrains the
+    /// answer to the schema (structured outputs); `effort` is accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_config: Option<Value>,
 }
 
 /// The body of `POST /v1/messages/count_tokens`: the prompt part of a [`MessagesRequest`].
