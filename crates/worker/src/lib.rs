@@ -1,5 +1,9 @@
 //! The HTTP face of one engine: the OpenAI-compatible API (`/v1/chat/completions`,
-//! `/v1/completions`, `/v1/models`), `/health` and Prometheus `/metrics`.
+//! `/v1/completions`, `/v1/models`), the Anthropic Messages API (`/v1/messages`), prefix-cache
+//! events, `/health`, Prometheus `/metrics` and the OpenAPI document (`/openapi.json`).
+//!
+//! Every public endpoint is one row of [`routes`]; the OpenAPI document's tests check that it
+//! describes exactly those rows.
 #![warn(missing_docs)]
 
 mod anthropic;
@@ -7,6 +11,7 @@ mod error;
 mod generation;
 mod metrics;
 mod openai;
+mod openapi;
 mod tools;
 
 use std::future::Future;
@@ -14,9 +19,10 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::handler::Handler;
+use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use lastmile_engine::EngineHandle;
 use lastmile_protocol::{ApiError, ModelCard, ModelList};
@@ -48,7 +54,50 @@ pub(crate) fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// The router with every endpoint.
+/// One public endpoint: method, path (axum's `{param}` syntax, which is also OpenAPI's) and
+/// handler. Built only by [`Route::get`] and [`Route::post`], so the method always matches the
+/// handler's method router.
+pub(crate) struct Route {
+    pub(crate) method: Method,
+    pub(crate) path: &'static str,
+    handler: MethodRouter<Arc<AppState>>,
+}
+
+impl Route {
+    fn get<H: Handler<T, Arc<AppState>>, T: 'static>(path: &'static str, handler: H) -> Self {
+        Self {
+            method: Method::GET,
+            path,
+            handler: get(handler),
+        }
+    }
+
+    fn post<H: Handler<T, Arc<AppState>>, T: 'static>(path: &'static str, handler: H) -> Self {
+        Self {
+            method: Method::POST,
+            path,
+            handler: post(handler),
+        }
+    }
+}
+
+/// Every public endpoint, in the order `/openapi.json` lists them.
+pub(crate) fn routes() -> Vec<Route> {
+    vec![
+        Route::post("/v1/chat/completions", openai::chat_completions),
+        Route::post("/v1/completions", openai::completions),
+        Route::get("/v1/models", models),
+        Route::get("/v1/models/{id}", model),
+        Route::post("/v1/messages", anthropic::messages),
+        Route::post("/v1/messages/count_tokens", anthropic::count_tokens),
+        Route::get("/v1/kv/events", kv_events),
+        Route::get("/health", health),
+        Route::get("/metrics", metrics),
+        Route::get("/openapi.json", openapi::openapi_json),
+    ]
+}
+
+/// The router with every endpoint of [`routes`].
 pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
     let state = Arc::new(AppState {
         engine,
@@ -56,16 +105,12 @@ pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
         metrics: Metrics::default(),
         created: unix_now(),
     });
-    Router::new()
-        .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/completions", post(openai::completions))
-        .route("/v1/messages", post(anthropic::messages))
-        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
-        .route("/v1/models", get(models))
-        .route("/v1/models/{id}", get(model))
-        .route("/v1/kv/events", get(kv_events))
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
+    routes()
+        .into_iter()
+        .fold(Router::new(), |r, route| {
+            tracing::debug!(method = %route.method, path = route.path, "route");
+            r.route(route.path, route.handler)
+        })
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
