@@ -72,6 +72,7 @@ def test_streaming_matches_whole(claude):
     assert final.usage.output_tokens == whole.usage.output_tokens
     events = [e.type for e in claude.messages.create(stream=True, **kw)]
     assert events[0] == "message_start" and events[-1] == "message_stop"
+    # (The SDK swallows the ping that follows message_start.)
     assert events[1] == "content_block_start" and "content_block_delta" in events
     assert events[-3:-1] == ["content_block_stop", "message_delta"]
 

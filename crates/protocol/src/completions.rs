@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 use crate::logprobs::CompletionLogprobs;
+use crate::sampling::deserialize_flag;
 use crate::sampling::{
     deserialize_seed, FinishReason, ResponseMeta, SamplingFields, SamplingRequest, StopSequences,
     StreamOptions, Usage, UsageField,
@@ -51,7 +52,7 @@ pub struct CompletionRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<u32>,
     /// Stream the answer as server-sent events.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "deserialize_flag")]
     pub stream: bool,
     /// Streaming options; only allowed with `stream: true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -424,6 +424,13 @@ fn check_positive_up_to(param: &str, value: Option<f64>, hi: f64) -> Result<(), 
     }
 }
 
+/// Deserializes a boolean flag that clients may also send as `null` (meaning false).
+pub(crate) fn deserialize_flag<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(deserializer)?.unwrap_or(false))
+}
+
 /// Deserializes an optional `seed` from any JSON integer; negative values are
 /// kept by their two's-complement bit pattern so every i64 and u64 seed is
 /// accepted and distinct.

@@ -106,7 +106,10 @@ fn event_stream(state: Arc<AppState>, prepared: Prepared, g: Generation, id: Str
     }
     let input_tokens = prepared.requests.first().map_or(0, |r| r.prompt.len()) as u32;
     let mut events = MessageStream::new(id, prepared.model.clone(), input_tokens);
-    let opening = frame_events(&events.start());
+    // Like Anthropic, a ping follows message_start (clients must accept pings anywhere).
+    let mut first = events.start();
+    first.push(MessageStream::ping());
+    let opening = frame_events(&first);
     let init = S {
         builder: prepared.choice(0),
         state,

@@ -253,7 +253,8 @@ pub(crate) enum ToolOutput {
 }
 
 /// Splits generated text into answer text and tool calls as it streams in. Text that could be
-/// the start of a call is held back until it is known; markup never reaches the client as text.
+/// the start of a call is held back until it is known; markup never reaches the client as text,
+/// nor does the whitespace that separates calls. A call repeated word for word is dropped.
 pub(crate) struct ToolCallParser {
     names: Vec<String>,
     pending: String,
@@ -262,6 +263,12 @@ pub(crate) struct ToolCallParser {
     at_start: bool,
     /// The answer began with `{`: held whole until the end, then read as a call or as text.
     bare_json: bool,
+    /// Trailing whitespace of the text released so far, held until text (not a call) follows.
+    held_space: String,
+    /// The last output was a call: leading whitespace of the next text is dropped.
+    after_call: bool,
+    /// (name, arguments) of the calls made, to drop exact repeats.
+    seen: Vec<(String, String)>,
 }
 
 impl ToolCallParser {
@@ -276,6 +283,46 @@ impl ToolCallParser {
             in_call: false,
             at_start: true,
             bare_json: false,
+            held_space: String::new(),
+            after_call: false,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Releases answer text, keeping whitespace next to calls out of it.
+    fn release_text(&mut self, out: &mut Vec<ToolOutput>, text: &str) {
+        let mut text = text;
+        if self.after_call {
+            text = text.trim_start();
+            if text.is_empty() {
+                return;
+            }
+            self.after_call = false;
+        }
+        let body = text.trim_end();
+        if body.is_empty() {
+            self.held_space.push_str(text);
+            return;
+        }
+        let mut released = std::mem::take(&mut self.held_space);
+        released.push_str(body);
+        out.push(ToolOutput::Text(released));
+        self.held_space.push_str(&text[body.len()..]);
+    }
+
+    /// Releases a call or the text that turned out not to be one.
+    fn release(&mut self, out: &mut Vec<ToolOutput>, output: ToolOutput) {
+        match output {
+            ToolOutput::Text(t) => self.release_text(out, &t),
+            ToolOutput::Call(c) => {
+                self.held_space.clear();
+                self.after_call = true;
+                let key = (c.function.name.clone(), c.function.arguments.clone());
+                if !self.seen.contains(&key) {
+                    self.seen.push(key);
+                    out.push(ToolOutput::Call(c));
+                }
+            }
         }
     }
 
@@ -302,12 +349,13 @@ impl ToolCallParser {
                 let body: String = self.pending[..end].to_string();
                 self.pending.drain(..end + CALL_CLOSE.len());
                 self.in_call = false;
-                out.push(self.call_or_text(&body, true));
+                let output = self.call_or_text(&body, true);
+                self.release(&mut out, output);
                 continue;
             }
             if let Some(start) = self.pending.find(CALL_OPEN) {
                 let before = self.pending[..start].to_string();
-                push_text(&mut out, before);
+                self.release_text(&mut out, &before);
                 self.pending.drain(..start + CALL_OPEN.len());
                 self.in_call = true;
                 continue;
@@ -319,7 +367,7 @@ impl ToolCallParser {
                 .unwrap_or(0);
             let cut = self.pending.len() - keep;
             let released: String = self.pending.drain(..cut).collect();
-            push_text(&mut out, released);
+            self.release_text(&mut out, &released);
             return out;
         }
     }
@@ -333,12 +381,18 @@ impl ToolCallParser {
             // A call cut off mid-way (max_tokens) is dropped rather than shown as markup.
             self.in_call = false;
             if let call @ ToolOutput::Call(_) = self.call_or_text(&rest, true) {
-                out.push(call);
+                self.release(&mut out, call);
             }
         } else if self.bare_json {
-            out.push(self.call_or_text(&rest, false));
+            let output = self.call_or_text(&rest, false);
+            self.release(&mut out, output);
         } else {
-            push_text(&mut out, rest);
+            self.release_text(&mut out, &rest);
+        }
+        // Trailing whitespace is the answer's own only when it called nothing.
+        let space = std::mem::take(&mut self.held_space);
+        if self.seen.is_empty() && !space.is_empty() {
+            out.push(ToolOutput::Text(space));
         }
         out
     }
@@ -368,12 +422,6 @@ impl ToolCallParser {
             None if tagged => ToolOutput::Text(format!("{CALL_OPEN}{body}")),
             None => ToolOutput::Text(body.to_string()),
         }
-    }
-}
-
-fn push_text(out: &mut Vec<ToolOutput>, text: String) {
-    if !text.is_empty() {
-        out.push(ToolOutput::Text(text));
     }
 }
 
@@ -438,7 +486,7 @@ mod tests {
                 "\"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
             ],
         );
-        assert_eq!(out[0], ToolOutput::Text("Let me check.\n".into()));
+        assert_eq!(out[0], ToolOutput::Text("Let me check.".into()));
         assert_eq!(
             call_parts(&out[1]),
             Some(("get_weather".into(), json!({"city": "Paris"})))
@@ -468,6 +516,40 @@ mod tests {
     }
 
     #[test]
+    fn whitespace_between_calls_and_repeated_calls_are_dropped() {
+        let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+        let other = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}\n</tool_call>";
+        let mut p = ToolCallParser::new(&setup(ToolChoice::Auto));
+        let out = run(&mut p, &["\n", call, "\n", call, "\n", other, "\n "]);
+        let cities: Vec<Value> = out
+            .iter()
+            .map(|o| call_parts(o).expect("only calls").1["city"].clone())
+            .collect();
+        assert_eq!(cities, vec![json!("Paris"), json!("Rome")]);
+        // Text keeps its own spacing; whitespace is only dropped next to calls.
+        let mut p = ToolCallParser::new(&setup(ToolChoice::Auto));
+        let out = run(&mut p, &["Checking ", " now.  ", "\n", call, "\n\nDone."]);
+        let texts: Vec<&str> = out
+            .iter()
+            .filter_map(|o| match o {
+                ToolOutput::Text(t) => Some(t.as_str()),
+                ToolOutput::Call(_) => None,
+            })
+            .collect();
+        assert_eq!(texts, vec!["Checking", "  now.", "Done."]);
+        let mut p = ToolCallParser::new(&setup(ToolChoice::Auto));
+        let out = run(&mut p, &["plain ", "text \n"]);
+        let text: String = out
+            .iter()
+            .map(|o| match o {
+                ToolOutput::Text(t) => t.clone(),
+                ToolOutput::Call(_) => panic!("no call"),
+            })
+            .collect();
+        assert_eq!(text, "plain text \n", "without calls the text is untouched");
+    }
+
+    #[test]
     fn unterminated_and_bare_json_calls() {
         let mut p = ToolCallParser::new(&setup(ToolChoice::Auto));
         let out = run(
@@ -489,7 +571,10 @@ mod tests {
         );
         let mut p = ToolCallParser::new(&setup(ToolChoice::Auto));
         let out = run(&mut p, &["ok <tool_call>\n{\"name\": \"get_wea"]);
-        assert_eq!(out, vec![ToolOutput::Text("ok ".into())]);
+        assert_eq!(
+            out,
+            vec![ToolOutput::Text("ok".into()), ToolOutput::Text(" ".into())]
+        );
         let mut p = ToolCallParser::new(&setup(ToolChoice::Auto));
         let out = run(&mut p, &["{not a call"]);
         assert_eq!(out, vec![ToolOutput::Text("{not a call".into())]);

@@ -45,11 +45,28 @@ impl MessagesRequest {
 
     /// `output_config.format` as the chat API's `response_format`.
     fn response_format(&self) -> Result<Option<Value>, AnthropicError> {
-        let Some(format) = self.output_config.as_ref().and_then(|c| c.get("format")) else {
+        let format = match &self.output_config {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Object(config)) => config.get("format"),
+            Some(other) => {
+                return Err(AnthropicError::invalid_param(
+                    "output_config",
+                    format!("must be an object, got {other}"),
+                ))
+            }
+        };
+        let Some(format) = format.filter(|f| !f.is_null()) else {
             return Ok(None);
         };
-        if format.is_null() {
-            return Ok(None);
+        let forced = self
+            .tool_choice
+            .as_ref()
+            .is_some_and(|c| matches!(c.kind, ToolChoiceKind::Any | ToolChoiceKind::Tool));
+        if forced {
+            return Err(AnthropicError::invalid_param(
+                "output_config.format",
+                "cannot be combined with tool_choice `any` or `tool`",
+            ));
         }
         match (
             format.get("type").and_then(Value::as_str),

@@ -5,6 +5,7 @@
 //! [`ContentBlock::Unsupported`] so that validation can reject it naming its path. Unknown
 //! fields (`cache_control`, `citations`, `thinking`, ...) are ignored.
 
+use crate::sampling::deserialize_flag;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -36,7 +37,7 @@ pub struct MessagesRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_k: Option<i64>,
     /// Stream the answer as named server-sent events.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "deserialize_flag")]
     pub stream: bool,
     /// Tools the model may call.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -23,6 +23,7 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 use crate::logprobs::MAX_TOP_LOGPROBS;
+use crate::sampling::deserialize_flag;
 use crate::sampling::{
     check_max_tokens, deserialize_seed, SamplingFields, SamplingRequest, StopSequences,
     StreamOptions,
@@ -58,7 +59,7 @@ pub struct ChatCompletionRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<u32>,
     /// Stream the answer as server-sent events.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "deserialize_flag")]
     pub stream: bool,
     /// Streaming options; only allowed with `stream: true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -559,6 +560,13 @@ mod tests {
         assert_eq!(s.stop, vec!["\n\n".to_string()]);
         assert_eq!(s.seed, Some(1234));
         assert_eq!(s.max_tokens, Some(100));
+    }
+
+    #[test]
+    fn null_stream_means_not_streaming() {
+        let mut v = minimal();
+        v["stream"] = Value::Null;
+        assert!(!parse(v).stream);
     }
 
     #[test]
