@@ -165,3 +165,45 @@ fn concurrent_sharers_and_eviction_keep_accounting_exact() {
     }
     assert!(removed > 0, "eviction should publish Removed events");
 }
+
+#[test]
+fn choices_of_one_prompt_compute_its_full_blocks_once() {
+    // What `n` relies on: identical prompts submitted together wait for the first to compute the
+    // shared blocks, then reuse them; only the last partial block is computed per choice.
+    let e = engine(true, None);
+    let prompt = system_prompt(&e, "Tell me about rivers.");
+    // Every full block but one token is reusable (the last token is computed for its logits).
+    let full = (prompt.len() - 1) / 16 * 16;
+    let n = 4;
+    let before = e.stats().prefix_hit_tokens.load(Ordering::Relaxed);
+    let prefilled = e.stats().prefill_tokens.load(Ordering::Relaxed);
+    let streams: Vec<_> = (0..n)
+        .map(|i| {
+            let sampling = SamplingParams {
+                temperature: 1.0,
+                seed: Some(i),
+                ..SamplingParams::default()
+            };
+            e.submit(GenerateRequest::new(prompt.clone(), sampling, 4))
+                .expect("submit")
+        })
+        .collect();
+    for mut s in streams {
+        while let Some(ev) = s.blocking_next() {
+            match ev {
+                GenerationEvent::Finished { .. } => break,
+                GenerationEvent::Failed(m) => panic!("{m}"),
+                GenerationEvent::Token { .. } => {}
+            }
+        }
+    }
+    wait_idle(&e);
+    let hits = e.stats().prefix_hit_tokens.load(Ordering::Relaxed) - before;
+    let computed = e.stats().prefill_tokens.load(Ordering::Relaxed) - prefilled;
+    assert!(full >= 32, "the prompt should span several blocks");
+    assert_eq!(hits as usize, (n as usize - 1) * full);
+    assert_eq!(
+        computed as usize,
+        prompt.len() + (n as usize - 1) * (prompt.len() - full)
+    );
+}
