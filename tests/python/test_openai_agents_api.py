@@ -224,6 +224,31 @@ def test_completion_logprobs_and_echo(client):
     assert echoed.choices[0].text == "The capital of France is" + r.choices[0].text
 
 
+def test_prompt_scoring_with_echo_and_logprobs(client):
+    # What evaluation harnesses do: score a text without generating (max_tokens 0).
+    def score(text):
+        r = client.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=1)
+        assert r.choices[0].text == text
+        assert r.usage.completion_tokens == 0 and r.choices[0].finish_reason == "length"
+        lp = r.choices[0].logprobs
+        assert "".join(lp.tokens) == text
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert all(x <= 0 for x in lp.token_logprobs[1:])
+        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+        assert len(lp.tokens) == r.usage.prompt_tokens
+        return lp
+
+    paris = score("The capital of France is Paris")
+    rome = score("The capital of France is Rome")
+    assert paris.token_logprobs[-1] > rome.token_logprobs[-1]
+    # Echo, prompt logprobs and generation together: prompt entries, then generated ones.
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == r.usage.prompt_tokens + 3
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.token_logprobs[r.usage.prompt_tokens - 1] == pytest.approx(score("The capital of France is").token_logprobs[-1], abs=1e-3)
+
+
 def test_n_choices_share_the_prompt(client):
     r = client.chat.completions.create(
         model=MODEL,

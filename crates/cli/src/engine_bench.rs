@@ -56,6 +56,7 @@ fn time_request(
         stop: vec![],
         ignore_eos: true,
         logprobs: None,
+        prompt_logprobs: None,
         grammar: None,
     })?;
     let mut first = None;
@@ -67,6 +68,7 @@ fn time_request(
                 first.get_or_insert_with(|| start.elapsed().as_secs_f64());
             }
             GenerationEvent::Finished { .. } => break,
+            GenerationEvent::PromptLogprobs(_) => {}
             GenerationEvent::Failed(e) => anyhow::bail!("{e}"),
         }
     }

@@ -230,6 +230,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         stop: vec![],
         ignore_eos: false,
         logprobs: None,
+        prompt_logprobs: None,
         grammar: None,
     })?;
     let mut out = std::io::stdout().lock();
@@ -244,6 +245,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
                 writeln!(out, "{text}")?;
                 break;
             }
+            GenerationEvent::PromptLogprobs(_) => {}
             GenerationEvent::Failed(e) => anyhow::bail!("generation failed: {e}"),
         }
     }

@@ -22,7 +22,7 @@ fn last_logits(chunks: &[&[u32]], pool: &ThreadPool) -> Vec<f32> {
             len: c.len(),
             pos0: fed,
             blocks: &blocks,
-            want_logits: true,
+            logit_rows: 1,
         }];
         m.model.forward(c, &b, &mut kv, &mut s, pool);
         fed += c.len();
@@ -90,14 +90,14 @@ fn a_sequence_batched_with_others_gets_its_solo_logits() {
             len: p1.len(),
             pos0: 0,
             blocks: &t1,
-            want_logits: true,
+            logit_rows: 1,
         },
         BatchSeq {
             start: p1.len(),
             len: p2.len(),
             pos0: 0,
             blocks: &t2,
-            want_logits: true,
+            logit_rows: 1,
         },
     ];
     let mut s = Scratch::default();

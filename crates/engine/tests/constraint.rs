@@ -31,11 +31,13 @@ struct Output {
     text: String,
     reason: FinishReason,
     logprobs: Vec<(u32, TokenLogprobs)>,
+    prompt_logprobs: Vec<(u32, TokenLogprobs)>,
+    completion_tokens: usize,
 }
 
 fn run(e: &EngineHandle, request: GenerateRequest) -> Output {
     let mut s = e.submit(request).expect("submit");
-    let (mut text, mut logprobs) = (String::new(), Vec::new());
+    let (mut text, mut logprobs, mut prompt_logprobs) = (String::new(), Vec::new(), Vec::new());
     while let Some(ev) = s.blocking_next() {
         match ev {
             GenerationEvent::Token {
@@ -46,14 +48,23 @@ fn run(e: &EngineHandle, request: GenerateRequest) -> Output {
                 text.push_str(&t);
                 logprobs.extend(lp.map(|lp| (id, lp)));
             }
+            GenerationEvent::PromptLogprobs(entries) => {
+                assert!(logprobs.is_empty(), "prompt logprobs come first");
+                prompt_logprobs.extend(entries);
+            }
             GenerationEvent::Finished {
-                text: t, reason, ..
+                text: t,
+                reason,
+                completion_tokens,
+                ..
             } => {
                 text.push_str(&t);
                 return Output {
                     text,
                     reason,
                     logprobs,
+                    prompt_logprobs,
+                    completion_tokens,
                 };
             }
             GenerationEvent::Failed(e) => panic!("generation failed: {e}"),
@@ -182,4 +193,39 @@ fn logprobs_agree_with_greedy_choices_and_pieces_rebuild_text() {
     let im_end = e.tokenizer().token_id("<|im_end|>").expect("im_end") as usize;
     assert_eq!(pieces[im_end].bytes, b"<|im_end|>");
     assert!(pieces[im_end].special);
+}
+
+#[test]
+fn prompt_logprobs_score_the_prompt_like_generation_did() {
+    let e = engine();
+    let prompt = chat_prompt(&e, "Name a large river.");
+    let mut r = GenerateRequest::new(prompt.clone(), SamplingParams::greedy(), 8);
+    r.logprobs = Some(2);
+    r.ignore_eos = true;
+    let generated = run(&e, r);
+    assert_eq!(generated.logprobs.len(), 8);
+    // Score prompt + continuation without generating: the continuation's positions get the
+    // log probabilities generation reported (prefill in chunks vs one decode step per token,
+    // so allow for summation-order noise), and every other prompt position gets one too.
+    let mut scored: Vec<u32> = prompt.clone();
+    scored.extend(generated.logprobs.iter().map(|(id, _)| *id));
+    // Cached blocks of the earlier run must not be reused (their positions need logits).
+    let mut r = GenerateRequest::new(scored.clone(), SamplingParams::greedy(), 0);
+    r.prompt_logprobs = Some(2);
+    let out = run(&e, r);
+    assert_eq!(out.reason, FinishReason::Length);
+    assert_eq!(out.completion_tokens, 0);
+    assert!(out.text.is_empty() && out.logprobs.is_empty());
+    assert_eq!(out.prompt_logprobs.len(), scored.len() - 1);
+    let ids: Vec<u32> = out.prompt_logprobs.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, scored[1..]);
+    let tail = &out.prompt_logprobs[out.prompt_logprobs.len() - 8..];
+    for ((id, scored), (gid, gen)) in tail.iter().zip(&generated.logprobs) {
+        assert_eq!(id, gid);
+        assert!(
+            (scored.logprob - gen.logprob).abs() < 0.05,
+            "{scored:?} vs {gen:?}"
+        );
+        assert_eq!(scored.top[0].0, gen.top[0].0);
+    }
 }

@@ -72,7 +72,7 @@ fn teacher_forced_greedy_agrees_with_llama_cpp() {
                 len: tokens.len(),
                 pos0: fed,
                 blocks: &blocks,
-                want_logits: true,
+                logit_rows: 1,
             }];
             m.model.forward(tokens, &b, kv, s, &pool);
             fed += tokens.len();

@@ -28,6 +28,7 @@ fn run(e: &EngineHandle, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
             stop: vec![],
             ignore_eos: true,
             logprobs: None,
+            prompt_logprobs: None,
             grammar: None,
         })
         .expect("submit");
@@ -36,6 +37,7 @@ fn run(e: &EngineHandle, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
         match ev {
             GenerationEvent::Token { id, .. } => ids.push(id),
             GenerationEvent::Finished { .. } => return ids,
+            GenerationEvent::PromptLogprobs(_) => panic!("not asked for"),
             GenerationEvent::Failed(m) => panic!("{m}"),
         }
     }
@@ -131,6 +133,7 @@ fn concurrent_sharers_and_eviction_keep_accounting_exact() {
                 stop: vec![],
                 ignore_eos: true,
                 logprobs: None,
+                prompt_logprobs: None,
                 grammar: None,
             })
             .expect("submit")
@@ -142,6 +145,7 @@ fn concurrent_sharers_and_eviction_keep_accounting_exact() {
             match ev {
                 GenerationEvent::Token { id, .. } => ids.push(id),
                 GenerationEvent::Finished { .. } => break,
+                GenerationEvent::PromptLogprobs(_) => panic!("not asked for"),
                 GenerationEvent::Failed(m) => panic!("{m}"),
             }
         }
@@ -192,6 +196,7 @@ fn choices_of_one_prompt_compute_its_full_blocks_once() {
         while let Some(ev) = s.blocking_next() {
             match ev {
                 GenerationEvent::Finished { .. } => break,
+                GenerationEvent::PromptLogprobs(_) => panic!("not asked for"),
                 GenerationEvent::Failed(m) => panic!("{m}"),
                 GenerationEvent::Token { .. } => {}
             }

@@ -26,6 +26,7 @@ fn request(e: &EngineHandle, text: &str, max_tokens: usize) -> GenerateRequest {
         stop: vec![],
         ignore_eos: true,
         logprobs: None,
+        prompt_logprobs: None,
         grammar: None,
     }
 }
@@ -48,6 +49,7 @@ fn collect(mut s: lastmile_engine::GenerationStream) -> (Vec<u32>, String, Finis
                 assert_eq!(completion_tokens, ids.len());
                 return (ids, text, reason);
             }
+            GenerationEvent::PromptLogprobs(_) => panic!("not asked for"),
             GenerationEvent::Failed(e) => panic!("failed: {e}"),
         }
     }

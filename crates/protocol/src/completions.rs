@@ -160,6 +160,12 @@ impl CompletionRequest {
         .parse()
     }
 
+    /// `echo` with `max_tokens: 0`: only the prompt comes back (with its log probabilities if
+    /// asked for), nothing is generated.
+    pub fn scores_only(&self) -> bool {
+        self.echo == Some(true) && self.max_tokens == Some(0)
+    }
+
     /// The token limit: `max_tokens`, or OpenAI's default of 16.
     pub fn max_new_tokens(&self) -> u32 {
         self.max_tokens.unwrap_or(DEFAULT_COMPLETION_MAX_TOKENS)
@@ -182,7 +188,8 @@ impl CompletionRequest {
             repetition_penalty: self.repetition_penalty,
             n: self.n,
             seed: self.seed,
-            max_tokens: Some(self.max_new_tokens()),
+            // `max_tokens: 0` with `echo` scores the prompt without generating.
+            max_tokens: Some(self.max_new_tokens()).filter(|_| !self.scores_only()),
             max_tokens_param: "max_tokens",
             stop: self.stop.as_ref(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
@@ -230,12 +237,6 @@ impl CompletionRequest {
                 return Err(ApiError::invalid_request(
                     format!("logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {k}"),
                     Some("logprobs"),
-                ));
-            }
-            if self.echo == Some(true) {
-                return Err(ApiError::unsupported(
-                    "echo together with logprobs (prompt log probabilities)",
-                    "echo",
                 ));
             }
         }
@@ -774,7 +775,14 @@ mod tests {
         }
         let mut both = with("echo", json!(true));
         both.logprobs = Some(1);
-        assert_eq!(rejected(&both).param.as_deref(), Some("echo"));
+        both.max_tokens = Some(0);
+        assert!(
+            both.validate().is_ok(),
+            "scoring a prompt: echo, logprobs, max_tokens 0"
+        );
+        assert!(both.scores_only());
+        let err = rejected(&with("max_tokens", json!(0)));
+        assert_eq!(err.param.as_deref(), Some("max_tokens"), "0 needs echo");
         let err = rejected(&with("best_of", json!(0)));
         assert_eq!(err.param.as_deref(), Some("best_of"));
         for (field, value) in [

@@ -112,6 +112,14 @@ impl CompletionLogprobs {
         self.text_offset.push(offset);
     }
 
+    /// Appends a token without a log probability (a prompt's first token, which nothing predicts).
+    pub fn push_unscored(&mut self, token: TokenText, offset: usize) {
+        self.tokens.push(token.text);
+        self.token_logprobs.push(None);
+        self.top_logprobs.push(None);
+        self.text_offset.push(offset);
+    }
+
     /// Moves `other`'s entries to the end of this one.
     pub fn append(&mut self, other: CompletionLogprobs) {
         self.tokens.extend(other.tokens);

@@ -111,7 +111,7 @@ fn event_stream(state: Arc<AppState>, prepared: Prepared, g: Generation, id: Str
     first.push(MessageStream::ping());
     let opening = frame_events(&first);
     let init = S {
-        builder: prepared.choice(0),
+        builder: prepared.choice(0, state.engine.tokenizer()),
         state,
         g,
         events,
@@ -127,6 +127,8 @@ fn event_stream(state: Arc<AppState>, prepared: Prepared, g: Generation, id: Str
                 let update = s.builder.push(&text, token, tok);
                 frame_update(&mut s.events, update)
             }
+            // Never asked for on this endpoint.
+            Some(Ok(Piece::PromptLogprobs(_))) => String::new(),
             Some(Ok(Piece::End(reason, usage, stop))) => {
                 let (update, reason) = s.builder.finish(reason);
                 let mut out = frame_update(&mut s.events, update);

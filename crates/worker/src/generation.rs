@@ -20,6 +20,8 @@ pub(crate) enum Piece {
         /// The token that produced it, with its log probabilities, when they were asked for.
         token: Option<(u32, TokenLogprobs)>,
     },
+    /// Log probabilities of prompt tokens (from the second on), before any text.
+    PromptLogprobs(Vec<(u32, TokenLogprobs)>),
     /// The end, with the reason, the token counts and the stop string that ended it (if one did).
     End(FinishReason, Usage, Option<String>),
 }
@@ -113,6 +115,9 @@ impl Generation {
                         return Some(Ok(Piece::text(text)));
                     }
                     return Some(Ok(self.finish(end, metrics)));
+                }
+                GenerationEvent::PromptLogprobs(entries) => {
+                    return Some(Ok(Piece::PromptLogprobs(entries)));
                 }
                 GenerationEvent::Failed(msg) => {
                     self.done = true;

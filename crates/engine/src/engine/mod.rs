@@ -95,6 +95,10 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// Report each generated token's log probability and this many alternatives.
     pub logprobs: Option<usize>,
+    /// Report each prompt token's log probability (after the first) and this many alternatives.
+    /// The prompt is then computed in full (no prefix-cache reuse). With `max_tokens` 0 nothing
+    /// is generated: the request only scores its prompt.
+    pub prompt_logprobs: Option<usize>,
     /// Output constraint; generation ends when the grammar is complete.
     pub grammar: Option<Grammar>,
 }
@@ -109,6 +113,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            prompt_logprobs: None,
             grammar: None,
         }
     }
@@ -157,6 +162,9 @@ pub enum GenerationEvent {
         /// The stop string that ended generation, if one did.
         stop_sequence: Option<String>,
     },
+    /// Log probabilities of prompt tokens (token id and its logprobs), in prompt order from
+    /// the second token on; only for requests with `prompt_logprobs`, before any `Token`.
+    PromptLogprobs(Vec<(u32, TokenLogprobs)>),
     /// The engine failed this request.
     Failed(String),
 }

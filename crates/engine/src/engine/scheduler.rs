@@ -39,6 +39,8 @@ struct Sequence {
     sampler: Sampler,
     decoder: DecodeStream,
     stops: StopMatcher,
+    /// Next prompt position whose log probability is still to be reported (prompt logprobs).
+    prompt_logprobs_from: usize,
     tx: UnboundedSender<GenerationEvent>,
 }
 
@@ -160,6 +162,7 @@ impl Scheduler {
             prompt_hashes: prefix_hashes(&s.request.prompt, self.kv.block_size),
             request: s.request,
             decoder: DecodeStream::default(),
+            prompt_logprobs_from: 1,
             tx: s.tx,
         };
         if blocks_for(
@@ -276,7 +279,12 @@ impl Scheduler {
             let len = cand.tokens.len();
             // Hashed once on arrival (and again after a preemption), not on every step.
             let hashes = &cand.prompt_hashes;
-            let usable = (len - 1) / bs;
+            // Prompt log probabilities need every position computed: no reuse.
+            let usable = if cand.request.prompt_logprobs.is_some() {
+                0
+            } else {
+                (len - 1) / bs
+            };
             let mut hits = self.alloc.lookup(&hashes[..usable.min(hashes.len())]);
             if hits.len() < usable && inflight.contains(&hashes[hits.len()]) {
                 self.alloc.release(&mut hits);
@@ -333,7 +341,11 @@ impl Scheduler {
         for (idx, s) in self.running.iter().enumerate() {
             let remaining = s.tokens.len() - s.computed;
             if remaining > 1 && budget > 0 {
-                let chunk = remaining.min(budget);
+                let mut chunk = remaining.min(budget);
+                if s.request.prompt_logprobs.is_some() && s.computed < s.prompt_len {
+                    // Every position gets a logit row: keep the rows' memory bounded.
+                    chunk = chunk.min(PROMPT_LOGPROBS_CHUNK);
+                }
                 plan.push((idx, chunk));
                 budget -= chunk;
             }
@@ -352,7 +364,7 @@ impl Scheduler {
                 len: n,
                 pos0: s.computed,
                 blocks: &s.blocks,
-                want_logits: s.computed + n == s.tokens.len(),
+                logit_rows: logit_rows(s, n),
             });
             tokens.extend_from_slice(&s.tokens[s.computed..s.computed + n]);
         }
@@ -371,6 +383,7 @@ impl Scheduler {
                     .prefill_tokens
                     .fetch_add(n.min(s.prompt_len - s.computed) as u64, Ordering::Relaxed);
             }
+            let rows = logit_rows(s, n);
             s.computed += n;
             // Newly completed full blocks become reusable.
             while s.hashes.len() < s.computed / bs {
@@ -380,11 +393,23 @@ impl Scheduler {
                 self.alloc.register(s.blocks[k], h, parent);
                 s.hashes.push(h);
             }
+            let first_row = logit_row;
+            logit_row += rows;
+            if rows > 1 {
+                let all = &self.scratch.logits[first_row * vocab..logit_row * vocab];
+                report_prompt_logprobs(s, all, s.computed - n, vocab);
+            }
             if s.computed != s.tokens.len() {
                 continue;
             }
-            let logits = &mut self.scratch.logits[logit_row * vocab..(logit_row + 1) * vocab];
-            logit_row += 1;
+            if s.request.max_tokens == 0 {
+                // Scoring only (the prompt's log probabilities): nothing to generate.
+                finish(s, FinishReason::Length, String::new());
+                finished.push((idx, FinishReason::Length));
+                continue;
+            }
+            let row = logit_row - 1;
+            let logits = &mut self.scratch.logits[row * vocab..(row + 1) * vocab];
             let sampled = sample_next(s, logits, &mut self.raw_logits);
             let (token, logprobs) = match sampled {
                 Ok(x) => x,
@@ -478,14 +503,55 @@ fn emit(
         } else {
             String::new()
         };
-        let completion_tokens = s.generated();
-        let _ = s.tx.send(GenerationEvent::Finished {
-            reason: r,
-            text: tail,
-            prompt_tokens: s.prompt_len,
-            completion_tokens,
-            stop_sequence: s.stops.matched().map(str::to_string),
-        });
+        finish(s, r, tail);
     }
     reason
+}
+
+/// Sends the end of `s`'s stream.
+fn finish(s: &Sequence, reason: FinishReason, tail: String) {
+    let _ = s.tx.send(GenerationEvent::Finished {
+        reason,
+        text: tail,
+        prompt_tokens: s.prompt_len,
+        completion_tokens: s.generated(),
+        stop_sequence: s.stops.matched().map(str::to_string),
+    });
+}
+
+/// Most prompt tokens per step for a request that wants every prompt position's logits.
+const PROMPT_LOGPROBS_CHUNK: usize = 64;
+
+/// Logit rows `s` needs for a chunk of `n` tokens: every position while a prompt whose log
+/// probabilities were asked for is computed, else one row once the chunk reaches the end.
+fn logit_rows(s: &Sequence, n: usize) -> usize {
+    let end = s.computed + n;
+    if s.request.prompt_logprobs.is_some() && s.computed < s.prompt_len {
+        n
+    } else if end == s.tokens.len() {
+        1
+    } else {
+        0
+    }
+}
+
+/// Reports the log probability of each prompt token predicted by the chunk that started at
+/// position `start` (row `j` predicts position `start + j + 1`), once per position even when a
+/// preempted sequence recomputes its prompt.
+fn report_prompt_logprobs(s: &mut Sequence, rows: &[f32], start: usize, vocab: usize) {
+    let Some(k) = s.request.prompt_logprobs else {
+        return;
+    };
+    let mut entries = Vec::new();
+    for (j, row) in rows.chunks_exact(vocab).enumerate() {
+        let target = start + j + 1;
+        if target < s.prompt_len && target >= s.prompt_logprobs_from {
+            let token = s.tokens[target];
+            entries.push((token, logprobs(row, token, k)));
+            s.prompt_logprobs_from = target + 1;
+        }
+    }
+    if !entries.is_empty() {
+        let _ = s.tx.send(GenerationEvent::PromptLogprobs(entries));
+    }
 }

@@ -25,8 +25,9 @@ pub struct BatchSeq<'a> {
     pub pos0: usize,
     /// Its KV block table (covering every position up to `pos0 + len`).
     pub blocks: &'a [u32],
-    /// Whether to compute logits for its last token.
-    pub want_logits: bool,
+    /// How many of its last tokens get logits: 0 for none, 1 for the next-token logits, `len`
+    /// for every position (prompt log probabilities). Rows are written in batch order.
+    pub logit_rows: usize,
 }
 
 /// Reusable buffers of the forward pass (grown on demand, never shrunk: no allocation per token
@@ -91,8 +92,8 @@ impl LlamaModel {
     }
 
     /// Runs one step over `tokens` (grouped by `seqs`), writing their keys and values into `kv`
-    /// and the logits of every sequence with `want_logits` into `s.logits`. Returns how many
-    /// logit rows were produced.
+    /// and the logits of the last `logit_rows` tokens of every sequence into `s.logits`, in batch
+    /// order. Returns how many logit rows were produced.
     pub fn forward(
         &self,
         tokens: &[u32],
@@ -252,8 +253,7 @@ impl LlamaModel {
 
         let rows: Vec<usize> = seqs
             .iter()
-            .filter(|q| q.want_logits)
-            .map(|q| q.start + q.len - 1)
+            .flat_map(|q| q.start + q.len - q.logit_rows.min(q.len)..q.start + q.len)
             .collect();
         let m = rows.len();
         if m == 0 {

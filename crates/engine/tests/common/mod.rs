@@ -45,7 +45,7 @@ pub fn greedy_ids(m: &LoadedModel, prompt: &[u32], steps: usize) -> Vec<u32> {
             len: feed.len(),
             pos0: pos,
             blocks: &blocks,
-            want_logits: true,
+            logit_rows: 1,
         }];
         m.model.forward(&feed, &b, &mut kv, &mut s, &pool);
         pos += feed.len();

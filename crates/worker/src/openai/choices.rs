@@ -55,6 +55,8 @@ pub(crate) struct ChoiceBuilder {
     style: LogprobStyle,
     /// Characters of text so far (legacy `text_offset`).
     offset: usize,
+    /// Characters of the echoed prompt covered by prompt log probabilities so far.
+    prompt_offset: usize,
     text: String,
     calls: Vec<ToolCall>,
     chat_logprobs: Vec<ChatTokenLogprob>,
@@ -76,10 +78,41 @@ impl ChoiceBuilder {
             parser: tools.map(ToolCallParser::new),
             style,
             offset: prefix.chars().count(),
+            prompt_offset: 0,
             text: prefix.to_string(),
             calls: Vec::new(),
             chat_logprobs: Vec::new(),
             completion_logprobs: CompletionLogprobs::default(),
+        }
+    }
+
+    /// Starts prompt log probabilities (echo with logprobs) with the prompt's first token, which
+    /// has none.
+    pub(crate) fn start_prompt_logprobs(&mut self, first: u32, tok: &TextTokenizer) {
+        let token = TokenText::from_bytes(tok.piece(first));
+        self.prompt_offset = token.text.chars().count();
+        self.completion_logprobs.push_unscored(token, 0);
+    }
+
+    /// Adds log probabilities of prompt tokens (after the first), in prompt order.
+    pub(crate) fn push_prompt(
+        &mut self,
+        entries: Vec<(u32, TokenLogprobs)>,
+        tok: &TextTokenizer,
+    ) -> Update {
+        let name = |t: u32| TokenText::from_bytes(tok.piece(t));
+        let mut batch = CompletionLogprobs::default();
+        for (id, lp) in entries {
+            let top = lp.top.iter().map(|&(t, l)| (name(t), l)).collect();
+            let token = name(id);
+            let width = token.text.chars().count();
+            batch.push(token, lp.logprob, top, self.prompt_offset);
+            self.prompt_offset += width;
+        }
+        self.completion_logprobs.append(batch.clone());
+        Update {
+            completion_logprobs: Some(batch),
+            ..Update::default()
         }
     }
 

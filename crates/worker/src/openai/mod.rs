@@ -13,6 +13,7 @@ use std::time::Instant;
 use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
+use lastmile_engine::tokenizer::TextTokenizer;
 use lastmile_engine::{GenerateRequest, Grammar, GrammarSpec, SamplingParams};
 use lastmile_protocol::structured::regex_escape;
 use lastmile_protocol::{
@@ -90,13 +91,21 @@ pub(crate) struct Prepared {
 
 impl Prepared {
     /// A fresh builder for choice `index`.
-    pub(crate) fn choice(&self, index: u32) -> ChoiceBuilder {
-        ChoiceBuilder::new(
+    pub(crate) fn choice(&self, index: u32, tok: &TextTokenizer) -> ChoiceBuilder {
+        let mut b = ChoiceBuilder::new(
             index,
             self.tools.as_deref(),
             self.logprobs,
             self.echo.as_deref().unwrap_or(""),
-        )
+        );
+        let first = self
+            .requests
+            .first()
+            .filter(|r| r.prompt_logprobs.is_some());
+        if let Some(&token) = first.and_then(|r| r.prompt.first()) {
+            b.start_prompt_logprobs(token, tok);
+        }
+        b
     }
 }
 
@@ -316,8 +325,14 @@ async fn prepare_completion(state: &Arc<AppState>, body: &[u8]) -> Result<Prepar
     .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))??;
     let max_tokens = budget(state, prompt.len(), Some(req.max_new_tokens()))?;
     let logprobs = req.logprobs.map(|k| k as usize);
+    let mut requests = engine_requests(prompt, &req.sampling(), max_tokens, logprobs, grammar);
+    if echo {
+        for r in &mut requests {
+            r.prompt_logprobs = logprobs;
+        }
+    }
     Ok(Prepared {
-        requests: engine_requests(prompt, &req.sampling(), max_tokens, logprobs, grammar),
+        requests,
         stream: req.stream,
         include_usage: req.include_usage(),
         model: req.model,
@@ -425,7 +440,7 @@ pub(crate) async fn collect(
     generations: Vec<Generation>,
 ) -> Result<(Vec<(ChoiceBuilder, FinishReason)>, Usage), ApiError> {
     let runs = generations.into_iter().enumerate().map(|(i, g)| {
-        let builder = prepared.choice(i as u32);
+        let builder = prepared.choice(i as u32, state.engine.tokenizer());
         run_choice(state, builder, g)
     });
     let results = futures::future::join_all(runs).await;
@@ -452,6 +467,9 @@ async fn run_choice(
         match piece? {
             Piece::Text { text, token } => {
                 builder.push(&text, token, tok);
+            }
+            Piece::PromptLogprobs(entries) => {
+                builder.push_prompt(entries, tok);
             }
             Piece::End(reason, usage, stop) => {
                 let (_, reason) = builder.finish(reason);

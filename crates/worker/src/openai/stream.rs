@@ -114,6 +114,10 @@ impl Framer {
                 let update = self.builders[i].push(&text, token, tok);
                 (self.frame_update(i, update), false)
             }
+            Piece::PromptLogprobs(entries) => {
+                let update = self.builders[i].push_prompt(entries, tok);
+                (self.frame_update(i, update), false)
+            }
             Piece::End(reason, usage, _) => {
                 let (update, reason) = self.builders[i].finish(reason);
                 let mut out = self.frame_update(i, update);
@@ -160,7 +164,7 @@ pub(crate) fn openai_stream(
     kind: Kind,
 ) -> Response {
     let builders: Vec<ChoiceBuilder> = (0..generations.len())
-        .map(|i| prepared.choice(i as u32))
+        .map(|i| prepared.choice(i as u32, state.engine.tokenizer()))
         .collect();
     let merged = stream::select_all(
         generations
