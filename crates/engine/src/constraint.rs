@@ -51,16 +51,16 @@ impl std::fmt::Debug for Grammar {
 impl Grammar {
     /// The tokens allowed next (end-of-generation tokens once the grammar is complete).
     pub(crate) fn allowed(&mut self) -> Result<SimpleVob> {
-        self.matcher
-            .compute_mask_or_eos()
-            .map_err(|e| EngineError::InvalidRequest(format!("grammar: {e}")))
+        self.matcher.compute_mask_or_eos().map_err(|e| {
+            EngineError::InvalidRequest(format!("grammar: {}", first_line(&e.to_string())))
+        })
     }
 
     /// Advances past a sampled token.
     pub(crate) fn accept(&mut self, token: u32) -> Result<()> {
-        self.matcher
-            .consume_token(token)
-            .map_err(|e| EngineError::InvalidRequest(format!("grammar: {e}")))
+        self.matcher.consume_token(token).map_err(|e| {
+            EngineError::InvalidRequest(format!("grammar: {}", first_line(&e.to_string())))
+        })
     }
 
     /// Whether the grammar is complete and admits nothing more.
@@ -109,13 +109,35 @@ impl GrammarCompiler {
             factory.create_parser(grammar)
         }))
         .map_err(|_| EngineError::InvalidRequest("the grammar could not be compiled".into()))?
-        .map_err(|e| EngineError::InvalidRequest(format!("invalid grammar: {e}")))?;
+        .map_err(|e| {
+            EngineError::InvalidRequest(format!("invalid grammar: {}", first_line(&e.to_string())))
+        })?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
-            return Err(EngineError::InvalidRequest(format!("invalid grammar: {e}")));
+            return Err(EngineError::InvalidRequest(format!(
+                "invalid grammar: {}",
+                first_line(&e)
+            )));
         }
-        Ok(Grammar { matcher })
+        // A grammar that admits nothing (e.g. a rule defined only by itself) fails on its first
+        // mask; find out now, as a bad request, not later as a failed generation.
+        let mut probe = matcher.deep_clone();
+        match probe.compute_mask() {
+            Ok(mask) if mask.num_set() > 0 => Ok(Grammar { matcher }),
+            Ok(_) => Err(EngineError::InvalidRequest(
+                "the grammar admits no output".into(),
+            )),
+            Err(e) => Err(EngineError::InvalidRequest(format!(
+                "the grammar admits no output: {}",
+                first_line(&e.to_string())
+            ))),
+        }
     }
+}
+
+/// llguidance errors carry a multi-line parser dump after the message; clients get the message.
+fn first_line(message: &str) -> &str {
+    message.lines().next().unwrap_or(message)
 }
 
 /// The tokenizer as llguidance sees it: a byte trie over the vocabulary, and our tokenizer for

@@ -161,9 +161,13 @@ fn bad_grammars_are_invalid_requests() {
         GrammarSpec::JsonSchema(json!({"type": 5})),
         GrammarSpec::JsonSchema(json!({"$ref": "#/$defs/missing"})),
         GrammarSpec::Lark("start: undefined_rule".into()),
+        // Compiles, but no string is in its language.
+        GrammarSpec::Lark("start: a\na: a".into()),
     ] {
         match e.compile_grammar(&spec) {
-            Err(EngineError::InvalidRequest(msg)) => assert!(!msg.is_empty()),
+            Err(EngineError::InvalidRequest(msg)) => {
+                assert!(!msg.is_empty() && !msg.contains('\n'), "{msg:?}")
+            }
             other => panic!("{spec:?} should be refused, got {other:?}"),
         }
     }

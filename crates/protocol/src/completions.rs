@@ -148,8 +148,8 @@ impl CompletionRequest {
         }
     }
 
-    /// The output constraint from `response_format` or a `guided_*` field, if any.
-    pub fn output_constraint(&self) -> Result<Option<OutputConstraint>, ApiError> {
+    /// The constraint fields as sent.
+    pub fn constraint_fields(&self) -> ConstraintFields<'_> {
         ConstraintFields {
             response_format: self.response_format.as_ref(),
             guided_json: self.guided_json.as_ref(),
@@ -157,7 +157,11 @@ impl CompletionRequest {
             guided_choice: self.guided_choice.as_deref(),
             guided_grammar: self.guided_grammar.as_deref(),
         }
-        .parse()
+    }
+
+    /// The output constraint from `response_format` or a `guided_*` field, if any.
+    pub fn output_constraint(&self) -> Result<Option<OutputConstraint>, ApiError> {
+        self.constraint_fields().parse()
     }
 
     /// `echo` with `max_tokens: 0`: only the prompt comes back (with its log probabilities if

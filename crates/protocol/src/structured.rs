@@ -38,6 +38,28 @@ pub struct ConstraintFields<'a> {
 }
 
 impl ConstraintFields<'_> {
+    /// The parameter the constraint came from, for error messages about it.
+    pub fn param(&self) -> &'static str {
+        let text = self
+            .response_format
+            .and_then(|f| f.get("type"))
+            .and_then(Value::as_str)
+            == Some("text");
+        if self.response_format.is_some() && !text {
+            "response_format"
+        } else if self.guided_json.is_some() {
+            "guided_json"
+        } else if self.guided_regex.is_some() {
+            "guided_regex"
+        } else if self.guided_choice.is_some() {
+            "guided_choice"
+        } else if self.guided_grammar.is_some() {
+            "guided_grammar"
+        } else {
+            "response_format"
+        }
+    }
+
     /// The one constraint the request asks for, if any; two at once is an error.
     pub fn parse(&self) -> Result<Option<OutputConstraint>, ApiError> {
         let mut found: Vec<(&str, OutputConstraint)> = Vec::new();

@@ -117,6 +117,22 @@ async fn constrained_choice_and_schema_hold_at_high_temperature() {
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["param"], "response_format");
     assert_eq!(body["error"]["type"], "invalid_request_error");
+    for (field, value) in [
+        ("guided_regex", json!("(unclosed")),
+        // Compiles, but admits no output at all.
+        ("guided_grammar", json!("start: a\na: a")),
+    ] {
+        let mut req = json!({"model": MODEL, "prompt": "x", "max_tokens": 2});
+        req[field] = value;
+        let (status, body) = post("/v1/completions", req).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["param"], field, "{body}");
+        let message = body["error"]["message"].as_str().expect("message");
+        assert!(
+            !message.contains('\n'),
+            "one line, no parser dump: {message:?}"
+        );
+    }
 }
 
 #[tokio::test]

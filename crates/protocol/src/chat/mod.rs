@@ -244,8 +244,8 @@ impl ChatCompletionRequest {
         tools::parse_tool_choice(self.tool_choice.as_ref(), &self.typed_tools()?)
     }
 
-    /// The output constraint from `response_format` or a `guided_*` field, if any.
-    pub fn output_constraint(&self) -> Result<Option<OutputConstraint>, ApiError> {
+    /// The constraint fields as sent.
+    pub fn constraint_fields(&self) -> ConstraintFields<'_> {
         ConstraintFields {
             response_format: self.response_format.as_ref(),
             guided_json: self.guided_json.as_ref(),
@@ -253,7 +253,11 @@ impl ChatCompletionRequest {
             guided_choice: self.guided_choice.as_deref(),
             guided_grammar: self.guided_grammar.as_deref(),
         }
-        .parse()
+    }
+
+    /// The output constraint from `response_format` or a `guided_*` field, if any.
+    pub fn output_constraint(&self) -> Result<Option<OutputConstraint>, ApiError> {
+        self.constraint_fields().parse()
     }
 
     /// Tools, logprobs and output constraints are well-formed and consistent.

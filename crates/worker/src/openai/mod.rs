@@ -232,6 +232,7 @@ fn build_chat_prompt(
     tools: Option<&ToolSetup>,
     constraint: Option<&OutputConstraint>,
 ) -> Result<(Vec<u32>, Option<Grammar>), WorkerError> {
+    let param = req.constraint_fields().param();
     let prompt = chat_prompt(state, req, tools)?;
     let grammar = match (tools, constraint) {
         (Some(t), _) => {
@@ -239,7 +240,7 @@ fn build_chat_prompt(
             let calls = compile(state, &GrammarSpec::Lark(t.call_grammar()), "tools")?;
             t.forced_grammar().map(|_| calls)
         }
-        (None, Some(c)) => Some(compile(state, &grammar_spec(c), "response_format")?),
+        (None, Some(c)) => Some(compile(state, &grammar_spec(c), param)?),
         (None, None) => None,
     };
     Ok((prompt, grammar))
@@ -302,6 +303,7 @@ async fn prepare_completion(state: &Arc<AppState>, body: &[u8]) -> Result<Prepar
         .into());
     }
     let echo = req.echo == Some(true);
+    let param = req.constraint_fields().param();
     let st = state.clone();
     let (prompt, echo_text, grammar) = tokio::task::spawn_blocking(move || {
         let tok = st.engine.tokenizer();
@@ -316,7 +318,7 @@ async fn prepare_completion(state: &Arc<AppState>, body: &[u8]) -> Result<Prepar
             (true, None) => Some(tok.decode(&prompt)?),
         };
         let grammar = match &constraint {
-            Some(c) => Some(compile(&st, &grammar_spec(c), "response_format")?),
+            Some(c) => Some(compile(&st, &grammar_spec(c), param)?),
             None => None,
         };
         Ok::<_, WorkerError>((prompt, echo_text, grammar))
