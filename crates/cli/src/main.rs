@@ -36,6 +36,54 @@ enum Command {
     Bench(load_bench::LoadBenchArgs),
     /// Measure the engine's prefill and decode speed (JSON with --json).
     EngineBench(engine_bench::EngineBenchArgs),
+    /// Run the gateway: one OpenAI/Anthropic endpoint spreading requests over running workers
+    /// (`lastmile serve` processes), with health checks, retries and circuit breakers.
+    Gateway(GatewayArgs),
+}
+
+#[derive(Args)]
+struct GatewayArgs {
+    /// A worker's base URL, e.g. http://127.0.0.1:8081 (repeat for each worker).
+    #[arg(long = "worker", required = true)]
+    workers: Vec<String>,
+    /// Routing policy: round_robin, random or least_loaded.
+    #[arg(long, default_value = "round_robin")]
+    policy: String,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// How often each worker's /health is polled, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    health_interval_ms: u64,
+}
+
+fn gateway(args: GatewayArgs) -> Result<()> {
+    let mut config = lastmile_gateway::GatewayConfig::new(args.workers);
+    config.policy = args
+        .policy
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
+    config.health_interval = std::time::Duration::from_millis(args.health_interval_ms);
+    config.validate()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        eprintln!(
+            "lastmile: gateway on http://{addr} over {} worker(s), policy {}",
+            config.workers.len(),
+            args.policy
+        );
+        lastmile_gateway::serve(listener, config, shutdown_signal()).await?;
+        Ok(())
+    })
 }
 
 #[derive(Subcommand)]
@@ -173,6 +221,7 @@ fn main() -> Result<()> {
         }
         Command::Bench(args) => load_bench::run(args),
         Command::EngineBench(args) => engine_bench::run(args),
+        Command::Gateway(args) => gateway(args),
     }
 }
 

@@ -139,6 +139,11 @@ impl ApiError {
         Self::new(503, message, SERVER_ERROR).with_code("overloaded")
     }
 
+    /// 502: an upstream worker failed while handling the request.
+    pub fn bad_gateway(message: impl Into<String>) -> Self {
+        Self::new(502, message, SERVER_ERROR).with_code("bad_gateway")
+    }
+
     /// 500: something failed on our side.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, message, SERVER_ERROR)

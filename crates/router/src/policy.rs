@@ -22,6 +22,18 @@ pub enum PolicyKind {
     KvAware,
 }
 
+impl PolicyKind {
+    /// The policy's configuration name, e.g. `"kv_aware"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RoundRobin => "round_robin",
+            Self::Random => "random",
+            Self::LeastLoaded => "least_loaded",
+            Self::KvAware => "kv_aware",
+        }
+    }
+}
+
 impl FromStr for PolicyKind {
     type Err = String;
 
@@ -232,6 +244,7 @@ mod tests {
             ("kv_aware", PolicyKind::KvAware),
         ] {
             assert_eq!(name.parse::<PolicyKind>(), Ok(kind));
+            assert_eq!(kind.name(), name);
         }
         assert!("fastest".parse::<PolicyKind>().is_err());
     }

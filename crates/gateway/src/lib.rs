@@ -1,0 +1,215 @@
+//! The gateway: one public OpenAI / Anthropic endpoint in front of many workers. Each request
+//! goes to a worker chosen by the deployment's routing policy (`lastmile_router`) over the
+//! workers' health and load, with a retry on another worker when one cannot be reached and a
+//! circuit breaker per worker; `/v1/models` lists the models of every worker.
+//!
+//! This slice discovers workers from a static list and routes on load (`round_robin`, `random`,
+//! `least_loaded`). Still to come: etcd discovery, prompt hashing for `kv_aware` routing (the
+//! index and the policy exist in `lastmile_router`), graceful drain.
+#![warn(missing_docs)]
+
+mod metrics;
+mod proxy;
+mod workers;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use lastmile_protocol::{ApiError, ModelCard, ModelList};
+use lastmile_router::{KvIndex, Policy, PolicyKind};
+use thiserror::Error;
+
+use crate::metrics::Metrics;
+use crate::workers::Workers;
+
+/// What can stop a gateway from starting.
+#[derive(Debug, Error)]
+pub enum GatewayError {
+    /// The settings are inconsistent.
+    #[error("invalid gateway settings: {0}")]
+    InvalidConfig(String),
+}
+
+impl GatewayError {
+    /// A short label for metrics and logs.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Self::InvalidConfig(_) => "invalid_config",
+        }
+    }
+}
+
+/// Gateway settings.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Base URLs of the workers (`http://host:port`).
+    pub workers: Vec<String>,
+    /// How requests are spread.
+    pub policy: PolicyKind,
+    /// How often each worker's `/health` is polled.
+    pub health_interval: Duration,
+    /// Consecutive failures that open a worker's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker keeps a worker out of rotation.
+    pub breaker_cooldown: Duration,
+    /// Largest accepted request body in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl GatewayConfig {
+    /// Settings for these workers with defaults: round robin, health every 200 ms, breaker
+    /// after 3 failures for 5 s, 16 MiB bodies.
+    pub fn new(workers: Vec<String>) -> Self {
+        Self {
+            workers,
+            policy: PolicyKind::RoundRobin,
+            health_interval: Duration::from_millis(200),
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(5),
+            max_body_bytes: 16 << 20,
+        }
+    }
+
+    /// Checks the settings make sense.
+    pub fn validate(&self) -> Result<(), GatewayError> {
+        if self.workers.is_empty() {
+            return Err(GatewayError::InvalidConfig("no workers given".into()));
+        }
+        if let Some(bad) = self
+            .workers
+            .iter()
+            .find(|w| !(w.starts_with("http://") || w.starts_with("https://")))
+        {
+            return Err(GatewayError::InvalidConfig(format!(
+                "worker URL {bad:?} must start with http:// or https://"
+            )));
+        }
+        if self.policy == PolicyKind::KvAware {
+            return Err(GatewayError::InvalidConfig(
+                "kv_aware routing needs prompt hashing in the gateway, which is not built yet; \
+                 use round_robin, random or least_loaded"
+                    .into(),
+            ));
+        }
+        if self.breaker_failures == 0 || self.health_interval.is_zero() {
+            return Err(GatewayError::InvalidConfig(
+                "breaker_failures and health_interval must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Shared state of the gateway's handlers.
+pub(crate) struct Gateway {
+    pub(crate) config: GatewayConfig,
+    pub(crate) workers: Arc<Workers>,
+    pub(crate) policy: Policy,
+    pub(crate) index: Mutex<KvIndex>,
+    pub(crate) metrics: Metrics,
+}
+
+/// Serves the gateway on `listener` until `shutdown` resolves, then lets in-flight requests
+/// finish. Checks every worker once before accepting traffic.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    config: GatewayConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), std::io::Error> {
+    config
+        .validate()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    let workers = Arc::new(Workers::new(&config));
+    workers.check_all().await;
+    let poller = tokio::spawn(workers.clone().poll(config.health_interval));
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    let gw = Arc::new(Gateway {
+        policy: Policy::new(config.policy, seed),
+        metrics: Metrics::new(config.workers.len()),
+        index: Mutex::new(KvIndex::new()),
+        workers,
+        config,
+    });
+    let app = Router::new()
+        .route("/v1/chat/completions", post(proxy::forward))
+        .route("/v1/completions", post(proxy::forward))
+        .route("/v1/messages", post(proxy::forward))
+        .route("/v1/messages/count_tokens", post(proxy::forward))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(gw);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    poller.abort();
+    result
+}
+
+/// Every model any available worker serves, once each.
+async fn models(State(gw): State<Arc<Gateway>>) -> Response {
+    let fetches = (0..gw.workers.list.len())
+        .filter(|&id| gw.workers.available(id))
+        .map(|id| {
+            let url = format!("{}/v1/models", gw.workers.list[id].url);
+            let client = gw.workers.client.clone();
+            async move {
+                let r = client
+                    .get(url)
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await
+                    .ok()?;
+                r.json::<ModelList>().await.ok()
+            }
+        });
+    let mut cards: Vec<ModelCard> = Vec::new();
+    for list in futures::future::join_all(fetches)
+        .await
+        .into_iter()
+        .flatten()
+    {
+        for card in list.data {
+            if !cards.iter().any(|c| c.id == card.id) {
+                cards.push(card);
+            }
+        }
+    }
+    axum::Json(ModelList::new(cards)).into_response()
+}
+
+async fn health(State(gw): State<Arc<Gateway>>) -> Response {
+    let up = (0..gw.workers.list.len())
+        .filter(|&id| gw.workers.available(id))
+        .count();
+    let status = if up > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "status": if up > 0 { "ok" } else { "unavailable" },
+        "workers": gw.workers.list.len(),
+        "available": up,
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    let body = gw.metrics.render(&gw.workers, gw.policy.kind());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    proxy::error_response(uri.path(), &ApiError::not_found(uri.path()))
+}

@@ -1,0 +1,148 @@
+//! Forwarding one request: pick a worker by policy, send the body, and relay the answer —
+//! whole or streamed — byte for byte. A worker that cannot be reached (nothing was sent) is
+//! marked failed and the request goes to another; once a worker has answered, its answer is the
+//! client's. When the client goes away the relayed stream is dropped, which closes the
+//! connection to the worker and cancels the generation there.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use lastmile_protocol::anthropic::AnthropicError;
+use lastmile_protocol::ApiError;
+use lastmile_router::RouteRequest;
+
+use crate::Gateway;
+
+/// The error response for `path`, in Anthropic's shape on the Anthropic endpoints.
+pub(crate) fn error_response(path: &str, e: &ApiError) -> Response {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut resp = if path.starts_with("/v1/messages") {
+        (status, axum::Json(AnthropicError::from(e.clone()).body())).into_response()
+    } else {
+        (status, axum::Json(e.body())).into_response()
+    };
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+/// Proxies a POST to the same path on a worker.
+pub(crate) async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let started = Instant::now();
+    let path = req.uri().path().to_string();
+    let body = match axum::body::to_bytes(req.into_body(), gw.config.max_body_bytes).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error_response(
+                &path,
+                &ApiError::payload_too_large(gw.config.max_body_bytes),
+            )
+        }
+    };
+    let mut upstream = std::time::Duration::ZERO;
+    let resp = relay(&gw, &path, body, &mut upstream).await;
+    gw.metrics
+        .observe_overhead(started.elapsed().saturating_sub(upstream));
+    resp
+}
+
+/// Sends `body` to a worker and relays its answer; `upstream` accumulates the time spent
+/// waiting for workers' response heads (the rest is the gateway's own overhead).
+async fn relay(
+    gw: &Arc<Gateway>,
+    path: &str,
+    body: Bytes,
+    upstream: &mut std::time::Duration,
+) -> Response {
+    let mut tried: Vec<usize> = Vec::new();
+    // No prompt hashing yet: routing uses load alone (kv_aware is refused at start-up).
+    let route = RouteRequest {
+        prompt_hashes: &[],
+        prompt_tokens: 0,
+        block_size: 16,
+    };
+    loop {
+        let snapshot = gw.workers.snapshot(&tried);
+        let decision = {
+            let index = gw.index.lock().unwrap_or_else(|e| e.into_inner());
+            gw.policy.select(&snapshot, &route, &index)
+        };
+        let Some(decision) = decision else {
+            let why = if tried.is_empty() {
+                "no healthy worker is available"
+            } else {
+                "no worker could be reached"
+            };
+            return error_response(path, &ApiError::overloaded(why));
+        };
+        let id = decision.worker;
+        let guard = gw.workers.start(id);
+        gw.metrics.routed(id);
+        let url = format!("{}{path}", gw.workers.list[id].url);
+        let asked = Instant::now();
+        let sent = gw
+            .workers
+            .client
+            .post(url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body.clone())
+            .send()
+            .await;
+        *upstream += asked.elapsed();
+        match sent {
+            Ok(upstream) => {
+                gw.workers.succeeded(id);
+                return relay_response(upstream, guard);
+            }
+            Err(e) if e.is_connect() => {
+                // Nothing reached the worker: safe to try another one.
+                tracing::warn!(worker = %gw.workers.list[id].url, "unreachable: {e}");
+                gw.workers.failed(id);
+                gw.metrics.retries.fetch_add(1, Ordering::Relaxed);
+                tried.push(id);
+            }
+            Err(e) => {
+                gw.workers.failed(id);
+                return error_response(
+                    path,
+                    &ApiError::bad_gateway(format!("the worker failed before answering: {e}")),
+                );
+            }
+        }
+    }
+}
+
+/// The worker's answer as the client's: status, content type, `Retry-After`, and the body
+/// streamed through (the in-flight guard lives as long as the body).
+fn relay_response(upstream: reqwest::Response, guard: crate::workers::InFlight) -> Response {
+    let status =
+        StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut headers = axum::http::HeaderMap::new();
+    for name in [
+        header::CONTENT_TYPE,
+        header::CACHE_CONTROL,
+        header::RETRY_AFTER,
+    ] {
+        if let Some(v) = upstream.headers().get(name.as_str()) {
+            if let Ok(v) = HeaderValue::from_bytes(v.as_bytes()) {
+                headers.insert(name, v);
+            }
+        }
+    }
+    let stream = upstream.bytes_stream().map(move |chunk| {
+        let _alive = &guard;
+        chunk.map_err(std::io::Error::other)
+    });
+    let mut resp = Response::new(Body::from_stream(stream));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
+}

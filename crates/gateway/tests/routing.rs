@@ -1,0 +1,299 @@
+//! The gateway in front of two real workers (the default model, real HTTP): requests are spread
+//! by policy, streams pass through intact, `/v1/models` is merged, an unreachable worker is
+//! retried around and taken out of rotation, and with no worker left clients get a 503.
+
+use std::time::Duration;
+
+use lastmile_engine::fetch::ensure_default_model;
+use lastmile_engine::{EngineConfig, EngineHandle, LoadedModel};
+use lastmile_gateway::GatewayConfig;
+use lastmile_router::PolicyKind;
+use lastmile_worker::ServerConfig;
+use serde_json::{json, Value};
+
+const MODEL: &str = "smollm2-135m-instruct";
+
+/// Serves `app` on an ephemeral port from its own runtime thread; returns the base URL.
+fn spawn_server<F>(serve: impl FnOnce(tokio::net::TcpListener) -> F + Send + 'static) -> String
+where
+    F: std::future::Future<Output = ()>,
+{
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding");
+    let addr = listener.local_addr().expect("address");
+    listener.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            serve(listener).await;
+        });
+    });
+    format!("http://{addr}")
+}
+
+fn worker() -> String {
+    let loaded = LoadedModel::load(&ensure_default_model().expect("model")).expect("load");
+    let engine = EngineHandle::start(
+        loaded,
+        EngineConfig {
+            threads: 1,
+            ..EngineConfig::default()
+        },
+    )
+    .expect("engine");
+    let config = ServerConfig {
+        model_id: MODEL.to_string(),
+        max_body_bytes: 1 << 20,
+    };
+    spawn_server(move |l| async move {
+        lastmile_worker::serve(l, engine, config, std::future::pending())
+            .await
+            .expect("worker");
+    })
+}
+
+fn gateway(config: GatewayConfig) -> String {
+    spawn_server(move |l| async move {
+        lastmile_gateway::serve(l, config, std::future::pending())
+            .await
+            .expect("gateway");
+    })
+}
+
+/// A URL where nothing listens.
+fn dead_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("binding");
+    let url = format!("http://{}", l.local_addr().expect("address"));
+    drop(l);
+    url
+}
+
+async fn wait_healthy(url: &str) {
+    for _ in 0..200 {
+        if let Ok(r) = reqwest::get(format!("{url}/health")).await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} never became healthy");
+}
+
+async fn chat_count(worker: &str) -> u64 {
+    let text = reqwest::get(format!("{worker}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "lastmile_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"} ",
+            )
+            .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn chat(stream: bool) -> Value {
+    json!({"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}],
+           "max_tokens": 4, "temperature": 0, "stream": stream})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_spreads_relays_and_routes_around_failures() {
+    let (a, b) = (worker(), worker());
+    wait_healthy(&a).await;
+    wait_healthy(&b).await;
+    let dead = dead_url();
+    let mut config = GatewayConfig::new(vec![a.clone(), dead.clone(), b.clone()]);
+    config.health_interval = Duration::from_millis(100);
+    let gw = gateway(config);
+    wait_healthy(&gw).await;
+    let client = reqwest::Client::new();
+
+    // Round robin over the two live workers (the dead one failed its first health check).
+    for _ in 0..4 {
+        let r = client
+            .post(format!("{gw}/v1/chat/completions"))
+            .json(&chat(false))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(body["object"], "chat.completion");
+    }
+    assert_eq!((chat_count(&a).await, chat_count(&b).await), (2, 2));
+
+    // Streams pass through byte for byte, `[DONE]` included.
+    let text = client
+        .post(format!("{gw}/v1/chat/completions"))
+        .json(&chat(true))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("body");
+    let data = lastmile_protocol::parse_sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    assert!(data.len() >= 3, "{text}");
+
+    // One model, listed once.
+    let models: Value = client
+        .get(format!("{gw}/v1/models"))
+        .send()
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(models["data"].as_array().map(Vec::len), Some(1));
+    assert_eq!(models["data"][0]["id"], MODEL);
+
+    // Errors keep each API's shape; unknown paths are 404s.
+    let r = client
+        .post(format!("{gw}/v1/messages"))
+        .json(&json!({"model": "nope", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 404);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["type"], "not_found_error");
+    let r = client
+        .get(format!("{gw}/v1/nothing"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 404);
+
+    let metrics = client
+        .get(format!("{gw}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(metrics.contains(&format!(
+        "lastmile_gateway_worker_available{{worker=\"{dead}\"}} 0"
+    )));
+    assert!(metrics.contains(&format!(
+        "lastmile_gateway_worker_available{{worker=\"{a}\"}} 1"
+    )));
+    assert!(metrics.contains("lastmile_gateway_overhead_seconds_count"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_workers_are_retried_then_refused() {
+    // Only dead workers: the first health check marks them down; requests get a 503 with
+    // Retry-After in the endpoint's error shape, and the gateway's own health says so.
+    let mut config = GatewayConfig::new(vec![dead_url(), dead_url()]);
+    config.policy = PolicyKind::LeastLoaded;
+    let gw = gateway(config);
+    let client = reqwest::Client::new();
+    let mut health = None;
+    for _ in 0..100 {
+        if let Ok(r) = client.get(format!("{gw}/health")).send().await {
+            health = Some(r.status().as_u16());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(health, Some(503));
+    let r = client
+        .post(format!("{gw}/v1/chat/completions"))
+        .json(&chat(false))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "overloaded");
+}
+
+#[test]
+fn settings_are_checked() {
+    assert!(GatewayConfig::new(vec![]).validate().is_err());
+    assert!(GatewayConfig::new(vec!["localhost:1".into()])
+        .validate()
+        .is_err());
+    let mut kv = GatewayConfig::new(vec!["http://127.0.0.1:1".into()]);
+    kv.policy = PolicyKind::KvAware;
+    assert!(
+        kv.validate().is_err(),
+        "kv_aware is refused until prompt hashing exists"
+    );
+    assert!(GatewayConfig::new(vec!["http://127.0.0.1:1".into()])
+        .validate()
+        .is_ok());
+}
+
+/// A stand-in for a worker that dies right after passing its first health check: it answers
+/// exactly one `/health` and closes its port. (Only this simulated death is fake; the worker
+/// that serves the requests is real.)
+fn worker_that_dies_after_one_health_check() -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    std::thread::spawn(move || {
+        if let Ok((mut conn, _)) = listener.accept() {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let body = r#"{"status":"ok","model":"m","running":0,"waiting":0}"#;
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+        drop(listener);
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_to_a_worker_that_died_are_retried_elsewhere() {
+    let live = worker();
+    wait_healthy(&live).await;
+    let dying = worker_that_dies_after_one_health_check();
+    let mut config = GatewayConfig::new(vec![dying.clone(), live.clone()]);
+    // Long enough that the gateway still believes in the dead worker when requests arrive.
+    config.health_interval = Duration::from_secs(60);
+    let gw = gateway(config);
+    wait_healthy(&gw).await;
+    let client = reqwest::Client::new();
+    for _ in 0..4 {
+        let r = client
+            .post(format!("{gw}/v1/chat/completions"))
+            .json(&chat(false))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200, "no request is lost");
+    }
+    assert_eq!(chat_count(&live).await, 4, "each request ran exactly once");
+    let metrics = client
+        .get(format!("{gw}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    let retries: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("lastmile_gateway_retries_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("retries metric");
+    assert!(retries >= 1, "{metrics}");
+}
