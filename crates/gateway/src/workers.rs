@@ -130,7 +130,7 @@ impl Workers {
     /// Whether `id` takes traffic now (healthy, breaker closed).
     pub(crate) fn available(&self, id: usize) -> bool {
         let s = self.status(id);
-        s.healthy && !s.open_until.is_some_and(|t| t > Instant::now())
+        s.healthy && s.open_until.is_none_or(|t| t <= Instant::now())
     }
 
     /// Whether `id`'s breaker is open.
