@@ -9,6 +9,7 @@
 mod anthropic;
 mod error;
 mod generation;
+mod internal;
 mod metrics;
 mod openai;
 mod openapi;
@@ -94,6 +95,7 @@ pub(crate) fn routes() -> Vec<Route> {
         Route::get("/health", health),
         Route::get("/metrics", metrics),
         Route::get("/openapi.json", openapi::openapi_json),
+        Route::post("/internal/prompt", internal::prompt),
     ]
 }
 

@@ -226,14 +226,18 @@ mod tests {
             if method != "post" {
                 continue;
             }
-            let example = op["requestBody"]["content"]["application/json"]["example"].clone();
+            let mut example = op["requestBody"]["content"]["application/json"]["example"].clone();
+            if path == "/internal/prompt" {
+                assert_eq!(example["api"], "chat", "{path}");
+                example = example["body"].clone();
+            }
             assert_eq!(example["model"], DEFAULT_MODEL_ID, "{path}");
             let max_tokens = example["max_tokens"].as_u64().unwrap_or(0);
             assert!(max_tokens <= 8, "{path}: keep the example cheap on a CPU");
             let body = example.to_string().into_bytes();
             let p = path.as_str();
             match p {
-                "/v1/chat/completions" => {
+                "/v1/chat/completions" | "/internal/prompt" => {
                     let req: ChatCompletionRequest = accepted(p, parse_json(&body));
                     accepted(p, req.validate());
                 }

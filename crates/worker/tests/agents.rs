@@ -210,3 +210,36 @@ async fn anthropic_errors_use_anthropic_shape() {
     assert_eq!(status, 400, "{resp}");
     assert_eq!(resp["type"], "error");
 }
+
+#[tokio::test]
+async fn internal_prompt_describes_what_the_request_computes() {
+    let chat = json!({"model": MODEL, "max_tokens": 2, "temperature": 0,
+        "messages": [{"role": "system", "content": "You are a careful assistant. ".repeat(6)},
+                     {"role": "user", "content": "Name a colour."}],
+        "tools": [weather_tool()]});
+    let (status, answer) = post("/v1/chat/completions", chat.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, prompt) = post("/internal/prompt", json!({"api": "chat", "body": chat})).await;
+    assert_eq!(status, 200, "{prompt}");
+    let tokens = prompt["prompt_tokens"].as_u64().expect("tokens");
+    assert_eq!(
+        tokens,
+        answer["usage"]["prompt_tokens"].as_u64().expect("usage")
+    );
+    assert_eq!(prompt["block_size"], 16);
+    let hashes = prompt["block_hashes"].as_array().expect("hashes");
+    assert_eq!(hashes.len() as u64, tokens / 16);
+    let messages = json!({"model": MODEL, "max_tokens": 2,
+        "messages": [{"role": "user", "content": "Name a colour."}]});
+    let (_, answer) = post("/v1/messages", messages.clone()).await;
+    let (status, prompt) = post(
+        "/internal/prompt",
+        json!({"api": "messages", "body": messages}),
+    )
+    .await;
+    assert_eq!(status, 200, "{prompt}");
+    assert_eq!(prompt["prompt_tokens"], answer["usage"]["input_tokens"]);
+    let (status, err) = post("/internal/prompt", json!({"api": "bogus", "body": {}})).await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["param"], "api");
+}

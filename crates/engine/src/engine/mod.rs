@@ -226,6 +226,8 @@ pub struct ModelInfo {
     pub weight_bytes_per_token: usize,
     /// KV capacity in tokens.
     pub kv_capacity_tokens: usize,
+    /// Tokens per KV block (the unit of prefix caching and of KV event hashes).
+    pub block_size: usize,
     /// Seconds the model took to load.
     pub load_seconds: f64,
 }
@@ -271,6 +273,7 @@ impl EngineHandle {
             arch: c.arch.clone(),
             weight_bytes_per_token: model.weights.bytes_per_token(),
             kv_capacity_tokens: num_blocks * config.block_size,
+            block_size: config.block_size,
             load_seconds,
         });
         let stats = Arc::new(EngineStats::default());
