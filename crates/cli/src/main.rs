@@ -46,7 +46,8 @@ struct GatewayArgs {
     /// A worker's base URL, e.g. http://127.0.0.1:8081 (repeat for each worker).
     #[arg(long = "worker", required = true)]
     workers: Vec<String>,
-    /// Routing policy: round_robin, random or least_loaded.
+    /// Routing policy: round_robin, random, least_loaded, or kv_aware (to the worker already
+    /// holding the longest prefix of the prompt, weighed against load).
     #[arg(long, default_value = "round_robin")]
     policy: String,
     /// Address to listen on.

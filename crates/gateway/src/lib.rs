@@ -3,17 +3,20 @@
 //! workers' health and load, with a retry on another worker when one cannot be reached and a
 //! circuit breaker per worker; `/v1/models` lists the models of every worker.
 //!
-//! This slice discovers workers from a static list and routes on load (`round_robin`, `random`,
-//! `least_loaded`). Still to come: etcd discovery, prompt hashing for `kv_aware` routing (the
-//! index and the policy exist in `lastmile_router`), graceful drain.
+//! `kv_aware` routing follows every worker's KV event stream into a `KvIndex` and asks a worker
+//! (`/internal/prompt`) for each request's prompt block hashes, then prefers the worker that
+//! already holds the longest prefix, weighed against load. Workers come from a static list;
+//! etcd discovery is still to come.
 #![warn(missing_docs)]
 
+mod kv;
 mod metrics;
 mod proxy;
 mod workers;
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -90,13 +93,6 @@ impl GatewayConfig {
                 "worker URL {bad:?} must start with http:// or https://"
             )));
         }
-        if self.policy == PolicyKind::KvAware {
-            return Err(GatewayError::InvalidConfig(
-                "kv_aware routing needs prompt hashing in the gateway, which is not built yet; \
-                 use round_robin, random or least_loaded"
-                    .into(),
-            ));
-        }
         if self.breaker_failures == 0 || self.health_interval.is_zero() {
             return Err(GatewayError::InvalidConfig(
                 "breaker_failures and health_interval must be positive".into(),
@@ -113,6 +109,18 @@ pub(crate) struct Gateway {
     pub(crate) policy: Policy,
     pub(crate) index: Mutex<KvIndex>,
     pub(crate) metrics: Metrics,
+    /// Rotates which worker computes prompt hashes.
+    hasher: AtomicUsize,
+}
+
+impl Gateway {
+    pub(crate) fn index(&self) -> MutexGuard<'_, KvIndex> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn next_hasher(&self) -> usize {
+        self.hasher.fetch_add(1, Ordering::Relaxed)
+    }
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves, then lets in-flight requests
@@ -136,9 +144,17 @@ pub async fn serve(
         policy: Policy::new(config.policy, seed),
         metrics: Metrics::new(config.workers.len()),
         index: Mutex::new(KvIndex::new()),
+        hasher: AtomicUsize::new(0),
         workers,
         config,
     });
+    let followers: Vec<_> = if gw.config.policy == PolicyKind::KvAware {
+        (0..gw.workers.list.len())
+            .map(|id| tokio::spawn(kv::follow(gw.clone(), id)))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let app = Router::new()
         .route("/v1/chat/completions", post(proxy::forward))
         .route("/v1/completions", post(proxy::forward))
@@ -153,6 +169,7 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await;
     poller.abort();
+    followers.iter().for_each(|f| f.abort());
     result
 }
 

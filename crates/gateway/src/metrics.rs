@@ -15,6 +15,7 @@ const OVERHEAD_BOUNDS_US: [u64; 8] = [100, 250, 500, 1_000, 2_500, 5_000, 10_000
 /// Counters kept in atomics.
 pub(crate) struct Metrics {
     routed: Vec<AtomicU64>,
+    overlap_blocks: AtomicU64,
     pub(crate) retries: AtomicU64,
     overhead_buckets: [AtomicU64; 8],
     overhead_count: AtomicU64,
@@ -25,6 +26,7 @@ impl Metrics {
     pub(crate) fn new(workers: usize) -> Self {
         Self {
             routed: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            overlap_blocks: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             overhead_buckets: Default::default(),
             overhead_count: AtomicU64::new(0),
@@ -32,10 +34,13 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn routed(&self, worker: usize) {
+    /// Records a routing decision and the cached prompt blocks it predicted on the worker.
+    pub(crate) fn routed(&self, worker: usize, overlap_blocks: usize) {
         if let Some(c) = self.routed.get(worker) {
             c.fetch_add(1, Ordering::Relaxed);
         }
+        self.overlap_blocks
+            .fetch_add(overlap_blocks as u64, Ordering::Relaxed);
     }
 
     /// Records the gateway's own time for one request (its total minus the workers' time).
@@ -89,6 +94,11 @@ impl Metrics {
                 u8::from(workers.breaker_open(id))
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP lastmile_gateway_predicted_overlap_blocks_total Prompt blocks the chosen workers were predicted to hold (kv_aware).\n# TYPE lastmile_gateway_predicted_overlap_blocks_total counter\nlastmile_gateway_predicted_overlap_blocks_total {}",
+            self.overlap_blocks.load(Ordering::Relaxed)
+        );
         let _ = writeln!(
             out,
             "# HELP lastmile_gateway_retries_total Requests resent to another worker after a connection failure.\n# TYPE lastmile_gateway_retries_total counter\nlastmile_gateway_retries_total {}",

@@ -1,8 +1,8 @@
 //! Forwarding one request: pick a worker by policy, send the body, and relay the answer —
 //! whole or streamed — byte for byte. A worker that cannot be reached (nothing was sent) is
 //! marked failed and the request goes to another; once a worker has answered, its answer is the
-//! client's. When the client goes away the relayed stream is dropped, which closes the
-//! connection to the worker and cancels the generation there.
+//! client's (the `x-lastmile-worker` header names it). When the client goes away the relayed
+//! stream is dropped, which closes the connection to the worker and cancels the generation there.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,9 +15,9 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use lastmile_protocol::anthropic::AnthropicError;
 use lastmile_protocol::ApiError;
-use lastmile_router::RouteRequest;
+use lastmile_router::{PolicyKind, RouteRequest};
 
-use crate::Gateway;
+use crate::{kv, Gateway};
 
 /// The error response for `path`, in Anthropic's shape on the Anthropic endpoints.
 pub(crate) fn error_response(path: &str, e: &ApiError) -> Response {
@@ -63,18 +63,18 @@ async fn relay(
     upstream: &mut std::time::Duration,
 ) -> Response {
     let mut tried: Vec<usize> = Vec::new();
-    // No prompt hashing yet: routing uses load alone (kv_aware is refused at start-up).
+    let blocks = match (gw.policy.kind(), kv::api_of(path)) {
+        (PolicyKind::KvAware, Some(api)) => kv::prompt_blocks(gw, api, &body).await,
+        _ => None,
+    };
     let route = RouteRequest {
-        prompt_hashes: &[],
-        prompt_tokens: 0,
-        block_size: 16,
+        prompt_hashes: blocks.as_ref().map_or(&[], |b| b.hashes.as_slice()),
+        prompt_tokens: blocks.as_ref().map_or(0, |b| b.tokens),
+        block_size: blocks.as_ref().map_or(16, |b| b.block_size),
     };
     loop {
         let snapshot = gw.workers.snapshot(&tried);
-        let decision = {
-            let index = gw.index.lock().unwrap_or_else(|e| e.into_inner());
-            gw.policy.select(&snapshot, &route, &index)
-        };
+        let decision = gw.policy.select(&snapshot, &route, &gw.index());
         let Some(decision) = decision else {
             let why = if tried.is_empty() {
                 "no healthy worker is available"
@@ -85,7 +85,7 @@ async fn relay(
         };
         let id = decision.worker;
         let guard = gw.workers.start(id);
-        gw.metrics.routed(id);
+        gw.metrics.routed(id, decision.overlap_blocks);
         let url = format!("{}{path}", gw.workers.list[id].url);
         let asked = Instant::now();
         let sent = gw
@@ -100,7 +100,11 @@ async fn relay(
         match sent {
             Ok(upstream) => {
                 gw.workers.succeeded(id);
-                return relay_response(upstream, guard);
+                let mut resp = relay_response(upstream, guard);
+                if let Ok(v) = HeaderValue::from_str(&gw.workers.list[id].url) {
+                    resp.headers_mut().insert("x-lastmile-worker", v);
+                }
+                return resp;
             }
             Err(e) if e.is_connect() => {
                 // Nothing reached the worker: safe to try another one.

@@ -229,10 +229,9 @@ fn settings_are_checked() {
         .is_err());
     let mut kv = GatewayConfig::new(vec!["http://127.0.0.1:1".into()]);
     kv.policy = PolicyKind::KvAware;
-    assert!(
-        kv.validate().is_err(),
-        "kv_aware is refused until prompt hashing exists"
-    );
+    assert!(kv.validate().is_ok());
+    kv.breaker_failures = 0;
+    assert!(kv.validate().is_err());
     assert!(GatewayConfig::new(vec!["http://127.0.0.1:1".into()])
         .validate()
         .is_ok());
@@ -296,4 +295,78 @@ async fn requests_to_a_worker_that_died_are_retried_elsewhere() {
         .and_then(|v| v.parse().ok())
         .expect("retries metric");
     assert!(retries >= 1, "{metrics}");
+}
+
+async fn chat_via(client: &reqwest::Client, gw: &str, messages: &Value) -> (String, String) {
+    let r = client
+        .post(format!("{gw}/v1/chat/completions"))
+        .json(&json!({"model": MODEL, "messages": messages, "max_tokens": 12, "temperature": 0}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let worker = r.headers()["x-lastmile-worker"]
+        .to_str()
+        .expect("header")
+        .to_string();
+    let body: Value = r.json().await.expect("json");
+    let text = body["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text")
+        .to_string();
+    (worker, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_aware_sends_later_turns_where_the_conversation_is_cached() {
+    let (a, b) = (worker(), worker());
+    wait_healthy(&a).await;
+    wait_healthy(&b).await;
+    let mut config = GatewayConfig::new(vec![a.clone(), b.clone()]);
+    config.policy = PolicyKind::KvAware;
+    let gw = gateway(config);
+    wait_healthy(&gw).await;
+    let client = reqwest::Client::new();
+    let topics = ["rivers", "mountains", "deserts", "forests"];
+    let mut first_workers = Vec::new();
+    for topic in topics {
+        let mut messages = json!([
+            {"role": "system", "content": format!("You are an expert on {topic}. ").repeat(8)},
+            {"role": "user", "content": format!("Tell me one fact about {topic}.")}
+        ]);
+        let (first, answer) = chat_via(&client, &gw, &messages).await;
+        first_workers.push(first.clone());
+        // Let the worker's KV events reach the gateway.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for turn in 0..2 {
+            let list = messages.as_array_mut().expect("array");
+            list.push(json!({"role": "assistant", "content": answer}));
+            list.push(json!({"role": "user", "content": format!("And another, number {turn}?")}));
+            let (next, _) = chat_via(&client, &gw, &messages).await;
+            assert_eq!(next, first, "turn {turn} of the {topic} conversation moved");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    // Idle workers and no shared prefix: new conversations are spread, not piled on one worker.
+    assert!(
+        first_workers.contains(&a) && first_workers.contains(&b),
+        "{first_workers:?}"
+    );
+    let metrics = client
+        .get(format!("{gw}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    let predicted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("lastmile_gateway_predicted_overlap_blocks_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("overlap metric");
+    assert!(
+        predicted >= 8 * 5,
+        "later turns were predicted cached: {predicted}"
+    );
 }
