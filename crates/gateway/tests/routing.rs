@@ -84,8 +84,9 @@ async fn wait_healthy(url: &str) {
     panic!("{url} never became healthy");
 }
 
-async fn chat_count(worker: &str) -> u64 {
-    let text = reqwest::get(format!("{worker}/metrics"))
+/// A counter from a server's `/metrics` (0 when it has not been written yet).
+async fn metric(server: &str, series: &str) -> u64 {
+    let text = reqwest::get(format!("{server}/metrics"))
         .await
         .expect("metrics")
         .text()
@@ -93,12 +94,19 @@ async fn chat_count(worker: &str) -> u64 {
         .expect("body");
     text.lines()
         .find_map(|l| {
-            l.strip_prefix(
-                "lastmile_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"} ",
-            )
-            .and_then(|v| v.parse().ok())
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+async fn chat_count(worker: &str) -> u64 {
+    metric(
+        worker,
+        "lastmile_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"}",
+    )
+    .await
 }
 
 fn chat(stream: bool) -> Value {
@@ -281,20 +289,8 @@ async fn requests_to_a_worker_that_died_are_retried_elsewhere() {
         assert_eq!(r.status(), 200, "no request is lost");
     }
     assert_eq!(chat_count(&live).await, 4, "each request ran exactly once");
-    let metrics = client
-        .get(format!("{gw}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
-    let retries: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("lastmile_gateway_retries_total "))
-        .and_then(|v| v.parse().ok())
-        .expect("retries metric");
-    assert!(retries >= 1, "{metrics}");
+    let retries = metric(&gw, "lastmile_gateway_retries_total").await;
+    assert!(retries >= 1, "{retries}");
 }
 
 async fn chat_via(client: &reqwest::Client, gw: &str, messages: &Value) -> (String, String) {
@@ -352,19 +348,7 @@ async fn kv_aware_sends_later_turns_where_the_conversation_is_cached() {
         first_workers.contains(&a) && first_workers.contains(&b),
         "{first_workers:?}"
     );
-    let metrics = client
-        .get(format!("{gw}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
-    let predicted: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("lastmile_gateway_predicted_overlap_blocks_total "))
-        .and_then(|v| v.parse().ok())
-        .expect("overlap metric");
+    let predicted = metric(&gw, "lastmile_gateway_predicted_overlap_blocks_total").await;
     assert!(
         predicted >= 8 * 5,
         "later turns were predicted cached: {predicted}"
