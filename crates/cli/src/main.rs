@@ -59,6 +59,10 @@ struct GatewayArgs {
     /// How often each worker's /health is polled, in milliseconds.
     #[arg(long, default_value_t = 200)]
     health_interval_ms: u64,
+    /// kv_aware: weight of a worker's load (a running or waiting request counts as 32 prompt
+    /// tokens) against the prompt tokens its cache saves; 0 routes on cache overlap alone.
+    #[arg(long, default_value_t = 1.0)]
+    kv_balance: f64,
 }
 
 fn gateway(args: GatewayArgs) -> Result<()> {
@@ -68,6 +72,7 @@ fn gateway(args: GatewayArgs) -> Result<()> {
         .parse()
         .map_err(|e: String| anyhow::anyhow!(e))?;
     config.health_interval = std::time::Duration::from_millis(args.health_interval_ms);
+    config.kv_balance = args.kv_balance;
     config.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -55,6 +55,9 @@ pub struct GatewayConfig {
     pub workers: Vec<String>,
     /// How requests are spread.
     pub policy: PolicyKind,
+    /// `kv_aware`: how much a worker's load weighs against the prompt tokens it would not have
+    /// to compute (0: cache overlap alone decides).
+    pub kv_balance: f64,
     /// How often each worker's `/health` is polled.
     pub health_interval: Duration,
     /// Consecutive failures that open a worker's circuit breaker.
@@ -72,6 +75,7 @@ impl GatewayConfig {
         Self {
             workers,
             policy: PolicyKind::RoundRobin,
+            kv_balance: 1.0,
             health_interval: Duration::from_millis(200),
             breaker_failures: 3,
             breaker_cooldown: Duration::from_secs(5),
@@ -91,6 +95,12 @@ impl GatewayConfig {
         {
             return Err(GatewayError::InvalidConfig(format!(
                 "worker URL {bad:?} must start with http:// or https://"
+            )));
+        }
+        if !(self.kv_balance.is_finite() && self.kv_balance >= 0.0) {
+            return Err(GatewayError::InvalidConfig(format!(
+                "kv_balance must be a non-negative number, got {}",
+                self.kv_balance
             )));
         }
         if self.breaker_failures == 0 || self.health_interval.is_zero() {
@@ -141,7 +151,7 @@ pub async fn serve(
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(1);
     let gw = Arc::new(Gateway {
-        policy: Policy::new(config.policy, seed),
+        policy: Policy::new(config.policy, seed).with_balance(config.kv_balance),
         metrics: Metrics::new(config.workers.len()),
         index: Mutex::new(KvIndex::new()),
         hasher: AtomicUsize::new(0),
