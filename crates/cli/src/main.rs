@@ -1,6 +1,7 @@
 //! The `lastmile` binary: argument parsing and wiring only.
 
 mod engine_bench;
+mod fleet;
 mod load_bench;
 
 use std::path::PathBuf;
@@ -186,6 +187,10 @@ struct ServeArgs {
     /// Largest accepted request body, in bytes (larger ones get 413).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     max_body_bytes: usize,
+    /// Run this many worker processes behind a kv_aware gateway on --port (1: no gateway).
+    /// --threads is then per worker (default: the cores divided among the workers).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
 }
 
 #[derive(Args)]
@@ -232,6 +237,12 @@ fn main() -> Result<()> {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
+    if args.workers == 0 {
+        anyhow::bail!("--workers must be at least 1");
+    }
+    if args.workers > 1 {
+        return fleet::serve_fleet(args);
+    }
     let (engine, id) = args.model.start_engine()?;
     let config = lastmile_worker::ServerConfig {
         model_id: args.served_model_name.unwrap_or(id),
@@ -264,7 +275,25 @@ fn serve(args: ServeArgs) -> Result<()> {
     })
 }
 
+/// Resolves on Ctrl-C or SIGTERM (what `kill` and Kubernetes send), so in-flight requests
+/// finish and `serve --workers` stops its worker processes.
 async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
     tracing::info!("shutting down");
 }

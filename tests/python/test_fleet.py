@@ -1,0 +1,77 @@
+"""`lastmile serve --workers 2`: one command runs two worker processes behind a kv_aware gateway.
+The official SDK talks to it unchanged, a conversation's later turn stays on the worker that served
+its first, both workers take conversations, and stopping the command stops the workers."""
+
+import re
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from openai import OpenAI
+
+from conftest import BINARY, MODEL, _free_port
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(BINARY), "serve", "--workers", "2", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("serve --workers exited: " + proc.stderr.read().decode(errors="replace"))
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise RuntimeError("serve --workers did not become healthy")
+        time.sleep(0.2)
+    yield url, proc
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_conversations_stay_on_their_worker_and_both_workers_serve(fleet):
+    url, _ = fleet
+    client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    firsts = set()
+    for topic in ["tea", "coffee", "cocoa", "juice"]:
+        messages = [
+            {"role": "system", "content": f"You know everything about {topic}. " * 8},
+            {"role": "user", "content": f"One fact about {topic}?"},
+        ]
+        raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+        first = raw.headers["x-lastmile-worker"]
+        firsts.add(first)
+        answer = raw.parse().choices[0].message.content
+        time.sleep(0.3)  # the worker's KV events reach the gateway
+        messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Another?"}]
+        raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+        assert raw.headers["x-lastmile-worker"] == first
+    assert len(firsts) == 2, firsts
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_stopping_the_command_stops_its_workers(fleet):
+    url, proc = fleet
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    ports = set(re.findall(r'worker="http://127\.0\.0\.1:(\d+)"', metrics))
+    assert len(ports) == 2
+    proc.terminate()
+    proc.wait(timeout=20)
+    time.sleep(0.5)
+    for port in ports:
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
