@@ -20,11 +20,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def base_url():
+def start_server(*args):
+    """Starts `lastmile serve ARGS` on a free port; returns (base URL, process) once healthy."""
     port = _free_port()
     proc = subprocess.Popen(
-        [str(BINARY), "serve", "--port", str(port), "--threads", "2"],
+        [str(BINARY), "serve", "--port", str(port), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -36,19 +36,28 @@ def base_url():
         try:
             with urllib.request.urlopen(url + "/health", timeout=1) as r:
                 if r.status == 200:
-                    break
+                    return url, proc
         except OSError:
             pass
         if time.time() > deadline:
             proc.kill()
             raise RuntimeError("lastmile serve did not become healthy in 120 s")
         time.sleep(0.2)
-    yield url
+
+
+def stop_server(proc):
     proc.terminate()
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="session")
+def base_url():
+    url, proc = start_server("--threads", "2")
+    yield url
+    stop_server(proc)
 
 
 @pytest.fixture(scope="session")

@@ -3,43 +3,21 @@ The official SDK talks to it unchanged, a conversation's later turn stays on the
 its first, both workers take conversations, and stopping the command stops the workers."""
 
 import re
-import subprocess
 import time
 import urllib.request
 
 import pytest
 from openai import OpenAI
 
-from conftest import BINARY, MODEL, _free_port
+from conftest import MODEL, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
 def fleet():
-    port = _free_port()
-    proc = subprocess.Popen(
-        [str(BINARY), "serve", "--workers", "2", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError("serve --workers exited: " + proc.stderr.read().decode(errors="replace"))
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            raise RuntimeError("serve --workers did not become healthy")
-        time.sleep(0.2)
+    url, proc = start_server("--workers", "2")
     yield url, proc
     if proc.poll() is None:
-        proc.terminate()
-        proc.wait(timeout=20)
+        stop_server(proc)
 
 
 def test_conversations_stay_on_their_worker_and_both_workers_serve(fleet):

@@ -11,7 +11,7 @@ use lastmile_engine::fetch::ensure_default_model;
 
 use lastmile_engine::fetch::DEFAULT_MODEL_ID;
 
-use crate::{model_id_from_path, shutdown_signal, ServeArgs};
+use crate::{model_id_from_path, run_gateway, ServeArgs};
 
 /// Worker processes, killed on drop.
 struct Workers(Vec<Child>);
@@ -84,22 +84,11 @@ pub(crate) fn serve_fleet(args: ServeArgs) -> Result<()> {
     let mut config = lastmile_gateway::GatewayConfig::new(urls);
     config.policy = lastmile_router::PolicyKind::KvAware;
     config.max_body_bytes = args.max_body_bytes;
-    config.validate()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let addr = format!("{}:{}", args.host, args.port);
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
-        eprintln!(
-            "lastmile: serving `{name}` on http://{addr} through a kv_aware gateway over {n} \
-             worker processes ({threads} threads each)"
-        );
-        lastmile_gateway::serve(listener, config, shutdown_signal()).await?;
-        Ok::<_, anyhow::Error>(())
-    })?;
+    let banner = format!(
+        "serving `{name}` through a kv_aware gateway over {n} worker processes ({threads} threads \
+         each)"
+    );
+    run_gateway(&args.host, args.port, config, &banner)?;
     drop(workers);
     Ok(())
 }

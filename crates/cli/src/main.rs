@@ -74,20 +74,31 @@ fn gateway(args: GatewayArgs) -> Result<()> {
         .map_err(|e: String| anyhow::anyhow!(e))?;
     config.health_interval = std::time::Duration::from_millis(args.health_interval_ms);
     config.kv_balance = args.kv_balance;
+    let banner = format!(
+        "gateway over {} worker(s), policy {}",
+        config.workers.len(),
+        args.policy
+    );
+    run_gateway(&args.host, args.port, config, &banner)
+}
+
+/// Serves a gateway on host:port until Ctrl-C or SIGTERM.
+fn run_gateway(
+    host: &str,
+    port: u16,
+    config: lastmile_gateway::GatewayConfig,
+    banner: &str,
+) -> Result<()> {
     config.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let addr = format!("{}:{}", args.host, args.port);
+        let addr = format!("{host}:{port}");
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
-        eprintln!(
-            "lastmile: gateway on http://{addr} over {} worker(s), policy {}",
-            config.workers.len(),
-            args.policy
-        );
+        eprintln!("lastmile: http://{addr}: {banner}");
         lastmile_gateway::serve(listener, config, shutdown_signal()).await?;
         Ok(())
     })
