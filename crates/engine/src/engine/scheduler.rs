@@ -264,7 +264,7 @@ impl Scheduler {
         // running sequence waits a step or two and then reuses it, instead of computing it again
         // (many requests with one system prompt arriving together).
         let watermark = self.kv.num_blocks / 100;
-        let inflight: HashSet<u64> = if self.config.prefix_cache {
+        let mut inflight: HashSet<u64> = if self.config.prefix_cache {
             self.running
                 .iter()
                 .filter(|r| r.tokens.len() - r.computed > 1)
@@ -317,6 +317,12 @@ impl Scheduler {
                 self.stats
                     .prefix_hit_tokens
                     .fetch_add(hit_tokens as u64, Ordering::Relaxed);
+            }
+            if self.config.prefix_cache && len - hit_tokens > 1 {
+                // Admitted in this same pass: later candidates with the same prefix wait for
+                // these blocks instead of computing them too (several choices of one prompt, or
+                // requests with one system prompt arriving together).
+                inflight.extend(seq.prompt_hashes.iter().skip(hits.len()).copied());
             }
             seq.hashes = seq.prompt_hashes[..hits.len()].to_vec();
             seq.computed = hit_tokens;
