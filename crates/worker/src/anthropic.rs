@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use futures::stream;
 use lastmile_protocol::anthropic::{
@@ -19,7 +19,7 @@ use lastmile_protocol::anthropic::{
 };
 use lastmile_protocol::{parse_json, ApiError};
 
-use crate::error::WorkerError;
+use crate::error::{error_body_response, WorkerError};
 use crate::generation::{Generation, Piece};
 use crate::openai::{
     chat_prompt, collect, new_id, prepare_chat_request, read_body, submit, ChoiceBuilder, Prepared,
@@ -30,13 +30,7 @@ use crate::AppState;
 const ENDPOINT: &str = "/v1/messages";
 
 fn error_response(e: &AnthropicError) -> Response {
-    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut resp = (status, axum::Json(e.body())).into_response();
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    resp
+    error_body_response(e.status, e.body())
 }
 
 fn from_worker(e: WorkerError) -> AnthropicError {

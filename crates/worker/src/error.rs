@@ -57,8 +57,13 @@ impl IntoResponse for WorkerError {
 
 /// Renders an API error as its HTTP response.
 pub fn api_response(e: &ApiError) -> Response {
-    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut resp = (status, axum::Json(e.body())).into_response();
+    error_body_response(e.status, e.body())
+}
+
+/// An error body (in whichever API's shape) with its status, and `Retry-After` on 503.
+pub(crate) fn error_body_response(status: u16, body: serde_json::Value) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = (status, axum::Json(body)).into_response();
     if status == StatusCode::SERVICE_UNAVAILABLE {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
