@@ -16,10 +16,19 @@ use serde_json::Value;
 use crate::error::{EngineError, Result};
 use crate::tokenizer::TextTokenizer;
 
+/// The JSON layout given to schemas that do not choose their own (`x-guidance`): one line, with
+/// `", "` and `": "` as Python's `json.dumps` writes them (what models saw in training), and no
+/// room for runaway whitespace, which a small model at a high temperature would otherwise pad
+/// its answer with until `max_tokens`.
+pub fn compact_json_layout() -> Value {
+    serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
+}
+
 /// What the output must match.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GrammarSpec {
-    /// JSON text valid against this JSON Schema (`{"type": "object"}` for any object).
+    /// JSON text valid against this JSON Schema (`{"type": "object"}` for any object), laid out
+    /// as `compact_json_layout` says unless the schema has its own `x-guidance` options.
     JsonSchema(Value),
     /// Text matching this regular expression (whole output).
     Regex(String),
@@ -100,7 +109,13 @@ impl GrammarCompiler {
     pub(crate) fn compile(&self, spec: &GrammarSpec) -> Result<Grammar> {
         let factory = self.factory()?;
         let grammar = match spec {
-            GrammarSpec::JsonSchema(schema) => TopLevelGrammar::from_json_schema(schema.clone()),
+            GrammarSpec::JsonSchema(schema) => {
+                let mut schema = schema.clone();
+                if let Some(obj) = schema.as_object_mut() {
+                    obj.entry("x-guidance").or_insert_with(compact_json_layout);
+                }
+                TopLevelGrammar::from_json_schema(schema)
+            }
             GrammarSpec::Regex(rx) => TopLevelGrammar::from_regex(rx),
             GrammarSpec::Lark(lark) => TopLevelGrammar::from_lark(lark.clone()),
         };

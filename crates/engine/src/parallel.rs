@@ -197,6 +197,12 @@ impl<T> SharedMut<T> {
         Self(s.as_mut_ptr(), s.len())
     }
 
+    /// The base pointer (valid for `len()` elements), for kernels that write through raw
+    /// pointers under the same disjointness rule as `slice`.
+    pub(crate) fn ptr(&self) -> *mut T {
+        self.0
+    }
+
     /// A mutable window `[start, start + len)`.
     ///
     /// # Safety

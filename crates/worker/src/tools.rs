@@ -16,12 +16,6 @@ use serde_json::{json, Value};
 const CALL_OPEN: &str = "<tool_call>";
 const CALL_CLOSE: &str = "</tool_call>";
 
-/// JSON layout forced on constrained calls: one line, `", "` and `": "` as Python's `json.dumps`
-/// writes them (what models saw in training), and no room for runaway whitespace.
-fn compact_json_options() -> Value {
-    json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
-}
-
 /// The tools of one chat request, as the server will use them.
 pub(crate) struct ToolSetup {
     pub(crate) tools: Vec<Tool>,
@@ -84,7 +78,8 @@ impl ToolSetup {
             })
             .collect();
         let mut schema = json!({"anyOf": variants});
-        schema["x-guidance"] = compact_json_options();
+        // Inside Lark the engine's default layout does not apply: set it here.
+        schema["x-guidance"] = lastmile_engine::constraint::compact_json_layout();
         if bare {
             return format!("start: body\nbody: %json {schema}\n");
         }

@@ -1,6 +1,7 @@
 //! `y = x · Wᵀ` for one or more weight matrices that share the same input, split across the
 //! pool by output rows (one join per call, however many matrices — Q, K and V go together).
 
+use super::avx512::{self, OutPtr};
 use super::q8::{Q8Acts, Q8Row};
 use super::{dot_rows, QMatrix};
 use crate::parallel::{SharedMut, ThreadPool};
@@ -65,6 +66,9 @@ fn rows_range(
     r0: usize,
     r1: usize,
 ) {
+    if w.is_packed() {
+        return packed_range(w, out, xq, n, r0, r1);
+    }
     let cols = w.cols;
     let q8 = w.kind.wants_q8();
     let xf_row = |t: usize| &xf[t * cols..(t + 1) * cols];
@@ -95,6 +99,45 @@ fn rows_range(
                 write(t, r, v[0]);
             }
             t += 1;
+        }
+        tile = tile_end;
+    }
+}
+
+/// `rows_range` for packed matrices: the AVX-512 kernels take whole row tiles per call.
+fn packed_range(w: &QMatrix, out: &SharedMut<f32>, xq: &Q8Acts, n: usize, r0: usize, r1: usize) {
+    let bytes = w.bytes();
+    let mut tile = r0;
+    while tile < r1 {
+        let tile_end = (tile + ROW_TILE).min(r1);
+        let mut t = 0;
+        while t < n {
+            // SAFETY: packed matrices exist only where `has_vnni` holds; this thread owns rows
+            // [r0, r1) of every token's output (see `matmul`), and `at` stays inside `out`.
+            unsafe {
+                let o = OutPtr {
+                    ptr: out.ptr().add(t * w.rows),
+                    stride: w.rows,
+                };
+                if t + TOKEN_TILE <= n {
+                    let xs: [Q8Row<'_>; TOKEN_TILE] = std::array::from_fn(|k| xq.row(t + k));
+                    avx512::rows::<TOKEN_TILE>(
+                        w.kind,
+                        bytes,
+                        w.cols,
+                        &xs,
+                        tile,
+                        tile_end,
+                        o,
+                        t == 0,
+                    );
+                    t += TOKEN_TILE;
+                } else {
+                    let xs = [xq.row(t)];
+                    avx512::rows::<1>(w.kind, bytes, w.cols, &xs, tile, tile_end, o, t == 0);
+                    t += 1;
+                }
+            }
         }
         tile = tile_end;
     }

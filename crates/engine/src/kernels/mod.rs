@@ -2,11 +2,15 @@
 //!
 //! Weights stay in their file layout (memory-mapped GGUF blocks) for the kinds we have kernels
 //! for; activations are quantized to 8-bit blocks of 32 (`Q8Acts`) once per matrix input and then
-//! multiplied against every weight row with integer SIMD (AVX2/FMA/F16C, detected at run time,
-//! with a portable scalar fallback that computes exactly the same sums).
+//! multiplied against every weight row with integer SIMD, detected at run time: AVX-512 VNNI over
+//! rows repacked at load (`pack.rs`), else AVX2/FMA/F16C over the file layout, else a portable
+//! scalar fallback that computes exactly the same sums.
 
 mod avx2;
+mod avx512;
+pub mod kquant;
 mod matmul;
+mod pack;
 mod q8;
 mod scalar;
 
@@ -93,6 +97,8 @@ pub struct QMatrix {
     /// Input features.
     pub cols: usize,
     bytes: WeightBytes,
+    /// Rows are in the packed layout of `pack.rs` (only ever true where `has_vnni`).
+    packed: bool,
 }
 
 impl QMatrix {
@@ -119,7 +125,46 @@ impl QMatrix {
             rows,
             cols,
             bytes,
+            packed: false,
         })
+    }
+
+    /// This matrix in the layout of the fastest kernels this CPU has: rows repacked (a copy) for
+    /// the AVX-512 VNNI kernels where they run and the format has them, else itself (shared).
+    pub fn for_this_cpu(&self) -> Self {
+        if self.packed || !has_vnni() || !pack::packable(self.kind) {
+            return self.clone();
+        }
+        let src = self.bytes.as_slice();
+        let mut dst = vec![0u8; src.len()];
+        pack::pack_rows(self.kind, self.cols, src, &mut dst);
+        Self {
+            bytes: WeightBytes::Owned(Arc::new(dst)),
+            packed: true,
+            ..self.clone()
+        }
+    }
+
+    /// This matrix in the file layout (a copy if it was packed), for the AVX2 and scalar kernels.
+    pub fn file_layout(&self) -> Self {
+        if !self.packed {
+            return self.clone();
+        }
+        let rb = self.kind.row_bytes(self.cols);
+        let mut dst = vec![0u8; self.bytes.as_slice().len()];
+        for (r, out) in dst.chunks_exact_mut(rb).enumerate() {
+            pack::unpack_row(self.kind, self.cols, self.row(r), out);
+        }
+        Self {
+            bytes: WeightBytes::Owned(Arc::new(dst)),
+            packed: false,
+            ..self.clone()
+        }
+    }
+
+    /// Whether the rows are in the packed (AVX-512) layout.
+    pub fn is_packed(&self) -> bool {
+        self.packed
     }
 
     /// The bytes of row `r`.
@@ -129,6 +174,11 @@ impl QMatrix {
         &self.bytes.as_slice()[r * rb..(r + 1) * rb]
     }
 
+    /// All rows' bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        self.bytes.as_slice()
+    }
+
     /// Total bytes (what one full pass over the matrix reads).
     pub fn byte_len(&self) -> usize {
         self.bytes.as_slice().len()
@@ -136,7 +186,13 @@ impl QMatrix {
 
     /// Dequantizes row `r` into `out` (length `cols`).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        scalar::dequantize_row(self.kind, self.row(r), out);
+        if self.packed {
+            let mut file = vec![0u8; self.kind.row_bytes(self.cols)];
+            pack::unpack_row(self.kind, self.cols, self.row(r), &mut file);
+            scalar::dequantize_row(self.kind, &file, out);
+        } else {
+            scalar::dequantize_row(self.kind, self.row(r), out);
+        }
     }
 }
 
@@ -156,6 +212,38 @@ pub fn has_avx2() -> bool {
             false
         }
     })
+}
+
+/// Whether the AVX-512 VNNI kernels can run on this CPU (checked once; `LASTMILE_NO_AVX512`
+/// turns them off, `LASTMILE_NO_SIMD` turns off every SIMD path).
+pub fn has_vnni() -> bool {
+    static DETECTED: OnceLock<bool> = OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            has_avx2()
+                && std::env::var_os("LASTMILE_NO_AVX512").is_none()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// The widest kernel family in use here, for logs and benchmark reports.
+pub fn simd_name() -> &'static str {
+    if has_vnni() {
+        "avx512-vnni"
+    } else if has_avx2() {
+        "avx2"
+    } else {
+        "scalar"
+    }
 }
 
 /// Quantizes f32 values to ggml Q8_0 blocks (used when converting formats we have no kernel for).
@@ -242,7 +330,7 @@ mod tests {
     }
 
     fn check_kind(kind: QKind) {
-        for (rows, cols, n) in [(37, 256, 5), (9, 96, 3)] {
+        for (rows, cols, n) in [(37, 256, 5), (9, 96, 3), (21, 576, 9), (4, 32, 5)] {
             check_shape(kind, rows, cols, n);
         }
     }
@@ -269,30 +357,50 @@ mod tests {
         let pool = crate::parallel::ThreadPool::new(2);
         let mut acts = Q8Acts::default();
         acts.quantize(&x, n, cols);
-        let mut out = vec![0.0; n * rows];
-        matmul(
-            &pool,
-            &mut [MatmulTask {
-                w: &m,
-                out: &mut out,
-            }],
-            &x,
-            &acts,
-            n,
-        );
-        for t in 0..n {
-            let want = reference(&m, &x[t * cols..(t + 1) * cols]);
-            for r in 0..rows {
-                let got = out[t * rows + r];
-                // 8-bit activations: error grows with sqrt(cols); values are O(sqrt(cols)).
-                let tol = if kind.wants_q8() { 0.1 } else { 1e-3 };
-                assert!(
-                    (got - want[r]).abs() < tol,
-                    "{kind:?} t{t} r{r}: {got} vs {}",
-                    want[r]
-                );
+        // The file layout (AVX2 or scalar kernels) and this CPU's layout (packed for AVX-512
+        // where it runs) must both match the reference, and each other to float rounding.
+        let fast = m.for_this_cpu();
+        assert_eq!(fast.is_packed(), has_vnni() && kind.wants_q8());
+        let mut outs = Vec::new();
+        for mat in [&m, &fast] {
+            let mut out = vec![0.0; n * rows];
+            matmul(
+                &pool,
+                &mut [MatmulTask {
+                    w: mat,
+                    out: &mut out,
+                }],
+                &x,
+                &acts,
+                n,
+            );
+            for t in 0..n {
+                let want = reference(&m, &x[t * cols..(t + 1) * cols]);
+                for r in 0..rows {
+                    let got = out[t * rows + r];
+                    // 8-bit activations: error grows with sqrt(cols); values are O(sqrt(cols)).
+                    let tol = if kind.wants_q8() { 0.1 } else { 1e-3 };
+                    assert!(
+                        (got - want[r]).abs() < tol,
+                        "{kind:?} packed={} t{t} r{r}: {got} vs {}",
+                        mat.is_packed(),
+                        want[r]
+                    );
+                }
             }
+            outs.push(out);
         }
+        for (a, b) in outs[0].iter().zip(&outs[1]) {
+            assert!(
+                (a - b).abs() < 1e-3 * (1.0 + a.abs()),
+                "{kind:?}: {a} vs {b}"
+            );
+        }
+        let mut row = vec![0.0; cols];
+        let mut packed_row = vec![0.0; cols];
+        m.dequantize_row(rows - 1, &mut row);
+        fast.dequantize_row(rows - 1, &mut packed_row);
+        assert_eq!(row, packed_row, "{kind:?}: dequantized rows differ");
         // The scalar path must agree with the SIMD path.
         let xq = acts.row(0);
         let s = scalar::dot_rows::<1>(kind, m.row(3), [&x[..cols]], Some([xq]));

@@ -17,6 +17,12 @@ pub struct Q8Acts {
     pq: Vec<i8>,
     pd: Vec<f32>,
     ps: Vec<f32>,
+    // For the AVX-512 kernels: per group of four blocks (zero-padded past the row's end), 64 bytes
+    // of each block's first 16 values then 64 bytes of their last 16, and the scales spread over
+    // sixteen lanes (`[d0; 4] ++ [d1; 4] ++ ...`); and per pair of blocks `[d0; 8] ++ [d1; 8]`.
+    q4: Vec<i8>,
+    d4: Vec<f32>,
+    d2: Vec<f32>,
 }
 
 /// One quantized row.
@@ -34,6 +40,12 @@ pub struct Q8Row<'a> {
     pub pd: &'a [f32],
     /// Pair layout: offsets (4 per pair).
     pub ps: &'a [f32],
+    /// Quad layout: values (128 bytes per group of four blocks).
+    pub q4: &'a [i8],
+    /// Quad layout: scales (16 per group).
+    pub d4: &'a [f32],
+    /// Scales spread over 16 lanes per pair of blocks.
+    pub d2: &'a [f32],
 }
 
 impl Q8Acts {
@@ -48,17 +60,10 @@ impl Q8Acts {
         self.qs.resize(n * cols, 0);
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
+        let simd = super::has_avx2();
         for (b, chunk) in x[..n * cols].chunks_exact(QK).enumerate() {
-            let amax = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
             let q = &mut self.qs[b * QK..(b + 1) * QK];
-            for (qv, &v) in q.iter_mut().zip(chunk) {
-                let r = (v * id).round() as i32;
-                *qv = r as i8;
-                sum += r;
-            }
+            let (d, sum) = quantize_block_with(simd, chunk, q);
             self.d[b] = d;
             self.s[b] = d * sum as f32;
         }
@@ -83,6 +88,27 @@ impl Q8Acts {
                 self.ps[pi * 4..pi * 4 + 4].copy_from_slice(&[0.0, self.s[b0], 0.0, self.s[b1]]);
             }
         }
+        let (nq, np2) = (nb.div_ceil(4), nb.div_ceil(2));
+        self.q4.clear();
+        self.q4.resize(n * nq * 128, 0);
+        self.d4.clear();
+        self.d4.resize(n * nq * 16, 0.0);
+        self.d2.clear();
+        self.d2.resize(n * np2 * 16, 0.0);
+        for t in 0..n {
+            for b in 0..nb {
+                let (g, k) = (b / 4, b % 4);
+                let src = &self.qs[(t * nb + b) * QK..(t * nb + b + 1) * QK];
+                let at = (t * nq + g) * 128 + 16 * k;
+                self.q4[at..at + 16].copy_from_slice(&src[..16]);
+                self.q4[at + 64..at + 80].copy_from_slice(&src[16..]);
+                let d = self.d[t * nb + b];
+                let at = (t * nq + g) * 16 + 4 * k;
+                self.d4[at..at + 4].fill(d);
+                let at = (t * np2 + b / 2) * 16 + 8 * (b % 2);
+                self.d2[at..at + 8].fill(d);
+            }
+        }
     }
 
     /// Row `t`.
@@ -97,6 +123,113 @@ impl Q8Acts {
             pq: &self.pq[t * np * 64..(t + 1) * np * 64],
             pd: &self.pd[t * np * 8..(t + 1) * np * 8],
             ps: &self.ps[t * np * 4..(t + 1) * np * 4],
+            q4: &self.q4[t * nb.div_ceil(4) * 128..(t + 1) * nb.div_ceil(4) * 128],
+            d4: &self.d4[t * nb.div_ceil(4) * 16..(t + 1) * nb.div_ceil(4) * 16],
+            d2: &self.d2[t * nb.div_ceil(2) * 16..(t + 1) * nb.div_ceil(2) * 16],
+        }
+    }
+}
+
+/// `quantize_block`, with AVX2 when `simd` (which the caller has checked the CPU supports).
+#[inline]
+fn quantize_block_with(simd: bool, x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: the caller passes `simd` only where AVX2/FMA were detected.
+        return unsafe { x86::quantize_block(x, q) };
+    }
+    let _ = simd;
+    quantize_block(x, q)
+}
+
+/// One block to int8: `d = max|x| / 127`, `q = x / d` rounded half away from zero (as
+/// `trunc(x / d + copysign(0.5))`, the same float steps as the SIMD path). Returns `d` and
+/// the sum of `q`.
+fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (qv, &v) in q.iter_mut().zip(x) {
+        let y = v * id;
+        let r = (y + 0.5f32.copysign(y)) as i32;
+        *qv = r as i8;
+        sum += r;
+    }
+    (d, sum)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `quantize_block` for one 32-value block with AVX2.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `x` and `q` must hold at least 32 values.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+        assert!(x.len() >= 32 && q.len() >= 32);
+        // SAFETY: four 8-float loads and one 32-byte store, inside the slices checked above.
+        unsafe {
+            let sign = _mm256_set1_ps(-0.0);
+            let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(x.as_ptr().add(8 * i)));
+            let m = v.iter().fold(_mm256_setzero_ps(), |m, &vi| {
+                _mm256_max_ps(m, _mm256_andnot_ps(sign, vi))
+            });
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+            let d = _mm_cvtss_f32(m) / 127.0;
+            let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let half = _mm256_set1_ps(0.5);
+            let i: [__m256i; 4] = std::array::from_fn(|k| {
+                let y = _mm256_mul_ps(v[k], id);
+                let r = _mm256_add_ps(y, _mm256_or_ps(_mm256_and_ps(y, sign), half));
+                _mm256_cvttps_epi32(r)
+            });
+            let p01 = _mm256_packs_epi32(i[0], i[1]);
+            let p23 = _mm256_packs_epi32(i[2], i[3]);
+            let b = _mm256_packs_epi16(p01, p23);
+            let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, b);
+            let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+            let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+            (d, _mm_cvtsi128_si32(s))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simd_and_scalar_quantization_agree_exactly() {
+        if !super::super::has_avx2() {
+            return;
+        }
+        let mut seed = 1u32;
+        for scale in [0.0f32, 1e-3, 1.0, 300.0] {
+            let x: Vec<f32> = (0..32)
+                .map(|i| {
+                    seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                    // Exact halves (ties) included: they must round away from zero both ways.
+                    if i % 5 == 0 {
+                        (i as f32 - 16.0) * 0.5 * scale
+                    } else {
+                        ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * scale
+                    }
+                })
+                .collect();
+            let (mut a, mut b) = ([0i8; 32], [0i8; 32]);
+            let ra = quantize_block(&x, &mut a);
+            // SAFETY: AVX2 checked above.
+            let rb = unsafe { x86::quantize_block(&x, &mut b) };
+            assert_eq!(ra, rb, "scale {scale}");
+            assert_eq!(a, b, "scale {scale}");
         }
     }
 }

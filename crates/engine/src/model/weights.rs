@@ -1,8 +1,8 @@
 //! Loading a llama-family model's weights, by the names GGUF and Hugging Face give them.
 //!
 //! GGUF tensors in a format with a kernel (F32, F16, BF16, Q4_0, Q4_1, Q8_0) stay in the memory
-//! map: loading touches no weight bytes. Other GGUF formats (K-quants, Q5_x) are dequantized by
-//! candle and re-quantized to Q8_0 at load. Safetensors weights are copied out of candle's map in
+//! map: loading touches no weight bytes. Q4_K is rewritten as Q4_1 (`kernels::kquant`); other
+//! GGUF formats (Q6_K, Q5_x, ...) are dequantized by candle and re-quantized to Q8_0 at load. Safetensors weights are copied out of candle's map in
 //! their own float format.
 
 use std::borrow::Cow;
@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use super::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
-use crate::kernels::{quantize_q8_0, QKind, QMatrix, WeightBytes, QK};
+use crate::kernels::{kquant, quantize_q8_0, QKind, QMatrix, WeightBytes, QK};
 
 /// One decoder block's weights.
 pub struct LayerWeights {
@@ -71,6 +71,27 @@ impl Weights {
         layer + self.output.byte_len()
     }
 
+    /// Every matrix the forward pass multiplies, in the layout of this CPU's fastest kernels
+    /// (`QMatrix::for_this_cpu`: repacked for AVX-512 where it runs). The embedding stays as it
+    /// is: it is only read a row at a time.
+    fn for_this_cpu(mut self) -> Self {
+        for l in &mut self.layers {
+            for m in [
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.w_gate,
+                &mut l.w_up,
+                &mut l.w_down,
+            ] {
+                *m = m.for_this_cpu();
+            }
+        }
+        self.output = self.output.for_this_cpu();
+        self
+    }
+
     /// Loads from a GGUF file.
     pub fn from_gguf(f: &GgufFile, cfg: &ModelConfig) -> Result<Self> {
         let embed = gguf_matrix(f, "token_embd.weight")?;
@@ -116,7 +137,7 @@ impl Weights {
             rope_freqs,
         };
         w.check_shapes(cfg)?;
-        Ok(w)
+        Ok(w.for_this_cpu())
     }
 
     /// Loads from Hugging Face safetensors files.
@@ -176,7 +197,7 @@ impl Weights {
             rope_freqs: None,
         };
         w.check_shapes(cfg)?;
-        Ok(w)
+        Ok(w.for_this_cpu())
     }
 
     fn check_shapes(&self, cfg: &ModelConfig) -> Result<()> {
@@ -265,6 +286,16 @@ pub fn gguf_matrix(f: &GgufFile, name: &str) -> Result<QMatrix> {
             },
         )
         .map_err(bad),
+        None if t.dtype == GgmlDType::Q4K && cols.is_multiple_of(kquant::Q4K_WEIGHTS) => {
+            let bytes = &f.mmap()[t.start..t.start + t.len];
+            QMatrix::new(
+                QKind::Q4_1,
+                rows,
+                cols,
+                WeightBytes::Owned(Arc::new(kquant::q4k_to_q4_1(bytes))),
+            )
+            .map_err(bad)
+        }
         None => {
             let values = dequantize_gguf(f, name)?;
             let (kind, bytes) = if cols % QK == 0 {

@@ -21,7 +21,7 @@ use lastmile_protocol::{
     CompletionResponse, FinishReason, OutputConstraint, PromptRef, ResponseMeta, SamplingRequest,
     Usage,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 
 pub(crate) use choices::{ChoiceBuilder, LogprobStyle, Update};
 
@@ -168,24 +168,11 @@ fn budget(state: &AppState, prompt_len: usize, max_tokens: Option<u32>) -> Resul
     }
 }
 
-/// JSON layout for schema-constrained output unless the schema says otherwise: one line with
-/// `", "` and `": "` separators, so a small model cannot pad the answer with endless whitespace.
-fn with_json_layout(mut schema: Value) -> Value {
-    if let Some(obj) = schema.as_object_mut() {
-        obj.entry("x-guidance").or_insert_with(
-            || json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
-        );
-    }
-    schema
-}
-
 /// The grammar that enforces an output constraint.
 fn grammar_spec(c: &OutputConstraint) -> GrammarSpec {
     match c {
-        OutputConstraint::JsonObject => {
-            GrammarSpec::JsonSchema(with_json_layout(json!({"type": "object"})))
-        }
-        OutputConstraint::JsonSchema(s) => GrammarSpec::JsonSchema(with_json_layout(s.clone())),
+        OutputConstraint::JsonObject => GrammarSpec::JsonSchema(json!({"type": "object"})),
+        OutputConstraint::JsonSchema(s) => GrammarSpec::JsonSchema(s.clone()),
         OutputConstraint::Regex(r) => GrammarSpec::Regex(r.clone()),
         OutputConstraint::Choice(options) => GrammarSpec::Regex(
             options

@@ -1,0 +1,106 @@
+//! ggml's Q4_K ("k-quant") rewritten as Q4_1 at load, so it runs on the Q4_1 kernels.
+//!
+//! A Q4_K super-block holds 256 weights as eight sub-blocks of 32 that share one f16 scale `d`
+//! and one f16 `dmin`, each with a 6-bit scale `sc` and 6-bit minimum `m`: weight = `d * sc * q -
+//! dmin * m`. That is exactly a Q4_1 block per sub-block with scale `d * sc` and minimum
+//! `-dmin * m`; the only change is rounding those two products to f16 (relative error <= 2^-11 on
+//! a block's scale, far below the 4-bit quantization step). The nibbles are reordered from
+//! Q4_K's order (low nibbles of 32 bytes = sub-block 2c, high nibbles = 2c + 1) to Q4_1's (byte
+//! `j` holds weights `j` and `j + 16`). 144 bytes per 256 weights become 160.
+
+/// Bytes of one Q4_K super-block.
+pub const Q4K_BLOCK_BYTES: usize = 144;
+/// Weights per Q4_K super-block.
+pub const Q4K_WEIGHTS: usize = 256;
+
+/// The 6-bit scale and minimum of sub-block `j` (0..8) from the 12 packed bytes.
+fn scale_min(s: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Converts whole Q4_K data (a multiple of 144 bytes) to Q4_1 blocks (20 bytes per 32 weights).
+pub fn q4k_to_q4_1(src: &[u8]) -> Vec<u8> {
+    assert!(
+        src.len().is_multiple_of(Q4K_BLOCK_BYTES),
+        "partial Q4_K super-block"
+    );
+    let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let mut out = Vec::with_capacity(src.len() / Q4K_BLOCK_BYTES * 8 * 20);
+    for sb in src.chunks_exact(Q4K_BLOCK_BYTES) {
+        let (d, dmin) = (f16(&sb[0..2]), f16(&sb[2..4]));
+        let scales = &sb[4..16];
+        let qs = &sb[16..144];
+        for j in 0..8 {
+            let (sc, m) = scale_min(scales, j);
+            out.extend_from_slice(&half::f16::from_f32(d * sc as f32).to_le_bytes());
+            out.extend_from_slice(&half::f16::from_f32(-dmin * m as f32).to_le_bytes());
+            // Sub-block j's nibble l (0..32) is byte l of chunk j / 2, low or high half.
+            let chunk = &qs[(j / 2) * 32..(j / 2) * 32 + 32];
+            let nib = |l: usize| {
+                if j % 2 == 0 {
+                    chunk[l] & 0x0F
+                } else {
+                    chunk[l] >> 4
+                }
+            };
+            for l in 0..16 {
+                out.push(nib(l) | (nib(l + 16) << 4));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+    use candle_core::Device;
+
+    use super::*;
+    use crate::kernels::{scalar, QKind};
+
+    #[test]
+    fn converted_blocks_dequantize_like_ggml() {
+        let mut seed = 11u32;
+        let mut src = Vec::new();
+        for _ in 0..3 {
+            let mut rnd = || {
+                seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                (seed >> 24) as u8
+            };
+            // Positive, moderate f16 scales; random 6-bit scales and nibbles.
+            src.extend_from_slice(&half::f16::from_f32(0.013).to_le_bytes());
+            src.extend_from_slice(&half::f16::from_f32(0.007).to_le_bytes());
+            for _ in 0..140 {
+                src.push(rnd());
+            }
+        }
+        let storage =
+            QStorage::from_data(Cow::Borrowed(&src), &Device::Cpu, GgmlDType::Q4K).unwrap();
+        let want: Vec<f32> = QTensor::new(storage, (3 * Q4K_WEIGHTS,))
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap();
+        let q41 = q4k_to_q4_1(&src);
+        assert_eq!(q41.len(), 3 * 8 * 20);
+        let mut got = vec![0.0f32; 3 * Q4K_WEIGHTS];
+        scalar::dequantize_row(QKind::Q4_1, &q41, &mut got);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            // f16 rounding of d * sc and dmin * m: relative 2^-11 of terms up to ~0.013*63*15.
+            assert!((g - w).abs() < 0.01, "weight {i}: {g} vs {w}");
+        }
+        assert!(
+            want.iter().any(|v| v.abs() > 1.0),
+            "test data too small to mean anything"
+        );
+    }
+}
