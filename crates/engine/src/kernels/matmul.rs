@@ -1,6 +1,7 @@
 //! `y = x · Wᵀ` for one or more weight matrices that share the same input, split across the
 //! pool by output rows (one join per call, however many matrices — Q, K and V go together).
 
+use super::amx;
 use super::avx512::{self, OutPtr};
 use super::q8::{Q8Acts, Q8Row};
 use super::{dot_rows, QMatrix};
@@ -107,10 +108,31 @@ fn rows_range(
 /// `rows_range` for packed matrices: the AVX-512 kernels take whole row tiles per call.
 fn packed_range(w: &QMatrix, out: &SharedMut<f32>, xq: &Q8Acts, n: usize, r0: usize, r1: usize) {
     let bytes = w.bytes();
+    // Whole tiles of 16 tokens on AMX where it runs; the tokens left over on AVX-512.
+    let amx_tiles = if amx::has_amx() { n / amx::TOKENS } else { 0 };
+    if amx_tiles > 0 {
+        // SAFETY: AMX detected and granted; this thread owns rows [r0, r1) of every token's
+        // output (see `matmul`), which `out` holds (`matmul` checked its length).
+        unsafe {
+            amx::rows(
+                w.kind,
+                bytes,
+                w.rows,
+                w.cols,
+                xq,
+                0,
+                amx_tiles,
+                r0,
+                r1,
+                out.ptr(),
+            );
+        }
+    }
+    let first = amx_tiles * amx::TOKENS;
     let mut tile = r0;
     while tile < r1 {
         let tile_end = (tile + ROW_TILE).min(r1);
-        let mut t = 0;
+        let mut t = first;
         while t < n {
             // SAFETY: packed matrices exist only where `has_vnni` holds; this thread owns rows
             // [r0, r1) of every token's output (see `matmul`), and `at` stays inside `out`.
@@ -129,12 +151,12 @@ fn packed_range(w: &QMatrix, out: &SharedMut<f32>, xq: &Q8Acts, n: usize, r0: us
                         tile,
                         tile_end,
                         o,
-                        t == 0,
+                        t == first,
                     );
                     t += TOKEN_TILE;
                 } else {
                     let xs = [xq.row(t)];
-                    avx512::rows::<1>(w.kind, bytes, w.cols, &xs, tile, tile_end, o, t == 0);
+                    avx512::rows::<1>(w.kind, bytes, w.cols, &xs, tile, tile_end, o, t == first);
                     t += 1;
                 }
             }

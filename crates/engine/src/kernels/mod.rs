@@ -6,6 +6,7 @@
 //! rows repacked at load (`pack.rs`), else AVX2/FMA/F16C over the file layout, else a portable
 //! scalar fallback that computes exactly the same sums.
 
+pub mod amx;
 mod avx2;
 mod avx512;
 pub mod kquant;
@@ -237,7 +238,9 @@ pub fn has_vnni() -> bool {
 
 /// The widest kernel family in use here, for logs and benchmark reports.
 pub fn simd_name() -> &'static str {
-    if has_vnni() {
+    if amx::has_amx() {
+        "amx-int8+avx512-vnni"
+    } else if has_vnni() {
         "avx512-vnni"
     } else if has_avx2() {
         "avx2"
@@ -330,7 +333,14 @@ mod tests {
     }
 
     fn check_kind(kind: QKind) {
-        for (rows, cols, n) in [(37, 256, 5), (9, 96, 3), (21, 576, 9), (4, 32, 5)] {
+        for (rows, cols, n) in [
+            (37, 256, 5),
+            (9, 96, 3),
+            (21, 576, 9),
+            (4, 32, 5),
+            (21, 576, 37),
+            (40, 256, 16),
+        ] {
             check_shape(kind, rows, cols, n);
         }
     }
@@ -395,6 +405,35 @@ mod tests {
                 (a - b).abs() < 1e-3 * (1.0 + a.abs()),
                 "{kind:?}: {a} vs {b}"
             );
+        }
+        // The opt-in AMX kernel (whole tiles of 16 tokens) against the same reference.
+        if amx::amx_available() && fast.is_packed() && n >= amx::TOKENS {
+            let tiles = n / amx::TOKENS;
+            let mut out = vec![f32::NAN; n * rows];
+            // SAFETY: AMX available; `fast` is packed; `out` holds every (token, row) cell.
+            unsafe {
+                amx::rows(
+                    kind,
+                    fast.bytes(),
+                    rows,
+                    cols,
+                    &acts,
+                    0,
+                    tiles,
+                    0,
+                    rows,
+                    out.as_mut_ptr(),
+                )
+            };
+            for t in 0..tiles * amx::TOKENS {
+                for r in 0..rows {
+                    let (got, want) = (out[t * rows + r], outs[1][t * rows + r]);
+                    assert!(
+                        (got - want).abs() < 1e-3 * (1.0 + want.abs()),
+                        "{kind:?} amx t{t} r{r}: {got} vs {want}"
+                    );
+                }
+            }
         }
         let mut row = vec![0.0; cols];
         let mut packed_row = vec![0.0; cols];

@@ -111,6 +111,21 @@ impl Q8Acts {
         }
     }
 
+    /// Every row's int8 values, token-major (`cols` per token).
+    pub(crate) fn qs_all(&self) -> &[i8] {
+        &self.qs
+    }
+
+    /// Every block's scale, token-major.
+    pub(crate) fn d_all(&self) -> &[f32] {
+        &self.d
+    }
+
+    /// Every block's `d * sum(q)`, token-major.
+    pub(crate) fn s_all(&self) -> &[f32] {
+        &self.s
+    }
+
     /// Row `t`.
     #[inline]
     pub fn row(&self, t: usize) -> Q8Row<'_> {
