@@ -22,7 +22,7 @@ fn time_mats(pool: &ThreadPool, mats: &[QMatrix], n: usize, passes: usize) -> f6
     let acts: Vec<Q8Acts> = mats
         .iter()
         .map(|m| {
-            let mut a = Q8Acts::default();
+            let mut a = Q8Acts::with_every_layout();
             a.quantize(&x, n, m.cols);
             a
         })

@@ -54,59 +54,15 @@ pub fn amx_available() -> bool {
     })
 }
 
-/// Products of packed rows `r0..r1` of `w` with tokens `t0..t0 + 16 * tiles` of `xq`, written to
-/// `out[t * rows + r]`.
-///
-/// # Safety
-/// `amx_available()` must be true; `w` must be packed; this thread must own those output cells.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn rows(
-    kind: QKind,
-    w: &[u8],
-    rows: usize,
-    cols: usize,
-    xq: &Q8Acts,
-    t0: usize,
-    tiles: usize,
-    r0: usize,
-    r1: usize,
-    out: *mut f32,
-) {
-    let nb = cols / QK;
-    assert!(r1 <= rows && r1 * kind.row_bytes(cols) <= w.len());
-    assert!((t0 + tiles * TOKENS) * cols <= xq.qs_all().len());
-    // SAFETY: bounds checked above; the rest is the caller's promise.
-    unsafe { x86::rows(kind, w, rows, cols, nb, xq, t0, tiles, r0, r1, out) }
-}
-
-/// Never called off x86-64 (`has_amx` is false there).
-///
-/// # Safety
-/// Always safe.
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn rows(
-    _kind: QKind,
-    _w: &[u8],
-    _rows: usize,
-    _cols: usize,
-    _xq: &Q8Acts,
-    _t0: usize,
-    _tiles: usize,
-    _r0: usize,
-    _r1: usize,
-    _out: *mut f32,
-) {
-    unreachable!("AMX on a non-x86 target")
-}
+pub use x86::rows;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::asm;
     use std::arch::x86_64::*;
 
-    use super::{Q8Acts, QKind, ROWS, TOKENS};
+    use super::{Q8Acts, QKind, QK, ROWS, TOKENS};
 
     /// Checks CPUID and XCR0 and asks Linux for the tile data state.
     #[cfg(target_os = "linux")]
@@ -245,6 +201,12 @@ mod x86 {
         };
     }
 
+    /// Products of packed rows `r0..r1` of `w` with tokens `t0..t0 + 16 * tiles` of `xq`,
+    /// written to `out[t * rows + r]`.
+    ///
+    /// # Safety
+    /// `amx_available()` must be true; `w` must be packed; this thread must own those output
+    /// cells.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub unsafe fn rows(
@@ -252,7 +214,6 @@ mod x86 {
         w: &[u8],
         rows: usize,
         cols: usize,
-        nb: usize,
         xq: &Q8Acts,
         t0: usize,
         tiles: usize,
@@ -260,7 +221,16 @@ mod x86 {
         r1: usize,
         out: *mut f32,
     ) {
+        let nb = cols / QK;
         let rb = kind.row_bytes(cols);
+        assert!(
+            r1 <= rows && r1 * rb <= w.len(),
+            "row range outside the matrix"
+        );
+        assert!(
+            (t0 + tiles * TOKENS) * cols <= xq.qs_all().len(),
+            "token tiles outside the activations"
+        );
         let cfg = config();
         let (qs, xd, xs) = (xq.qs_all(), xq.d_all(), xq.s_all());
         let c = if kind == QKind::Q8_0 { 0.0 } else { 1.0 };

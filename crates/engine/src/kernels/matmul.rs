@@ -110,6 +110,7 @@ fn packed_range(w: &QMatrix, out: &SharedMut<f32>, xq: &Q8Acts, n: usize, r0: us
     let bytes = w.bytes();
     // Whole tiles of 16 tokens on AMX where it runs; the tokens left over on AVX-512.
     let amx_tiles = if amx::has_amx() { n / amx::TOKENS } else { 0 };
+    #[cfg(target_arch = "x86_64")]
     if amx_tiles > 0 {
         // SAFETY: AMX detected and granted; this thread owns rows [r0, r1) of every token's
         // output (see `matmul`), which `out` holds (`matmul` checked its length).

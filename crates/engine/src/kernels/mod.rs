@@ -365,7 +365,7 @@ mod tests {
         let m = QMatrix::new(kind, rows, cols, WeightBytes::Owned(Arc::new(bytes))).unwrap();
         let x: Vec<f32> = (0..n * cols).map(|_| lcg(&mut seed)).collect();
         let pool = crate::parallel::ThreadPool::new(2);
-        let mut acts = Q8Acts::default();
+        let mut acts = Q8Acts::with_every_layout();
         acts.quantize(&x, n, cols);
         // The file layout (AVX2 or scalar kernels) and this CPU's layout (packed for AVX-512
         // where it runs) must both match the reference, and each other to float rounding.
@@ -407,6 +407,7 @@ mod tests {
             );
         }
         // The opt-in AMX kernel (whole tiles of 16 tokens) against the same reference.
+        #[cfg(target_arch = "x86_64")]
         if amx::amx_available() && fast.is_packed() && n >= amx::TOKENS {
             let tiles = n / amx::TOKENS;
             let mut out = vec![f32::NAN; n * rows];

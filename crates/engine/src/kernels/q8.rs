@@ -23,6 +23,8 @@ pub struct Q8Acts {
     q4: Vec<i8>,
     d4: Vec<f32>,
     d2: Vec<f32>,
+    // Build both layouts, not just the one this CPU's kernels read (for comparing the paths).
+    every_layout: bool,
 }
 
 /// One quantized row.
@@ -49,6 +51,15 @@ pub struct Q8Row<'a> {
 }
 
 impl Q8Acts {
+    /// Buffers that lay activations out for the AVX2 (file-layout) kernels as well as the AVX-512
+    /// (packed) ones, whatever this CPU runs — for tests and benchmarks that compare the two.
+    pub fn with_every_layout() -> Self {
+        Self {
+            every_layout: true,
+            ..Self::default()
+        }
+    }
+
     /// Quantizes `n` rows of `cols` values (a no-op shape for non-multiple-of-32 widths, which
     /// only f32-input kernels use).
     pub fn quantize(&mut self, x: &[f32], n: usize, cols: usize) {
@@ -67,12 +78,25 @@ impl Q8Acts {
             self.d[b] = d;
             self.s[b] = d * sum as f32;
         }
-        let per_row_pairs = cols / QK / 2;
+        let nb = cols / QK;
+        // Only the layouts the kernels in use read: the AVX2 pair layout for file-layout
+        // matrices, the AVX-512 quad layout for packed ones (every matrix where VNNI runs).
+        let vnni = super::has_vnni();
+        if !vnni || self.every_layout {
+            self.pair_layout(n, nb);
+        }
+        if vnni || self.every_layout {
+            self.quad_layout(n, nb);
+        }
+    }
+
+    /// The AVX2 kernels' pair layout (see the field comments).
+    fn pair_layout(&mut self, n: usize, nb: usize) {
+        let per_row_pairs = nb / 2;
         let pairs = n * per_row_pairs;
         self.pq.resize(pairs * 64, 0);
         self.pd.resize(pairs * 8, 0.0);
         self.ps.resize(pairs * 4, 0.0);
-        let nb = cols / QK;
         for t in 0..n {
             for p in 0..per_row_pairs {
                 let (b0, b1) = (t * nb + 2 * p, t * nb + 2 * p + 1);
@@ -88,6 +112,10 @@ impl Q8Acts {
                 self.ps[pi * 4..pi * 4 + 4].copy_from_slice(&[0.0, self.s[b0], 0.0, self.s[b1]]);
             }
         }
+    }
+
+    /// The AVX-512 kernels' quad and pair-scale layouts (see the field comments).
+    fn quad_layout(&mut self, n: usize, nb: usize) {
         let (nq, np2) = (nb.div_ceil(4), nb.div_ceil(2));
         self.q4.clear();
         self.q4.resize(n * nq * 128, 0);
@@ -135,14 +163,20 @@ impl Q8Acts {
             qs: &self.qs[t * self.cols..(t + 1) * self.cols],
             d: &self.d[t * nb..(t + 1) * nb],
             s: &self.s[t * nb..(t + 1) * nb],
-            pq: &self.pq[t * np * 64..(t + 1) * np * 64],
-            pd: &self.pd[t * np * 8..(t + 1) * np * 8],
-            ps: &self.ps[t * np * 4..(t + 1) * np * 4],
-            q4: &self.q4[t * nb.div_ceil(4) * 128..(t + 1) * nb.div_ceil(4) * 128],
-            d4: &self.d4[t * nb.div_ceil(4) * 16..(t + 1) * nb.div_ceil(4) * 16],
-            d2: &self.d2[t * nb.div_ceil(2) * 16..(t + 1) * nb.div_ceil(2) * 16],
+            pq: window(&self.pq, t, np * 64),
+            pd: window(&self.pd, t, np * 8),
+            ps: window(&self.ps, t, np * 4),
+            q4: window(&self.q4, t, nb.div_ceil(4) * 128),
+            d4: window(&self.d4, t, nb.div_ceil(4) * 16),
+            d2: window(&self.d2, t, nb.div_ceil(2) * 16),
         }
     }
+}
+
+/// Row `t`'s `per_row` elements of a layout, or nothing where that layout was not built (a kernel
+/// that needs it then fails its length check).
+fn window<T>(v: &[T], t: usize, per_row: usize) -> &[T] {
+    v.get(t * per_row..(t + 1) * per_row).unwrap_or(&[])
 }
 
 /// `quantize_block`, with AVX2 when `simd` (which the caller has checked the CPU supports).
