@@ -15,8 +15,8 @@ use crate::error::ApiError;
 use crate::logprobs::CompletionLogprobs;
 use crate::sampling::deserialize_flag;
 use crate::sampling::{
-    deserialize_seed, FinishReason, ResponseMeta, SamplingFields, SamplingRequest, StopSequences,
-    StreamOptions, Usage, UsageField,
+    check_model, check_stream_options, deserialize_seed, FinishReason, ResponseMeta,
+    SamplingFields, SamplingRequest, StopSequences, StreamOptions, Usage, UsageField,
 };
 use crate::structured::{ConstraintFields, OutputConstraint};
 
@@ -27,7 +27,7 @@ pub const MAX_COMPLETION_LOGPROBS: u32 = 5;
 pub const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
 
 /// The body of `POST /v1/completions`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CompletionRequest {
     /// Model to run.
     pub model: String,
@@ -120,31 +120,7 @@ impl CompletionRequest {
         Self {
             model: model.into(),
             prompt,
-            max_tokens: None,
-            temperature: None,
-            top_p: None,
-            top_k: None,
-            min_p: None,
-            n: None,
-            stream: false,
-            stream_options: None,
-            stop: None,
-            seed: None,
-            presence_penalty: None,
-            frequency_penalty: None,
-            repetition_penalty: None,
-            ignore_eos: None,
-            echo: None,
-            logprobs: None,
-            suffix: None,
-            best_of: None,
-            logit_bias: None,
-            user: None,
-            response_format: None,
-            guided_json: None,
-            guided_regex: None,
-            guided_choice: None,
-            guided_grammar: None,
+            ..Self::default()
         }
     }
 
@@ -209,12 +185,7 @@ impl CompletionRequest {
 
     /// Checks the request; the error names the offending parameter.
     pub fn validate(&self) -> Result<(), ApiError> {
-        if self.model.is_empty() {
-            return Err(ApiError::invalid_request(
-                "model must not be empty",
-                Some("model"),
-            ));
-        }
+        check_model(&self.model)?;
         match self.prompt.len() {
             0 => return Err(empty_prompt()),
             1 => {}
@@ -224,12 +195,7 @@ impl CompletionRequest {
             return Err(empty_prompt());
         }
         self.sampling_fields().validate()?;
-        if self.stream_options.is_some() && !self.stream {
-            return Err(ApiError::invalid_request(
-                "stream_options is only allowed when stream is true",
-                Some("stream_options"),
-            ));
-        }
+        check_stream_options(self.stream, self.stream_options.as_ref())?;
         self.reject_unsupported()
     }
 
@@ -267,7 +233,8 @@ fn empty_prompt() -> ApiError {
     ApiError::invalid_request("prompt must not be empty", Some("prompt"))
 }
 
-/// The `prompt` parameter in any of its four OpenAI forms.
+/// The `prompt` parameter in any of its four OpenAI forms (the default is an empty text, which
+/// validation rejects).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum PromptInput {
@@ -279,6 +246,12 @@ pub enum PromptInput {
     Tokens(Vec<u32>),
     /// `"prompt": [[1, 2], [3]]` (a batch of token-id prompts)
     TokenBatches(Vec<Vec<u32>>),
+}
+
+impl Default for PromptInput {
+    fn default() -> Self {
+        Self::Text(String::new())
+    }
 }
 
 impl PromptInput {

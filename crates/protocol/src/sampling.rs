@@ -391,6 +391,31 @@ impl SamplingFields<'_> {
     }
 }
 
+/// Rejects an empty `model`.
+pub(crate) fn check_model(model: &str) -> Result<(), ApiError> {
+    if model.is_empty() {
+        return Err(ApiError::invalid_request(
+            "model must not be empty",
+            Some("model"),
+        ));
+    }
+    Ok(())
+}
+
+/// `stream_options` only makes sense with `stream: true`.
+pub(crate) fn check_stream_options(
+    stream: bool,
+    stream_options: Option<&StreamOptions>,
+) -> Result<(), ApiError> {
+    if stream_options.is_some() && !stream {
+        return Err(ApiError::invalid_request(
+            "stream_options is only allowed when stream is true",
+            Some("stream_options"),
+        ));
+    }
+    Ok(())
+}
+
 /// Rejects a token limit of 0.
 pub(crate) fn check_max_tokens(param: &str, value: Option<u32>) -> Result<(), ApiError> {
     match value {

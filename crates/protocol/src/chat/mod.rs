@@ -25,13 +25,13 @@ use crate::error::ApiError;
 use crate::logprobs::MAX_TOP_LOGPROBS;
 use crate::sampling::deserialize_flag;
 use crate::sampling::{
-    check_max_tokens, deserialize_seed, SamplingFields, SamplingRequest, StopSequences,
-    StreamOptions,
+    check_max_tokens, check_model, check_stream_options, deserialize_seed, SamplingFields,
+    SamplingRequest, StopSequences, StreamOptions,
 };
 use crate::structured::{ConstraintFields, OutputConstraint};
 
 /// The body of `POST /v1/chat/completions`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatCompletionRequest {
     /// Model to run.
     pub model: String,
@@ -130,33 +130,7 @@ impl ChatCompletionRequest {
         Self {
             model: model.into(),
             messages,
-            max_tokens: None,
-            max_completion_tokens: None,
-            temperature: None,
-            top_p: None,
-            top_k: None,
-            min_p: None,
-            n: None,
-            stream: false,
-            stream_options: None,
-            stop: None,
-            seed: None,
-            presence_penalty: None,
-            frequency_penalty: None,
-            repetition_penalty: None,
-            ignore_eos: None,
-            logprobs: None,
-            top_logprobs: None,
-            logit_bias: None,
-            user: None,
-            tools: None,
-            tool_choice: None,
-            parallel_tool_calls: None,
-            response_format: None,
-            guided_json: None,
-            guided_regex: None,
-            guided_choice: None,
-            guided_grammar: None,
+            ..Self::default()
         }
     }
 
@@ -202,12 +176,7 @@ impl ChatCompletionRequest {
 
     /// Checks the request; the error names the offending parameter.
     pub fn validate(&self) -> Result<(), ApiError> {
-        if self.model.is_empty() {
-            return Err(ApiError::invalid_request(
-                "model must not be empty",
-                Some("model"),
-            ));
-        }
+        check_model(&self.model)?;
         if self.messages.is_empty() {
             return Err(ApiError::invalid_request(
                 "messages must contain at least one message",
@@ -220,12 +189,7 @@ impl ChatCompletionRequest {
         // Both limits are checked, not just the one that wins.
         check_max_tokens("max_tokens", self.max_tokens)?;
         self.sampling_fields().validate()?;
-        if self.stream_options.is_some() && !self.stream {
-            return Err(ApiError::invalid_request(
-                "stream_options is only allowed when stream is true",
-                Some("stream_options"),
-            ));
-        }
+        check_stream_options(self.stream, self.stream_options.as_ref())?;
         self.validate_features()
     }
 
