@@ -75,8 +75,9 @@ impl Weights {
     /// (`QMatrix::for_this_cpu`: repacked for AVX-512 where it runs). The embedding stays as it
     /// is: it is only read a row at a time.
     fn for_this_cpu(mut self) -> Self {
+        let mut mats: Vec<&mut QMatrix> = vec![&mut self.output];
         for l in &mut self.layers {
-            for m in [
+            mats.extend([
                 &mut l.wq,
                 &mut l.wk,
                 &mut l.wv,
@@ -84,11 +85,31 @@ impl Weights {
                 &mut l.w_gate,
                 &mut l.w_up,
                 &mut l.w_down,
-            ] {
-                *m = m.for_this_cpu();
-            }
+            ]);
         }
-        self.output = self.output.for_this_cpu();
+        // Repacking reads and writes every weight byte once: spread it over the cores (it is
+        // part of every cold start). Largest first, each to the least-loaded thread.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut shares: Vec<(usize, Vec<&mut QMatrix>)> =
+            (0..threads).map(|_| (0, Vec::new())).collect();
+        mats.sort_by_key(|m| std::cmp::Reverse(m.byte_len()));
+        for m in mats {
+            let share = shares
+                .iter_mut()
+                .min_by_key(|s| s.0)
+                .expect("at least one thread");
+            share.0 += m.byte_len();
+            share.1.push(m);
+        }
+        std::thread::scope(|scope| {
+            for (_, share) in shares {
+                scope.spawn(move || {
+                    for m in share {
+                        *m = m.for_this_cpu();
+                    }
+                });
+            }
+        });
         self
     }
 
