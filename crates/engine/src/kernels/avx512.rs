@@ -1,265 +1,228 @@
-//! AVX-512 VNNI kernels over *packed* rows (see `pack.rs`): a row's block scales sit together at
-//! its start and its quants follow contiguously, so one 64-byte load brings four Q4 blocks (or two
-//! Q8_0 blocks) and `vpdpbusd` multiplies 64 u8 x i8 pairs into sixteen i32 lanes in one
-//! instruction — about twice the work per instruction of the AVX2 path, with no per-block gathers.
-//!
-//! Lane bookkeeping: for Q4, lanes `4k..4k+4` of the accumulator hold block `k` of the group of
-//! four (the activations come in `Q8Acts`' quad layout to match the nibble order); for Q8_0,
-//! lanes `8k..8k+8` hold block `k` of the pair. Per-block float scales are spread over the same
-//! lanes, so each group costs one int-to-float conversion and one fused multiply-add per token.
-//! Offsets (Q4_1's minimum, Q4_0's `-8`, Q8_0's `-128` from the unsigned trick) are a separate
-//! dot product of a per-block weight array with the activations' `d * sum(q)`.
-//!
-//! Each call handles a range of rows for `R` tokens and writes `out[t * stride + r]` itself, so
-//! the feature dispatch happens once per range, not once per row.
+//! AVX-512 VNNI kernels over packed matrices (see `pack.rs`): sixteen rows at a time, one zmm lane
+//! per row. Per block of 32 columns, eight `vpdpbusd` each multiply a 64-byte k-row of the
+//! chunk (4 weights of each of the 16 rows) by a broadcast of 4 activation bytes, leaving every
+//! row's exact integer dot product in its lane — no horizontal sums. `finish_block` then scales
+//! and offsets it in f32; the AMX kernel ends every block with the same function, so a token's
+//! result is bit-identical whichever path and batch it ran in (which prefix caching, chunked
+//! prefill and preemption rely on for identical greedy output).
 
 #![cfg_attr(not(target_arch = "x86_64"), allow(unused))]
 
-use super::q8::Q8Row;
-use super::{QKind, QK};
+use super::q8::Q8Acts;
+use super::QKind;
 
-/// Where a kernel writes: token `t`, row `r` lands at `ptr[t * stride + r]`.
+/// A product of packed row groups `g0..g1` with tokens `t0..t0 + R`.
 #[derive(Clone, Copy)]
-pub struct OutPtr {
-    /// Base pointer.
-    pub ptr: *mut f32,
-    /// Distance between tokens.
-    pub stride: usize,
+pub struct GroupJob<'a> {
+    /// Weight format.
+    pub kind: QKind,
+    /// The packed matrix.
+    pub w: &'a [u8],
+    /// Its rows (the output stride between tokens).
+    pub rows: usize,
+    /// Its columns.
+    pub cols: usize,
+    /// The quantized activations.
+    pub xq: &'a Q8Acts,
+    /// First token.
+    pub t0: usize,
+    /// Row groups (of 16 rows).
+    pub g0: usize,
+    /// End of the row groups.
+    pub g1: usize,
+    /// `out[t * rows + r]`.
+    pub out: *mut f32,
+    /// Prefetch the chunks ahead (on the first pass over these rows).
+    pub prefetch: bool,
 }
 
-/// One call's work, as the per-format kernels take it.
-#[derive(Clone, Copy)]
-struct RowJob<'a, const R: usize> {
-    w: &'a [u8],
-    nb: usize,
-    rb: usize,
-    xq: &'a [Q8Row<'a>; R],
-    r0: usize,
-    r1: usize,
-    out: OutPtr,
-    prefetch: bool,
-}
-
-/// Products of packed rows `r0..r1` of `w` (`kind`, `cols` wide, `row_bytes` apart) with `R`
-/// token rows; `prefetch` on the first pass over these rows (later token tiles find them cached).
+/// Runs `job` for `R` tokens.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F/BW/VL/VNNI (see `has_vnni`); `w` must hold packed rows; every
-/// `out` cell for `t < R`, `r0 <= r < r1` must be writable by this thread alone.
+/// The CPU must have AVX-512 F/BW/VL/VNNI (`has_vnni`); `job.w` must be packed for `job.kind`;
+/// every output cell of these tokens and rows must be this thread's alone.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn rows<const R: usize>(
-    kind: QKind,
-    w: &[u8],
-    cols: usize,
-    xq: &[Q8Row<'_>; R],
-    r0: usize,
-    r1: usize,
-    out: OutPtr,
-    prefetch: bool,
-) {
-    let nb = cols / QK;
-    let rb = kind.row_bytes(cols);
-    assert!(r1 * rb <= w.len(), "row range outside the matrix");
-    for x in xq {
-        assert!(x.qs.len() >= nb * QK && x.s.len() >= nb);
-        assert!(x.q4.len() >= nb.div_ceil(4) * 128 && x.d4.len() >= nb.div_ceil(4) * 16);
-        assert!(x.d2.len() >= nb.div_ceil(2) * 16);
-    }
-    let job = RowJob {
-        w,
-        nb,
-        rb,
-        xq,
-        r0,
-        r1,
-        out,
-        prefetch,
-    };
-    // SAFETY: bounds checked above; features and output ownership are the caller's promise.
-    unsafe {
-        match kind {
-            QKind::Q4_0 => x86::q4::<R, false>(&job),
-            QKind::Q4_1 => x86::q4::<R, true>(&job),
-            QKind::Q8_0 => x86::q8_0::<R>(&job),
-            _ => unreachable!("only integer formats are packed"),
-        }
+pub unsafe fn groups<const R: usize>(job: &GroupJob<'_>) {
+    job.check(R);
+    // SAFETY: bounds checked; features and ownership are the caller's promise.
+    unsafe { x86::groups::<R>(job) }
+}
+
+impl GroupJob<'_> {
+    /// Bounds every kernel relies on, checked once per call.
+    pub(crate) fn check(&self, tokens: usize) {
+        let nb = self.cols / super::QK;
+        assert!(
+            self.g1 * nb * super::pack::chunk_bytes(self.kind) <= self.w.len(),
+            "row groups outside the matrix"
+        );
+        assert!(
+            self.g0 == self.g1 || (self.g1 - 1) * super::pack::GROUP < self.rows,
+            "row groups past the rows"
+        );
+        let end = self.t0 + tokens;
+        assert!(
+            end * self.cols <= self.xq.qs_all().len(),
+            "tokens outside the activations"
+        );
+        assert!(
+            end * nb <= self.xq.qsum_all().len(),
+            "tokens outside the activations"
+        );
     }
 }
 
-/// Never called off x86-64 (`has_vnni` is false there).
-///
-/// # Safety
-/// Always safe; kept `unsafe` to match the x86-64 signature.
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn rows<const R: usize>(
-    _kind: QKind,
-    _w: &[u8],
-    _cols: usize,
-    _xq: &[Q8Row<'_>; R],
-    _r0: usize,
-    _r1: usize,
-    _out: OutPtr,
-    _prefetch: bool,
-) {
-    unreachable!("AVX-512 kernels on a non-x86 target")
-}
-
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Q8Row, RowJob};
+    use super::super::pack::{chunk_bytes, GROUP};
+    use super::super::q8::Q8Acts;
+    use super::super::{QKind, QK};
+    use super::GroupJob;
 
-    /// How far ahead of the row being multiplied its successors are fetched: the hardware
-    /// prefetcher alone leaves these short, barrier-separated row streams at about half the
-    /// cache's bandwidth (measured: 7.2 ms -> 4.2 ms for the default model's layer matrices
-    /// at one token, 2 threads, with 4-8 KB ahead).
-    pub const PREFETCH_BYTES: usize = 6144;
+    /// How far ahead of the chunk being multiplied the next ones are fetched: the hardware
+    /// prefetcher alone leaves these short, barrier-separated streams at about half the cache's
+    /// bandwidth (measured on the default model's layer matrices at one token, 2 threads).
+    const PREFETCH_BYTES: usize = 6144;
 
-    /// Asks for the cache lines of bytes `[at, at + len)` of `w` (those inside it).
+    /// The 16 rows' scales and per-block offsets of a chunk (offsets: Q4_1's minimums, Q4_0's
+    /// `-8 d`; unused for Q8_0).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn prefetch_row(w: &[u8], at: usize, len: usize) {
-        let end = (at + len).min(w.len());
-        let mut p = at;
-        while p < end {
-            // SAFETY: `p < w.len()`; prefetching never faults anyway.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().add(p) as *const i8) };
-            p += 64;
+    pub unsafe fn chunk_scales(kind: QKind, chunk: *const u8) -> (__m512, __m512) {
+        // SAFETY: a chunk starts with 32 bytes of scales (and 32 of minimums for Q4_1).
+        unsafe {
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(chunk as *const __m256i));
+            let off = match kind {
+                QKind::Q4_1 => _mm512_cvtph_ps(_mm256_loadu_si256(chunk.add(32) as *const __m256i)),
+                QKind::Q4_0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
+                _ => _mm512_setzero_ps(),
+            };
+            (d, off)
         }
     }
 
-    /// `sum_b a[b] * s[b]` for `nb` f16 values at `a` and the activations' block offsets `s`.
+    /// The chunk's eight k-rows as unsigned bytes.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn offset_dot<const R: usize>(a: *const u8, nb: usize, xq: &[Q8Row<'_>; R]) -> [f32; R] {
-        let mut acc = [_mm512_setzero_ps(); R];
-        // SAFETY: every read is masked to the first `nb` elements of `a` and of each `s`.
+    pub unsafe fn k_rows(kind: QKind, chunk: *const u8) -> [__m512i; 8] {
+        // SAFETY: the quants follow the scales: 256 bytes for Q4, 512 for Q8_0.
         unsafe {
-            let mut b = 0;
-            while b < nb {
-                let k = (nb - b).min(16);
-                let m = (1u32 << k) - 1;
-                let av = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                    m as u16,
-                    a.add(b * 2) as *const i16,
-                ));
-                for r in 0..R {
-                    let s = _mm512_maskz_loadu_ps(m as u16, xq[r].s.as_ptr().add(b));
-                    acc[r] = _mm512_fmadd_ps(av, s, acc[r]);
-                }
-                b += 16;
-            }
-            std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]))
-        }
-    }
-
-    /// Q4_0 (`MIN` = false: offset `-8 d` per block) and Q4_1 (`MIN`: offset `m` per block).
-    /// Packed row: `d[nb]` (f16), for Q4_1 `m[nb]` (f16), then `nb * 16` nibble bytes.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub unsafe fn q4<const R: usize, const MIN: bool>(job: &RowJob<'_, R>) {
-        let RowJob { w, nb, rb, xq, .. } = *job;
-        let nq = nb.div_ceil(4);
-        let qoff = if MIN { 4 * nb } else { 2 * nb };
-        let nib = _mm512_set1_epi8(0x0F);
-        // Lane l takes block l / 4 of the group's four scales.
-        let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-        // SAFETY: rows r0..r1 lie inside `w` (checked by `rows`); within a row, group `g` reads
-        // quant bytes [64g, 64g + 16 * blocks) and scales [2 * 4g, 2 * (4g + blocks)) with masks
-        // that stop at `nb` blocks; activation reads are bounded by `rows`' asserts.
-        unsafe {
-            for r in job.r0..job.r1 {
-                let row = w.as_ptr().add(r * rb);
-                if job.prefetch {
-                    prefetch_row(w, r * rb + PREFETCH_BYTES, rb);
-                }
-                let qs = row.add(qoff);
-                let mut acc = [_mm512_setzero_ps(); R];
-                for g in 0..nq {
-                    let blocks = (nb - 4 * g).min(4);
-                    let (qv, dw) = if blocks == 4 {
-                        (
-                            _mm512_loadu_si512(qs.add(64 * g) as *const __m512i),
-                            _mm_loadl_epi64(row.add(8 * g) as *const __m128i),
-                        )
+            if kind == QKind::Q8_0 {
+                let q = chunk.add(32);
+                std::array::from_fn(|k| _mm512_loadu_si512(q.add(64 * k) as *const __m512i))
+            } else {
+                let q = chunk.add(if kind == QKind::Q4_1 { 64 } else { 32 });
+                let nib = _mm512_set1_epi8(0x0F);
+                let parts: [__m512i; 4] =
+                    std::array::from_fn(|c| _mm512_loadu_si512(q.add(64 * c) as *const __m512i));
+                std::array::from_fn(|k| {
+                    let v = parts[k / 2];
+                    if k % 2 == 0 {
+                        _mm512_and_si512(v, nib)
                     } else {
-                        let qm = (1u64 << (16 * blocks)) - 1;
-                        let dm = (1u8 << blocks) - 1;
-                        (
-                            _mm512_maskz_loadu_epi8(qm, qs.add(64 * g) as *const i8),
-                            _mm_maskz_loadu_epi16(dm, row.add(8 * g) as *const i16),
-                        )
-                    };
-                    let lo = _mm512_and_si512(qv, nib);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16(qv, 4), nib);
-                    let dw =
-                        _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(dw)));
-                    for t in 0..R {
-                        let x = &xq[t];
-                        let xp = x.q4.as_ptr().add(128 * g);
-                        let xa = _mm512_loadu_si512(xp as *const __m512i);
-                        let xb = _mm512_loadu_si512(xp.add(64) as *const __m512i);
-                        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xa);
-                        let p = _mm512_dpbusd_epi32(p, hi, xb);
-                        let sc = _mm512_mul_ps(dw, _mm512_loadu_ps(x.d4.as_ptr().add(16 * g)));
-                        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, acc[t]);
+                        _mm512_and_si512(_mm512_srli_epi16(v, 4), nib)
                     }
-                }
-                let off = offset_dot::<R>(if MIN { row.add(2 * nb) } else { row }, nb, xq);
-                let c = if MIN { 1.0 } else { -8.0 };
-                for t in 0..R {
-                    *job.out.ptr.add(t * job.out.stride + r) =
-                        _mm512_reduce_add_ps(acc[t]) + c * off[t];
-                }
+                })
             }
         }
     }
 
-    /// Q8_0. Packed row: `d[nb]` (f16), then `nb * 32` signed bytes. `vpdpbusd` wants one
-    /// unsigned operand, so weights are biased by 128 (`xor 0x80`) and `128 * d * sum(x)` is
-    /// taken back through the offset dot.
+    /// One block's contribution to a token's 16 row sums: `isum` is the block's exact integer dot
+    /// product per row (for Q8_0 still biased by `128 * sum(x)`), `blk` the token's block index in
+    /// `xq` (scale, `d * sum(q)`, int sum). Every kernel family ends a block here, in this order.
+    ///
+    /// # Safety
+    /// `blk` must be a block of `xq` (`GroupJob::check` bounds it).
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub unsafe fn q8_0<const R: usize>(job: &RowJob<'_, R>) {
-        let RowJob { w, nb, rb, xq, .. } = *job;
-        let np = nb.div_ceil(2);
-        let bias = _mm512_set1_epi8(-128);
-        let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-        // SAFETY: as in `q4`: pair `p` reads quant bytes [64p, 64p + 32 * blocks) and scales
-        // [4p, 4p + 2 * blocks) of the row, masked at `nb` blocks.
+    pub unsafe fn finish_block(
+        kind: QKind,
+        acc: __m512,
+        isum: __m512i,
+        (dw, off): (__m512, __m512),
+        xq: &Q8Acts,
+        blk: usize,
+    ) -> __m512 {
+        // SAFETY: the caller keeps `blk` inside the activations.
+        let (dx, sx, qsum) = unsafe {
+            (
+                *xq.d_all().get_unchecked(blk),
+                *xq.s_all().get_unchecked(blk),
+                *xq.qsum_all().get_unchecked(blk),
+            )
+        };
+        let isum = if kind == QKind::Q8_0 {
+            _mm512_sub_epi32(isum, _mm512_set1_epi32(128 * qsum))
+        } else {
+            isum
+        };
+        let sc = _mm512_mul_ps(dw, _mm512_set1_ps(dx));
+        let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc);
+        if kind == QKind::Q8_0 {
+            acc
+        } else {
+            _mm512_fmadd_ps(off, _mm512_set1_ps(sx), acc)
+        }
+    }
+
+    /// Lanes of group `g` that are real rows.
+    #[inline]
+    pub fn row_mask(rows: usize, g: usize) -> u16 {
+        let n = (rows - g * GROUP).min(GROUP);
+        if n == GROUP {
+            u16::MAX
+        } else {
+            (1u16 << n) - 1
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn groups<const R: usize>(job: &GroupJob<'_>) {
+        let (kind, cols) = (job.kind, job.cols);
+        let nb = cols / QK;
+        let cb = chunk_bytes(kind);
+        let qs = job.xq.qs_all();
+        // SAFETY: `GroupJob::check` bounded every chunk (groups < g1) and every token row read
+        // (tokens < t0 + R); output cells are masked to real rows and owned by this thread.
         unsafe {
-            for r in job.r0..job.r1 {
-                let row = w.as_ptr().add(r * rb);
-                if job.prefetch {
-                    prefetch_row(w, r * rb + PREFETCH_BYTES, rb);
-                }
-                let qs = row.add(2 * nb);
+            for g in job.g0..job.g1 {
                 let mut acc = [_mm512_setzero_ps(); R];
-                for p in 0..np {
-                    let blocks = (nb - 2 * p).min(2);
-                    let qm = if blocks == 2 {
-                        u64::MAX
-                    } else {
-                        (1u64 << 32) - 1
-                    };
-                    let dm = (1u8 << blocks) - 1;
-                    let wv = _mm512_maskz_loadu_epi8(qm, qs.add(64 * p) as *const i8);
-                    let wu = _mm512_xor_si512(wv, bias);
-                    let dw = _mm_cvtph_ps(_mm_maskz_loadu_epi16(dm, row.add(4 * p) as *const i16));
-                    let dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(dw));
-                    for t in 0..R {
-                        let x = &xq[t];
-                        let xv = _mm512_maskz_loadu_epi8(qm, x.qs.as_ptr().add(64 * p));
-                        let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, xv);
-                        let sc = _mm512_mul_ps(dw, _mm512_loadu_ps(x.d2.as_ptr().add(16 * p)));
-                        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[t]);
+                for b in 0..nb {
+                    let at = (g * nb + b) * cb;
+                    let chunk = job.w.as_ptr().add(at);
+                    if job.prefetch {
+                        let ahead = at + PREFETCH_BYTES;
+                        let mut p = ahead;
+                        while p < (ahead + cb).min(job.w.len()) {
+                            _mm_prefetch::<_MM_HINT_T0>(job.w.as_ptr().add(p) as *const i8);
+                            p += 64;
+                        }
+                    }
+                    let scales = chunk_scales(kind, chunk);
+                    let wk = k_rows(kind, chunk);
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        let tok = job.t0 + t;
+                        let x = qs.as_ptr().add(tok * cols + b * QK);
+                        let xk = |k: usize| {
+                            _mm512_set1_epi32(std::ptr::read_unaligned(x.add(4 * k) as *const i32))
+                        };
+                        // Two independent chains; integer sums, so the split changes nothing.
+                        let mut i0 = _mm512_setzero_si512();
+                        let mut i1 = _mm512_setzero_si512();
+                        for k in (0..8).step_by(2) {
+                            i0 = _mm512_dpbusd_epi32(i0, wk[k], xk(k));
+                            i1 = _mm512_dpbusd_epi32(i1, wk[k + 1], xk(k + 1));
+                        }
+                        let isum = _mm512_add_epi32(i0, i1);
+                        *a = finish_block(kind, *a, isum, scales, job.xq, tok * nb + b);
                     }
                 }
-                let off = offset_dot::<R>(row, nb, xq);
-                for t in 0..R {
-                    *job.out.ptr.add(t * job.out.stride + r) =
-                        _mm512_reduce_add_ps(acc[t]) - 128.0 * off[t];
+                let mask = row_mask(job.rows, g);
+                for (t, a) in acc.iter().enumerate() {
+                    let o = job.out.add((job.t0 + t) * job.rows + g * GROUP);
+                    _mm512_mask_storeu_ps(o, mask, *a);
                 }
             }
         }

@@ -2,7 +2,8 @@
 //! pool by output rows (one join per call, however many matrices — Q, K and V go together).
 
 use super::amx;
-use super::avx512::{self, OutPtr};
+use super::avx512::{self, GroupJob};
+use super::pack;
 use super::q8::{Q8Acts, Q8Row};
 use super::{dot_rows, QMatrix};
 use crate::parallel::{SharedMut, ThreadPool};
@@ -15,8 +16,8 @@ pub struct MatmulTask<'a> {
     pub out: &'a mut [f32],
 }
 
-/// Rows handled per inner tile: small enough that the tile's weights stay in L1 while every
-/// token passes over them.
+/// Rows handled per inner tile of the file-layout kernels: small enough that the tile's weights
+/// stay in L1 while every token passes over them.
 const ROW_TILE: usize = 16;
 /// Tokens per kernel call.
 const TOKEN_TILE: usize = 4;
@@ -36,24 +37,33 @@ pub fn matmul(pool: &ThreadPool, tasks: &mut [MatmulTask<'_>], xf: &[f32], xq: &
         assert!(t.out.len() >= n * t.w.rows, "output buffer too small");
     }
     assert!(xf.len() >= n * cols, "input buffer too small");
-    let total_rows: usize = tasks.iter().map(|t| t.w.rows).sum();
+    // Work is split in units: 16-row groups of packed matrices (their kernels' grain), single
+    // rows of the others.
+    let unit = |w: &QMatrix| if w.is_packed() { pack::GROUP } else { 1 };
+    let units = |w: &QMatrix| w.rows.div_ceil(unit(w));
+    let total: usize = tasks.iter().map(|t| units(t.w)).sum();
     let outs: Vec<(&QMatrix, SharedMut<f32>)> = tasks
         .iter_mut()
         .map(|t| (t.w, SharedMut::new(t.out)))
         .collect();
     let threads = pool.threads();
     pool.run(&|tid| {
-        let lo = total_rows * tid / threads;
-        let hi = total_rows * (tid + 1) / threads;
+        let lo = total * tid / threads;
+        let hi = total * (tid + 1) / threads;
         let mut base = 0;
         for (w, out) in &outs {
-            let (a, b) = (lo.max(base), hi.min(base + w.rows));
+            let (a, b) = (lo.max(base), hi.min(base + units(w)));
             if a < b {
-                // SAFETY: each thread owns rows [lo, hi) of the concatenated row space, so the
+                let (a, b) = (a - base, b - base);
+                // SAFETY: each thread owns units [lo, hi) of the concatenated unit space, so the
                 // (token, row) cells written here are disjoint from every other thread's.
-                rows_range(w, out, xf, xq, n, a - base, b - base);
+                if w.is_packed() {
+                    packed_range(w, out, xq, n, a, b);
+                } else {
+                    rows_range(w, out, xf, xq, n, a, b);
+                }
             }
-            base += w.rows;
+            base += units(w);
         }
     });
 }
@@ -67,9 +77,6 @@ fn rows_range(
     r0: usize,
     r1: usize,
 ) {
-    if w.is_packed() {
-        return packed_range(w, out, xq, n, r0, r1);
-    }
     let cols = w.cols;
     let q8 = w.kind.wants_q8();
     let xf_row = |t: usize| &xf[t * cols..(t + 1) * cols];
@@ -105,63 +112,43 @@ fn rows_range(
     }
 }
 
-/// `rows_range` for packed matrices: the AVX-512 kernels take whole row tiles per call.
-fn packed_range(w: &QMatrix, out: &SharedMut<f32>, xq: &Q8Acts, n: usize, r0: usize, r1: usize) {
-    let bytes = w.bytes();
-    // Whole tiles of 16 tokens on AMX where it runs; the tokens left over on AVX-512.
-    let amx_tiles = if amx::has_amx() { n / amx::TOKENS } else { 0 };
+/// Row groups `g0..g1` of a packed matrix for every token: whole 16-token tiles on AMX where it
+/// runs, the rest on AVX-512 four tokens at a time. Both end every block the same way, so each
+/// token's result is the same whichever way it went.
+fn packed_range(w: &QMatrix, out: &SharedMut<f32>, xq: &Q8Acts, n: usize, g0: usize, g1: usize) {
+    let job = |t0: usize, prefetch: bool| GroupJob {
+        kind: w.kind,
+        w: w.bytes(),
+        rows: w.rows,
+        cols: w.cols,
+        xq,
+        t0,
+        g0,
+        g1,
+        out: out.ptr(),
+        prefetch,
+    };
+    let tiles = if amx::has_amx() { n / amx::TOKENS } else { 0 };
+    let first = tiles * amx::TOKENS;
+    let mut t = first;
+    // SAFETY: packed matrices exist only where `has_vnni` holds (AMX only where `has_amx`);
+    // this thread owns row groups [g0, g1) of every token's output (see `matmul`), which `out`
+    // holds (`matmul` checked its length); `GroupJob::check` bounds the rest.
     #[cfg(target_arch = "x86_64")]
-    if amx_tiles > 0 {
-        // SAFETY: AMX detected and granted; this thread owns rows [r0, r1) of every token's
-        // output (see `matmul`), which `out` holds (`matmul` checked its length).
-        unsafe {
-            amx::rows(
-                w.kind,
-                bytes,
-                w.rows,
-                w.cols,
-                xq,
-                0,
-                amx_tiles,
-                r0,
-                r1,
-                out.ptr(),
-            );
+    unsafe {
+        if tiles > 0 {
+            amx::groups(&job(0, false), tiles);
         }
-    }
-    let first = amx_tiles * amx::TOKENS;
-    let mut tile = r0;
-    while tile < r1 {
-        let tile_end = (tile + ROW_TILE).min(r1);
-        let mut t = first;
         while t < n {
-            // SAFETY: packed matrices exist only where `has_vnni` holds; this thread owns rows
-            // [r0, r1) of every token's output (see `matmul`), and `at` stays inside `out`.
-            unsafe {
-                let o = OutPtr {
-                    ptr: out.ptr().add(t * w.rows),
-                    stride: w.rows,
-                };
-                if t + TOKEN_TILE <= n {
-                    let xs: [Q8Row<'_>; TOKEN_TILE] = std::array::from_fn(|k| xq.row(t + k));
-                    avx512::rows::<TOKEN_TILE>(
-                        w.kind,
-                        bytes,
-                        w.cols,
-                        &xs,
-                        tile,
-                        tile_end,
-                        o,
-                        t == first,
-                    );
-                    t += TOKEN_TILE;
-                } else {
-                    let xs = [xq.row(t)];
-                    avx512::rows::<1>(w.kind, bytes, w.cols, &xs, tile, tile_end, o, t == first);
-                    t += 1;
-                }
+            if t + TOKEN_TILE <= n {
+                avx512::groups::<TOKEN_TILE>(&job(t, t == first));
+                t += TOKEN_TILE;
+            } else {
+                avx512::groups::<1>(&job(t, t == first));
+                t += 1;
             }
         }
-        tile = tile_end;
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("packed matrices on a non-x86 target ({t} of {n} tokens)");
 }

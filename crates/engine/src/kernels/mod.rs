@@ -2,9 +2,11 @@
 //!
 //! Weights stay in their file layout (memory-mapped GGUF blocks) for the kinds we have kernels
 //! for; activations are quantized to 8-bit blocks of 32 (`Q8Acts`) once per matrix input and then
-//! multiplied against every weight row with integer SIMD, detected at run time: AVX-512 VNNI over
-//! rows repacked at load (`pack.rs`), else AVX2/FMA/F16C over the file layout, else a portable
-//! scalar fallback that computes exactly the same sums.
+//! multiplied against every weight row with integer SIMD, detected at run time: where the CPU
+//! has AVX-512 VNNI, matrices are repacked at load into 16-row groups (`pack.rs`) that both the
+//! AVX-512 kernels and (where present) the AMX int8 tiles read, with one shared per-block epilogue
+//! so a token's result never depends on its batch; else AVX2/FMA/F16C over the file layout; else
+//! a portable scalar fallback that computes exactly the same sums.
 
 pub mod amx;
 mod avx2;
@@ -98,7 +100,7 @@ pub struct QMatrix {
     /// Input features.
     pub cols: usize,
     bytes: WeightBytes,
-    /// Rows are in the packed layout of `pack.rs` (only ever true where `has_vnni`).
+    /// In the packed layout of `pack.rs` (16-row groups; only ever true where `has_vnni`).
     packed: bool,
 }
 
@@ -136,9 +138,7 @@ impl QMatrix {
         if self.packed || !has_vnni() || !pack::packable(self.kind) {
             return self.clone();
         }
-        let src = self.bytes.as_slice();
-        let mut dst = vec![0u8; src.len()];
-        pack::pack_rows(self.kind, self.cols, src, &mut dst);
+        let dst = pack::pack(self.kind, self.rows, self.cols, self.bytes.as_slice());
         Self {
             bytes: WeightBytes::Owned(Arc::new(dst)),
             packed: true,
@@ -152,9 +152,9 @@ impl QMatrix {
             return self.clone();
         }
         let rb = self.kind.row_bytes(self.cols);
-        let mut dst = vec![0u8; self.bytes.as_slice().len()];
+        let mut dst = vec![0u8; self.rows * rb];
         for (r, out) in dst.chunks_exact_mut(rb).enumerate() {
-            pack::unpack_row(self.kind, self.cols, self.row(r), out);
+            pack::unpack_row(self.kind, self.cols, self.bytes.as_slice(), r, out);
         }
         Self {
             bytes: WeightBytes::Owned(Arc::new(dst)),
@@ -171,6 +171,7 @@ impl QMatrix {
     /// The bytes of row `r`.
     #[inline]
     pub fn row(&self, r: usize) -> &[u8] {
+        assert!(!self.packed, "a packed matrix has no contiguous rows");
         let rb = self.kind.row_bytes(self.cols);
         &self.bytes.as_slice()[r * rb..(r + 1) * rb]
     }
@@ -189,7 +190,7 @@ impl QMatrix {
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         if self.packed {
             let mut file = vec![0u8; self.kind.row_bytes(self.cols)];
-            pack::unpack_row(self.kind, self.cols, self.row(r), &mut file);
+            pack::unpack_row(self.kind, self.cols, self.bytes.as_slice(), r, &mut file);
             scalar::dequantize_row(self.kind, &file, out);
         } else {
             scalar::dequantize_row(self.kind, self.row(r), out);
@@ -406,34 +407,38 @@ mod tests {
                 "{kind:?}: {a} vs {b}"
             );
         }
-        // The opt-in AMX kernel (whole tiles of 16 tokens) against the same reference.
+        // AMX (whole tiles of 16 tokens) and AVX-512 one token at a time must give the packed
+        // path's results exactly: a token's result may not depend on its batch.
         #[cfg(target_arch = "x86_64")]
-        if amx::amx_available() && fast.is_packed() && n >= amx::TOKENS {
-            let tiles = n / amx::TOKENS;
-            let mut out = vec![f32::NAN; n * rows];
-            // SAFETY: AMX available; `fast` is packed; `out` holds every (token, row) cell.
-            unsafe {
-                amx::rows(
-                    kind,
-                    fast.bytes(),
-                    rows,
-                    cols,
-                    &acts,
-                    0,
-                    tiles,
-                    0,
-                    rows,
-                    out.as_mut_ptr(),
-                )
+        if fast.is_packed() {
+            let job = |t0: usize, out: &mut Vec<f32>| avx512::GroupJob {
+                kind,
+                w: fast.bytes(),
+                rows,
+                cols,
+                xq: &acts,
+                t0,
+                g0: 0,
+                g1: rows.div_ceil(pack::GROUP),
+                out: out.as_mut_ptr(),
+                prefetch: false,
             };
-            for t in 0..tiles * amx::TOKENS {
-                for r in 0..rows {
-                    let (got, want) = (out[t * rows + r], outs[1][t * rows + r]);
-                    assert!(
-                        (got - want).abs() < 1e-3 * (1.0 + want.abs()),
-                        "{kind:?} amx t{t} r{r}: {got} vs {want}"
-                    );
-                }
+            let mut single = vec![f32::NAN; n * rows];
+            for t in 0..n {
+                // SAFETY: VNNI present (the matrix is packed); `single` holds every cell.
+                unsafe { avx512::groups::<1>(&job(t, &mut single)) };
+            }
+            assert_eq!(
+                single, outs[1],
+                "{kind:?}: one token at a time differs from batched"
+            );
+            if amx::amx_available() && n >= amx::TOKENS {
+                let tiles = n / amx::TOKENS;
+                let mut tiled = single.clone();
+                tiled[..tiles * amx::TOKENS * rows].fill(f32::NAN);
+                // SAFETY: AMX available; `tiled` holds every cell.
+                unsafe { amx::groups(&job(0, &mut tiled), tiles) };
+                assert_eq!(tiled, single, "{kind:?}: AMX differs from AVX-512");
             }
         }
         let mut row = vec![0.0; cols];

@@ -1,12 +1,26 @@
-//! The packed row layout the AVX-512 kernels read: per row, the blocks' f16 scales first (and
-//! Q4_1's f16 minimums), then every block's quant bytes back to back. Same size as the file layout
-//! (ggml interleaves scale and quants block by block), so a packed matrix is a permutation of the
-//! file's bytes within each row.
+//! The packed layout the AVX-512 and AMX kernels read: rows in groups of 16, and per group and
+//! block of 32 columns one *chunk*:
+//!
+//! - the 16 rows' f16 scales `d` (32 bytes), and for Q4_1 their f16 minimums `m` (32 bytes);
+//! - the quants in the VNNI layout, as eight 64-byte "k-rows": k-row `k` holds bytes `4k..4k + 4`
+//!   of each of the 16 rows' block (row `i` at bytes `4i..4i + 4`). That is the B operand of
+//!   AMX's `tdpbsud` as it stands, and for `vpdpbusd` a k-row times a broadcast of the
+//!   activations' bytes `4k..4k + 4` adds one 4-term dot product to every row's lane.
+//!   Q4 stores two k-rows per 64 bytes (k-row `2c` in the low nibbles of chunk part `c`, `2c + 1`
+//!   in the high ones); Q8_0 stores each weight plus 128 as an unsigned byte.
+//!
+//! Chunks are stored group by group, block by block. Both kernel families then finish every block
+//! the same way for every token (lanes = rows): `acc = fma(cvt(sum), d_w * d_x, acc)` and for
+//! Q4 `acc = fma(off_w, s_x, acc)`, so a token's result does not depend on the path or the batch
+//! it ran in. Rows past the matrix's end (to fill the last group) are zero.
 
 use super::{QKind, QK};
 
-/// Bytes of scale data per block that move to the front (`d`, and `m` for Q4_1), and quant bytes
-/// per block. `None` for kinds that are not packed.
+/// Rows per group.
+pub const GROUP: usize = 16;
+
+/// Bytes of scale data per block in the file layout (`d`, and `m` for Q4_1), and quant bytes
+/// per block there. `None` for kinds that are not packed.
 fn parts(kind: QKind) -> Option<(usize, usize)> {
     match kind {
         QKind::Q4_0 => Some((2, 16)),
@@ -21,37 +35,99 @@ pub fn packable(kind: QKind) -> bool {
     parts(kind).is_some()
 }
 
-/// Rewrites `src` (rows of `kind`, file layout, `cols` wide) into `dst` in the packed layout.
-pub fn pack_rows(kind: QKind, cols: usize, src: &[u8], dst: &mut [u8]) {
+/// Bytes of one chunk (16 rows x one block).
+pub fn chunk_bytes(kind: QKind) -> usize {
     let (head, q) = parts(kind).expect("packable kind");
-    let nb = cols / QK;
-    let rb = kind.row_bytes(cols);
-    for (s, d) in src.chunks_exact(rb).zip(dst.chunks_exact_mut(rb)) {
-        for b in 0..nb {
-            let blk = &s[b * (head + q)..(b + 1) * (head + q)];
-            // Scale fields: field f (2 bytes each) of block b goes to [f * nb + b].
-            for f in 0..head / 2 {
-                let at = 2 * (f * nb + b);
-                d[at..at + 2].copy_from_slice(&blk[2 * f..2 * f + 2]);
-            }
-            let at = head * nb + b * q;
-            d[at..at + q].copy_from_slice(&blk[head..]);
-        }
+    GROUP * (head + q)
+}
+
+/// Bytes of a packed `rows` x `cols` matrix (the last group padded to 16 rows).
+pub fn packed_len(kind: QKind, rows: usize, cols: usize) -> usize {
+    rows.div_ceil(GROUP) * (cols / QK) * chunk_bytes(kind)
+}
+
+/// Where weight `j` (0..32) of row `i` (0..16) of a chunk lives inside its quant bytes, and
+/// whether it is the high nibble (Q4 only).
+fn quant_at(kind: QKind, i: usize, j: usize) -> (usize, bool) {
+    let (k, byte) = (j / 4, 4 * i + j % 4);
+    if kind == QKind::Q8_0 {
+        (64 * k + byte, false)
+    } else {
+        (64 * (k / 2) + byte, k % 2 == 1)
     }
 }
 
-/// Rewrites one packed row back into the file layout.
-pub fn unpack_row(kind: QKind, cols: usize, src: &[u8], dst: &mut [u8]) {
+/// Weight `j` (0..32) of a file-layout block: the unsigned nibble for Q4, the signed byte for
+/// Q8_0.
+fn file_quant(kind: QKind, quants: &[u8], j: usize) -> u8 {
+    match kind {
+        QKind::Q8_0 => quants[j],
+        _ if j < 16 => quants[j] & 0x0F,
+        _ => quants[j - 16] >> 4,
+    }
+}
+
+/// Packs a file-layout matrix.
+pub fn pack(kind: QKind, rows: usize, cols: usize, src: &[u8]) -> Vec<u8> {
     let (head, q) = parts(kind).expect("packable kind");
-    let nb = cols / QK;
+    let (nb, rb, cb) = (cols / QK, kind.row_bytes(cols), chunk_bytes(kind));
+    let mut dst = vec![0u8; packed_len(kind, rows, cols)];
+    for r in 0..rows {
+        let (g, i) = (r / GROUP, r % GROUP);
+        for b in 0..nb {
+            let blk = &src[r * rb + b * (head + q)..r * rb + (b + 1) * (head + q)];
+            let chunk = &mut dst[(g * nb + b) * cb..(g * nb + b + 1) * cb];
+            // Scale fields: field f (2 bytes) of row i goes to [32 f + 2 i].
+            for f in 0..head / 2 {
+                chunk[32 * f + 2 * i..32 * f + 2 * i + 2].copy_from_slice(&blk[2 * f..2 * f + 2]);
+            }
+            let quants = &mut chunk[16 * head..];
+            for j in 0..QK {
+                let v = file_quant(kind, &blk[head..], j);
+                let (at, high) = quant_at(kind, i, j);
+                match kind {
+                    QKind::Q8_0 => quants[at] = v ^ 0x80,
+                    _ if high => quants[at] |= v << 4,
+                    _ => quants[at] |= v,
+                }
+            }
+        }
+    }
+    dst
+}
+
+/// Row `r` of a packed matrix, back in the file layout.
+pub fn unpack_row(kind: QKind, cols: usize, packed: &[u8], r: usize, dst: &mut [u8]) {
+    let (head, q) = parts(kind).expect("packable kind");
+    let (nb, cb) = (cols / QK, chunk_bytes(kind));
+    let (g, i) = (r / GROUP, r % GROUP);
     for b in 0..nb {
+        let chunk = &packed[(g * nb + b) * cb..(g * nb + b + 1) * cb];
         let blk = &mut dst[b * (head + q)..(b + 1) * (head + q)];
         for f in 0..head / 2 {
-            let at = 2 * (f * nb + b);
-            blk[2 * f..2 * f + 2].copy_from_slice(&src[at..at + 2]);
+            blk[2 * f..2 * f + 2].copy_from_slice(&chunk[32 * f + 2 * i..32 * f + 2 * i + 2]);
         }
-        let at = head * nb + b * q;
-        blk[head..].copy_from_slice(&src[at..at + q]);
+        let quants = &chunk[16 * head..];
+        let out = &mut blk[head..];
+        out.fill(0);
+        for j in 0..QK {
+            let (at, high) = quant_at(kind, i, j);
+            match kind {
+                QKind::Q8_0 => out[j] = quants[at] ^ 0x80,
+                _ => {
+                    let v = if high {
+                        quants[at] >> 4
+                    } else {
+                        quants[at] & 0x0F
+                    };
+                    if j < 16 {
+                        out[j] |= v;
+                    } else {
+                        out[j - 16] |= v << 4;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -62,16 +138,21 @@ mod tests {
     #[test]
     fn pack_then_unpack_is_identity() {
         for kind in [QKind::Q4_0, QKind::Q4_1, QKind::Q8_0] {
-            let cols = 96;
-            let rb = kind.row_bytes(cols);
-            let src: Vec<u8> = (0..3 * rb).map(|i| (i * 31 % 251) as u8).collect();
-            let mut packed = vec![0; src.len()];
-            pack_rows(kind, cols, &src, &mut packed);
-            assert_ne!(packed, src, "{kind:?}: packing must move bytes");
-            let mut back = vec![0; rb];
-            for r in 0..3 {
-                unpack_row(kind, cols, &packed[r * rb..(r + 1) * rb], &mut back);
-                assert_eq!(back, src[r * rb..(r + 1) * rb], "{kind:?} row {r}");
+            for rows in [3, 16, 21] {
+                let cols = 96;
+                let rb = kind.row_bytes(cols);
+                let src: Vec<u8> = (0..rows * rb).map(|i| (i * 31 % 251) as u8).collect();
+                let packed = pack(kind, rows, cols, &src);
+                assert_eq!(packed.len(), rows.div_ceil(GROUP) * GROUP * rb);
+                let mut back = vec![0; rb];
+                for r in 0..rows {
+                    unpack_row(kind, cols, &packed, r, &mut back);
+                    assert_eq!(
+                        back,
+                        src[r * rb..(r + 1) * rb],
+                        "{kind:?} row {r} of {rows}"
+                    );
+                }
             }
         }
     }

@@ -17,13 +17,9 @@ pub struct Q8Acts {
     pq: Vec<i8>,
     pd: Vec<f32>,
     ps: Vec<f32>,
-    // For the AVX-512 kernels: per group of four blocks (zero-padded past the row's end), 64 bytes
-    // of each block's first 16 values then 64 bytes of their last 16, and the scales spread over
-    // sixteen lanes (`[d0; 4] ++ [d1; 4] ++ ...`); and per pair of blocks `[d0; 8] ++ [d1; 8]`.
-    q4: Vec<i8>,
-    d4: Vec<f32>,
-    d2: Vec<f32>,
-    // Build both layouts, not just the one this CPU's kernels read (for comparing the paths).
+    // Per block, the exact sum of its int8 values (the AVX-512 and AMX kernels' Q8_0 bias).
+    qsum: Vec<i32>,
+    // Build the pair layout even where the AVX-512 kernels (which do not read it) run.
     every_layout: bool,
 }
 
@@ -42,17 +38,11 @@ pub struct Q8Row<'a> {
     pub pd: &'a [f32],
     /// Pair layout: offsets (4 per pair).
     pub ps: &'a [f32],
-    /// Quad layout: values (128 bytes per group of four blocks).
-    pub q4: &'a [i8],
-    /// Quad layout: scales (16 per group).
-    pub d4: &'a [f32],
-    /// Scales spread over 16 lanes per pair of blocks.
-    pub d2: &'a [f32],
 }
 
 impl Q8Acts {
-    /// Buffers that lay activations out for the AVX2 (file-layout) kernels as well as the AVX-512
-    /// (packed) ones, whatever this CPU runs — for tests and benchmarks that compare the two.
+    /// Buffers that also lay activations out for the AVX2 (file-layout) kernels where the
+    /// AVX-512 (packed) ones run — for tests and benchmarks that compare the two.
     pub fn with_every_layout() -> Self {
         Self {
             every_layout: true,
@@ -71,22 +61,20 @@ impl Q8Acts {
         self.qs.resize(n * cols, 0);
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
+        self.qsum.resize(nb, 0);
         let simd = super::has_avx2();
         for (b, chunk) in x[..n * cols].chunks_exact(QK).enumerate() {
             let q = &mut self.qs[b * QK..(b + 1) * QK];
             let (d, sum) = quantize_block_with(simd, chunk, q);
             self.d[b] = d;
             self.s[b] = d * sum as f32;
+            self.qsum[b] = sum;
         }
         let nb = cols / QK;
-        // Only the layouts the kernels in use read: the AVX2 pair layout for file-layout
-        // matrices, the AVX-512 quad layout for packed ones (every matrix where VNNI runs).
-        let vnni = super::has_vnni();
-        if !vnni || self.every_layout {
+        // The AVX2 kernels (file-layout matrices) read a pair layout; the AVX-512 ones (packed
+        // matrices, every one where VNNI runs) read the rows as they are.
+        if !super::has_vnni() || self.every_layout {
             self.pair_layout(n, nb);
-        }
-        if vnni || self.every_layout {
-            self.quad_layout(n, nb);
         }
     }
 
@@ -114,31 +102,6 @@ impl Q8Acts {
         }
     }
 
-    /// The AVX-512 kernels' quad and pair-scale layouts (see the field comments).
-    fn quad_layout(&mut self, n: usize, nb: usize) {
-        let (nq, np2) = (nb.div_ceil(4), nb.div_ceil(2));
-        self.q4.clear();
-        self.q4.resize(n * nq * 128, 0);
-        self.d4.clear();
-        self.d4.resize(n * nq * 16, 0.0);
-        self.d2.clear();
-        self.d2.resize(n * np2 * 16, 0.0);
-        for t in 0..n {
-            for b in 0..nb {
-                let (g, k) = (b / 4, b % 4);
-                let src = &self.qs[(t * nb + b) * QK..(t * nb + b + 1) * QK];
-                let at = (t * nq + g) * 128 + 16 * k;
-                self.q4[at..at + 16].copy_from_slice(&src[..16]);
-                self.q4[at + 64..at + 80].copy_from_slice(&src[16..]);
-                let d = self.d[t * nb + b];
-                let at = (t * nq + g) * 16 + 4 * k;
-                self.d4[at..at + 4].fill(d);
-                let at = (t * np2 + b / 2) * 16 + 8 * (b % 2);
-                self.d2[at..at + 8].fill(d);
-            }
-        }
-    }
-
     /// Every row's int8 values, token-major (`cols` per token).
     pub(crate) fn qs_all(&self) -> &[i8] {
         &self.qs
@@ -154,6 +117,11 @@ impl Q8Acts {
         &self.s
     }
 
+    /// Every block's exact int8 sum, token-major.
+    pub(crate) fn qsum_all(&self) -> &[i32] {
+        &self.qsum
+    }
+
     /// Row `t`.
     #[inline]
     pub fn row(&self, t: usize) -> Q8Row<'_> {
@@ -166,9 +134,6 @@ impl Q8Acts {
             pq: window(&self.pq, t, np * 64),
             pd: window(&self.pd, t, np * 8),
             ps: window(&self.ps, t, np * 4),
-            q4: window(&self.q4, t, nb.div_ceil(4) * 128),
-            d4: window(&self.d4, t, nb.div_ceil(4) * 16),
-            d2: window(&self.d2, t, nb.div_ceil(2) * 16),
         }
     }
 }
