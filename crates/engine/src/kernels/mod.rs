@@ -1,7 +1,7 @@
 //! The hot path: quantized weight matrices and the matrix products over them.
 //!
-//! Weights stay in their file layout (memory-mapped GGUF blocks) for the kinds we have kernels
-//! for; activations are quantized to 8-bit blocks of 32 (`Q8Acts`) once per matrix input and then
+//! Weights are memory-mapped GGUF blocks (repacked at load where AVX-512 runs, see below);
+//! activations are quantized to 8-bit blocks of 32 (`Q8Acts`) once per matrix input and then
 //! multiplied against every weight row with integer SIMD, detected at run time: where the CPU
 //! has AVX-512 VNNI, matrices are repacked at load into 16-row groups (`pack.rs`) that both the
 //! AVX-512 kernels and (where present) the AMX int8 tiles read, with one shared per-block epilogue
