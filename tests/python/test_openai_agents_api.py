@@ -155,9 +155,11 @@ def test_parse_with_pydantic(client):
 
 
 def test_json_object_and_guided_extensions(client):
-    # Free-form JSON lets a small model ramble; every answer that ends inside max_tokens parses.
+    # Free-form JSON lets a small model ramble (about 40% of these samples finish inside
+    # max_tokens; which ones depends on the last bits of the arithmetic): every answer is an
+    # object so far, and every one that ends parses.
     finished = 0
-    for seed in range(4):
+    for seed in range(8):
         r = client.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": "Give me a JSON object about cats."}],

@@ -1,6 +1,7 @@
 //! One streaming chat request, timed: when the first content arrived, the gaps between content
 //! chunks, the end, and the token counts from the server's `usage` chunk.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -33,6 +34,8 @@ pub(crate) struct ChatRequest<'a> {
     pub(crate) messages: &'a [serde_json::Value],
     pub(crate) max_tokens: usize,
     pub(crate) timeout: Duration,
+    /// Incremented when the first content arrives.
+    pub(crate) first_tokens: Option<&'a AtomicUsize>,
 }
 
 pub(crate) async fn stream_chat(client: &reqwest::Client, req: &ChatRequest<'_>) -> RequestResult {
@@ -91,7 +94,12 @@ pub(crate) async fn stream_chat(client: &reqwest::Client, req: &ChatRequest<'_>)
                     if !content.is_empty() {
                         let now = Instant::now();
                         match last {
-                            None => r.ttft = Some((now - start).as_secs_f64()),
+                            None => {
+                                r.ttft = Some((now - start).as_secs_f64());
+                                if let Some(n) = req.first_tokens {
+                                    n.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
                             Some(prev) => r.itl.push((now - prev).as_secs_f64()),
                         }
                         last = Some(now);

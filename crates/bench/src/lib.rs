@@ -11,6 +11,7 @@ mod plot;
 mod stats;
 mod workload;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,6 +75,10 @@ pub struct LoadConfig {
     pub timeout: Duration,
     /// Show a progress bar.
     pub progress: bool,
+    /// One extra request with a prompt of about this many tokens, sent once every stream of the
+    /// first wave is generating: how much a long prompt disturbs streams that are decoding.
+    /// Reported apart from the workload's requests.
+    pub long_prompt: Option<usize>,
 }
 
 impl LoadConfig {
@@ -103,6 +108,8 @@ pub struct LoadReport {
     pub summary: Summary,
     /// Every request, in completion order.
     pub requests: Vec<RequestResult>,
+    /// The long-prompt request, when the run had one.
+    pub long_prompt: Option<RequestResult>,
 }
 
 /// Finds the model id a server serves (its first model).
@@ -178,14 +185,57 @@ pub async fn run_load(config: &LoadConfig) -> Result<LoadReport, BenchError> {
         Arrival::Rate(_) => None,
     };
     let mut rng = workload::Rng::new(config.workload.seed ^ 0x5EED);
+    let first_tokens = Arc::new(AtomicUsize::new(0));
+    let workload_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let long_prompt = config.long_prompt.map(|tokens| {
+        // Once every stream of the first wave is generating, one long prompt arrives.
+        let wave = match config.arrival {
+            Arrival::Concurrency(n) => n.min(plan.len()),
+            Arrival::Rate(_) => 1,
+        };
+        let messages = vec![serde_json::json!({
+            "role": "user", "content": config.workload.long_prompt(tokens),
+        })];
+        let (client, first_tokens, done, url, model, timeout) = (
+            client.clone(),
+            first_tokens.clone(),
+            workload_done.clone(),
+            config.url.clone(),
+            config.model.clone(),
+            config.timeout,
+        );
+        tokio::spawn(async move {
+            while first_tokens.load(Ordering::Relaxed) < wave {
+                if done.load(Ordering::Relaxed) {
+                    // The workload ended (failed) before its streams were all generating.
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let req = client::ChatRequest {
+                url: &url,
+                model: &model,
+                messages: &messages,
+                max_tokens: 8,
+                timeout,
+                first_tokens: None,
+            };
+            Some(client::stream_chat(&client, &req).await)
+        })
+    });
     let mut tasks = Vec::new();
     for conv in plan {
         if let Arrival::Rate(r) = config.arrival {
             let gap = -(1.0 - rng.next_f64()).ln() / r;
             tokio::time::sleep(Duration::from_secs_f64(gap)).await;
         }
-        let (client, results, bar, slots) =
-            (client.clone(), results.clone(), bar.clone(), slots.clone());
+        let (client, results, bar, slots, first_tokens) = (
+            client.clone(),
+            results.clone(),
+            bar.clone(),
+            slots.clone(),
+            first_tokens.clone(),
+        );
         let (url, model, timeout, max_tokens) = (
             config.url.clone(),
             config.model.clone(),
@@ -209,6 +259,7 @@ pub async fn run_load(config: &LoadConfig) -> Result<LoadReport, BenchError> {
                     messages: &messages,
                     max_tokens,
                     timeout,
+                    first_tokens: Some(&first_tokens),
                 };
                 let r = client::stream_chat(&client, &req).await;
                 drop(permit);
@@ -222,6 +273,11 @@ pub async fn run_load(config: &LoadConfig) -> Result<LoadReport, BenchError> {
     for t in tasks {
         let _ = t.await;
     }
+    workload_done.store(true, Ordering::Relaxed);
+    let long_prompt = match long_prompt {
+        Some(t) => t.await.ok().flatten(),
+        None => None,
+    };
     bar.finish_and_clear();
     let wall = started.elapsed().as_secs_f64();
     let requests = std::mem::take(&mut *results.lock().await);
@@ -230,5 +286,6 @@ pub async fn run_load(config: &LoadConfig) -> Result<LoadReport, BenchError> {
         arrival: config.arrival,
         summary,
         requests,
+        long_prompt,
     })
 }

@@ -239,6 +239,16 @@ impl Workload {
         }
     }
 
+    /// A single user message of about `tokens` tokens (distinct from the planned ones).
+    pub(crate) fn long_prompt(&self, tokens: usize) -> String {
+        let mut rng = Rng::new(self.seed ^ 0x10_4E6);
+        // The generated words are about one token each.
+        format!(
+            "Summarize: {}",
+            text(&mut rng, tokens.saturating_sub(24).max(1))
+        )
+    }
+
     pub(crate) fn plan(&self) -> Vec<ConversationPlan> {
         let mut rng = Rng::new(self.seed);
         let system = (self.system_tokens > 0 && self.kind != WorkloadKind::Fixed).then(|| {

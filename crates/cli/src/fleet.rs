@@ -64,6 +64,9 @@ pub(crate) fn serve_fleet(args: ServeArgs) -> Result<()> {
         if m.no_prefix_cache {
             cmd.arg("--no-prefix-cache");
         }
+        if let Some(t) = m.itl_target_ms {
+            cmd.args(["--itl-target-ms", &t.to_string()]);
+        }
         workers.0.push(cmd.spawn().context("starting a worker")?);
         urls.push(format!("http://127.0.0.1:{port}"));
     }

@@ -90,6 +90,11 @@ pub struct LoadBenchArgs {
     /// Draw the latency/throughput curve (SVG) here.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Interference test: run each level twice, the second time with one extra request of about
+    /// this many prompt tokens arriving once the level's streams are all generating, and compare
+    /// the streams' inter-token latency with and without it.
+    #[arg(long)]
+    long_prompt: Option<usize>,
 }
 
 /// A server process that is killed when dropped.
@@ -148,6 +153,7 @@ fn start_llama_server(
     gguf: &std::path::Path,
     threads: usize,
     slots: usize,
+    ctx_per_slot: usize,
 ) -> Result<ServerGuard> {
     if !bin.exists() {
         bail!(
@@ -166,7 +172,7 @@ fn start_llama_server(
             "-np",
             &slots.to_string(),
             "-c",
-            &(slots * 4096).to_string(),
+            &(slots * ctx_per_slot).to_string(),
         ])
         .args([
             "--cont-batching",
@@ -223,11 +229,15 @@ fn level_label(a: &Arrival) -> String {
     }
 }
 
-fn print_report(server: &str, r: &LoadReport) {
+fn print_report(server: &str, r: &LoadReport, peak_rss: Option<f64>) {
     let s = &r.summary;
     println!(
-        "{server:<12} {:<7} {:>4} ok {:>3} err | {:>8.1} out tok/s {:>6.2} req/s | TTFT ms mean {:>7.0} p50 {:>7.0} p90 {:>7.0} p99 {:>7.0} | ITL ms p50 {:>6.1} p99 {:>6.1} | e2e p50 {:>7.0} ms",
-        level_label(&r.arrival),
+        "{server:<12} {:<7} {:>4} ok {:>3} err | {:>8.1} out tok/s {:>6.2} req/s | TTFT ms mean {:>7.0} p50 {:>7.0} p90 {:>7.0} p99 {:>7.0} | ITL ms p50 {:>6.1} p99 {:>6.1} | e2e p50 {:>7.0} ms{}",
+        format!(
+            "{}{}",
+            level_label(&r.arrival),
+            if r.long_prompt.is_some() { "+long" } else { "" }
+        ),
         s.completed,
         s.errors,
         s.output_tok_s,
@@ -238,10 +248,83 @@ fn print_report(server: &str, r: &LoadReport) {
         s.ttft_ms.p99,
         s.itl_ms.p50,
         s.itl_ms.p99,
-        s.e2e_ms.p50
+        s.e2e_ms.p50,
+        peak_rss.map_or(String::new(), |m| format!(" | peak RSS {m:.0} MiB")),
     );
     for e in &s.error_samples {
         println!("             error: {e}");
+    }
+}
+
+/// For each level run without and then with the long prompt: how much the long prompt
+/// stretched the streams' inter-token latency.
+fn print_interference(server: &str, reports: &[LoadReport]) {
+    for pair in reports.chunks(2) {
+        let [base, with] = pair else { continue };
+        let Some(long) = &with.long_prompt else {
+            println!(
+                "{server:<12} {}: the long prompt was not sent",
+                level_label(&with.arrival)
+            );
+            continue;
+        };
+        let (b, w) = (&base.summary.itl_ms, &with.summary.itl_ms);
+        println!(
+            "{server:<12} {}: long prompt ({} tokens) TTFT {:.0} ms{} | streams' ITL p99 {:.1} -> {:.1} ms ({:.2}x), p50 {:.1} -> {:.1} ms, max {:.0} ms",
+            level_label(&with.arrival),
+            long.prompt_tokens,
+            long.ttft.unwrap_or(f64::NAN) * 1e3,
+            long.error.as_ref().map_or(String::new(), |e| format!(" (failed: {e})")),
+            b.p99,
+            w.p99,
+            w.p99 / b.p99.max(1e-9),
+            b.p50,
+            w.p50,
+            with.requests
+                .iter()
+                .flat_map(|r| r.itl.iter().copied())
+                .fold(0.0, f64::max)
+                * 1e3,
+        );
+    }
+}
+
+/// Resident memory of a process in MiB (Linux `/proc`), if it can be read.
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Samples a process's resident memory every 50 ms and keeps the peak.
+struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Option<f64>>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak: Option<f64> = None;
+            loop {
+                if let Some(m) = rss_mib(pid) {
+                    peak = Some(peak.map_or(m, |p| p.max(m)));
+                }
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    return peak;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Self { stop, thread }
+    }
+
+    fn stop(self) -> Option<f64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().ok().flatten()
     }
 }
 
@@ -277,13 +360,17 @@ pub fn run(a: LoadBenchArgs) -> Result<()> {
                 lastmile_engine::fetch::lastmile_home().join("anchor/build/bin/llama-server")
             });
             let slots = a.concurrency.iter().copied().max().unwrap_or(1).max(1);
-            servers.push(start_llama_server(&bin, &gguf, a.threads, slots)?);
+            // Room for the long prompt in its slot (the context is split evenly between slots).
+            let ctx = a.long_prompt.map_or(4096, |n| (n * 5 / 4 + 512).max(4096));
+            servers.push(start_llama_server(&bin, &gguf, a.threads, slots, ctx)?);
         }
     }
     for s in &servers {
         targets.push((s.name.clone(), s.url.clone()));
     }
     let mut all: Vec<(String, Vec<LoadReport>)> = Vec::new();
+    // Per server: resident memory idle, and its peak during each run (MiB), when started here.
+    let mut rss: Vec<(Option<f64>, Vec<Option<f64>>)> = Vec::new();
     rt.block_on(async {
         for (name, url) in &targets {
             wait_healthy(url, Duration::from_secs(300)).await?;
@@ -306,33 +393,61 @@ pub fn run(a: LoadBenchArgs) -> Result<()> {
                 workload: warm,
                 timeout: Duration::from_secs(a.timeout),
                 progress: false,
+                long_prompt: None,
             })
             .await;
+            let pid = servers.iter().find(|s| &s.url == url).map(|s| s.child.id());
+            let idle_rss = pid.and_then(rss_mib);
             let mut reports = Vec::new();
+            let mut peaks = Vec::new();
             for (level, arrival) in levels(&a).into_iter().enumerate() {
-                eprintln!(
-                    "{name}: {} ({} requests)",
-                    level_label(&arrival),
-                    wl.total_requests()
-                );
                 // Fresh text per level, so no level is served from an earlier level's cache
                 // (the shared system prompt of `shared-prefix` stays shared within a level).
                 let level_wl = Workload {
                     seed: wl.seed.wrapping_add(1_000_003 * (level as u64 + 1)),
                     ..wl.clone()
                 };
-                let report = run_load(&LoadConfig {
-                    url: url.clone(),
-                    model: model.clone(),
-                    arrival,
-                    workload: level_wl,
-                    timeout: Duration::from_secs(a.timeout),
-                    progress: true,
-                })
-                .await?;
-                print_report(name, &report);
-                reports.push(report);
+                let runs = match a.long_prompt {
+                    // Without, then with the long prompt (fresh text, so the second run does
+                    // not find the first one's prompts cached).
+                    Some(n) => vec![None, Some(n)],
+                    None => vec![None],
+                };
+                for long_prompt in runs {
+                    let level_wl = Workload {
+                        seed: level_wl.seed ^ u64::from(long_prompt.is_some()) << 40,
+                        ..level_wl.clone()
+                    };
+                    eprintln!(
+                        "{name}: {}{} ({} requests)",
+                        level_label(&arrival),
+                        long_prompt.map_or(String::new(), |n| format!(" + one {n}-token prompt")),
+                        wl.total_requests()
+                    );
+                    let sampler = pid.map(RssSampler::start);
+                    let report = run_load(&LoadConfig {
+                        url: url.clone(),
+                        model: model.clone(),
+                        arrival,
+                        workload: level_wl.clone(),
+                        timeout: Duration::from_secs(a.timeout),
+                        progress: true,
+                        long_prompt,
+                    })
+                    .await?;
+                    let peak = sampler.and_then(RssSampler::stop);
+                    print_report(name, &report, peak);
+                    reports.push(report);
+                    peaks.push(peak);
+                }
             }
+            if let Some(rss) = idle_rss {
+                println!("{name:<12} idle RSS {rss:.0} MiB");
+            }
+            if a.long_prompt.is_some() {
+                print_interference(name, &reports);
+            }
+            rss.push((idle_rss, peaks));
             all.push((name.clone(), reports));
         }
         Ok::<_, anyhow::Error>(())
@@ -343,8 +458,9 @@ pub fn run(a: LoadBenchArgs) -> Result<()> {
         for (x, y) in all[0].1.iter().zip(&all[1].1) {
             let (sx, sy) = (&x.summary, &y.summary);
             println!(
-                "  {:<7} output tok/s {:.2}x | mean TTFT {:.2}x lower | p50 ITL {:.2}x lower | p99 ITL {:.2}x lower",
+                "  {:<7}{} output tok/s {:.2}x | mean TTFT {:.2}x lower | p50 ITL {:.2}x lower | p99 ITL {:.2}x lower",
                 level_label(&x.arrival),
+                if x.long_prompt.is_some() { "+long" } else { "" },
                 sx.output_tok_s / sy.output_tok_s.max(1e-9),
                 sy.ttft_ms.mean / sx.ttft_ms.mean.max(1e-9),
                 sy.itl_ms.p50 / sx.itl_ms.p50.max(1e-9),
@@ -355,7 +471,9 @@ pub fn run(a: LoadBenchArgs) -> Result<()> {
     if let Some(path) = &a.json_out {
         let doc = serde_json::json!({
             "workload": wl,
-            "servers": all.iter().map(|(n, r)| serde_json::json!({"name": n, "levels": r})).collect::<Vec<_>>(),
+            "servers": all.iter().zip(&rss).map(|((n, r), (idle, peaks))| serde_json::json!({
+                "name": n, "levels": r, "idle_rss_mib": idle, "peak_rss_mib": peaks,
+            })).collect::<Vec<_>>(),
         });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;

@@ -129,16 +129,30 @@ pub struct ModelArgs {
     /// Most sequences decoding at once.
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
-    /// Most prompt tokens computed in a step that also decodes other streams (lower keeps their
-    /// inter-token latency steadier while a long prompt is prefilled).
-    #[arg(long, default_value_t = 64)]
+    /// Most prompt tokens computed in a step that also decodes other streams (a hard cap; within
+    /// it, chunks are sized from measured step times to meet --itl-target-ms).
+    #[arg(long, default_value_t = 256)]
     pub prefill_chunk: usize,
+    /// Inter-token latency the decoding streams should keep while prompts are prefilled beside
+    /// them, in ms: each step's prefill chunk is sized from the measured cost of decode steps and
+    /// prompt tokens to fit it. Default: twice a decode-only step, at least 30 ms.
+    #[arg(long, value_parser = positive_ms)]
+    pub itl_target_ms: Option<f64>,
     /// Most requests queued before new ones get 503 (with Retry-After).
     #[arg(long, default_value_t = 1024)]
     pub max_waiting: usize,
     /// Turn off the prefix cache (every prompt is computed from scratch).
     #[arg(long)]
     pub no_prefix_cache: bool,
+}
+
+fn positive_ms(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!(
+            "expected a positive number of milliseconds, got {s:?}"
+        )),
+    }
 }
 
 impl ModelArgs {
@@ -163,6 +177,7 @@ impl ModelArgs {
             prefix_cache: !self.no_prefix_cache,
             max_waiting: self.max_waiting,
             prefill_chunk_while_decoding: self.prefill_chunk,
+            itl_target_ms: self.itl_target_ms,
             ..EngineConfig::default()
         };
         if let Some(t) = self.threads {

@@ -9,6 +9,10 @@ use lastmile_protocol::KvEvent;
 /// Key and value storage for every layer, `num_blocks * block_size` slots of `kv_dim` values,
 /// held as IEEE half floats (raw bits), as llama.cpp's default cache holds them: half the memory
 /// and bandwidth of f32, and numbers that track the reference implementation closely.
+///
+/// Values are stored slot by slot. Keys are stored transposed inside each block (channel-major:
+/// a channel's `block_size` positions side by side), so that attention scores a whole block per
+/// vector register (see `model::attention`).
 pub struct KvCache {
     /// Tokens per block.
     pub block_size: usize,
@@ -45,17 +49,21 @@ impl KvCache {
 
     /// Stores one token's key and value at `slot` of `layer` (rounded to f16).
     pub fn write(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
-        let at = slot * self.kv_dim;
+        let (bs, dim) = (self.block_size, self.kv_dim);
         let bits = |x: &f32| half::f16::from_f32(*x).to_bits();
-        for (d, s) in self.k[layer][at..at + self.kv_dim].iter_mut().zip(k) {
-            *d = bits(s);
+        let keys = &mut self.k[layer][slot / bs * bs * dim..][..bs * dim];
+        for (c, x) in k[..dim].iter().enumerate() {
+            keys[c * bs + slot % bs] = bits(x);
         }
-        for (d, s) in self.v[layer][at..at + self.kv_dim].iter_mut().zip(v) {
+        let at = slot * dim;
+        for (d, s) in self.v[layer][at..at + dim].iter_mut().zip(v) {
             *d = bits(s);
         }
     }
 
-    /// The keys and values of `layer` as f16 bits, `num_blocks * block_size` slots of `kv_dim`.
+    /// The keys and values of `layer` as f16 bits: keys block by block, channel-major inside a
+    /// block (block `b`, channel `c`, position `j` at `(b * kv_dim + c) * block_size + j`);
+    /// values slot by slot (`slot * kv_dim + c`).
     pub fn layer(&self, layer: usize) -> (&[u16], &[u16]) {
         (&self.k[layer], &self.v[layer])
     }

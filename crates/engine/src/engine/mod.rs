@@ -2,6 +2,7 @@
 //! channel; each carries the sender for its output events; a dropped receiver cancels the request
 //! and frees its blocks at the next step.
 
+mod pacing;
 mod scheduler;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -34,9 +35,14 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Most tokens computed in one step (decodes plus prefill chunks).
     pub max_batch_tokens: usize,
-    /// Most prompt tokens computed in a step that also decodes (bounds inter-token latency while
-    /// long prompts are prefilled).
+    /// Most prompt tokens computed in a step that also decodes (a hard cap on top of
+    /// `itl_target_ms`).
     pub prefill_chunk_while_decoding: usize,
+    /// How long a step that decodes other streams may take, in milliseconds, when it also carries
+    /// prefill chunks: the scheduler sizes each chunk from the measured cost of decode steps and
+    /// of prompt tokens so that the decoding streams' inter-token latency stays near this.
+    /// `None`: twice the measured decode-only step, at least 30 ms.
+    pub itl_target_ms: Option<f64>,
     /// Most sequences running at once.
     pub max_running: usize,
     /// Most requests waiting; beyond it `submit` fails with `Overloaded`.
@@ -55,7 +61,8 @@ impl Default for EngineConfig {
             kv_cache_tokens: None,
             block_size: 16,
             max_batch_tokens: 512,
-            prefill_chunk_while_decoding: 64,
+            prefill_chunk_while_decoding: 256,
+            itl_target_ms: None,
             max_running: 64,
             max_waiting: 1024,
             prefix_cache: true,
@@ -71,6 +78,9 @@ impl EngineConfig {
             || self.max_batch_tokens == 0
             || self.max_running == 0
             || self.prefill_chunk_while_decoding == 0
+            || self
+                .itl_target_ms
+                .is_some_and(|t| !(t > 0.0 && t.is_finite()))
         {
             return Err(EngineError::InvalidRequest(format!(
                 "engine settings must be positive: {self:?}"

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use tokio::sync::broadcast;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::pacing::{Pacer, StepShape};
 use super::{
     EngineConfig, EngineStats, FinishReason, GenerateRequest, GenerationEvent, Submission,
     TokenLogprobs,
@@ -75,6 +76,8 @@ pub(super) struct Scheduler {
     next_id: u64,
     /// Copy of one row of logits before sampling changes it (for log probabilities).
     raw_logits: Vec<f32>,
+    /// Sizes prefill chunks from measured step times.
+    pacer: Pacer,
 }
 
 fn blocks_for(tokens: usize, block_size: usize) -> usize {
@@ -108,6 +111,7 @@ impl Scheduler {
             running: Vec::new(),
             next_id: 0,
             raw_logits: Vec::new(),
+            pacer: Pacer::default(),
             config,
         }
     }
@@ -340,9 +344,24 @@ impl Scheduler {
                 budget = budget.saturating_sub(1);
             }
         }
-        if !plan.is_empty() {
-            // Streams are decoding: keep each step short so their inter-token latency holds.
-            budget = budget.min(self.config.prefill_chunk_while_decoding);
+        let decodes = plan.len();
+        if decodes > 0 {
+            // Streams are decoding: keep the step within their inter-token latency target.
+            let mut shape = StepShape::default();
+            for &(idx, _) in &plan {
+                shape.add(self.running[idx].computed, 1);
+            }
+            let pos0 = self
+                .running
+                .iter()
+                .find(|s| s.tokens.len() - s.computed > 1)
+                .map_or(0, |s| s.computed);
+            budget = budget.min(self.pacer.chunk(
+                shape,
+                pos0,
+                self.config.prefill_chunk_while_decoding,
+                self.config.itl_target_ms,
+            ));
         }
         for (idx, s) in self.running.iter().enumerate() {
             let remaining = s.tokens.len() - s.computed;
@@ -374,10 +393,26 @@ impl Scheduler {
             });
             tokens.extend_from_slice(&s.tokens[s.computed..s.computed + n]);
         }
+        let started = std::time::Instant::now();
         self.model
             .forward(&tokens, &batch, &mut self.kv, &mut self.scratch, &self.pool);
         drop(batch);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        let mut shape = StepShape::default();
+        for &(idx, n) in &plan {
+            shape.add(self.running[idx].computed, n);
+        }
+        let attention_ms = self.scratch.attention_time.as_secs_f64() * 1e3;
+        self.pacer.observe(shape, ms, attention_ms);
+        tracing::trace!(
+            decodes,
+            prefill = tokens.len() - decodes,
+            ms,
+            attention_ms,
+            estimates = ?self.pacer.estimates(),
+            "step"
+        );
 
         let vocab = self.model.config.vocab;
         let mut logit_row = 0;

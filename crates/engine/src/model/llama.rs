@@ -8,6 +8,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use super::attention;
 use super::config::ModelConfig;
 use super::ops;
 use super::weights::Weights;
@@ -46,12 +47,20 @@ pub struct Scratch {
     last: Vec<f32>,
     /// Logits of the rows that asked for them, `vocab` floats each, in batch order.
     pub logits: Vec<f32>,
+    /// Time the last step spent in attention (the rest is matrix products and small ops).
+    pub attention_time: std::time::Duration,
     pos: Vec<usize>,
     seq_of: Vec<usize>,
     cos: Vec<f32>,
     sin: Vec<f32>,
-    scores: Vec<Mutex<Vec<f32>>>,
+    /// Per thread: attention scores and one group's output heads.
+    scores: Vec<Mutex<(Vec<f32>, Vec<f32>)>>,
+    /// This layer's attention work items: (sequence, first token, tokens, KV head).
+    attention_items: Vec<(usize, usize, usize, usize)>,
 }
+
+/// Tokens of one sequence whose queries are computed together in attention.
+const ATTENTION_TOKENS: usize = 8;
 
 fn grow(v: &mut Vec<f32>, n: usize) {
     if v.len() < n {
@@ -115,7 +124,7 @@ impl LlamaModel {
         grow(&mut s.gate, n * ff);
         grow(&mut s.up, n * ff);
         while s.scores.len() < pool.threads() {
-            s.scores.push(Mutex::new(Vec::new()));
+            s.scores.push(Mutex::new((Vec::new(), Vec::new())));
         }
         s.pos.clear();
         s.seq_of.clear();
@@ -143,6 +152,7 @@ impl LlamaModel {
                 .dequantize_row(tok as usize, &mut s.x[t * h..(t + 1) * h]);
         }
 
+        s.attention_time = std::time::Duration::ZERO;
         for (li, l) in w.layers.iter().enumerate() {
             for t in 0..n {
                 let r = t * h..(t + 1) * h;
@@ -198,7 +208,9 @@ impl LlamaModel {
                     &s.v[t * kvd..(t + 1) * kvd],
                 );
             }
+            let started = std::time::Instant::now();
             self.attention(li, n, seqs, kv, s, pool);
+            s.attention_time += started.elapsed();
             s.acts.quantize(&s.att, n, qd);
             matmul(
                 pool,
@@ -283,8 +295,10 @@ impl LlamaModel {
         m
     }
 
-    /// Causal attention of every batch token over its sequence's cached positions, one work item
-    /// per (token, query head), handed out dynamically (later positions cost more).
+    /// Causal attention of every batch token over its sequence's cached positions. Work items
+    /// are (sequence, KV head, run of up to `ATTENTION_TOKENS` tokens): the query heads sharing a
+    /// KV head, over consecutive tokens, read each key and value once. Items are handed out
+    /// dynamically (later positions cost more).
     fn attention(
         &self,
         layer: usize,
@@ -298,37 +312,62 @@ impl LlamaModel {
         let (qd, hd) = (c.q_dim(), c.head_dim);
         let group = c.heads / c.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        let items = n * c.heads;
+        s.attention_items.clear();
+        for (si, sq) in seqs.iter().enumerate() {
+            let mut j = 0;
+            while j < sq.len {
+                let len = (sq.len - j).min(ATTENTION_TOKENS);
+                for kvh in 0..c.kv_heads {
+                    s.attention_items.push((si, j, len, kvh));
+                }
+                j += len;
+            }
+        }
+        // Most expensive (furthest position) first, so the last items to finish are short.
+        s.attention_items.sort_unstable_by_key(|&(si, j, len, _)| {
+            std::cmp::Reverse((seqs[si].pos0 + j + len) * len)
+        });
         let next = AtomicUsize::new(0);
         let out = SharedMut::new(&mut s.att[..n * qd]);
-        let (q, pos, seq_of, scores) = (&s.q, &s.pos, &s.seq_of, &s.scores);
+        let (q, items, scratch) = (&s.q, &s.attention_items, &s.scores);
+        let (k, v) = kv.layer(layer);
         pool.run(&|tid| {
-            let mut buf = scores[tid].lock().unwrap_or_else(|e| e.into_inner());
+            let mut buf = scratch[tid].lock().unwrap_or_else(|e| e.into_inner());
+            let (scores, heads_out) = &mut *buf;
             loop {
-                let item = next.fetch_add(1, Ordering::Relaxed);
-                if item >= items {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(si, j, len, kvh)) = items.get(i) else {
                     break;
-                }
-                let (t, head) = (item / c.heads, item % c.heads);
-                let kvh = head / group;
-                let table = seqs[seq_of[t]].blocks;
-                let ctx = pos[t] + 1;
-                if buf.len() < ctx {
-                    buf.resize(ctx, 0.0);
-                }
-                let qv = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
-                let (k, v) = kv.layer(layer);
-                let paged = ops::PagedHead {
+                };
+                let sq = &seqs[si];
+                let g = attention::QueryGroup {
+                    q,
+                    q_dim: qd,
+                    t0: sq.start + j,
+                    tokens: len,
+                    pos0: sq.pos0 + j,
+                    head0: kvh * group,
+                    heads: group,
+                    head_dim: hd,
+                    kv_head: kvh,
+                };
+                let paged = attention::PagedKv {
                     k,
                     v,
-                    table,
+                    table: sq.blocks,
                     block_size: kv.block_size,
-                    stride: kv.kv_dim(),
-                    offset: kvh * hd,
+                    kv_dim: kv.kv_dim(),
                 };
-                // SAFETY: item (t, head) is taken by exactly one thread, and owns this window.
-                let o = unsafe { out.slice(t * qd + head * hd, hd) };
-                ops::attend(qv, ctx, &paged, scale, &mut buf[..ctx], o);
+                heads_out.clear();
+                heads_out.resize(len * group * hd, 0.0);
+                attention::attend(&g, &paged, scale, scores, heads_out);
+                for t in 0..len {
+                    let at = (sq.start + j + t) * qd + kvh * group * hd;
+                    // SAFETY: item (sequence run, KV head) is taken by exactly one thread, and
+                    // owns the output of its tokens' query heads of that group.
+                    let o = unsafe { out.slice(at, group * hd) };
+                    o.copy_from_slice(&heads_out[t * group * hd..(t + 1) * group * hd]);
+                }
             }
         });
     }

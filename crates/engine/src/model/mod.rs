@@ -1,6 +1,7 @@
 //! Model definitions. One llama-family forward pass serves Llama 2/3, SmolLM/SmolLM2, TinyLlama,
 //! Mistral and Qwen2 (with its Q/K/V biases); `ModelConfig` carries what differs between them.
 
+mod attention;
 mod config;
 mod llama;
 mod ops;

@@ -1,8 +1,8 @@
-//! Small f32 operations of the forward pass (norms, rotary embedding, activation, attention
-//! inner loops). Shared by every model; the vector loops use AVX2/FMA when the CPU has them.
+//! Small f32 operations of the forward pass (norms, rotary embedding, activation, softmax).
+//! Shared by every model; the vector loops use AVX2/FMA when the CPU has them.
 
 use super::config::RopeStyle;
-use crate::kernels::has_avx2;
+use crate::kernels::{has_avx2, has_vnni};
 
 /// `out = x / rms(x) * w`.
 pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
@@ -15,6 +15,13 @@ pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
 
 /// `gate = silu(gate) * up`, elementwise.
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_vnni() {
+        let n = gate.len().min(up.len());
+        // SAFETY: AVX-512F detected; both slices cut to `n`.
+        unsafe { avx512::swiglu(&mut gate[..n], &up[..n]) };
+        return;
+    }
     for (g, &u) in gate.iter_mut().zip(up) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
@@ -43,6 +50,12 @@ pub fn rope(head: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
 
 /// In-place softmax.
 pub fn softmax(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_vnni() && !x.is_empty() {
+        // SAFETY: AVX-512F detected.
+        unsafe { avx512::softmax(x) };
+        return;
+    }
     let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
     for v in x.iter_mut() {
@@ -52,90 +65,6 @@ pub fn softmax(x: &mut [f32]) {
     let inv = 1.0 / sum;
     for v in x.iter_mut() {
         *v *= inv;
-    }
-}
-
-/// Where one KV head's keys and values live: a layer's paged arrays, the sequence's block table,
-/// and the head's offset within a slot.
-pub struct PagedHead<'a> {
-    /// The layer's keys as f16 bits, `slots * stride` of them.
-    pub k: &'a [u16],
-    /// The layer's values, same layout.
-    pub v: &'a [u16],
-    /// The sequence's block table.
-    pub table: &'a [u32],
-    /// Tokens per block.
-    pub block_size: usize,
-    /// Floats per slot (all KV heads).
-    pub stride: usize,
-    /// This head's offset inside a slot.
-    pub offset: usize,
-}
-
-impl PagedHead<'_> {
-    #[inline]
-    fn at(&self, p: usize) -> usize {
-        (self.table[p / self.block_size] as usize * self.block_size + p % self.block_size)
-            * self.stride
-            + self.offset
-    }
-}
-
-/// Softmax attention of one query head over positions `0..ctx`: `out = softmax(q·K * scale) V`.
-/// `scores` needs `ctx` floats of room.
-pub fn attend(
-    q: &[f32],
-    ctx: usize,
-    h: &PagedHead<'_>,
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    let hd = q.len();
-    assert!(ctx >= 1 && scores.len() >= ctx && out.len() == hd);
-    assert!(
-        h.table.len() * h.block_size >= ctx,
-        "block table too short for the context"
-    );
-    let max_slot = h.table[..ctx.div_ceil(h.block_size)]
-        .iter()
-        .copied()
-        .max()
-        .unwrap_or(0) as usize;
-    let end = (max_slot * h.block_size + h.block_size - 1) * h.stride + h.offset + hd;
-    assert!(
-        h.k.len() >= end && h.v.len() >= end,
-        "paged KV index out of range"
-    );
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() && hd == 64 {
-        // SAFETY: AVX2/FMA/F16C detected; every slot read lies below `end`, checked above.
-        unsafe { x86::attend::<8>(q, ctx, h, scale, scores, out) };
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() && hd == 128 {
-        // SAFETY: as above.
-        unsafe { x86::attend::<16>(q, ctx, h, scale, scores, out) };
-        return;
-    }
-    let f = |b: u16| half::f16::from_bits(b).to_f32();
-    for (p, sc) in scores[..ctx].iter_mut().enumerate() {
-        let at = h.at(p);
-        *sc = q
-            .iter()
-            .zip(&h.k[at..at + hd])
-            .map(|(a, &b)| a * f(b))
-            .sum::<f32>()
-            * scale;
-    }
-    softmax(&mut scores[..ctx]);
-    out.fill(0.0);
-    for (p, &w) in scores[..ctx].iter().enumerate() {
-        let at = h.at(p);
-        for (o, &b) in out.iter_mut().zip(&h.v[at..at + hd]) {
-            *o += w * f(b);
-        }
     }
 }
 
@@ -166,85 +95,116 @@ pub fn axpy(out: &mut [f32], alpha: f32, x: &[f32]) {
     }
 }
 
+/// Sixteen-lane exp and the loops built on it (softmax, SwiGLU).
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::PagedHead;
-
-    /// Eight accumulators to one vector of their eight sums.
+    /// `e^x` in every lane (about 2 ulp): `x = n ln2 + r` with `|r| <= ln2 / 2`, `e^r` by a
+    /// degree-7 Taylor polynomial, then `2^n` applied by `vscalefps` (which takes underflow to
+    /// zero and overflow to infinity).
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum8(a: &[__m256; 8]) -> __m256 {
-        let t0 = _mm256_hadd_ps(a[0], a[1]);
-        let t1 = _mm256_hadd_ps(a[2], a[3]);
-        let t2 = _mm256_hadd_ps(a[4], a[5]);
-        let t3 = _mm256_hadd_ps(a[6], a[7]);
-        let u0 = _mm256_hadd_ps(t0, t1);
-        let u1 = _mm256_hadd_ps(t2, t3);
-        _mm256_add_ps(
-            _mm256_permute2f128_ps(u0, u1, 0x20),
-            _mm256_permute2f128_ps(u0, u1, 0x31),
-        )
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn exp(x: __m512) -> __m512 {
+        let x = _mm512_max_ps(
+            _mm512_min_ps(x, _mm512_set1_ps(100.0)),
+            _mm512_set1_ps(-110.0),
+        );
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        // ln 2 in two parts, so that n * ln2_hi is exact.
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm512_set1_ps(1.0 / 5040.0);
+        for c in [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, n)
     }
 
-    /// Eight f16 values at `p` as f32.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load_f16(p: *const u16) -> __m256 {
-        // SAFETY: the caller guarantees 16 readable bytes at `p`.
-        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    fn tail(n: usize) -> __mmask16 {
+        ((1u32 << n) - 1) as __mmask16
     }
 
-    /// `attend` for head dimension `8 * D8`: the query stays in registers, scores are computed
-    /// eight positions at a time with one reduction, and the output accumulates in registers.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn attend<const D8: usize>(
-        q: &[f32],
-        ctx: usize,
-        h: &PagedHead<'_>,
-        scale: f32,
-        scores: &mut [f32],
-        out: &mut [f32],
-    ) {
-        // SAFETY: the caller checked every slot read is inside `h.k` / `h.v`, `q` and `out` have
-        // `8 * D8` floats and `scores` has `ctx`.
+    /// In-place softmax of a non-empty slice.
+    ///
+    /// # Safety
+    /// AVX-512F must be available.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn softmax(x: &mut [f32]) {
+        let n = x.len();
+        let full = n / 16 * 16;
+        let p = x.as_mut_ptr();
+        // SAFETY: full vectors below `full`, the masked tail covers `full..n`.
         unsafe {
-            let qv: [__m256; D8] = std::array::from_fn(|i| _mm256_loadu_ps(q.as_ptr().add(8 * i)));
-            let (kp, vp) = (h.k.as_ptr(), h.v.as_ptr());
-            let vscale = _mm256_set1_ps(scale);
-            let mut p = 0;
-            while p < ctx {
-                let n = (ctx - p).min(8);
-                let mut acc = [_mm256_setzero_ps(); 8];
-                for (j, a) in acc.iter_mut().enumerate().take(n) {
-                    let k = kp.add(h.at(p + j));
-                    let mut s = _mm256_mul_ps(qv[0], load_f16(k));
-                    for (i, qi) in qv.iter().enumerate().skip(1) {
-                        s = _mm256_fmadd_ps(*qi, load_f16(k.add(8 * i)), s);
-                    }
-                    *a = s;
-                }
-                let sums = _mm256_mul_ps(hsum8(&acc), vscale);
-                let mut tmp = [0.0f32; 8];
-                _mm256_storeu_ps(tmp.as_mut_ptr(), sums);
-                scores[p..p + n].copy_from_slice(&tmp[..n]);
-                p += 8;
+            let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut i = 0;
+            while i < full {
+                m = _mm512_max_ps(m, _mm512_loadu_ps(p.add(i)));
+                i += 16;
             }
-            super::softmax(&mut scores[..ctx]);
-            let mut o = [_mm256_setzero_ps(); D8];
-            for (p, &w) in scores[..ctx].iter().enumerate() {
-                let v = vp.add(h.at(p));
-                let wv = _mm256_set1_ps(w);
-                for (i, oi) in o.iter_mut().enumerate() {
-                    *oi = _mm256_fmadd_ps(wv, load_f16(v.add(8 * i)), *oi);
-                }
+            let rest = tail(n - full);
+            m = _mm512_mask_max_ps(m, rest, m, _mm512_maskz_loadu_ps(rest, p.add(full)));
+            let max = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+            let mut sum = _mm512_setzero_ps();
+            let mut i = 0;
+            while i < full {
+                let e = exp(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), max));
+                _mm512_storeu_ps(p.add(i), e);
+                sum = _mm512_add_ps(sum, e);
+                i += 16;
             }
-            for (i, oi) in o.iter().enumerate() {
-                _mm256_storeu_ps(out.as_mut_ptr().add(8 * i), *oi);
+            let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(rest, p.add(full)), max));
+            _mm512_mask_storeu_ps(p.add(full), rest, e);
+            sum = _mm512_mask_add_ps(sum, rest, sum, e);
+            let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+            let mut i = 0;
+            while i < full {
+                _mm512_storeu_ps(p.add(i), _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), inv));
+                i += 16;
+            }
+            let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(rest, p.add(full)), inv);
+            _mm512_mask_storeu_ps(p.add(full), rest, v);
+        }
+    }
+
+    /// `gate = gate / (1 + e^-gate) * up` over equal-length slices.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `gate.len() == up.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn swiglu(gate: &mut [f32], up: &[f32]) {
+        let n = gate.len();
+        let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
+        let one = _mm512_set1_ps(1.0);
+        let mut i = 0;
+        // SAFETY: every access is below `n` (masked for the tail).
+        unsafe {
+            while i < n {
+                let k = tail((n - i).min(16));
+                let gv = _mm512_maskz_loadu_ps(k, g.add(i));
+                let uv = _mm512_maskz_loadu_ps(k, u.add(i));
+                let e = exp(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+                let s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+                _mm512_mask_storeu_ps(g.add(i), k, _mm512_mul_ps(s, uv));
+                i += 16;
             }
         }
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -339,55 +299,30 @@ mod tests {
     }
 
     #[test]
-    fn paged_attention_matches_a_dense_reference() {
-        for hd in [64usize, 128, 24] {
-            let (bs, kv_heads, blocks) = (4usize, 2usize, 6usize);
-            let stride = kv_heads * hd;
-            let n = blocks * bs * stride;
-            let h16 = |x: f32| half::f16::from_f32(x);
-            let k: Vec<half::f16> = (0..n)
-                .map(|i| h16(((i * 7 % 13) as f32 - 6.0) * 0.05))
-                .collect();
-            let v: Vec<half::f16> = (0..n)
-                .map(|i| h16(((i * 5 % 11) as f32 - 5.0) * 0.1))
-                .collect();
-            let kb: Vec<u16> = k.iter().map(|x| x.to_bits()).collect();
-            let vb: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
-            let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.3).sin()).collect();
-            let table = [4u32, 1, 5, 0, 2];
-            for ctx in [1usize, 7, 8, 9, 19] {
-                let h = PagedHead {
-                    k: &kb,
-                    v: &vb,
-                    table: &table,
-                    block_size: bs,
-                    stride,
-                    offset: hd,
-                };
-                let mut scores = vec![0.0; ctx];
-                let mut out = vec![0.0; hd];
-                attend(&q, ctx, &h, 0.125, &mut scores, &mut out);
-                // Dense reference.
-                let mut w: Vec<f32> = (0..ctx)
-                    .map(|p| {
-                        let at = h.at(p);
-                        q.iter()
-                            .zip(&k[at..at + hd])
-                            .map(|(a, b)| a * b.to_f32())
-                            .sum::<f32>()
-                            * 0.125
-                    })
-                    .collect();
-                softmax(&mut w);
-                for d in 0..hd {
-                    let want: f32 = (0..ctx).map(|p| w[p] * v[h.at(p) + d].to_f32()).sum();
-                    assert!(
-                        (out[d] - want).abs() < 1e-4,
-                        "hd {hd} ctx {ctx} d {d}: {} vs {want}",
-                        out[d]
-                    );
-                }
+    fn vector_exp_softmax_and_swiglu_match_libm() {
+        let xs: Vec<f32> = (0..1000).map(|i| (i as f32 - 700.0) * 0.13).collect();
+        for len in [1usize, 5, 16, 17, 100, 1000] {
+            let mut a = xs[..len].to_vec();
+            let mut b = a.clone();
+            softmax(&mut a);
+            let max = b.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f64 = b.iter().map(|&v| ((v - max) as f64).exp()).sum();
+            for v in b.iter_mut() {
+                *v = (((*v - max) as f64).exp() / sum) as f32;
             }
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 2e-6 * y.abs() + 1e-30, "{len}: {x} vs {y}");
+            }
+        }
+        let mut g = xs.clone();
+        let up: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.1).cos()).collect();
+        swiglu(&mut g, &up);
+        for ((got, &x), &u) in g.iter().zip(&xs).zip(&up) {
+            let want = (x as f64 / (1.0 + (-x as f64).exp()) * u as f64) as f32;
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs() + 1e-30,
+                "{x}: {got} vs {want}"
+            );
         }
     }
 
