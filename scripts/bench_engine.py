@@ -80,7 +80,8 @@ def main():
         rows.append((fmt, f"prefill {a.prompt_tokens} tokens (tok/s)", med(our_pp), med(ll_pp)))
         rows.append((fmt, f"decode {a.gen_tokens} tokens (tok/s)", med(our_tg), med(ll_tg)))
 
-    cmd = f"python3 scripts/bench_engine.py --threads {a.threads} --repeats {a.repeats}"
+    cmd = (f"python3 scripts/bench_engine.py --threads {a.threads} --repeats {a.repeats}"
+           f" --prompt-tokens {a.prompt_tokens} --gen-tokens {a.gen_tokens}")
     if a.model:
         cmd += f" --model {a.model}"
     else:
@@ -108,10 +109,14 @@ def main():
         path = ROOT / a.write
         old = path.read_text() if path.exists() else "# Benchmarks\n\n"
         start = old.find("## Engine: single-stream")
-        if start >= 0:
-            end = old.find("\n## ", start + 1)
-            old = old[:start] + (old[end + 1:] if end >= 0 else "")
-        path.write_text(old.rstrip() + "\n\n" + text)
+        if start < 0:
+            path.write_text(old.rstrip() + "\n\n" + text)
+            return
+        # Replace the section's own text, up to its first subsection or the next section (the
+        # hand-written subsections after it stay).
+        ends = [i for i in (old.find("\n## ", start + 1), old.find("\n### ", start + 1)) if i >= 0]
+        rest = old[min(ends) + 1:] if ends else ""
+        path.write_text(old[:start] + text + ("\n" + rest if rest else ""))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# Runs every test: builds the workspace once (release), fetches the default model, installs the
-# Python SDK test dependencies into .venv, then runs the Rust tests and the SDK tests.
+# Runs every test: installs etcd if it is missing (the discovery tests start a real one), builds
+# the workspace once (release), fetches the default model, installs the Python SDK test
+# dependencies into .venv, then runs the Rust tests and the SDK tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if ! command -v etcd >/dev/null 2>&1 && [ -z "${LASTMILE_ETCD:-}" ]; then
+    echo "== installing etcd (Debian package etcd-server)"
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >/dev/null
+fi
 
 cargo build --release --workspace
 ./target/release/lastmile models pull

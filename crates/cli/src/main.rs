@@ -45,8 +45,15 @@ enum Command {
 #[derive(Args)]
 struct GatewayArgs {
     /// A worker's base URL, e.g. http://127.0.0.1:8081 (repeat for each worker).
-    #[arg(long = "worker", required = true)]
+    #[arg(long = "worker", required_unless_present = "etcd")]
     workers: Vec<String>,
+    /// Find workers in etcd (client URLs, comma-separated): every `lastmile serve --etcd`
+    /// registered under --etcd-prefix joins the rotation, and leaves it when it stops or dies.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Key prefix workers register under in etcd.
+    #[arg(long, default_value = lastmile_discovery::DEFAULT_PREFIX)]
+    etcd_prefix: String,
     /// Routing policy: round_robin, random, least_loaded, or kv_aware (to the worker already
     /// holding the longest prefix of the prompt, weighed against load).
     #[arg(long, default_value = "round_robin")]
@@ -68,6 +75,12 @@ struct GatewayArgs {
 
 fn gateway(args: GatewayArgs) -> Result<()> {
     let mut config = lastmile_gateway::GatewayConfig::new(args.workers);
+    if !args.etcd.is_empty() {
+        config.etcd = Some(lastmile_gateway::EtcdDiscovery {
+            endpoints: args.etcd.clone(),
+            prefix: args.etcd_prefix.clone(),
+        });
+    }
     config.policy = args
         .policy
         .parse()
@@ -75,8 +88,13 @@ fn gateway(args: GatewayArgs) -> Result<()> {
     config.health_interval = std::time::Duration::from_millis(args.health_interval_ms);
     config.kv_balance = args.kv_balance;
     let banner = format!(
-        "gateway over {} worker(s), policy {}",
+        "gateway over {} worker(s){}, policy {}",
         config.workers.len(),
+        if args.etcd.is_empty() {
+            String::new()
+        } else {
+            format!(" and those registered in etcd under {}", args.etcd_prefix)
+        },
         args.policy
     );
     run_gateway(&args.host, args.port, config, &banner)
@@ -217,6 +235,21 @@ struct ServeArgs {
     /// --threads is then per worker (default: the cores divided among the workers).
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// Register this worker in etcd (client URLs, comma-separated) so that gateways started with
+    /// --etcd find it: under a lease kept alive every third of --etcd-ttl, revoked on shutdown
+    /// (before in-flight requests drain), expired when the process dies.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Key prefix to register under.
+    #[arg(long, default_value = lastmile_discovery::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// Lease TTL in seconds: how long a dead worker stays listed.
+    #[arg(long, default_value_t = 3)]
+    etcd_ttl: u64,
+    /// URL gateways reach this worker at (default: http://HOST:PORT; required when listening on
+    /// a wildcard address).
+    #[arg(long)]
+    advertise_url: Option<String>,
 }
 
 #[derive(Args)]
@@ -267,6 +300,9 @@ fn serve(args: ServeArgs) -> Result<()> {
         anyhow::bail!("--workers must be at least 1");
     }
     if args.workers > 1 {
+        if !args.etcd.is_empty() {
+            anyhow::bail!("--etcd registers one worker: start each worker with its own `lastmile serve --etcd`");
+        }
         return fleet::serve_fleet(args);
     }
     let (engine, id) = args.model.start_engine()?;
@@ -287,6 +323,38 @@ fn serve(args: ServeArgs) -> Result<()> {
             "lastmile: serving `{}` on http://{addr} (OpenAI API at /v1)",
             config.model_id
         );
+        let registration = if args.etcd.is_empty() {
+            None
+        } else {
+            let url = match &args.advertise_url {
+                Some(u) => u.trim_end_matches('/').to_string(),
+                None if args.host == "0.0.0.0" || args.host == "::" => anyhow::bail!(
+                    "listening on {} needs --advertise-url for etcd (how gateways reach this worker)",
+                    args.host
+                ),
+                None => format!("http://{addr}"),
+            };
+            let info = lastmile_discovery::WorkerInfo {
+                url: url.clone(),
+                model: config.model_id.clone(),
+                role: "both".into(),
+            };
+            let etcd = lastmile_discovery::Etcd::new(args.etcd.clone());
+            let r = lastmile_discovery::Registration::start(etcd, &args.etcd_prefix, info, args.etcd_ttl)
+                .await
+                .context("registering with etcd")?;
+            eprintln!("lastmile: registered {url} in etcd under {}", args.etcd_prefix);
+            Some(r)
+        };
+        let shutdown = async move {
+            shutdown_signal().await;
+            // Out of every gateway's rotation first, then let in-flight requests finish.
+            if let Some(r) = registration {
+                if let Err(e) = r.deregister().await {
+                    tracing::warn!("leaving etcd: {e}");
+                }
+            }
+        };
         // Structured output and tool calls need a vocabulary index; build it while idle.
         let warm = engine.clone();
         std::thread::Builder::new()
@@ -296,7 +364,7 @@ fn serve(args: ServeArgs) -> Result<()> {
                     tracing::warn!("structured output is unavailable for this model: {e}");
                 }
             })?;
-        lastmile_worker::serve(listener, engine, config, shutdown_signal()).await?;
+        lastmile_worker::serve(listener, engine, config, shutdown).await?;
         Ok(())
     })
 }

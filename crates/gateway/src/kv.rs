@@ -34,7 +34,7 @@ pub(crate) struct PromptBlocks {
 /// error in it).
 pub(crate) async fn prompt_blocks(gw: &Gateway, api: &str, body: &[u8]) -> Option<PromptBlocks> {
     let body: Value = serde_json::from_slice(body).ok()?;
-    let n = gw.workers.list.len();
+    let n = gw.workers.all().len();
     let start = gw.next_hasher();
     let id = (0..n)
         .map(|k| (start + k) % n)
@@ -42,7 +42,7 @@ pub(crate) async fn prompt_blocks(gw: &Gateway, api: &str, body: &[u8]) -> Optio
     let reply = gw
         .workers
         .client
-        .post(format!("{}/internal/prompt", gw.workers.list[id].url))
+        .post(format!("{}/internal/prompt", gw.workers.get(id).url))
         .json(&json!({"api": api, "body": body}))
         .timeout(Duration::from_secs(5))
         .send()
@@ -65,7 +65,7 @@ pub(crate) async fn prompt_blocks(gw: &Gateway, api: &str, body: &[u8]) -> Optio
 
 /// Follows worker `id`'s KV events forever, reconnecting after failures.
 pub(crate) async fn follow(gw: Arc<Gateway>, id: usize) {
-    let url = format!("{}/v1/kv/events", gw.workers.list[id].url);
+    let url = format!("{}/v1/kv/events", gw.workers.get(id).url);
     loop {
         if let Ok(resp) = gw.workers.client.get(&url).send().await {
             if resp.status().is_success() {

@@ -5,8 +5,9 @@
 //!
 //! `kv_aware` routing follows every worker's KV event stream into a `KvIndex` and asks a worker
 //! (`/internal/prompt`) for each request's prompt block hashes, then prefers the worker that
-//! already holds the longest prefix, weighed against load. Workers come from a static list;
-//! etcd discovery is still to come.
+//! already holds the longest prefix, weighed against load. Workers come from a static list,
+//! from etcd (`lastmile_discovery`: workers register under a lease, the gateway watches the
+//! prefix and adds and drops them as they come and go), or both.
 #![warn(missing_docs)]
 
 mod kv;
@@ -48,11 +49,22 @@ impl GatewayError {
     }
 }
 
+/// Where the gateway finds workers in etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdDiscovery {
+    /// etcd client URLs (`http://host:2379`).
+    pub endpoints: Vec<String>,
+    /// Key prefix the workers register under.
+    pub prefix: String,
+}
+
 /// Gateway settings.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
-    /// Base URLs of the workers (`http://host:port`).
+    /// Base URLs of static workers (`http://host:port`).
     pub workers: Vec<String>,
+    /// Workers registered in etcd, followed as they come and go.
+    pub etcd: Option<EtcdDiscovery>,
     /// How requests are spread.
     pub policy: PolicyKind,
     /// `kv_aware`: how much a worker's load weighs against the prompt tokens it would not have
@@ -74,6 +86,7 @@ impl GatewayConfig {
     pub fn new(workers: Vec<String>) -> Self {
         Self {
             workers,
+            etcd: None,
             policy: PolicyKind::RoundRobin,
             kv_balance: 1.0,
             health_interval: Duration::from_millis(200),
@@ -85,8 +98,19 @@ impl GatewayConfig {
 
     /// Checks the settings make sense.
     pub fn validate(&self) -> Result<(), GatewayError> {
-        if self.workers.is_empty() {
-            return Err(GatewayError::InvalidConfig("no workers given".into()));
+        if self.workers.is_empty() && self.etcd.is_none() {
+            return Err(GatewayError::InvalidConfig(
+                "no workers given (list them, or find them through etcd)".into(),
+            ));
+        }
+        if self
+            .etcd
+            .as_ref()
+            .is_some_and(|e| e.endpoints.is_empty() || e.prefix.is_empty())
+        {
+            return Err(GatewayError::InvalidConfig(
+                "etcd discovery needs endpoints and a key prefix".into(),
+            ));
         }
         if let Some(bad) = self
             .workers
@@ -121,6 +145,8 @@ pub(crate) struct Gateway {
     pub(crate) metrics: Metrics,
     /// Rotates which worker computes prompt hashes.
     hasher: AtomicUsize,
+    /// `kv_aware`: the task following each listed worker's KV events.
+    followers: Mutex<std::collections::HashMap<usize, tokio::task::JoinHandle<()>>>,
 }
 
 impl Gateway {
@@ -130,6 +156,78 @@ impl Gateway {
 
     pub(crate) fn next_hasher(&self) -> usize {
         self.hasher.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn followers(
+        &self,
+    ) -> MutexGuard<'_, std::collections::HashMap<usize, tokio::task::JoinHandle<()>>> {
+        self.followers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts worker `url` in rotation (checking its health at once) and, for `kv_aware`, starts
+    /// following its KV events.
+    fn worker_up(self: &Arc<Self>, url: &str) {
+        let (id, new) = self.workers.add(url);
+        if !new {
+            return;
+        }
+        tracing::info!(worker = %url, "worker joined");
+        let gw = self.clone();
+        tokio::spawn(async move { gw.workers.check(id).await });
+        if self.config.policy == PolicyKind::KvAware {
+            let task = tokio::spawn(kv::follow(self.clone(), id));
+            if let Some(old) = self.followers().insert(id, task) {
+                old.abort();
+            }
+        }
+    }
+
+    /// Takes worker `url` out of rotation and forgets what it held.
+    fn worker_down(&self, url: &str) {
+        let Some(id) = self.workers.unlist(url) else {
+            return;
+        };
+        tracing::info!(worker = %url, "worker left");
+        if let Some(task) = self.followers().remove(&id) {
+            task.abort();
+        }
+        self.index().drop_worker(id);
+    }
+
+    /// Applies what etcd says about the registered workers.
+    fn apply_discovery(
+        self: &Arc<Self>,
+        keys: &mut std::collections::HashMap<String, String>,
+        update: lastmile_discovery::WorkersUpdate,
+    ) {
+        use lastmile_discovery::WorkersUpdate;
+        match update {
+            WorkersUpdate::Snapshot(list) => {
+                let now: std::collections::HashMap<String, String> =
+                    list.into_iter().map(|(k, w)| (k, w.url)).collect();
+                for url in keys.values() {
+                    if !now.values().any(|u| u == url) && !self.config.workers.contains(url) {
+                        self.worker_down(url);
+                    }
+                }
+                for url in now.values() {
+                    self.worker_up(url);
+                }
+                *keys = now;
+            }
+            WorkersUpdate::Up(key, info) => {
+                self.worker_up(&info.url);
+                keys.insert(key, info.url);
+            }
+            WorkersUpdate::Down(key) => {
+                if let Some(url) = keys.remove(&key) {
+                    // Another live key may name the same address (a re-registration).
+                    if !keys.values().any(|u| *u == url) && !self.config.workers.contains(&url) {
+                        self.worker_down(&url);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -152,19 +250,30 @@ pub async fn serve(
         .unwrap_or(1);
     let gw = Arc::new(Gateway {
         policy: Policy::new(config.policy, seed).with_balance(config.kv_balance),
-        metrics: Metrics::new(config.workers.len()),
+        metrics: Metrics::new(),
         index: Mutex::new(KvIndex::new()),
         hasher: AtomicUsize::new(0),
+        followers: Mutex::new(std::collections::HashMap::new()),
         workers,
         config,
     });
-    let followers: Vec<_> = if gw.config.policy == PolicyKind::KvAware {
-        (0..gw.workers.list.len())
-            .map(|id| tokio::spawn(kv::follow(gw.clone(), id)))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    if gw.config.policy == PolicyKind::KvAware {
+        for id in 0..gw.workers.all().len() {
+            gw.followers()
+                .insert(id, tokio::spawn(kv::follow(gw.clone(), id)));
+        }
+    }
+    let discovery = gw.config.etcd.clone().map(|e| {
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let mut keys = std::collections::HashMap::new();
+            let etcd = lastmile_discovery::Etcd::new(e.endpoints);
+            lastmile_discovery::follow_workers(etcd, e.prefix, move |u| {
+                gw.apply_discovery(&mut keys, u)
+            })
+            .await;
+        })
+    });
     let app = Router::new()
         .route("/v1/chat/completions", post(proxy::forward))
         .route("/v1/completions", post(proxy::forward))
@@ -174,21 +283,27 @@ pub async fn serve(
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .with_state(gw);
+        .with_state(gw.clone());
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
     poller.abort();
-    followers.iter().for_each(|f| f.abort());
+    if let Some(d) = discovery {
+        d.abort();
+    }
+    gw.followers().drain().for_each(|(_, f)| f.abort());
     result
 }
 
 /// Every model any available worker serves, once each.
 async fn models(State(gw): State<Arc<Gateway>>) -> Response {
-    let fetches = (0..gw.workers.list.len())
-        .filter(|&id| gw.workers.available(id))
-        .map(|id| {
-            let url = format!("{}/v1/models", gw.workers.list[id].url);
+    let fetches = gw
+        .workers
+        .all()
+        .into_iter()
+        .filter(|w| w.available())
+        .map(|w| {
+            let url = format!("{}/v1/models", w.url);
             let client = gw.workers.client.clone();
             async move {
                 let r = client
@@ -216,9 +331,9 @@ async fn models(State(gw): State<Arc<Gateway>>) -> Response {
 }
 
 async fn health(State(gw): State<Arc<Gateway>>) -> Response {
-    let up = (0..gw.workers.list.len())
-        .filter(|&id| gw.workers.available(id))
-        .count();
+    let all = gw.workers.all();
+    let up = all.iter().filter(|w| w.available()).count();
+    let listed = all.iter().filter(|w| w.listed()).count();
     let status = if up > 0 {
         StatusCode::OK
     } else {
@@ -226,7 +341,7 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
     };
     let body = serde_json::json!({
         "status": if up > 0 { "ok" } else { "unavailable" },
-        "workers": gw.workers.list.len(),
+        "workers": listed,
         "available": up,
     });
     (status, axum::Json(body)).into_response()

@@ -8,13 +8,12 @@ use std::time::Duration;
 
 use lastmile_router::PolicyKind;
 
-use crate::workers::Workers;
+use crate::workers::{Worker, Workers};
 
 const OVERHEAD_BOUNDS_US: [u64; 8] = [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000];
 
 /// Counters kept in atomics.
 pub(crate) struct Metrics {
-    routed: Vec<AtomicU64>,
     overlap_blocks: AtomicU64,
     pub(crate) retries: AtomicU64,
     overhead_buckets: [AtomicU64; 8],
@@ -23,9 +22,8 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    pub(crate) fn new(workers: usize) -> Self {
+    pub(crate) fn new() -> Self {
         Self {
-            routed: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             overlap_blocks: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             overhead_buckets: Default::default(),
@@ -34,11 +32,9 @@ impl Metrics {
         }
     }
 
-    /// Records a routing decision and the cached prompt blocks it predicted on the worker.
-    pub(crate) fn routed(&self, worker: usize, overlap_blocks: usize) {
-        if let Some(c) = self.routed.get(worker) {
-            c.fetch_add(1, Ordering::Relaxed);
-        }
+    /// Records the cached prompt blocks a routing decision predicted on its worker (the
+    /// decision itself is counted on the worker).
+    pub(crate) fn routed(&self, overlap_blocks: usize) {
         self.overlap_blocks
             .fetch_add(overlap_blocks as u64, Ordering::Relaxed);
     }
@@ -58,42 +54,54 @@ impl Metrics {
     pub(crate) fn render(&self, workers: &Workers, policy: PolicyKind) -> String {
         let mut out = String::new();
         let policy = policy.name();
-        let _ = writeln!(out, "# HELP lastmile_gateway_routed_total Requests sent to each worker, by policy.\n# TYPE lastmile_gateway_routed_total counter");
-        for (id, w) in workers.list.iter().enumerate() {
-            let n = self.routed[id].load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "lastmile_gateway_routed_total{{worker=\"{}\",policy=\"{policy}\"}} {n}",
-                w.url
-            );
-        }
-        let _ = writeln!(out, "# HELP lastmile_gateway_in_flight Requests in flight through the gateway per worker.\n# TYPE lastmile_gateway_in_flight gauge");
-        for (id, w) in workers.list.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "lastmile_gateway_in_flight{{worker=\"{}\"}} {}",
-                w.url,
-                workers.in_flight(id)
-            );
-        }
-        let _ = writeln!(out, "# HELP lastmile_gateway_worker_available Worker healthy with its breaker closed (1) or not (0).\n# TYPE lastmile_gateway_worker_available gauge");
-        for (id, w) in workers.list.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "lastmile_gateway_worker_available{{worker=\"{}\"}} {}",
-                w.url,
-                u8::from(workers.available(id))
-            );
-        }
-        let _ = writeln!(out, "# HELP lastmile_gateway_breaker_open Worker's circuit breaker open (1) or closed (0).\n# TYPE lastmile_gateway_breaker_open gauge");
-        for (id, w) in workers.list.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "lastmile_gateway_breaker_open{{worker=\"{}\"}} {}",
-                w.url,
-                u8::from(workers.breaker_open(id))
-            );
-        }
+        let all = workers.all();
+        let gauge =
+            |out: &mut String, name: &str, help: &str, kind: &str, v: &dyn Fn(&Worker) -> u64| {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+                for w in &all {
+                    let labels = if name == "lastmile_gateway_routed_total" {
+                        format!("worker=\"{}\",policy=\"{policy}\"", w.url)
+                    } else {
+                        format!("worker=\"{}\"", w.url)
+                    };
+                    let _ = writeln!(out, "{name}{{{labels}}} {}", v(w));
+                }
+            };
+        gauge(
+            &mut out,
+            "lastmile_gateway_routed_total",
+            "Requests sent to each worker, by policy.",
+            "counter",
+            &|w| w.routed.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "lastmile_gateway_in_flight",
+            "Requests in flight through the gateway per worker.",
+            "gauge",
+            &|w| w.in_flight() as u64,
+        );
+        gauge(
+            &mut out,
+            "lastmile_gateway_worker_listed",
+            "Worker listed by its discovery source (1; static workers always are) or gone (0).",
+            "gauge",
+            &|w| u64::from(w.listed()),
+        );
+        gauge(
+            &mut out,
+            "lastmile_gateway_worker_available",
+            "Worker listed, healthy and with its breaker closed (1) or not (0).",
+            "gauge",
+            &|w| u64::from(w.available()),
+        );
+        gauge(
+            &mut out,
+            "lastmile_gateway_breaker_open",
+            "Worker's circuit breaker open (1) or closed (0).",
+            "gauge",
+            &|w| u64::from(w.breaker_open()),
+        );
         let _ = writeln!(
             out,
             "# HELP lastmile_gateway_predicted_overlap_blocks_total Prompt blocks the chosen workers were predicted to hold (kv_aware).\n# TYPE lastmile_gateway_predicted_overlap_blocks_total counter\nlastmile_gateway_predicted_overlap_blocks_total {}",

@@ -85,8 +85,9 @@ async fn relay(
         };
         let id = decision.worker;
         let guard = gw.workers.start(id);
-        gw.metrics.routed(id, decision.overlap_blocks);
-        let url = format!("{}{path}", gw.workers.list[id].url);
+        gw.metrics.routed(decision.overlap_blocks);
+        let worker_url = gw.workers.get(id).url.clone();
+        let url = format!("{worker_url}{path}");
         let asked = Instant::now();
         let sent = gw
             .workers
@@ -101,14 +102,14 @@ async fn relay(
             Ok(upstream) => {
                 gw.workers.succeeded(id);
                 let mut resp = relay_response(upstream, guard);
-                if let Ok(v) = HeaderValue::from_str(&gw.workers.list[id].url) {
+                if let Ok(v) = HeaderValue::from_str(&worker_url) {
                     resp.headers_mut().insert("x-lastmile-worker", v);
                 }
                 return resp;
             }
             Err(e) if e.is_connect() => {
                 // Nothing reached the worker: safe to try another one.
-                tracing::warn!(worker = %gw.workers.list[id].url, "unreachable: {e}");
+                tracing::warn!(worker = %worker_url, "unreachable: {e}");
                 gw.workers.failed(id);
                 gw.metrics.retries.fetch_add(1, Ordering::Relaxed);
                 tried.push(id);

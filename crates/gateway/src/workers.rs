@@ -6,8 +6,8 @@
 //! failed health checks) and closes again on the next successful health check after the
 //! cool-down.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use lastmile_router::WorkerLoad;
@@ -26,27 +26,69 @@ struct Status {
     open_until: Option<Instant>,
 }
 
-/// One worker.
+/// One worker. Ids (positions in the list) are never reused: a worker that leaves discovery
+/// stays in the list, unlisted, and takes its id back if it registers again.
 pub(crate) struct Worker {
     pub(crate) url: String,
     status: Mutex<Status>,
     in_flight: AtomicUsize,
+    /// Requests routed to it.
+    pub(crate) routed: AtomicU64,
+    /// Its discovery source lists it (static workers always are).
+    listed: AtomicBool,
+}
+
+impl Worker {
+    fn new(url: &str) -> Self {
+        Self {
+            url: url.trim_end_matches('/').to_string(),
+            status: Mutex::new(Status::default()),
+            in_flight: AtomicUsize::new(0),
+            routed: AtomicU64::new(0),
+            listed: AtomicBool::new(true),
+        }
+    }
+
+    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Requests in flight through the gateway.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether it takes traffic now (listed, healthy, breaker closed).
+    pub(crate) fn available(&self) -> bool {
+        let s = self.status();
+        self.listed.load(Ordering::Relaxed)
+            && s.healthy
+            && s.open_until.is_none_or(|t| t <= Instant::now())
+    }
+
+    /// Whether its breaker is open.
+    pub(crate) fn breaker_open(&self) -> bool {
+        self.status().open_until.is_some_and(|t| t > Instant::now())
+    }
+
+    /// Whether its discovery source lists it.
+    pub(crate) fn listed(&self) -> bool {
+        self.listed.load(Ordering::Relaxed)
+    }
 }
 
 /// Decrements a worker's in-flight count when the response it belongs to is finished or dropped.
-pub(crate) struct InFlight(Arc<Workers>, usize);
+pub(crate) struct InFlight(Arc<Worker>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.list[self.1]
-            .in_flight
-            .fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// Every worker, and the client used to reach them.
 pub(crate) struct Workers {
-    pub(crate) list: Vec<Worker>,
+    list: RwLock<Vec<Arc<Worker>>>,
     pub(crate) client: reqwest::Client,
     breaker_failures: u32,
     breaker_cooldown: Duration,
@@ -55,15 +97,13 @@ pub(crate) struct Workers {
 impl Workers {
     pub(crate) fn new(config: &GatewayConfig) -> Self {
         Self {
-            list: config
-                .workers
-                .iter()
-                .map(|url| Worker {
-                    url: url.trim_end_matches('/').to_string(),
-                    status: Mutex::new(Status::default()),
-                    in_flight: AtomicUsize::new(0),
-                })
-                .collect(),
+            list: RwLock::new(
+                config
+                    .workers
+                    .iter()
+                    .map(|url| Arc::new(Worker::new(url)))
+                    .collect(),
+            ),
             client: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(2))
                 .build()
@@ -73,25 +113,53 @@ impl Workers {
         }
     }
 
-    fn status(&self, id: usize) -> std::sync::MutexGuard<'_, Status> {
-        self.list[id]
-            .status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    /// Every worker ever known, listed or not; a worker's id is its position.
+    pub(crate) fn all(&self) -> Vec<Arc<Worker>> {
+        self.list.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Worker `id`.
+    pub(crate) fn get(&self, id: usize) -> Arc<Worker> {
+        self.list.read().unwrap_or_else(|e| e.into_inner())[id].clone()
+    }
+
+    /// Adds (or lists again) the worker at `url`; returns its id and whether it was not listed
+    /// before.
+    pub(crate) fn add(&self, url: &str) -> (usize, bool) {
+        let url = url.trim_end_matches('/');
+        let mut list = self.list.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(id) = list.iter().position(|w| w.url == url) {
+            let was = list[id].listed.swap(true, Ordering::Relaxed);
+            return (id, !was);
+        }
+        list.push(Arc::new(Worker::new(url)));
+        (list.len() - 1, true)
+    }
+
+    /// Takes the worker at `url` out of rotation (its discovery entry is gone); returns its id
+    /// if it was listed.
+    pub(crate) fn unlist(&self, url: &str) -> Option<usize> {
+        let url = url.trim_end_matches('/');
+        let list = self.list.read().unwrap_or_else(|e| e.into_inner());
+        let id = list.iter().position(|w| w.url == url)?;
+        let w = &list[id];
+        w.status().healthy = false;
+        w.listed.swap(false, Ordering::Relaxed).then_some(id)
     }
 
     /// Load snapshots for the routing policy; `exclude` are workers already tried for this
     /// request.
     pub(crate) fn snapshot(&self, exclude: &[usize]) -> Vec<WorkerLoad> {
-        let now = Instant::now();
-        (0..self.list.len())
-            .map(|id| {
-                let s = self.status(id).clone();
-                let open = s.open_until.is_some_and(|t| t > now);
-                let in_flight = self.list[id].in_flight.load(Ordering::Relaxed);
+        self.all()
+            .iter()
+            .enumerate()
+            .map(|(id, w)| {
+                let available = w.available();
+                let s = w.status().clone();
+                let in_flight = w.in_flight();
                 WorkerLoad {
                     id,
-                    healthy: s.healthy && !open && !exclude.contains(&id),
+                    healthy: available && !exclude.contains(&id),
                     // Requests sent since the last health check count as waiting.
                     running: s.running,
                     waiting: s.waiting.max(in_flight.saturating_sub(s.running)),
@@ -101,15 +169,19 @@ impl Workers {
             .collect()
     }
 
-    /// Marks a request as in flight on `id` until the returned guard is dropped.
-    pub(crate) fn start(self: &Arc<Self>, id: usize) -> InFlight {
-        self.list[id].in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone(), id)
+    /// Marks a request as in flight on `id` until the returned guard is dropped; counts the
+    /// routing decision.
+    pub(crate) fn start(&self, id: usize) -> InFlight {
+        let w = self.get(id);
+        w.in_flight.fetch_add(1, Ordering::Relaxed);
+        w.routed.fetch_add(1, Ordering::Relaxed);
+        InFlight(w)
     }
 
     /// Records a failure to reach `id`; enough of them in a row open its breaker.
     pub(crate) fn failed(&self, id: usize) {
-        let mut s = self.status(id);
+        let w = self.get(id);
+        let mut s = w.status();
         s.consecutive_failures += 1;
         if s.consecutive_failures >= self.breaker_failures {
             s.healthy = false;
@@ -119,38 +191,29 @@ impl Workers {
 
     /// Records that `id` answered.
     pub(crate) fn succeeded(&self, id: usize) {
-        self.status(id).consecutive_failures = 0;
+        self.get(id).status().consecutive_failures = 0;
     }
 
-    /// Requests in flight through the gateway on `id`.
-    pub(crate) fn in_flight(&self, id: usize) -> usize {
-        self.list[id].in_flight.load(Ordering::Relaxed)
-    }
-
-    /// Whether `id` takes traffic now (healthy, breaker closed).
+    /// Whether `id` takes traffic now (listed, healthy, breaker closed).
     pub(crate) fn available(&self, id: usize) -> bool {
-        let s = self.status(id);
-        s.healthy && s.open_until.is_none_or(|t| t <= Instant::now())
+        self.get(id).available()
     }
 
-    /// Whether `id`'s breaker is open.
-    pub(crate) fn breaker_open(&self, id: usize) -> bool {
-        self.status(id)
-            .open_until
-            .is_some_and(|t| t > Instant::now())
-    }
-
-    /// Checks every worker's `/health` once.
+    /// Checks every listed worker's `/health` once.
     pub(crate) async fn check_all(&self) {
-        let checks = (0..self.list.len()).map(|id| self.check(id));
+        let checks = (0..self.all().len()).map(|id| self.check(id));
         futures::future::join_all(checks).await;
     }
 
-    async fn check(&self, id: usize) {
-        let url = format!("{}/health", self.list[id].url);
+    /// Checks worker `id`'s `/health` (unlisted workers are left alone).
+    pub(crate) async fn check(&self, id: usize) {
+        let w = self.get(id);
+        if !w.listed() {
+            return;
+        }
         let reply = self
             .client
-            .get(url)
+            .get(format!("{}/health", w.url))
             .timeout(Duration::from_secs(2))
             .send()
             .await;
@@ -159,12 +222,12 @@ impl Workers {
             _ => None,
         };
         let Some(body) = body else {
-            self.status(id).healthy = false;
+            w.status().healthy = false;
             self.failed(id);
             return;
         };
         let count = |k: &str| body.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
-        let mut s = self.status(id);
+        let mut s = w.status();
         s.healthy = true;
         s.running = count("running");
         s.waiting = count("waiting");

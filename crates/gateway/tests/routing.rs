@@ -2,104 +2,14 @@
 //! by policy, streams pass through intact, `/v1/models` is merged, an unreachable worker is
 //! retried around and taken out of rotation, and with no worker left clients get a 503.
 
+mod common;
+
 use std::time::Duration;
 
-use lastmile_engine::fetch::ensure_default_model;
-use lastmile_engine::{EngineConfig, EngineHandle, LoadedModel};
+use common::{dead_url, gateway, metric, wait_healthy, worker, MODEL};
 use lastmile_gateway::GatewayConfig;
 use lastmile_router::PolicyKind;
-use lastmile_worker::ServerConfig;
 use serde_json::{json, Value};
-
-const MODEL: &str = "smollm2-135m-instruct";
-
-/// Serves `app` on an ephemeral port from its own runtime thread; returns the base URL.
-fn spawn_server<F>(serve: impl FnOnce(tokio::net::TcpListener) -> F + Send + 'static) -> String
-where
-    F: std::future::Future<Output = ()>,
-{
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding");
-    let addr = listener.local_addr().expect("address");
-    listener.set_nonblocking(true).expect("nonblocking");
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            serve(listener).await;
-        });
-    });
-    format!("http://{addr}")
-}
-
-fn worker() -> String {
-    let loaded = LoadedModel::load(&ensure_default_model().expect("model")).expect("load");
-    let engine = EngineHandle::start(
-        loaded,
-        EngineConfig {
-            threads: 1,
-            ..EngineConfig::default()
-        },
-    )
-    .expect("engine");
-    let config = ServerConfig {
-        model_id: MODEL.to_string(),
-        max_body_bytes: 1 << 20,
-    };
-    spawn_server(move |l| async move {
-        lastmile_worker::serve(l, engine, config, std::future::pending())
-            .await
-            .expect("worker");
-    })
-}
-
-fn gateway(config: GatewayConfig) -> String {
-    spawn_server(move |l| async move {
-        lastmile_gateway::serve(l, config, std::future::pending())
-            .await
-            .expect("gateway");
-    })
-}
-
-/// A URL where nothing listens.
-fn dead_url() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("binding");
-    let url = format!("http://{}", l.local_addr().expect("address"));
-    drop(l);
-    url
-}
-
-async fn wait_healthy(url: &str) {
-    for _ in 0..200 {
-        if let Ok(r) = reqwest::get(format!("{url}/health")).await {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{url} never became healthy");
-}
-
-/// A counter from a server's `/metrics` (0 when it has not been written yet).
-async fn metric(server: &str, series: &str) -> u64 {
-    let text = reqwest::get(format!("{server}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 async fn chat_count(worker: &str) -> u64 {
     metric(
