@@ -284,6 +284,10 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(gw.clone());
+    // Small writes (stream chunks, response heads) leave at once instead of waiting on Nagle.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;

@@ -1,7 +1,9 @@
 //! Forwarding one request: pick a worker by policy, send the body, and relay the answer —
-//! whole or streamed — byte for byte. A worker that cannot be reached (nothing was sent) is
-//! marked failed and the request goes to another; once a worker has answered, its answer is the
-//! client's (the `x-lastmile-worker` header names it). When the client goes away the relayed
+//! whole or streamed — byte for byte. A worker that cannot be reached, or that drops the
+//! connection before its response head (it died while working), is marked failed and the request
+//! goes to another; once a worker has answered, its answer is the client's (the
+//! `x-lastmile-worker` header names it), and if it dies in the middle of a stream the client gets
+//! a final error event. When the client goes away the relayed
 //! stream is dropped, which closes the connection to the worker and cancels the generation there.
 
 use std::sync::atomic::Ordering;
@@ -84,7 +86,8 @@ async fn relay(
             return error_response(path, &ApiError::overloaded(why));
         };
         let id = decision.worker;
-        let guard = gw.workers.start(id);
+        let cached = (decision.overlap_blocks * route.block_size).min(route.prompt_tokens);
+        let guard = gw.workers.start(id, route.prompt_tokens - cached);
         gw.metrics.routed(decision.overlap_blocks);
         let worker_url = gw.workers.get(id).url.clone();
         let url = format!("{worker_url}{path}");
@@ -101,15 +104,22 @@ async fn relay(
         match sent {
             Ok(upstream) => {
                 gw.workers.succeeded(id);
-                let mut resp = relay_response(upstream, guard);
+                let mut resp = relay_response(path, upstream, guard);
                 if let Ok(v) = HeaderValue::from_str(&worker_url) {
                     resp.headers_mut().insert("x-lastmile-worker", v);
                 }
                 return resp;
             }
-            Err(e) if e.is_connect() => {
-                // Nothing reached the worker: safe to try another one.
-                tracing::warn!(worker = %worker_url, "unreachable: {e}");
+            Err(e) if !e.is_timeout() => {
+                // No answer began: the worker could not be reached, or it closed the connection
+                // before its response head (it died or restarted while working). Nothing reached
+                // the client, and the worker's work is gone with it: run the request elsewhere.
+                let how = if e.is_connect() {
+                    "unreachable"
+                } else {
+                    "lost the request"
+                };
+                tracing::warn!(worker = %worker_url, "{how}: {e}");
                 gw.workers.failed(id);
                 gw.metrics.retries.fetch_add(1, Ordering::Relaxed);
                 tried.push(id);
@@ -126,8 +136,14 @@ async fn relay(
 }
 
 /// The worker's answer as the client's: status, content type, `Retry-After`, and the body
-/// streamed through (the in-flight guard lives as long as the body).
-fn relay_response(upstream: reqwest::Response, guard: crate::workers::InFlight) -> Response {
+/// streamed through (the in-flight guard lives as long as the body). If the worker fails in the
+/// middle of an event stream (it died), the client gets a final error event in its API's shape
+/// and a cleanly ended stream, not a cut connection.
+fn relay_response(
+    path: &str,
+    upstream: reqwest::Response,
+    guard: crate::workers::InFlight,
+) -> Response {
     let status =
         StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut headers = axum::http::HeaderMap::new();
@@ -142,12 +158,40 @@ fn relay_response(upstream: reqwest::Response, guard: crate::workers::InFlight) 
             }
         }
     }
-    let stream = upstream.bytes_stream().map(move |chunk| {
+    let sse = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let anthropic = path.starts_with("/v1/messages");
+    let stream = upstream.bytes_stream().scan(false, move |failed, chunk| {
         let _alive = &guard;
-        chunk.map_err(std::io::Error::other)
+        let item = match chunk {
+            _ if *failed => None,
+            Ok(bytes) => Some(Ok(bytes)),
+            Err(e) if sse => {
+                *failed = true;
+                tracing::warn!("worker failed mid-stream: {e}");
+                Some(Ok(Bytes::from(stream_error_event(anthropic))))
+            }
+            Err(e) => Some(Err(std::io::Error::other(e))),
+        };
+        futures::future::ready(item)
     });
     let mut resp = Response::new(Body::from_stream(stream));
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     resp
+}
+
+/// The last event of a stream whose worker was lost.
+fn stream_error_event(anthropic: bool) -> String {
+    let e = ApiError::bad_gateway(
+        "the worker serving this stream stopped in the middle of it; retry the request",
+    );
+    if anthropic {
+        let (name, body) = AnthropicError::from(e).event();
+        format!("event: {name}\ndata: {body}\n\n")
+    } else {
+        lastmile_protocol::sse_event(&e.body())
+    }
 }

@@ -21,6 +21,8 @@ struct Status {
     healthy: bool,
     running: usize,
     waiting: usize,
+    /// Prompt tokens it reported still to compute.
+    queued_prefill_tokens: usize,
     consecutive_failures: u32,
     /// The breaker is open until then.
     open_until: Option<Instant>,
@@ -34,6 +36,9 @@ pub(crate) struct Worker {
     in_flight: AtomicUsize,
     /// Requests routed to it.
     pub(crate) routed: AtomicU64,
+    /// Prompt tokens (predicted uncached) of requests routed to it since its last health
+    /// report: load it has been given but has not reported yet.
+    recent_prefill: AtomicUsize,
     /// Its discovery source lists it (static workers always are).
     listed: AtomicBool,
 }
@@ -45,6 +50,7 @@ impl Worker {
             status: Mutex::new(Status::default()),
             in_flight: AtomicUsize::new(0),
             routed: AtomicU64::new(0),
+            recent_prefill: AtomicUsize::new(0),
             listed: AtomicBool::new(true),
         }
     }
@@ -163,18 +169,21 @@ impl Workers {
                     // Requests sent since the last health check count as waiting.
                     running: s.running,
                     waiting: s.waiting.max(in_flight.saturating_sub(s.running)),
-                    queued_prefill_tokens: 0,
+                    queued_prefill_tokens: s.queued_prefill_tokens
+                        + w.recent_prefill.load(Ordering::Relaxed),
                 }
             })
             .collect()
     }
 
     /// Marks a request as in flight on `id` until the returned guard is dropped; counts the
-    /// routing decision.
-    pub(crate) fn start(&self, id: usize) -> InFlight {
+    /// routing decision and the prompt tokens it is predicted to compute there.
+    pub(crate) fn start(&self, id: usize, prefill_tokens: usize) -> InFlight {
         let w = self.get(id);
         w.in_flight.fetch_add(1, Ordering::Relaxed);
         w.routed.fetch_add(1, Ordering::Relaxed);
+        w.recent_prefill
+            .fetch_add(prefill_tokens, Ordering::Relaxed);
         InFlight(w)
     }
 
@@ -231,6 +240,9 @@ impl Workers {
         s.healthy = true;
         s.running = count("running");
         s.waiting = count("waiting");
+        s.queued_prefill_tokens = count("queued_prefill_tokens");
+        // The report covers what was routed before it was asked for.
+        w.recent_prefill.store(0, Ordering::Relaxed);
         s.consecutive_failures = 0;
         if s.open_until.is_some_and(|t| t <= Instant::now()) {
             s.open_until = None;
@@ -243,5 +255,35 @@ impl Workers {
             tokio::time::sleep(every).await;
             self.check_all().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routed_prompt_tokens_count_as_load_until_the_next_report() {
+        let w = Workers::new(&GatewayConfig::new(vec![
+            "http://a".into(),
+            "http://b/".into(),
+        ]));
+        let g1 = w.start(0, 300);
+        let _g2 = w.start(0, 200);
+        let snap = w.snapshot(&[]);
+        assert_eq!(snap[0].queued_prefill_tokens, 500);
+        assert_eq!(snap[0].waiting, 2, "in flight, not yet reported running");
+        assert_eq!(snap[1].queued_prefill_tokens, 0);
+        drop(g1);
+        assert_eq!(w.get(0).in_flight(), 1);
+        assert_eq!(w.get(0).routed.load(Ordering::Relaxed), 2);
+        // Discovery: an address is one worker whatever its trailing slash; unlisting takes it out
+        // of rotation and listing it again brings the same id back.
+        assert_eq!(w.add("http://b"), (1, false));
+        assert_eq!(w.unlist("http://b/"), Some(1));
+        assert!(!w.get(1).listed() && !w.available(1));
+        assert_eq!(w.unlist("http://b"), None, "already unlisted");
+        assert_eq!(w.add("http://b"), (1, true));
+        assert_eq!(w.add("http://c"), (2, true));
     }
 }

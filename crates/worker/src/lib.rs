@@ -125,6 +125,10 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // Each streamed token leaves at once instead of waiting on Nagle.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(engine, config))
         .with_graceful_shutdown(shutdown)
         .await
@@ -152,11 +156,15 @@ async fn model(
 
 async fn health(State(s): State<Arc<AppState>>) -> Response {
     let st = s.engine.stats();
+    let load = |v: &std::sync::atomic::AtomicUsize| v.load(std::sync::atomic::Ordering::Relaxed);
     let body = serde_json::json!({
         "status": "ok",
         "model": s.config.model_id,
-        "running": st.running.load(std::sync::atomic::Ordering::Relaxed),
-        "waiting": st.waiting.load(std::sync::atomic::Ordering::Relaxed),
+        "running": load(&st.running),
+        "waiting": load(&st.waiting),
+        "queued_prefill_tokens": load(&st.queued_prefill_tokens),
+        "kv_blocks_used": load(&st.kv_blocks_used),
+        "kv_blocks_total": load(&st.kv_blocks_total),
     });
     (StatusCode::OK, axum::Json(body)).into_response()
 }

@@ -221,6 +221,9 @@ pub struct EngineStats {
     pub prefix_query_tokens: AtomicU64,
     /// Prompt tokens found there (not recomputed).
     pub prefix_hit_tokens: AtomicU64,
+    /// Prompt tokens still to compute: waiting requests' whole prompts and running sequences'
+    /// unfinished prefills (a load signal for routers).
+    pub queued_prefill_tokens: AtomicUsize,
 }
 
 /// Facts about the served model.

@@ -197,6 +197,15 @@ impl Scheduler {
         self.stats
             .kv_blocks_cached
             .store(self.alloc.cached_blocks(), Ordering::Relaxed);
+        let queued: usize = self
+            .waiting
+            .iter()
+            .chain(&self.running)
+            .map(|s| s.tokens.len().saturating_sub(s.computed + 1))
+            .sum();
+        self.stats
+            .queued_prefill_tokens
+            .store(queued, Ordering::Relaxed);
     }
 
     fn publish_events(&mut self) {

@@ -73,6 +73,24 @@ pub fn attend(
     scratch: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    attend_on(
+        Path::for_shape(kv.block_size, g.head_dim),
+        g,
+        kv,
+        scale,
+        scratch,
+        out,
+    );
+}
+
+fn attend_on(
+    path: Path,
+    g: &QueryGroup<'_>,
+    kv: &PagedKv<'_>,
+    scale: f32,
+    scratch: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     let (hd, bs) = (g.head_dim, kv.block_size);
     let n = g.len();
     assert!(n > 0 && out.len() == n * hd, "attention output size");
@@ -100,19 +118,14 @@ pub fn attend(
     }
     let scores = &mut scratch[..n * row];
 
-    #[cfg(target_arch = "x86_64")]
-    let wide = crate::kernels::has_vnni() && bs == 16 && hd % 16 == 0 && hd <= 128;
-    #[cfg(not(target_arch = "x86_64"))]
-    let wide = false;
-
-    if wide {
-        // SAFETY: AVX-512 detected; every block read is below `max_block`, checked above.
+    match path {
+        // SAFETY (both): the instructions were detected; every block read is below
+        // `max_block`, checked above; `scores` holds `n * row` floats.
         #[cfg(target_arch = "x86_64")]
-        unsafe {
-            avx512::scores(g, kv, scale, scores, row)
-        };
-    } else {
-        portable_scores(g, kv, scale, scores, row);
+        Path::Avx512 => unsafe { avx512::scores(g, kv, scale, scores, row) },
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => unsafe { avx2::scores(g, kv, scale, scores, row) },
+        Path::Portable => portable_scores(g, kv, scale, scores, row),
     }
     for m in 0..n {
         let r = &mut scores[m * row..(m + 1) * row];
@@ -120,14 +133,61 @@ pub fn attend(
         super::ops::softmax(&mut r[..ctx]);
         r[ctx..].fill(0.0);
     }
-    if wide {
-        // SAFETY: as above; `out` holds `n * hd` floats.
+    match path {
+        // SAFETY (both): as above; `out` holds `n * hd` floats.
         #[cfg(target_arch = "x86_64")]
-        unsafe {
-            avx512::values(g, kv, scores, row, ctx_max, out)
-        };
-    } else {
-        portable_values(g, kv, scores, row, ctx_max, out);
+        Path::Avx512 => unsafe { avx512::values(g, kv, scores, row, ctx_max, out) },
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => unsafe { avx2::values(g, kv, scores, row, ctx_max, out) },
+        Path::Portable => portable_values(g, kv, scores, row, ctx_max, out),
+    }
+}
+
+/// Which loops run attention here.
+#[derive(Clone, Copy, Debug)]
+enum Path {
+    /// 16-position blocks, heads of a multiple of 16 up to 128 floats.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    /// 16-position blocks, heads of a multiple of 8 up to 128 floats.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+impl Path {
+    fn for_shape(block_size: usize, head_dim: usize) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::kernels::{has_avx2, has_vnni};
+            if block_size == 16 && head_dim <= 128 {
+                if has_vnni() && head_dim.is_multiple_of(16) {
+                    return Self::Avx512;
+                }
+                if has_avx2() && head_dim.is_multiple_of(8) {
+                    return Self::Avx2;
+                }
+            }
+        }
+        let _ = (block_size, head_dim);
+        Self::Portable
+    }
+
+    /// Every path this CPU can run for this shape, fastest first (for tests).
+    #[cfg(test)]
+    fn all_for_shape(block_size: usize, head_dim: usize) -> Vec<Self> {
+        let mut paths = vec![Self::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::kernels::{has_avx2, has_vnni};
+            if block_size == 16 && head_dim <= 128 && head_dim.is_multiple_of(8) && has_avx2() {
+                paths.insert(0, Self::Avx2);
+                if head_dim.is_multiple_of(16) && has_vnni() {
+                    paths.insert(0, Self::Avx512);
+                }
+            }
+        }
+        paths
     }
 }
 
@@ -342,6 +402,145 @@ mod avx512 {
     }
 }
 
+/// The same loops eight lanes wide: a block's key channel is two registers.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{PagedKv, QueryGroup};
+
+    /// Widens 8 f16 values at `p`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const u16) -> __m256 {
+        // SAFETY: the caller guarantees 16 readable bytes at `p`.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+
+    /// Scores of every query over every 16-position block.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available, blocks of 16 tokens, every block in range (checked
+    /// by the caller), `scores` `g.len() * row` floats.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn scores(
+        g: &QueryGroup<'_>,
+        kv: &PagedKv<'_>,
+        scale: f32,
+        scores: &mut [f32],
+        row: usize,
+    ) {
+        let mut m0 = 0;
+        while m0 < g.len() {
+            let n = (g.len() - m0).min(3);
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                match n {
+                    1 => pass::<1>(g, kv, scale, scores, row, m0),
+                    2 => pass::<2>(g, kv, scale, scores, row, m0),
+                    _ => pass::<3>(g, kv, scale, scores, row, m0),
+                }
+            }
+            m0 += n;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pass<const N: usize>(
+        g: &QueryGroup<'_>,
+        kv: &PagedKv<'_>,
+        scale: f32,
+        scores: &mut [f32],
+        row: usize,
+        m0: usize,
+    ) {
+        let hd = g.head_dim;
+        let qs: [*const f32; N] = std::array::from_fn(|i| g.query(m0 + i).as_ptr());
+        let vscale = _mm256_set1_ps(scale);
+        for (b, &blk) in kv.table[..row / 16].iter().enumerate() {
+            let base = (blk as usize * kv.kv_dim + g.kv_head * hd) * 16;
+            // SAFETY: channels of the KV head in block `blk` are in range (caller); each query
+            // has `hd` floats; the scores window is inside `scores`.
+            unsafe {
+                let kt = kv.k.as_ptr().add(base);
+                let mut lo = [_mm256_setzero_ps(); N];
+                let mut hi = [_mm256_setzero_ps(); N];
+                for d in 0..hd {
+                    let k0 = load8(kt.add(d * 16));
+                    let k1 = load8(kt.add(d * 16 + 8));
+                    for i in 0..N {
+                        let q = _mm256_set1_ps(*qs[i].add(d));
+                        lo[i] = _mm256_fmadd_ps(q, k0, lo[i]);
+                        hi[i] = _mm256_fmadd_ps(q, k1, hi[i]);
+                    }
+                }
+                for i in 0..N {
+                    let at = scores.as_mut_ptr().add((m0 + i) * row + b * 16);
+                    _mm256_storeu_ps(at, _mm256_mul_ps(lo[i], vscale));
+                    _mm256_storeu_ps(at.add(8), _mm256_mul_ps(hi[i], vscale));
+                }
+            }
+        }
+    }
+
+    /// `out[m] = sum_p weights[m][p] * V[p]`, one query at a time.
+    ///
+    /// # Safety
+    /// As for [`scores`]; `out` holds `g.len() * head_dim` floats.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn values(
+        g: &QueryGroup<'_>,
+        kv: &PagedKv<'_>,
+        weights: &[f32],
+        row: usize,
+        ctx: usize,
+        out: &mut [f32],
+    ) {
+        for m in 0..g.len() {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                if g.head_dim <= 64 {
+                    one::<8>(g, kv, weights, row, ctx, out, m);
+                } else {
+                    one::<16>(g, kv, weights, row, ctx, out, m);
+                }
+            }
+        }
+    }
+
+    /// Values for query `m`, a head of at most `8 * D` floats.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn one<const D: usize>(
+        g: &QueryGroup<'_>,
+        kv: &PagedKv<'_>,
+        weights: &[f32],
+        row: usize,
+        ctx: usize,
+        out: &mut [f32],
+        m: usize,
+    ) {
+        let hd = g.head_dim;
+        let chunks = hd / 8;
+        let mut acc = [_mm256_setzero_ps(); D];
+        // SAFETY: positions below `ctx` map to blocks in range (caller); `chunks * 8 == hd`
+        // channels of the KV head are read; the weights row has `row >= ctx` floats.
+        unsafe {
+            let vp = kv.v.as_ptr();
+            for p in 0..ctx {
+                let slot = *kv.table.get_unchecked(p / 16) as usize * 16 + p % 16;
+                let at = vp.add(slot * kv.kv_dim + g.kv_head * hd);
+                let w = _mm256_set1_ps(*weights.get_unchecked(m * row + p));
+                for (c, a) in acc.iter_mut().enumerate().take(chunks) {
+                    *a = _mm256_fmadd_ps(w, load8(at.add(8 * c)), *a);
+                }
+            }
+            for (c, a) in acc.iter().enumerate().take(chunks) {
+                _mm256_storeu_ps(out.as_mut_ptr().add(m * hd + 8 * c), *a);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,92 +564,102 @@ mod tests {
 
     #[test]
     fn grouped_paged_attention_matches_a_dense_reference() {
-        for (hd, bs) in [(64usize, 16usize), (128, 16), (32, 16), (24, 4), (64, 8)] {
-            let (kv_heads, heads, blocks) = (2usize, 6usize, 8usize);
-            let kv_dim = kv_heads * hd;
-            let mut cache = KvCache::new(1, blocks, bs, kv_dim);
-            let table = [5u32, 1, 7, 0, 2, 6, 3, 4];
-            let ctx_max = 5 * bs + 3;
-            let h16 = |x: f32| half::f16::from_f32(x).to_f32();
-            let mut keys = Vec::new();
-            let mut values = Vec::new();
-            for p in 0..ctx_max {
-                let k: Vec<f32> = (0..kv_dim)
-                    .map(|c| h16((((p * 31 + c * 7) % 13) as f32 - 6.0) * 0.05))
-                    .collect();
-                let v: Vec<f32> = (0..kv_dim)
-                    .map(|c| h16((((p * 17 + c * 5) % 11) as f32 - 5.0) * 0.1))
-                    .collect();
-                cache.write(0, cache.slot(&table, p), &k, &v);
-                keys.push(k);
-                values.push(v);
-            }
-            let q_dim = heads * hd;
-            let tokens = 5;
-            let q: Vec<f32> = (0..tokens * q_dim)
-                .map(|i| (i as f32 * 0.37).sin())
-                .collect();
-            let (k, v) = cache.layer(0);
-            let kv = PagedKv {
-                k,
-                v,
-                table: &table,
-                block_size: bs,
-                kv_dim,
-            };
-            let pos0 = ctx_max - tokens;
-            let kv_head = 1;
-            let g = QueryGroup {
-                q: &q,
-                q_dim,
-                t0: 0,
-                tokens,
-                pos0,
-                head0: 3,
-                heads: 3,
-                head_dim: hd,
-                kv_head,
-            };
-            let mut scratch = Vec::new();
-            let mut out = vec![0.0; tokens * 3 * hd];
-            attend(&g, &kv, 0.125, &mut scratch, &mut out);
-            let head_keys = |n: usize, of: &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
-                of[..n]
-                    .iter()
-                    .map(|x| x[kv_head * hd..(kv_head + 1) * hd].to_vec())
-                    .collect()
-            };
-            for m in 0..tokens * 3 {
-                let ctx = pos0 + m / 3 + 1;
-                let want = reference(
-                    g.query(m),
-                    &head_keys(ctx, &keys),
-                    &head_keys(ctx, &values),
-                    0.125,
-                );
-                for d in 0..hd {
-                    let got = out[m * hd + d];
-                    assert!(
-                        (got - want[d]).abs() < 1e-4,
-                        "hd {hd} bs {bs} query {m} dim {d}: {got} vs {}",
-                        want[d]
-                    );
+        for (hd, bs) in [
+            (64usize, 16usize),
+            (128, 16),
+            (32, 16),
+            (48, 16),
+            (24, 16),
+            (24, 4),
+            (64, 8),
+        ] {
+            for path in Path::all_for_shape(bs, hd) {
+                let (kv_heads, heads, blocks) = (2usize, 6usize, 8usize);
+                let kv_dim = kv_heads * hd;
+                let mut cache = KvCache::new(1, blocks, bs, kv_dim);
+                let table = [5u32, 1, 7, 0, 2, 6, 3, 4];
+                let ctx_max = 5 * bs + 3;
+                let h16 = |x: f32| half::f16::from_f32(x).to_f32();
+                let mut keys = Vec::new();
+                let mut values = Vec::new();
+                for p in 0..ctx_max {
+                    let k: Vec<f32> = (0..kv_dim)
+                        .map(|c| h16((((p * 31 + c * 7) % 13) as f32 - 6.0) * 0.05))
+                        .collect();
+                    let v: Vec<f32> = (0..kv_dim)
+                        .map(|c| h16((((p * 17 + c * 5) % 11) as f32 - 5.0) * 0.1))
+                        .collect();
+                    cache.write(0, cache.slot(&table, p), &k, &v);
+                    keys.push(k);
+                    values.push(v);
                 }
-            }
-            // Batch invariance: each query alone gives bit-identical results.
-            for t in 0..tokens {
-                let alone = QueryGroup {
-                    t0: t,
-                    tokens: 1,
-                    pos0: pos0 + t,
-                    heads: 1,
-                    head0: 3 + t % 3,
-                    ..g
+                let q_dim = heads * hd;
+                let tokens = 5;
+                let q: Vec<f32> = (0..tokens * q_dim)
+                    .map(|i| (i as f32 * 0.37).sin())
+                    .collect();
+                let (k, v) = cache.layer(0);
+                let kv = PagedKv {
+                    k,
+                    v,
+                    table: &table,
+                    block_size: bs,
+                    kv_dim,
                 };
-                let mut one = vec![0.0; hd];
-                attend(&alone, &kv, 0.125, &mut scratch, &mut one);
-                let m = t * 3 + t % 3;
-                assert_eq!(one, out[m * hd..(m + 1) * hd], "hd {hd} token {t}");
+                let pos0 = ctx_max - tokens;
+                let kv_head = 1;
+                let g = QueryGroup {
+                    q: &q,
+                    q_dim,
+                    t0: 0,
+                    tokens,
+                    pos0,
+                    head0: 3,
+                    heads: 3,
+                    head_dim: hd,
+                    kv_head,
+                };
+                let mut scratch = Vec::new();
+                let mut out = vec![0.0; tokens * 3 * hd];
+                attend_on(path, &g, &kv, 0.125, &mut scratch, &mut out);
+                let head_keys = |n: usize, of: &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+                    of[..n]
+                        .iter()
+                        .map(|x| x[kv_head * hd..(kv_head + 1) * hd].to_vec())
+                        .collect()
+                };
+                for m in 0..tokens * 3 {
+                    let ctx = pos0 + m / 3 + 1;
+                    let want = reference(
+                        g.query(m),
+                        &head_keys(ctx, &keys),
+                        &head_keys(ctx, &values),
+                        0.125,
+                    );
+                    for d in 0..hd {
+                        let got = out[m * hd + d];
+                        assert!(
+                            (got - want[d]).abs() < 1e-4,
+                            "{path:?} hd {hd} bs {bs} query {m} dim {d}: {got} vs {}",
+                            want[d]
+                        );
+                    }
+                }
+                // Batch invariance: each query alone gives bit-identical results.
+                for t in 0..tokens {
+                    let alone = QueryGroup {
+                        t0: t,
+                        tokens: 1,
+                        pos0: pos0 + t,
+                        heads: 1,
+                        head0: 3 + t % 3,
+                        ..g
+                    };
+                    let mut one = vec![0.0; hd];
+                    attend_on(path, &alone, &kv, 0.125, &mut scratch, &mut one);
+                    let m = t * 3 + t % 3;
+                    assert_eq!(one, out[m * hd..(m + 1) * hd], "{path:?} hd {hd} token {t}");
+                }
             }
         }
     }
