@@ -24,6 +24,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve a model over HTTP with the OpenAI API (fetches the default model on first use).
+    /// Also a gateway's worker: internal API, load report, KV event stream.
+    #[command(visible_alias = "worker")]
     Serve(ServeArgs),
     /// Complete a raw prompt (no chat template) and print the text.
     Generate(GenerateArgs),

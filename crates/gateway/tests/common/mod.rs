@@ -34,6 +34,11 @@ where
 }
 
 pub fn worker() -> String {
+    worker_until(std::future::pending())
+}
+
+/// A worker that shuts down gracefully when `shutdown` resolves.
+pub fn worker_until(shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> String {
     let loaded = LoadedModel::load(&ensure_default_model().expect("model")).expect("load");
     let engine = EngineHandle::start(
         loaded,
@@ -48,15 +53,23 @@ pub fn worker() -> String {
         max_body_bytes: 1 << 20,
     };
     spawn_server(move |l| async move {
-        lastmile_worker::serve(l, engine, config, std::future::pending())
+        lastmile_worker::serve(l, engine, config, shutdown)
             .await
             .expect("worker");
     })
 }
 
 pub fn gateway(config: GatewayConfig) -> String {
+    gateway_until(config, std::future::pending())
+}
+
+/// A gateway that shuts down gracefully when `shutdown` resolves.
+pub fn gateway_until(
+    config: GatewayConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> String {
     spawn_server(move |l| async move {
-        lastmile_gateway::serve(l, config, std::future::pending())
+        lastmile_gateway::serve(l, config, shutdown)
             .await
             .expect("gateway");
     })
