@@ -162,12 +162,28 @@ fn concurrent_sharers_and_eviction_keep_accounting_exact() {
     }
     wait_idle(&e);
     let mut removed = 0;
+    // The events since subscription (which started from an empty cache) rebuild the snapshot.
+    let mut rebuilt = std::collections::HashSet::new();
     while let Ok(ev) = events.try_recv() {
-        if matches!(ev, lastmile_protocol::KvEvent::Removed { .. }) {
-            removed += 1;
+        match ev {
+            lastmile_protocol::KvEvent::Stored { hash, .. } => {
+                rebuilt.insert(hash);
+            }
+            lastmile_protocol::KvEvent::Removed { hash } => {
+                removed += 1;
+                rebuilt.remove(&hash);
+            }
         }
     }
     assert!(removed > 0, "eviction should publish Removed events");
+    let snapshot: std::collections::HashSet<u64> = e.cached_blocks().into_iter().collect();
+    assert_eq!(snapshot, rebuilt, "the snapshot is what the events leave");
+    assert_eq!(
+        snapshot.len(),
+        e.stats()
+            .kv_blocks_cached
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
 }
 
 #[test]

@@ -1,6 +1,7 @@
-//! Keeping the gateway's KV index true: one task per worker follows its `/v1/kv/events` stream
-//! and applies each stored / removed block to the index; a worker whose stream breaks or lags
-//! is dropped from the index (it holds nothing as far as routing knows) until events flow again.
+//! Keeping the gateway's KV index true: one task per worker subscribes to its `/v1/kv/events`
+//! stream, loads its `/v1/kv/blocks` snapshot, then applies each stored / removed block to the
+//! index; a worker whose stream breaks or lags is dropped from the index (it holds nothing as far
+//! as routing knows) until it is resynchronised the same way.
 //! And asking a worker for a request's prompt hashes, which the index is matched against.
 
 use std::sync::Arc;
@@ -65,17 +66,23 @@ pub(crate) async fn prompt_blocks(gw: &Gateway, api: &str, body: &[u8]) -> Optio
 
 /// Follows worker `id`'s KV events forever, reconnecting after failures.
 pub(crate) async fn follow(gw: Arc<Gateway>, id: usize) {
-    let url = format!("{}/v1/kv/events", gw.workers.get(id).url);
+    let base = gw.workers.get(id).url.clone();
+    let url = format!("{base}/v1/kv/events");
     loop {
         if let Ok(resp) = gw.workers.client.get(&url).send().await {
-            if resp.status().is_success() {
+            // Subscribed (the worker subscribes before it answers): now the snapshot, then the
+            // events that follow it.
+            if resp.status().is_success() && resync(&gw, id, &base).await {
                 let mut body = resp.bytes_stream();
                 let mut buf: Vec<u8> = Vec::new();
-                while let Some(Ok(chunk)) = body.next().await {
+                'stream: while let Some(Ok(chunk)) = body.next().await {
                     buf.extend_from_slice(&chunk);
                     while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
                         let frame: Vec<u8> = buf.drain(..end + 2).collect();
-                        apply_frame(&gw, id, &String::from_utf8_lossy(&frame));
+                        if !apply_frame(&gw, id, &String::from_utf8_lossy(&frame)) {
+                            // Events were lost: start over from a fresh snapshot.
+                            break 'stream;
+                        }
                     }
                 }
             }
@@ -86,12 +93,35 @@ pub(crate) async fn follow(gw: Arc<Gateway>, id: usize) {
     }
 }
 
-/// Applies one SSE frame (`data: {event}`, or `event: lagged`).
-fn apply_frame(gw: &Gateway, id: usize, frame: &str) {
+/// Replaces what the index says `id` holds with the worker's snapshot of its prefix cache.
+async fn resync(gw: &Gateway, id: usize, base: &str) -> bool {
+    let reply = gw
+        .workers
+        .client
+        .get(format!("{base}/v1/kv/blocks"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    let Ok(reply) = reply else { return false };
+    let Ok(v) = reply.json::<Value>().await else {
+        return false;
+    };
+    let Some(hashes) = v["hashes"].as_array() else {
+        return false;
+    };
+    let mut index = gw.index();
+    index.drop_worker(id);
+    for hash in hashes.iter().filter_map(Value::as_u64) {
+        index.apply(id, &KvEvent::Stored { hash, parent: None });
+    }
+    true
+}
+
+/// Applies one SSE frame (`data: {event}`); `false` on `event: lagged` (events were lost).
+fn apply_frame(gw: &Gateway, id: usize, frame: &str) -> bool {
     if frame.lines().any(|l| l.trim() == "event: lagged") {
-        // Events were lost: forget the worker's blocks and rebuild from the events that follow.
         gw.index().drop_worker(id);
-        return;
+        return false;
     }
     for line in frame.lines() {
         if let Some(data) = line.strip_prefix("data: ") {
@@ -100,4 +130,5 @@ fn apply_frame(gw: &Gateway, id: usize, frame: &str) {
             }
         }
     }
+    true
 }

@@ -352,7 +352,9 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
-    let body = gw.metrics.render(&gw.workers, gw.policy.kind());
+    let body = gw
+        .metrics
+        .render(&gw.workers, gw.policy.kind(), &gw.index());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

@@ -6,7 +6,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use lastmile_router::PolicyKind;
+use lastmile_router::{KvIndex, PolicyKind};
 
 use crate::workers::{Worker, Workers};
 
@@ -51,7 +51,7 @@ impl Metrics {
         self.overhead_sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
-    pub(crate) fn render(&self, workers: &Workers, policy: PolicyKind) -> String {
+    pub(crate) fn render(&self, workers: &Workers, policy: PolicyKind, index: &KvIndex) -> String {
         let mut out = String::new();
         let policy = policy.name();
         let all = workers.all();
@@ -102,6 +102,15 @@ impl Metrics {
             "gauge",
             &|w| u64::from(w.breaker_open()),
         );
+        let _ = writeln!(out, "# HELP lastmile_gateway_indexed_blocks KV blocks the routing index holds for each worker (kv_aware).\n# TYPE lastmile_gateway_indexed_blocks gauge");
+        for (id, w) in all.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "lastmile_gateway_indexed_blocks{{worker=\"{}\"}} {}",
+                w.url,
+                index.blocks_of(id)
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP lastmile_gateway_predicted_overlap_blocks_total Prompt blocks the chosen workers were predicted to hold (kv_aware).\n# TYPE lastmile_gateway_predicted_overlap_blocks_total counter\nlastmile_gateway_predicted_overlap_blocks_total {}",

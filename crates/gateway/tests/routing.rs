@@ -211,10 +211,12 @@ async fn chat_via(client: &reqwest::Client, gw: &str, messages: &Value) -> (Stri
         .await
         .expect("send");
     assert_eq!(r.status(), 200);
-    let worker = r.headers()["x-lastmile-worker"]
-        .to_str()
-        .expect("header")
-        .to_string();
+    // Named by the gateway; empty when the request went straight to a worker.
+    let worker = r
+        .headers()
+        .get("x-lastmile-worker")
+        .map(|v| v.to_str().expect("header").to_string())
+        .unwrap_or_default();
     let body: Value = r.json().await.expect("json");
     let text = body["choices"][0]["message"]["content"]
         .as_str()
@@ -262,5 +264,55 @@ async fn kv_aware_sends_later_turns_where_the_conversation_is_cached() {
     assert!(
         predicted >= 8 * 5,
         "later turns were predicted cached: {predicted}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_aware_starts_from_what_workers_already_cached() {
+    let (a, b) = (worker(), worker());
+    wait_healthy(&a).await;
+    wait_healthy(&b).await;
+    // B computes a conversation before any gateway exists: no gateway saw those events.
+    let client = reqwest::Client::new();
+    let mut messages = json!([
+        {"role": "system", "content": "You are an expert on glaciers. ".repeat(10)},
+        {"role": "user", "content": "Tell me one fact about glaciers."}
+    ]);
+    let (direct, answer) = chat_via(&client, &b, &messages).await;
+    assert_eq!(direct, "", "straight to the worker, no gateway header");
+    let held: Value = client
+        .get(format!("{b}/v1/kv/blocks"))
+        .send()
+        .await
+        .expect("blocks")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(held["block_size"], 16);
+    let held = held["hashes"].as_array().map_or(0, Vec::len);
+    assert!(held >= 5, "B cached the conversation: {held} blocks");
+
+    let mut config = GatewayConfig::new(vec![a.clone(), b.clone()]);
+    config.policy = PolicyKind::KvAware;
+    let gw = gateway(config);
+    wait_healthy(&gw).await;
+    // The gateway loads each worker's snapshot when it subscribes to its events.
+    let series = format!("lastmile_gateway_indexed_blocks{{worker=\"{b}\"}}");
+    let mut indexed = 0;
+    for _ in 0..100 {
+        indexed = metric(&gw, &series).await;
+        if indexed >= held as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(indexed, held as u64, "the index starts from B's snapshot");
+    let list = messages.as_array_mut().expect("array");
+    list.push(json!({"role": "assistant", "content": answer}));
+    list.push(json!({"role": "user", "content": "And another?"}));
+    let (next, _) = chat_via(&client, &gw, &messages).await;
+    assert_eq!(
+        next, b,
+        "the next turn goes where the conversation is cached"
     );
 }

@@ -92,6 +92,7 @@ pub(crate) fn routes() -> Vec<Route> {
         Route::post("/v1/messages", anthropic::messages),
         Route::post("/v1/messages/count_tokens", anthropic::count_tokens),
         Route::get("/v1/kv/events", kv_events),
+        Route::get("/v1/kv/blocks", kv_blocks),
         Route::get("/health", health),
         Route::get("/metrics", metrics),
         Route::get("/openapi.json", openapi::openapi_json),
@@ -196,6 +197,16 @@ async fn kv_events(State(s): State<Arc<AppState>>) -> Response {
         axum::body::Body::from_stream(stream),
     )
         .into_response()
+}
+
+/// The hashes of every block in the prefix cache now (see `/v1/kv/events` for how a follower
+/// combines the two).
+async fn kv_blocks(State(s): State<Arc<AppState>>) -> Response {
+    let body = serde_json::json!({
+        "block_size": s.engine.info().block_size,
+        "hashes": s.engine.cached_blocks(),
+    });
+    (StatusCode::OK, axum::Json(body)).into_response()
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {

@@ -260,8 +260,13 @@ pub struct EngineHandle {
     template: Arc<ChatTemplate>,
     max_waiting: usize,
     kv_events: broadcast::Sender<KvEvent>,
+    cached: CachedBlocks,
     grammars: Arc<GrammarCompiler>,
 }
+
+/// The hashes of the blocks in the prefix cache, kept by the engine thread as it publishes each
+/// event, so that a follower of the event stream can start from a snapshot.
+pub(crate) type CachedBlocks = Arc<std::sync::Mutex<std::collections::HashSet<u64>>>;
 
 impl EngineHandle {
     /// Starts the engine thread for a loaded model.
@@ -298,6 +303,8 @@ impl EngineHandle {
         let max_waiting = config.max_waiting;
         let (kv_events, _) = broadcast::channel(4096);
         let thread_events = kv_events.clone();
+        let cached = CachedBlocks::default();
+        let thread_cached = cached.clone();
         std::thread::Builder::new()
             .name("lastmile-engine".into())
             .spawn(move || {
@@ -309,6 +316,7 @@ impl EngineHandle {
                         num_blocks,
                         stats: thread_stats,
                         kv_events: thread_events,
+                        cached: thread_cached,
                     },
                 );
                 s.run(rx);
@@ -323,6 +331,7 @@ impl EngineHandle {
             template: Arc::new(template),
             max_waiting,
             kv_events,
+            cached,
         })
     }
 
@@ -391,6 +400,14 @@ impl EngineHandle {
     /// that lags by more than 4096 events is told so by the channel).
     pub fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEvent> {
         self.kv_events.subscribe()
+    }
+
+    /// The hashes of every block in the prefix cache now. Subscribe to the events first, then
+    /// take this snapshot, then apply the events that follow: the result is exact (applying a
+    /// store or a removal twice changes nothing).
+    pub fn cached_blocks(&self) -> Vec<u64> {
+        let set = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        set.iter().copied().collect()
     }
 
     /// The chat template.

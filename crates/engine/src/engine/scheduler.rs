@@ -59,6 +59,8 @@ pub(super) struct Shared {
     pub(super) stats: Arc<EngineStats>,
     /// Prefix-cache events.
     pub(super) kv_events: broadcast::Sender<KvEvent>,
+    /// The cached hashes, as the events published so far leave them.
+    pub(super) cached: super::CachedBlocks,
 }
 
 pub(super) struct Scheduler {
@@ -68,6 +70,7 @@ pub(super) struct Scheduler {
     kv: KvCache,
     alloc: BlockPool,
     kv_events: broadcast::Sender<KvEvent>,
+    cached: super::CachedBlocks,
     pool: ThreadPool,
     scratch: Scratch,
     stats: Arc<EngineStats>,
@@ -95,6 +98,7 @@ impl Scheduler {
             num_blocks,
             stats,
             kv_events,
+            cached,
         } = shared;
         let c = &model.config;
         let kv = KvCache::new(c.layers, num_blocks, config.block_size, c.kv_dim());
@@ -105,6 +109,7 @@ impl Scheduler {
             kv,
             alloc: BlockPool::new(num_blocks, config.prefix_cache),
             kv_events,
+            cached,
             scratch: Scratch::default(),
             stats,
             waiting: VecDeque::new(),
@@ -143,7 +148,7 @@ impl Scheduler {
                     let _ =
                         s.tx.send(GenerationEvent::Failed("internal engine error".into()));
                 }
-                self.alloc = BlockPool::new(self.kv.num_blocks, self.config.prefix_cache);
+                self.reset_cache();
             }
             self.publish_stats();
             self.publish_events();
@@ -209,9 +214,27 @@ impl Scheduler {
     }
 
     fn publish_events(&mut self) {
-        for e in self.alloc.take_events() {
+        let events = self.alloc.take_events();
+        if events.is_empty() {
+            return;
+        }
+        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        for e in events {
+            match e {
+                KvEvent::Stored { hash, .. } => cached.insert(hash),
+                KvEvent::Removed { hash } => cached.remove(&hash),
+            };
             // Nobody listening is fine: events are advisory.
             let _ = self.kv_events.send(e);
+        }
+    }
+
+    /// Forgets the whole prefix cache (after a failed step), telling followers.
+    fn reset_cache(&mut self) {
+        self.alloc = BlockPool::new(self.kv.num_blocks, self.config.prefix_cache);
+        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        for hash in cached.drain() {
+            let _ = self.kv_events.send(KvEvent::Removed { hash });
         }
     }
 
