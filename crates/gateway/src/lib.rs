@@ -280,6 +280,7 @@ pub async fn serve(
         .route("/v1/messages", post(proxy::forward))
         .route("/v1/messages/count_tokens", post(proxy::forward))
         .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -301,6 +302,22 @@ pub async fn serve(
 
 /// Every model any available worker serves, once each.
 async fn models(State(gw): State<Arc<Gateway>>) -> Response {
+    axum::Json(ModelList::new(model_cards(&gw).await)).into_response()
+}
+
+/// One model by id (ids may contain `/`), if any available worker serves it.
+async fn model(
+    State(gw): State<Arc<Gateway>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    match model_cards(&gw).await.into_iter().find(|c| c.id == id) {
+        Some(card) => axum::Json(card).into_response(),
+        None => proxy::error_response("/v1/models", &ApiError::model_not_found(&id)),
+    }
+}
+
+/// The model cards of every available worker, each model once.
+async fn model_cards(gw: &Gateway) -> Vec<ModelCard> {
     let fetches = gw
         .workers
         .all()
@@ -331,7 +348,7 @@ async fn models(State(gw): State<Arc<Gateway>>) -> Response {
             }
         }
     }
-    axum::Json(ModelList::new(cards)).into_response()
+    cards
 }
 
 async fn health(State(gw): State<Arc<Gateway>>) -> Response {

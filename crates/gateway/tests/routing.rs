@@ -75,6 +75,30 @@ async fn gateway_spreads_relays_and_routes_around_failures() {
         .expect("json");
     assert_eq!(models["data"].as_array().map(Vec::len), Some(1));
     assert_eq!(models["data"][0]["id"], MODEL);
+    let one = client
+        .get(format!("{gw}/v1/models/{MODEL}"))
+        .send()
+        .await
+        .expect("model");
+    assert_eq!(one.status(), 200);
+    let one: Value = one.json().await.expect("json");
+    assert_eq!(
+        (one["id"].as_str(), one["object"].as_str()),
+        (Some(MODEL), Some("model"))
+    );
+    let missing = client
+        .get(format!("{gw}/v1/models/org/nope"))
+        .send()
+        .await
+        .expect("model");
+    assert_eq!(missing.status(), 404);
+    let missing: Value = missing.json().await.expect("json");
+    assert!(
+        missing["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("org/nope")),
+        "{missing}"
+    );
 
     // Errors keep each API's shape; unknown paths are 404s.
     let r = client
