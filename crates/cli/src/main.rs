@@ -189,6 +189,16 @@ impl ModelArgs {
             LoadedModel::load(&path).with_context(|| format!("loading {}", path.display()));
         bar.finish_and_clear();
         let loaded = loaded?;
+        let stages: Vec<String> = loaded
+            .load_breakdown
+            .iter()
+            .map(|(stage, s)| format!("{stage} {:.0} ms", s * 1e3))
+            .collect();
+        tracing::info!(
+            "loaded in {:.0} ms: {}",
+            loaded.load_seconds * 1e3,
+            stages.join(", ")
+        );
         let mut config = EngineConfig {
             kv_cache_mib: self.kv_cache_mib,
             max_batch_tokens: self.max_batch_tokens,
@@ -203,8 +213,14 @@ impl ModelArgs {
         if let Some(t) = self.threads {
             config.threads = t;
         }
+        let started = std::time::Instant::now();
         let engine = EngineHandle::start(loaded, config)?;
-        tracing::info!(model = %id, load_s = engine.info().load_seconds, "model loaded");
+        tracing::info!(
+            model = %id,
+            load_s = engine.info().load_seconds,
+            engine_start_ms = started.elapsed().as_secs_f64() * 1e3,
+            "model loaded"
+        );
         Ok((engine, id))
     }
 }

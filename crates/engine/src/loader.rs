@@ -20,6 +20,8 @@ pub struct LoadedModel {
     pub template: ChatTemplate,
     /// Seconds spent loading.
     pub load_seconds: f64,
+    /// Where those seconds went: (stage, seconds); stages that overlap run on separate threads.
+    pub load_breakdown: Vec<(&'static str, f64)>,
 }
 
 impl LoadedModel {
@@ -28,30 +30,57 @@ impl LoadedModel {
         let started = Instant::now();
         let meta = std::fs::metadata(path)
             .map_err(|e| EngineError::io(format!("model path {}", path.display()), e))?;
+        let mut breakdown = Vec::new();
         let (model, tokenizer, template_src) = if meta.is_dir() {
             load_hf_dir(path)?
         } else {
-            load_gguf(path)?
+            load_gguf(path, &mut breakdown)?
         };
+        let t = Instant::now();
         let template = ChatTemplate::new(
             template_src.as_deref().unwrap_or(CHATML),
             tokenizer.bos_text.as_deref(),
             tokenizer.eos_text.as_deref(),
         )?;
+        breakdown.push(("chat template", t.elapsed().as_secs_f64()));
         Ok(Self {
             model,
             tokenizer,
             template,
             load_seconds: started.elapsed().as_secs_f64(),
+            load_breakdown: breakdown,
         })
     }
 }
 
-fn load_gguf(path: &Path) -> Result<(LlamaModel, TextTokenizer, Option<String>)> {
+/// Maps the file, then builds the tokenizer on its own thread while the weights are prepared
+/// (repacked for this CPU on every core): neither waits for the other.
+fn load_gguf(
+    path: &Path,
+    breakdown: &mut Vec<(&'static str, f64)>,
+) -> Result<(LlamaModel, TextTokenizer, Option<String>)> {
+    let t = Instant::now();
     let f = GgufFile::open(path)?;
     let config = ModelConfig::from_gguf(&f)?;
-    let weights = Weights::from_gguf(&f, &config)?;
-    let tokenizer = TextTokenizer::from_gguf(&f)?;
+    breakdown.push(("map and parse the file", t.elapsed().as_secs_f64()));
+    let (weights, tokenizer) = std::thread::scope(|scope| {
+        let tokenizer = scope.spawn(|| {
+            let t = Instant::now();
+            TextTokenizer::from_gguf(&f).map(|tok| (tok, t.elapsed().as_secs_f64()))
+        });
+        let t = Instant::now();
+        let weights = Weights::from_gguf(&f, &config).map(|w| (w, t.elapsed().as_secs_f64()));
+        let tokenizer = tokenizer.join().unwrap_or_else(|_| {
+            Err(EngineError::InvalidModel(
+                "tokenizer thread panicked".into(),
+            ))
+        });
+        (weights, tokenizer)
+    });
+    let (weights, weights_s) = weights?;
+    let (tokenizer, tokenizer_s) = tokenizer?;
+    breakdown.push(("weights (mapped, repacked)", weights_s));
+    breakdown.push(("tokenizer (in parallel)", tokenizer_s));
     let template = f.get_str("tokenizer.chat_template").map(str::to_string);
     Ok((LlamaModel::new(config, weights), tokenizer, template))
 }

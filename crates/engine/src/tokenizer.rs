@@ -5,11 +5,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::OnceLock;
 
 use serde_json::{json, Value};
-use tokenizers::Tokenizer;
+use tokenizers::models::bpe::BPE;
+use tokenizers::{AddedToken, Tokenizer};
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
@@ -67,17 +67,20 @@ impl TextTokenizer {
             .get_i64_array("tokenizer.ggml.token_type")
             .unwrap_or_default();
         let ttype = |i: usize| types.get(i).copied().unwrap_or(1);
-        let mut vocab = serde_json::Map::with_capacity(tokens.len());
+        let mut vocab: HashMap<String, u32> = HashMap::with_capacity(tokens.len());
         for (i, t) in tokens.iter().enumerate() {
-            vocab.entry(t.to_string()).or_insert(json!(i));
+            vocab.entry(t.to_string()).or_insert(i as u32);
         }
         let (model_json, normalizer, pre, decoder, default_add_bos) = match model {
             "gpt2" => {
-                let merges: Vec<Value> = f
+                let merges: Vec<(String, String)> = f
                     .get_str_array("tokenizer.ggml.merges")
                     .ok_or_else(|| EngineError::Tokenizer("gpt2 tokenizer without merges".into()))?
                     .iter()
-                    .filter_map(|m| m.split_once(' ').map(|(a, b)| json!([a, b])))
+                    .filter_map(|m| {
+                        m.split_once(' ')
+                            .map(|(a, b)| (a.to_string(), b.to_string()))
+                    })
                     .collect();
                 let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
                 let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
@@ -98,10 +101,13 @@ impl TextTokenizer {
                     ),
                     _ => (Value::Null, byte_level(true)),
                 };
-                let model = json!({"type": "BPE", "dropout": null, "unk_token": null,
-                    "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
-                    "byte_fallback": false, "ignore_merges": pre_name.starts_with("llama"),
-                    "vocab": vocab, "merges": merges});
+                let model = BpeSpec {
+                    merges,
+                    unk: None,
+                    fuse_unk: false,
+                    byte_fallback: false,
+                    ignore_merges: pre_name.starts_with("llama"),
+                };
                 let decoder = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
                 (model, normalizer, pre, decoder, false)
             }
@@ -112,9 +118,13 @@ impl TextTokenizer {
                     .get_u64("tokenizer.ggml.unknown_token_id")
                     .and_then(|i| tokens.get(i as usize))
                     .map(|s| s.to_string());
-                let model = json!({"type": "BPE", "dropout": null, "unk_token": unk,
-                    "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
-                    "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges});
+                let model = BpeSpec {
+                    merges,
+                    unk,
+                    fuse_unk: true,
+                    byte_fallback: true,
+                    ignore_merges: false,
+                };
                 let prefix = f
                     .get_bool("tokenizer.ggml.add_space_prefix")
                     .unwrap_or(true);
@@ -147,22 +157,48 @@ impl TextTokenizer {
                 )))
             }
         };
+        // Built directly (not through a tokenizer.json document): with ~50k tokens and merges the
+        // JSON round trip cost most of a cold start.
+        let mut bpe = BPE::builder()
+            .vocab_and_merges(
+                vocab
+                    .into_iter()
+                    .collect::<tokenizers::models::bpe::Vocab>(),
+                model_json.merges,
+            )
+            .fuse_unk(model_json.fuse_unk)
+            .byte_fallback(model_json.byte_fallback)
+            .ignore_merges(model_json.ignore_merges);
+        if let Some(unk) = model_json.unk {
+            bpe = bpe.unk_token(unk);
+        }
+        let bpe = bpe
+            .build()
+            .map_err(|e| EngineError::Tokenizer(format!("building the GGUF tokenizer: {e}")))?;
+        let mut inner = Tokenizer::new(bpe);
+        if !normalizer.is_null() {
+            let n: tokenizers::NormalizerWrapper = part("normalizer", normalizer)?;
+            inner
+                .with_normalizer(Some(n))
+                .map_err(|e| EngineError::Tokenizer(format!("GGUF tokenizer normalizer: {e}")))?;
+        }
+        if !pre.is_null() {
+            let p: tokenizers::PreTokenizerWrapper = part("pre-tokenizer", pre)?;
+            inner.with_pre_tokenizer(Some(p));
+        }
+        let d: tokenizers::DecoderWrapper = part("decoder", decoder)?;
+        inner.with_decoder(Some(d));
         // Control (3) and user-defined (4) tokens are matched whole in text, as llama.cpp does
         // with special parsing on.
-        let added: Vec<Value> = tokens
+        let added: Vec<AddedToken> = tokens
             .iter()
             .enumerate()
             .filter(|(i, _)| matches!(ttype(*i), 3 | 4))
-            .map(|(i, t)| {
-                json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                    "normalized": false, "special": ttype(i) == 3})
-            })
+            .map(|(i, t)| AddedToken::from(t.to_string(), ttype(i) == 3).normalized(false))
             .collect();
-        let doc = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-            "normalizer": normalizer, "pre_tokenizer": pre, "post_processor": null, "decoder": decoder,
-            "model": model_json});
-        let inner = Tokenizer::from_str(&doc.to_string())
-            .map_err(|e| EngineError::Tokenizer(format!("building the GGUF tokenizer: {e}")))?;
+        inner
+            .add_tokens(added)
+            .map_err(|e| EngineError::Tokenizer(format!("GGUF tokenizer added tokens: {e}")))?;
         let id_text = |key: &str| {
             f.get_u64(key)
                 .and_then(|i| tokens.get(i as usize).map(|t| (i as u32, t.to_string())))
@@ -389,7 +425,22 @@ fn byte_level_chars() -> HashMap<char, u8> {
 /// Merges for SentencePiece BPE vocabularies, which GGUF stores without merges: every split of a
 /// vocabulary piece into two pieces that are both in the vocabulary is a merge, ranked by the
 /// merged piece's score (highest first).
-fn spm_merges(tokens: &[&str], scores: &[f32], types: &[i64]) -> Vec<Value> {
+/// One component (normalizer, pre-tokenizer, decoder) of a tokenizer from its JSON form.
+fn part<T: serde::de::DeserializeOwned>(what: &str, v: Value) -> Result<T> {
+    serde_json::from_value(v)
+        .map_err(|e| EngineError::Tokenizer(format!("GGUF tokenizer {what}: {e}")))
+}
+
+/// The BPE model of a GGUF tokenizer.
+struct BpeSpec {
+    merges: Vec<(String, String)>,
+    unk: Option<String>,
+    fuse_unk: bool,
+    byte_fallback: bool,
+    ignore_merges: bool,
+}
+
+fn spm_merges(tokens: &[&str], scores: &[f32], types: &[i64]) -> Vec<(String, String)> {
     let index: std::collections::HashMap<&str, usize> =
         tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
     let mut merges: Vec<(f32, usize, usize, &str, &str)> = Vec::new();
@@ -408,7 +459,7 @@ fn spm_merges(tokens: &[&str], scores: &[f32], types: &[i64]) -> Vec<Value> {
     merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
     merges
         .into_iter()
-        .map(|(_, _, _, a, b)| json!([a, b]))
+        .map(|(_, _, _, a, b)| (a.to_string(), b.to_string()))
         .collect()
 }
 

@@ -277,6 +277,7 @@ impl EngineHandle {
             tokenizer,
             template,
             load_seconds,
+            ..
         } = loaded;
         let c = &model.config;
         let per_token = KvCache::bytes_per_token(c.layers, c.kv_dim());
