@@ -155,39 +155,46 @@ enum Path {
     Portable,
 }
 
+/// The paths, fastest first.
+#[cfg(target_arch = "x86_64")]
+const FASTEST_FIRST: &[Path] = &[Path::Avx512, Path::Avx2, Path::Portable];
+#[cfg(not(target_arch = "x86_64"))]
+const FASTEST_FIRST: &[Path] = &[Path::Portable];
+
 impl Path {
-    fn for_shape(block_size: usize, head_dim: usize) -> Self {
+    /// Whether this path can run blocks of `block_size` and heads of `head_dim` on this CPU.
+    fn runs(self, block_size: usize, head_dim: usize) -> bool {
         #[cfg(target_arch = "x86_64")]
-        {
-            use crate::kernels::{has_avx2, has_vnni};
-            if block_size == 16 && head_dim <= 128 {
-                if has_vnni() && head_dim.is_multiple_of(16) {
-                    return Self::Avx512;
-                }
-                if has_avx2() && head_dim.is_multiple_of(8) {
-                    return Self::Avx2;
-                }
+        let wide = block_size == 16 && head_dim <= 128;
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => wide && head_dim.is_multiple_of(16) && crate::kernels::has_vnni(),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => wide && head_dim.is_multiple_of(8) && crate::kernels::has_avx2(),
+            Self::Portable => {
+                let _ = (block_size, head_dim);
+                true
             }
         }
-        let _ = (block_size, head_dim);
-        Self::Portable
+    }
+
+    /// The fastest path for this shape here.
+    fn for_shape(block_size: usize, head_dim: usize) -> Self {
+        FASTEST_FIRST
+            .iter()
+            .copied()
+            .find(|p| p.runs(block_size, head_dim))
+            .unwrap_or(Self::Portable)
     }
 
     /// Every path this CPU can run for this shape, fastest first (for tests).
     #[cfg(test)]
     fn all_for_shape(block_size: usize, head_dim: usize) -> Vec<Self> {
-        let mut paths = vec![Self::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            use crate::kernels::{has_avx2, has_vnni};
-            if block_size == 16 && head_dim <= 128 && head_dim.is_multiple_of(8) && has_avx2() {
-                paths.insert(0, Self::Avx2);
-                if head_dim.is_multiple_of(16) && has_vnni() {
-                    paths.insert(0, Self::Avx512);
-                }
-            }
-        }
-        paths
+        FASTEST_FIRST
+            .iter()
+            .copied()
+            .filter(|p| p.runs(block_size, head_dim))
+            .collect()
     }
 }
 
