@@ -3,6 +3,7 @@
 mod engine_bench;
 mod fleet;
 mod load_bench;
+mod serverless;
 
 use std::path::PathBuf;
 
@@ -114,14 +115,20 @@ fn run_gateway(
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let addr = format!("{host}:{port}");
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
+        let (listener, addr) = bind(host, port).await?;
         eprintln!("lastmile: http://{addr}: {banner}");
         lastmile_gateway::serve(listener, config, shutdown_signal()).await?;
         Ok(())
     })
+}
+
+/// Listens on host:port; returns the listener and the address as text.
+pub(crate) async fn bind(host: &str, port: u16) -> Result<(tokio::net::TcpListener, String)> {
+    let addr = format!("{host}:{port}");
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    Ok((listener, addr))
 }
 
 #[derive(Subcommand)]
@@ -268,6 +275,13 @@ struct ServeArgs {
     /// a wildcard address).
     #[arg(long)]
     advertise_url: Option<String>,
+    /// Serve the deployments declared in this YAML file behind one gateway on --port: each runs
+    /// between its min_replicas (0: scales to zero when idle) and max_replicas worker processes,
+    /// scaled on load; a request at zero replicas waits while one starts. See
+    /// docs/deployments.md. The model options above are then ignored (each deployment names its
+    /// model and threads; `args` passes other options to its replicas).
+    #[arg(long, conflicts_with_all = ["workers", "etcd"])]
+    config: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -314,6 +328,9 @@ fn main() -> Result<()> {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
+    if let Some(config) = args.config.clone() {
+        return serverless::serve_deployments(args, &config);
+    }
     if args.workers == 0 {
         anyhow::bail!("--workers must be at least 1");
     }
@@ -332,10 +349,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let addr = format!("{}:{}", args.host, args.port);
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
+        let (listener, addr) = bind(&args.host, args.port).await?;
         tracing::info!("serving {} on http://{addr}", config.model_id);
         eprintln!(
             "lastmile: serving `{}` on http://{addr} (OpenAI API at /v1)",
@@ -389,7 +403,7 @@ fn serve(args: ServeArgs) -> Result<()> {
 
 /// Resolves on Ctrl-C or SIGTERM (what `kill` and Kubernetes send), so in-flight requests
 /// finish and `serve --workers` stops its worker processes.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

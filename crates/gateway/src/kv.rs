@@ -30,16 +30,22 @@ pub(crate) struct PromptBlocks {
     pub(crate) block_size: usize,
 }
 
-/// Asks an available worker for the prompt hashes of `body` (a request to `api`). `None` when
-/// no worker can say (the request is then routed on load alone, and its own worker reports any
-/// error in it).
-pub(crate) async fn prompt_blocks(gw: &Gateway, api: &str, body: &[u8]) -> Option<PromptBlocks> {
+/// Asks an available worker serving `model` for the prompt hashes of `body` (a request to
+/// `api`). `None` when no worker can say (the request is then routed on load alone, and its own
+/// worker reports any error in it).
+pub(crate) async fn prompt_blocks(
+    gw: &Gateway,
+    api: &str,
+    body: &[u8],
+    model: Option<&str>,
+) -> Option<PromptBlocks> {
     let body: Value = serde_json::from_slice(body).ok()?;
-    let n = gw.workers.all().len();
+    let all = gw.workers.all();
+    let n = all.len();
     let start = gw.next_hasher();
     let id = (0..n)
         .map(|k| (start + k) % n)
-        .find(|&id| gw.workers.available(id))?;
+        .find(|&id| all[id].available() && all[id].serves(model))?;
     let reply = gw
         .workers
         .client

@@ -8,8 +8,14 @@
 //! already holds the longest prefix, weighed against load. Workers come from a static list,
 //! from etcd (`lastmile_discovery`: workers register under a lease, the gateway watches the
 //! prefix and adds and drops them as they come and go), or both.
+//!
+//! Deployments (`GatewayConfig::deployments`) add the serverless path: requests are routed
+//! only to workers serving the `model` they name, a deployment with no ready replica holds its
+//! requests in the activator while the control plane starts one (`GatewayHandle::on_demand`,
+//! `add_replica`), and `/v1/models` lists every deployment, also those at zero replicas.
 #![warn(missing_docs)]
 
+mod activator;
 mod kv;
 mod metrics;
 mod proxy;
@@ -58,6 +64,20 @@ pub struct EtcdDiscovery {
     pub prefix: String,
 }
 
+/// A deployment behind the gateway: the model id clients send, how its replicas are chosen,
+/// and how requests wait while it has none ready.
+#[derive(Debug, Clone)]
+pub struct DeploymentRoute {
+    /// The model id clients send.
+    pub name: String,
+    /// How requests are spread over its replicas.
+    pub policy: PolicyKind,
+    /// Most requests held at once while no replica is ready.
+    pub queue: usize,
+    /// Longest a request is held before 503.
+    pub hold_timeout: Duration,
+}
+
 /// Gateway settings.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -78,6 +98,8 @@ pub struct GatewayConfig {
     pub breaker_cooldown: Duration,
     /// Largest accepted request body in bytes.
     pub max_body_bytes: usize,
+    /// Deployments whose replicas the control plane adds and removes (see [`GatewayHandle`]).
+    pub deployments: Vec<DeploymentRoute>,
 }
 
 impl GatewayConfig {
@@ -93,15 +115,31 @@ impl GatewayConfig {
             breaker_failures: 3,
             breaker_cooldown: Duration::from_secs(5),
             max_body_bytes: 16 << 20,
+            deployments: Vec::new(),
         }
     }
 
     /// Checks the settings make sense.
     pub fn validate(&self) -> Result<(), GatewayError> {
-        if self.workers.is_empty() && self.etcd.is_none() {
+        if self.workers.is_empty() && self.etcd.is_none() && self.deployments.is_empty() {
             return Err(GatewayError::InvalidConfig(
-                "no workers given (list them, or find them through etcd)".into(),
+                "no workers given (list them, find them through etcd, or declare deployments)"
+                    .into(),
             ));
+        }
+        for (i, d) in self.deployments.iter().enumerate() {
+            if d.name.is_empty() || d.queue == 0 || d.hold_timeout.is_zero() {
+                return Err(GatewayError::InvalidConfig(format!(
+                    "deployment {:?} needs a name, a queue of at least 1 and a hold timeout",
+                    d.name
+                )));
+            }
+            if self.deployments[..i].iter().any(|o| o.name == d.name) {
+                return Err(GatewayError::InvalidConfig(format!(
+                    "deployment {:?} is declared twice",
+                    d.name
+                )));
+            }
         }
         if self
             .etcd
@@ -140,16 +178,39 @@ impl GatewayConfig {
 pub(crate) struct Gateway {
     pub(crate) config: GatewayConfig,
     pub(crate) workers: Arc<Workers>,
+    /// The policy of requests that name no deployment.
     pub(crate) policy: Policy,
+    /// Each deployment's policy.
+    policies: std::collections::HashMap<String, Policy>,
+    pub(crate) activator: activator::Activator,
+    /// More metrics text appended to `/metrics` (the control plane's).
+    extra_metrics: std::sync::RwLock<Option<MetricsHook>>,
     pub(crate) index: Mutex<KvIndex>,
     pub(crate) metrics: Metrics,
+    /// When the gateway started (Unix seconds): the `created` of deployments' model cards.
+    created: u64,
     /// Rotates which worker computes prompt hashes.
     hasher: AtomicUsize,
     /// `kv_aware`: the task following each listed worker's KV events.
     followers: Mutex<std::collections::HashMap<usize, tokio::task::JoinHandle<()>>>,
 }
 
+/// Renders more Prometheus text for `/metrics`.
+type MetricsHook = Arc<dyn Fn() -> String + Send + Sync>;
+
 impl Gateway {
+    /// The deployment clients call `model`, if one is declared.
+    pub(crate) fn deployment(&self, model: &str) -> Option<&DeploymentRoute> {
+        self.config.deployments.iter().find(|d| d.name == model)
+    }
+
+    /// The policy for requests naming `model`.
+    pub(crate) fn policy_for(&self, model: Option<&str>) -> &Policy {
+        model
+            .and_then(|m| self.policies.get(m))
+            .unwrap_or(&self.policy)
+    }
+
     pub(crate) fn index(&self) -> MutexGuard<'_, KvIndex> {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -174,7 +235,12 @@ impl Gateway {
         tracing::info!(worker = %url, "worker joined");
         let gw = self.clone();
         tokio::spawn(async move { gw.workers.check(id).await });
-        if self.config.policy == PolicyKind::KvAware {
+        self.follow_if_kv_aware(id, None);
+    }
+
+    /// `kv_aware` routing for `model`: follows worker `id`'s KV events.
+    fn follow_if_kv_aware(self: &Arc<Self>, id: usize, model: Option<&str>) {
+        if self.policy_for(model).kind() == PolicyKind::KvAware {
             let task = tokio::spawn(kv::follow(self.clone(), id));
             if let Some(old) = self.followers().insert(id, task) {
                 old.abort();
@@ -238,66 +304,160 @@ pub async fn serve(
     config: GatewayConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), std::io::Error> {
-    config
-        .validate()
+    let handle = GatewayHandle::build(config)
+        .await
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-    let workers = Arc::new(Workers::new(&config));
-    workers.check_all().await;
-    let poller = tokio::spawn(workers.clone().poll(config.health_interval));
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
-    let gw = Arc::new(Gateway {
-        policy: Policy::new(config.policy, seed).with_balance(config.kv_balance),
-        metrics: Metrics::new(),
-        index: Mutex::new(KvIndex::new()),
-        hasher: AtomicUsize::new(0),
-        followers: Mutex::new(std::collections::HashMap::new()),
-        workers,
-        config,
-    });
-    if gw.config.policy == PolicyKind::KvAware {
+    handle.serve(listener, Router::new(), shutdown).await
+}
+
+/// Load of one deployment as the gateway sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DeploymentLoad {
+    /// Requests in flight on its workers through this gateway.
+    pub in_flight: usize,
+    /// Requests the activator holds for it.
+    pub held: usize,
+}
+
+/// A gateway, built and ready to serve; the control plane puts the replicas it starts in
+/// rotation and takes them out through it, reads each deployment's load, and hears from the
+/// activator when a deployment without replicas is asked for.
+#[derive(Clone)]
+pub struct GatewayHandle(Arc<Gateway>);
+
+impl GatewayHandle {
+    /// Checks `config` and every static worker's health once.
+    pub async fn build(config: GatewayConfig) -> Result<Self, GatewayError> {
+        config.validate()?;
+        let workers = Arc::new(Workers::new(&config));
+        workers.check_all().await;
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        let policies = config
+            .deployments
+            .iter()
+            .map(|d| {
+                let p = Policy::new(d.policy, seed).with_balance(config.kv_balance);
+                (d.name.clone(), p)
+            })
+            .collect();
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let gw = Arc::new(Gateway {
+            created,
+            policy: Policy::new(config.policy, seed).with_balance(config.kv_balance),
+            policies,
+            activator: activator::Activator::default(),
+            extra_metrics: std::sync::RwLock::new(None),
+            metrics: Metrics::new(),
+            index: Mutex::new(KvIndex::new()),
+            hasher: AtomicUsize::new(0),
+            followers: Mutex::new(std::collections::HashMap::new()),
+            workers,
+            config,
+        });
         for id in 0..gw.workers.all().len() {
-            gw.followers()
-                .insert(id, tokio::spawn(kv::follow(gw.clone(), id)));
+            gw.follow_if_kv_aware(id, None);
+        }
+        Ok(Self(gw))
+    }
+
+    /// Puts a replica of deployment `model` at `url` in rotation now (its supervisor has seen
+    /// it healthy); requests held for the deployment flow to it at once.
+    pub fn add_replica(&self, url: &str, model: &str) {
+        let (id, new) = self.0.workers.add_ready(url, model);
+        if new {
+            tracing::info!(worker = %url, deployment = %model, "replica in rotation");
+            self.0.follow_if_kv_aware(id, Some(model));
         }
     }
-    let discovery = gw.config.etcd.clone().map(|e| {
-        let gw = gw.clone();
-        tokio::spawn(async move {
-            let mut keys = std::collections::HashMap::new();
-            let etcd = lastmile_discovery::Etcd::new(e.endpoints);
-            lastmile_discovery::follow_workers(etcd, e.prefix, move |u| {
-                gw.apply_discovery(&mut keys, u)
-            })
-            .await;
-        })
-    });
-    let app = Router::new()
-        .route("/v1/chat/completions", post(proxy::forward))
-        .route("/v1/completions", post(proxy::forward))
-        .route("/v1/messages", post(proxy::forward))
-        .route("/v1/messages/count_tokens", post(proxy::forward))
-        .route("/v1/models", get(models))
-        .route("/v1/models/{*id}", get(model))
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .fallback(not_found)
-        .with_state(gw.clone());
-    // Small writes (stream chunks, response heads) leave at once instead of waiting on Nagle.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
-    poller.abort();
-    if let Some(d) = discovery {
-        d.abort();
+
+    /// Takes the replica at `url` out of rotation (before it is stopped, or after it died).
+    pub fn remove_replica(&self, url: &str) {
+        self.0.worker_down(url);
     }
-    gw.followers().drain().for_each(|(_, f)| f.abort());
-    result
+
+    /// Requests in flight on, and held for, deployment `model`.
+    pub fn load(&self, model: &str) -> DeploymentLoad {
+        let in_flight = self
+            .0
+            .workers
+            .all()
+            .iter()
+            .filter(|w| w.listed() && w.model().as_deref() == Some(model))
+            .map(|w| w.in_flight())
+            .sum();
+        DeploymentLoad {
+            in_flight,
+            held: self.0.activator.waiting(model),
+        }
+    }
+
+    /// Calls `hook(deployment)` whenever a request waits for a deployment without a ready
+    /// replica (often: it should be cheap and idempotent).
+    pub fn on_demand(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        self.0.activator.set_on_demand(Arc::new(hook));
+    }
+
+    /// Appends `render()`'s Prometheus text to `/metrics`.
+    pub fn extra_metrics(&self, render: impl Fn() -> String + Send + Sync + 'static) {
+        *self
+            .0
+            .extra_metrics
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(render));
+    }
+
+    /// Serves on `listener`, with `extra` routes (e.g. an admin API) beside the public API,
+    /// until `shutdown` resolves; then lets in-flight requests finish.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        extra: Router,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), std::io::Error> {
+        let gw = self.0;
+        let poller = tokio::spawn(gw.workers.clone().poll(gw.config.health_interval));
+        let discovery = gw.config.etcd.clone().map(|e| {
+            let gw = gw.clone();
+            tokio::spawn(async move {
+                let mut keys = std::collections::HashMap::new();
+                let etcd = lastmile_discovery::Etcd::new(e.endpoints);
+                lastmile_discovery::follow_workers(etcd, e.prefix, move |u| {
+                    gw.apply_discovery(&mut keys, u)
+                })
+                .await;
+            })
+        });
+        let app = Router::new()
+            .route("/v1/chat/completions", post(proxy::forward))
+            .route("/v1/completions", post(proxy::forward))
+            .route("/v1/messages", post(proxy::forward))
+            .route("/v1/messages/count_tokens", post(proxy::forward))
+            .route("/v1/models", get(models))
+            .route("/v1/models/{*id}", get(model))
+            .route("/health", get(health))
+            .route("/metrics", get(metrics))
+            .with_state(gw.clone())
+            .merge(extra)
+            .fallback(not_found);
+        // Small writes (stream chunks, response heads) leave at once instead of waiting on Nagle.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        poller.abort();
+        if let Some(d) = discovery {
+            d.abort();
+        }
+        gw.followers().drain().for_each(|(_, f)| f.abort());
+        result
+    }
 }
 
 /// Every model any available worker serves, once each.
@@ -337,11 +497,21 @@ async fn model_cards(gw: &Gateway) -> Vec<ModelCard> {
             }
         });
     let mut cards: Vec<ModelCard> = Vec::new();
-    for list in futures::future::join_all(fetches)
-        .await
-        .into_iter()
-        .flatten()
-    {
+    let lists = futures::future::join_all(fetches).await;
+    // Deployments first, in their declared order: also those with no replica running.
+    for d in &gw.config.deployments {
+        let from_replica = lists
+            .iter()
+            .flatten()
+            .flat_map(|l| &l.data)
+            .find(|c| c.id == d.name);
+        cards.push(
+            from_replica
+                .cloned()
+                .unwrap_or_else(|| ModelCard::new(d.name.clone(), gw.created, "lastmile")),
+        );
+    }
+    for list in lists.into_iter().flatten() {
         for card in list.data {
             if !cards.iter().any(|c| c.id == card.id) {
                 cards.push(card);
@@ -355,13 +525,15 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
     let all = gw.workers.all();
     let up = all.iter().filter(|w| w.available()).count();
     let listed = all.iter().filter(|w| w.listed()).count();
-    let status = if up > 0 {
+    // Deployments can serve at zero replicas: the activator starts one on demand.
+    let serving = up > 0 || !gw.config.deployments.is_empty();
+    let status = if serving {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let body = serde_json::json!({
-        "status": if up > 0 { "ok" } else { "unavailable" },
+        "status": if serving { "ok" } else { "unavailable" },
         "workers": listed,
         "available": up,
     });
@@ -369,9 +541,21 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
-    let body = gw
+    let mut body = gw
         .metrics
         .render(&gw.workers, gw.policy.kind(), &gw.index());
+    body.push_str(
+        &gw.metrics
+            .render_activator(&gw.config.deployments, &gw.activator),
+    );
+    let extra = gw
+        .extra_metrics
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let Some(render) = extra {
+        body.push_str(&render());
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

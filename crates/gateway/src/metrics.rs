@@ -51,6 +51,45 @@ impl Metrics {
         self.overhead_sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
+    /// Requests the activator holds per deployment, and its totals.
+    pub(crate) fn render_activator(
+        &self,
+        deployments: &[crate::DeploymentRoute],
+        activator: &crate::activator::Activator,
+    ) -> String {
+        let mut out = String::new();
+        if deployments.is_empty() {
+            return out;
+        }
+        let _ = writeln!(
+            out,
+            "# HELP lastmile_activator_waiting Requests held while their deployment has no ready \
+             replica.\n# TYPE lastmile_activator_waiting gauge"
+        );
+        for d in deployments {
+            let _ = writeln!(
+                out,
+                "lastmile_activator_waiting{{deployment=\"{}\"}} {}",
+                d.name,
+                activator.waiting(&d.name)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP lastmile_activator_held_total Requests that waited for a replica.\n# TYPE \
+             lastmile_activator_held_total counter\nlastmile_activator_held_total {}",
+            activator.activated.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP lastmile_activator_rejected_total Requests turned away with 503: queue full \
+             or no replica in time.\n# TYPE lastmile_activator_rejected_total counter\n\
+             lastmile_activator_rejected_total {}",
+            activator.rejected.load(Ordering::Relaxed)
+        );
+        out
+    }
+
     pub(crate) fn render(&self, workers: &Workers, policy: PolicyKind, index: &KvIndex) -> String {
         let mut out = String::new();
         let policy = policy.name();

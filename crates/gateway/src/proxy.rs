@@ -65,8 +65,31 @@ async fn relay(
     upstream: &mut std::time::Duration,
 ) -> Response {
     let mut tried: Vec<usize> = Vec::new();
-    let blocks = match (gw.policy.kind(), kv::api_of(path)) {
-        (PolicyKind::KvAware, Some(api)) => kv::prompt_blocks(gw, api, &body).await,
+    let mut rewaits = 0;
+    let model = requested_model(&body);
+    let model = model.as_deref();
+    if let Some(name) = model {
+        if let Some(d) = gw.deployment(name) {
+            // Scaled to zero or still starting: wait here while a replica starts.
+            if let Err(e) = gw.activator.ready(gw, d, &[]).await {
+                return error_response(path, &e);
+            }
+        } else {
+            // Workers are up but none serves it, and no worker known to serve it is down: no
+            // such model. (With no worker up at all the answer is "unavailable".)
+            let all = gw.workers.all();
+            let up = all.iter().filter(|w| w.available()).count();
+            let could = all.iter().any(|w| {
+                w.listed() && w.serves(Some(name)) && (w.available() || w.model().is_some())
+            });
+            if up > 0 && !could {
+                return error_response(path, &ApiError::model_not_found(name));
+            }
+        }
+    }
+    let policy = gw.policy_for(model);
+    let blocks = match (policy.kind(), kv::api_of(path)) {
+        (PolicyKind::KvAware, Some(api)) => kv::prompt_blocks(gw, api, &body, model).await,
         _ => None,
     };
     let route = RouteRequest {
@@ -75,9 +98,20 @@ async fn relay(
         block_size: blocks.as_ref().map_or(16, |b| b.block_size),
     };
     loop {
-        let snapshot = gw.workers.snapshot(&tried);
-        let decision = gw.policy.select(&snapshot, &route, &gw.index());
+        let snapshot = gw.workers.snapshot(&tried, model);
+        let decision = policy.select(&snapshot, &route, &gw.index());
         let Some(decision) = decision else {
+            // A deployment whose replicas all failed under this request: wait (again) for the
+            // replacement the controller starts, a bounded number of times.
+            if let Some(d) = model.and_then(|m| gw.deployment(m)) {
+                if rewaits < MAX_REWAITS {
+                    rewaits += 1;
+                    match gw.activator.ready(gw, d, &tried).await {
+                        Ok(()) => continue,
+                        Err(e) => return error_response(path, &e),
+                    }
+                }
+            }
             let why = if tried.is_empty() {
                 "no healthy worker is available"
             } else {
@@ -133,6 +167,19 @@ async fn relay(
             }
         }
     }
+}
+
+/// How many times one request waits again for a deployment whose replicas failed under it.
+const MAX_REWAITS: usize = 3;
+
+/// The `model` a request body names, if it is JSON with a string `model` (anything else is
+/// left for the worker to reject in its own words).
+fn requested_model(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<Named>(body).ok()?.model
 }
 
 /// The worker's answer as the client's: status, content type, `Retry-After`, and the body

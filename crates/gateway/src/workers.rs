@@ -41,6 +41,9 @@ pub(crate) struct Worker {
     recent_prefill: AtomicUsize,
     /// Its discovery source lists it (static workers always are).
     listed: AtomicBool,
+    /// The model it serves (from its health report, or from the controller that started it);
+    /// `None` until known, when it is a candidate for any model.
+    model: RwLock<Option<String>>,
 }
 
 impl Worker {
@@ -52,6 +55,30 @@ impl Worker {
             routed: AtomicU64::new(0),
             recent_prefill: AtomicUsize::new(0),
             listed: AtomicBool::new(true),
+            model: RwLock::new(None),
+        }
+    }
+
+    /// Whether it may serve requests for `model` (`None`: the request names no model).
+    pub(crate) fn serves(&self, model: Option<&str>) -> bool {
+        match (
+            model,
+            &*self.model.read().unwrap_or_else(|e| e.into_inner()),
+        ) {
+            (Some(want), Some(has)) => want == has,
+            _ => true,
+        }
+    }
+
+    /// The model it serves, when known.
+    pub(crate) fn model(&self) -> Option<String> {
+        self.model.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_model(&self, model: &str) {
+        let mut m = self.model.write().unwrap_or_else(|e| e.into_inner());
+        if m.as_deref() != Some(model) {
+            *m = Some(model.to_string());
         }
     }
 
@@ -98,6 +125,8 @@ pub(crate) struct Workers {
     pub(crate) client: reqwest::Client,
     breaker_failures: u32,
     breaker_cooldown: Duration,
+    /// Wakes everyone waiting for a worker to become available (the activator).
+    pub(crate) became_available: tokio::sync::Notify,
 }
 
 impl Workers {
@@ -116,6 +145,7 @@ impl Workers {
                 .unwrap_or_default(),
             breaker_failures: config.breaker_failures,
             breaker_cooldown: config.breaker_cooldown,
+            became_available: tokio::sync::Notify::new(),
         }
     }
 
@@ -142,6 +172,23 @@ impl Workers {
         (list.len() - 1, true)
     }
 
+    /// Adds the worker at `url`, serving `model`, known healthy now (its supervisor just saw
+    /// it answer), and wakes requests waiting for one; returns its id and whether it is new
+    /// to rotation.
+    pub(crate) fn add_ready(&self, url: &str, model: &str) -> (usize, bool) {
+        let (id, new) = self.add(url);
+        let w = self.get(id);
+        w.set_model(model);
+        {
+            let mut s = w.status();
+            s.healthy = true;
+            s.consecutive_failures = 0;
+            s.open_until = None;
+        }
+        self.became_available.notify_waiters();
+        (id, new)
+    }
+
     /// Takes the worker at `url` out of rotation (its discovery entry is gone); returns its id
     /// if it was listed.
     pub(crate) fn unlist(&self, url: &str) -> Option<usize> {
@@ -154,13 +201,13 @@ impl Workers {
     }
 
     /// Load snapshots for the routing policy; `exclude` are workers already tried for this
-    /// request.
-    pub(crate) fn snapshot(&self, exclude: &[usize]) -> Vec<WorkerLoad> {
+    /// request, and only workers serving `model` are candidates.
+    pub(crate) fn snapshot(&self, exclude: &[usize], model: Option<&str>) -> Vec<WorkerLoad> {
         self.all()
             .iter()
             .enumerate()
             .map(|(id, w)| {
-                let available = w.available();
+                let available = w.available() && w.serves(model);
                 let s = w.status().clone();
                 let in_flight = w.in_flight();
                 WorkerLoad {
@@ -203,11 +250,6 @@ impl Workers {
         self.get(id).status().consecutive_failures = 0;
     }
 
-    /// Whether `id` takes traffic now (listed, healthy, breaker closed).
-    pub(crate) fn available(&self, id: usize) -> bool {
-        self.get(id).available()
-    }
-
     /// Checks every listed worker's `/health` once.
     pub(crate) async fn check_all(&self) {
         let checks = (0..self.all().len()).map(|id| self.check(id));
@@ -236,8 +278,11 @@ impl Workers {
             return;
         };
         let count = |k: &str| body.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+        if let Some(model) = body.get("model").and_then(|v| v.as_str()) {
+            w.set_model(model);
+        }
         let mut s = w.status();
-        s.healthy = true;
+        let was_healthy = std::mem::replace(&mut s.healthy, true);
         s.running = count("running");
         s.waiting = count("waiting");
         s.queued_prefill_tokens = count("queued_prefill_tokens");
@@ -246,6 +291,10 @@ impl Workers {
         s.consecutive_failures = 0;
         if s.open_until.is_some_and(|t| t <= Instant::now()) {
             s.open_until = None;
+        }
+        drop(s);
+        if !was_healthy {
+            self.became_available.notify_waiters();
         }
     }
 
@@ -270,7 +319,7 @@ mod tests {
         ]));
         let g1 = w.start(0, 300);
         let _g2 = w.start(0, 200);
-        let snap = w.snapshot(&[]);
+        let snap = w.snapshot(&[], None);
         assert_eq!(snap[0].queued_prefill_tokens, 500);
         assert_eq!(snap[0].waiting, 2, "in flight, not yet reported running");
         assert_eq!(snap[1].queued_prefill_tokens, 0);
@@ -281,7 +330,7 @@ mod tests {
         // of rotation and listing it again brings the same id back.
         assert_eq!(w.add("http://b"), (1, false));
         assert_eq!(w.unlist("http://b/"), Some(1));
-        assert!(!w.get(1).listed() && !w.available(1));
+        assert!(!w.get(1).listed() && !w.get(1).available());
         assert_eq!(w.unlist("http://b"), None, "already unlisted");
         assert_eq!(w.add("http://b"), (1, true));
         assert_eq!(w.add("http://c"), (2, true));

@@ -190,7 +190,8 @@ fn worker_that_dies_after_one_health_check() -> String {
         if let Ok((mut conn, _)) = listener.accept() {
             let mut buf = [0u8; 4096];
             let _ = conn.read(&mut buf);
-            let body = r#"{"status":"ok","model":"m","running":0,"waiting":0}"#;
+            // It serves the same model as the live worker (the gateway routes by model).
+            let body = format!(r#"{{"status":"ok","model":"{MODEL}","running":0,"waiting":0}}"#);
             let _ = write!(
                 conn,
                 "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

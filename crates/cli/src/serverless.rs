@@ -1,0 +1,132 @@
+//! `lastmile serve --config deployments.yaml`: the deployments in the file behind one gateway,
+//! each scaled by the controller between its `min_replicas` and `max_replicas` worker processes
+//! (this binary, `serve` on free local ports), scaling to zero when idle and back on the first
+//! request, which the gateway's activator holds meanwhile. The admin API (`/admin/deployments`)
+//! shows each deployment's replicas.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use lastmile_control::controller::{Balancer, Controller, ControllerConfig, Load};
+use lastmile_control::deployments::Deployments;
+use lastmile_control::supervisor::{LocalProcesses, ReplicaSpec};
+use lastmile_engine::fetch::ensure_default_model;
+use lastmile_gateway::{DeploymentRoute, GatewayConfig, GatewayHandle};
+
+use crate::ServeArgs;
+
+/// The gateway as the controller's front door.
+struct GatewayBalancer(GatewayHandle);
+
+impl Balancer for GatewayBalancer {
+    fn load(&self, deployment: &str) -> Load {
+        let l = self.0.load(deployment);
+        Load {
+            in_flight: l.in_flight,
+            held: l.held,
+            ttft_p90: None,
+        }
+    }
+
+    fn replica_ready(&self, deployment: &str, url: &str) {
+        self.0.add_replica(url, deployment);
+    }
+
+    fn replica_gone(&self, _deployment: &str, url: &str) {
+        self.0.remove_replica(url);
+    }
+}
+
+/// Where a deployment's model is: the default model (fetched once, here), or a path taken
+/// relative to the deployments file.
+fn resolve_model(model: Option<&Path>, config: &Path, name: &str) -> Result<PathBuf> {
+    let Some(model) = model else {
+        return ensure_default_model().context("fetching the default model");
+    };
+    let path = if model.is_relative() {
+        config.parent().unwrap_or(Path::new(".")).join(model)
+    } else {
+        model.to_path_buf()
+    };
+    if !path.exists() {
+        bail!(
+            "{}: deployment `{name}`: model {} does not exist",
+            config.display(),
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Serves the deployments of `config` until Ctrl-C or SIGTERM, then stops every replica.
+pub(crate) fn serve_deployments(args: ServeArgs, config: &Path) -> Result<()> {
+    let deployments = Deployments::load(config)?;
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let mut specs = Vec::with_capacity(deployments.list.len());
+    for d in &deployments.list {
+        let model = resolve_model(d.model.as_deref(), config, &d.name)?;
+        let threads = d.threads.unwrap_or((cores / d.max_replicas).max(1));
+        let replica = ReplicaSpec {
+            deployment: d.name.clone(),
+            model,
+            threads,
+            args: d.args.clone(),
+        };
+        specs.push((d.clone(), replica));
+    }
+    let mut gateway = GatewayConfig::new(Vec::new());
+    gateway.max_body_bytes = args.max_body_bytes;
+    gateway.deployments = deployments
+        .list
+        .iter()
+        .map(|d| DeploymentRoute {
+            name: d.name.clone(),
+            policy: d.routing,
+            queue: d.queue,
+            hold_timeout: d.hold_timeout,
+        })
+        .collect();
+    let exe = std::env::current_exe().context("locating the lastmile binary")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let (listener, addr) = crate::bind(&args.host, args.port).await?;
+        let handle = GatewayHandle::build(gateway).await?;
+        let controller = Controller::start(
+            specs,
+            Arc::new(LocalProcesses::new(exe)),
+            Arc::new(GatewayBalancer(handle.clone())),
+            ControllerConfig::default(),
+        );
+        let c = controller.clone();
+        handle.on_demand(move |d| c.wake(d));
+        let c = controller.clone();
+        handle.extra_metrics(move || c.metrics());
+        let names: Vec<String> = deployments
+            .list
+            .iter()
+            .map(|d| {
+                format!(
+                    "`{}` ({}..={} replicas)",
+                    d.name, d.min_replicas, d.max_replicas
+                )
+            })
+            .collect();
+        eprintln!(
+            "lastmile: http://{addr}: serving {} (OpenAI API at /v1, admin at /admin/deployments)",
+            names.join(", ")
+        );
+        let served = handle
+            .serve(
+                listener,
+                lastmile_control::admin::router(controller.clone()),
+                crate::shutdown_signal(),
+            )
+            .await;
+        controller.shutdown().await;
+        served?;
+        Ok(())
+    })
+}

@@ -1,0 +1,48 @@
+//! lastmile's control plane: deployments declared in YAML (`deployments`), the autoscaler's
+//! arithmetic (`autoscaler`), replicas run as local processes and restarted when they crash
+//! (`supervisor`), and the controller that ties them to the gateway's load (`controller`), with
+//! its read-only admin API (`admin`).
+//!
+//! The gateway does not depend on this crate: the controller sees the gateway through the
+//! [`controller::Balancer`] trait (load per deployment, replicas in and out of rotation), which
+//! the binary implements over the gateway's handle.
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod autoscaler;
+pub mod controller;
+pub mod deployments;
+pub mod supervisor;
+
+use thiserror::Error;
+
+/// What the control plane can fail at.
+#[derive(Debug, Error)]
+pub enum ControlError {
+    /// The deployments file is invalid; `at` is `file:line:column`.
+    #[error("{at}: {message}")]
+    Config {
+        /// Where: `file:line:column`.
+        at: String,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+    /// A replica could not be started.
+    #[error("starting a replica of {deployment}: {message}")]
+    Start {
+        /// The deployment.
+        deployment: String,
+        /// Why.
+        message: String,
+    },
+}
+
+impl ControlError {
+    /// A short label for metrics and logs.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Self::Config { .. } => "invalid_config",
+            Self::Start { .. } => "replica_start_failed",
+        }
+    }
+}
