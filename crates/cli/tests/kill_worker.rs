@@ -5,65 +5,13 @@
 //! requests that follow go to the surviving worker.
 //! Real processes: two `lastmile serve` workers and `lastmile gateway`, the default model.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_lastmile");
+mod common;
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-fn start(args: &[&str]) -> Proc {
-    Proc(
-        Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting lastmile"),
-    )
-}
-
-async fn wait_healthy(url: &str) {
-    for _ in 0..600 {
-        if let Ok(r) = reqwest::get(format!("{url}/health")).await {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{url} never became healthy");
-}
-
-/// A counter from a server's `/metrics` (0 before it is first written).
-async fn gateway_metric(server: &str, series: &str) -> u64 {
-    let text = reqwest::get(format!("{server}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
-}
+use common::{free_port, metric as gateway_metric, start, wait_healthy};
 
 /// Completed chat requests a worker counted.
 async fn completed(worker: &str) -> u64 {
