@@ -45,8 +45,64 @@ enum Command {
     Gateway(GatewayArgs),
 }
 
+/// Who may call: API keys, the admin key, the usage ledger, and the rule against serving an
+/// open API beyond this machine.
+#[derive(Args, Clone)]
+pub struct AccessArgs {
+    /// Admin key (or LASTMILE_ADMIN_KEY): guards /admin, and turns keys on: every API request
+    /// then needs a key created with POST /admin/keys (sent as `Authorization: Bearer KEY` or
+    /// `x-api-key: KEY`), with its own requests- and tokens-per-minute quotas. Without it the API
+    /// is open, which is allowed only on a loopback address unless --insecure.
+    #[arg(long, env = "LASTMILE_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// SQLite database of API keys and usage per key, deployment and minute (default:
+    /// $LASTMILE_HOME/lastmile.db).
+    #[arg(long)]
+    pub usage_db: Option<PathBuf>,
+    /// Listen on a non-loopback address with no API keys: anyone who reaches the port can use
+    /// the API (e.g. a worker on a private network behind a gateway).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+impl AccessArgs {
+    /// Refuses an open API on a non-loopback `host` unless --insecure.
+    pub fn check_exposure(&self, host: &str, keys_possible: bool) -> Result<()> {
+        let loopback = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        let keyed = keys_possible && self.admin_key.is_some();
+        if loopback || keyed || self.insecure {
+            return Ok(());
+        }
+        let how = if keys_possible {
+            "give it --admin-key (every request then needs an API key)"
+        } else {
+            "put it behind `lastmile serve --config` or `lastmile gateway` with --admin-key"
+        };
+        anyhow::bail!(
+            "refusing to serve an open API on {host} (reachable from other machines): {how}, or \
+             pass --insecure to serve it open anyway"
+        )
+    }
+
+    /// The tenants settings: the ledger (always kept) and the admin key, if any.
+    pub fn tenants(&self) -> lastmile_gateway::TenantsConfig {
+        let db = self
+            .usage_db
+            .clone()
+            .unwrap_or_else(|| lastmile_engine::fetch::lastmile_home().join("lastmile.db"));
+        let mut t = lastmile_gateway::TenantsConfig::new(db);
+        t.admin_key = self.admin_key.clone().filter(|k| !k.is_empty());
+        t
+    }
+}
+
 #[derive(Args)]
 struct GatewayArgs {
+    #[command(flatten)]
+    access: AccessArgs,
     /// A worker's base URL, e.g. http://127.0.0.1:8081 (repeat for each worker).
     #[arg(long = "worker", required_unless_present = "etcd")]
     workers: Vec<String>,
@@ -77,7 +133,9 @@ struct GatewayArgs {
 }
 
 fn gateway(args: GatewayArgs) -> Result<()> {
+    args.access.check_exposure(&args.host, true)?;
     let mut config = lastmile_gateway::GatewayConfig::new(args.workers);
+    config.tenants = Some(args.access.tenants());
     if !args.etcd.is_empty() {
         config.etcd = Some(lastmile_gateway::EtcdDiscovery {
             endpoints: args.etcd.clone(),
@@ -137,6 +195,9 @@ enum ModelsCommand {
     Pull,
 }
 
+/// How long each stage of a start took, in milliseconds.
+pub type StageTimes = Vec<(String, f64)>;
+
 /// Options shared by every command that loads a model.
 #[derive(Args, Clone)]
 pub struct ModelArgs {
@@ -185,6 +246,12 @@ fn positive_ms(s: &str) -> std::result::Result<f64, String> {
 impl ModelArgs {
     /// Loads the model and starts its engine.
     pub fn start_engine(&self) -> Result<(EngineHandle, String)> {
+        self.start_engine_timed()
+            .map(|(engine, id, _)| (engine, id))
+    }
+
+    /// Loads the model and starts its engine; also returns how long each stage took (ms).
+    pub fn start_engine_timed(&self) -> Result<(EngineHandle, String, StageTimes)> {
         let (path, id) = match &self.model {
             Some(p) => (p.clone(), model_id_from_path(p)),
             None => (ensure_default_model()?, DEFAULT_MODEL_ID.to_string()),
@@ -220,15 +287,23 @@ impl ModelArgs {
         if let Some(t) = self.threads {
             config.threads = t;
         }
+        let mut timings: Vec<(String, f64)> = loaded
+            .load_breakdown
+            .iter()
+            .map(|(stage, s)| (stage.to_string(), s * 1e3))
+            .collect();
+        timings.push(("load".into(), loaded.load_seconds * 1e3));
         let started = std::time::Instant::now();
         let engine = EngineHandle::start(loaded, config)?;
+        let engine_ms = started.elapsed().as_secs_f64() * 1e3;
+        timings.push(("engine start".into(), engine_ms));
         tracing::info!(
             model = %id,
             load_s = engine.info().load_seconds,
-            engine_start_ms = started.elapsed().as_secs_f64() * 1e3,
+            engine_start_ms = engine_ms,
             "model loaded"
         );
-        Ok((engine, id))
+        Ok((engine, id, timings))
     }
 }
 
@@ -244,6 +319,8 @@ fn model_id_from_path(p: &std::path::Path) -> String {
 struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    access: AccessArgs,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -302,7 +379,12 @@ struct GenerateArgs {
     seed: Option<u64>,
 }
 
+/// When `main` began (for the startup breakdown `serve` reports).
+static PROCESS_START: std::sync::LazyLock<std::time::Instant> =
+    std::sync::LazyLock::new(std::time::Instant::now);
+
 fn main() -> Result<()> {
+    std::sync::LazyLock::force(&PROCESS_START);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -329,7 +411,17 @@ fn main() -> Result<()> {
 
 fn serve(args: ServeArgs) -> Result<()> {
     if let Some(config) = args.config.clone() {
+        args.access.check_exposure(&args.host, true)?;
         return serverless::serve_deployments(args, &config);
+    }
+    // A single worker has no keys of its own (a gateway in front of it does).
+    let keys_possible = args.workers > 1;
+    args.access.check_exposure(&args.host, keys_possible)?;
+    if args.access.admin_key.is_some() && !keys_possible {
+        anyhow::bail!(
+            "--admin-key needs a gateway: use `lastmile serve --config` or `--workers N`, or \
+             `lastmile gateway`"
+        );
     }
     if args.workers == 0 {
         anyhow::bail!("--workers must be at least 1");
@@ -340,10 +432,15 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
         return fleet::serve_fleet(args);
     }
-    let (engine, id) = args.model.start_engine()?;
+    let (engine, id, mut startup_ms) = args.model.start_engine_timed()?;
+    startup_ms.push((
+        "main to ready".into(),
+        PROCESS_START.elapsed().as_secs_f64() * 1e3,
+    ));
     let config = lastmile_worker::ServerConfig {
         model_id: args.served_model_name.unwrap_or(id),
         max_body_bytes: args.max_body_bytes,
+        startup_ms,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -19,7 +19,10 @@ mod activator;
 mod kv;
 mod metrics;
 mod proxy;
+mod tenants;
 mod workers;
+
+pub use tenants::TenantsConfig;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -44,6 +47,9 @@ pub enum GatewayError {
     /// The settings are inconsistent.
     #[error("invalid gateway settings: {0}")]
     InvalidConfig(String),
+    /// The keys and usage database failed.
+    #[error("keys and usage database: {0}")]
+    Store(String),
 }
 
 impl GatewayError {
@@ -51,6 +57,7 @@ impl GatewayError {
     pub fn error_type(&self) -> &'static str {
         match self {
             Self::InvalidConfig(_) => "invalid_config",
+            Self::Store(_) => "store",
         }
     }
 }
@@ -100,6 +107,8 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
     /// Deployments whose replicas the control plane adds and removes (see [`GatewayHandle`]).
     pub deployments: Vec<DeploymentRoute>,
+    /// API keys, quotas and usage metering (`None`: open, unmetered).
+    pub tenants: Option<TenantsConfig>,
 }
 
 impl GatewayConfig {
@@ -116,6 +125,7 @@ impl GatewayConfig {
             breaker_cooldown: Duration::from_secs(5),
             max_body_bytes: 16 << 20,
             deployments: Vec::new(),
+            tenants: None,
         }
     }
 
@@ -183,6 +193,8 @@ pub(crate) struct Gateway {
     /// Each deployment's policy.
     policies: std::collections::HashMap<String, Policy>,
     pub(crate) activator: activator::Activator,
+    /// Keys, quotas, usage.
+    pub(crate) tenants: Option<Arc<tenants::Tenants>>,
     /// More metrics text appended to `/metrics` (the control plane's).
     extra_metrics: std::sync::RwLock<Option<MetricsHook>>,
     pub(crate) index: Mutex<KvIndex>,
@@ -346,8 +358,13 @@ impl GatewayHandle {
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        let tenants = match &config.tenants {
+            Some(t) => Some(Arc::new(tenants::Tenants::open(t)?)),
+            None => None,
+        };
         let gw = Arc::new(Gateway {
             created,
+            tenants,
             policy: Policy::new(config.policy, seed).with_balance(config.kv_balance),
             policies,
             activator: activator::Activator::default(),
@@ -411,15 +428,27 @@ impl GatewayHandle {
             .unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(render));
     }
 
-    /// Serves on `listener`, with `extra` routes (e.g. an admin API) beside the public API,
-    /// until `shutdown` resolves; then lets in-flight requests finish.
+    /// Serves on `listener`, with more `admin` routes (under `/admin`, guarded by the admin key
+    /// like the gateway's own) beside the public API, until `shutdown` resolves; then lets
+    /// in-flight requests finish and writes the last usage.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
-        extra: Router,
+        admin: Router,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), std::io::Error> {
         let gw = self.0;
+        let flusher = gw
+            .tenants
+            .clone()
+            .map(|t| tokio::spawn(t.flush_every_second()));
+        let mut admin = tenants::routes(gw.clone()).merge(admin);
+        if admin.has_routes() {
+            admin = admin.route_layer(axum::middleware::from_fn_with_state(
+                gw.clone(),
+                tenants::require_admin,
+            ));
+        }
         let poller = tokio::spawn(gw.workers.clone().poll(gw.config.health_interval));
         let discovery = gw.config.etcd.clone().map(|e| {
             let gw = gw.clone();
@@ -442,7 +471,7 @@ impl GatewayHandle {
             .route("/health", get(health))
             .route("/metrics", get(metrics))
             .with_state(gw.clone())
-            .merge(extra)
+            .merge(admin)
             .fallback(not_found);
         // Small writes (stream chunks, response heads) leave at once instead of waiting on Nagle.
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -456,20 +485,35 @@ impl GatewayHandle {
             d.abort();
         }
         gw.followers().drain().for_each(|(_, f)| f.abort());
+        if let Some(f) = flusher {
+            f.abort();
+        }
+        if let Some(t) = &gw.tenants {
+            if let Err(e) = t.flush() {
+                tracing::error!("writing the last usage: {e}");
+            }
+        }
         result
     }
 }
 
 /// Every model any available worker serves, once each.
-async fn models(State(gw): State<Arc<Gateway>>) -> Response {
+async fn models(State(gw): State<Arc<Gateway>>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(Err(e)) = gw.tenants.as_ref().map(|t| t.authenticate(&headers)) {
+        return proxy::error_response("/v1/models", &e);
+    }
     axum::Json(ModelList::new(model_cards(&gw).await)).into_response()
 }
 
 /// One model by id (ids may contain `/`), if any available worker serves it.
 async fn model(
     State(gw): State<Arc<Gateway>>,
+    headers: axum::http::HeaderMap,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
+    if let Some(Err(e)) = gw.tenants.as_ref().map(|t| t.authenticate(&headers)) {
+        return proxy::error_response("/v1/models", &e);
+    }
     match model_cards(&gw).await.into_iter().find(|c| c.id == id) {
         Some(card) => axum::Json(card).into_response(),
         None => proxy::error_response("/v1/models", &ApiError::model_not_found(&id)),
@@ -555,6 +599,9 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
         .clone();
     if let Some(render) = extra {
         body.push_str(&render());
+    }
+    if let Some(t) = &gw.tenants {
+        body.push_str(&t.metrics());
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

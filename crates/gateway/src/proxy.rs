@@ -16,7 +16,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use lastmile_protocol::anthropic::AnthropicError;
-use lastmile_protocol::ApiError;
+use lastmile_protocol::{ApiError, TokenUsage};
 use lastmile_router::{PolicyKind, RouteRequest};
 
 use crate::{kv, Gateway};
@@ -36,10 +36,16 @@ pub(crate) fn error_response(path: &str, e: &ApiError) -> Response {
     resp
 }
 
-/// Proxies a POST to the same path on a worker.
+/// Proxies a POST to the same path on a worker: authenticates the caller and admits the
+/// request against its quotas first (with tenants), and meters what the answer used.
 pub(crate) async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let started = Instant::now();
     let path = req.uri().path().to_string();
+    let caller = match gw.tenants.as_ref().map(|t| t.authenticate(req.headers())) {
+        None => None,
+        Some(Ok(caller)) => Some(caller),
+        Some(Err(e)) => return error_response(&path, &e),
+    };
     let body = match axum::body::to_bytes(req.into_body(), gw.config.max_body_bytes).await {
         Ok(b) => b,
         Err(_) => {
@@ -49,11 +55,95 @@ pub(crate) async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Res
             )
         }
     };
+    let facts = RequestFacts::of(&body);
+    let model = facts.model.as_deref();
+    let admission = match (&gw.tenants, caller) {
+        (Some(t), Some(caller)) => {
+            // Counting tokens generates none.
+            let reserve = if path.ends_with("/count_tokens") {
+                Some(0)
+            } else {
+                facts.max_tokens()
+            };
+            match t.admit(caller, model.unwrap_or("-"), reserve) {
+                Ok(a) => Some(a),
+                Err(refusal) => {
+                    let mut resp = error_response(&path, &refusal.error);
+                    if let Some(secs) = refusal.retry_after {
+                        resp.headers_mut()
+                            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                    }
+                    return resp;
+                }
+            }
+        }
+        _ => None,
+    };
     let mut upstream = std::time::Duration::ZERO;
-    let resp = relay(&gw, &path, body, &mut upstream).await;
+    let resp = relay(&gw, &path, body, model, &mut upstream).await;
     gw.metrics
         .observe_overhead(started.elapsed().saturating_sub(upstream));
-    resp
+    match admission {
+        Some(a) => metered(resp, a),
+        None => resp,
+    }
+}
+
+/// What the gateway reads from a request body (the rest is the worker's business).
+#[derive(serde::Deserialize, Default)]
+struct RequestFacts {
+    model: Option<String>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    n: Option<u64>,
+}
+
+impl RequestFacts {
+    /// The facts of a JSON body (none of a body that is not JSON: the worker rejects it).
+    fn of(body: &[u8]) -> Self {
+        serde_json::from_slice(body).unwrap_or_default()
+    }
+
+    /// Most tokens the request may generate, over all its choices, when it says.
+    fn max_tokens(&self) -> Option<u64> {
+        let per_choice = self.max_completion_tokens.or(self.max_tokens)?;
+        Some(per_choice.saturating_mul(self.n.unwrap_or(1).max(1)))
+    }
+}
+
+/// `resp` with its usage fed to `admission`: from the usage header of a whole answer, or from
+/// the usage comment that ends a stream (the admission settles when the body is done or
+/// dropped).
+fn metered(resp: Response, mut admission: crate::tenants::Admission) -> Response {
+    admission.succeeded = resp.status().is_success();
+    admission.usage = resp
+        .headers()
+        .get(lastmile_protocol::USAGE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TokenUsage::from_header);
+    if admission.usage.is_some() || !admission.succeeded {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    // The comment may straddle two chunks: keep the end of the previous one.
+    let mut tail = String::new();
+    let stream = body.into_data_stream().map(move |chunk| {
+        // The whole admission lives in the stream (a closure would otherwise capture only the
+        // field it names, and the admission would settle before the stream is done).
+        let admission = &mut admission;
+        if let (Ok(bytes), None) = (&chunk, admission.usage) {
+            tail.push_str(&String::from_utf8_lossy(bytes));
+            admission.usage = TokenUsage::find_in_stream(&tail);
+            if let Some(cut) = tail.len().checked_sub(256) {
+                let cut = (cut..tail.len())
+                    .find(|&i| tail.is_char_boundary(i))
+                    .unwrap_or(0);
+                tail.drain(..cut);
+            }
+        }
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(stream))
 }
 
 /// Sends `body` to a worker and relays its answer; `upstream` accumulates the time spent
@@ -62,12 +152,11 @@ async fn relay(
     gw: &Arc<Gateway>,
     path: &str,
     body: Bytes,
+    model: Option<&str>,
     upstream: &mut std::time::Duration,
 ) -> Response {
     let mut tried: Vec<usize> = Vec::new();
     let mut rewaits = 0;
-    let model = requested_model(&body);
-    let model = model.as_deref();
     if let Some(name) = model {
         if let Some(d) = gw.deployment(name) {
             // Scaled to zero or still starting: wait here while a replica starts.
@@ -126,14 +215,16 @@ async fn relay(
         let worker_url = gw.workers.get(id).url.clone();
         let url = format!("{worker_url}{path}");
         let asked = Instant::now();
-        let sent = gw
+        let mut post = gw
             .workers
             .client
             .post(url)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(body.clone())
-            .send()
-            .await;
+            .header(header::CONTENT_TYPE, "application/json");
+        if gw.tenants.is_some() {
+            // Metering: ask for the usage report that ends a stream (whole answers carry it).
+            post = post.header(lastmile_protocol::USAGE_HEADER, "1");
+        }
+        let sent = post.body(body.clone()).send().await;
         *upstream += asked.elapsed();
         match sent {
             Ok(upstream) => {
@@ -172,16 +263,6 @@ async fn relay(
 /// How many times one request waits again for a deployment whose replicas failed under it.
 const MAX_REWAITS: usize = 3;
 
-/// The `model` a request body names, if it is JSON with a string `model` (anything else is
-/// left for the worker to reject in its own words).
-fn requested_model(body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Named {
-        model: Option<String>,
-    }
-    serde_json::from_slice::<Named>(body).ok()?.model
-}
-
 /// The worker's answer as the client's: status, content type, `Retry-After`, and the body
 /// streamed through (the in-flight guard lives as long as the body). If the worker fails in the
 /// middle of an event stream (it died), the client gets a final error event in its API's shape
@@ -198,6 +279,7 @@ fn relay_response(
         header::CONTENT_TYPE,
         header::CACHE_CONTROL,
         header::RETRY_AFTER,
+        header::HeaderName::from_static(lastmile_protocol::USAGE_HEADER),
     ] {
         if let Some(v) = upstream.headers().get(name.as_str()) {
             if let Ok(v) = HeaderValue::from_bytes(v.as_bytes()) {

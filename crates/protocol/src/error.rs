@@ -139,6 +139,17 @@ impl ApiError {
         Self::new(503, message, SERVER_ERROR).with_code("overloaded")
     }
 
+    /// 429: a rate limit of the caller's key is used up. `kind` is what ran out (`requests`
+    /// or `tokens`, OpenAI's error `type` for rate limits).
+    pub fn rate_limited(kind: &str, message: impl Into<String>) -> Self {
+        Self::new(429, message, kind).with_code("rate_limit_exceeded")
+    }
+
+    /// 401: no API key, or one that is not valid.
+    pub fn invalid_api_key(message: impl Into<String>) -> Self {
+        Self::new(401, message, INVALID_REQUEST).with_code("invalid_api_key")
+    }
+
     /// 502: an upstream worker failed while handling the request.
     pub fn bad_gateway(message: impl Into<String>) -> Self {
         Self::new(502, message, SERVER_ERROR).with_code("bad_gateway")

@@ -17,6 +17,7 @@ pub mod models;
 pub mod sampling;
 pub mod sse;
 pub mod structured;
+pub mod usage;
 
 pub use chat::{
     AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -40,3 +41,4 @@ pub use sampling::{
 };
 pub use sse::{parse_sse_data, sse_event, SSE_DONE};
 pub use structured::{ConstraintFields, OutputConstraint};
+pub use usage::{TokenUsage, USAGE_HEADER};

@@ -120,6 +120,14 @@ impl Usage {
             total_tokens: prompt_tokens.saturating_add(completion_tokens),
         }
     }
+
+    /// The same counts as the gateway meters them.
+    pub fn metered(&self) -> crate::TokenUsage {
+        crate::TokenUsage {
+            input_tokens: self.prompt_tokens.into(),
+            output_tokens: self.completion_tokens.into(),
+        }
+    }
 }
 
 /// The `usage` field of a streamed chunk, which OpenAI sends in three ways:

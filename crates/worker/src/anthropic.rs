@@ -39,13 +39,15 @@ fn from_worker(e: WorkerError) -> AnthropicError {
 
 pub(crate) async fn messages(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let started = Instant::now();
+    let report_usage = crate::openai::wants_usage_report(&req);
     let result = async {
         let body = read_body(req, state.config.max_body_bytes).await?;
         let request: MessagesRequest = parse_json(&body)?;
         let chat = request.to_chat()?;
-        let prepared = prepare_chat_request(&state, chat)
+        let mut prepared = prepare_chat_request(&state, chat)
             .await
             .map_err(from_worker)?;
+        prepared.report_usage = report_usage;
         let generations = submit(&state, &prepared, started).map_err(from_worker)?;
         Ok::<_, AnthropicError>((prepared, generations))
     }
@@ -70,6 +72,7 @@ pub(crate) async fn messages(State(state): State<Arc<AppState>>, req: Request) -
             Some((builder, finish_reason)) => {
                 let stop_sequence = builder.stop_sequence.clone();
                 let (text, tool_calls) = builder.into_message();
+                let metered = usage;
                 let output = MessageOutput {
                     text,
                     tool_calls,
@@ -77,7 +80,10 @@ pub(crate) async fn messages(State(state): State<Arc<AppState>>, req: Request) -
                     usage,
                     stop_sequence,
                 };
-                axum::Json(MessagesResponse::new(id, prepared.model, output)).into_response()
+                crate::openai::with_usage(
+                    metered,
+                    axum::Json(MessagesResponse::new(id, prepared.model, output)).into_response(),
+                )
             }
             None => error_response(&ApiError::internal("no choice was generated").into()),
         },
@@ -97,6 +103,7 @@ fn event_stream(state: Arc<AppState>, prepared: Prepared, g: Generation, id: Str
         builder: ChoiceBuilder,
         events: MessageStream,
         done: bool,
+        report_usage: bool,
     }
     let input_tokens = prepared.requests.first().map_or(0, |r| r.prompt.len()) as u32;
     let mut events = MessageStream::new(id, prepared.model.clone(), input_tokens);
@@ -110,6 +117,7 @@ fn event_stream(state: Arc<AppState>, prepared: Prepared, g: Generation, id: Str
         g,
         events,
         done: false,
+        report_usage: prepared.report_usage,
     };
     let rest = stream::unfold(init, |mut s| async move {
         if s.done {
@@ -131,6 +139,9 @@ fn event_stream(state: Arc<AppState>, prepared: Prepared, g: Generation, id: Str
                     usage.completion_tokens,
                     stop.as_deref(),
                 )));
+                if s.report_usage {
+                    out.push_str(&usage.metered().to_sse_comment());
+                }
                 s.done = true;
                 out
             }

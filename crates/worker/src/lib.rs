@@ -38,6 +38,9 @@ pub struct ServerConfig {
     pub model_id: String,
     /// Largest accepted request body in bytes.
     pub max_body_bytes: usize,
+    /// How this process started, stage by stage in milliseconds (reported by `/health`, for
+    /// cold-start breakdowns).
+    pub startup_ms: Vec<(String, f64)>,
 }
 
 /// Shared state of every handler.
@@ -166,6 +169,12 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
         "queued_prefill_tokens": load(&st.queued_prefill_tokens),
         "kv_blocks_used": load(&st.kv_blocks_used),
         "kv_blocks_total": load(&st.kv_blocks_total),
+        "startup_ms": s
+            .config
+            .startup_ms
+            .iter()
+            .map(|(stage, ms)| (stage.clone(), serde_json::json!(ms)))
+            .collect::<serde_json::Map<_, _>>(),
     });
     (StatusCode::OK, axum::Json(body)).into_response()
 }

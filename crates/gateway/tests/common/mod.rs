@@ -51,6 +51,7 @@ pub fn worker_until(shutdown: impl std::future::Future<Output = ()> + Send + 'st
     let config = ServerConfig {
         model_id: MODEL.to_string(),
         max_body_bytes: 1 << 20,
+        startup_ms: Vec::new(),
     };
     spawn_server(move |l| async move {
         lastmile_worker::serve(l, engine, config, shutdown)

@@ -87,6 +87,8 @@ pub(crate) struct Prepared {
     pub(crate) logprobs: LogprobStyle,
     /// Completions with `echo`: the prompt text each choice starts with.
     pub(crate) echo: Option<String>,
+    /// The gateway asked for the usage comment at the end of a stream (it meters usage).
+    pub(crate) report_usage: bool,
 }
 
 impl Prepared {
@@ -265,6 +267,7 @@ pub(crate) async fn prepare_chat_request(
             LogprobStyle::Off
         },
         echo: None,
+        report_usage: false,
     })
 }
 
@@ -332,6 +335,7 @@ async fn prepare_completion(state: &Arc<AppState>, body: &[u8]) -> Result<Prepar
             LogprobStyle::Off
         },
         echo: echo_text,
+        report_usage: false,
     })
 }
 
@@ -364,12 +368,14 @@ pub(crate) async fn completions(State(state): State<Arc<AppState>>, req: Request
 
 async fn handle(state: Arc<AppState>, req: Request, kind: Kind) -> Response {
     let started = Instant::now();
+    let report_usage = wants_usage_report(&req);
     let result = async {
         let body = read_body(req, state.config.max_body_bytes).await?;
-        let prepared = match kind {
+        let mut prepared = match kind {
             Kind::Chat => prepare_chat_request(&state, parse_json(&body)?).await?,
             Kind::Completion => prepare_completion(&state, &body).await?,
         };
+        prepared.report_usage = report_usage;
         let generations = submit(&state, &prepared, started)?;
         Ok::<_, WorkerError>((prepared, generations))
     }
@@ -396,23 +402,26 @@ async fn handle(state: Arc<AppState>, req: Request, kind: Kind) -> Response {
         stream::openai_stream(state, prepared, generations, meta, kind)
     } else {
         let resp = match collect(&state, &prepared, generations).await {
-            Ok((choices, usage)) => match kind {
-                Kind::Chat => axum::Json(ChatCompletionResponse::with_choices(
-                    &meta,
-                    choices.into_iter().map(|(c, r)| c.into_chat(r)).collect(),
-                    usage,
-                ))
-                .into_response(),
-                Kind::Completion => axum::Json(CompletionResponse::with_choices(
-                    &meta,
-                    choices
-                        .into_iter()
-                        .map(|(c, r)| c.into_completion(r))
-                        .collect(),
-                    usage,
-                ))
-                .into_response(),
-            },
+            Ok((choices, usage)) => with_usage(
+                usage,
+                match kind {
+                    Kind::Chat => axum::Json(ChatCompletionResponse::with_choices(
+                        &meta,
+                        choices.into_iter().map(|(c, r)| c.into_chat(r)).collect(),
+                        usage,
+                    ))
+                    .into_response(),
+                    Kind::Completion => axum::Json(CompletionResponse::with_choices(
+                        &meta,
+                        choices
+                            .into_iter()
+                            .map(|(c, r)| c.into_completion(r))
+                            .collect(),
+                        usage,
+                    ))
+                    .into_response(),
+                },
+            ),
             Err(e) => api_response(&e),
         };
         state
@@ -468,4 +477,20 @@ async fn run_choice(
         }
     }
     Err(ApiError::internal("the generation ended without a result"))
+}
+
+/// `resp` with the usage header the gateway meters.
+pub(crate) fn with_usage(usage: Usage, mut resp: Response) -> Response {
+    if let Ok(v) = axum::http::HeaderValue::from_str(&usage.metered().to_header()) {
+        resp.headers_mut()
+            .insert(lastmile_protocol::USAGE_HEADER, v);
+    }
+    resp
+}
+
+/// Whether the caller (the gateway) asks for usage reports: a request header
+/// `x-lastmile-usage`. Whole answers always carry the usage header; streams end with a usage
+/// comment only when asked, so direct clients see exactly OpenAI's and Anthropic's framing.
+pub(crate) fn wants_usage_report(req: &Request) -> bool {
+    req.headers().contains_key(lastmile_protocol::USAGE_HEADER)
 }

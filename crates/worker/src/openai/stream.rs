@@ -38,6 +38,8 @@ struct Framer {
     meta: ResponseMeta,
     kind: Kind,
     include_usage: bool,
+    /// End with the usage comment (the gateway meters).
+    report_usage: bool,
     builders: Vec<ChoiceBuilder>,
     /// Tool calls already streamed per choice (the next call's index).
     calls_sent: Vec<u32>,
@@ -148,6 +150,9 @@ impl Framer {
                         }
                     });
                 }
+                if self.report_usage {
+                    out.push_str(&self.usage.metered().to_sse_comment());
+                }
                 out.push_str(SSE_DONE);
                 (out, true)
             }
@@ -177,6 +182,7 @@ pub(crate) fn openai_stream(
         meta,
         kind,
         include_usage: prepared.include_usage,
+        report_usage: prepared.report_usage,
         calls_sent: vec![0; builders.len()],
         running: builders.len(),
         builders,

@@ -1,0 +1,319 @@
+//! API keys, quotas and usage with real processes and the default model
+//! (`lastmile serve --config --admin-key --usage-db`): the admin API needs the admin key; API
+//! requests need a valid key (401 in each API's shape otherwise); requests- and tokens-per-minute
+//! quotas throttle at their limits with 429, `Retry-After` and a message naming the limit; the
+//! usage ledger sums to exactly the `usage` the clients received (whole answers and streams,
+//! OpenAI and Anthropic); and keys and usage survive `kill -9` of the server.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, wait_healthy, Proc, BIN};
+use serde_json::{json, Value};
+
+const ADMIN: &str = "admin-secret-for-tests";
+
+fn temp_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lastmile-tenants-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// `lastmile serve --config` with keys on, its ledger in `dir`.
+fn serve(dir: &Path, port: u16) -> Proc {
+    let config = dir.join("deployments.yaml");
+    std::fs::write(
+        &config,
+        "deployments:\n  - name: smol\n    min_replicas: 1\n    threads: 1\n",
+    )
+    .expect("write config");
+    Proc(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--admin-key",
+                ADMIN,
+                "--usage-db",
+            ])
+            .arg(dir.join("usage.db"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting lastmile"),
+    )
+}
+
+/// Waits until the deployment's replica is ready (min_replicas: 1).
+async fn wait_ready(url: &str) {
+    wait_healthy(url).await;
+    for _ in 0..600 {
+        let s: Value = admin(url, reqwest::Method::GET, "/admin/deployments/smol", None)
+            .await
+            .1;
+        if s["status"]["ready"] == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the replica never became ready");
+}
+
+async fn admin(
+    url: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut r = reqwest::Client::new()
+        .request(method, format!("{url}{path}"))
+        .bearer_auth(ADMIN);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.expect("admin request");
+    (r.status().as_u16(), r.json().await.expect("json"))
+}
+
+async fn create_key(url: &str, body: Value) -> (String, String) {
+    let (status, v) = admin(url, reqwest::Method::POST, "/admin/keys", Some(body)).await;
+    assert_eq!(status, 201, "{v}");
+    (
+        v["id"].as_str().expect("id").to_string(),
+        v["key"].as_str().expect("secret").to_string(),
+    )
+}
+
+/// A non-streaming chat request with `key`: (status, Retry-After, body).
+async fn chat(url: &str, key: Option<&str>, max_tokens: u64) -> (u16, Option<String>, Value) {
+    let mut r = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(
+            &json!({"model": "smol", "max_tokens": max_tokens, "ignore_eos": true,
+            "temperature": 0, "messages": [{"role": "user", "content": "Say something."}]}),
+        );
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    let r = r.send().await.expect("send");
+    let status = r.status().as_u16();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    (status, retry, r.json().await.expect("json"))
+}
+
+/// The JSON events of a streamed request sent with `key` (as `x-api-key`, which both APIs
+/// accept).
+async fn stream_events(url: &str, path: &str, key: &str, body: Value) -> Vec<Value> {
+    let text = reqwest::Client::new()
+        .post(format!("{url}{path}"))
+        .header("x-api-key", key)
+        .json(&body)
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("stream");
+    lastmile_protocol::parse_sse_data(&text)
+        .iter()
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .collect()
+}
+
+/// (input, output) tokens from a whole OpenAI answer.
+fn openai_usage(v: &Value) -> (u64, u64) {
+    (
+        v["usage"]["prompt_tokens"].as_u64().expect("prompt_tokens"),
+        v["usage"]["completion_tokens"]
+            .as_u64()
+            .expect("completion_tokens"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_quotas_and_usage_hold_and_survive_a_kill() {
+    let dir = temp_dir();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut server = serve(&dir, port);
+    wait_ready(&url).await;
+
+    // The admin API needs the admin key; API requests need a valid key.
+    let r = reqwest::get(format!("{url}/admin/keys"))
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 401);
+    let (status, _, body) = chat(&url, None, 4).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("invalid_api_key")),
+        "{body}"
+    );
+    let (status, _, body) = chat(&url, Some("lm-not-a-key"), 4).await;
+    assert_eq!(status, 401, "{body}");
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/messages"))
+        .header("x-api-key", "lm-not-a-key")
+        .json(&json!({"model": "smol", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 401);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["type"], "authentication_error", "{body}");
+
+    // Requests per minute: 3 pass, the 4th is refused, naming the limit.
+    let (_, rpm_key) = create_key(&url, json!({"name": "rpm-team", "rpm": 3})).await;
+    for _ in 0..3 {
+        let (status, _, body) = chat(&url, Some(&rpm_key), 4).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, retry, body) = chat(&url, Some(&rpm_key), 4).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["type"], "requests", "{body}");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("requests per minute (RPM): limit 3"),
+        "{message}"
+    );
+    let retry: u64 = retry.expect("Retry-After").parse().expect("seconds");
+    assert!((1..=20).contains(&retry), "{retry}");
+
+    // Tokens per minute (100): max_tokens (20) is reserved at admission and the real use
+    // (prompt + 20) settled after. The first two fit; then the bucket holds less than 20.
+    let (_, tpm_key) = create_key(&url, json!({"name": "tpm-team", "tpm": 100})).await;
+    let started = Instant::now();
+    let (s1, _, b1) = chat(&url, Some(&tpm_key), 20).await;
+    let (s2, _, b2) = chat(&url, Some(&tpm_key), 20).await;
+    let (s3, retry3, b3) = chat(&url, Some(&tpm_key), 20).await;
+    let refill = started.elapsed().as_secs_f64() * 100.0 / 60.0;
+    assert_eq!((s1, s2), (200, 200), "{b1} {b2}");
+    let (u1, u2) = (openai_usage(&b1), openai_usage(&b2));
+    let used = (u1.0 + u1.1 + u2.0 + u2.1) as f64;
+    // The preconditions that make these the exact outcomes at the limit.
+    assert!(
+        100.0 - (u1.0 + u1.1) as f64 >= 20.0,
+        "the second fits: {u1:?}"
+    );
+    assert!(
+        100.0 - used + refill < 20.0,
+        "the third does not: used {used}, refill {refill}"
+    );
+    assert_eq!(s3, 429, "{b3}");
+    assert_eq!(b3["error"]["type"], "tokens", "{b3}");
+    assert!(
+        b3["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("tokens per minute (TPM): limit 100")),
+        "{b3}"
+    );
+    assert!(retry3.is_some());
+    // A request that can never fit says so.
+    let (status, _, body) = chat(&url, Some(&tpm_key), 500).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Lower max_tokens")),
+        "{body}"
+    );
+
+    // Usage: what the ledger says equals what the clients were told, over whole answers and
+    // streams on both APIs.
+    let (usage_id, usage_key) = create_key(&url, json!({"name": "metered"})).await;
+    let mut told = (0u64, 0u64, 0u64);
+    for n in [3, 5] {
+        let (status, _, body) = chat(&url, Some(&usage_key), n).await;
+        assert_eq!(status, 200, "{body}");
+        let (i, o) = openai_usage(&body);
+        told = (told.0 + 1, told.1 + i, told.2 + o);
+    }
+    let events = stream_events(
+        &url,
+        "/v1/chat/completions",
+        &usage_key,
+        json!({"model": "smol", "max_tokens": 6, "stream": true,
+            "stream_options": {"include_usage": true},
+            "messages": [{"role": "user", "content": "Stream something."}]}),
+    )
+    .await;
+    let last = events
+        .iter()
+        .rev()
+        .find(|v| v["usage"].is_object())
+        .expect("a usage chunk");
+    let (i, o) = openai_usage(last);
+    told = (told.0 + 1, told.1 + i, told.2 + o);
+    let events = stream_events(
+        &url,
+        "/v1/messages",
+        &usage_key,
+        json!({"model": "smol", "max_tokens": 7, "stream": true,
+            "messages": [{"role": "user", "content": "Stream something else."}]}),
+    )
+    .await;
+    let input = events
+        .iter()
+        .find_map(|e| e["message"]["usage"]["input_tokens"].as_u64())
+        .expect("message_start usage");
+    let output = events
+        .iter()
+        .rev()
+        .find_map(|e| {
+            (e["type"] == "message_delta").then(|| e["usage"]["output_tokens"].as_u64())?
+        })
+        .expect("message_delta usage");
+    told = (told.0 + 1, told.1 + input, told.2 + output);
+    let ledger = |v: &Value| {
+        (
+            v["totals"]["requests"].as_u64().unwrap_or(0),
+            v["totals"]["input_tokens"].as_u64().unwrap_or(0),
+            v["totals"]["output_tokens"].as_u64().unwrap_or(0),
+        )
+    };
+    let usage_path = format!("/admin/usage?key={usage_id}&deployment=smol");
+    let (status, v) = admin(&url, reqwest::Method::GET, &usage_path, None).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(ledger(&v), told, "{v}");
+
+    // kill -9 after the next write (once a second): keys and usage are still there.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pid = server.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-9", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let _ = server.0.wait();
+    drop(server);
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let _server = serve(&dir, port);
+    wait_ready(&url).await;
+    let (status, v) = admin(&url, reqwest::Method::GET, &usage_path, None).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(ledger(&v), told, "usage survives kill -9: {v}");
+    let (status, _, body) = chat(&url, Some(&usage_key), 2).await;
+    assert_eq!(status, 200, "the key survives too: {body}");
+    let (status, v) = admin(
+        &url,
+        reqwest::Method::DELETE,
+        &format!("/admin/keys/{usage_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, _, _) = chat(&url, Some(&usage_key), 2).await;
+    assert_eq!(status, 401, "a revoked key is refused");
+}
