@@ -1,9 +1,16 @@
 #!/usr/bin/env python3
-"""Cold start to first token: start the server process, and as soon as it accepts a request send
-one streaming chat completion; the time from the process start to the first content chunk is the
-cold start. Runs lastmile (`lastmile serve`) and llama.cpp's `llama-server` alternately on the same
-GGUF with the same threads, N times each, and prints medians, the breakdown (process start to
-ready, ready to first token) and the ratio.
+"""Cold start to first token, three ways, alternating in one run on the same GGUF and threads:
+
+- lastmile, process start: start `lastmile serve`, and as soon as it accepts a request send one
+  streaming chat completion; the time from the process start to the first content chunk;
+- lastmile, scale from zero: a `lastmile serve --config` deployment at zero replicas gets one
+  streaming request; the activator holds it, the controller starts a replica, and the request
+  flows to it; the time from sending the request to the first content chunk, with its breakdown
+  (replica start to healthy, as the controller saw it, split by the replica's own report into
+  exec, model file, weights, tokenizer, listening; then hand-off and the first forward);
+- llama.cpp's `llama-server`, process start to first token (the anchor).
+
+Prints medians of N runs each and the ratios.
 
     python3 scripts/bench_cold_start.py [--runs 10] [--threads 2] [--model GGUF]
 
@@ -67,6 +74,71 @@ def ready(url):
         return False
 
 
+def get_json(url, timeout=5):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+class FromZero:
+    """A `lastmile serve --config` deployment that scales to zero after 1 s idle."""
+
+    def __init__(self, model, threads, workdir):
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = workdir / "deployments.yaml"
+        config.write_text(
+            "deployments:\n  - name: m\n"
+            f"    model: {model}\n    min_replicas: 0\n    max_replicas: 1\n    threads: {threads}\n"
+            "    idle_timeout: 1s\n    autoscaling:\n      stable_window: 2s\n      panic_window: 1s\n"
+        )
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [str(BIN), "serve", "--config", str(config), "--port", str(self.port),
+             "--usage-db", str(workdir / "usage.db")],
+            env=dict(os.environ, RUST_LOG="warn"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not ready(self.url):
+            if self.proc.poll() is not None:
+                raise SystemExit("lastmile serve --config exited early")
+            time.sleep(0.01)
+
+    def status(self):
+        return get_json(f"{self.url}/admin/deployments/m")["status"]
+
+    def run(self):
+        """One request at zero replicas: (total, breakdown dict) in seconds."""
+        while True:
+            s = self.status()
+            if s["ready"] == 0 and not s["replicas"]:
+                break
+            time.sleep(0.05)
+        t0 = time.perf_counter()
+        if not first_token(self.url, "m"):
+            raise SystemExit("the request at zero replicas failed")
+        total = time.perf_counter() - t0
+        s = self.status()
+        replica = next(r for r in s["replicas"] if r["state"] == "ready")
+        startup = get_json(f"{replica['url']}/health")["startup_ms"]
+        spawn_to_healthy = s["last_cold_start_ms"] / 1e3
+        main_to_ready = startup["main to ready"] / 1e3
+        parts = {
+            "spawn to healthy": spawn_to_healthy,
+            "exec to main (+ health poll)": spawn_to_healthy - main_to_ready,
+            "model file mapped and parsed": startup.get("map and parse the file", 0) / 1e3,
+            "weights mapped and repacked": startup.get("weights (mapped, repacked)", 0) / 1e3,
+            "tokenizer (in parallel)": startup.get("tokenizer (in parallel)", 0) / 1e3,
+            "main to listening": main_to_ready,
+            "request to spawn, hand-off, first forward": total - spawn_to_healthy,
+        }
+        return total, parts
+
+    def close(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 def one_run(cmd, env, url, model):
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -102,21 +174,42 @@ def main():
                                    dict(os.environ, LD_LIBRARY_PATH=str(LLAMA.parent))),
     }
     results = {name: [] for name in servers}
-    for i in range(a.runs):
-        for name, make in servers.items():
-            port = free_port()
-            cmd, env = make(port)
-            r = one_run(cmd, env, f"http://127.0.0.1:{port}", "m")
-            results[name].append(r)
-            print(f"run {i + 1}/{a.runs} {name}: ready {r[0] * 1e3:.0f} ms, first token {r[1] * 1e3:.0f} ms later, "
-                  f"total {r[2] * 1e3:.0f} ms", flush=True)
+    zero = FromZero(a.model, a.threads, Path(os.environ.get("TMPDIR", "/tmp")) / f"lastmile-cold-{os.getpid()}")
+    zero_runs = []
+    try:
+        for i in range(a.runs):
+            for name, make in servers.items():
+                port = free_port()
+                cmd, env = make(port)
+                r = one_run(cmd, env, f"http://127.0.0.1:{port}", "m")
+                results[name].append(r)
+                print(f"run {i + 1}/{a.runs} {name}: ready {r[0] * 1e3:.0f} ms, first token {r[1] * 1e3:.0f} ms "
+                      f"later, total {r[2] * 1e3:.0f} ms", flush=True)
+            total, parts = zero.run()
+            zero_runs.append((total, parts))
+            print(f"run {i + 1}/{a.runs} lastmile from zero: request to first token {total * 1e3:.0f} ms "
+                  f"(replica spawn to healthy {parts['spawn to healthy'] * 1e3:.0f} ms)", flush=True)
+    finally:
+        zero.close()
     med = {n: [statistics.median(x[k] for x in rs) * 1e3 for k in range(3)] for n, rs in results.items()}
+    zero_med = statistics.median(t for t, _ in zero_runs) * 1e3
     print()
-    print(f"| server | process start to ready (ms) | ready to first token (ms) | **cold start to first token (ms)** |")
+    print("| server | process start to ready (ms) | ready to first token (ms) | **cold start to first token (ms)** |")
     print("| --- | ---: | ---: | ---: |")
     for n, (r, f, t) in med.items():
         print(f"| {n} | {r:.0f} | {f:.0f} | **{t:.0f}** |")
-    print(f"\nmedians of {a.runs}; lastmile is {med['llama.cpp'][2] / med['lastmile'][2]:.2f}x faster to its first token")
+    spawn = statistics.median(p["spawn to healthy"] for _, p in zero_runs) * 1e3
+    print(f"| lastmile, request at zero replicas (activator + controller + replica) | {spawn:.0f} (replica spawn to "
+          f"healthy) | {zero_med - spawn:.0f} | **{zero_med:.0f}** |")
+    print("\nScale from zero, breakdown (medians):\n")
+    print("| stage | ms |")
+    print("| --- | ---: |")
+    for key in zero_runs[0][1]:
+        print(f"| {key} | {statistics.median(p[key] for _, p in zero_runs) * 1e3:.0f} |")
+    print(f"| **request to first token** | **{zero_med:.0f}** |")
+    print(f"\nmedians of {a.runs}; lastmile is {med['llama.cpp'][2] / med['lastmile'][2]:.2f}x faster to its first "
+          f"token from process start; a request at zero replicas gets its first token "
+          f"{med['llama.cpp'][2] / zero_med:.2f}x faster than llama-server's process start to first token")
 
 
 if __name__ == "__main__":

@@ -484,11 +484,13 @@ fn serve(args: ServeArgs) -> Result<()> {
                 }
             }
         };
-        // Structured output and tool calls need a vocabulary index; build it while idle.
+        // Structured output and tool calls need a vocabulary index; build it while idle, at
+        // the lowest priority, so that a replica started for a burst serves the burst first.
         let warm = engine.clone();
         std::thread::Builder::new()
             .name("lastmile-grammar-warmup".into())
             .spawn(move || {
+                lower_this_threads_priority();
                 if let Err(e) = warm.warm_grammars() {
                     tracing::warn!("structured output is unavailable for this model: {e}");
                 }
@@ -496,6 +498,18 @@ fn serve(args: ServeArgs) -> Result<()> {
         lastmile_worker::serve(listener, engine, config, shutdown).await?;
         Ok(())
     })
+}
+
+/// Makes the calling thread the last to get a core (nice 19): background work that must not
+/// compete with requests.
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid has no preconditions; setpriority on our own thread id only changes that
+    // thread's nice value (Linux applies PRIO_PROCESS to a single thread given its tid).
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what `kill` and Kubernetes send), so in-flight requests

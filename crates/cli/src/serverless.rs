@@ -25,7 +25,7 @@ impl Balancer for GatewayBalancer {
         Load {
             in_flight: l.in_flight,
             held: l.held,
-            ttft_p90: None,
+            ttft_p90: l.ttft_p90,
         }
     }
 
@@ -35,6 +35,10 @@ impl Balancer for GatewayBalancer {
 
     fn replica_gone(&self, _deployment: &str, url: &str) {
         self.0.remove_replica(url);
+    }
+
+    fn replicas_starting(&self, deployment: &str, n: usize) {
+        self.0.replicas_starting(deployment, n);
     }
 }
 
@@ -86,6 +90,7 @@ pub(crate) fn serve_deployments(args: ServeArgs, config: &Path) -> Result<()> {
             policy: d.routing,
             queue: d.queue,
             hold_timeout: d.hold_timeout,
+            capacity_per_replica: d.autoscaling.target_concurrency,
         })
         .collect();
     let exe = std::env::current_exe().context("locating the lastmile binary")?;

@@ -4,8 +4,9 @@
 //! Every tick it reads the deployment's load from the [`Balancer`] (the gateway: requests in
 //! flight on its replicas and held by the activator), asks the [`Autoscaler`] how many replicas
 //! that needs, and starts or stops replicas through the [`ReplicaBackend`]. A request held at
-//! zero replicas wakes it at once (`wake`) instead of waiting for the tick; because it counts
-//! the replicas already starting, any number of such wakes start one replica, not one each.
+//! zero replicas wakes it at once (`wake`) instead of waiting for the tick, and asks for as many
+//! replicas as the held requests need at the target concurrency; because it counts the replicas
+//! already starting, any number of such wakes start that many replicas, not one per request.
 //!
 //! A replica is put in rotation (`Balancer::replica_ready`) once its `/health` answers, and
 //! taken out (`replica_gone`) before it is stopped or as soon as it is seen dead. A replica that
@@ -42,6 +43,9 @@ pub trait Balancer: Send + Sync + 'static {
     fn replica_ready(&self, deployment: &str, url: &str);
     /// The replica at `url` is stopping or dead: send it nothing more.
     fn replica_gone(&self, deployment: &str, url: &str);
+    /// `n` replicas of `deployment` are starting (the front door can pace held requests over
+    /// the replicas that are ready until they are up).
+    fn replicas_starting(&self, deployment: &str, n: usize);
 }
 
 /// The controller's timings.
@@ -315,6 +319,7 @@ impl Loop {
         let mut desired = self.m.spec.min_replicas;
         let mut panicking = false;
         let mut load = Load::default();
+        let mut starting_reported = 0;
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -328,15 +333,24 @@ impl Loop {
                     panicking = d.panicking;
                 }
                 _ = self.m.wake.notified() => {
+                    // Requests are held: enough replicas for them at once (as Knative's
+                    // activator pokes its autoscaler), without waiting for the averages.
                     load = self.balancer.load(&name);
                     if load.held > 0 {
-                        desired = desired.max(1).min(self.m.spec.max_replicas);
+                        let target = self.m.spec.autoscaling.target_concurrency;
+                        let for_held = ((load.in_flight + load.held) as f64 / target).ceil() as usize;
+                        desired = desired.max(for_held).max(1).min(self.m.spec.max_replicas);
                     }
                 }
                 Some(ev) = rx.recv() => self.on_event(ev),
                 _ = shutdown.changed() => break,
             }
             self.reconcile(desired, &tx);
+            let starting = self.count(State::Starting);
+            if starting != starting_reported {
+                self.balancer.replicas_starting(&name, starting);
+                starting_reported = starting;
+            }
             let mut s = lock(&self.m.status);
             s.desired = desired;
             s.panicking = panicking;

@@ -3,6 +3,12 @@
 //! demand (the `on_demand` callback, which starts a replica if none is starting), then waits
 //! until a worker serving the deployment becomes available, and goes on to routing.
 //!
+//! While the deployment is scaling up (the controller reports replicas starting), the activator
+//! stays in the path as Knative's does: it lets through only as many requests as the ready
+//! replicas have capacity for (`capacity_per_replica` each, counting those it let through that
+//! are not yet routed), so a burst at zero does not all land on the first replica to come up;
+//! once nothing is starting, everyone waiting goes on and routing spreads them.
+//!
 //! Bounds: at most the deployment's `queue` requests wait at once (more get 503 at once), and
 //! each waits at most its `hold_timeout` (then 503); both answers carry `Retry-After`. The
 //! number waiting per deployment is part of the load the autoscaler reads.
@@ -22,6 +28,8 @@ pub(crate) type DemandHook = Arc<dyn Fn(&str) + Send + Sync>;
 #[derive(Default)]
 pub(crate) struct Activator {
     held: Mutex<HashMap<String, usize>>,
+    /// Per deployment: (replicas starting, requests let through and not yet routed).
+    scaling: Mutex<HashMap<String, (usize, usize)>>,
     on_demand: RwLock<Option<DemandHook>>,
     /// Requests that had to wait for a replica.
     pub(crate) activated: AtomicU64,
@@ -44,7 +52,31 @@ impl Drop for Held<'_> {
     }
 }
 
+/// A request the activator let through, counted against capacity until it is routed (dropped
+/// once its worker counts it in flight).
+pub(crate) struct Released<'a> {
+    activator: &'a Activator,
+    name: &'a str,
+}
+
+impl Drop for Released<'_> {
+    fn drop(&mut self) {
+        if let Some(e) = self.activator.scaling().get_mut(self.name) {
+            e.1 = e.1.saturating_sub(1);
+        }
+    }
+}
+
 impl Activator {
+    fn scaling(&self) -> std::sync::MutexGuard<'_, HashMap<String, (usize, usize)>> {
+        self.scaling.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The controller reports `n` replicas of `deployment` starting.
+    pub(crate) fn set_starting(&self, deployment: &str, n: usize) {
+        self.scaling().entry(deployment.to_string()).or_default().0 = n;
+    }
+
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -71,22 +103,17 @@ impl Activator {
     }
 
     /// Returns at once if a worker serves `d` (other than those in `exclude`: they failed this
-    /// request); otherwise waits for one (see the module comment), or answers why it cannot.
-    pub(crate) async fn ready(
-        &self,
+    /// request) and has room (see the module comment); otherwise waits for one, or answers why
+    /// it cannot. Keep the returned guard until the request is counted in flight on a worker.
+    pub(crate) async fn ready<'a>(
+        &'a self,
         gw: &Gateway,
-        d: &DeploymentRoute,
+        d: &'a DeploymentRoute,
         exclude: &[usize],
-    ) -> Result<(), ApiError> {
-        let available = || {
-            gw.workers.all().iter().enumerate().any(|(id, w)| {
-                !exclude.contains(&id)
-                    && w.available()
-                    && w.model().as_deref() == Some(d.name.as_str())
-            })
-        };
-        if available() {
-            return Ok(());
+    ) -> Result<Released<'a>, ApiError> {
+        let go = || self.try_release(gw, d, exclude);
+        if let Some(r) = go() {
+            return Ok(r);
         }
         {
             let mut held = self.held();
@@ -108,15 +135,15 @@ impl Activator {
         self.activated.fetch_add(1, Ordering::Relaxed);
         let deadline = tokio::time::Instant::now() + d.hold_timeout;
         loop {
-            // Registered before the check, so a worker arriving in between still wakes us.
-            let arrived = gw.workers.became_available.notified();
-            if available() {
-                return Ok(());
+            // Registered before the check, so a change in between still wakes us.
+            let changed = gw.workers.became_available.notified();
+            if let Some(r) = go() {
+                return Ok(r);
             }
             self.demand(&d.name);
-            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
-                if available() {
-                    return Ok(());
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                if let Some(r) = go() {
+                    return Ok(r);
                 }
                 self.rejected.fetch_add(1, Ordering::Relaxed);
                 return Err(ApiError::overloaded(format!(
@@ -126,5 +153,43 @@ impl Activator {
                 )));
             }
         }
+    }
+
+    /// Lets one request through if a replica of `d` is available and, while replicas are
+    /// starting, the ready ones have room for it.
+    fn try_release<'a>(
+        &'a self,
+        gw: &Gateway,
+        d: &'a DeploymentRoute,
+        exclude: &[usize],
+    ) -> Option<Released<'a>> {
+        let all = gw.workers.all();
+        let ready: Vec<_> = all
+            .iter()
+            .enumerate()
+            .filter(|(id, w)| {
+                !exclude.contains(id)
+                    && w.available()
+                    && w.model().as_deref() == Some(d.name.as_str())
+            })
+            .map(|(_, w)| w)
+            .collect();
+        if ready.is_empty() {
+            return None;
+        }
+        let mut scaling = self.scaling();
+        let entry = scaling.entry(d.name.clone()).or_default();
+        let (starting, releasing) = *entry;
+        if starting > 0 && d.capacity_per_replica > 0.0 {
+            let in_flight: usize = ready.iter().map(|w| w.in_flight()).sum();
+            if (in_flight + releasing) as f64 >= d.capacity_per_replica * ready.len() as f64 {
+                return None;
+            }
+        }
+        entry.1 += 1;
+        Some(Released {
+            activator: self,
+            name: &d.name,
+        })
     }
 }

@@ -83,6 +83,9 @@ pub struct DeploymentRoute {
     pub queue: usize,
     /// Longest a request is held before 503.
     pub hold_timeout: Duration,
+    /// While replicas are starting, requests let through per ready replica at most (0: no
+    /// limit); the autoscaler's target concurrency.
+    pub capacity_per_replica: f64,
 }
 
 /// Gateway settings.
@@ -329,6 +332,8 @@ pub struct DeploymentLoad {
     pub in_flight: usize,
     /// Requests the activator holds for it.
     pub held: usize,
+    /// The worst recent p90 time to first token its replicas report.
+    pub ttft_p90: Option<Duration>,
 }
 
 /// A gateway, built and ready to serve; the control plane puts the replicas it starts in
@@ -397,19 +402,31 @@ impl GatewayHandle {
         self.0.worker_down(url);
     }
 
-    /// Requests in flight on, and held for, deployment `model`.
+    /// Requests in flight on, and held for, deployment `model`, and its replicas' worst
+    /// recent p90 time to first token.
     pub fn load(&self, model: &str) -> DeploymentLoad {
-        let in_flight = self
-            .0
-            .workers
-            .all()
+        let all = self.0.workers.all();
+        let replicas = all
             .iter()
-            .filter(|w| w.listed() && w.model().as_deref() == Some(model))
-            .map(|w| w.in_flight())
-            .sum();
+            .filter(|w| w.listed() && w.model().as_deref() == Some(model));
+        let in_flight = replicas.clone().map(|w| w.in_flight()).sum();
+        let ttft_p90 = replicas
+            .filter_map(|w| w.ttft_p90_ms())
+            .max_by(f64::total_cmp)
+            .map(|ms| Duration::from_secs_f64(ms / 1e3));
         DeploymentLoad {
             in_flight,
             held: self.0.activator.waiting(model),
+            ttft_p90,
+        }
+    }
+
+    /// The control plane reports `n` replicas of `deployment` starting: while any are, the
+    /// activator lets through only what the ready replicas have room for.
+    pub fn replicas_starting(&self, deployment: &str, n: usize) {
+        self.0.activator.set_starting(deployment, n);
+        if n == 0 {
+            self.0.workers.became_available.notify_waiters();
         }
     }
 

@@ -157,11 +157,13 @@ async fn relay(
 ) -> Response {
     let mut tried: Vec<usize> = Vec::new();
     let mut rewaits = 0;
+    let mut released = None;
     if let Some(name) = model {
         if let Some(d) = gw.deployment(name) {
             // Scaled to zero or still starting: wait here while a replica starts.
-            if let Err(e) = gw.activator.ready(gw, d, &[]).await {
-                return error_response(path, &e);
+            match gw.activator.ready(gw, d, &[]).await {
+                Ok(r) => released = Some(r),
+                Err(e) => return error_response(path, &e),
             }
         } else {
             // Workers are up but none serves it, and no worker known to serve it is down: no
@@ -196,7 +198,10 @@ async fn relay(
                 if rewaits < MAX_REWAITS {
                     rewaits += 1;
                     match gw.activator.ready(gw, d, &tried).await {
-                        Ok(()) => continue,
+                        Ok(r) => {
+                            released = Some(r);
+                            continue;
+                        }
                         Err(e) => return error_response(path, &e),
                     }
                 }
@@ -211,6 +216,8 @@ async fn relay(
         let id = decision.worker;
         let cached = (decision.overlap_blocks * route.block_size).min(route.prompt_tokens);
         let guard = gw.workers.start(id, route.prompt_tokens - cached);
+        // Counted in flight on its worker now: no longer against the activator's capacity.
+        drop(released.take());
         gw.metrics.routed(decision.overlap_blocks);
         let worker_url = gw.workers.get(id).url.clone();
         let url = format!("{worker_url}{path}");

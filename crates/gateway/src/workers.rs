@@ -23,6 +23,8 @@ struct Status {
     waiting: usize,
     /// Prompt tokens it reported still to compute.
     queued_prefill_tokens: usize,
+    /// Its recent p90 time to first token, in ms, when it has served requests lately.
+    ttft_p90_ms: Option<f64>,
     consecutive_failures: u32,
     /// The breaker is open until then.
     open_until: Option<Instant>,
@@ -104,18 +106,25 @@ impl Worker {
         self.status().open_until.is_some_and(|t| t > Instant::now())
     }
 
+    /// Its recent p90 time to first token (ms), as it last reported.
+    pub(crate) fn ttft_p90_ms(&self) -> Option<f64> {
+        self.status().ttft_p90_ms
+    }
+
     /// Whether its discovery source lists it.
     pub(crate) fn listed(&self) -> bool {
         self.listed.load(Ordering::Relaxed)
     }
 }
 
-/// Decrements a worker's in-flight count when the response it belongs to is finished or dropped.
-pub(crate) struct InFlight(Arc<Worker>);
+/// Decrements a worker's in-flight count when the response it belongs to is finished or dropped
+/// (and wakes the activator's waiters: capacity was freed).
+pub(crate) struct InFlight(Arc<Worker>, Arc<tokio::sync::Notify>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.1.notify_waiters();
     }
 }
 
@@ -125,8 +134,9 @@ pub(crate) struct Workers {
     pub(crate) client: reqwest::Client,
     breaker_failures: u32,
     breaker_cooldown: Duration,
-    /// Wakes everyone waiting for a worker to become available (the activator).
-    pub(crate) became_available: tokio::sync::Notify,
+    /// Wakes everyone waiting for a worker to become available or to finish a request (the
+    /// activator).
+    pub(crate) became_available: Arc<tokio::sync::Notify>,
 }
 
 impl Workers {
@@ -145,7 +155,7 @@ impl Workers {
                 .unwrap_or_default(),
             breaker_failures: config.breaker_failures,
             breaker_cooldown: config.breaker_cooldown,
-            became_available: tokio::sync::Notify::new(),
+            became_available: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -231,7 +241,7 @@ impl Workers {
         w.routed.fetch_add(1, Ordering::Relaxed);
         w.recent_prefill
             .fetch_add(prefill_tokens, Ordering::Relaxed);
-        InFlight(w)
+        InFlight(w, self.became_available.clone())
     }
 
     /// Records a failure to reach `id`; enough of them in a row open its breaker.
@@ -286,6 +296,7 @@ impl Workers {
         s.running = count("running");
         s.waiting = count("waiting");
         s.queued_prefill_tokens = count("queued_prefill_tokens");
+        s.ttft_p90_ms = body.get("ttft_p90_ms").and_then(|v| v.as_f64());
         // The report covers what was routed before it was asked for.
         w.recent_prefill.store(0, Ordering::Relaxed);
         s.consecutive_failures = 0;

@@ -79,7 +79,7 @@ impl Generation {
                 GenerationEvent::Token { id, text, logprobs } => {
                     let now = Instant::now();
                     match self.last_token {
-                        None => metrics.ttft.observe((now - self.started).as_secs_f64()),
+                        None => metrics.observe_ttft((now - self.started).as_secs_f64()),
                         Some(prev) => metrics.itl.observe((now - prev).as_secs_f64()),
                     }
                     self.last_token = Some(now);

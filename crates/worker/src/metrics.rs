@@ -82,6 +82,8 @@ pub struct Metrics {
     pub itl: Histogram,
     /// Whole-request latency.
     pub e2e: Histogram,
+    /// The latest times to first token, for the recent p90 the autoscaler reads.
+    recent_ttft: Mutex<std::collections::VecDeque<(std::time::Instant, f64)>>,
 }
 
 impl Default for Metrics {
@@ -93,11 +95,42 @@ impl Default for Metrics {
             ttft: Histogram::new(LATENCY_BOUNDS),
             itl: Histogram::new(ITL_BOUNDS),
             e2e: Histogram::new(LATENCY_BOUNDS),
+            recent_ttft: Mutex::new(std::collections::VecDeque::new()),
         }
     }
 }
 
+/// How many recent times to first token the p90 is taken over, and how old they may be.
+const RECENT_TTFT: usize = 64;
+const RECENT_TTFT_AGE: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Metrics {
+    /// Records one time to first token (seconds).
+    pub fn observe_ttft(&self, seconds: f64) {
+        self.ttft.observe(seconds);
+        let mut r = self.recent_ttft.lock().unwrap_or_else(|e| e.into_inner());
+        if r.len() == RECENT_TTFT {
+            r.pop_front();
+        }
+        r.push_back((std::time::Instant::now(), seconds));
+    }
+
+    /// p90 of the times to first token of the last 30 s (at most the last 64), if any.
+    pub fn recent_ttft_p90(&self) -> Option<f64> {
+        let r = self.recent_ttft.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<f64> = r
+            .iter()
+            .filter(|(t, _)| t.elapsed() <= RECENT_TTFT_AGE)
+            .map(|&(_, s)| s)
+            .collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let rank = ((v.len() as f64) * 0.9).ceil() as usize;
+        Some(v[rank.clamp(1, v.len()) - 1])
+    }
+
     /// Counts one finished request by endpoint and status.
     pub fn count_request(&self, endpoint: &str, status: u16) {
         let mut r = self.requests.lock().unwrap_or_else(|e| e.into_inner());
@@ -249,5 +282,21 @@ mod tests {
         assert!(s.contains("x_bucket{le=\"1\"} 2"));
         assert!(s.contains("x_bucket{le=\"+Inf\"} 3"));
         assert!(s.contains("x_count 3"));
+    }
+
+    #[test]
+    fn recent_ttft_p90_covers_the_last_64() {
+        let m = Metrics::default();
+        assert_eq!(m.recent_ttft_p90(), None);
+        for i in 1..=10 {
+            m.observe_ttft(i as f64 / 10.0);
+        }
+        assert_eq!(m.recent_ttft_p90(), Some(0.9));
+        // 64 fast ones push the slow ones out.
+        for _ in 0..64 {
+            m.observe_ttft(0.01);
+        }
+        assert_eq!(m.recent_ttft_p90(), Some(0.01));
+        assert_eq!(m.ttft.count(), 74);
     }
 }
