@@ -284,6 +284,11 @@ async fn a_deployment_scales_from_zero_to_n_and_back_and_replaces_a_crashed_repl
         status(&gw, "smol").await["cold_starts"].as_u64(),
         Some(cold + 1)
     );
+    // Every cold start is in the histogram, and each took under 30 s.
+    let series = "lastmile_cold_start_seconds_bucket{deployment=\"smol\",le=\"30\"}";
+    assert_eq!(metric(&gw, series).await, cold + 1);
+    let count = "lastmile_cold_start_seconds_count{deployment=\"smol\"}";
+    assert_eq!(metric(&gw, count).await, cold + 1);
 
     // A deployment that cannot start: the queue (1) turns the second request away at once,
     // the first waits its hold timeout (1 s); both get 503 with Retry-After.

@@ -24,6 +24,9 @@ use crate::autoscaler::{Autoscaler, Observation};
 use crate::deployments::DeploymentSpec;
 use crate::supervisor::{wait_healthy, ReplicaBackend, ReplicaSpec, StartedReplica, Stop};
 
+/// Upper bounds (seconds) of the cold-start histogram.
+pub const COLD_START_BOUNDS: [f64; 8] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
 /// A deployment's load as the front door sees it.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Load {
@@ -111,6 +114,9 @@ pub struct DeploymentStatus {
     pub cold_start_seconds_sum: f64,
     /// The last one's start-to-ready time, in milliseconds.
     pub last_cold_start_ms: Option<f64>,
+    /// Cold starts at or under each of `COLD_START_BOUNDS` (cumulative, as Prometheus wants).
+    #[serde(skip)]
+    pub cold_start_buckets: [u64; COLD_START_BOUNDS.len()],
     /// Replicas that exited without being asked to (or never became healthy).
     pub crashes: u64,
     /// Every replica now.
@@ -243,13 +249,24 @@ impl Controller {
             "counter",
             &|s| s.cold_starts.to_string(),
         );
-        per_deployment(
-            &mut out,
-            "lastmile_cold_start_seconds_sum",
-            "Total time from starting a replica to its first successful health check.",
-            "counter",
-            &|s| format!("{:.6}", s.cold_start_seconds_sum),
+        let name = "lastmile_cold_start_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from starting a replica to its first successful health check.\n\
+             # TYPE {name} histogram"
         );
+        for (spec, s) in &rows {
+            let d = &spec.name;
+            for (le, n) in COLD_START_BOUNDS.iter().zip(&s.cold_start_buckets) {
+                let _ = writeln!(out, "{name}_bucket{{deployment=\"{d}\",le=\"{le}\"}} {n}");
+            }
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{deployment=\"{d}\",le=\"+Inf\"}} {}\n{name}_sum{{deployment=\"{d}\"}} \
+                 {:.6}\n{name}_count{{deployment=\"{d}\"}} {}",
+                s.cold_starts, s.cold_start_seconds_sum, s.cold_starts
+            );
+        }
         per_deployment(
             &mut out,
             "lastmile_replica_crashes_total",
@@ -489,6 +506,11 @@ impl Loop {
                 let mut s = lock(&self.m.status);
                 s.cold_starts += 1;
                 s.cold_start_seconds_sum += took;
+                for (le, n) in COLD_START_BOUNDS.iter().zip(&mut s.cold_start_buckets) {
+                    if took <= *le {
+                        *n += 1;
+                    }
+                }
                 s.last_cold_start_ms = Some(took * 1e3);
             }
             Event::Health(seq, false) => {
