@@ -26,6 +26,7 @@ impl Balancer for GatewayBalancer {
             in_flight: l.in_flight,
             held: l.held,
             ttft_p90: l.ttft_p90,
+            itl_p90: l.itl_p90,
         }
     }
 

@@ -64,6 +64,7 @@ fn describe(spec: &DeploymentSpec, status: &DeploymentStatus) -> Value {
             "max_scale_up_rate": a.max_scale_up_rate,
             "max_scale_down_rate": a.max_scale_down_rate,
             "ttft_p90_target_ms": a.ttft_p90_target.map(|d| d.as_secs_f64() * 1e3),
+            "itl_p90_target_ms": a.itl_p90_target.map(|d| d.as_secs_f64() * 1e3),
         },
         "args": spec.args,
         "status": status,

@@ -46,6 +46,8 @@ pub struct AutoscalerConfig {
     pub idle_timeout: Duration,
     /// Add a replica while the time to first token's p90 is above this.
     pub ttft_p90_target: Option<Duration>,
+    /// Add a replica while the p90 gap between streamed tokens is above this.
+    pub itl_p90_target: Option<Duration>,
 }
 
 impl AutoscalerConfig {
@@ -64,6 +66,7 @@ impl AutoscalerConfig {
             max_scale_down_rate: 2.0,
             idle_timeout: Duration::from_secs(300),
             ttft_p90_target: None,
+            itl_p90_target: None,
         }
     }
 }
@@ -77,6 +80,8 @@ pub struct Observation {
     pub ready: usize,
     /// p90 time to first token over the recent past, when known.
     pub ttft_p90: Option<Duration>,
+    /// p90 inter-token gap over the recent past, when known.
+    pub itl_p90: Option<Duration>,
 }
 
 /// The autoscaler's answer at one tick.
@@ -168,10 +173,12 @@ impl Autoscaler {
         };
 
         // A missed latency target under load: one more than are ready.
-        if let (Some(target), Some(p90)) = (c.ttft_p90_target, obs.ttft_p90) {
-            if p90 > target && concurrency > 0.0 && obs.ready > 0 {
-                want = want.max(obs.ready + 1);
-            }
+        let missed = |target: Option<Duration>, p90: Option<Duration>| matches!((target, p90), (Some(t), Some(p)) if p > t);
+        if (missed(c.ttft_p90_target, obs.ttft_p90) || missed(c.itl_p90_target, obs.itl_p90))
+            && concurrency > 0.0
+            && obs.ready > 0
+        {
+            want = want.max(obs.ready + 1);
         }
 
         // Idle: zero only after `idle_timeout` without any request; any request wants one.
@@ -266,6 +273,7 @@ mod tests {
                         concurrency: load(t),
                         ready: self.ready,
                         ttft_p90: None,
+                        itl_p90: None,
                     },
                 );
                 self.ready = d.desired;
@@ -405,14 +413,17 @@ mod tests {
     fn a_missed_latency_target_adds_a_replica() {
         let mut s = Autoscaler::new(AutoscalerConfig {
             ttft_p90_target: Some(Duration::from_millis(500)),
+            itl_p90_target: Some(Duration::from_millis(50)),
             ..config()
         });
-        let obs = |p90_ms: u64| Observation {
+        let obs = |ttft_ms: u64, itl_ms: u64| Observation {
             concurrency: 2.0,
             ready: 2,
-            ttft_p90: Some(Duration::from_millis(p90_ms)),
+            ttft_p90: Some(Duration::from_millis(ttft_ms)),
+            itl_p90: Some(Duration::from_millis(itl_ms)),
         };
-        assert_eq!(s.decide(Duration::ZERO, obs(200)).desired, 1);
-        assert_eq!(s.decide(TICK, obs(900)).desired, 3);
+        assert_eq!(s.decide(Duration::ZERO, obs(200, 20)).desired, 1);
+        assert_eq!(s.decide(TICK, obs(900, 20)).desired, 3, "TTFT missed");
+        assert_eq!(s.decide(TICK * 2, obs(200, 80)).desired, 3, "ITL missed");
     }
 }

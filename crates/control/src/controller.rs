@@ -36,6 +36,8 @@ pub struct Load {
     pub held: usize,
     /// Recent p90 time to first token, when measured.
     pub ttft_p90: Option<Duration>,
+    /// Recent p90 gap between streamed tokens, when measured.
+    pub itl_p90: Option<Duration>,
 }
 
 /// The front door the controller feeds replicas to (the gateway).
@@ -345,6 +347,7 @@ impl Loop {
                         concurrency: (load.in_flight + load.held) as f64,
                         ready: self.count(State::Ready),
                         ttft_p90: load.ttft_p90,
+                        itl_p90: load.itl_p90,
                     });
                     desired = d.desired;
                     panicking = d.panicking;

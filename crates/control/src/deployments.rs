@@ -174,6 +174,8 @@ struct AutoscalingYaml {
     max_scale_down_rate: Option<Spanned<f64>>,
     #[serde(default)]
     ttft_p90_target: Option<Spanned<Seconds>>,
+    #[serde(default)]
+    itl_p90_target: Option<Spanned<Seconds>>,
 }
 
 /// Checks one field; the error names the file, line, column and field path.
@@ -281,6 +283,10 @@ impl DeploymentYaml {
             None => None,
             Some(_) => Some(duration(&af, "ttft_p90_target", &a.ttft_p90_target, 0.0)?),
         };
+        let itl_p90_target = match &a.itl_p90_target {
+            None => None,
+            Some(_) => Some(duration(&af, "itl_p90_target", &a.itl_p90_target, 0.0)?),
+        };
         let autoscaling = AutoscalerConfig {
             min_replicas,
             max_replicas,
@@ -311,6 +317,7 @@ impl DeploymentYaml {
                 Some(_) => duration(&f, "idle_timeout", &self.idle_timeout, 0.0)?,
             },
             ttft_p90_target,
+            itl_p90_target,
         };
         Ok(DeploymentSpec {
             name,
@@ -446,6 +453,7 @@ deployments:
       stable_window: 2m
       panic_window: 5
       ttft_p90_target: 800ms
+      itl_p90_target: 60ms
     args: [\"--kv-cache-mib\", \"256\"]
   - name: other
     model: /models/other.gguf
@@ -478,6 +486,10 @@ deployments:
             a.autoscaling.ttft_p90_target,
             Some(Duration::from_millis(800))
         );
+        assert_eq!(
+            a.autoscaling.itl_p90_target,
+            Some(Duration::from_millis(60))
+        );
         assert_eq!(a.args, ["--kv-cache-mib", "256"]);
         let b = d.get("other").expect("second deployment");
         assert_eq!(b.model.as_deref(), Some(Path::new("/models/other.gguf")));
@@ -496,7 +508,7 @@ deployments:
         let below_min = GOOD.replace("min_replicas: 1", "min_replicas: 2\n    max_replicas: 1");
         assert_eq!(
             error(&below_min),
-            "d.yaml:18:19: deployments[1].max_replicas: must be at least min_replicas (2)"
+            "d.yaml:19:19: deployments[1].max_replicas: must be at least min_replicas (2)"
         );
         let unknown = GOOD.replace("threads: 1", "thread: 1");
         let e = error(&unknown);
@@ -527,7 +539,7 @@ deployments:
         let twice = GOOD.replace("name: other", "name: smollm2");
         assert_eq!(
             error(&twice),
-            "d.yaml:15:1: deployments[1].name: \"smollm2\" is declared twice (names are the model \
+            "d.yaml:16:1: deployments[1].name: \"smollm2\" is declared twice (names are the model \
              ids clients send, so they must be unique)"
         );
         let missing = "deployments:\n  - min_replicas: 1\n";

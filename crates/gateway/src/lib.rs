@@ -334,6 +334,8 @@ pub struct DeploymentLoad {
     pub held: usize,
     /// The worst recent p90 time to first token its replicas report.
     pub ttft_p90: Option<Duration>,
+    /// The worst recent p90 inter-token gap its replicas report.
+    pub itl_p90: Option<Duration>,
 }
 
 /// A gateway, built and ready to serve; the control plane puts the replicas it starts in
@@ -403,21 +405,26 @@ impl GatewayHandle {
     }
 
     /// Requests in flight on, and held for, deployment `model`, and its replicas' worst
-    /// recent p90 time to first token.
+    /// recent p90 time to first token and inter-token gap.
     pub fn load(&self, model: &str) -> DeploymentLoad {
         let all = self.0.workers.all();
         let replicas = all
             .iter()
             .filter(|w| w.listed() && w.model().as_deref() == Some(model));
         let in_flight = replicas.clone().map(|w| w.in_flight()).sum();
-        let ttft_p90 = replicas
-            .filter_map(|w| w.ttft_p90_ms())
-            .max_by(f64::total_cmp)
-            .map(|ms| Duration::from_secs_f64(ms / 1e3));
+        let latencies: Vec<_> = replicas.map(|w| w.latency_p90_ms()).collect();
+        let worst = |pick: fn(&workers::LatencyP90) -> Option<f64>| {
+            latencies
+                .iter()
+                .filter_map(pick)
+                .max_by(f64::total_cmp)
+                .map(|ms| Duration::from_secs_f64(ms / 1e3))
+        };
         DeploymentLoad {
             in_flight,
             held: self.0.activator.waiting(model),
-            ttft_p90,
+            ttft_p90: worst(|l| l.ttft_ms),
+            itl_p90: worst(|l| l.itl_ms),
         }
     }
 

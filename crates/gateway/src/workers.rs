@@ -23,8 +23,10 @@ struct Status {
     waiting: usize,
     /// Prompt tokens it reported still to compute.
     queued_prefill_tokens: usize,
-    /// Its recent p90 time to first token, in ms, when it has served requests lately.
+    /// Its recent p90 time to first token and inter-token gap, in ms, when it has served
+    /// requests lately.
     ttft_p90_ms: Option<f64>,
+    itl_p90_ms: Option<f64>,
     consecutive_failures: u32,
     /// The breaker is open until then.
     open_until: Option<Instant>,
@@ -106,15 +108,26 @@ impl Worker {
         self.status().open_until.is_some_and(|t| t > Instant::now())
     }
 
-    /// Its recent p90 time to first token (ms), as it last reported.
-    pub(crate) fn ttft_p90_ms(&self) -> Option<f64> {
-        self.status().ttft_p90_ms
+    /// Its recent p90 time to first token and inter-token gap (ms), as it last reported.
+    pub(crate) fn latency_p90_ms(&self) -> LatencyP90 {
+        let s = self.status();
+        LatencyP90 {
+            ttft_ms: s.ttft_p90_ms,
+            itl_ms: s.itl_p90_ms,
+        }
     }
 
     /// Whether its discovery source lists it.
     pub(crate) fn listed(&self) -> bool {
         self.listed.load(Ordering::Relaxed)
     }
+}
+
+/// A worker's recent p90 latencies (ms), when it has served requests lately.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LatencyP90 {
+    pub(crate) ttft_ms: Option<f64>,
+    pub(crate) itl_ms: Option<f64>,
 }
 
 /// Decrements a worker's in-flight count when the response it belongs to is finished or dropped
@@ -297,6 +310,7 @@ impl Workers {
         s.waiting = count("waiting");
         s.queued_prefill_tokens = count("queued_prefill_tokens");
         s.ttft_p90_ms = body.get("ttft_p90_ms").and_then(|v| v.as_f64());
+        s.itl_p90_ms = body.get("itl_p90_ms").and_then(|v| v.as_f64());
         // The report covers what was routed before it was asked for.
         w.recent_prefill.store(0, Ordering::Relaxed);
         s.consecutive_failures = 0;

@@ -80,7 +80,7 @@ impl Generation {
                     let now = Instant::now();
                     match self.last_token {
                         None => metrics.observe_ttft((now - self.started).as_secs_f64()),
-                        Some(prev) => metrics.itl.observe((now - prev).as_secs_f64()),
+                        Some(prev) => metrics.observe_itl((now - prev).as_secs_f64()),
                     }
                     self.last_token = Some(now);
                     metrics

@@ -170,6 +170,7 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
         "kv_blocks_used": load(&st.kv_blocks_used),
         "kv_blocks_total": load(&st.kv_blocks_total),
         "ttft_p90_ms": s.metrics.recent_ttft_p90().map(|t| t * 1e3),
+        "itl_p90_ms": s.metrics.recent_itl_p90().map(|t| t * 1e3),
         "startup_ms": s
             .config
             .startup_ms

@@ -82,8 +82,48 @@ pub struct Metrics {
     pub itl: Histogram,
     /// Whole-request latency.
     pub e2e: Histogram,
-    /// The latest times to first token, for the recent p90 the autoscaler reads.
-    recent_ttft: Mutex<std::collections::VecDeque<(std::time::Instant, f64)>>,
+    /// The latest times to first token and inter-token gaps, for the recent p90s the
+    /// autoscaler reads.
+    recent_ttft: RecentP90,
+    recent_itl: RecentP90,
+}
+
+/// The p90 of the last `capacity` observations of the last 30 s.
+struct RecentP90 {
+    capacity: usize,
+    samples: Mutex<std::collections::VecDeque<(std::time::Instant, f64)>>,
+}
+
+impl RecentP90 {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            samples: Mutex::new(std::collections::VecDeque::with_capacity(capacity)),
+        }
+    }
+
+    fn observe(&self, v: f64) {
+        let mut r = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        if r.len() == self.capacity {
+            r.pop_front();
+        }
+        r.push_back((std::time::Instant::now(), v));
+    }
+
+    fn p90(&self) -> Option<f64> {
+        let r = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<f64> = r
+            .iter()
+            .filter(|(t, _)| t.elapsed() <= RECENT_AGE)
+            .map(|&(_, s)| s)
+            .collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let rank = ((v.len() as f64) * 0.9).ceil() as usize;
+        Some(v[rank.clamp(1, v.len()) - 1])
+    }
 }
 
 impl Default for Metrics {
@@ -95,40 +135,36 @@ impl Default for Metrics {
             ttft: Histogram::new(LATENCY_BOUNDS),
             itl: Histogram::new(ITL_BOUNDS),
             e2e: Histogram::new(LATENCY_BOUNDS),
-            recent_ttft: Mutex::new(std::collections::VecDeque::new()),
+            recent_ttft: RecentP90::new(64),
+            recent_itl: RecentP90::new(1024),
         }
     }
 }
 
-/// How many recent times to first token the p90 is taken over, and how old they may be.
-const RECENT_TTFT: usize = 64;
-const RECENT_TTFT_AGE: std::time::Duration = std::time::Duration::from_secs(30);
+/// How old the observations behind the recent p90s may be.
+const RECENT_AGE: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Metrics {
     /// Records one time to first token (seconds).
     pub fn observe_ttft(&self, seconds: f64) {
         self.ttft.observe(seconds);
-        let mut r = self.recent_ttft.lock().unwrap_or_else(|e| e.into_inner());
-        if r.len() == RECENT_TTFT {
-            r.pop_front();
-        }
-        r.push_back((std::time::Instant::now(), seconds));
+        self.recent_ttft.observe(seconds);
+    }
+
+    /// Records one gap between two tokens of a stream (seconds).
+    pub fn observe_itl(&self, seconds: f64) {
+        self.itl.observe(seconds);
+        self.recent_itl.observe(seconds);
     }
 
     /// p90 of the times to first token of the last 30 s (at most the last 64), if any.
     pub fn recent_ttft_p90(&self) -> Option<f64> {
-        let r = self.recent_ttft.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<f64> = r
-            .iter()
-            .filter(|(t, _)| t.elapsed() <= RECENT_TTFT_AGE)
-            .map(|&(_, s)| s)
-            .collect();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let rank = ((v.len() as f64) * 0.9).ceil() as usize;
-        Some(v[rank.clamp(1, v.len()) - 1])
+        self.recent_ttft.p90()
+    }
+
+    /// p90 of the inter-token gaps of the last 30 s (at most the last 1,024), if any.
+    pub fn recent_itl_p90(&self) -> Option<f64> {
+        self.recent_itl.p90()
     }
 
     /// Counts one finished request by endpoint and status.
@@ -298,5 +334,8 @@ mod tests {
         }
         assert_eq!(m.recent_ttft_p90(), Some(0.01));
         assert_eq!(m.ttft.count(), 74);
+        assert_eq!(m.recent_itl_p90(), None);
+        m.observe_itl(0.02);
+        assert_eq!(m.recent_itl_p90(), Some(0.02));
     }
 }
