@@ -117,7 +117,10 @@ class FromZero:
         total = time.perf_counter() - t0
         s = self.status()
         replica = next(r for r in s["replicas"] if r["state"] == "ready")
-        startup = get_json(f"{replica['url']}/health")["startup_ms"]
+        health = get_json(f"{replica['url']}/health")
+        startup = health["startup_ms"]
+        # The replica has served this one request: its recent TTFT p90 is that request's.
+        replica_ttft = (health.get("ttft_p90_ms") or 0) / 1e3
         spawn_to_healthy = s["last_cold_start_ms"] / 1e3
         main_to_ready = startup["main to ready"] / 1e3
         parts = {
@@ -128,6 +131,8 @@ class FromZero:
             "tokenizer (in parallel)": startup.get("tokenizer (in parallel)", 0) / 1e3,
             "main to listening": main_to_ready,
             "request to spawn, hand-off, first forward": total - spawn_to_healthy,
+            "of which: the replica's own time to first token": replica_ttft,
+            "of which: wake, hand-off, routing, relaying": total - spawn_to_healthy - replica_ttft,
         }
         return total, parts
 

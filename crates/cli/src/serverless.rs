@@ -27,6 +27,7 @@ impl Balancer for GatewayBalancer {
             held: l.held,
             ttft_p90: l.ttft_p90,
             itl_p90: l.itl_p90,
+            arrivals: l.arrivals,
         }
     }
 

@@ -76,6 +76,9 @@ impl AutoscalerConfig {
 pub struct Observation {
     /// Requests in flight on the replicas plus requests held by the activator.
     pub concurrency: f64,
+    /// Requests that arrived since the previous observation (a short one may have come and gone
+    /// between two samples of `concurrency`: it still counts as activity).
+    pub arrivals: u64,
     /// Replicas ready to serve.
     pub ready: usize,
     /// p90 time to first token over the recent past, when known.
@@ -111,7 +114,14 @@ pub struct Autoscaler {
     wanted: VecDeque<(Duration, usize)>,
     /// The last time a request was in flight or held.
     last_active: Option<Duration>,
+    /// Replicas wanted for a missed latency target, and when the last one was added.
+    latency_floor: usize,
+    latency_added_at: Option<Duration>,
 }
+
+/// How long a latency-driven replica is given to bring the p90 down before another is added
+/// (the replicas' p90s cover their last 30 s).
+const LATENCY_COOLDOWN: Duration = Duration::from_secs(30);
 
 impl Autoscaler {
     /// A fresh autoscaler (no traffic seen).
@@ -123,7 +133,22 @@ impl Autoscaler {
             panic_peak: 0,
             wanted: VecDeque::new(),
             last_active: None,
+            latency_floor: 0,
+            latency_added_at: None,
         }
+    }
+
+    /// Requests are waiting now that need `replicas` (the activator's poke): as a burst seen at
+    /// once, hold at least that many through a panic episode instead of letting the averages,
+    /// which have not caught up yet, undo it at the next tick.
+    pub fn burst(&mut self, now: Duration, replicas: usize) {
+        let replicas = replicas.min(self.config.max_replicas);
+        if self.panic_since.is_none() {
+            self.panic_peak = 0;
+        }
+        self.panic_since = Some(now);
+        self.panic_peak = self.panic_peak.max(replicas);
+        self.last_active = Some(now);
     }
 
     /// Its configuration.
@@ -143,7 +168,7 @@ impl Autoscaler {
         {
             self.samples.pop_front();
         }
-        if concurrency > 0.0 {
+        if concurrency > 0.0 || obs.arrivals > 0 {
             self.last_active = Some(now);
         }
         let stable = mean(&self.samples, now, c.stable_window);
@@ -172,13 +197,23 @@ impl Autoscaler {
             per_replica(stable)
         };
 
-        // A missed latency target under load: one more than are ready.
+        // A missed latency target under load: one more than are ready, at most once per
+        // cooldown (the new replica needs time to show in the p90s); met, the floor goes.
         let missed = |target: Option<Duration>, p90: Option<Duration>| matches!((target, p90), (Some(t), Some(p)) if p > t);
         if (missed(c.ttft_p90_target, obs.ttft_p90) || missed(c.itl_p90_target, obs.itl_p90))
             && concurrency > 0.0
             && obs.ready > 0
         {
-            want = want.max(obs.ready + 1);
+            let cooled = self
+                .latency_added_at
+                .is_none_or(|t| now.saturating_sub(t) >= LATENCY_COOLDOWN);
+            if cooled {
+                self.latency_floor = obs.ready + 1;
+                self.latency_added_at = Some(now);
+            }
+            want = want.max(self.latency_floor);
+        } else {
+            self.latency_floor = 0;
         }
 
         // Idle: zero only after `idle_timeout` without any request; any request wants one.
@@ -271,6 +306,7 @@ mod tests {
                     self.now,
                     Observation {
                         concurrency: load(t),
+                        arrivals: 0,
                         ready: self.ready,
                         ttft_p90: None,
                         itl_p90: None,
@@ -418,6 +454,7 @@ mod tests {
         });
         let obs = |ttft_ms: u64, itl_ms: u64| Observation {
             concurrency: 2.0,
+            arrivals: 0,
             ready: 2,
             ttft_p90: Some(Duration::from_millis(ttft_ms)),
             itl_p90: Some(Duration::from_millis(itl_ms)),
@@ -425,5 +462,73 @@ mod tests {
         assert_eq!(s.decide(Duration::ZERO, obs(200, 20)).desired, 1);
         assert_eq!(s.decide(TICK, obs(900, 20)).desired, 3, "TTFT missed");
         assert_eq!(s.decide(TICK * 2, obs(200, 80)).desired, 3, "ITL missed");
+        // Still missed with 3 ready: no fourth until the cooldown has passed.
+        let obs3 = Observation {
+            ready: 3,
+            ..obs(900, 20)
+        };
+        assert_eq!(s.decide(TICK * 3, obs3).desired, 3);
+        assert_eq!(s.decide(TICK + LATENCY_COOLDOWN, obs3).desired, 4);
+    }
+
+    #[test]
+    fn a_burst_seen_by_the_activator_is_held_until_the_averages_catch_up() {
+        // Regression: a wake for 40 held requests asked for 5 replicas, and the next tick's
+        // averages (nearly all idle samples) asked for 1, stopping the 4 still starting.
+        let mut s = Autoscaler::new(AutoscalerConfig {
+            target_concurrency: 8.0,
+            stable_window: Duration::from_secs(60),
+            panic_window: Duration::from_secs(6),
+            ..AutoscalerConfig::new(0, 10)
+        });
+        let tick = |s: &mut Autoscaler, now: Duration, c: f64, ready| {
+            s.decide(
+                now,
+                Observation {
+                    concurrency: c,
+                    arrivals: 0,
+                    ready,
+                    ttft_p90: None,
+                    itl_p90: None,
+                },
+            )
+        };
+        let mut now = Duration::ZERO;
+        for _ in 0..600 {
+            now += TICK;
+            assert_eq!(tick(&mut s, now, 0.0, 0).desired, 0);
+        }
+        s.burst(now, 5);
+        for i in 0..20 {
+            now += TICK;
+            let ready = if i < 2 { 0 } else { 5 };
+            assert_eq!(tick(&mut s, now, 40.0, ready).desired, 5, "tick {i}");
+        }
+    }
+
+    #[test]
+    fn a_request_between_two_samples_still_counts_as_activity() {
+        // Regression: a request that came and went between ticks left concurrency at 0, so a
+        // deployment woken for it looked idle at the next tick and was stopped at once.
+        let mut s = Autoscaler::new(config());
+        let quiet = |arrivals| Observation {
+            concurrency: 0.0,
+            arrivals,
+            ready: 1,
+            ttft_p90: None,
+            itl_p90: None,
+        };
+        let mut now = Duration::from_secs(100);
+        assert_eq!(s.decide(now, quiet(1)).desired, 1, "it arrived: not idle");
+        for _ in 0..50 {
+            now += TICK;
+            assert_eq!(
+                s.decide(now, quiet(0)).desired,
+                1,
+                "idle for less than 30 s"
+            );
+        }
+        now += Duration::from_secs(10);
+        assert_eq!(s.decide(now, quiet(0)).desired, 0, "idle past the timeout");
     }
 }

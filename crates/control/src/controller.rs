@@ -38,6 +38,8 @@ pub struct Load {
     pub ttft_p90: Option<Duration>,
     /// Recent p90 gap between streamed tokens, when measured.
     pub itl_p90: Option<Duration>,
+    /// Requests that have arrived, ever (a counter).
+    pub arrivals: u64,
 }
 
 /// The front door the controller feeds replicas to (the gateway).
@@ -339,12 +341,16 @@ impl Loop {
         let mut panicking = false;
         let mut load = Load::default();
         let mut starting_reported = 0;
+        let mut arrivals_seen = 0;
         loop {
             tokio::select! {
                 _ = tick.tick() => {
                     load = self.balancer.load(&name);
+                    let arrivals = load.arrivals.saturating_sub(arrivals_seen);
+                    arrivals_seen = load.arrivals;
                     let d = scaler.decide(t0.elapsed(), Observation {
                         concurrency: (load.in_flight + load.held) as f64,
+                        arrivals,
                         ready: self.count(State::Ready),
                         ttft_p90: load.ttft_p90,
                         itl_p90: load.itl_p90,
@@ -359,6 +365,7 @@ impl Loop {
                     if load.held > 0 {
                         let target = self.m.spec.autoscaling.target_concurrency;
                         let for_held = ((load.in_flight + load.held) as f64 / target).ceil() as usize;
+                        scaler.burst(t0.elapsed(), for_held.max(1));
                         desired = desired.max(for_held).max(1).min(self.m.spec.max_replicas);
                     }
                 }

@@ -117,17 +117,27 @@ impl ReplicaBackend for LocalProcesses {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
+            // Its own process group: a Ctrl-C at the terminal reaches the control plane, which
+            // stops replicas in order, not every replica at once behind its back.
+            .process_group(0)
             .kill_on_drop(true);
         #[cfg(target_os = "linux")]
-        // SAFETY: runs in the forked child before exec and only calls prctl, which is
-        // async-signal-safe; it allocates nothing and touches no lock.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+        {
+            let parent = std::process::id();
+            // SAFETY: runs in the forked child before exec and only calls prctl and getppid,
+            // which are async-signal-safe; it allocates nothing and touches no lock.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The parent died before the line above: nothing would kill us later.
+                    if libc::getppid() as u32 != parent {
+                        return Err(std::io::Error::other("the control plane is gone"));
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd
             .spawn()

@@ -30,6 +30,9 @@ pub(crate) struct Activator {
     held: Mutex<HashMap<String, usize>>,
     /// Per deployment: (replicas starting, requests let through and not yet routed).
     scaling: Mutex<HashMap<String, (usize, usize)>>,
+    /// Requests that arrived per deployment, ever (the autoscaler sees short requests that
+    /// start and end between two of its samples by this count).
+    arrivals: Mutex<HashMap<String, u64>>,
     on_demand: RwLock<Option<DemandHook>>,
     /// Requests that had to wait for a replica.
     pub(crate) activated: AtomicU64,
@@ -70,6 +73,18 @@ impl Drop for Released<'_> {
 impl Activator {
     fn scaling(&self) -> std::sync::MutexGuard<'_, HashMap<String, (usize, usize)>> {
         self.scaling.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a request for `deployment`.
+    pub(crate) fn arrived(&self, deployment: &str) {
+        let mut a = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        *a.entry(deployment.to_string()).or_insert(0) += 1;
+    }
+
+    /// Requests that arrived for `deployment` so far.
+    pub(crate) fn arrivals(&self, deployment: &str) -> u64 {
+        let a = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        a.get(deployment).copied().unwrap_or(0)
     }
 
     /// The controller reports `n` replicas of `deployment` starting.

@@ -336,6 +336,8 @@ pub struct DeploymentLoad {
     pub ttft_p90: Option<Duration>,
     /// The worst recent p90 inter-token gap its replicas report.
     pub itl_p90: Option<Duration>,
+    /// Requests that have arrived for it, ever.
+    pub arrivals: u64,
 }
 
 /// A gateway, built and ready to serve; the control plane puts the replicas it starts in
@@ -425,6 +427,7 @@ impl GatewayHandle {
             held: self.0.activator.waiting(model),
             ttft_p90: worst(|l| l.ttft_ms),
             itl_p90: worst(|l| l.itl_ms),
+            arrivals: self.0.activator.arrivals(model),
         }
     }
 

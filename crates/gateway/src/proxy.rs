@@ -160,6 +160,7 @@ async fn relay(
     let mut released = None;
     if let Some(name) = model {
         if let Some(d) = gw.deployment(name) {
+            gw.activator.arrived(&d.name);
             // Scaled to zero or still starting: wait here while a replica starts.
             match gw.activator.ready(gw, d, &[]).await {
                 Ok(r) => released = Some(r),

@@ -45,10 +45,12 @@ impl TokenUsage {
         (input && output).then_some(usage)
     }
 
-    /// Finds the usage comment in a piece of an event stream.
+    /// Finds the usage comment in a piece of an event stream (complete lines only: a line cut
+    /// at a chunk boundary is read once the rest has arrived).
     pub fn find_in_stream(text: &str) -> Option<Self> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(": usage "))
+        text.split_inclusive('\n')
+            .filter_map(|l| l.strip_suffix('\n'))
+            .find_map(|l| l.trim_end_matches('\r').strip_prefix(": usage "))
             .and_then(Self::from_header)
     }
 }
@@ -67,6 +69,11 @@ mod tests {
         assert_eq!(TokenUsage::from_header(&u.to_header()), Some(u));
         let stream = format!("data: {{}}\n\n{}data: [DONE]\n\n", u.to_sse_comment());
         assert_eq!(TokenUsage::find_in_stream(&stream), Some(u));
+        // Regression: a comment cut at a chunk boundary ("output_tokens=1|6") is not read short.
+        assert_eq!(
+            TokenUsage::find_in_stream(": usage input_tokens=31; output_tokens=1"),
+            None
+        );
         // Comments are not data: clients see none of it.
         assert_eq!(crate::parse_sse_data(&stream), ["{}", "[DONE]"]);
         assert_eq!(TokenUsage::from_header("input_tokens=3"), None);

@@ -50,9 +50,11 @@ impl TokenBucket {
     }
 
     /// Gives `n` back (a refund when less was used than reserved; negative `n` charges more).
+    /// Debt is capped at one minute's limit, so one expensive burst locks a key out for at most
+    /// two minutes.
     pub(crate) fn give_back(&mut self, n: f64, now: f64) {
         self.refill(now);
-        self.level = (self.level + n).min(self.capacity);
+        self.level = (self.level + n).clamp(-self.capacity, self.capacity);
     }
 
     /// The limit per minute.
@@ -91,5 +93,9 @@ mod tests {
         b.give_back(10_000.0, 1.0);
         assert_eq!(b.take(600.0, 1.0), Ok(()), "capped at the limit");
         assert_eq!(b.take(601.0, 1000.0), Err(f64::INFINITY), "never fits");
+        // Debt stops at one minute's limit.
+        b.give_back(-1e9, 1000.0);
+        let wait = b.take(600.0, 1000.0).expect_err("in debt");
+        assert!((wait - 120.0).abs() < 1e-6, "{wait}");
     }
 }
