@@ -32,8 +32,10 @@ struct Status {
     open_until: Option<Instant>,
 }
 
-/// One worker. Ids (positions in the list) are never reused: a worker that leaves discovery
-/// stays in the list, unlisted, and takes its id back if it registers again.
+/// One worker. A worker that leaves discovery stays in the list, unlisted, and takes its id
+/// (position) back if it registers again, unless a new address has taken that slot meanwhile
+/// (slots of departed workers with nothing in flight are reused, so the list stays as long as
+/// the most workers ever listed at once).
 pub(crate) struct Worker {
     pub(crate) url: String,
     status: Mutex<Status>,
@@ -190,6 +192,12 @@ impl Workers {
         if let Some(id) = list.iter().position(|w| w.url == url) {
             let was = list[id].listed.swap(true, Ordering::Relaxed);
             return (id, !was);
+        }
+        // A new address takes the slot of one that left and has nothing in flight: replicas
+        // come and go on fresh ports, and the list must not grow with every one.
+        if let Some(id) = list.iter().position(|w| !w.listed() && w.in_flight() == 0) {
+            list[id] = Arc::new(Worker::new(url));
+            return (id, true);
         }
         list.push(Arc::new(Worker::new(url)));
         (list.len() - 1, true)
@@ -359,5 +367,10 @@ mod tests {
         assert_eq!(w.unlist("http://b"), None, "already unlisted");
         assert_eq!(w.add("http://b"), (1, true));
         assert_eq!(w.add("http://c"), (2, true));
+        // A departed worker's slot goes to the next new address; the list does not grow.
+        assert_eq!(w.unlist("http://c"), Some(2));
+        assert_eq!(w.add("http://d"), (2, true));
+        assert_eq!(w.get(2).url, "http://d");
+        assert_eq!(w.all().len(), 3);
     }
 }
