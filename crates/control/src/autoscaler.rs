@@ -270,6 +270,17 @@ mod tests {
 
     const TICK: Duration = Duration::from_millis(500);
 
+    /// An observation of `concurrency` with `ready` replicas and nothing else known.
+    fn seen(concurrency: f64, ready: usize) -> Observation {
+        Observation {
+            concurrency,
+            arrivals: 0,
+            ready,
+            ttft_p90: None,
+            itl_p90: None,
+        }
+    }
+
     fn config() -> AutoscalerConfig {
         AutoscalerConfig {
             target_concurrency: 4.0,
@@ -302,16 +313,7 @@ mod tests {
             let mut out = Vec::new();
             while self.now < end {
                 let t = self.now.as_secs_f64();
-                let d = self.scaler.decide(
-                    self.now,
-                    Observation {
-                        concurrency: load(t),
-                        arrivals: 0,
-                        ready: self.ready,
-                        ttft_p90: None,
-                        itl_p90: None,
-                    },
-                );
+                let d = self.scaler.decide(self.now, seen(load(t), self.ready));
                 self.ready = d.desired;
                 out.push(d);
                 self.now += TICK;
@@ -453,11 +455,9 @@ mod tests {
             ..config()
         });
         let obs = |ttft_ms: u64, itl_ms: u64| Observation {
-            concurrency: 2.0,
-            arrivals: 0,
-            ready: 2,
             ttft_p90: Some(Duration::from_millis(ttft_ms)),
             itl_p90: Some(Duration::from_millis(itl_ms)),
+            ..seen(2.0, 2)
         };
         assert_eq!(s.decide(Duration::ZERO, obs(200, 20)).desired, 1);
         assert_eq!(s.decide(TICK, obs(900, 20)).desired, 3, "TTFT missed");
@@ -481,18 +481,7 @@ mod tests {
             panic_window: Duration::from_secs(6),
             ..AutoscalerConfig::new(0, 10)
         });
-        let tick = |s: &mut Autoscaler, now: Duration, c: f64, ready| {
-            s.decide(
-                now,
-                Observation {
-                    concurrency: c,
-                    arrivals: 0,
-                    ready,
-                    ttft_p90: None,
-                    itl_p90: None,
-                },
-            )
-        };
+        let tick = |s: &mut Autoscaler, now: Duration, c: f64, ready| s.decide(now, seen(c, ready));
         let mut now = Duration::ZERO;
         for _ in 0..600 {
             now += TICK;
@@ -512,11 +501,8 @@ mod tests {
         // deployment woken for it looked idle at the next tick and was stopped at once.
         let mut s = Autoscaler::new(config());
         let quiet = |arrivals| Observation {
-            concurrency: 0.0,
             arrivals,
-            ready: 1,
-            ttft_p90: None,
-            itl_p90: None,
+            ..seen(0.0, 1)
         };
         let mut now = Duration::from_secs(100);
         assert_eq!(s.decide(now, quiet(1)).desired, 1, "it arrived: not idle");

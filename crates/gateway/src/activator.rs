@@ -24,15 +24,24 @@ use crate::{DeploymentRoute, Gateway};
 /// Called with a deployment's name when a request for it is waiting.
 pub(crate) type DemandHook = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// What the activator tracks for one deployment.
+#[derive(Default)]
+struct Tally {
+    /// Requests waiting now.
+    held: usize,
+    /// Replicas starting, as the controller last reported.
+    starting: usize,
+    /// Requests let through while replicas start and not yet routed.
+    releasing: usize,
+    /// Requests that arrived, ever (the autoscaler sees short requests that start and end
+    /// between two of its samples by this count).
+    arrivals: u64,
+}
+
 /// Requests waiting per deployment, and what they have seen.
 #[derive(Default)]
 pub(crate) struct Activator {
-    held: Mutex<HashMap<String, usize>>,
-    /// Per deployment: (replicas starting, requests let through and not yet routed).
-    scaling: Mutex<HashMap<String, (usize, usize)>>,
-    /// Requests that arrived per deployment, ever (the autoscaler sees short requests that
-    /// start and end between two of its samples by this count).
-    arrivals: Mutex<HashMap<String, u64>>,
+    tallies: Mutex<HashMap<String, Tally>>,
     on_demand: RwLock<Option<DemandHook>>,
     /// Requests that had to wait for a replica.
     pub(crate) activated: AtomicU64,
@@ -48,10 +57,8 @@ struct Held<'a> {
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        let mut held = self.activator.held();
-        if let Some(n) = held.get_mut(self.name) {
-            *n = n.saturating_sub(1);
-        }
+        self.activator
+            .with(self.name, |t| t.held = t.held.saturating_sub(1));
     }
 }
 
@@ -64,41 +71,39 @@ pub(crate) struct Released<'a> {
 
 impl Drop for Released<'_> {
     fn drop(&mut self) {
-        if let Some(e) = self.activator.scaling().get_mut(self.name) {
-            e.1 = e.1.saturating_sub(1);
-        }
+        self.activator
+            .with(self.name, |t| t.releasing = t.releasing.saturating_sub(1));
     }
 }
 
 impl Activator {
-    fn scaling(&self) -> std::sync::MutexGuard<'_, HashMap<String, (usize, usize)>> {
-        self.scaling.lock().unwrap_or_else(|e| e.into_inner())
+    /// Runs `f` on `deployment`'s tally (created on first use).
+    fn with<T>(&self, deployment: &str, f: impl FnOnce(&mut Tally) -> T) -> T {
+        let mut tallies = self.tallies.lock().unwrap_or_else(|e| e.into_inner());
+        match tallies.get_mut(deployment) {
+            Some(t) => f(t),
+            None => f(tallies.entry(deployment.to_string()).or_default()),
+        }
     }
 
     /// Counts a request for `deployment`.
     pub(crate) fn arrived(&self, deployment: &str) {
-        let mut a = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
-        *a.entry(deployment.to_string()).or_insert(0) += 1;
+        self.with(deployment, |t| t.arrivals += 1);
     }
 
     /// Requests that arrived for `deployment` so far.
     pub(crate) fn arrivals(&self, deployment: &str) -> u64 {
-        let a = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
-        a.get(deployment).copied().unwrap_or(0)
+        self.with(deployment, |t| t.arrivals)
     }
 
     /// The controller reports `n` replicas of `deployment` starting.
     pub(crate) fn set_starting(&self, deployment: &str, n: usize) {
-        self.scaling().entry(deployment.to_string()).or_default().0 = n;
-    }
-
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
+        self.with(deployment, |t| t.starting = n);
     }
 
     /// Requests waiting for `deployment` now.
     pub(crate) fn waiting(&self, deployment: &str) -> usize {
-        self.held().get(deployment).copied().unwrap_or(0)
+        self.with(deployment, |t| t.held)
     }
 
     /// Sets what is called when a request has to wait.
@@ -130,18 +135,18 @@ impl Activator {
         if let Some(r) = go() {
             return Ok(r);
         }
-        {
-            let mut held = self.held();
-            let n = held.entry(d.name.clone()).or_insert(0);
-            if *n >= d.queue {
-                self.rejected.fetch_add(1, Ordering::Relaxed);
-                return Err(ApiError::overloaded(format!(
-                    "deployment `{}` is starting and {} requests already wait for it; retry \
-                     shortly",
-                    d.name, d.queue
-                )));
-            }
-            *n += 1;
+        let admitted = self.with(&d.name, |t| {
+            let room = t.held < d.queue;
+            t.held += usize::from(room);
+            room
+        });
+        if !admitted {
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::overloaded(format!(
+                "deployment `{}` is starting and {} requests already wait for it; retry \
+                 shortly",
+                d.name, d.queue
+            )));
         }
         let _held = Held {
             activator: self,
@@ -178,8 +183,10 @@ impl Activator {
         d: &'a DeploymentRoute,
         exclude: &[usize],
     ) -> Option<Released<'a>> {
-        let all = gw.workers.all();
-        let ready: Vec<_> = all
+        // Ready replicas of `d` and what they have in flight, in one pass.
+        let (ready, in_flight) = gw
+            .workers
+            .all()
             .iter()
             .enumerate()
             .filter(|(id, w)| {
@@ -187,21 +194,22 @@ impl Activator {
                     && w.available()
                     && w.model().as_deref() == Some(d.name.as_str())
             })
-            .map(|(_, w)| w)
-            .collect();
-        if ready.is_empty() {
+            .fold((0usize, 0usize), |(n, f), (_, w)| {
+                (n + 1, f + w.in_flight())
+            });
+        if ready == 0 {
             return None;
         }
-        let mut scaling = self.scaling();
-        let entry = scaling.entry(d.name.clone()).or_default();
-        let (starting, releasing) = *entry;
-        if starting > 0 && d.capacity_per_replica > 0.0 {
-            let in_flight: usize = ready.iter().map(|w| w.in_flight()).sum();
-            if (in_flight + releasing) as f64 >= d.capacity_per_replica * ready.len() as f64 {
-                return None;
-            }
+        let room = self.with(&d.name, |t| {
+            let full = t.starting > 0
+                && d.capacity_per_replica > 0.0
+                && (in_flight + t.releasing) as f64 >= d.capacity_per_replica * ready as f64;
+            t.releasing += usize::from(!full);
+            !full
+        });
+        if !room {
+            return None;
         }
-        entry.1 += 1;
         Some(Released {
             activator: self,
             name: &d.name,
