@@ -92,7 +92,7 @@ pub(crate) fn serve_fleet(args: ServeArgs) -> Result<()> {
         "serving `{name}` through a kv_aware gateway over {n} worker processes ({threads} threads \
          each)"
     );
-    run_gateway(&args.host, args.port, config, &banner)?;
+    run_gateway(&args.host, args.port, config, &banner, None)?;
     drop(workers);
     Ok(())
 }

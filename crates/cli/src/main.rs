@@ -3,6 +3,7 @@
 mod engine_bench;
 mod fleet;
 mod load_bench;
+mod sandboxes;
 mod serverless;
 
 use std::path::PathBuf;
@@ -43,6 +44,14 @@ enum Command {
     /// Run the gateway: one OpenAI/Anthropic endpoint spreading requests over running workers
     /// (`lastmile serve` processes), with health checks, retries and circuit breakers.
     Gateway(GatewayArgs),
+    /// Serve agent sandboxes alone, behind E2B's API (the official `e2b` SDKs work with
+    /// E2B_API_URL and E2B_SANDBOX_URL pointing here): isolated environments where agents run
+    /// commands and code, with files, limits and timeouts. `serve --config` and `gateway` serve
+    /// the same API beside the model API with --sandboxes.
+    Sandbox(sandboxes::SandboxServerArgs),
+    /// The agent inside a sandbox (started by lastmile itself).
+    #[command(hide = true)]
+    SandboxAgent,
 }
 
 /// Who may call: API keys, the admin key, the usage ledger, and the rule against serving an
@@ -130,6 +139,11 @@ struct GatewayArgs {
     /// tokens) against the prompt tokens its cache saves; 0 routes on cache overlap alone.
     #[arg(long, default_value_t = 1.0)]
     kv_balance: f64,
+    /// Also serve agent sandboxes (E2B's API) on this port, behind the same keys.
+    #[arg(long)]
+    sandboxes: bool,
+    #[command(flatten)]
+    sandbox: sandboxes::SandboxOptions,
 }
 
 fn gateway(args: GatewayArgs) -> Result<()> {
@@ -158,24 +172,37 @@ fn gateway(args: GatewayArgs) -> Result<()> {
         },
         args.policy
     );
-    run_gateway(&args.host, args.port, config, &banner)
+    let sandbox = args.sandboxes.then_some(&args.sandbox);
+    run_gateway(&args.host, args.port, config, &banner, sandbox)
 }
 
-/// Serves a gateway on host:port until Ctrl-C or SIGTERM.
+/// Serves a gateway on host:port (with sandboxes when given their options) until Ctrl-C or
+/// SIGTERM.
 fn run_gateway(
     host: &str,
     port: u16,
     config: lastmile_gateway::GatewayConfig,
     banner: &str,
+    sandbox: Option<&sandboxes::SandboxOptions>,
 ) -> Result<()> {
     config.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let svc = sandbox.map(|s| s.start()).transpose()?;
         let (listener, addr) = bind(host, port).await?;
+        let handle = lastmile_gateway::GatewayHandle::build(config).await?;
+        let admin = match &svc {
+            Some(s) => sandboxes::attach(&handle, s.clone()),
+            None => axum::Router::new(),
+        };
         eprintln!("lastmile: http://{addr}: {banner}");
-        lastmile_gateway::serve(listener, config, shutdown_signal()).await?;
+        let served = handle.serve(listener, admin, shutdown_signal()).await;
+        if let Some(s) = svc {
+            s.shutdown().await;
+        }
+        served?;
         Ok(())
     })
 }
@@ -359,6 +386,11 @@ struct ServeArgs {
     /// model and threads; `args` passes other options to its replicas).
     #[arg(long, conflicts_with_all = ["workers", "etcd"])]
     config: Option<PathBuf>,
+    /// With --config: also serve agent sandboxes (E2B's API) on --port, behind the same keys.
+    #[arg(long, requires = "config")]
+    sandboxes: bool,
+    #[command(flatten)]
+    sandbox: sandboxes::SandboxOptions,
 }
 
 #[derive(Args)]
@@ -406,6 +438,8 @@ fn main() -> Result<()> {
         Command::Bench(args) => load_bench::run(args),
         Command::EngineBench(args) => engine_bench::run(args),
         Command::Gateway(args) => gateway(args),
+        Command::Sandbox(args) => sandboxes::serve(args),
+        Command::SandboxAgent => sandboxes::agent(),
     }
 }
 

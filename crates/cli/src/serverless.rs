@@ -101,7 +101,12 @@ pub(crate) fn serve_deployments(args: ServeArgs, config: &Path) -> Result<()> {
         .build()?;
     rt.block_on(async move {
         let (listener, addr) = crate::bind(&args.host, args.port).await?;
+        let sandboxes = args.sandboxes.then(|| args.sandbox.start()).transpose()?;
         let handle = GatewayHandle::build(gateway).await?;
+        let sandbox_admin = match &sandboxes {
+            Some(s) => crate::sandboxes::attach(&handle, s.clone()),
+            None => axum::Router::new(),
+        };
         let controller = Controller::start(
             specs,
             Arc::new(LocalProcesses::new(exe)),
@@ -129,11 +134,14 @@ pub(crate) fn serve_deployments(args: ServeArgs, config: &Path) -> Result<()> {
         let served = handle
             .serve(
                 listener,
-                lastmile_control::admin::router(controller.clone()),
+                lastmile_control::admin::router(controller.clone()).merge(sandbox_admin),
                 crate::shutdown_signal(),
             )
             .await;
         controller.shutdown().await;
+        if let Some(s) = sandboxes {
+            s.shutdown().await;
+        }
         served?;
         Ok(())
     })

@@ -112,6 +112,9 @@ pub struct GatewayConfig {
     pub deployments: Vec<DeploymentRoute>,
     /// API keys, quotas and usage metering (`None`: open, unmetered).
     pub tenants: Option<TenantsConfig>,
+    /// Serve with no worker at all (a server of other APIs, such as sandboxes, beside the
+    /// model API, which then answers 503).
+    pub allow_no_workers: bool,
 }
 
 impl GatewayConfig {
@@ -129,12 +132,17 @@ impl GatewayConfig {
             max_body_bytes: 16 << 20,
             deployments: Vec::new(),
             tenants: None,
+            allow_no_workers: false,
         }
     }
 
     /// Checks the settings make sense.
     pub fn validate(&self) -> Result<(), GatewayError> {
-        if self.workers.is_empty() && self.etcd.is_none() && self.deployments.is_empty() {
+        if self.workers.is_empty()
+            && self.etcd.is_none()
+            && self.deployments.is_empty()
+            && !self.allow_no_workers
+        {
             return Err(GatewayError::InvalidConfig(
                 "no workers given (list them, find them through etcd, or declare deployments)"
                     .into(),
@@ -187,6 +195,20 @@ impl GatewayConfig {
     }
 }
 
+/// Turns the gateway's app into the one served.
+type RouterWrap = Box<dyn FnOnce(Router) -> Router + Send>;
+
+/// Who called, as APIs beside the gateway's own see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallerId {
+    /// Anyone: the gateway has no keys.
+    Open,
+    /// The admin key.
+    Admin,
+    /// An API key, by id.
+    Key(String),
+}
+
 /// Shared state of the gateway's handlers.
 pub(crate) struct Gateway {
     pub(crate) config: GatewayConfig,
@@ -199,7 +221,9 @@ pub(crate) struct Gateway {
     /// Keys, quotas, usage.
     pub(crate) tenants: Option<Arc<tenants::Tenants>>,
     /// More metrics text appended to `/metrics` (the control plane's).
-    extra_metrics: std::sync::RwLock<Option<MetricsHook>>,
+    extra_metrics: std::sync::RwLock<Vec<MetricsHook>>,
+    /// What wraps the app before it serves (more routes, layers: the sandbox API).
+    wrap: Mutex<Option<RouterWrap>>,
     pub(crate) index: Mutex<KvIndex>,
     pub(crate) metrics: Metrics,
     /// When the gateway started (Unix seconds): the `created` of deployments' model cards.
@@ -377,7 +401,8 @@ impl GatewayHandle {
             policy: Policy::new(config.policy, seed).with_balance(config.kv_balance),
             policies,
             activator: activator::Activator::default(),
-            extra_metrics: std::sync::RwLock::new(None),
+            extra_metrics: std::sync::RwLock::new(Vec::new()),
+            wrap: Mutex::new(None),
             metrics: Metrics::new(),
             index: Mutex::new(KvIndex::new()),
             hasher: AtomicUsize::new(0),
@@ -446,13 +471,32 @@ impl GatewayHandle {
         self.0.activator.set_on_demand(Arc::new(hook));
     }
 
-    /// Appends `render()`'s Prometheus text to `/metrics`.
+    /// Appends `render()`'s Prometheus text to `/metrics` (after any added before).
     pub fn extra_metrics(&self, render: impl Fn() -> String + Send + Sync + 'static) {
-        *self
-            .0
+        self.0
             .extra_metrics
             .write()
-            .unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(render));
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(render));
+    }
+
+    /// Has `wrap` turn the gateway's app into the one served (adding routes or layers that
+    /// must see requests first, as the sandbox API's data plane does).
+    pub fn wrap_router(&self, wrap: impl FnOnce(Router) -> Router + Send + 'static) {
+        *self.0.wrap.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(wrap));
+    }
+
+    /// Who sent `headers`, for APIs beside the gateway's own (sandboxes): the admin, an API
+    /// key (by id), or anyone on an open gateway; an error status and message otherwise.
+    pub fn caller(
+        &self,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<CallerId, (StatusCode, String)> {
+        let Some(t) = &self.0.tenants else {
+            return Ok(CallerId::Open);
+        };
+        t.caller_id(headers)
+            .map_err(|e| (StatusCode::UNAUTHORIZED, e.message.clone()))
     }
 
     /// Serves on `listener`, with more `admin` routes (under `/admin`, guarded by the admin key
@@ -488,6 +532,7 @@ impl GatewayHandle {
                 .await;
             })
         });
+        let wrap = gw.wrap.lock().unwrap_or_else(|e| e.into_inner()).take();
         let app = Router::new()
             .route("/v1/chat/completions", post(proxy::forward))
             .route("/v1/completions", post(proxy::forward))
@@ -500,6 +545,10 @@ impl GatewayHandle {
             .with_state(gw.clone())
             .merge(admin)
             .fallback(not_found);
+        let app = match wrap {
+            Some(w) => w(app),
+            None => app,
+        };
         // Small writes (stream chunks, response heads) leave at once instead of waiting on Nagle.
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
             let _ = tcp.set_nodelay(true);
@@ -624,7 +673,7 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    if let Some(render) = extra {
+    for render in extra {
         body.push_str(&render());
     }
     if let Some(t) = &gw.tenants {

@@ -240,6 +240,15 @@ impl Tenants {
         }
     }
 
+    /// Who sent `headers`, as APIs beside the gateway's own see it.
+    pub(crate) fn caller_id(&self, headers: &HeaderMap) -> Result<crate::CallerId, ApiError> {
+        Ok(match self.authenticate(headers)? {
+            Caller::Open => crate::CallerId::Open,
+            Caller::Admin => crate::CallerId::Admin,
+            Caller::Key(k) => crate::CallerId::Key(k.record.id.clone()),
+        })
+    }
+
     /// Takes one request and reserves `max_tokens` (the default when `None`) from `caller`'s
     /// quotas, or says which limit refuses it and for how long.
     pub(crate) fn admit(

@@ -1,0 +1,126 @@
+//! Agent sandboxes in the binary: `lastmile sandbox` (a sandbox-only server), `--sandboxes`
+//! on `serve --config` and `gateway` (the same API on the model API's port, with the same
+//! keys), and the hidden `sandbox-agent` that runs inside each sandbox.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use lastmile_gateway::{CallerId, GatewayHandle};
+use lastmile_sandbox::{AgentCommand, SandboxConfig, SandboxService};
+
+/// Sandbox options shared by every command that can serve them.
+#[derive(Args, Clone, Debug)]
+pub struct SandboxOptions {
+    /// Isolation backend: bwrap (Linux namespaces + seccomp + cgroups; needs bubblewrap) or
+    /// firecracker (a microVM per sandbox; needs /dev/kvm that boots guests).
+    #[arg(long, default_value = "bwrap")]
+    pub sandbox_backend: lastmile_sandbox::BackendKind,
+    /// Run sandboxes even where the host lacks memory, pids or cpu cgroup controllers (their
+    /// limits then do not hold).
+    #[arg(long)]
+    pub sandbox_no_limits: bool,
+    /// Lifetime of a sandbox created without `timeout`, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub sandbox_default_timeout: u64,
+    /// Longest lifetime a client may ask for, in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    pub sandbox_max_timeout: u64,
+    /// Live sandboxes per API key.
+    #[arg(long, default_value_t = 20)]
+    pub sandbox_max_per_key: usize,
+    /// CPU cores per API key, over its live sandboxes.
+    #[arg(long, default_value_t = 16.0)]
+    pub sandbox_key_cpus: f64,
+    /// Memory per API key over its live sandboxes, MiB.
+    #[arg(long, default_value_t = 16_384)]
+    pub sandbox_key_memory_mib: u64,
+    /// Live sandboxes on this server, all keys together.
+    #[arg(long, default_value_t = 1000)]
+    pub sandbox_max: usize,
+}
+
+impl SandboxOptions {
+    /// Starts the service (proving the backend works on this host).
+    pub fn start(&self) -> Result<Arc<SandboxService>> {
+        let exe = std::env::current_exe().context("locating the lastmile binary")?;
+        let mut c = SandboxConfig::new(AgentCommand {
+            path: exe,
+            args: vec!["sandbox-agent".into()],
+        });
+        c.backend = self.sandbox_backend;
+        c.require_limits = !self.sandbox_no_limits;
+        c.service.default_timeout = std::time::Duration::from_secs(self.sandbox_default_timeout);
+        c.service.max_timeout = std::time::Duration::from_secs(self.sandbox_max_timeout);
+        c.service.per_key = lastmile_sandbox::KeyLimits {
+            sandboxes: self.sandbox_max_per_key,
+            cpus: self.sandbox_key_cpus,
+            memory_mb: self.sandbox_key_memory_mib,
+        };
+        c.service.max_sandboxes = self.sandbox_max;
+        Ok(lastmile_sandbox::start(c)?)
+    }
+}
+
+/// Puts the sandbox API on `handle`'s port, behind its keys, with its metrics and an
+/// `/admin/sandboxes` route (returned, to be served with the gateway's admin routes).
+pub fn attach(handle: &GatewayHandle, svc: Arc<SandboxService>) -> axum::Router {
+    let h = handle.clone();
+    let auth: lastmile_sandbox::e2b::Authenticate = Arc::new(move |headers| {
+        Ok(match h.caller(headers)? {
+            CallerId::Open => "-".to_string(),
+            CallerId::Admin => lastmile_sandbox::service::ADMIN.to_string(),
+            CallerId::Key(id) => id,
+        })
+    });
+    let s = svc.clone();
+    handle.extra_metrics(move || lastmile_sandbox::metrics::render(&s));
+    let s = svc.clone();
+    handle.wrap_router(move |app| lastmile_sandbox::e2b::wrap(app, s, auth));
+    lastmile_sandbox::e2b::admin_router(svc)
+}
+
+/// `lastmile sandbox`: the sandbox API alone.
+#[derive(Args)]
+pub struct SandboxServerArgs {
+    #[command(flatten)]
+    pub access: crate::AccessArgs,
+    #[command(flatten)]
+    pub sandbox: SandboxOptions,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+}
+
+/// Runs `lastmile sandbox` until Ctrl-C or SIGTERM; every sandbox ends with it.
+pub fn serve(args: SandboxServerArgs) -> Result<()> {
+    args.access.check_exposure(&args.host, true)?;
+    let mut config = lastmile_gateway::GatewayConfig::new(Vec::new());
+    config.allow_no_workers = true;
+    config.tenants = Some(args.access.tenants());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let svc = args.sandbox.start()?;
+        let (listener, addr) = crate::bind(&args.host, args.port).await?;
+        let handle = GatewayHandle::build(config).await?;
+        let admin = attach(&handle, svc.clone());
+        eprintln!(
+            "lastmile: http://{addr}: sandboxes ({}); E2B SDKs: E2B_API_URL=E2B_SANDBOX_URL=http://{addr}",
+            svc.backend()
+        );
+        let served = handle.serve(listener, admin, crate::shutdown_signal()).await;
+        svc.shutdown().await;
+        served?;
+        Ok(())
+    })
+}
+
+/// `lastmile sandbox-agent`: the agent inside a sandbox (started by the backend, not by hand).
+pub fn agent() -> ! {
+    std::process::exit(lastmile_sandbox::agent::run())
+}

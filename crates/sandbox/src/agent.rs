@@ -1,0 +1,501 @@
+//! The agent: the one lastmile process inside a sandbox (`lastmile sandbox-agent`, started by
+//! the isolation backend as the sandbox's first process). It reads [`wire`] frames from its
+//! stdin, starts processes and touches files as the host asks, and streams their output back
+//! on its stdout. It sees exactly what the sandbox's code sees — the same namespaces, seccomp
+//! filter, cgroup and user — so a path or a symlink can never reach further than the code it
+//! serves could itself; the host never touches a sandbox's files directly.
+//!
+//! Plain threads and blocking I/O (no async runtime): a process gets a thread per output pipe
+//! and one that waits for it; a file read gets a thread. When the host goes away (stdin ends)
+//! the agent exits, and with it the sandbox's pid namespace.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use crate::wire::{Entry, Exit, Failure, Frame, Kind, Reply, Request, CHUNK};
+
+/// Most entries one `ListDir` answers (the rest is refused, not truncated silently).
+const MAX_LIST: usize = 50_000;
+/// How long a process's output may trail its exit (a background child holding the pipe).
+const OUTPUT_GRACE: Duration = Duration::from_millis(200);
+
+/// Frames to the host, one writer at a time.
+#[derive(Clone)]
+struct Outbox(Arc<Mutex<io::Stdout>>);
+
+impl Outbox {
+    fn send(&self, frame: &Frame) {
+        let mut out = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // The host gone means the sandbox is ending; nothing to do about a failed write.
+        let _ = frame.write_to(&mut *out);
+    }
+
+    fn reply(&self, id: u32, reply: Result<serde_json::Value, Failure>) {
+        let r = match reply {
+            Ok(v) => Reply::Ok(v),
+            Err(f) => Reply::Err(f),
+        };
+        self.send(&Frame::json(Kind::Reply, id, &r));
+    }
+}
+
+/// Runs the agent until the host closes its stdin; returns the exit code.
+pub fn run() -> i32 {
+    let out = Outbox(Arc::new(Mutex::new(io::stdout())));
+    let mut input = io::stdin().lock();
+    let mut stdins: HashMap<u32, SyncSender<Vec<u8>>> = HashMap::new();
+    let mut uploads: HashMap<u32, Upload> = HashMap::new();
+    let users = Users::load();
+    loop {
+        let frame = match Frame::read_from(&mut input) {
+            Ok(Some(f)) => f,
+            Ok(None) => return 0,
+            Err(e) => {
+                eprintln!("lastmile sandbox agent: {e}");
+                return 1;
+            }
+        };
+        match frame.kind {
+            Kind::Request => match frame.parse::<Request>() {
+                Ok(req) => handle(req, frame.id, &out, &mut stdins, &mut uploads, &users),
+                Err(e) => out.reply(
+                    frame.id,
+                    Err(Failure {
+                        code: "invalid_argument".into(),
+                        message: e.to_string(),
+                    }),
+                ),
+            },
+            Kind::Stdin => {
+                if let Some(tx) = stdins.get(&frame.id) {
+                    if tx.send(frame.payload).is_err() {
+                        stdins.remove(&frame.id);
+                    }
+                }
+            }
+            Kind::FileData => {
+                let done = frame.payload.is_empty();
+                if let Some(up) = uploads.get_mut(&frame.id) {
+                    up.write(&frame.payload);
+                }
+                if done {
+                    if let Some(up) = uploads.remove(&frame.id) {
+                        out.reply(frame.id, up.finish(&users));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn handle(
+    req: Request,
+    id: u32,
+    out: &Outbox,
+    stdins: &mut HashMap<u32, SyncSender<Vec<u8>>>,
+    uploads: &mut HashMap<u32, Upload>,
+    users: &Users,
+) {
+    let result = match req {
+        Request::Spawn {
+            cmd,
+            args,
+            envs,
+            cwd,
+            stdin,
+        } => match spawn(&cmd, &args, &envs, cwd.as_deref(), stdin) {
+            Ok((child, tx)) => {
+                let pid = child.id();
+                if let Some(tx) = tx {
+                    stdins.insert(pid, tx);
+                }
+                // The reply goes out before any output frame of this pid.
+                out.reply(id, Ok(serde_json::json!({ "pid": pid })));
+                watch(child, out.clone());
+                return;
+            }
+            Err(e) => Err(Failure::io(&cmd, &e)),
+        },
+        Request::Signal { pid, signal } => signal_process(pid, signal),
+        Request::CloseStdin { pid } => {
+            stdins.remove(&pid);
+            Ok(serde_json::Value::Null)
+        }
+        Request::Stat { path } => {
+            let p = resolve(&path);
+            entry(&p, users).map(|e| serde_json::to_value(e).unwrap_or_default())
+        }
+        Request::ListDir { path, depth } => list(&resolve(&path), depth.max(1), users)
+            .map(|v| serde_json::to_value(v).unwrap_or_default()),
+        Request::MakeDir { path } => {
+            let p = resolve(&path);
+            if fs::symlink_metadata(&p).is_ok() {
+                Err(Failure {
+                    code: "already_exists".into(),
+                    message: format!("{} already exists", p.display()),
+                })
+            } else {
+                fs::create_dir_all(&p)
+                    .map_err(|e| Failure::io(&path, &e))
+                    .and_then(|()| entry(&p, users))
+                    .map(|e| serde_json::to_value(e).unwrap_or_default())
+            }
+        }
+        Request::Move {
+            source,
+            destination,
+        } => {
+            let (s, d) = (resolve(&source), resolve(&destination));
+            if let Some(parent) = d.parent() {
+                let _ = fs::create_dir_all(parent);
+            }
+            fs::rename(&s, &d)
+                .map_err(|e| Failure::io(&source, &e))
+                .and_then(|()| entry(&d, users))
+                .map(|e| serde_json::to_value(e).unwrap_or_default())
+        }
+        Request::Remove { path } => {
+            let p = resolve(&path);
+            let r = match fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => fs::remove_dir_all(&p),
+                Ok(_) => fs::remove_file(&p),
+                Err(e) => Err(e),
+            };
+            r.map(|()| serde_json::Value::Null)
+                .map_err(|e| Failure::io(&path, &e))
+        }
+        Request::ReadFile { path } => {
+            let p = resolve(&path);
+            match File::open(&p).and_then(|f| f.metadata().map(|m| (f, m))) {
+                Ok((_, m)) if m.is_dir() => Err(Failure {
+                    code: "invalid_argument".into(),
+                    message: format!("{path} is a directory"),
+                }),
+                Ok((f, _)) => {
+                    let e = entry(&p, users);
+                    out.reply(id, e.map(|e| serde_json::to_value(e).unwrap_or_default()));
+                    let out = out.clone();
+                    thread::spawn(move || stream_file(f, id, &out));
+                    return;
+                }
+                Err(e) => Err(Failure::io(&path, &e)),
+            }
+        }
+        Request::WriteFile { path } => {
+            uploads.insert(id, Upload::open(&path));
+            return;
+        }
+    };
+    out.reply(id, result);
+}
+
+/// Starts one process in its own process group (so a signal reaches its whole tree).
+fn spawn(
+    cmd: &str,
+    args: &[String],
+    envs: &BTreeMap<String, String>,
+    cwd: Option<&str>,
+    stdin: bool,
+) -> io::Result<(Child, Option<SyncSender<Vec<u8>>>)> {
+    let mut c = Command::new(cmd);
+    c.args(args)
+        .envs(envs)
+        .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let dir = match cwd {
+        Some(d) if !d.is_empty() => resolve(d),
+        _ => home(),
+    };
+    c.current_dir(dir);
+    // SAFETY: the closure only calls open/write/close, which are async-signal-safe.
+    unsafe {
+        c.pre_exec(|| {
+            // The agent is shielded from the OOM killer; the code it runs is not.
+            let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY);
+            if fd >= 0 {
+                libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+            }
+            Ok(())
+        });
+    }
+    let mut child = c.spawn()?;
+    let tx = child.stdin.take().map(feed_stdin);
+    Ok((child, tx))
+}
+
+/// A thread that writes queued input into a child's stdin (so a child that does not read
+/// never blocks the agent); dropping the sender closes the pipe.
+fn feed_stdin(mut pipe: ChildStdin) -> SyncSender<Vec<u8>> {
+    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(64);
+    thread::spawn(move || {
+        for chunk in rx {
+            if pipe.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    tx
+}
+
+/// Streams a child's output and reports its end after the output (or after a short grace,
+/// when a background grandchild keeps the pipe open).
+fn watch(mut child: Child, out: Outbox) {
+    let pid = child.id();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    for (pipe, kind) in [
+        (
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            Kind::Stdout,
+        ),
+        (
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            Kind::Stderr,
+        ),
+    ] {
+        let Some(mut pipe) = pipe else { continue };
+        let out = out.clone();
+        let done = done_tx.clone();
+        thread::spawn(move || {
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                match pipe.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => out.send(&Frame {
+                        kind,
+                        id: pid,
+                        payload: buf[..n].to_vec(),
+                    }),
+                }
+            }
+            let _ = done.send(());
+        });
+    }
+    drop(done_tx);
+    thread::spawn(move || {
+        let status = child.wait();
+        let deadline = std::time::Instant::now() + OUTPUT_GRACE;
+        for _ in 0..2 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if done_rx.recv_timeout(left).is_err() {
+                break;
+            }
+        }
+        let exit = match status {
+            Ok(s) => Exit {
+                exit_code: s.code().unwrap_or(-1),
+                signal: s.signal(),
+            },
+            Err(_) => Exit {
+                exit_code: -1,
+                signal: None,
+            },
+        };
+        out.send(&Frame::json(Kind::Exited, pid, &exit));
+    });
+}
+
+fn signal_process(pid: u32, signal: i32) -> Result<serde_json::Value, Failure> {
+    let Ok(p) = i32::try_from(pid) else {
+        return Err(Failure {
+            code: "invalid_argument".into(),
+            message: format!("pid {pid}"),
+        });
+    };
+    // SAFETY: kill(2) with plain integers; a negative pid names the process group.
+    let r = unsafe { libc::kill(-p, signal) };
+    // SAFETY: as above, the process itself when it left its group.
+    if r == 0 || unsafe { libc::kill(p, signal) } == 0 {
+        Ok(serde_json::Value::Null)
+    } else {
+        Err(Failure {
+            code: "not_found".into(),
+            message: format!("process {pid} not found"),
+        })
+    }
+}
+
+fn stream_file(mut f: File, id: u32, out: &Outbox) {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.send(&Frame {
+                kind: Kind::FileChunk,
+                id,
+                payload: buf[..n].to_vec(),
+            }),
+        }
+    }
+    out.send(&Frame {
+        kind: Kind::FileChunk,
+        id,
+        payload: Vec::new(),
+    });
+}
+
+/// A file being written from `FileData` frames; the first error sticks and is the reply.
+struct Upload {
+    path: PathBuf,
+    file: Result<File, Failure>,
+}
+
+impl Upload {
+    fn open(path: &str) -> Self {
+        let p = resolve(path);
+        let file = (|| {
+            if let Some(parent) = p.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            File::create(&p)
+        })()
+        .map_err(|e| Failure::io(path, &e));
+        Self { path: p, file }
+    }
+
+    fn write(&mut self, data: &[u8]) {
+        if let Ok(f) = &mut self.file {
+            if let Err(e) = f.write_all(data) {
+                self.file = Err(Failure::io(&self.path.to_string_lossy(), &e));
+            }
+        }
+    }
+
+    fn finish(self, users: &Users) -> Result<serde_json::Value, Failure> {
+        let f = self.file?;
+        f.sync_data().ok();
+        entry(&self.path, users).map(|e| serde_json::to_value(e).unwrap_or_default())
+    }
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/"))
+}
+
+/// Relative paths are relative to the home directory, as in E2B.
+fn resolve(path: &str) -> PathBuf {
+    if path.starts_with('/') {
+        PathBuf::from(path)
+    } else {
+        home().join(path)
+    }
+}
+
+fn entry(p: &Path, users: &Users) -> Result<Entry, Failure> {
+    let m = fs::symlink_metadata(p).map_err(|e| Failure::io(&p.to_string_lossy(), &e))?;
+    let ft = m.file_type();
+    let (kind, target) = if ft.is_symlink() {
+        ("symlink", fs::read_link(p).ok())
+    } else if ft.is_dir() {
+        ("dir", None)
+    } else {
+        ("file", None)
+    };
+    Ok(Entry {
+        name: p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "/".into()),
+        kind: kind.into(),
+        path: p.to_string_lossy().into_owned(),
+        size: m.len(),
+        mode: m.permissions().mode(),
+        owner: users.user(m.uid()),
+        group: users.group(m.gid()),
+        mtime_s: m.mtime(),
+        mtime_ns: m.mtime_nsec().clamp(0, 999_999_999) as u32,
+        symlink_target: target.map(|t| t.to_string_lossy().into_owned()),
+    })
+}
+
+fn list(dir: &Path, depth: u32, users: &Users) -> Result<Vec<Entry>, Failure> {
+    let meta = fs::metadata(dir).map_err(|e| Failure::io(&dir.to_string_lossy(), &e))?;
+    if !meta.is_dir() {
+        return Err(Failure {
+            code: "invalid_argument".into(),
+            message: format!("{} is not a directory", dir.display()),
+        });
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![(dir.to_path_buf(), 1)];
+    while let Some((d, level)) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        let mut names: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        names.sort();
+        for p in names {
+            let Ok(e) = entry(&p, users) else { continue };
+            if e.kind == "dir" && level < depth {
+                stack.push((p.clone(), level + 1));
+            }
+            out.push(e);
+            if out.len() > MAX_LIST {
+                return Err(Failure {
+                    code: "resource_exhausted".into(),
+                    message: format!("more than {MAX_LIST} entries; list with a smaller depth"),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// User and group names from the sandbox's own `/etc/passwd` and `/etc/group`.
+struct Users {
+    users: HashMap<u32, String>,
+    groups: HashMap<u32, String>,
+}
+
+impl Users {
+    fn load() -> Self {
+        let read = |path: &str| -> HashMap<u32, String> {
+            fs::read_to_string(path)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| {
+                    let mut f = l.split(':');
+                    let name = f.next()?;
+                    let id = f.nth(1)?.parse().ok()?;
+                    Some((id, name.to_string()))
+                })
+                .collect()
+        };
+        Self {
+            users: read("/etc/passwd"),
+            groups: read("/etc/group"),
+        }
+    }
+
+    fn user(&self, uid: u32) -> String {
+        self.users
+            .get(&uid)
+            .cloned()
+            .unwrap_or_else(|| uid.to_string())
+    }
+
+    fn group(&self, gid: u32) -> String {
+        self.groups
+            .get(&gid)
+            .cloned()
+            .unwrap_or_else(|| gid.to_string())
+    }
+}
