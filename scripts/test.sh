@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Runs every test: installs etcd if it is missing (the discovery tests start a real one), builds
+# Runs every test: installs etcd, bubblewrap and python3 if missing (see below), builds
 # the workspace once (release), fetches the default model, installs the Python SDK test
 # dependencies into .venv, then runs the Rust tests and the SDK tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v etcd >/dev/null 2>&1 && [ -z "${LASTMILE_ETCD:-}" ]; then
-    echo "== installing etcd (Debian package etcd-server)"
+# Debian packages the tests need: etcd (discovery tests start a real one), bubblewrap (the
+# sandbox backend) and a python3 under /usr (what sandboxes run; the host's /usr is their root).
+missing=()
+if ! command -v etcd >/dev/null 2>&1 && [ -z "${LASTMILE_ETCD:-}" ]; then missing+=(etcd-server); fi
+if ! command -v bwrap >/dev/null 2>&1; then missing+=(bubblewrap); fi
+if [ ! -x /usr/bin/python3 ]; then missing+=(python3); fi
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "== installing ${missing[*]} (Debian packages)"
     SUDO=""
     if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 cargo build --release --workspace

@@ -1,5 +1,6 @@
 """Starts the real `lastmile serve` binary (default model) on a free port for the SDK tests."""
 
+import json
 import os
 import socket
 import subprocess
@@ -65,3 +66,59 @@ def client(base_url):
     from openai import OpenAI
 
     return OpenAI(base_url=base_url + "/v1", api_key="not-needed", max_retries=0)
+
+
+SANDBOX_ADMIN_KEY = "sandbox-admin-key-0123456789abcdef"
+SANDBOX_CANARY = "canary-9f1c2d7e-never-inside-a-sandbox"
+
+
+def admin_request(url, method, path, body=None, key=None):
+    """A JSON call to a server's admin API (the sandbox server's admin key by default)."""
+    key = key or SANDBOX_ADMIN_KEY
+    req = urllib.request.Request(
+        url + path,
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        text = r.read()
+        return json.loads(text) if text else None
+
+
+@pytest.fixture(scope="session")
+def sandbox_server(tmp_path_factory):
+    """`lastmile sandbox` with keys on (the admin key and a canary in its environment)."""
+    port = _free_port()
+    env = dict(os.environ)
+    env["LASTMILE_ADMIN_KEY"] = SANDBOX_ADMIN_KEY
+    env["LASTMILE_TEST_CANARY"] = SANDBOX_CANARY
+    tmp = tmp_path_factory.mktemp("sandbox")
+    log = open(tmp / "server.log", "wb")
+    proc = subprocess.Popen(
+        [str(BINARY), "sandbox", "--port", str(port), "--usage-db", str(tmp / "keys.db"), "--sandbox-max-per-key", "6"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("lastmile sandbox exited: " + (tmp / "server.log").read_text(errors="replace"))
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status in (200, 503):
+                    break
+        except urllib.error.HTTPError as e:
+            if e.code == 503:
+                break
+        except OSError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise RuntimeError("lastmile sandbox did not answer in 30 s")
+        time.sleep(0.1)
+    yield url, proc
+    stop_server(proc)
+    log.close()

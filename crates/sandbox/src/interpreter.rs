@@ -23,12 +23,21 @@ def _emit(o):
 class _Out(io.TextIOBase):
     def __init__(self, kind):
         self.kind = kind
+        self.buf = ""
     def writable(self):
         return True
     def write(self, t):
-        if t:
-            _emit({"type": self.kind, "text": t})
+        self.buf += t
+        nl = self.buf.rfind("\n")
+        if nl >= 0 or len(self.buf) > 65536:
+            cut = nl + 1 if nl >= 0 else len(self.buf)
+            _emit({"type": self.kind, "text": self.buf[:cut]})
+            self.buf = self.buf[cut:]
         return len(t)
+    def flush(self):
+        if self.buf:
+            _emit({"type": self.kind, "text": self.buf})
+            self.buf = ""
 sys.stdout = _Out("stdout")
 sys.stderr = _Out("stderr")
 _g = {"__name__": "__main__", "__builtins__": __builtins__}
@@ -72,6 +81,8 @@ for _line in sys.__stdin__:
     except BaseException as _e:
         _emit({"type": "error", "name": type(_e).__name__, "value": str(_e), "traceback": traceback.format_exc()})
     finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
         for _k, _v in _saved.items():
             if _v is None:
                 os.environ.pop(_k, None)

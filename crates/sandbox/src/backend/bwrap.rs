@@ -273,9 +273,12 @@ impl Bwrap {
         a
     }
 
-    /// Makes `cmd` join the cgroups, keep out of the OOM killer's first pick, die with
+    /// Makes `cmd` start with an empty environment, join the cgroups, keep out of the OOM killer's first pick, die with
     /// lastmile, and drop to the unprivileged host user, in the child before it execs.
     fn prepare(&self, cmd: &mut std::process::Command, fds: &Fds, join: &[RawFd]) {
+        // bubblewrap's own process (pid 1 inside) keeps the environment it was started with,
+        // readable in the sandbox at /proc/1/environ: it must hold none of lastmile's secrets.
+        cmd.env_clear().env("PATH", "/usr/bin:/bin");
         let keep: Vec<RawFd> = fds.all().collect();
         let join = join.to_vec();
         let user = self.config.host_user;

@@ -303,21 +303,18 @@ impl Cgroup {
         }
     }
 
-    /// Whether the memory limit was hit at least once (the OOM killer ran or allocations failed).
+    /// How many processes the OOM killer ended for hitting the memory limit.
     pub fn oom_events(&self) -> Option<u64> {
         let (dir, v) = self.memory.as_ref()?;
-        match v {
-            Version::V1 => fs::read_to_string(dir.join("memory.failcnt"))
-                .ok()?
-                .trim()
-                .parse()
-                .ok(),
-            Version::V2 => fs::read_to_string(dir.join("memory.events"))
-                .ok()?
-                .lines()
-                .find_map(|l| l.strip_prefix("oom_kill "))
-                .and_then(|v| v.trim().parse().ok()),
-        }
+        let file = match v {
+            Version::V1 => "memory.oom_control",
+            Version::V2 => "memory.events",
+        };
+        fs::read_to_string(dir.join(file))
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|v| v.trim().parse().ok())
     }
 
     /// SIGKILLs every process left in the sandbox's cgroups, until none is.

@@ -255,13 +255,33 @@ async fn follow_inner(
             }
             () = &mut sleep => {
                 if deadline.is_some_and(|d| d.1) {
-                    let _ = sb.conn.call(&Request::Signal { pid, signal: libc::SIGKILL }).await;
+                    kill_if_running(&sb, pid).await;
                 }
                 tx.finish(Some(RpcError::new("deadline_exceeded", "the command's timeout passed"))).await;
                 return;
             }
-            () = tx.closed() => return,
+            () = tx.closed() => {
+                // A client that gave up at its own deadline still has the process stopped then.
+                if deadline.is_some_and(|d| d.1) {
+                    sleep.await;
+                    kill_if_running(&sb, pid).await;
+                }
+                return;
+            }
         }
+    }
+}
+
+/// SIGKILLs `pid`'s group if that process is still the one we started.
+async fn kill_if_running(sb: &Sandbox, pid: u32) {
+    if sb.conn.process(pid).is_some() {
+        let _ = sb
+            .conn
+            .call(&Request::Signal {
+                pid,
+                signal: libc::SIGKILL,
+            })
+            .await;
     }
 }
 
