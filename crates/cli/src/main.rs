@@ -416,6 +416,13 @@ static PROCESS_START: std::sync::LazyLock<std::time::Instant> =
     std::sync::LazyLock::new(std::time::Instant::now);
 
 fn main() -> Result<()> {
+    // Inside a sandbox, before anything else: every sandbox start waits for this.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "sandbox-agent")
+    {
+        sandboxes::agent();
+    }
     std::sync::LazyLock::force(&PROCESS_START);
     tracing_subscriber::fmt()
         .with_env_filter(
