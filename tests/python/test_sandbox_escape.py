@@ -174,3 +174,60 @@ def test_sandboxes_cannot_see_each_other(key):
             headers={"E2b-Sandbox-Id": b.sandbox_id, "E2b-Sandbox-Port": "49983", "X-Access-Token": "0" * 64},
         )
         assert r.status_code == 502
+
+
+def test_killing_lastmile_leaves_no_sandbox_behind(tmp_path, monkeypatch):
+    import glob
+    import signal
+    import subprocess
+
+    from conftest import BINARY, _free_port
+    from e2b import Sandbox
+
+    def start():
+        port = _free_port()
+        p = subprocess.Popen(
+            [str(BINARY), "sandbox", "--port", str(port), "--usage-db", str(tmp_path / "db")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                import socket
+
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return p, url
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("no server")
+
+    before = host_processes_of(SANDBOX_HOST_UID)
+    proc, url = start()
+    monkeypatch.setenv("E2B_API_URL", url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", url)
+    monkeypatch.setenv("E2B_API_KEY", "open")
+    sb = Sandbox.create()
+    sb.commands.run("sleep 300", background=True)
+    sb.commands.run("nohup sleep 301 >/dev/null 2>&1 &")
+    assert host_processes_of(SANDBOX_HOST_UID) > before
+    folders = lambda pid: [  # noqa: E731
+        p for pattern in ("/sys/fs/cgroup/*/lastmile-sandboxes/%d", "/sys/fs/cgroup/*/*/*/lastmile-sandboxes/%d",
+                          "/sys/fs/cgroup/lastmile-sandboxes/%d", "/sys/fs/cgroup/*/*/lastmile-sandboxes/%d")
+        for p in glob.glob(pattern % pid)
+    ]
+    assert folders(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while host_processes_of(SANDBOX_HOST_UID) > before and time.time() < deadline:
+        time.sleep(0.1)
+    assert host_processes_of(SANDBOX_HOST_UID) == before
+    # The next lastmile clears the cgroup folders the dead one left.
+    again, _ = start()
+    try:
+        assert folders(proc.pid) == []
+    finally:
+        again.terminate()
+        again.wait(timeout=20)

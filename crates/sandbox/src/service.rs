@@ -444,6 +444,8 @@ impl SandboxService {
         for s in all {
             s.end().await;
         }
+        let backend = self.backend.clone();
+        let _ = tokio::task::spawn_blocking(move || backend.shutdown()).await;
     }
 }
 

@@ -343,6 +343,10 @@ impl IsolationBackend for Bwrap {
         )
     }
 
+    fn shutdown(&self) {
+        self.cgroups.remove();
+    }
+
     fn launch(&self, spec: &LaunchSpec<'_>) -> Result<Launched, SandboxError> {
         let t = spec.template;
         let limits = Limits {

@@ -58,12 +58,20 @@ impl CgroupSetup {
         let own = fs::read_to_string("/proc/self/cgroup")?;
         let mut setup = Self::plan(&mountinfo, &own, |p| fs::read_to_string(p).ok());
         for (_, place) in &mut setup.places {
+            remove_stale(&place.parent);
             if place.version == Version::V2 {
                 enable_v2(place)?;
             }
             fs::create_dir_all(&place.parent)?;
         }
         Ok(setup)
+    }
+
+    /// Removes this process's folders (at shutdown, after every sandbox ended).
+    pub fn remove(&self) {
+        for (_, place) in &self.places {
+            let _ = fs::remove_dir(&place.parent);
+        }
     }
 
     /// The placement decision alone (pure, for tests): v1 hierarchies first, then v2.
@@ -110,7 +118,10 @@ impl CgroupSetup {
             } else {
                 mount.to_path_buf()
             };
+            // One folder per lastmile process, so that a later one can tell which are left
+            // over from a process that died (and clear them) from those of a live one.
             base.join("lastmile-sandboxes")
+                .join(std::process::id().to_string())
         };
         let v2_controllers = v2
             .as_ref()
@@ -228,11 +239,39 @@ impl CgroupSetup {
     }
 }
 
+/// Clears what a lastmile process that died left beside `ours` (`lastmile-sandboxes/<pid>`
+/// folders of pids that no longer run): kills anything still inside, removes the folders.
+fn remove_stale(ours: &Path) {
+    let (Some(all), Some(me)) = (ours.parent(), ours.file_name()) else {
+        return;
+    };
+    let Ok(dirs) = fs::read_dir(all) else { return };
+    for d in dirs.flatten() {
+        let name = d.file_name();
+        let stale = name != me
+            && name
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|pid| !Path::new("/proc").join(pid.to_string()).exists());
+        if !stale {
+            continue;
+        }
+        if let Ok(children) = fs::read_dir(d.path()) {
+            for c in children.flatten().filter(|c| c.path().is_dir()) {
+                let mut left = Cgroup::default();
+                left.dirs.push(c.path());
+                drop(left);
+            }
+        }
+        let _ = fs::remove_dir(d.path());
+    }
+}
+
 /// Turns on memory, pids and cpu for the cgroups under `place.parent` (v2 passes controllers
 /// down only through `cgroup.subtree_control`, and only from a cgroup with no processes of its
 /// own: when ours has some, lastmile first moves itself into a `lastmile` leaf beside).
 fn enable_v2(place: &Place) -> io::Result<()> {
-    let Some(own) = place.parent.parent() else {
+    let Some(own) = place.parent.parent().and_then(Path::parent) else {
         return Ok(());
     };
     let want = "+memory +pids +cpu";
@@ -251,8 +290,18 @@ fn enable_v2(place: &Place) -> io::Result<()> {
         write(&leaf, "cgroup.procs", &std::process::id().to_string())?;
         enable(own)?;
     }
-    fs::create_dir_all(&place.parent)?;
-    enable(&place.parent)
+    let mut dir = own.to_path_buf();
+    for level in place
+        .parent
+        .strip_prefix(own)
+        .unwrap_or(Path::new(""))
+        .components()
+    {
+        dir.push(level);
+        fs::create_dir_all(&dir)?;
+        enable(&dir)?;
+    }
+    Ok(())
 }
 
 fn write(dir: &Path, file: &str, value: &str) -> io::Result<()> {
@@ -386,10 +435,12 @@ mod tests {
         assert_eq!(
             mem.parent,
             PathBuf::from("/sys/fs/cgroup/memory/process_api/abc/lastmile-sandboxes")
+                .join(std::process::id().to_string())
         );
         assert_eq!(
             s.place("pids").unwrap().parent,
             PathBuf::from("/sys/fs/cgroup/pids/lastmile-sandboxes")
+                .join(std::process::id().to_string())
         );
         assert!(s.missing().is_empty());
     }
@@ -413,6 +464,7 @@ mod tests {
             assert_eq!(
                 p.parent,
                 PathBuf::from("/sys/fs/cgroup/user.slice/session-1.scope/lastmile-sandboxes")
+                    .join(std::process::id().to_string())
             );
         }
         assert!(s.place("cpuacct").is_none());

@@ -54,6 +54,8 @@ pub trait IsolationBackend: Send + Sync {
     fn describe(&self) -> String;
     /// Starts a sandbox's agent.
     fn launch(&self, spec: &LaunchSpec<'_>) -> Result<Launched, SandboxError>;
+    /// Releases what the backend holds on the host, once every sandbox has ended.
+    fn shutdown(&self) {}
 }
 
 /// Which backend to use.
