@@ -10,8 +10,8 @@ Three measures:
    event. Median, p90, p99.
 2. The same through the official `e2b` SDK (`Sandbox.create()` + `commands.run("echo")`, the
    SDK's own overhead included), fewer times.
-3. 100 sandboxes alive at once: create latency as they pile up, then RSS per sandbox (host
-   processes of the sandbox user, plus the growth of lastmile itself) and memory charged to
+3. 100 sandboxes alive at once: create latency as they pile up, then memory per sandbox (PSS of the
+   host processes of the sandbox user, plus the growth of lastmile itself) and memory charged to
    their cgroups.
 
     python3 scripts/bench_sandbox.py [--runs 100] [--alive 100] [--write BENCHMARKS.md]
@@ -209,12 +209,14 @@ def measure_sdk(server, runs):
     return out
 
 
-def rss_kib(pids):
+def pss_kib(pids):
+    """Proportional set size: shared pages (the binary's text, libraries) divided among the
+    processes sharing them, so that a sum over processes counts each page once."""
     total = 0
     for pid in pids:
         try:
-            for line in open(f"/proc/{pid}/status"):
-                if line.startswith("VmRSS:"):
+            for line in open(f"/proc/{pid}/smaps_rollup"):
+                if line.startswith("Pss:"):
                     total += int(line.split()[1])
         except OSError:
             pass
@@ -238,7 +240,7 @@ def pids_of_uid(uid):
 
 def measure_alive(server, n):
     conn = http.client.HTTPConnection("127.0.0.1", server.port)
-    base_rss = rss_kib([server.proc.pid])
+    base_rss = pss_kib([server.proc.pid])
     base_sandbox_procs = len(pids_of_uid(SANDBOX_UID))
     lat = []
     ids = []
@@ -251,8 +253,8 @@ def measure_alive(server, n):
         progress(i + 1, n, f"{n} alive at once      ")
     time.sleep(0.5)
     procs = pids_of_uid(SANDBOX_UID)
-    sandbox_rss = rss_kib(procs)
-    lastmile_growth = rss_kib([server.proc.pid]) - base_rss
+    sandbox_rss = pss_kib(procs)
+    lastmile_growth = pss_kib([server.proc.pid]) - base_rss
     conn.request("GET", "/admin/sandboxes")
     listed = json.loads(conn.getresponse().read())["sandboxes"]
     charged = [s["memoryUsedBytes"] for s in listed if s.get("memoryUsedBytes") is not None]
@@ -281,7 +283,8 @@ def main():
     server = Server(["--sandbox-max-per-key", str(args.alive + 10), "--sandbox-key-cpus", "10000",
                      "--sandbox-key-memory-mib", "100000000"])
     try:
-        create(http.client.HTTPConnection("127.0.0.1", server.port))  # warm: page cache, first cgroup
+        warm = http.client.HTTPConnection("127.0.0.1", server.port)
+        kill(warm, create(warm)[0])  # warm: page cache, first cgroup
         http_ms = measure_http(server, args.runs)
         sdk_ms = measure_sdk(server, args.sdk_runs)
         alive = measure_alive(server, args.alive)
@@ -315,7 +318,7 @@ def main():
         "(the rest is the cgroup, the seccomp filter, tmpfs mounts, the agent's exec and the "
         "command's own `bash -l`).",
         f"- {alive['alive']} sandboxes alive at once: {alive['processes']} host processes, "
-        f"**{alive['rss_per_sandbox_kib'] / 1024:.2f} MiB RSS per sandbox** (bubblewrap, agent and "
+        f"**{alive['rss_per_sandbox_kib'] / 1024:.2f} MiB of memory (PSS) per sandbox** (bubblewrap, agent and "
         f"lastmile's own growth of {alive['lastmile_growth_kib'] / 1024:.1f} MiB, divided by "
         f"{args.alive}); memory charged to each sandbox's cgroup: median "
         f"{alive['cgroup_mib_median']:.2f} MiB.",

@@ -95,8 +95,18 @@ def sandbox_server(tmp_path_factory):
     env["LASTMILE_TEST_CANARY"] = SANDBOX_CANARY
     tmp = tmp_path_factory.mktemp("sandbox")
     log = open(tmp / "server.log", "wb")
+    (tmp / "templates.yaml").write_text(
+        "templates:\n"
+        "  - name: web\n"
+        "    memory_mb: 256\n"
+        "    cpus: 0.5\n"
+        "    start_cmd: python3 -m http.server 8000 --bind 127.0.0.1\n"
+    )
     proc = subprocess.Popen(
-        [str(BINARY), "sandbox", "--port", str(port), "--usage-db", str(tmp / "keys.db"), "--sandbox-max-per-key", "6"],
+        [
+            str(BINARY), "sandbox", "--port", str(port), "--usage-db", str(tmp / "keys.db"),
+            "--sandbox-max-per-key", "6", "--sandbox-templates", str(tmp / "templates.yaml"),
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=log,

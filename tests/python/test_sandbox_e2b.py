@@ -220,3 +220,25 @@ def test_admin_and_metrics(sandbox_server, key):
         assert 'lastmile_sandboxes_live{template="base"' in text
         assert "lastmile_sandbox_create_seconds_count" in text
         assert "lastmile_sandbox_commands_total" in text
+
+
+def test_custom_template_resources_and_start_command(key):
+    from e2b import Sandbox
+
+    with Sandbox.create(template="web") as sb:
+        info = sb.get_info()
+        assert info.template_id == "web" and info.memory_mb == 256
+        started = [p for p in sb.commands.list() if p.tag == "start"]
+        assert started and "http.server" in " ".join(started[0].args)
+        r = sb.commands.run(
+            "for i in $(seq 50); do python3 -c 'import urllib.request;print(urllib.request.urlopen(\"http://127.0.0.1:8000/\").status)' 2>/dev/null && break; sleep 0.1; done"
+        )
+        assert r.stdout.strip() == "200"
+        # The template's memory limit is the cgroup's.
+        code = sb.commands.run("python3 -c 'x = bytearray(400 * 1024**2)' && echo fits || echo killed").stdout
+        assert code.strip() == "killed"
+    from e2b import SandboxException
+
+    with pytest.raises(SandboxException) as e:
+        Sandbox.create(template="no-such-template")
+    assert "not found" in str(e.value)

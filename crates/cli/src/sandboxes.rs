@@ -38,6 +38,11 @@ pub struct SandboxOptions {
     /// Live sandboxes on this server, all keys together.
     #[arg(long, default_value_t = 1000)]
     pub sandbox_max: usize,
+    /// More templates (YAML: `templates: [{name, rootfs, cpus, memory_mb, disk_mb, pids,
+    /// start_cmd, code_interpreter, aliases}]`); one named like a built-in replaces it. See
+    /// docs/sandboxes.md.
+    #[arg(long)]
+    pub sandbox_templates: Option<std::path::PathBuf>,
 }
 
 impl SandboxOptions {
@@ -58,6 +63,12 @@ impl SandboxOptions {
             memory_mb: self.sandbox_key_memory_mib,
         };
         c.service.max_sandboxes = self.sandbox_max;
+        if let Some(path) = &self.sandbox_templates {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            c.service.templates =
+                lastmile_sandbox::template::with_file(&text, &path.display().to_string())?;
+        }
         Ok(lastmile_sandbox::start(c)?)
     }
 }

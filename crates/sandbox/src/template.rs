@@ -88,6 +88,59 @@ impl Template {
     }
 }
 
+/// One template as written in a templates file (`--sandbox-templates`); unset fields take the
+/// host template's defaults.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TemplateYaml {
+    name: String,
+    #[serde(default)]
+    aliases: Vec<String>,
+    rootfs: Option<PathBuf>,
+    cpus: Option<f64>,
+    memory_mb: Option<u64>,
+    disk_mb: Option<u64>,
+    pids: Option<u32>,
+    start_cmd: Option<String>,
+    #[serde(default)]
+    code_interpreter: bool,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TemplatesFile {
+    templates: Vec<TemplateYaml>,
+}
+
+/// Parses a templates file (`source` names it in errors, with line and column) and returns
+/// the built-ins with its templates added; one with a built-in's name replaces it.
+pub fn with_file(text: &str, source: &str) -> Result<Vec<Template>, SandboxError> {
+    let file: TemplatesFile = serde_saphyr::from_str(text).map_err(|e| {
+        let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+        SandboxError::InvalidConfig(format!("{source}:{line}:{column}: {}", e.without_snippet()))
+    })?;
+    let mut all = builtin();
+    for (i, t) in file.templates.into_iter().enumerate() {
+        let d = Template::host(&t.name);
+        let t = Template {
+            name: t.name,
+            aliases: t.aliases,
+            rootfs: t.rootfs,
+            cpus: t.cpus.unwrap_or(d.cpus),
+            memory_mb: t.memory_mb.unwrap_or(d.memory_mb),
+            disk_mb: t.disk_mb.unwrap_or(d.disk_mb),
+            pids: t.pids.unwrap_or(d.pids),
+            start_cmd: t.start_cmd,
+            code_interpreter: t.code_interpreter,
+        };
+        t.validate()
+            .map_err(|e| SandboxError::InvalidConfig(format!("{source}: templates[{i}]: {e}")))?;
+        all.retain(|x| !x.answers_to(&t.name) && !t.aliases.iter().any(|a| x.answers_to(a)));
+        all.push(t);
+    }
+    Ok(all)
+}
+
 /// The templates every server has.
 pub fn builtin() -> Vec<Template> {
     let base = Template::host("base");
@@ -113,6 +166,30 @@ mod tests {
             .iter()
             .any(|x| x.answers_to("code-interpreter-v1") && x.code_interpreter));
         assert!(t.iter().any(|x| x.answers_to("code-interpreter")));
+    }
+
+    #[test]
+    fn a_templates_file_adds_and_replaces_with_defaults_filled() {
+        let yaml = "templates:\n  - name: data\n    cpus: 2\n    start_cmd: python3 -m http.server\n  - name: base\n    memory_mb: 256\n";
+        let t = with_file(yaml, "t.yaml").unwrap();
+        let data = t.iter().find(|x| x.name == "data").unwrap();
+        assert_eq!((data.cpus, data.memory_mb, data.pids), (2.0, 512, 256));
+        assert_eq!(data.start_cmd.as_deref(), Some("python3 -m http.server"));
+        let base: Vec<_> = t.iter().filter(|x| x.answers_to("base")).collect();
+        assert_eq!(base.len(), 1);
+        assert_eq!(base[0].memory_mb, 256);
+        assert!(t.iter().any(|x| x.answers_to("code-interpreter-v1")));
+    }
+
+    #[test]
+    fn a_bad_templates_file_names_where() {
+        let e = with_file("templates:\n  - name: x\n    cpu: 2\n", "t.yaml").unwrap_err();
+        assert!(e.to_string().contains("t.yaml:3"), "{e}");
+        let e = with_file("templates:\n  - name: x\n    pids: 1\n", "t.yaml").unwrap_err();
+        assert!(
+            e.to_string().contains("templates[0]") && e.to_string().contains("pids"),
+            "{e}"
+        );
     }
 
     #[test]
