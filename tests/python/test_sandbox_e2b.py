@@ -148,6 +148,17 @@ def test_code_interpreter_keeps_state_and_reports_errors(key):
         other = sb.run_code("'x' in globals()", context=ctx)
         assert other.text == "False"
         assert sb.run_code("x", envs={"A": "b"}).text == "40"
+        # A thread a cell leaves printing does not stall the sandbox between cells.
+        sb.run_code(
+            "import threading\n"
+            "def spam():\n"
+            "    for i in range(20000):\n"
+            "        print('x' * 100)\n"
+            "threading.Thread(target=spam).start()"
+        )
+        time.sleep(1)
+        assert sb.commands.run("echo still here", timeout=10).stdout == "still here\n"
+        assert sb.run_code("1 + 1", timeout=20).text == "2"
 
 
 def test_timeout_set_expiry_list_kill_and_other_keys(sandbox_server, key, monkeypatch):

@@ -101,8 +101,52 @@ pub struct Context {
     pub cwd: String,
     /// The process running it.
     pub pid: u32,
-    /// Its output; holding the lock is holding the context (one cell at a time).
-    pub events: tokio::sync::Mutex<mpsc::Receiver<ProcEvent>>,
+    /// Held while a cell runs (one cell at a time).
+    pub cell: tokio::sync::Mutex<()>,
+    /// Where the process's output goes: the running cell, or nowhere between cells (a thread
+    /// a cell left printing must never stall the sandbox's other traffic).
+    sink: Arc<Mutex<Option<mpsc::Sender<ProcEvent>>>>,
+    dead: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Context {
+    /// Starts receiving the process's output for one cell (until [`Context::detach`]); `None`
+    /// when the process has already ended.
+    pub fn attach(&self) -> Option<mpsc::Receiver<ProcEvent>> {
+        let (tx, rx) = mpsc::channel(64);
+        *lock(&self.sink) = Some(tx);
+        if self.dead.load(std::sync::atomic::Ordering::SeqCst) {
+            *lock(&self.sink) = None;
+            return None;
+        }
+        Some(rx)
+    }
+
+    /// Output goes nowhere again.
+    pub fn detach(&self) {
+        *lock(&self.sink) = None;
+    }
+}
+
+/// Moves a context process's output to the cell that is running, and drops it between cells.
+async fn forward(
+    mut rx: mpsc::Receiver<ProcEvent>,
+    sink: Arc<Mutex<Option<mpsc::Sender<ProcEvent>>>>,
+    dead: Arc<std::sync::atomic::AtomicBool>,
+) {
+    while let Some(ev) = rx.recv().await {
+        let end = matches!(ev, ProcEvent::End(_));
+        let tx = lock(&sink).clone();
+        if let Some(tx) = tx {
+            let _ = tx.send(ev).await;
+        }
+        if end {
+            break;
+        }
+    }
+    dead.store(true, std::sync::atomic::Ordering::SeqCst);
+    // A cell waiting now learns the process is gone (its channel closes).
+    lock(&sink).take();
 }
 
 /// A sandbox's contexts.
@@ -153,8 +197,11 @@ impl Contexts {
             language: "python".into(),
             cwd,
             pid: proc.pid,
-            events: tokio::sync::Mutex::new(rx),
+            cell: tokio::sync::Mutex::new(()),
+            sink: Arc::new(Mutex::new(None)),
+            dead: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         });
+        tokio::spawn(forward(rx, ctx.sink.clone(), ctx.dead.clone()));
         lock(&self.map).insert(id, ctx.clone());
         Ok(ctx)
     }

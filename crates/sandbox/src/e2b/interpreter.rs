@@ -136,9 +136,17 @@ async fn run_cell(
     env: std::collections::BTreeMap<String, String>,
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) {
-    let mut events = ctx.events.lock().await;
+    let _cell = ctx.cell.lock().await;
+    let Some(mut events) = ctx.attach() else {
+        let _ = tx
+            .send(Ok(error_line("ContextDied", "the context's process ended")))
+            .await;
+        sb.contexts.remove(&ctx.id);
+        return;
+    };
     let line = json!({ "code": code, "env": env }).to_string() + "\n";
     if let Err(f) = sb.conn.stdin(ctx.pid, line.into_bytes().into()).await {
+        ctx.detach();
         let _ = tx.send(Ok(error_line("ContextError", &f.message))).await;
         return;
     }
@@ -206,6 +214,7 @@ async fn run_cell(
             }
         }
         if ended {
+            ctx.detach();
             return;
         }
     }
