@@ -549,13 +549,10 @@ impl GatewayHandle {
             Some(w) => w(app),
             None => app,
         };
-        // Small writes (stream chunks, response heads) leave at once instead of waiting on Nagle.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        // Header and body timeouts and a connection cap (slow clients cannot take every
+        // socket); small writes leave at once (no Nagle).
+        let limits = lastmile_http::ServeLimits::default();
+        let result = lastmile_http::serve(listener, app, limits, shutdown).await;
         poller.abort();
         if let Some(d) = discovery {
             d.abort();

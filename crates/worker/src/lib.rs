@@ -129,13 +129,10 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    // Each streamed token leaves at once instead of waiting on Nagle.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router(engine, config))
-        .with_graceful_shutdown(shutdown)
-        .await
+    // Header and body timeouts and a connection cap (slow clients cannot take every socket);
+    // each streamed token leaves at once (no Nagle).
+    let limits = lastmile_http::ServeLimits::default();
+    lastmile_http::serve(listener, router(engine, config), limits, shutdown).await
 }
 
 fn card(s: &AppState) -> ModelCard {
