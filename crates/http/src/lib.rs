@@ -74,7 +74,7 @@ pub fn raise_fd_limit() -> u64 {
             }
         }
     }
-    l.rlim_cur as u64
+    l.rlim_cur
 }
 
 /// Serves `app` on `listener` within `limits` until `shutdown` resolves, then drains.
