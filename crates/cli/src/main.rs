@@ -65,9 +65,37 @@ pub struct AccessArgs {
     pub insecure: bool,
 }
 
+/// Admin keys shorter than this are warned about.
+const SHORT_ADMIN_KEY: usize = 16;
+
 impl AccessArgs {
-    /// Refuses an open API on a non-loopback `host` unless --insecure.
+    /// Refuses an empty or blank admin key (`--admin-key ""`, or `LASTMILE_ADMIN_KEY` set to
+    /// an unset shell variable), which would otherwise leave the API and `/admin` open while
+    /// looking keyed; warns about a short one.
+    pub fn check_admin_key(&self) -> Result<()> {
+        let Some(key) = &self.admin_key else {
+            return Ok(());
+        };
+        if key.trim().is_empty() {
+            anyhow::bail!(
+                "the admin key (--admin-key or LASTMILE_ADMIN_KEY) is empty: give a long random \
+                 key (e.g. `openssl rand -hex 32`), or leave both unset for an open API on a \
+                 loopback address"
+            );
+        }
+        if key.len() < SHORT_ADMIN_KEY {
+            tracing::warn!(
+                "the admin key is only {} bytes long: anyone who guesses it controls every API \
+                 key; use at least {SHORT_ADMIN_KEY} random bytes (e.g. `openssl rand -hex 32`)",
+                key.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Refuses an open API on a non-loopback `host` unless --insecure, and a blank admin key.
     pub fn check_exposure(&self, host: &str, keys_possible: bool) -> Result<()> {
+        self.check_admin_key()?;
         let loopback = host == "localhost"
             || host
                 .parse::<std::net::IpAddr>()
@@ -94,7 +122,7 @@ impl AccessArgs {
             .clone()
             .unwrap_or_else(|| lastmile_engine::fetch::lastmile_home().join("lastmile.db"));
         let mut t = lastmile_gateway::TenantsConfig::new(db);
-        t.admin_key = self.admin_key.clone().filter(|k| !k.is_empty());
+        t.admin_key = self.admin_key.clone();
         t
     }
 }

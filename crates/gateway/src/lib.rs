@@ -178,6 +178,17 @@ impl GatewayConfig {
                 self.kv_balance
             )));
         }
+        // A blank admin key would guard nothing while turning keys "on".
+        if self
+            .tenants
+            .as_ref()
+            .and_then(|t| t.admin_key.as_deref())
+            .is_some_and(|k| k.trim().is_empty())
+        {
+            return Err(GatewayError::InvalidConfig(
+                "the admin key is empty: give a long random key, or none".into(),
+            ));
+        }
         if self.breaker_failures == 0 || self.health_interval.is_zero() {
             return Err(GatewayError::InvalidConfig(
                 "breaker_failures and health_interval must be positive".into(),
