@@ -208,9 +208,13 @@ pub(crate) fn chat_prompt(
     tools: Option<&ToolSetup>,
 ) -> Result<Vec<u32>, WorkerError> {
     let template = state.engine.template();
+    let tok = state.engine.tokenizer();
     let (messages, tool_defs) = template_messages(req, tools, template.tool_style())?;
+    // What clients and tools wrote never becomes a control token: only the template's markup.
+    let messages = tok.quote_untrusted(&messages)?;
+    let tool_defs = tool_defs.map(|t| tok.quote_untrusted(&t)).transpose()?;
     let rendered = template.render_with_tools(&messages, tool_defs.as_ref(), true)?;
-    Ok(state.engine.tokenizer().encode_chat(&rendered)?)
+    Ok(tok.encode_chat(&rendered)?)
 }
 
 /// Everything CPU-bound about a chat request, on a blocking thread: the template, tokenization,
