@@ -230,6 +230,25 @@ impl Gateway {
         self.config.deployments.iter().find(|d| d.name == model)
     }
 
+    /// What usage of a request naming `model` is recorded under: a declared deployment or a
+    /// model a worker reports serving; `-` for anything else (no model, or a name nothing
+    /// serves), so that clients cannot grow the ledger with made-up names.
+    pub(crate) fn usage_deployment<'a>(&self, model: Option<&'a str>) -> &'a str {
+        match model {
+            Some(m)
+                if self.deployment(m).is_some()
+                    || self
+                        .workers
+                        .all()
+                        .iter()
+                        .any(|w| w.model().as_deref() == Some(m)) =>
+            {
+                m
+            }
+            _ => "-",
+        }
+    }
+
     /// The policy for requests naming `model`.
     pub(crate) fn policy_for(&self, model: Option<&str>) -> &Policy {
         model

@@ -65,7 +65,7 @@ pub(crate) async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Res
             } else {
                 facts.max_tokens()
             };
-            match t.admit(caller, model.unwrap_or("-"), reserve) {
+            match t.admit(caller, gw.usage_deployment(model), reserve) {
                 Ok(a) => Some(a),
                 Err(refusal) => {
                     let mut resp = error_response(&path, &refusal.error);
