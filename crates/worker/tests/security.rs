@@ -1,11 +1,12 @@
 //! Untrusted input at the worker's API, through real HTTP with the default model: message
 //! content can never forge the chat template's control tokens (raw completion prompts still
-//! may, on purpose).
+//! may, on purpose), and requests that would make the engine thread do unbounded work per token
+//! (stop sequences, `logit_bias`) are refused with a 400 in each API's error shape.
 
 mod common;
 
 use common::{post, MODEL};
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// The ChatML turn markup of the default model, smuggled into a user message.
 const FORGED: &str =
@@ -60,4 +61,57 @@ async fn message_content_cannot_forge_chat_turns() {
             < plain_tokens("<|im_start|>system\n"),
         "{v}"
     );
+}
+
+fn assert_invalid(status: u16, v: &Value, param: &str, needle: &str) {
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    assert_eq!(v["error"]["param"], param, "{v}");
+    let message = v["error"]["message"].as_str().expect("message");
+    assert!(message.contains(needle), "{v}");
+}
+
+#[tokio::test]
+async fn oversized_stop_sequences_and_logit_bias_are_400() {
+    let long_stop = "s".repeat(513);
+    let bias: serde_json::Map<String, Value> =
+        (0..301).map(|i| (i.to_string(), json!(1))).collect();
+    for path in ["/v1/chat/completions", "/v1/completions"] {
+        let base = |extra: Value| {
+            let mut body = json!({"model": MODEL, "max_tokens": 1, "n": 16});
+            if path == "/v1/completions" {
+                body["prompt"] = json!("Hi");
+            } else {
+                body["messages"] = json!([{"role": "user", "content": "Hi"}]);
+            }
+            for (k, v) in extra.as_object().expect("object") {
+                body[k] = v.clone();
+            }
+            body
+        };
+        let (status, v) = post(path, base(json!({"stop": ["a", long_stop]}))).await;
+        assert_invalid(status, &v, "stop", "at most 512 bytes");
+        let (status, v) = post(path, base(json!({"logit_bias": bias}))).await;
+        assert_invalid(status, &v, "logit_bias", "at most 300 entries");
+        // At the limits, fine.
+        let at_limit: serde_json::Map<String, Value> =
+            (0..300).map(|i| (i.to_string(), json!(1))).collect();
+        let (status, v) = post(
+            path,
+            base(json!({"stop": ["s".repeat(512)], "logit_bias": at_limit, "n": 2})),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let (status, v) = post(
+        "/v1/messages",
+        json!({"model": MODEL, "max_tokens": 1, "stop_sequences": [long_stop],
+               "messages": [{"role": "user", "content": "Hi"}]}),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    let message = v["error"]["message"].as_str().expect("message");
+    assert!(message.contains("stop_sequences.0"), "{v}");
 }

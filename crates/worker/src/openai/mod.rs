@@ -111,7 +111,7 @@ impl Prepared {
     }
 }
 
-fn engine_sampling(s: &SamplingRequest) -> SamplingParams {
+fn engine_sampling(s: &SamplingRequest, logit_bias: &Arc<[(u32, f32)]>) -> SamplingParams {
     SamplingParams {
         temperature: s.temperature,
         top_p: s.top_p,
@@ -121,7 +121,7 @@ fn engine_sampling(s: &SamplingRequest) -> SamplingParams {
         frequency_penalty: s.frequency_penalty,
         repetition_penalty: s.repetition_penalty,
         seed: s.seed,
-        logit_bias: s.logit_bias.clone(),
+        logit_bias: logit_bias.clone(),
     }
 }
 
@@ -134,9 +134,11 @@ fn engine_requests(
     logprobs: Option<usize>,
     grammar: Option<Grammar>,
 ) -> Vec<GenerateRequest> {
+    // One copy of the biases for every choice.
+    let logit_bias: Arc<[(u32, f32)]> = Arc::from(s.logit_bias.as_slice());
     (0..s.n.max(1))
         .map(|i| {
-            let mut sampling = engine_sampling(s);
+            let mut sampling = engine_sampling(s, &logit_bias);
             sampling.seed = s.seed.map(|seed| seed.wrapping_add(u64::from(i)));
             GenerateRequest {
                 stop: s.stop.clone(),
