@@ -2,7 +2,7 @@
 //! model): a blank admin key is refused at start and a short one warned about; the admin key
 //! in the environment (`LASTMILE_ADMIN_KEY`, the documented alternative to the flag) reaches
 //! neither the replicas of `serve --config` nor the children of `serve --workers N`, and those
-//! children die with their parent.
+//! children die with their parent; a crafted model file is refused with an error, not a panic.
 
 mod common;
 
@@ -290,4 +290,40 @@ async fn workers_children_inherit_no_secret_and_die_with_their_parent() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A GGUF v3 header with `general.alignment` = 0 (candle divides by it) and no tensors.
+fn zero_alignment_gguf() -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.extend(2u64.to_le_bytes());
+    let string = |b: &mut Vec<u8>, s: &str| {
+        b.extend((s.len() as u64).to_le_bytes());
+        b.extend(s.as_bytes());
+    };
+    string(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes());
+    string(&mut b, "llama");
+    string(&mut b, "general.alignment");
+    b.extend(4u32.to_le_bytes());
+    b.extend(0u32.to_le_bytes());
+    b
+}
+
+#[test]
+fn a_model_file_with_zero_alignment_is_refused_without_a_panic() {
+    let dir = temp_dir("gguf");
+    let model = dir.join("zero-alignment.gguf");
+    std::fs::write(&model, zero_alignment_gguf()).expect("write model");
+    let out = Command::new(BIN)
+        .args(["generate", "--prompt", "Hi", "--model"])
+        .arg(&model)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run lastmile");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("general.alignment"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
