@@ -88,7 +88,7 @@ pub(crate) fn serve_fleet(args: ServeArgs) -> Result<()> {
     let mut config = lastmile_gateway::GatewayConfig::new(urls);
     config.policy = lastmile_router::PolicyKind::KvAware;
     config.max_body_bytes = args.max_body_bytes;
-    config.tenants = Some(args.access.tenants());
+    args.access.configure(&mut config);
     let banner = format!(
         "serving `{name}` through a kv_aware gateway over {n} worker processes ({threads} threads \
          each)"

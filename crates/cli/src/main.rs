@@ -63,6 +63,14 @@ pub struct AccessArgs {
     /// the API (e.g. a worker on a private network behind a gateway).
     #[arg(long)]
     pub insecure: bool,
+    /// Key (or LASTMILE_METRICS_KEY) that opens the gateway's /metrics, which names keys and
+    /// workers. With keys on, the admin key opens it too; with neither, /metrics is open.
+    #[arg(long, env = "LASTMILE_METRICS_KEY", hide_env_values = true)]
+    pub metrics_key: Option<String>,
+    /// Name the worker that answered each request in an `x-lastmile-worker` response header
+    /// (it shows the workers' addresses; for debugging).
+    #[arg(long)]
+    pub debug_headers: bool,
 }
 
 /// Admin keys shorter than this are warned about.
@@ -115,6 +123,13 @@ impl AccessArgs {
         )
     }
 
+    /// Applies these settings to a gateway: tenants, the metrics key, debug headers.
+    pub fn configure(&self, config: &mut lastmile_gateway::GatewayConfig) {
+        config.tenants = Some(self.tenants());
+        config.metrics_key = self.metrics_key.clone();
+        config.debug_headers = self.debug_headers;
+    }
+
     /// The tenants settings: the ledger (always kept) and the admin key, if any.
     pub fn tenants(&self) -> lastmile_gateway::TenantsConfig {
         let db = self
@@ -163,7 +178,7 @@ struct GatewayArgs {
 fn gateway(args: GatewayArgs) -> Result<()> {
     args.access.check_exposure(&args.host, true)?;
     let mut config = lastmile_gateway::GatewayConfig::new(args.workers);
-    config.tenants = Some(args.access.tenants());
+    args.access.configure(&mut config);
     if !args.etcd.is_empty() {
         config.etcd = Some(lastmile_gateway::EtcdDiscovery {
             endpoints: args.etcd.clone(),
@@ -449,6 +464,12 @@ fn serve(args: ServeArgs) -> Result<()> {
         anyhow::bail!(
             "--admin-key needs a gateway: use `lastmile serve --config` or `--workers N`, or \
              `lastmile gateway`"
+        );
+    }
+    if args.access.metrics_key.is_some() && !keys_possible {
+        anyhow::bail!(
+            "--metrics-key guards a gateway's /metrics: use `lastmile serve --config` or \
+             `--workers N`, or `lastmile gateway`"
         );
     }
     if args.workers == 0 {

@@ -112,6 +112,12 @@ pub struct GatewayConfig {
     pub deployments: Vec<DeploymentRoute>,
     /// API keys, quotas and usage metering (`None`: open, unmetered).
     pub tenants: Option<TenantsConfig>,
+    /// Guards `/metrics` (besides the admin key, which always opens it when keys are on).
+    /// Without it and without keys, `/metrics` is open.
+    pub metrics_key: Option<String>,
+    /// Name the worker that answered in an `x-lastmile-worker` header (it shows the workers'
+    /// addresses: for debugging and tests only).
+    pub debug_headers: bool,
 }
 
 impl GatewayConfig {
@@ -129,6 +135,8 @@ impl GatewayConfig {
             max_body_bytes: 16 << 20,
             deployments: Vec::new(),
             tenants: None,
+            metrics_key: None,
+            debug_headers: false,
         }
     }
 
@@ -189,6 +197,15 @@ impl GatewayConfig {
                 "the admin key is empty: give a long random key, or none".into(),
             ));
         }
+        if self
+            .metrics_key
+            .as_deref()
+            .is_some_and(|k| k.trim().is_empty())
+        {
+            return Err(GatewayError::InvalidConfig(
+                "the metrics key is empty: give a long random key, or none".into(),
+            ));
+        }
         if self.breaker_failures == 0 || self.health_interval.is_zero() {
             return Err(GatewayError::InvalidConfig(
                 "breaker_failures and health_interval must be positive".into(),
@@ -247,6 +264,20 @@ impl Gateway {
             }
             _ => "-",
         }
+    }
+
+    /// Whether `headers` may read `/metrics` (it names keys and workers): with a metrics key,
+    /// or the admin key when keys are on; anyone when neither is set.
+    fn may_read_metrics(&self, headers: &axum::http::HeaderMap) -> bool {
+        let keyed = self.tenants.as_ref().filter(|t| t.required());
+        if self.config.metrics_key.is_none() && keyed.is_none() {
+            return true;
+        }
+        self.config
+            .metrics_key
+            .as_deref()
+            .is_some_and(|k| tenants::carries_key(headers, k))
+            || keyed.is_some_and(|t| t.is_admin(headers))
     }
 
     /// The policy for requests naming `model`.
@@ -529,6 +560,10 @@ impl GatewayHandle {
             .route("/metrics", get(metrics))
             .with_state(gw.clone())
             .merge(admin)
+            .route_layer(axum::middleware::from_fn_with_state(
+                listener.local_addr().is_ok_and(|a| a.ip().is_loopback()),
+                guard,
+            ))
             .fallback(not_found);
         // Small writes (stream chunks, response heads) leave at once instead of waiting on Nagle.
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -641,7 +676,15 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+async fn metrics(State(gw): State<Arc<Gateway>>, headers: axum::http::HeaderMap) -> Response {
+    if !gw.may_read_metrics(&headers) {
+        return proxy::error_response(
+            "/metrics",
+            &ApiError::invalid_api_key(
+                "/metrics needs the metrics key or the admin key (`Authorization: Bearer KEY`).",
+            ),
+        );
+    }
     let mut body = gw
         .metrics
         .render(&gw.workers, gw.policy.kind(), &gw.index());
@@ -661,6 +704,30 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
         body.push_str(&t.metrics());
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// Refuses what a web page could send to drive this gateway (a foreign `Host` on a loopback
+/// listener, a POST that is not JSON); see `lastmile_protocol::request_guard`.
+async fn guard(
+    State(loopback_only): State<bool>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use lastmile_protocol::request_guard::{check_request, RequestHead};
+    let checked = {
+        // An unreadable header value counts as present and wrong.
+        let header = |name| req.headers().get(name).map(|v| v.to_str().unwrap_or("?"));
+        let head = RequestHead {
+            method: req.method().as_str(),
+            host: header(header::HOST),
+            content_type: header(header::CONTENT_TYPE),
+        };
+        check_request(&head, loopback_only)
+    };
+    match checked {
+        Ok(()) => next.run(req).await,
+        Err(e) => proxy::error_response(req.uri().path(), &e),
+    }
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {

@@ -1,6 +1,8 @@
 //! Security regressions at the gateway, through real HTTP with a real worker (the default
-//! model): the usage ledger cannot be grown by made-up model names, and a blank admin key is
-//! refused.
+//! model): the usage ledger cannot be grown by made-up model names; a blank admin key is
+//! refused; `/metrics` needs a key when keys are on, and answers do not name their worker; and
+//! a web page cannot drive an open gateway or worker on loopback (DNS rebinding, simple
+//! cross-site POSTs).
 
 mod common;
 
@@ -120,5 +122,112 @@ fn a_blank_admin_key_is_refused() {
         config.tenants = Some(tenants);
         let err = config.validate().expect_err("refused");
         assert!(err.to_string().contains("admin key is empty"), "{err}");
+    }
+}
+
+const METRICS_KEY: &str = "metrics-scraper-key-for-tests";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_need_a_key_and_answers_do_not_name_their_worker() {
+    let w = worker();
+    wait_healthy(&w).await;
+    let mut config = GatewayConfig::new(vec![w.clone()]);
+    let mut tenants = TenantsConfig::new(temp_db("metrics"));
+    tenants.admin_key = Some(ADMIN.into());
+    config.tenants = Some(tenants);
+    config.metrics_key = Some(METRICS_KEY.into());
+    let gw = gateway(config);
+    wait_healthy(&gw).await;
+    let (_, key) = create_key(&gw).await;
+    let client = reqwest::Client::new();
+    let metrics = |bearer: Option<&str>| {
+        let mut r = client.get(format!("{gw}/metrics"));
+        if let Some(b) = bearer {
+            r = r.bearer_auth(b);
+        }
+        async move {
+            let r = r.send().await.expect("metrics");
+            (r.status().as_u16(), r.text().await.expect("body"))
+        }
+    };
+    for (who, bearer) in [("nobody", None), ("a tenant", Some(key.as_str()))] {
+        let (status, body) = metrics(bearer).await;
+        assert_eq!(status, 401, "{who}: {body}");
+        assert!(!body.contains(&w), "{who} saw a worker address: {body}");
+        let v: Value = serde_json::from_str(&body).expect("an error object");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{body}");
+    }
+    for bearer in [ADMIN, METRICS_KEY] {
+        let (status, body) = metrics(Some(bearer)).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("lastmile_gateway"), "{body}");
+    }
+    let r = client
+        .post(format!("{gw}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&json!({"model": MODEL, "max_tokens": 1,
+                      "messages": [{"role": "user", "content": "Hi"}]}))
+        .send()
+        .await
+        .expect("chat");
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-lastmile-worker").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_page_cannot_drive_an_open_loopback_gateway_or_worker() {
+    let w = worker();
+    wait_healthy(&w).await;
+    let gw = gateway(GatewayConfig::new(vec![w.clone()]));
+    wait_healthy(&gw).await;
+    let client = reqwest::Client::new();
+    let chat = json!({"model": MODEL, "max_tokens": 1,
+                      "messages": [{"role": "user", "content": "Hi"}]})
+    .to_string();
+    for server in [&gw, &w] {
+        // DNS rebinding: the page's own name arrives as Host.
+        for (method, path) in [("POST", "/v1/chat/completions"), ("GET", "/v1/models")] {
+            let r = client
+                .request(method.parse().expect("method"), format!("{server}{path}"))
+                .header("host", "rebound.example:8080")
+                .header("content-type", "application/json")
+                .body(chat.clone())
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(r.status(), 403, "{server}{path}");
+            let v: Value = r.json().await.expect("json");
+            assert_eq!(v["error"]["code"], "forbidden_host", "{v}");
+        }
+        // A simple cross-site POST (no preflight): text/plain, in each API's error shape.
+        for path in ["/v1/chat/completions", "/v1/completions", "/v1/messages"] {
+            let r = client
+                .post(format!("{server}{path}"))
+                .header("content-type", "text/plain")
+                .body(chat.clone())
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(r.status(), 415, "{server}{path}");
+            let v: Value = r.json().await.expect("json");
+            assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+            if path == "/v1/messages" {
+                assert_eq!(v["type"], "error", "{v}");
+            } else {
+                assert_eq!(v["error"]["code"], "unsupported_media_type", "{v}");
+            }
+        }
+        // What clients send passes: JSON, to 127.0.0.1 or localhost.
+        let local = server.replace("127.0.0.1", "localhost");
+        for base in [server.as_str(), local.as_str()] {
+            let r = client
+                .post(format!("{base}/v1/chat/completions"))
+                .header("content-type", "application/json; charset=utf-8")
+                .body(chat.clone())
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(r.status(), 200, "{base}");
+        }
     }
 }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod kv;
 pub mod logprobs;
 pub mod models;
+pub mod request_guard;
 pub mod sampling;
 pub mod sse;
 pub mod structured;
