@@ -14,7 +14,7 @@ from conftest import MODEL, start_server, stop_server
 
 @pytest.fixture(scope="module")
 def fleet():
-    url, proc = start_server("--workers", "2")
+    url, proc = start_server("--workers", "2", "--debug-headers")
     yield url, proc
     if proc.poll() is None:
         stop_server(proc)

@@ -1,9 +1,10 @@
 //! `lastmile serve --workers N`: N local worker processes (this binary, `serve` on free ports)
 //! behind an in-process gateway routing `kv_aware`, all in one command and with no external
-//! service. The workers are killed when the gateway stops.
+//! service. The workers are killed when the gateway stops, and die with it if it is killed;
+//! they are started by `lastmile_control::launcher`, without this process's secrets.
 
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -46,7 +47,7 @@ pub(crate) fn serve_fleet(args: ServeArgs) -> Result<()> {
     let mut urls = Vec::with_capacity(n);
     for _ in 0..n {
         let port = free_port()?;
-        let mut cmd = Command::new(&exe);
+        let mut cmd = lastmile_control::launcher::worker_command(&exe);
         cmd.arg("serve")
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .arg("--model")
@@ -87,7 +88,7 @@ pub(crate) fn serve_fleet(args: ServeArgs) -> Result<()> {
     let mut config = lastmile_gateway::GatewayConfig::new(urls);
     config.policy = lastmile_router::PolicyKind::KvAware;
     config.max_body_bytes = args.max_body_bytes;
-    config.tenants = Some(args.access.tenants());
+    args.access.configure(&mut config);
     let banner = format!(
         "serving `{name}` through a kv_aware gateway over {n} worker processes ({threads} threads \
          each)"

@@ -72,11 +72,47 @@ pub struct AccessArgs {
     /// the API (e.g. a worker on a private network behind a gateway).
     #[arg(long)]
     pub insecure: bool,
+    /// Key (or LASTMILE_METRICS_KEY) that opens the gateway's /metrics, which names keys and
+    /// workers. With keys on, the admin key opens it too; with neither, /metrics is open.
+    #[arg(long, env = "LASTMILE_METRICS_KEY", hide_env_values = true)]
+    pub metrics_key: Option<String>,
+    /// Name the worker that answered each request in an `x-lastmile-worker` response header
+    /// (it shows the workers' addresses; for debugging).
+    #[arg(long)]
+    pub debug_headers: bool,
 }
 
+/// Admin keys shorter than this are warned about.
+const SHORT_ADMIN_KEY: usize = 16;
+
 impl AccessArgs {
-    /// Refuses an open API on a non-loopback `host` unless --insecure.
+    /// Refuses an empty or blank admin key (`--admin-key ""`, or `LASTMILE_ADMIN_KEY` set to
+    /// an unset shell variable), which would otherwise leave the API and `/admin` open while
+    /// looking keyed; warns about a short one.
+    pub fn check_admin_key(&self) -> Result<()> {
+        let Some(key) = &self.admin_key else {
+            return Ok(());
+        };
+        if key.trim().is_empty() {
+            anyhow::bail!(
+                "the admin key (--admin-key or LASTMILE_ADMIN_KEY) is empty: give a long random \
+                 key (e.g. `openssl rand -hex 32`), or leave both unset for an open API on a \
+                 loopback address"
+            );
+        }
+        if key.len() < SHORT_ADMIN_KEY {
+            tracing::warn!(
+                "the admin key is only {} bytes long: anyone who guesses it controls every API \
+                 key; use at least {SHORT_ADMIN_KEY} random bytes (e.g. `openssl rand -hex 32`)",
+                key.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Refuses an open API on a non-loopback `host` unless --insecure, and a blank admin key.
     pub fn check_exposure(&self, host: &str, keys_possible: bool) -> Result<()> {
+        self.check_admin_key()?;
         let loopback = host == "localhost"
             || host
                 .parse::<std::net::IpAddr>()
@@ -96,6 +132,13 @@ impl AccessArgs {
         )
     }
 
+    /// Applies these settings to a gateway: tenants, the metrics key, debug headers.
+    pub fn configure(&self, config: &mut lastmile_gateway::GatewayConfig) {
+        config.tenants = Some(self.tenants());
+        config.metrics_key = self.metrics_key.clone();
+        config.debug_headers = self.debug_headers;
+    }
+
     /// The tenants settings: the ledger (always kept) and the admin key, if any.
     pub fn tenants(&self) -> lastmile_gateway::TenantsConfig {
         let db = self
@@ -103,7 +146,7 @@ impl AccessArgs {
             .clone()
             .unwrap_or_else(|| lastmile_engine::fetch::lastmile_home().join("lastmile.db"));
         let mut t = lastmile_gateway::TenantsConfig::new(db);
-        t.admin_key = self.admin_key.clone().filter(|k| !k.is_empty());
+        t.admin_key = self.admin_key.clone();
         t
     }
 }
@@ -149,7 +192,7 @@ struct GatewayArgs {
 fn gateway(args: GatewayArgs) -> Result<()> {
     args.access.check_exposure(&args.host, true)?;
     let mut config = lastmile_gateway::GatewayConfig::new(args.workers);
-    config.tenants = Some(args.access.tenants());
+    args.access.configure(&mut config);
     if !args.etcd.is_empty() {
         config.etcd = Some(lastmile_gateway::EtcdDiscovery {
             endpoints: args.etcd.clone(),
@@ -462,6 +505,12 @@ fn serve(args: ServeArgs) -> Result<()> {
         anyhow::bail!(
             "--admin-key needs a gateway: use `lastmile serve --config` or `--workers N`, or \
              `lastmile gateway`"
+        );
+    }
+    if args.access.metrics_key.is_some() && !keys_possible {
+        anyhow::bail!(
+            "--metrics-key guards a gateway's /metrics: use `lastmile serve --config` or \
+             `--workers N`, or `lastmile gateway`"
         );
     }
     if args.workers == 0 {

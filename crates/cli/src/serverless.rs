@@ -83,7 +83,7 @@ pub(crate) fn serve_deployments(args: ServeArgs, config: &Path) -> Result<()> {
     }
     let mut gateway = GatewayConfig::new(Vec::new());
     gateway.max_body_bytes = args.max_body_bytes;
-    gateway.tenants = Some(args.access.tenants());
+    args.access.configure(&mut gateway);
     gateway.deployments = deployments
         .list
         .iter()

@@ -127,6 +127,7 @@ async fn killing_a_worker_mid_load_loses_and_duplicates_nothing() {
         &b,
         "--health-interval-ms",
         "100",
+        "--debug-headers",
     ]);
     wait_healthy(&gw).await;
 

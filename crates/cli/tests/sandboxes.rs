@@ -206,6 +206,36 @@ async fn gateway_serves_sandboxes_on_its_port_behind_its_keys() {
         .expect("health");
     assert_eq!(r.status(), 502);
 
+    // A DNS-rebinding page (its own name in `Host`) reaches neither plane; a cross-site form
+    // post (not JSON) creates nothing.
+    let r = http
+        .post(format!("{url}/v2/sandboxes"))
+        .header("X-API-KEY", &key)
+        .header("host", "evil.example:80")
+        .json(&json!({"templateID": "base"}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(r.status(), 403);
+    let r = http
+        .get(format!("{url}/files?path=/home/user/x.bin"))
+        .header("E2b-Sandbox-Id", &id)
+        .header("X-Access-Token", &token)
+        .header("host", "evil.example")
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(r.status(), 403);
+    let r = http
+        .post(format!("{url}/v2/sandboxes"))
+        .header("X-API-KEY", &key)
+        .header("content-type", "text/plain")
+        .body(r#"{"templateID": "base"}"#)
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(r.status(), 415);
+
     // Gone once, not found after.
     let kill = || {
         http.delete(format!("{url}/sandboxes/{id}"))

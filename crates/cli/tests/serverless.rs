@@ -68,7 +68,7 @@ fn serve(config: &std::path::Path) -> Server {
         Command::new(BIN)
             .args(["serve", "--config"])
             .arg(config)
-            .args(["--port", &port.to_string()])
+            .args(["--port", &port.to_string(), "--debug-headers"])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))

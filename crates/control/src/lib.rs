@@ -1,7 +1,7 @@
 //! lastmile's control plane: deployments declared in YAML (`deployments`), the autoscaler's
 //! arithmetic (`autoscaler`), replicas run as local processes and restarted when they crash
-//! (`supervisor`), and the controller that ties them to the gateway's load (`controller`), with
-//! its read-only admin API (`admin`).
+//! (`supervisor`, through the one process launcher, `launcher`), and the controller that ties
+//! them to the gateway's load (`controller`), with its read-only admin API (`admin`).
 //!
 //! The gateway does not depend on this crate: the controller sees the gateway through the
 //! [`controller::Balancer`] trait (load per deployment, replicas in and out of rotation), which
@@ -12,6 +12,7 @@ pub mod admin;
 pub mod autoscaler;
 pub mod controller;
 pub mod deployments;
+pub mod launcher;
 pub mod supervisor;
 
 use thiserror::Error;

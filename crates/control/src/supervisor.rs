@@ -3,9 +3,11 @@
 //! needs nothing else, so a Kubernetes backend (a pod per replica) fits the same interface.
 //!
 //! [`LocalProcesses`] runs each replica as a child process of this binary
-//! (`lastmile serve --port P --model ...`) on a free local port. Children die with their parent
+//! (`lastmile serve --port P --model ...`) on a free local port, started by
+//! [`crate::launcher`]: without the parent's secrets, and dying with their parent
 //! (`PR_SET_PDEATHSIG`), so a killed control plane leaves no orphan replicas behind.
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -106,7 +108,7 @@ impl ReplicaBackend for LocalProcesses {
             message,
         };
         let port = free_port(&self.host).map_err(|e| fail(format!("no free port: {e}")))?;
-        let mut cmd = tokio::process::Command::new(&self.exe);
+        let mut cmd = crate::launcher::worker_command(&self.exe);
         cmd.arg("serve")
             .args(["--host", &self.host, "--port", &port.to_string()])
             .arg("--model")
@@ -119,26 +121,9 @@ impl ReplicaBackend for LocalProcesses {
             .stderr(Stdio::inherit())
             // Its own process group: a Ctrl-C at the terminal reaches the control plane, which
             // stops replicas in order, not every replica at once behind its back.
-            .process_group(0)
-            .kill_on_drop(true);
-        #[cfg(target_os = "linux")]
-        {
-            let parent = std::process::id();
-            // SAFETY: runs in the forked child before exec and only calls prctl and getppid,
-            // which are async-signal-safe; it allocates nothing and touches no lock.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    // The parent died before the line above: nothing would kill us later.
-                    if libc::getppid() as u32 != parent {
-                        return Err(std::io::Error::other("the control plane is gone"));
-                    }
-                    Ok(())
-                });
-            }
-        }
+            .process_group(0);
+        let mut cmd = tokio::process::Command::from(cmd);
+        cmd.kill_on_drop(true);
         let mut child = cmd
             .spawn()
             .map_err(|e| fail(format!("spawning {}: {e}", self.exe.display())))?;

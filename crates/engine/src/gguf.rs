@@ -1,6 +1,10 @@
 //! A memory-mapped GGUF file: the header and metadata are parsed by candle's bounds-checked reader;
 //! tensor data stays in the mapping and is handed out as byte slices, after checking that every
 //! tensor lies inside the file. Nothing is copied here.
+//!
+//! A model file is untrusted input: `general.alignment` is checked before candle divides by it
+//! (it would panic on 0), and every tensor size is computed with overflow checks, so a crafted
+//! file is refused with an error naming the field instead of crashing or aliasing memory.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -42,6 +46,15 @@ impl GgufFile {
         // concurrent truncation by another process is outside what the engine can defend against.
         let mmap = unsafe { Mmap::map(&file) }
             .map_err(|e| EngineError::io(format!("mapping {}", path.display()), e))?;
+        if let Some(alignment) = declared_alignment(&mmap[..]) {
+            if alignment <= 0 || !(alignment as u64).is_power_of_two() || alignment > 1 << 30 {
+                return Err(EngineError::InvalidModel(format!(
+                    "{}: general.alignment is {alignment}: it must be a power of two (32 by \
+                     default)",
+                    path.display()
+                )));
+            }
+        }
         let mut cursor = std::io::Cursor::new(&mmap[..]);
         let content = Content::read(&mut cursor).map_err(|e| {
             EngineError::InvalidModel(format!("{}: not a readable GGUF file: {e}", path.display()))
@@ -50,7 +63,16 @@ impl GgufFile {
         let mut tensors = HashMap::with_capacity(content.tensor_infos.len());
         for (name, info) in &content.tensor_infos {
             let dims: Vec<usize> = info.shape.dims().to_vec();
-            let elems: usize = dims.iter().product();
+            let too_large = || {
+                EngineError::InvalidModel(format!(
+                    "{}: tensor {name} is too large: its dimensions {dims:?} overflow",
+                    path.display()
+                ))
+            };
+            let elems = dims
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .ok_or_else(too_large)?;
             let block = info.ggml_dtype.block_size();
             if !elems.is_multiple_of(block) {
                 return Err(EngineError::InvalidModel(format!(
@@ -58,8 +80,12 @@ impl GgufFile {
                     path.display()
                 )));
             }
-            let len = elems / block * info.ggml_dtype.type_size();
-            let start = (content.tensor_data_offset as usize).saturating_add(info.offset as usize);
+            let len = (elems / block)
+                .checked_mul(info.ggml_dtype.type_size())
+                .ok_or_else(too_large)?;
+            let start = usize::try_from(content.tensor_data_offset)
+                .unwrap_or(usize::MAX)
+                .saturating_add(usize::try_from(info.offset).unwrap_or(usize::MAX));
             if start.saturating_add(len) > file_len {
                 return Err(EngineError::InvalidModel(format!(
                     "{}: file is truncated: tensor {name} needs bytes {start}..{} but the file has {file_len} bytes",
@@ -194,5 +220,217 @@ impl GgufFile {
                 .collect(),
             _ => None,
         }
+    }
+}
+
+/// The value of `general.alignment` in the GGUF header `bytes`, if the key is there with an
+/// integer value (read before candle's reader, which divides by it). `None` also when the
+/// header cannot be walked: candle's reader then reports what is wrong.
+fn declared_alignment(bytes: &[u8]) -> Option<i128> {
+    let mut r = HeaderReader {
+        bytes,
+        at: 0,
+        wide: false,
+    };
+    if r.take(4)? != b"GGUF" {
+        return None;
+    }
+    let version = r.u32()?;
+    r.wide = version >= 2;
+    let _tensors = r.len()?;
+    let entries = r.len()?;
+    for _ in 0..entries {
+        let key = r.string()?;
+        let kind = r.u32()?;
+        if key == b"general.alignment" {
+            return r.integer(kind);
+        }
+        r.skip_value(kind, 0)?;
+    }
+    None
+}
+
+/// A cursor over a GGUF header that fails (`None`) instead of reading past the end.
+struct HeaderReader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    /// Version 2 and later: 64-bit lengths.
+    wide: bool,
+}
+
+impl<'a> HeaderReader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.at.checked_add(n)?;
+        let out = self.bytes.get(self.at..end)?;
+        self.at = end;
+        Some(out)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn len(&mut self) -> Option<usize> {
+        let n = if self.wide {
+            self.u64()?
+        } else {
+            u64::from(self.u32()?)
+        };
+        usize::try_from(n).ok()
+    }
+
+    fn string(&mut self) -> Option<&'a [u8]> {
+        let n = self.len()?;
+        self.take(n)
+    }
+
+    /// An integer value of GGUF type `kind`.
+    fn integer(&mut self, kind: u32) -> Option<i128> {
+        let b = self.take(fixed_size(kind)?)?;
+        Some(match kind {
+            0 => i128::from(b[0]),
+            1 => i128::from(b[0] as i8),
+            2 => i128::from(u16::from_le_bytes(b.try_into().ok()?)),
+            3 => i128::from(i16::from_le_bytes(b.try_into().ok()?)),
+            4 => i128::from(u32::from_le_bytes(b.try_into().ok()?)),
+            5 => i128::from(i32::from_le_bytes(b.try_into().ok()?)),
+            10 => i128::from(u64::from_le_bytes(b.try_into().ok()?)),
+            11 => i128::from(i64::from_le_bytes(b.try_into().ok()?)),
+            _ => return None,
+        })
+    }
+
+    /// Skips one value of GGUF type `kind` (arrays nest at most a few levels).
+    fn skip_value(&mut self, kind: u32, depth: usize) -> Option<()> {
+        if let Some(size) = fixed_size(kind) {
+            self.take(size)?;
+            return Some(());
+        }
+        match kind {
+            8 => {
+                self.string()?;
+            }
+            9 if depth < 4 => {
+                let item = self.u32()?;
+                let n = self.len()?;
+                match fixed_size(item) {
+                    Some(size) => {
+                        self.take(size.checked_mul(n)?)?;
+                    }
+                    // Each item takes at least one byte, so a count past the end fails soon.
+                    None => {
+                        for _ in 0..n {
+                            self.skip_value(item, depth + 1)?;
+                        }
+                    }
+                }
+            }
+            _ => return None,
+        }
+        Some(())
+    }
+}
+
+/// Bytes of a GGUF value of fixed size: integers, floats and booleans.
+fn fixed_size(kind: u32) -> Option<usize> {
+    match kind {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF v3 header with the given metadata entries (key, type, value bytes) and tensors
+    /// (name, dims innermost first, type), followed by `data` bytes of tensor data.
+    fn gguf(
+        entries: &[(&str, u32, Vec<u8>)],
+        tensors: &[(&str, &[u64], u32)],
+        data: usize,
+    ) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend((tensors.len() as u64).to_le_bytes());
+        b.extend((entries.len() as u64).to_le_bytes());
+        let string = |b: &mut Vec<u8>, s: &str| {
+            b.extend((s.len() as u64).to_le_bytes());
+            b.extend(s.as_bytes());
+        };
+        for (key, kind, value) in entries {
+            string(&mut b, key);
+            b.extend(kind.to_le_bytes());
+            b.extend(value);
+        }
+        for (name, dims, kind) in tensors {
+            string(&mut b, name);
+            b.extend((dims.len() as u32).to_le_bytes());
+            for d in *dims {
+                b.extend(d.to_le_bytes());
+            }
+            b.extend(kind.to_le_bytes());
+            b.extend(0u64.to_le_bytes());
+        }
+        b.resize(b.len().next_multiple_of(64) + data, 0);
+        b
+    }
+
+    fn open(bytes: &[u8], tag: &str) -> Result<GgufFile> {
+        let path =
+            std::env::temp_dir().join(format!("lastmile-gguf-{tag}-{}.gguf", std::process::id()));
+        std::fs::write(&path, bytes).expect("write");
+        let f = GgufFile::open(&path);
+        let _ = std::fs::remove_file(&path);
+        f
+    }
+
+    #[test]
+    fn a_zero_or_odd_alignment_is_refused_naming_the_field() {
+        for (kind, value) in [
+            (4u32, 0u32.to_le_bytes().to_vec()),
+            (4, 3u32.to_le_bytes().to_vec()),
+            (5, (-32i32).to_le_bytes().to_vec()),
+        ] {
+            let bytes = gguf(
+                &[
+                    (
+                        "general.architecture",
+                        8,
+                        [4u64.to_le_bytes().to_vec(), b"test".to_vec()].concat(),
+                    ),
+                    ("general.alignment", kind, value),
+                ],
+                &[],
+                0,
+            );
+            let err = open(&bytes, "align").err().expect("refused");
+            assert!(err.to_string().contains("general.alignment"), "{err}");
+        }
+        let fine = gguf(
+            &[("general.alignment", 4, 64u32.to_le_bytes().to_vec())],
+            &[("t", &[64], 0)],
+            256,
+        );
+        assert!(open(&fine, "align-ok").is_ok());
+    }
+
+    #[test]
+    fn tensor_sizes_that_overflow_are_refused_naming_the_tensor() {
+        // 2^33 x 2^33 f32 elements: the product wraps to 0 in 64 bits, which looked empty.
+        let bytes = gguf(&[], &[("blk.0.attn_q.weight", &[1 << 33, 1 << 33], 0)], 0);
+        let err = open(&bytes, "overflow").err().expect("refused");
+        assert!(
+            err.to_string().contains("blk.0.attn_q.weight")
+                && err.to_string().contains("too large"),
+            "{err}"
+        );
     }
 }

@@ -1,10 +1,18 @@
 //! The paged KV cache: a pool of fixed-size blocks per layer, and the allocator that hands
 //! blocks to sequences. A sequence's block table maps its position `p` to slot
 //! `table[p / block_size] * block_size + p % block_size`.
+//!
+//! A full block has two names ([`BlockName`]): the routing hash gateways see in KV events (FNV,
+//! public, and forgeable from token-id prompts), and the key the prefix cache finds it by,
+//! hashed with a secret of this process. A block is reused only on a key hit, so a prompt
+//! crafted to collide with another tenant's routing hash cannot make the engine reuse (or
+//! poison) that tenant's keys and values.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hash, Hasher};
 
-use lastmile_protocol::KvEvent;
+use lastmile_protocol::{block_hash, KvEvent};
 
 /// Key and value storage for every layer, `num_blocks * block_size` slots of `kv_dim` values,
 /// held as IEEE half floats (raw bits), as llama.cpp's default cache holds them: half the memory
@@ -74,17 +82,76 @@ impl KvCache {
     }
 }
 
+/// The names of one full block of a sequence (each also covers every block before it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockName {
+    /// The routing hash (`lastmile_protocol::block_hash`), as KV events publish it.
+    pub route: u64,
+    /// The prefix cache's key: 128 bits of SipHash under this process's secret keys.
+    pub key: u128,
+}
+
+/// Names blocks; its secret keys are drawn at random when it is made.
+pub struct BlockNamer {
+    low: RandomState,
+    high: RandomState,
+}
+
+impl Default for BlockNamer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BlockNamer {
+    /// A namer with fresh random keys (`RandomState` draws SipHash keys from the OS).
+    pub fn new() -> Self {
+        Self {
+            low: RandomState::new(),
+            high: RandomState::new(),
+        }
+    }
+
+    /// The names of the block holding `tokens` after the block named `parent`.
+    pub fn name(&self, parent: Option<BlockName>, tokens: &[u32]) -> BlockName {
+        let keyed = |state: &RandomState| {
+            let mut h = state.build_hasher();
+            parent.map(|p| p.key).hash(&mut h);
+            tokens.hash(&mut h);
+            h.finish()
+        };
+        BlockName {
+            route: block_hash(parent.map(|p| p.route), tokens),
+            key: (u128::from(keyed(&self.high)) << 64) | u128::from(keyed(&self.low)),
+        }
+    }
+
+    /// The names of every full block of `tokens`, in order.
+    pub fn prefix(&self, tokens: &[u32], block_size: usize) -> Vec<BlockName> {
+        let mut out = Vec::with_capacity(tokens.len() / block_size.max(1));
+        let mut parent = None;
+        for chunk in tokens.chunks_exact(block_size.max(1)) {
+            let name = self.name(parent, chunk);
+            out.push(name);
+            parent = Some(name);
+        }
+        out
+    }
+}
+
 /// Hands out KV blocks and keeps the prefix cache.
 ///
 /// A block is in one of three states: free (holds nothing reusable), in use (referenced by one or
 /// more sequences; full blocks shared through the prefix cache count each user), or cached and
-/// idle (unreferenced but still indexed by its hash, evicted least-recently-used when a fresh
-/// block is needed). Every change to the set of cached hashes is queued as a `KvEvent`.
+/// idle (unreferenced but still indexed by its key, evicted least-recently-used when a fresh
+/// block is needed). Every change to the set of cached blocks is queued as a `KvEvent` naming
+/// the block's routing hash.
 pub struct BlockPool {
     refcount: Vec<u32>,
-    hash_of: Vec<Option<u64>>,
+    name_of: Vec<Option<BlockName>>,
     free: Vec<u32>,
-    index: HashMap<u64, u32>,
+    /// Cached blocks by their secret key (never by the forgeable routing hash).
+    index: HashMap<u128, u32>,
     idle: BTreeMap<u64, u32>,
     idle_tick: Vec<u64>,
     tick: u64,
@@ -97,7 +164,7 @@ impl BlockPool {
     pub fn new(total: usize, caching: bool) -> Self {
         Self {
             refcount: vec![0; total],
-            hash_of: vec![None; total],
+            name_of: vec![None; total],
             free: (0..total as u32).rev().collect(),
             index: HashMap::new(),
             idle: BTreeMap::new(),
@@ -141,9 +208,9 @@ impl BlockPool {
                 None => {
                     let (&tick, &b) = self.idle.iter().next()?;
                     self.idle.remove(&tick);
-                    if let Some(h) = self.hash_of[b as usize].take() {
-                        self.index.remove(&h);
-                        self.events.push(KvEvent::Removed { hash: h });
+                    if let Some(name) = self.name_of[b as usize].take() {
+                        self.index.remove(&name.key);
+                        self.events.push(KvEvent::Removed { hash: name.route });
                     }
                     b
                 }
@@ -161,7 +228,7 @@ impl BlockPool {
             let i = b as usize;
             self.refcount[i] = self.refcount[i].saturating_sub(1);
             if self.refcount[i] == 0 {
-                if self.hash_of[i].is_some() {
+                if self.name_of[i].is_some() {
                     self.tick += 1;
                     self.idle_tick[i] = self.tick;
                     self.idle.insert(self.tick, b);
@@ -172,14 +239,17 @@ impl BlockPool {
         }
     }
 
-    /// The blocks caching the longest prefix of `hashes` (each now referenced once more).
-    pub fn lookup(&mut self, hashes: &[u64]) -> Vec<u32> {
+    /// The blocks caching the longest prefix of `names` (each now referenced once more), found
+    /// by their keys.
+    pub fn lookup(&mut self, names: &[BlockName]) -> Vec<u32> {
         let mut out = Vec::new();
         if !self.caching {
             return out;
         }
-        for h in hashes {
-            let Some(&b) = self.index.get(h) else { break };
+        for name in names {
+            let Some(&b) = self.index.get(&name.key) else {
+                break;
+            };
             let i = b as usize;
             if self.refcount[i] == 0 {
                 self.idle.remove(&self.idle_tick[i]);
@@ -190,16 +260,20 @@ impl BlockPool {
         out
     }
 
-    /// Records that `block` now holds the full block named `hash` (no-op if caching is off, the
-    /// hash is already cached elsewhere, or the block is already named).
-    pub fn register(&mut self, block: u32, hash: u64, parent: Option<u64>) {
+    /// Records that `block` now holds the full block `name`, whose parent block has the
+    /// routing hash `parent` (no-op if caching is off, the key is already cached elsewhere, or
+    /// the block is already named).
+    pub fn register(&mut self, block: u32, name: BlockName, parent: Option<u64>) {
         let i = block as usize;
-        if !self.caching || self.hash_of[i].is_some() || self.index.contains_key(&hash) {
+        if !self.caching || self.name_of[i].is_some() || self.index.contains_key(&name.key) {
             return;
         }
-        self.hash_of[i] = Some(hash);
-        self.index.insert(hash, block);
-        self.events.push(KvEvent::Stored { hash, parent });
+        self.name_of[i] = Some(name);
+        self.index.insert(name.key, block);
+        self.events.push(KvEvent::Stored {
+            hash: name.route,
+            parent,
+        });
     }
 
     /// Events since the last call.
@@ -211,6 +285,14 @@ impl BlockPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A name for tests: routing hash and key both `n`.
+    fn n(n: u64) -> BlockName {
+        BlockName {
+            route: n,
+            key: u128::from(n),
+        }
+    }
 
     #[test]
     fn allocate_release_round_trip() {
@@ -231,11 +313,11 @@ mod tests {
     fn cached_blocks_are_shared_then_evicted_oldest_first() {
         let mut p = BlockPool::new(3, true);
         let mut a = p.allocate(2).unwrap();
-        p.register(a[0], 10, None);
-        p.register(a[1], 11, Some(10));
+        p.register(a[0], n(10), None);
+        p.register(a[1], n(11), Some(10));
         assert_eq!(p.take_events().len(), 2);
         // A second user of the same prefix shares the blocks.
-        let mut shared = p.lookup(&[10, 11, 12]);
+        let mut shared = p.lookup(&[n(10), n(11), n(12)]);
         assert_eq!(shared, a);
         assert_eq!(p.used_blocks(), 2);
         p.release(&mut a);
@@ -250,7 +332,7 @@ mod tests {
             p.take_events(),
             vec![KvEvent::Removed { hash: 10 }, KvEvent::Removed { hash: 11 }]
         );
-        assert!(p.lookup(&[10]).is_empty());
+        assert!(p.lookup(&[n(10)]).is_empty());
         p.release(&mut all);
         assert_eq!(p.free_blocks(), 3);
     }
@@ -259,9 +341,9 @@ mod tests {
     fn a_hit_on_an_idle_block_takes_it_out_of_eviction() {
         let mut p = BlockPool::new(2, true);
         let mut a = p.allocate(1).unwrap();
-        p.register(a[0], 5, None);
+        p.register(a[0], n(5), None);
         p.release(&mut a);
-        let mut hit = p.lookup(&[5]);
+        let mut hit = p.lookup(&[n(5)]);
         assert_eq!(hit.len(), 1);
         // Only one block is available now: the cached one is in use and must not be evicted.
         let mut other = p.allocate(1).unwrap();
@@ -276,10 +358,43 @@ mod tests {
     fn caching_off_never_hits() {
         let mut p = BlockPool::new(2, false);
         let mut a = p.allocate(1).unwrap();
-        p.register(a[0], 5, None);
+        p.register(a[0], n(5), None);
         p.release(&mut a);
-        assert!(p.lookup(&[5]).is_empty());
+        assert!(p.lookup(&[n(5)]).is_empty());
         assert!(p.take_events().is_empty());
+    }
+
+    #[test]
+    fn a_forged_routing_hash_never_reuses_another_prompts_blocks() {
+        let namer = BlockNamer::new();
+        let victim = namer.prefix(&[1, 2, 3, 4, 5, 6, 7, 8], 4);
+        let mut p = BlockPool::new(4, true);
+        let mut held = p.allocate(2).unwrap();
+        p.register(held[0], victim[0], None);
+        p.register(held[1], victim[1], Some(victim[0].route));
+        p.release(&mut held);
+        // An attacker's blocks whose routing hashes collide with the victim's (FNV collisions
+        // are practical to find with token-id prompts; forced here) hit nothing.
+        let mut forged = namer.prefix(&[9, 9, 9, 9, 8, 8, 8, 8], 4);
+        for (f, v) in forged.iter_mut().zip(&victim) {
+            f.route = v.route;
+        }
+        assert!(p.lookup(&forged).is_empty());
+        // Nor can the attacker's blocks be registered over the victim's: the victim still hits
+        // its own blocks, and the attacker's get their own.
+        let mut theirs = p.allocate(1).unwrap();
+        p.register(theirs[0], forged[0], None);
+        assert_eq!(p.cached_blocks(), 3);
+        let mut hit = p.lookup(&victim);
+        assert_eq!(hit.len(), 2);
+        assert!(!hit.contains(&theirs[0]));
+        // Same tokens, same names; the keys differ from process to process.
+        assert_eq!(namer.prefix(&[1, 2, 3, 4], 4)[0], victim[0]);
+        let other = BlockNamer::new().prefix(&[1, 2, 3, 4], 4)[0];
+        assert_eq!(other.route, victim[0].route);
+        assert_ne!(other.key, victim[0].key);
+        p.release(&mut hit);
+        p.release(&mut theirs);
     }
 
     #[test]

@@ -115,6 +115,12 @@ pub struct GatewayConfig {
     /// Serve with no worker at all (a server of other APIs, such as sandboxes, beside the
     /// model API, which then answers 503).
     pub allow_no_workers: bool,
+    /// Guards `/metrics` (besides the admin key, which always opens it when keys are on).
+    /// Without it and without keys, `/metrics` is open.
+    pub metrics_key: Option<String>,
+    /// Name the worker that answered in an `x-lastmile-worker` header (it shows the workers'
+    /// addresses: for debugging and tests only).
+    pub debug_headers: bool,
 }
 
 impl GatewayConfig {
@@ -133,6 +139,8 @@ impl GatewayConfig {
             deployments: Vec::new(),
             tenants: None,
             allow_no_workers: false,
+            metrics_key: None,
+            debug_headers: false,
         }
     }
 
@@ -185,6 +193,26 @@ impl GatewayConfig {
                 "kv_balance must be a non-negative number, got {}",
                 self.kv_balance
             )));
+        }
+        // A blank admin key would guard nothing while turning keys "on".
+        if self
+            .tenants
+            .as_ref()
+            .and_then(|t| t.admin_key.as_deref())
+            .is_some_and(|k| k.trim().is_empty())
+        {
+            return Err(GatewayError::InvalidConfig(
+                "the admin key is empty: give a long random key, or none".into(),
+            ));
+        }
+        if self
+            .metrics_key
+            .as_deref()
+            .is_some_and(|k| k.trim().is_empty())
+        {
+            return Err(GatewayError::InvalidConfig(
+                "the metrics key is empty: give a long random key, or none".into(),
+            ));
         }
         if self.breaker_failures == 0 || self.health_interval.is_zero() {
             return Err(GatewayError::InvalidConfig(
@@ -241,6 +269,39 @@ impl Gateway {
     /// The deployment clients call `model`, if one is declared.
     pub(crate) fn deployment(&self, model: &str) -> Option<&DeploymentRoute> {
         self.config.deployments.iter().find(|d| d.name == model)
+    }
+
+    /// What usage of a request naming `model` is recorded under: a declared deployment or a
+    /// model a worker reports serving; `-` for anything else (no model, or a name nothing
+    /// serves), so that clients cannot grow the ledger with made-up names.
+    pub(crate) fn usage_deployment<'a>(&self, model: Option<&'a str>) -> &'a str {
+        match model {
+            Some(m)
+                if self.deployment(m).is_some()
+                    || self
+                        .workers
+                        .all()
+                        .iter()
+                        .any(|w| w.model().as_deref() == Some(m)) =>
+            {
+                m
+            }
+            _ => "-",
+        }
+    }
+
+    /// Whether `headers` may read `/metrics` (it names keys and workers): with a metrics key,
+    /// or the admin key when keys are on; anyone when neither is set.
+    fn may_read_metrics(&self, headers: &axum::http::HeaderMap) -> bool {
+        let keyed = self.tenants.as_ref().filter(|t| t.required());
+        if self.config.metrics_key.is_none() && keyed.is_none() {
+            return true;
+        }
+        self.config
+            .metrics_key
+            .as_deref()
+            .is_some_and(|k| tenants::carries_key(headers, k))
+            || keyed.is_some_and(|t| t.is_admin(headers))
     }
 
     /// The policy for requests naming `model`.
@@ -544,9 +605,19 @@ impl GatewayHandle {
             .route("/metrics", get(metrics))
             .with_state(gw.clone())
             .merge(admin)
+            .route_layer(axum::middleware::from_fn_with_state(
+                listener.local_addr().is_ok_and(|a| a.ip().is_loopback()),
+                guard,
+            ))
             .fallback(not_found);
+        let loopback_only = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
         let app = match wrap {
-            Some(w) => w(app),
+            // What the wrap added (the sandbox API, whose uploads are not JSON) gets the `Host`
+            // rule: a DNS-rebinding page must not reach it either.
+            Some(w) => w(app).layer(axum::middleware::from_fn_with_state(
+                loopback_only,
+                host_guard,
+            )),
             None => app,
         };
         // Header and body timeouts and a connection cap (slow clients cannot take every
@@ -657,7 +728,15 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+async fn metrics(State(gw): State<Arc<Gateway>>, headers: axum::http::HeaderMap) -> Response {
+    if !gw.may_read_metrics(&headers) {
+        return proxy::error_response(
+            "/metrics",
+            &ApiError::invalid_api_key(
+                "/metrics needs the metrics key or the admin key (`Authorization: Bearer KEY`).",
+            ),
+        );
+    }
     let mut body = gw
         .metrics
         .render(&gw.workers, gw.policy.kind(), &gw.index());
@@ -677,6 +756,46 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
         body.push_str(&t.metrics());
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// Refuses what a web page could send to drive this gateway (a foreign `Host` on a loopback
+/// listener, a POST that is not JSON); see `lastmile_protocol::request_guard`.
+async fn guard(
+    State(loopback_only): State<bool>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use lastmile_protocol::request_guard::{check_request, RequestHead};
+    let checked = {
+        // An unreadable header value counts as present and wrong.
+        let header = |name| req.headers().get(name).map(|v| v.to_str().unwrap_or("?"));
+        let head = RequestHead {
+            method: req.method().as_str(),
+            host: header(header::HOST),
+            content_type: header(header::CONTENT_TYPE),
+        };
+        check_request(&head, loopback_only)
+    };
+    match checked {
+        Ok(()) => next.run(req).await,
+        Err(e) => proxy::error_response(req.uri().path(), &e),
+    }
+}
+
+/// The `Host` rule of [`guard`] alone, for every route (see `request_guard::check_host`).
+async fn host_guard(
+    State(loopback_only): State<bool>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .map(|v| v.to_str().unwrap_or("?"));
+    match lastmile_protocol::request_guard::check_host(host, loopback_only) {
+        Ok(()) => next.run(req).await,
+        Err(e) => proxy::error_response(req.uri().path(), &e),
+    }
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {

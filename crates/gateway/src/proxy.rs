@@ -1,8 +1,8 @@
 //! Forwarding one request: pick a worker by policy, send the body, and relay the answer —
 //! whole or streamed — byte for byte. A worker that cannot be reached, or that drops the
 //! connection before its response head (it died while working), is marked failed and the request
-//! goes to another; once a worker has answered, its answer is the client's (the
-//! `x-lastmile-worker` header names it), and if it dies in the middle of a stream the client gets
+//! goes to another; once a worker has answered, its answer is the client's (with
+//! `debug_headers`, the `x-lastmile-worker` header names it), and if it dies in the middle of a stream the client gets
 //! a final error event. When the client goes away the relayed
 //! stream is dropped, which closes the connection to the worker and cancels the generation there.
 
@@ -65,7 +65,7 @@ pub(crate) async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Res
             } else {
                 facts.max_tokens()
             };
-            match t.admit(caller, model.unwrap_or("-"), reserve) {
+            match t.admit(caller, gw.usage_deployment(model), reserve) {
                 Ok(a) => Some(a),
                 Err(refusal) => {
                     let mut resp = error_response(&path, &refusal.error);
@@ -238,8 +238,10 @@ async fn relay(
             Ok(upstream) => {
                 gw.workers.succeeded(id);
                 let mut resp = relay_response(path, upstream, guard);
-                if let Ok(v) = HeaderValue::from_str(&worker_url) {
-                    resp.headers_mut().insert("x-lastmile-worker", v);
+                if gw.config.debug_headers {
+                    if let Ok(v) = HeaderValue::from_str(&worker_url) {
+                        resp.headers_mut().insert("x-lastmile-worker", v);
+                    }
                 }
                 return resp;
             }

@@ -74,6 +74,7 @@ async fn workers_join_expire_leave_and_return_through_etcd() {
         prefix: DEFAULT_PREFIX.to_string(),
     });
     config.health_interval = Duration::from_millis(100);
+    config.debug_headers = true;
     let gw = gateway(config);
 
     // No worker registered yet: the gateway is up but unavailable, and says so in OpenAI's shape.

@@ -257,6 +257,7 @@ async fn kv_aware_sends_later_turns_where_the_conversation_is_cached() {
     wait_healthy(&b).await;
     let mut config = GatewayConfig::new(vec![a.clone(), b.clone()]);
     config.policy = PolicyKind::KvAware;
+    config.debug_headers = true;
     let gw = gateway(config);
     wait_healthy(&gw).await;
     let client = reqwest::Client::new();
@@ -319,6 +320,7 @@ async fn kv_aware_starts_from_what_workers_already_cached() {
 
     let mut config = GatewayConfig::new(vec![a.clone(), b.clone()]);
     config.policy = PolicyKind::KvAware;
+    config.debug_headers = true;
     let gw = gateway(config);
     wait_healthy(&gw).await;
     // The gateway loads each worker's snapshot when it subscribes to its events.

@@ -128,6 +128,36 @@ impl ApiError {
         .with_code("unknown_url")
     }
 
+    /// 403: a server listening on loopback only was reached under a foreign `Host` name (a
+    /// DNS-rebinding page).
+    pub fn forbidden_host(host: &str) -> Self {
+        let shown: String = host.chars().take(100).collect();
+        Self::new(
+            403,
+            format!(
+                "Host {shown:?} is not a name of this machine: this server listens on loopback \
+                 only and answers requests for localhost or a loopback address (a proxy in \
+                 front of it must pass Host: localhost)"
+            ),
+            INVALID_REQUEST,
+        )
+        .with_code("forbidden_host")
+    }
+
+    /// 415: a POST whose body is not declared `application/json`.
+    pub fn unsupported_media_type(content_type: Option<&str>) -> Self {
+        let found = match content_type {
+            Some(c) => format!("got {:?}", c.chars().take(100).collect::<String>()),
+            None => "got none".into(),
+        };
+        Self::new(
+            415,
+            format!("Content-Type must be application/json ({found})"),
+            INVALID_REQUEST,
+        )
+        .with_code("unsupported_media_type")
+    }
+
     /// 405: the route exists but not for this HTTP method.
     pub fn method_not_allowed() -> Self {
         Self::new(405, "Method not allowed for this URL.", INVALID_REQUEST)

@@ -14,6 +14,7 @@ pub mod error;
 pub mod kv;
 pub mod logprobs;
 pub mod models;
+pub mod request_guard;
 pub mod sampling;
 pub mod sse;
 pub mod structured;
@@ -37,7 +38,7 @@ pub use logprobs::{
 pub use models::{ModelCard, ModelList};
 pub use sampling::{
     FinishReason, ResponseMeta, SamplingFields, SamplingRequest, StopSequences, StreamOptions,
-    Usage, UsageField, MAX_CHOICES, MAX_STOP_SEQUENCES,
+    Usage, UsageField, MAX_CHOICES, MAX_LOGIT_BIAS, MAX_STOP_BYTES, MAX_STOP_SEQUENCES,
 };
 pub use sse::{parse_sse_data, sse_event, SSE_DONE};
 pub use structured::{ConstraintFields, OutputConstraint};

@@ -17,6 +17,13 @@ use crate::error::ApiError;
 /// Most stop sequences one request may carry.
 pub const MAX_STOP_SEQUENCES: usize = 16;
 
+/// Longest stop sequence, in bytes (the engine holds back up to this much of a stream while a
+/// stop sequence may be starting).
+pub const MAX_STOP_BYTES: usize = 512;
+
+/// Most `logit_bias` entries one request may carry (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
+
 /// The `stop` parameter: one string or an array of strings.
 ///
 /// Serializes back in the shape it was read in.
@@ -53,6 +60,16 @@ impl StopSequences {
         if seqs.iter().any(String::is_empty) {
             return Err(ApiError::invalid_request(
                 "stop sequences must not be empty strings",
+                Some("stop"),
+            ));
+        }
+        if let Some(long) = seqs.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError::invalid_request(
+                format!(
+                    "stop sequences must be at most {MAX_STOP_BYTES} bytes long, got one of {} \
+                     bytes",
+                    long.len()
+                ),
                 Some("stop"),
             ));
         }
@@ -372,6 +389,15 @@ impl SamplingFields<'_> {
         let Some(map) = self.logit_bias else {
             return Ok(Vec::new());
         };
+        if map.len() > MAX_LOGIT_BIAS {
+            return Err(ApiError::invalid_request(
+                format!(
+                    "logit_bias may have at most {MAX_LOGIT_BIAS} entries, got {}",
+                    map.len()
+                ),
+                Some("logit_bias"),
+            ));
+        }
         let mut out = Vec::with_capacity(map.len());
         for (key, value) in map {
             let id: u32 = key.trim().parse().map_err(|_| {
@@ -534,6 +560,35 @@ mod tests {
             .validate()
             .expect_err("empty");
         assert_eq!(err.param.as_deref(), Some("stop"));
+        assert!(StopSequences::One("x".repeat(MAX_STOP_BYTES))
+            .validate()
+            .is_ok());
+        let err = StopSequences::Many(vec!["x".into(), "x".repeat(MAX_STOP_BYTES + 1)])
+            .validate()
+            .expect_err("too long");
+        assert_eq!(err.param.as_deref(), Some("stop"));
+        assert!(err.message.contains("at most 512 bytes"), "{}", err.message);
+    }
+
+    #[test]
+    fn logit_bias_is_capped_at_300_entries() {
+        let map = |n: usize| -> Map<String, Value> {
+            (0..n).map(|i| (i.to_string(), Value::from(1))).collect()
+        };
+        let ok = map(MAX_LOGIT_BIAS);
+        let fields = SamplingFields {
+            logit_bias: Some(&ok),
+            ..SamplingFields::default()
+        };
+        assert!(fields.validate().is_ok());
+        let too_many = map(MAX_LOGIT_BIAS + 1);
+        let fields = SamplingFields {
+            logit_bias: Some(&too_many),
+            ..SamplingFields::default()
+        };
+        let err = fields.validate().expect_err("301 entries");
+        assert_eq!(err.param.as_deref(), Some("logit_bias"));
+        assert!(err.message.contains("at most 300"), "{}", err.message);
     }
 
     #[test]

@@ -17,12 +17,12 @@ use super::{
     EngineConfig, EngineStats, FinishReason, GenerateRequest, GenerationEvent, Submission,
     TokenLogprobs,
 };
-use crate::kv::{BlockPool, KvCache};
+use crate::kv::{BlockName, BlockNamer, BlockPool, KvCache};
 use crate::model::{BatchSeq, LlamaModel, Scratch};
 use crate::parallel::ThreadPool;
 use crate::sampler::{logprobs, Sampler, StopMatcher};
 use crate::tokenizer::{DecodeStream, TextTokenizer};
-use lastmile_protocol::{block_hash, prefix_hashes, KvEvent};
+use lastmile_protocol::KvEvent;
 
 struct Sequence {
     id: u64,
@@ -32,10 +32,10 @@ struct Sequence {
     /// Tokens whose keys and values are in the cache.
     computed: usize,
     blocks: Vec<u32>,
-    /// Hashes of the full blocks registered in the prefix cache so far (a prefix of `blocks`).
-    hashes: Vec<u64>,
-    /// Hashes of every full block of `tokens` at admission (what this sequence will compute).
-    prompt_hashes: Vec<u64>,
+    /// Names of the full blocks registered in the prefix cache so far (a prefix of `blocks`).
+    hashes: Vec<BlockName>,
+    /// Names of every full block of `tokens` at admission (what this sequence will compute).
+    prompt_hashes: Vec<BlockName>,
     request: GenerateRequest,
     sampler: Sampler,
     decoder: DecodeStream,
@@ -69,6 +69,8 @@ pub(super) struct Scheduler {
     config: EngineConfig,
     kv: KvCache,
     alloc: BlockPool,
+    /// Names blocks for the prefix cache, under this process's secret keys.
+    namer: BlockNamer,
     kv_events: broadcast::Sender<KvEvent>,
     cached: super::CachedBlocks,
     pool: ThreadPool,
@@ -108,6 +110,7 @@ impl Scheduler {
             tokenizer,
             kv,
             alloc: BlockPool::new(num_blocks, config.prefix_cache),
+            namer: BlockNamer::new(),
             kv_events,
             cached,
             scratch: Scratch::default(),
@@ -168,7 +171,7 @@ impl Scheduler {
             computed: 0,
             blocks: Vec::new(),
             hashes: Vec::new(),
-            prompt_hashes: prefix_hashes(&s.request.prompt, self.kv.block_size),
+            prompt_hashes: self.namer.prefix(&s.request.prompt, self.kv.block_size),
             request: s.request,
             decoder: DecodeStream::default(),
             prompt_logprobs_from: 1,
@@ -251,7 +254,7 @@ impl Scheduler {
         self.alloc.release(&mut seq.blocks);
         seq.hashes.clear();
         // It will recompute its prompt and what it generated so far: name all of it.
-        seq.prompt_hashes = prefix_hashes(&seq.tokens, self.kv.block_size);
+        seq.prompt_hashes = self.namer.prefix(&seq.tokens, self.kv.block_size);
         seq.computed = 0;
         self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(seq = seq.id, "preempted for lack of KV blocks");
@@ -300,11 +303,11 @@ impl Scheduler {
         // running sequence waits a step or two and then reuses it, instead of computing it again
         // (many requests with one system prompt arriving together).
         let watermark = self.kv.num_blocks / 100;
-        let mut inflight: HashSet<u64> = if self.config.prefix_cache {
+        let mut inflight: HashSet<u128> = if self.config.prefix_cache {
             self.running
                 .iter()
                 .filter(|r| r.tokens.len() - r.computed > 1)
-                .flat_map(|r| r.prompt_hashes.iter().skip(r.hashes.len()).copied())
+                .flat_map(|r| r.prompt_hashes.iter().skip(r.hashes.len()).map(|n| n.key))
                 .collect()
         } else {
             HashSet::new()
@@ -322,7 +325,7 @@ impl Scheduler {
                 (len - 1) / bs
             };
             let mut hits = self.alloc.lookup(&hashes[..usable.min(hashes.len())]);
-            if hits.len() < usable && inflight.contains(&hashes[hits.len()]) {
+            if hits.len() < usable && inflight.contains(&hashes[hits.len()].key) {
                 self.alloc.release(&mut hits);
                 i += 1;
                 continue;
@@ -358,7 +361,7 @@ impl Scheduler {
                 // Admitted in this same pass: later candidates with the same prefix wait for
                 // these blocks instead of computing them too (several choices of one prompt, or
                 // requests with one system prompt arriving together).
-                inflight.extend(seq.prompt_hashes.iter().skip(hits.len()).copied());
+                inflight.extend(seq.prompt_hashes.iter().skip(hits.len()).map(|n| n.key));
             }
             seq.hashes = seq.prompt_hashes[..hits.len()].to_vec();
             seq.computed = hit_tokens;
@@ -462,9 +465,10 @@ impl Scheduler {
             while s.hashes.len() < s.computed / bs {
                 let k = s.hashes.len();
                 let parent = s.hashes.last().copied();
-                let h = block_hash(parent, &s.tokens[k * bs..(k + 1) * bs]);
-                self.alloc.register(s.blocks[k], h, parent);
-                s.hashes.push(h);
+                let name = self.namer.name(parent, &s.tokens[k * bs..(k + 1) * bs]);
+                self.alloc
+                    .register(s.blocks[k], name, parent.map(|p| p.route));
+                s.hashes.push(name);
             }
             let first_row = logit_row;
             logit_row += rows;

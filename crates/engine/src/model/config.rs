@@ -162,6 +162,26 @@ impl ModelConfig {
                 self.heads, self.kv_heads
             ));
         }
+        // Products the loader and the KV cache size buffers by: a crafted file must not make
+        // them wrap.
+        let fits = [
+            self.heads.checked_mul(self.head_dim),
+            self.vocab.checked_mul(self.hidden),
+            self.ffn_hidden.checked_mul(self.hidden),
+            self.layers
+                .checked_mul(self.kv_heads)
+                .and_then(|n| n.checked_mul(self.head_dim))
+                .and_then(|n| n.checked_mul(self.context_length))
+                .and_then(|n| n.checked_mul(4)),
+        ];
+        if fits
+            .iter()
+            .any(|n| n.is_none_or(|n| n > isize::MAX as usize))
+        {
+            return bad(format!(
+                "model shape too large (its sizes overflow): {self:?}"
+            ));
+        }
         if self.rope_dims > self.head_dim || !self.rope_dims.is_multiple_of(2) {
             return bad(format!(
                 "rope dimension {} does not fit head dimension {}",

@@ -164,6 +164,11 @@ fn random_hex(n: usize) -> Result<String, GatewayError> {
 }
 
 /// The secret a request presents: `Authorization: Bearer KEY`, else `x-api-key: KEY`.
+/// Whether `headers` carry `key` (compared by hash, as every key is).
+pub(crate) fn carries_key(headers: &HeaderMap, key: &str) -> bool {
+    presented_key(headers).is_some_and(|k| hash(k) == hash(key))
+}
+
 fn presented_key(headers: &HeaderMap) -> Option<&str> {
     let bearer = headers
         .get(axum::http::header::AUTHORIZATION)

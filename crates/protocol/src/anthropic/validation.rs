@@ -16,7 +16,7 @@ use super::request::{
     BlockContent, ContentBlock, Conversation, CountTokensRequest, InputMessage, MessageRole,
     MessagesRequest, ToolChoiceKind, ToolDefinition,
 };
-use crate::sampling::MAX_STOP_SEQUENCES;
+use crate::sampling::{MAX_STOP_BYTES, MAX_STOP_SEQUENCES};
 
 impl MessagesRequest {
     /// Checks the request; the error message starts with the path of the field at fault.
@@ -294,6 +294,12 @@ fn check_stop_sequences(sequences: &[String]) -> Result<(), AnthropicError> {
             "must not be empty",
         ));
     }
+    if let Some(i) = sequences.iter().position(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(AnthropicError::invalid_param(
+            format!("stop_sequences.{i}"),
+            format!("must be at most {MAX_STOP_BYTES} bytes long"),
+        ));
+    }
     Ok(())
 }
 
@@ -384,6 +390,10 @@ mod tests {
             (
                 "stop_sequences: must have at most 16",
                 Box::new(|v| v["stop_sequences"] = json!(vec!["x"; 17])),
+            ),
+            (
+                "stop_sequences.1: must be at most 512 bytes long",
+                Box::new(|v| v["stop_sequences"] = json!(["x", "y".repeat(513)])),
             ),
             (
                 "messages.0.content.0: `image` content blocks are not supported",

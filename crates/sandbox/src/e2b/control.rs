@@ -32,9 +32,24 @@ fn owner(api: &Api, headers: &HeaderMap) -> Result<String, ApiFailure> {
     (api.auth)(headers).map_err(|(s, m)| ApiFailure(s, m))
 }
 
-fn json_body<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, ApiFailure> {
+/// A JSON request body (empty = defaults). A body must come as `application/json`: a page on
+/// another site cannot send that without a CORS preflight, which is never granted.
+fn json_body<T: for<'de> Deserialize<'de> + Default>(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<T, ApiFailure> {
     if body.is_empty() {
         return Ok(T::default());
+    }
+    let ctype = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !lastmile_protocol::request_guard::is_json(ctype) {
+        return Err(ApiFailure(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the body must be sent as Content-Type: application/json".into(),
+        ));
     }
     serde_json::from_slice(body).map_err(|e| {
         ApiFailure(
@@ -93,7 +108,7 @@ fn detail_json(s: &Sandbox, with_token: bool) -> Value {
 async fn create(State(api): State<Api>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     let r = async {
         let owner = owner(&api, &headers)?;
-        let req: NewSandbox = json_body(&body)?;
+        let req: NewSandbox = json_body(&headers, &body)?;
         if req.template_id.is_empty() {
             return Err(ApiFailure(
                 StatusCode::BAD_REQUEST,
@@ -261,7 +276,7 @@ async fn set_timeout(
 ) -> Response {
     let r = (|| {
         let o = owner(&api, &headers)?;
-        let b: TimeoutBody = json_body(&body)?;
+        let b: TimeoutBody = json_body(&headers, &body)?;
         let t = b
             .timeout
             .ok_or_else(|| ApiFailure(StatusCode::BAD_REQUEST, "timeout is required".into()))?;
@@ -280,7 +295,7 @@ async fn connect(
 ) -> Response {
     let r = (|| {
         let o = owner(&api, &headers)?;
-        let b: TimeoutBody = json_body(&body)?;
+        let b: TimeoutBody = json_body(&headers, &body)?;
         let s = api.svc.get(&o, &id)?;
         if let Some(t) = b.timeout {
             let wanted = std::time::SystemTime::now() + Duration::from_secs(t);

@@ -111,7 +111,7 @@ impl Prepared {
     }
 }
 
-fn engine_sampling(s: &SamplingRequest) -> SamplingParams {
+fn engine_sampling(s: &SamplingRequest, logit_bias: &Arc<[(u32, f32)]>) -> SamplingParams {
     SamplingParams {
         temperature: s.temperature,
         top_p: s.top_p,
@@ -121,7 +121,7 @@ fn engine_sampling(s: &SamplingRequest) -> SamplingParams {
         frequency_penalty: s.frequency_penalty,
         repetition_penalty: s.repetition_penalty,
         seed: s.seed,
-        logit_bias: s.logit_bias.clone(),
+        logit_bias: logit_bias.clone(),
     }
 }
 
@@ -134,9 +134,11 @@ fn engine_requests(
     logprobs: Option<usize>,
     grammar: Option<Grammar>,
 ) -> Vec<GenerateRequest> {
+    // One copy of the biases for every choice.
+    let logit_bias: Arc<[(u32, f32)]> = Arc::from(s.logit_bias.as_slice());
     (0..s.n.max(1))
         .map(|i| {
-            let mut sampling = engine_sampling(s);
+            let mut sampling = engine_sampling(s, &logit_bias);
             sampling.seed = s.seed.map(|seed| seed.wrapping_add(u64::from(i)));
             GenerateRequest {
                 stop: s.stop.clone(),
@@ -208,9 +210,13 @@ pub(crate) fn chat_prompt(
     tools: Option<&ToolSetup>,
 ) -> Result<Vec<u32>, WorkerError> {
     let template = state.engine.template();
+    let tok = state.engine.tokenizer();
     let (messages, tool_defs) = template_messages(req, tools, template.tool_style())?;
+    // What clients and tools wrote never becomes a control token: only the template's markup.
+    let messages = tok.quote_untrusted(&messages)?;
+    let tool_defs = tool_defs.map(|t| tok.quote_untrusted(&t)).transpose()?;
     let rendered = template.render_with_tools(&messages, tool_defs.as_ref(), true)?;
-    Ok(state.engine.tokenizer().encode_chat(&rendered)?)
+    Ok(tok.encode_chat(&rendered)?)
 }
 
 /// Everything CPU-bound about a chat request, on a blocking thread: the template, tokenization,

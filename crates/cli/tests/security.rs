@@ -1,0 +1,329 @@
+//! Security regressions met by an operator starting the binary (real processes, the default
+//! model): a blank admin key is refused at start and a short one warned about; the admin key
+//! in the environment (`LASTMILE_ADMIN_KEY`, the documented alternative to the flag) reaches
+//! neither the replicas of `serve --config` nor the children of `serve --workers N`, and those
+//! children die with their parent; a crafted model file is refused with an error, not a panic.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, wait_healthy, Proc, BIN};
+use serde_json::Value;
+
+const ADMIN: &str = "an-admin-key-long-enough-for-tests";
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lastmile-security-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// A deployments file with one deployment of the default model kept at one replica.
+fn one_replica_config(dir: &std::path::Path) -> PathBuf {
+    let config = dir.join("deployments.yaml");
+    std::fs::write(
+        &config,
+        "deployments:\n  - name: smol\n    min_replicas: 1\n    threads: 1\n",
+    )
+    .expect("write config");
+    config
+}
+
+/// Runs `lastmile ARGS` with `env` added; returns its exit status and stderr once it exits,
+/// or `None` (after killing it) if it is still running after 20 s: it started serving.
+fn run_until_exit(args: &[&str], env: &[(&str, &str)]) -> Option<(i32, String)> {
+    let dir = temp_dir("exit");
+    let log = dir.join(format!("stderr-{}.log", free_port()));
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .arg("--usage-db")
+        .arg(dir.join("usage.db"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = Proc(cmd.spawn().expect("starting lastmile"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+            return Some((status.code().unwrap_or(-1), stderr));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[test]
+fn a_blank_admin_key_is_refused_at_start() {
+    let dir = temp_dir("blank");
+    let config = one_replica_config(&dir);
+    let config = config.to_str().expect("utf-8 path");
+    let port = free_port().to_string();
+    /// What is started, its arguments, and its extra environment.
+    type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>);
+    let cases: [Case; 4] = [
+        (
+            "gateway --admin-key \"\"",
+            vec![
+                "gateway",
+                "--worker",
+                "http://127.0.0.1:9",
+                "--port",
+                &port,
+                "--admin-key",
+                "",
+            ],
+            vec![],
+        ),
+        (
+            "gateway on 0.0.0.0 with LASTMILE_ADMIN_KEY=",
+            vec![
+                "gateway",
+                "--worker",
+                "http://127.0.0.1:9",
+                "--host",
+                "0.0.0.0",
+                "--port",
+                &port,
+            ],
+            vec![("LASTMILE_ADMIN_KEY", "")],
+        ),
+        (
+            "serve --config --admin-key \"   \"",
+            vec![
+                "serve",
+                "--config",
+                config,
+                "--port",
+                &port,
+                "--admin-key",
+                "   ",
+            ],
+            vec![],
+        ),
+        (
+            "serve --config with LASTMILE_ADMIN_KEY=",
+            vec!["serve", "--config", config, "--port", &port],
+            vec![("LASTMILE_ADMIN_KEY", "")],
+        ),
+    ];
+    for (what, args, env) in cases {
+        let Some((code, stderr)) = run_until_exit(&args, &env) else {
+            panic!("{what}: started serving with a blank admin key");
+        };
+        assert_ne!(code, 0, "{what}: {stderr}");
+        assert!(
+            stderr.contains("admin key") && stderr.contains("empty"),
+            "{what}: the error names the empty admin key: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_short_admin_key_is_warned_about() {
+    let port = free_port().to_string();
+    let mut child = Proc(
+        Command::new(BIN)
+            .args(["gateway", "--worker", "http://127.0.0.1:9", "--port", &port])
+            .args([
+                "--usage-db",
+                &temp_dir("short").join("usage.db").to_string_lossy(),
+            ])
+            .env("LASTMILE_ADMIN_KEY", "hunter2")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting lastmile"),
+    );
+    let stderr = child.0.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        if line.contains("admin key is only 7 bytes") {
+            return;
+        }
+        seen.push(line);
+    }
+    panic!("no warning about the 7-byte admin key; stderr: {seen:#?}");
+}
+
+/// Admin GET of `path` with the admin key.
+async fn admin_get(url: &str, path: &str) -> Option<Value> {
+    reqwest::Client::new()
+        .get(format!("{url}{path}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_key_in_the_environment_does_not_reach_replicas() {
+    let dir = temp_dir("env-replicas");
+    let config = one_replica_config(&dir);
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let log = dir.join("serve.log");
+    let _server = Proc(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .args(["--port", &port.to_string(), "--usage-db"])
+            .arg(dir.join("usage.db"))
+            .env("LASTMILE_ADMIN_KEY", ADMIN)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("starting lastmile"),
+    );
+    wait_healthy(&url).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = admin_get(&url, "/admin/deployments/smol").await;
+        let status = status.as_ref().map(|s| &s["status"]);
+        if status.is_some_and(|s| s["ready"] == 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica never became ready: {status:?}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Keys are on: the API needs a key, which the admin key (from the environment) creates.
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&serde_json::json!({"model": "smol", "max_tokens": 2,
+            "messages": [{"role": "user", "content": "Hi"}]}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 401);
+}
+
+/// The ids of the processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        // `pid (comm) state ppid ...`: the command name may hold spaces, the rest does not.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        if after.split_whitespace().nth(1) == Some(&pid.to_string()) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+/// Whether process `pid` is gone (or a zombie: dead, not yet reaped).
+fn is_dead(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_children_inherit_no_secret_and_die_with_their_parent() {
+    let dir = temp_dir("workers");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut parent = Proc(
+        Command::new(BIN)
+            .args(["serve", "--workers", "2", "--threads", "1"])
+            .args(["--port", &port.to_string(), "--usage-db"])
+            .arg(dir.join("usage.db"))
+            .env("LASTMILE_ADMIN_KEY", ADMIN)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting lastmile"),
+    );
+    // The gateway listens once both workers do.
+    wait_healthy(&url).await;
+    let children = children_of(parent.0.id());
+    assert_eq!(children.len(), 2, "two worker processes: {children:?}");
+    for c in &children {
+        let environ = std::fs::read(format!("/proc/{c}/environ")).expect("environ");
+        let leaked = environ
+            .split(|b| *b == 0)
+            .any(|var| var.starts_with(b"LASTMILE_ADMIN_KEY="));
+        assert!(!leaked, "worker {c} inherited LASTMILE_ADMIN_KEY");
+    }
+    // kill -9 of the parent: no orphans.
+    parent.0.kill().expect("kill");
+    parent.0.wait().expect("reap");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !children.iter().all(|c| is_dead(*c)) {
+        assert!(
+            Instant::now() < deadline,
+            "workers outlived their parent: {children:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A GGUF v3 header with `general.alignment` = 0 (candle divides by it) and no tensors.
+fn zero_alignment_gguf() -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.extend(2u64.to_le_bytes());
+    let string = |b: &mut Vec<u8>, s: &str| {
+        b.extend((s.len() as u64).to_le_bytes());
+        b.extend(s.as_bytes());
+    };
+    string(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes());
+    string(&mut b, "llama");
+    string(&mut b, "general.alignment");
+    b.extend(4u32.to_le_bytes());
+    b.extend(0u32.to_le_bytes());
+    b
+}
+
+#[test]
+fn a_model_file_with_zero_alignment_is_refused_without_a_panic() {
+    let dir = temp_dir("gguf");
+    let model = dir.join("zero-alignment.gguf");
+    std::fs::write(&model, zero_alignment_gguf()).expect("write model");
+    let out = Command::new(BIN)
+        .args(["generate", "--prompt", "Hi", "--model"])
+        .arg(&model)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run lastmile");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("general.alignment"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
