@@ -327,3 +327,55 @@ fn a_model_file_with_zero_alignment_is_refused_without_a_panic() {
     assert!(stderr.contains("general.alignment"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// A gateway subscribed to a worker's KV event feed must not hold the worker's graceful
+/// shutdown open: the feed ends when shutdown starts (it used to stream forever, so SIGTERM
+/// never finished).
+#[tokio::test]
+async fn a_worker_with_a_kv_event_subscriber_still_shuts_down() {
+    use futures::StreamExt;
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut worker = Proc(
+        Command::new(BIN)
+            .args(["serve", "--port", &port.to_string(), "--threads", "1"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start worker"),
+    );
+    wait_healthy(&url).await;
+    let feed = reqwest::get(format!("{url}/v1/kv/events"))
+        .await
+        .expect("subscribe");
+    assert_eq!(feed.status(), 200);
+    let mut feed = feed.bytes_stream();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(worker.0.id() as i32, libc::SIGTERM) };
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = worker.0.try_wait().expect("wait") {
+            break Some(s);
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        status.is_some(),
+        "the worker did not finish shutting down within 15 s"
+    );
+    // The subscriber saw its feed end cleanly.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(item) = feed.next().await {
+            if item.is_err() {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert_eq!(ended, Ok(true));
+}

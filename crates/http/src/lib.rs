@@ -26,6 +26,19 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tower::ServiceExt;
 
+/// A request extension every request carries: it turns `true` when the server starts shutting
+/// down, so a handler streaming without end (an SSE feed) can end its stream and let the
+/// shutdown finish.
+#[derive(Clone, Debug)]
+pub struct Draining(pub watch::Receiver<bool>);
+
+impl Draining {
+    /// Resolves once shutdown has begun.
+    pub async fn started(mut self) {
+        let _ = self.0.wait_for(|d| *d).await;
+    }
+}
+
 /// Descriptors kept free for everything but client connections (files, workers, etcd).
 const RESERVED_FDS: u64 = 256;
 
@@ -91,6 +104,7 @@ pub async fn serve(
     // Connections hold a receiver; shutdown is announced by dropping the sender, and done
     // when every receiver is gone.
     let (stop_tx, stop_rx) = watch::channel(());
+    let (drain_tx, drain_rx) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -114,14 +128,18 @@ pub async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
+        let draining = Draining(drain_rx.clone());
         let mut stop = stop_rx.clone();
         let header_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             let _permit = permit;
-            let svc =
-                TowerToHyperService::new(app.map_request(|req: axum::http::Request<Incoming>| {
-                    req.map(axum::body::Body::new)
-                }));
+            let svc = TowerToHyperService::new(app.map_request(
+                move |req: axum::http::Request<Incoming>| {
+                    let mut req = req.map(axum::body::Body::new);
+                    req.extensions_mut().insert(draining.clone());
+                    req
+                },
+            ));
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
@@ -145,6 +163,7 @@ pub async fn serve(
         });
     }
     drop(listener);
+    let _ = drain_tx.send(true);
     drop(stop_rx);
     let _ = stop_tx.send(());
     // Every connection task holds a receiver until it is done.

@@ -219,16 +219,29 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
 /// Server-sent events of the prefix cache: `data: {"type":"stored","hash":..,"parent":..}` and
 /// `data: {"type":"removed","hash":..}`, from the moment of subscription. A subscriber that falls
 /// behind gets `event: lagged` with the number of events it missed and should resynchronise.
-async fn kv_events(State(s): State<Arc<AppState>>) -> Response {
+///
+/// The feed ends when the worker starts shutting down, so that a subscribed gateway never holds
+/// a graceful shutdown open.
+async fn kv_events(
+    State(s): State<Arc<AppState>>,
+    draining: Option<axum::Extension<lastmile_http::Draining>>,
+) -> Response {
     let rx = s.engine.subscribe_kv_events();
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
+    let stop: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match draining {
+        Some(axum::Extension(d)) => Box::pin(d.started()),
+        None => Box::pin(std::future::pending()),
+    };
+    let stream = futures::stream::unfold((rx, stop), |(mut rx, mut stop)| async move {
         use tokio::sync::broadcast::error::RecvError;
-        let frame = match rx.recv().await {
-            Ok(e) => lastmile_protocol::sse_event(&e),
-            Err(RecvError::Lagged(n)) => format!("event: lagged\ndata: {{\"missed\":{n}}}\n\n"),
-            Err(RecvError::Closed) => return None,
+        let frame = tokio::select! {
+            r = rx.recv() => match r {
+                Ok(e) => lastmile_protocol::sse_event(&e),
+                Err(RecvError::Lagged(n)) => format!("event: lagged\ndata: {{\"missed\":{n}}}\n\n"),
+                Err(RecvError::Closed) => return None,
+            },
+            () = &mut stop => return None,
         };
-        Some((Ok::<_, std::convert::Infallible>(frame), rx))
+        Some((Ok::<_, std::convert::Infallible>(frame), (rx, stop)))
     });
     (
         [
