@@ -319,8 +319,8 @@ def main():
         "command's own `bash -l`).",
         f"- {alive['alive']} sandboxes alive at once: {alive['processes']} host processes, "
         f"**{alive['rss_per_sandbox_kib'] / 1024:.2f} MiB of memory (PSS) per sandbox** (bubblewrap, agent and "
-        f"lastmile's own growth of {alive['lastmile_growth_kib'] / 1024:.1f} MiB, divided by "
-        f"{args.alive}); memory charged to each sandbox's cgroup: median "
+        f"lastmile's own growth, here {alive['lastmile_growth_kib'] / 1024:.1f} MiB and counted as 0 when "
+        f"negative — its binary's pages are then shared with the agents — divided by {args.alive}); memory charged to each sandbox's cgroup: median "
         f"{alive['cgroup_mib_median']:.2f} MiB.",
         "",
         "Reproduce: `python3 scripts/bench_sandbox.py --write BENCHMARKS.md`",

@@ -379,3 +379,29 @@ async fn a_worker_with_a_kv_event_subscriber_still_shuts_down() {
     .await;
     assert_eq!(ended, Ok(true));
 }
+
+/// An open API (no admin key) on an address other machines reach is refused at start, for the
+/// model gateway and for the sandbox server alike (sandboxes run code: open would be worse).
+#[test]
+fn an_open_api_on_a_public_address_is_refused() {
+    let port = free_port().to_string();
+    for args in [
+        vec![
+            "gateway",
+            "--worker",
+            "http://127.0.0.1:9",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            &port,
+        ],
+        vec!["sandbox", "--host", "0.0.0.0", "--port", &port],
+    ] {
+        let (code, stderr) = run_until_exit(&args, &[]).expect("it must not start serving");
+        assert_ne!(code, 0, "{args:?}");
+        assert!(
+            stderr.contains("refusing to serve an open API"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
