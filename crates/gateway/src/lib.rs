@@ -594,6 +594,7 @@ impl GatewayHandle {
             })
         });
         let wrap = gw.wrap.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let loopback_only = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
         let app = Router::new()
             .route("/v1/chat/completions", post(proxy::forward))
             .route("/v1/completions", post(proxy::forward))
@@ -606,17 +607,24 @@ impl GatewayHandle {
             .with_state(gw.clone())
             .merge(admin)
             .route_layer(axum::middleware::from_fn_with_state(
-                listener.local_addr().is_ok_and(|a| a.ip().is_loopback()),
-                guard,
+                lastmile_http::Guard {
+                    loopback_only,
+                    json_posts: true,
+                    render: proxy::error_response,
+                },
+                lastmile_http::guard,
             ))
             .fallback(not_found);
-        let loopback_only = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
         let app = match wrap {
             // What the wrap added (the sandbox API, whose uploads are not JSON) gets the `Host`
             // rule: a DNS-rebinding page must not reach it either.
             Some(w) => w(app).layer(axum::middleware::from_fn_with_state(
-                loopback_only,
-                host_guard,
+                lastmile_http::Guard {
+                    loopback_only,
+                    json_posts: false,
+                    render: proxy::error_response,
+                },
+                lastmile_http::guard,
             )),
             None => app,
         };
@@ -756,46 +764,6 @@ async fn metrics(State(gw): State<Arc<Gateway>>, headers: axum::http::HeaderMap)
         body.push_str(&t.metrics());
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
-}
-
-/// Refuses what a web page could send to drive this gateway (a foreign `Host` on a loopback
-/// listener, a POST that is not JSON); see `lastmile_protocol::request_guard`.
-async fn guard(
-    State(loopback_only): State<bool>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    use lastmile_protocol::request_guard::{check_request, RequestHead};
-    let checked = {
-        // An unreadable header value counts as present and wrong.
-        let header = |name| req.headers().get(name).map(|v| v.to_str().unwrap_or("?"));
-        let head = RequestHead {
-            method: req.method().as_str(),
-            host: header(header::HOST),
-            content_type: header(header::CONTENT_TYPE),
-        };
-        check_request(&head, loopback_only)
-    };
-    match checked {
-        Ok(()) => next.run(req).await,
-        Err(e) => proxy::error_response(req.uri().path(), &e),
-    }
-}
-
-/// The `Host` rule of [`guard`] alone, for every route (see `request_guard::check_host`).
-async fn host_guard(
-    State(loopback_only): State<bool>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .map(|v| v.to_str().unwrap_or("?"));
-    match lastmile_protocol::request_guard::check_host(host, loopback_only) {
-        Ok(()) => next.run(req).await,
-        Err(e) => proxy::error_response(req.uri().path(), &e),
-    }
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {

@@ -39,6 +39,51 @@ impl Draining {
     }
 }
 
+/// Renders a refused request's error in its API's shape (OpenAI's or Anthropic's, by path).
+pub type RenderError =
+    fn(path: &str, error: &lastmile_protocol::ApiError) -> axum::response::Response;
+
+/// What [`guard`] checks, and how it answers.
+#[derive(Clone, Copy)]
+pub struct Guard {
+    /// The server listens on loopback only (the `Host` rule applies).
+    pub loopback_only: bool,
+    /// Also require JSON bodies on POST (off for APIs that take files).
+    pub json_posts: bool,
+    /// The answer's shape.
+    pub render: RenderError,
+}
+
+/// Middleware refusing what a web page could send to drive a server on this machine (a foreign
+/// `Host` on a loopback listener; a POST that is not JSON); see
+/// `lastmile_protocol::request_guard`.
+pub async fn guard(
+    axum::extract::State(g): axum::extract::State<Guard>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use lastmile_protocol::request_guard::{check_host, check_request, RequestHead};
+    let checked = {
+        // An unreadable header value counts as present and wrong.
+        let header = |name| req.headers().get(name).map(|v| v.to_str().unwrap_or("?"));
+        let host = header(axum::http::header::HOST);
+        if g.json_posts {
+            let head = RequestHead {
+                method: req.method().as_str(),
+                host,
+                content_type: header(axum::http::header::CONTENT_TYPE),
+            };
+            check_request(&head, g.loopback_only)
+        } else {
+            check_host(host, g.loopback_only)
+        }
+    };
+    match checked {
+        Ok(()) => next.run(req).await,
+        Err(e) => (g.render)(req.uri().path(), &e),
+    }
+}
+
 /// Descriptors kept free for everything but client connections (files, workers, etcd).
 const RESERVED_FDS: u64 = 256;
 

@@ -132,39 +132,29 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let loopback_only = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
-    let app = router(engine, config)
-        .route_layer(axum::middleware::from_fn_with_state(loopback_only, guard));
+    let app = router(engine, config).route_layer(axum::middleware::from_fn_with_state(
+        lastmile_http::Guard {
+            loopback_only,
+            json_posts: true,
+            render: guard_error,
+        },
+        lastmile_http::guard,
+    ));
     // Header and body timeouts and a connection cap (slow clients cannot take every socket);
     // each streamed token leaves at once (no Nagle).
     let limits = lastmile_http::ServeLimits::default();
     lastmile_http::serve(listener, app, limits, shutdown).await
 }
 
-/// Refuses what a web page could send to drive this worker (a foreign `Host` on a loopback
-/// listener, a POST that is not JSON); see `lastmile_protocol::request_guard`.
-async fn guard(
-    State(loopback_only): State<bool>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    use lastmile_protocol::request_guard::{check_request, RequestHead};
-    let checked = {
-        // An unreadable header value counts as present and wrong.
-        let header = |name| req.headers().get(name).map(|v| v.to_str().unwrap_or("?"));
-        let head = RequestHead {
-            method: req.method().as_str(),
-            host: header(header::HOST),
-            content_type: header(header::CONTENT_TYPE),
-        };
-        check_request(&head, loopback_only)
-    };
-    match checked {
-        Ok(()) => next.run(req).await,
-        Err(e) if req.uri().path().starts_with("/v1/messages") => error::error_body_response(
+/// A refused request's error in its API's shape.
+fn guard_error(path: &str, e: &ApiError) -> Response {
+    if path.starts_with("/v1/messages") {
+        error::error_body_response(
             e.status,
-            lastmile_protocol::anthropic::AnthropicError::from(e).body(),
-        ),
-        Err(e) => api_response(&e),
+            lastmile_protocol::anthropic::AnthropicError::from(e.clone()).body(),
+        )
+    } else {
+        api_response(e)
     }
 }
 
