@@ -153,14 +153,18 @@ async fn run_cell(
     let mut pending = Vec::new();
     let mut client = true;
     loop {
-        let Some(ev) = events.recv().await else {
-            if client {
-                let _ = tx
-                    .send(Ok(error_line("ContextDied", "the context's process ended")))
-                    .await;
+        // The process ended (its stream closed, or its end came): the context is gone.
+        let ev = match events.recv().await {
+            Some(ProcEvent::End(_)) | None => {
+                if client {
+                    let _ = tx
+                        .send(Ok(error_line("ContextDied", "the context's process ended")))
+                        .await;
+                }
+                sb.contexts.remove(&ctx.id);
+                return;
             }
-            sb.contexts.remove(&ctx.id);
-            return;
+            Some(ev) => ev,
         };
         let mut out: Vec<Bytes> = Vec::new();
         let mut ended = false;
@@ -190,15 +194,7 @@ async fn run_cell(
                 });
                 out.push(Bytes::from(v.to_string() + "\n"));
             }
-            ProcEvent::End(_) => {
-                if client {
-                    let _ = tx
-                        .send(Ok(error_line("ContextDied", "the context's process ended")))
-                        .await;
-                }
-                sb.contexts.remove(&ctx.id);
-                return;
-            }
+            ProcEvent::End(_) => {} // handled above
         }
         for b in out {
             if client && tx.send(Ok(b)).await.is_err() {
