@@ -165,6 +165,11 @@ struct GatewayArgs {
     /// Key prefix workers register under in etcd.
     #[arg(long, default_value = lastmile_discovery::DEFAULT_PREFIX)]
     etcd_prefix: String,
+    /// Workers from etcd join only if their address is in one of these (comma-separated CIDR
+    /// networks, addresses or host names: `10.0.0.0/8,worker-3.internal`). Without it any
+    /// registered address joins, and whoever can write to etcd receives prompts.
+    #[arg(long, value_delimiter = ',', requires = "etcd")]
+    worker_allow: Vec<lastmile_gateway::WorkerAllow>,
     /// Routing policy: round_robin, random, least_loaded, or kv_aware (to the worker already
     /// holding the longest prefix of the prompt, weighed against load).
     #[arg(long, default_value = "round_robin")]
@@ -197,6 +202,7 @@ fn gateway(args: GatewayArgs) -> Result<()> {
         config.etcd = Some(lastmile_gateway::EtcdDiscovery {
             endpoints: args.etcd.clone(),
             prefix: args.etcd_prefix.clone(),
+            allow: args.worker_allow.clone(),
         });
     }
     config.policy = args

@@ -72,6 +72,7 @@ async fn workers_join_expire_leave_and_return_through_etcd() {
     config.etcd = Some(EtcdDiscovery {
         endpoints: vec![etcd_server.url.clone()],
         prefix: DEFAULT_PREFIX.to_string(),
+        allow: vec!["127.0.0.0/8".parse().expect("network")],
     });
     config.health_interval = Duration::from_millis(100);
     config.debug_headers = true;
@@ -153,4 +154,45 @@ async fn registration_fails_clearly_without_etcd() {
     .expect("no etcd there");
     assert_eq!(err.error_type(), "unreachable");
     assert!(err.to_string().contains(&dead), "{err}");
+}
+
+/// Only addresses on the allow-list join: a registration of any other address (whoever can
+/// write to etcd could make one) is ignored, while an allowed one joins.
+#[tokio::test]
+async fn workers_outside_the_allow_list_never_join() {
+    let etcd_server = EtcdServer::start().await;
+    let mut config = GatewayConfig::new(Vec::new());
+    config.etcd = Some(EtcdDiscovery {
+        endpoints: vec![etcd_server.url.clone()],
+        prefix: DEFAULT_PREFIX.to_string(),
+        allow: vec!["127.0.0.2".parse().expect("address")],
+    });
+    config.health_interval = Duration::from_millis(100);
+    let gw = gateway(config);
+    let etcd = Etcd::new(vec![etcd_server.url.clone()]);
+    let _evil = Registration::start(etcd.clone(), DEFAULT_PREFIX, info("http://127.0.0.1:9"), 5)
+        .await
+        .expect("register");
+    // Long enough for the watch to deliver it (an allowed one joins within ~100 ms).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, h) = health(&gw).await;
+    assert_eq!(
+        h["workers"], 0,
+        "an address outside the allow-list joined: {h}"
+    );
+    let _good = Registration::start(etcd, DEFAULT_PREFIX, info("http://127.0.0.2:9"), 5)
+        .await
+        .expect("register");
+    let start = Instant::now();
+    loop {
+        let (_, h) = health(&gw).await;
+        if h["workers"] == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the allowed worker never joined: {h}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
