@@ -253,3 +253,28 @@ def test_custom_template_resources_and_start_command(key):
     with pytest.raises(SandboxException) as e:
         Sandbox.create(template="no-such-template")
     assert "not found" in str(e.value)
+
+
+def test_watch_dir_reports_changes(key):
+    from e2b import FilesystemEventType, Sandbox
+
+    with Sandbox.create() as sb:
+        sb.files.make_dir("/home/user/w/sub")
+        handle = sb.files.watch_dir("/home/user/w", recursive=True)
+        sb.files.write("/home/user/w/a.txt", "one")
+        sb.commands.run("echo two >> /home/user/w/sub/b.txt && rm /home/user/w/a.txt && mkdir /home/user/w/new && touch /home/user/w/new/c.txt")
+        seen = []
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            seen += [(e.name, e.type) for e in handle.get_new_events()]
+            if ("new/c.txt", FilesystemEventType.CREATE) in seen:
+                break
+            time.sleep(0.1)
+        handle.stop()
+        assert ("a.txt", FilesystemEventType.CREATE) in seen, seen
+        assert ("a.txt", FilesystemEventType.REMOVE) in seen, seen
+        assert ("sub/b.txt", FilesystemEventType.WRITE) in seen, seen
+        # A folder made after the watch began is watched too.
+        assert ("new/c.txt", FilesystemEventType.CREATE) in seen, seen
+        with pytest.raises(Exception):
+            handle.get_new_events()

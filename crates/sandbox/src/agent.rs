@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use crate::wire::{Entry, Exit, Failure, Frame, Kind, Reply, Request, CHUNK};
+use crate::wire::{Entry, Exit, Failure, Frame, Kind, Reply, Request, WatchEvent, CHUNK};
 
 /// Most entries one `ListDir` answers (the rest is refused, not truncated silently).
 const MAX_LIST: usize = 50_000;
@@ -52,8 +52,7 @@ impl Outbox {
 pub fn run() -> i32 {
     let out = Outbox(Arc::new(Mutex::new(io::stdout())));
     let mut input = io::stdin().lock();
-    let mut stdins: HashMap<u32, SyncSender<Vec<u8>>> = HashMap::new();
-    let mut uploads: HashMap<u32, Upload> = HashMap::new();
+    let mut state = State::default();
     let users = Users::load();
     loop {
         let frame = match Frame::read_from(&mut input) {
@@ -66,7 +65,7 @@ pub fn run() -> i32 {
         };
         match frame.kind {
             Kind::Request => match frame.parse::<Request>() {
-                Ok(req) => handle(req, frame.id, &out, &mut stdins, &mut uploads, &users),
+                Ok(req) => handle(req, frame.id, &out, &mut state, &users),
                 Err(e) => out.reply(
                     frame.id,
                     Err(Failure {
@@ -76,19 +75,19 @@ pub fn run() -> i32 {
                 ),
             },
             Kind::Stdin => {
-                if let Some(tx) = stdins.get(&frame.id) {
+                if let Some(tx) = state.stdins.get(&frame.id) {
                     if tx.send(frame.payload).is_err() {
-                        stdins.remove(&frame.id);
+                        state.stdins.remove(&frame.id);
                     }
                 }
             }
             Kind::FileData => {
                 let done = frame.payload.is_empty();
-                if let Some(up) = uploads.get_mut(&frame.id) {
+                if let Some(up) = state.uploads.get_mut(&frame.id) {
                     up.write(&frame.payload);
                 }
                 if done {
-                    if let Some(up) = uploads.remove(&frame.id) {
+                    if let Some(up) = state.uploads.remove(&frame.id) {
                         out.reply(frame.id, up.finish(&users));
                     }
                 }
@@ -98,14 +97,20 @@ pub fn run() -> i32 {
     }
 }
 
-fn handle(
-    req: Request,
-    id: u32,
-    out: &Outbox,
-    stdins: &mut HashMap<u32, SyncSender<Vec<u8>>>,
-    uploads: &mut HashMap<u32, Upload>,
-    users: &Users,
-) {
+/// What the agent keeps between requests.
+#[derive(Default)]
+struct State {
+    stdins: HashMap<u32, SyncSender<Vec<u8>>>,
+    uploads: HashMap<u32, Upload>,
+    watches: HashMap<u32, Arc<std::sync::atomic::AtomicBool>>,
+}
+
+fn handle(req: Request, id: u32, out: &Outbox, state: &mut State, users: &Users) {
+    let State {
+        stdins,
+        uploads,
+        watches,
+    } = state;
     let result = match req {
         Request::Spawn {
             cmd,
@@ -194,6 +199,23 @@ fn handle(
         Request::WriteFile { path } => {
             uploads.insert(id, Upload::open(&path));
             return;
+        }
+        Request::Watch { path, recursive } => match Watch::start(&resolve(&path), recursive) {
+            Ok(w) => {
+                out.reply(id, Ok(serde_json::Value::Null));
+                let stop = w.stop.clone();
+                watches.insert(id, stop);
+                let out = out.clone();
+                thread::spawn(move || w.run(id, &out));
+                return;
+            }
+            Err(e) => Err(Failure::io(&path, &e)),
+        },
+        Request::Unwatch { watch } => {
+            if let Some(stop) = watches.remove(&watch) {
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            Ok(serde_json::Value::Null)
         }
     };
     out.reply(id, result);
@@ -457,6 +479,158 @@ fn list(dir: &Path, depth: u32, users: &Users) -> Result<Vec<Entry>, Failure> {
         }
     }
     Ok(out)
+}
+
+/// A folder watch over inotify: one thread, polling its descriptor so that `Unwatch` (a flag)
+/// ends it within 200 ms; new subfolders are added when watching recursively.
+struct Watch {
+    fd: std::os::fd::OwnedFd,
+    dirs: HashMap<i32, PathBuf>,
+    root: PathBuf,
+    recursive: bool,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+const WATCH_MASK: u32 = libc::IN_CREATE
+    | libc::IN_MODIFY
+    | libc::IN_DELETE
+    | libc::IN_MOVED_FROM
+    | libc::IN_MOVED_TO
+    | libc::IN_ATTRIB;
+
+impl Watch {
+    fn start(root: &Path, recursive: bool) -> io::Result<Self> {
+        if !fs::metadata(root)?.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                "not a directory",
+            ));
+        }
+        // SAFETY: inotify_init1 has no preconditions; the result is checked.
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by inotify_init1 and is owned by nobody else.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let mut w = Self {
+            fd,
+            dirs: HashMap::new(),
+            root: root.to_path_buf(),
+            recursive,
+            stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        w.add(root)?;
+        Ok(w)
+    }
+
+    /// Watches `dir` (and, recursively, its subfolders).
+    fn add(&mut self, dir: &Path) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: a valid inotify descriptor and a NUL-terminated path.
+        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), WATCH_MASK) };
+        if wd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.dirs.insert(wd, dir.to_path_buf());
+        if self.recursive {
+            for e in fs::read_dir(dir)?.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = self.add(&e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn emit(&self, path: &Path, op: &str, id: u32, out: &Outbox) {
+        let rel = path.strip_prefix(&self.root).unwrap_or(path);
+        let e = WatchEvent {
+            name: rel.to_string_lossy().into_owned(),
+            op: op.into(),
+        };
+        out.send(&Frame::json(Kind::WatchEvent, id, &e));
+    }
+
+    /// `create` events for everything under `dir` (a folder that was just made or moved in).
+    fn emit_tree(&self, dir: &Path, id: u32, out: &Outbox) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            self.emit(&p, "create", id, out);
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                self.emit_tree(&p, id, out);
+            }
+        }
+    }
+
+    fn run(mut self, id: u32, out: &Outbox) {
+        use std::os::fd::AsRawFd;
+        let mut buf = vec![0u8; 64 * 1024];
+        while !self.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd we own.
+            if unsafe { libc::poll(&mut pfd, 1, 200) } <= 0 {
+                continue;
+            }
+            // SAFETY: reading into a buffer we own, at most its length.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                continue;
+            }
+            let mut at = 0usize;
+            let header = std::mem::size_of::<libc::inotify_event>();
+            while at + header <= n as usize {
+                // SAFETY: the kernel wrote whole events; read_unaligned copes with alignment.
+                let ev: libc::inotify_event =
+                    unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
+                let name_bytes = &buf[at + header..at + header + ev.len as usize];
+                at += header + ev.len as usize;
+                let name_end = name_bytes
+                    .iter()
+                    .position(|&b| b == 0)
+                    .unwrap_or(name_bytes.len());
+                let name = String::from_utf8_lossy(&name_bytes[..name_end]).into_owned();
+                let Some(dir) = self.dirs.get(&ev.wd).cloned() else {
+                    continue;
+                };
+                let full = dir.join(&name);
+                let new_dir = self.recursive
+                    && ev.mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0
+                    && ev.mask & libc::IN_ISDIR != 0;
+                if new_dir {
+                    let _ = self.add(&full);
+                }
+                let op = if ev.mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 {
+                    "create"
+                } else if ev.mask & libc::IN_MODIFY != 0 {
+                    "write"
+                } else if ev.mask & libc::IN_DELETE != 0 {
+                    "remove"
+                } else if ev.mask & libc::IN_MOVED_FROM != 0 {
+                    "rename"
+                } else if ev.mask & libc::IN_ATTRIB != 0 {
+                    "chmod"
+                } else {
+                    continue;
+                };
+                self.emit(&full, op, id, out);
+                if new_dir {
+                    // Whatever appeared in the new folder before its watch held.
+                    self.emit_tree(&full, id, out);
+                }
+            }
+        }
+    }
 }
 
 /// User and group names from the sandbox's own `/etc/passwd` and `/etc/group`.

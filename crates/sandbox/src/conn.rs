@@ -16,7 +16,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::wire::{Entry, Exit, Failure, Frame, Kind, Reply, Request, CHUNK};
+use crate::wire::{Entry, Exit, Failure, Frame, Kind, Reply, Request, WatchEvent, CHUNK};
 
 /// What a follower of a process receives.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,7 +83,13 @@ enum Pending {
         mpsc::Sender<Result<Bytes, Failure>>,
         Option<oneshot::Sender<Reply>>,
     ),
+    /// A folder watch: the reply, then events until it is removed.
+    Watch(mpsc::Sender<WatchEvent>, Option<oneshot::Sender<Reply>>),
 }
+
+/// Events of one watch queued for its reader; past this they are dropped (a watcher that
+/// does not read must not stall the sandbox).
+const WATCH_DEPTH: usize = 4096;
 
 struct Shared {
     pending: Mutex<HashMap<u32, Pending>>,
@@ -256,6 +262,36 @@ impl AgentConn {
         }
     }
 
+    /// Watches a folder; returns the watch's id (for [`AgentConn::unwatch`]) and its events.
+    pub async fn watch(
+        &self,
+        path: &str,
+        recursive: bool,
+    ) -> Result<(u32, mpsc::Receiver<WatchEvent>), Failure> {
+        let id = self.id();
+        let (events_tx, events_rx) = mpsc::channel(WATCH_DEPTH);
+        let (reply_tx, reply_rx) = oneshot::channel();
+        lock(&self.shared.pending).insert(id, Pending::Watch(events_tx, Some(reply_tx)));
+        let req = Request::Watch {
+            path: path.into(),
+            recursive,
+        };
+        self.send(Frame::json(Kind::Request, id, &req)).await?;
+        match reply_rx.await.map_err(|_| gone())? {
+            Reply::Ok(_) => Ok((id, events_rx)),
+            Reply::Err(f) => {
+                lock(&self.shared.pending).remove(&id);
+                Err(f)
+            }
+        }
+    }
+
+    /// Stops a watch.
+    pub async fn unwatch(&self, watch: u32) -> Result<(), Failure> {
+        lock(&self.shared.pending).remove(&watch);
+        self.call(&Request::Unwatch { watch }).await.map(|_| ())
+    }
+
     /// Writes a file from `body`, streamed in chunks; answers its entry.
     pub async fn write_file<S, E>(&self, path: &str, mut body: S) -> Result<Entry, Failure>
     where
@@ -364,6 +400,12 @@ async fn read_loop(output: &mut (impl AsyncRead + Unpin), s: &Shared) -> std::io
                     }
                 }
             }
+            Kind::WatchEvent => {
+                let event: WatchEvent = frame.parse()?;
+                if let Some(Pending::Watch(tx, _)) = lock(&s.pending).get(&id) {
+                    let _ = tx.try_send(event);
+                }
+            }
             Kind::Request | Kind::Stdin | Kind::FileData => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
@@ -412,7 +454,13 @@ fn on_reply(s: &Shared, frame: Frame) -> std::io::Result<()> {
             };
             let _ = tx.send(result);
         }
-        Some(other @ Pending::Read(_, None)) => {
+        Some(Pending::Watch(events, Some(tx))) => {
+            if matches!(reply, Reply::Ok(_)) {
+                pending.insert(frame.id, Pending::Watch(events, None));
+            }
+            let _ = tx.send(reply);
+        }
+        Some(other @ (Pending::Read(_, None) | Pending::Watch(_, None))) => {
             pending.insert(frame.id, other);
         }
         None => {}

@@ -123,9 +123,47 @@ pub struct Sandbox {
     pub conn: AgentConn,
     /// Code-interpreter contexts.
     pub contexts: Contexts,
+    /// Folder watchers polled by id (`CreateWatcher`, `GetWatcherEvents`).
+    pub watchers: Watchers,
     end: Mutex<(SystemTime, Instant)>,
     child: Mutex<Option<tokio::process::Child>>,
     cgroup: Mutex<Option<Cgroup>>,
+}
+
+/// A watcher's agent watch id and its queued events.
+pub type Watcher = (
+    u32,
+    Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<crate::wire::WatchEvent>>>,
+);
+
+/// A sandbox's watchers by id.
+#[derive(Default)]
+pub struct Watchers(Mutex<HashMap<String, Watcher>>);
+
+impl Watchers {
+    /// Keeps a new watcher; returns its id.
+    pub fn add(
+        &self,
+        watch: u32,
+        events: tokio::sync::mpsc::Receiver<crate::wire::WatchEvent>,
+    ) -> String {
+        let id = format!("w-{}", &new_token()[..16]);
+        lock(&self.0).insert(
+            id.clone(),
+            (watch, Arc::new(tokio::sync::Mutex::new(events))),
+        );
+        id
+    }
+
+    /// A watcher by id.
+    pub fn get(&self, id: &str) -> Option<Watcher> {
+        lock(&self.0).get(id).cloned()
+    }
+
+    /// Forgets a watcher.
+    pub fn remove(&self, id: &str) -> Option<Watcher> {
+        lock(&self.0).remove(id)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -330,6 +368,7 @@ impl SandboxService {
             access_token: new_token(),
             conn,
             contexts: Contexts::default(),
+            watchers: Watchers::default(),
             end: Mutex::new((SystemTime::now() + timeout, Instant::now() + timeout)),
             child: Mutex::new(Some(child)),
             cgroup: Mutex::new(launched.cgroup),

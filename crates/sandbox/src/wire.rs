@@ -38,6 +38,8 @@ pub enum Kind {
     Exited = 13,
     /// Agent → host: bytes of a file being read for request `id`.
     FileChunk = 14,
+    /// Agent → host: a change under the folder watched by request `id`; JSON [`WatchEvent`].
+    WatchEvent = 15,
 }
 
 impl Kind {
@@ -51,6 +53,7 @@ impl Kind {
             12 => Self::Stderr,
             13 => Self::Exited,
             14 => Self::FileChunk,
+            15 => Self::WatchEvent,
             _ => return None,
         })
     }
@@ -195,6 +198,28 @@ pub enum Request {
         /// The path.
         path: String,
     },
+    /// Watch a folder: replies once the watch holds, then sends `WatchEvent` frames under this
+    /// request's id until `Unwatch`.
+    Watch {
+        /// The folder.
+        path: String,
+        /// Its subfolders too (those created later included).
+        recursive: bool,
+    },
+    /// Stop the watch made by request `watch`.
+    Unwatch {
+        /// The `Watch` request's id.
+        watch: u32,
+    },
+}
+
+/// A change seen by a watch.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WatchEvent {
+    /// The path relative to the watched folder.
+    pub name: String,
+    /// `create`, `write`, `remove`, `rename` or `chmod`.
+    pub op: String,
 }
 
 /// Why a request failed, in words a client can act on.

@@ -26,6 +26,13 @@ pub fn routes() -> Router<Api> {
         .route("/filesystem.Filesystem/MakeDir", post(make_dir))
         .route("/filesystem.Filesystem/Move", post(move_entry))
         .route("/filesystem.Filesystem/Remove", post(remove))
+        .route("/filesystem.Filesystem/WatchDir", post(watch_dir))
+        .route("/filesystem.Filesystem/CreateWatcher", post(create_watcher))
+        .route(
+            "/filesystem.Filesystem/GetWatcherEvents",
+            post(watcher_events),
+        )
+        .route("/filesystem.Filesystem/RemoveWatcher", post(remove_watcher))
         .route(
             "/files",
             get(download)
@@ -178,6 +185,118 @@ async fn remove(axum::Extension(sb): Current, body: Bytes) -> Response {
             let r: PathRequest = connect::unary_request(&body)?;
             need_path(&r.path)?;
             sb.conn.call(&AgentRequest::Remove { path: r.path }).await?;
+            Ok(json!({}))
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct WatchRequest {
+    path: String,
+    recursive: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct WatcherRequest {
+    watcher_id: String,
+}
+
+/// A watch event in proto3 JSON (`filesystem.FilesystemEvent`).
+fn event_json(e: &crate::wire::WatchEvent) -> Value {
+    let t = match e.op.as_str() {
+        "create" => "EVENT_TYPE_CREATE",
+        "write" => "EVENT_TYPE_WRITE",
+        "remove" => "EVENT_TYPE_REMOVE",
+        "rename" => "EVENT_TYPE_RENAME",
+        _ => "EVENT_TYPE_CHMOD",
+    };
+    json!({ "name": e.name, "type": t })
+}
+
+/// Streams a folder's changes until the client leaves.
+async fn watch_dir(
+    axum::extract::Extension(sb): Current,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let r: WatchRequest = match connect::stream_request(&body) {
+        Ok(r) => r,
+        Err(e) => return connect::stream_error(e).await,
+    };
+    if let Err(e) = need_path(&r.path) {
+        return connect::stream_error(e).await;
+    }
+    let (watch, mut events) = match sb.conn.watch(&r.path, r.recursive).await {
+        Ok(w) => w,
+        Err(f) => return connect::stream_error(f.into()).await,
+    };
+    let (tx, resp) = connect::server_stream();
+    let keepalive = connect::keepalive(&headers);
+    tokio::spawn(async move {
+        let mut ticks =
+            tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        if tx.send(&json!({ "start": {} })).await {
+            loop {
+                let msg = tokio::select! {
+                    e = events.recv() => match e {
+                        Some(e) => json!({ "filesystem": event_json(&e) }),
+                        None => break,
+                    },
+                    _ = ticks.tick() => json!({ "keepalive": {} }),
+                    () = tx.closed() => break,
+                };
+                if !tx.send(&msg).await {
+                    break;
+                }
+            }
+        }
+        let _ = sb.conn.unwatch(watch).await;
+        tx.finish(None).await;
+    });
+    resp
+}
+
+async fn create_watcher(axum::extract::Extension(sb): Current, body: Bytes) -> Response {
+    connect::reply(
+        async {
+            let r: WatchRequest = connect::unary_request(&body)?;
+            need_path(&r.path)?;
+            let (watch, events) = sb.conn.watch(&r.path, r.recursive).await?;
+            Ok(json!({ "watcherId": sb.watchers.add(watch, events) }))
+        }
+        .await,
+    )
+}
+
+async fn watcher_events(axum::extract::Extension(sb): Current, body: Bytes) -> Response {
+    connect::reply(
+        async {
+            let r: WatcherRequest = connect::unary_request(&body)?;
+            let (_, events) = sb.watchers.get(&r.watcher_id).ok_or_else(|| {
+                RpcError::new("not_found", format!("watcher {} not found", r.watcher_id))
+            })?;
+            let mut events = events.lock().await;
+            let mut out = Vec::new();
+            while let Ok(e) = events.try_recv() {
+                out.push(event_json(&e));
+            }
+            Ok(json!({ "events": out }))
+        }
+        .await,
+    )
+}
+
+async fn remove_watcher(axum::extract::Extension(sb): Current, body: Bytes) -> Response {
+    connect::reply(
+        async {
+            let r: WatcherRequest = connect::unary_request(&body)?;
+            let (watch, _) = sb.watchers.remove(&r.watcher_id).ok_or_else(|| {
+                RpcError::new("not_found", format!("watcher {} not found", r.watcher_id))
+            })?;
+            sb.conn.unwatch(watch).await?;
             Ok(json!({}))
         }
         .await,
