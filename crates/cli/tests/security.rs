@@ -37,8 +37,9 @@ fn one_replica_config(dir: &std::path::Path) -> PathBuf {
 /// Runs `lastmile ARGS` with `env` added; returns its exit status and stderr once it exits,
 /// or `None` (after killing it) if it is still running after 20 s: it started serving.
 fn run_until_exit(args: &[&str], env: &[(&str, &str)]) -> Option<(i32, String)> {
-    let dir = temp_dir("exit");
-    let log = dir.join(format!("stderr-{}.log", free_port()));
+    // A folder of its own: tests run in parallel, and `temp_dir` starts its folder afresh.
+    let dir = temp_dir(&format!("exit-{}", free_port()));
+    let log = dir.join("stderr.log");
     let mut cmd = Command::new(BIN);
     cmd.args(args)
         .arg("--usage-db")
