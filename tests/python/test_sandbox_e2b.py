@@ -278,3 +278,26 @@ def test_watch_dir_reports_changes(key):
         assert ("new/c.txt", FilesystemEventType.CREATE) in seen, seen
         with pytest.raises(Exception):
             handle.get_new_events()
+
+
+def test_pty_terminal_session(key):
+    from e2b import PtySize, Sandbox
+
+    with Sandbox.create() as sb:
+        term = sb.pty.create(PtySize(rows=24, cols=100))
+        sb.pty.send_stdin(term.pid, b"stty size; tty; echo pty-$((6*7))\n")
+        out = ""
+        events = iter(term)
+        while "pty-42\r\n" not in out:
+            _, _, data = next(events)
+            if data:
+                out += bytes(data).decode(errors="replace")
+        assert "24 100" in out and "/dev/pts/" in out, out
+        # Resized, the program on it sees the new size.
+        sb.pty.resize(term.pid, PtySize(rows=30, cols=120))
+        sb.pty.send_stdin(term.pid, b"stty size; exit\n")
+        for _, _, data in events:
+            if data:
+                out += bytes(data).decode(errors="replace")
+        assert "30 120" in out, out
+        assert term.wait().exit_code == 0

@@ -15,7 +15,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -103,6 +103,7 @@ struct State {
     stdins: HashMap<u32, SyncSender<Vec<u8>>>,
     uploads: HashMap<u32, Upload>,
     watches: HashMap<u32, Arc<std::sync::atomic::AtomicBool>>,
+    terminals: HashMap<u32, std::os::fd::OwnedFd>,
 }
 
 fn handle(req: Request, id: u32, out: &Outbox, state: &mut State, users: &Users) {
@@ -110,6 +111,7 @@ fn handle(req: Request, id: u32, out: &Outbox, state: &mut State, users: &Users)
         stdins,
         uploads,
         watches,
+        terminals,
     } = state;
     let result = match req {
         Request::Spawn {
@@ -118,20 +120,34 @@ fn handle(req: Request, id: u32, out: &Outbox, state: &mut State, users: &Users)
             envs,
             cwd,
             stdin,
-        } => match spawn(&cmd, &args, &envs, cwd.as_deref(), stdin) {
-            Ok((child, tx)) => {
+            pty,
+        } => match spawn(&cmd, &args, &envs, cwd.as_deref(), stdin, pty) {
+            Ok((child, tx, terminal)) => {
                 let pid = child.id();
                 if let Some(tx) = tx {
                     stdins.insert(pid, tx);
                 }
+                let term_output = terminal.map(|(m, output)| {
+                    terminals.insert(pid, m);
+                    output
+                });
                 // The reply goes out before any output frame of this pid.
                 out.reply(id, Ok(serde_json::json!({ "pid": pid })));
-                watch(child, out.clone());
+                watch(child, term_output, out.clone());
                 return;
             }
             Err(e) => Err(Failure::io(&cmd, &e)),
         },
         Request::Signal { pid, signal } => signal_process(pid, signal),
+        Request::Resize { pid, cols, rows } => match terminals.get(&pid) {
+            Some(m) => set_size(m, cols, rows)
+                .map(|()| serde_json::Value::Null)
+                .map_err(|e| Failure::io("terminal", &e)),
+            None => Err(Failure {
+                code: "not_found".into(),
+                message: format!("process {pid} has no terminal"),
+            }),
+        },
         Request::CloseStdin { pid } => {
             stdins.remove(&pid);
             Ok(serde_json::Value::Null)
@@ -221,21 +237,79 @@ fn handle(req: Request, id: u32, out: &Outbox, state: &mut State, users: &Users)
     out.reply(id, result);
 }
 
-/// Starts one process in its own process group (so a signal reaches its whole tree).
+/// What [`spawn`] hands back: the child, its input queue, and its terminal (if it has one:
+/// the descriptor kept for resizing, and a reader of its output).
+type Spawned = (
+    Child,
+    Option<SyncSender<Vec<u8>>>,
+    Option<(std::os::fd::OwnedFd, File)>,
+);
+
+/// Sets a terminal's size.
+fn set_size(master: &std::os::fd::OwnedFd, cols: u16, rows: u16) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ on a terminal descriptor we own, with a valid winsize.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Starts one process in its own process group (so a signal reaches its whole tree); with
+/// `pty`, in its own session on a new terminal of that size.
 fn spawn(
     cmd: &str,
     args: &[String],
     envs: &BTreeMap<String, String>,
     cwd: Option<&str>,
     stdin: bool,
-) -> io::Result<(Child, Option<SyncSender<Vec<u8>>>)> {
+    pty: Option<[u16; 2]>,
+) -> io::Result<Spawned> {
+    use std::os::fd::{FromRawFd, OwnedFd};
     let mut c = Command::new(cmd);
-    c.args(args)
-        .envs(envs)
-        .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+    c.args(args).envs(envs);
+    let mut master: Option<OwnedFd> = None;
+    if let Some([cols, rows]) = pty {
+        let (mut m, mut sl) = (-1, -1);
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty writes two descriptors into integers we own; the size is valid.
+        if unsafe { libc::openpty(&mut m, &mut sl, std::ptr::null_mut(), std::ptr::null(), &ws) }
+            != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both were just created and are owned by nobody else.
+        let (m, sl) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(sl)) };
+        c.stdin(Stdio::from(sl.try_clone()?))
+            .stdout(Stdio::from(sl.try_clone()?))
+            .stderr(Stdio::from(sl));
+        // SAFETY: setsid and ioctl are async-signal-safe; fd 0 is the terminal's slave here.
+        unsafe {
+            c.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        master = Some(m);
+    } else {
+        c.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+    }
     let dir = match cwd {
         Some(d) if !d.is_empty() => resolve(d),
         _ => home(),
@@ -254,13 +328,20 @@ fn spawn(
         });
     }
     let mut child = c.spawn()?;
+    drop(c); // our copies of the terminal's slave side close here
+    if let Some(m) = master {
+        // Output is read from the terminal, input typed into it.
+        let output = File::from(m.try_clone()?);
+        let input = File::from(m.try_clone()?);
+        return Ok((child, Some(feed_stdin(input)), Some((m, output))));
+    }
     let tx = child.stdin.take().map(feed_stdin);
-    Ok((child, tx))
+    Ok((child, tx, None))
 }
 
 /// A thread that writes queued input into a child's stdin (so a child that does not read
 /// never blocks the agent); dropping the sender closes the pipe.
-fn feed_stdin(mut pipe: ChildStdin) -> SyncSender<Vec<u8>> {
+fn feed_stdin(mut pipe: impl Write + Send + 'static) -> SyncSender<Vec<u8>> {
     let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(64);
     thread::spawn(move || {
         for chunk in rx {
@@ -274,17 +355,16 @@ fn feed_stdin(mut pipe: ChildStdin) -> SyncSender<Vec<u8>> {
 
 /// Streams a child's output and reports its end after the output (or after a short grace,
 /// when a background grandchild keeps the pipe open).
-fn watch(mut child: Child, out: Outbox) {
+fn watch(mut child: Child, terminal: Option<File>, out: Outbox) {
     let pid = child.id();
     let (done_tx, done_rx) = mpsc::channel::<()>();
+    let stdout = child
+        .stdout
+        .take()
+        .map(|p| Box::new(p) as Box<dyn Read + Send>)
+        .or_else(|| terminal.map(|t| Box::new(t) as Box<dyn Read + Send>));
     for (pipe, kind) in [
-        (
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-            Kind::Stdout,
-        ),
+        (stdout, Kind::Stdout),
         (
             child
                 .stderr

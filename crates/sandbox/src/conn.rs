@@ -40,6 +40,8 @@ pub struct ProcConfig {
     pub envs: BTreeMap<String, String>,
     /// Its working directory.
     pub cwd: Option<String>,
+    /// A terminal of this size (`[cols, rows]`) to run on, if any.
+    pub pty: Option<[u16; 2]>,
 }
 
 /// A process running in the sandbox.
@@ -197,6 +199,7 @@ impl AgentConn {
             envs: config.envs.clone(),
             cwd: config.cwd.clone(),
             stdin,
+            pty: config.pty,
         };
         lock(&self.shared.pending).insert(id, Pending::Spawn(config, tag, tx));
         self.send(Frame::json(Kind::Request, id, &req)).await?;

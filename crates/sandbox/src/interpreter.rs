@@ -187,6 +187,7 @@ impl Contexts {
             args: vec!["-u".into(), "-c".into(), DRIVER.into()],
             envs: Default::default(),
             cwd: Some(cwd.clone()),
+            pty: None,
         };
         let id = id.unwrap_or_else(|| format!("ctx-{}", &crate::service::new_token()[..16]));
         let (proc, rx) = conn

@@ -396,6 +396,7 @@ impl SandboxService {
                 args: vec!["-l".into(), "-c".into(), cmd.clone()],
                 envs: BTreeMap::new(),
                 cwd: None,
+                pty: None,
             };
             if let Err(e) = sandbox
                 .conn

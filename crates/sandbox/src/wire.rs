@@ -145,6 +145,19 @@ pub enum Request {
         cwd: Option<String>,
         /// Whether stdin stays open for `Stdin` frames (else it is `/dev/null`).
         stdin: bool,
+        /// Run it on a terminal of this size (`[cols, rows]`): its output comes as `Stdout`
+        /// frames, `Stdin` frames are typed into it.
+        #[serde(default)]
+        pty: Option<[u16; 2]>,
+    },
+    /// Resize the terminal of `pid`.
+    Resize {
+        /// The process.
+        pid: u32,
+        /// Columns.
+        cols: u16,
+        /// Rows.
+        rows: u16,
     },
     /// Send `signal` to the process group of `pid`.
     Signal {

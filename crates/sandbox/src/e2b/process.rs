@@ -123,13 +123,7 @@ async fn start(
         Ok(r) => r,
         Err(e) => return connect::stream_error(e).await,
     };
-    if req.pty.is_some() {
-        return connect::stream_error(RpcError::new(
-            "unimplemented",
-            "terminals (pty) are not supported yet; run commands without one",
-        ))
-        .await;
-    }
+    let pty = req.pty.as_ref().map(pty_size);
     let p = req.process.unwrap_or_default();
     if p.cmd.is_empty() {
         return connect::stream_error(RpcError::new("invalid_argument", "process.cmd is empty"))
@@ -150,6 +144,7 @@ async fn start(
         args: p.args,
         envs: p.envs,
         cwd: p.cwd,
+        pty,
     };
     let (proc, rx) = match sb
         .conn
@@ -163,8 +158,20 @@ async fn start(
     let (tx, resp) = connect::server_stream();
     let deadline = connect::timeout(&headers);
     let keepalive = connect::keepalive(&headers);
-    tokio::spawn(follow(sb, proc.pid, rx, tx, deadline, keepalive));
+    let terminal = proc.config.pty.is_some();
+    tokio::spawn(follow(sb, proc.pid, terminal, rx, tx, deadline, keepalive));
     resp
+}
+
+/// `{"size": {"cols", "rows"}}` as `[cols, rows]` (80x24 when absent, at least 1x1).
+fn pty_size(v: &Value) -> [u16; 2] {
+    let dim = |k: &str, d: u64| {
+        v.pointer(&format!("/size/{k}"))
+            .and_then(Value::as_u64)
+            .unwrap_or(d)
+            .clamp(1, 10_000) as u16
+    };
+    [dim("cols", 80), dim("rows", 24)]
 }
 
 async fn connect_to(axum::Extension(sb): Current, headers: HeaderMap, body: Bytes) -> Response {
@@ -180,9 +187,11 @@ async fn connect_to(axum::Extension(sb): Current, headers: HeaderMap, body: Byte
     let (tx, resp) = connect::server_stream();
     // A reattached client's deadline ends its stream, not the process.
     let deadline = connect::timeout(&headers).map(|d| (d, false));
+    let terminal = proc.config.pty.is_some();
     tokio::spawn(follow_inner(
         sb,
         proc.pid,
+        terminal,
         rx,
         tx,
         deadline,
@@ -194,12 +203,22 @@ async fn connect_to(axum::Extension(sb): Current, headers: HeaderMap, body: Byte
 async fn follow(
     sb: std::sync::Arc<Sandbox>,
     pid: u32,
+    terminal: bool,
     rx: mpsc::Receiver<ProcEvent>,
     tx: StreamTx,
     deadline: Option<std::time::Duration>,
     keepalive: std::time::Duration,
 ) {
-    follow_inner(sb, pid, rx, tx, deadline.map(|d| (d, true)), keepalive).await
+    follow_inner(
+        sb,
+        pid,
+        terminal,
+        rx,
+        tx,
+        deadline.map(|d| (d, true)),
+        keepalive,
+    )
+    .await
 }
 
 /// Relays one process's events into a stream until it ends, the client leaves, or the
@@ -207,6 +226,7 @@ async fn follow(
 async fn follow_inner(
     sb: std::sync::Arc<Sandbox>,
     pid: u32,
+    terminal: bool,
     mut rx: mpsc::Receiver<ProcEvent>,
     tx: StreamTx,
     deadline: Option<(std::time::Duration, bool)>,
@@ -226,6 +246,7 @@ async fn follow_inner(
         tokio::select! {
             ev = rx.recv() => {
                 let msg = match ev {
+                    Some(ProcEvent::Stdout(b)) if terminal => json!({ "data": { "pty": connect::b64(&b) } }),
                     Some(ProcEvent::Stdout(b)) => json!({ "data": { "stdout": connect::b64(&b) } }),
                     Some(ProcEvent::Stderr(b)) => json!({ "data": { "stderr": connect::b64(&b) } }),
                     Some(ProcEvent::End(exit)) => {
@@ -319,13 +340,8 @@ async fn send_input(axum::Extension(sb): Current, body: Bytes) -> Response {
         let req: SendInputRequest = connect::unary_request(&body)?;
         let proc = select(&sb, req.process)?;
         let input = req.input.unwrap_or_default();
-        if input.pty.is_some() {
-            return Err(RpcError::new(
-                "unimplemented",
-                "terminals (pty) are not supported yet",
-            ));
-        }
-        let data = connect::from_b64(input.stdin.as_deref().unwrap_or(""))?;
+        // Typed into the terminal or written to stdin: the agent holds one input per process.
+        let data = connect::from_b64(input.pty.or(input.stdin).as_deref().unwrap_or(""))?;
         sb.conn.stdin(proc.pid, data.into()).await?;
         Ok(json!({}))
     }
@@ -372,11 +388,33 @@ async fn send_signal(axum::Extension(sb): Current, body: Bytes) -> Response {
     connect::reply(r)
 }
 
-async fn update() -> Response {
-    connect::reply(Err(RpcError::new(
-        "unimplemented",
-        "terminals (pty) are not supported yet",
-    )))
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct UpdateRequest {
+    process: Option<Selector>,
+    pty: Option<Value>,
+}
+
+/// Resizes a process's terminal.
+async fn update(axum::Extension(sb): Current, body: Bytes) -> Response {
+    let r = async {
+        let req: UpdateRequest = connect::unary_request(&body)?;
+        let proc = select(&sb, req.process)?;
+        let Some(pty) = req.pty else {
+            return Ok(json!({}));
+        };
+        let [cols, rows] = pty_size(&pty);
+        sb.conn
+            .call(&Request::Resize {
+                pid: proc.pid,
+                cols,
+                rows,
+            })
+            .await?;
+        Ok(json!({}))
+    }
+    .await;
+    connect::reply(r)
 }
 
 /// Client streaming: `start {process}`, then `data {input}` messages, as they arrive.
