@@ -16,7 +16,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use lastmile_protocol::anthropic::AnthropicError;
-use lastmile_protocol::{ApiError, TokenUsage};
+use lastmile_protocol::{ApiError, TokenReservation, TokenUsage};
 use lastmile_router::{PolicyKind, RouteRequest};
 
 use crate::{kv, Gateway};
@@ -59,13 +59,18 @@ pub(crate) async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Res
     let model = facts.model.as_deref();
     let admission = match (&gw.tenants, caller) {
         (Some(t), Some(caller)) => {
-            // Counting tokens generates none.
-            let reserve = if path.ends_with("/count_tokens") {
-                Some(0)
-            } else {
-                facts.max_tokens()
-            };
-            match t.admit(caller, gw.usage_deployment(model), reserve) {
+            // Read as the worker reads it; counting tokens generates none; other paths reserve
+            // the default.
+            let cost = TokenReservation::of(&path, &body).unwrap_or(TokenReservation {
+                output_tokens: (!path.ends_with("/count_tokens")).then_some(0),
+                ..TokenReservation::NONE
+            });
+            match t.admit(
+                caller,
+                gw.usage_deployment(model),
+                cost,
+                gw.context_length(model),
+            ) {
                 Ok(a) => Some(a),
                 Err(refusal) => {
                     let mut resp = error_response(&path, &refusal.error);
@@ -89,25 +94,17 @@ pub(crate) async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Res
     }
 }
 
-/// What the gateway reads from a request body (the rest is the worker's business).
+/// What the gateway reads from a request body for routing (the rest is the worker's business;
+/// quotas read it with [`TokenReservation`], as the worker does).
 #[derive(serde::Deserialize, Default)]
 struct RequestFacts {
     model: Option<String>,
-    max_tokens: Option<u64>,
-    max_completion_tokens: Option<u64>,
-    n: Option<u64>,
 }
 
 impl RequestFacts {
     /// The facts of a JSON body (none of a body that is not JSON: the worker rejects it).
     fn of(body: &[u8]) -> Self {
         serde_json::from_slice(body).unwrap_or_default()
-    }
-
-    /// Most tokens the request may generate, over all its choices, when it says.
-    fn max_tokens(&self) -> Option<u64> {
-        let per_choice = self.max_completion_tokens.or(self.max_tokens)?;
-        Some(per_choice.saturating_mul(self.n.unwrap_or(1).max(1)))
     }
 }
 
