@@ -5,7 +5,7 @@
 //! usage ledger sums to exactly the `usage` the clients received (whole answers and streams,
 //! OpenAI and Anthropic); and keys and usage survive `kill -9` of the server. Quotas reserve what
 //! the worker will really run (prompt and output limit, times `n`) and cap requests in flight per
-//! key.
+//! key; a stream the client cuts is charged what was computed.
 
 mod common;
 
@@ -478,4 +478,88 @@ async fn reservations_cover_what_the_worker_runs_and_keys_have_an_in_flight_cap(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Reads a stream until `pieces` generated pieces arrived, then drops it (the client leaves).
+async fn read_then_cut(resp: reqwest::Response, pieces: u64) -> lastmile_protocol::StreamMeter {
+    let mut resp = resp;
+    let mut meter = lastmile_protocol::StreamMeter::default();
+    while meter.output_tokens < pieces {
+        let chunk = resp
+            .chunk()
+            .await
+            .expect("stream")
+            .expect("more of the stream");
+        meter.push(&chunk);
+    }
+    meter
+}
+
+/// Regression (issue 13, item 5): a stream the client cut before its last chunk was recorded
+/// as 0 input tokens and its whole reservation as output. It is charged its prompt (a token came)
+/// and the output relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_by_the_client_is_charged_what_was_computed() {
+    let dir = temp_dir_named("cut");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let _server = serve(&dir, port);
+    wait_ready(&url).await;
+    let (id, key) = create_key(&url, json!({"name": "leaver"})).await;
+    let hi = json!([{"role": "user", "content": "Tell me a long story."}]);
+    let (status, whole) = post(
+        &url,
+        "/v1/chat/completions",
+        &key,
+        json!({"model": "smol", "max_tokens": 1, "messages": hi}),
+    )
+    .await;
+    assert_eq!(status, 200, "{whole}");
+    let prompt = openai_usage(&whole).0;
+
+    let client = reqwest::Client::new();
+    let resp = client
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(
+            &json!({"model": "smol", "max_tokens": 2000, "ignore_eos": true,
+            "stream": true, "messages": hi}),
+        )
+        .send()
+        .await
+        .expect("chat stream");
+    let chat_seen = read_then_cut(resp, 3).await.output_tokens;
+    let resp = client
+        .post(format!("{url}/v1/messages"))
+        .header("x-api-key", &key)
+        .json(&json!({"model": "smol", "max_tokens": 2000, "stream": true, "messages": hi}))
+        .send()
+        .await
+        .expect("messages stream");
+    let meter = read_then_cut(resp, 3).await;
+    let messages_seen = meter.output_tokens;
+
+    let path = format!("/admin/usage?key={id}&deployment=smol");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let totals = loop {
+        let (status, v) = admin(&url, reqwest::Method::GET, &path, None).await;
+        assert_eq!(status, 200, "{v}");
+        if v["totals"]["requests"] == 3 {
+            break v["totals"].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cut streams were never recorded: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let input = totals["input_tokens"].as_u64().expect("input");
+    let output = totals["output_tokens"].as_u64().expect("output");
+    // The same conversation, whole and cut twice: its prompt was computed three times.
+    assert_eq!(input, 3 * prompt, "{totals}");
+    // What the client read was relayed; far less than the 2 × 2000 reserved was generated.
+    assert!(
+        output > chat_seen + messages_seen && output < 1 + 2 * 500,
+        "output {output}, the client read {chat_seen} + {messages_seen}: {totals}"
+    );
 }

@@ -16,7 +16,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use lastmile_protocol::anthropic::AnthropicError;
-use lastmile_protocol::{ApiError, TokenReservation, TokenUsage};
+use lastmile_protocol::{ApiError, StreamMeter, TokenReservation, TokenUsage};
 use lastmile_router::{PolicyKind, RouteRequest};
 
 use crate::{kv, Gateway};
@@ -108,9 +108,9 @@ impl RequestFacts {
     }
 }
 
-/// `resp` with its usage fed to `admission`: from the usage header of a whole answer, or from
-/// the usage comment that ends a stream (the admission settles when the body is done or
-/// dropped).
+/// `resp` with its usage fed to `admission`: from the usage header of a whole answer, or read
+/// from the stream as it is relayed (its final usage comment, or, cut short, the prompt and the
+/// pieces relayed); the admission settles when the body is done or dropped.
 fn metered(resp: Response, mut admission: crate::tenants::Admission) -> Response {
     admission.succeeded = resp.status().is_success();
     admission.usage = resp
@@ -122,21 +122,13 @@ fn metered(resp: Response, mut admission: crate::tenants::Admission) -> Response
         return resp;
     }
     let (parts, body) = resp.into_parts();
-    // The comment may straddle two chunks: keep the end of the previous one.
-    let mut tail = String::new();
+    admission.stream = Some(StreamMeter::default());
     let stream = body.into_data_stream().map(move |chunk| {
         // The whole admission lives in the stream (a closure would otherwise capture only the
         // field it names, and the admission would settle before the stream is done).
         let admission = &mut admission;
-        if let (Ok(bytes), None) = (&chunk, admission.usage) {
-            tail.push_str(&String::from_utf8_lossy(bytes));
-            admission.usage = TokenUsage::find_in_stream(&tail);
-            if let Some(cut) = tail.len().checked_sub(256) {
-                let cut = (cut..tail.len())
-                    .find(|&i| tail.is_char_boundary(i))
-                    .unwrap_or(0);
-                tail.drain(..cut);
-            }
+        if let (Ok(bytes), Some(meter)) = (&chunk, admission.stream.as_mut()) {
+            meter.push(bytes);
         }
         chunk
     });

@@ -44,4 +44,4 @@ pub use sampling::{
 };
 pub use sse::{parse_sse_data, sse_event, SSE_DONE};
 pub use structured::{ConstraintFields, OutputConstraint};
-pub use usage::{TokenUsage, USAGE_HEADER};
+pub use usage::{StreamMeter, TokenUsage, USAGE_HEADER};

@@ -16,7 +16,9 @@
 //! - **Usage** per key, deployment and minute (requests, input and output tokens) is counted in
 //!   memory and written to SQLite once a second, so a killed process loses at most that second.
 //!   Workers report each answer's usage in a header (whole answers) or a final SSE comment
-//!   (streams); an answer cut short without a report is charged its reservation.
+//!   (streams). A stream cut short (the client left) is charged what was computed: its prompt
+//!   once a token came, and the output relayed ([`StreamMeter`]); any other answer without a
+//!   report is charged its reservation.
 
 mod admin;
 mod bucket;
@@ -29,7 +31,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::HeaderMap;
-use lastmile_protocol::{ApiError, TokenReservation, TokenUsage};
+use lastmile_protocol::{ApiError, StreamMeter, TokenReservation, TokenUsage};
 use sha2::{Digest, Sha256};
 
 pub(crate) use admin::{require_admin, routes};
@@ -117,6 +119,8 @@ pub(crate) struct Admission {
     pub(crate) usage: Option<TokenUsage>,
     /// The answer was a success (a failed one uses no tokens).
     pub(crate) succeeded: bool,
+    /// The relayed stream, read as it went (`None`: a whole answer).
+    pub(crate) stream: Option<StreamMeter>,
 }
 
 impl Drop for Admission {
@@ -124,13 +128,14 @@ impl Drop for Admission {
         if let Caller::Key(k) = &self.caller {
             k.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
-        let used = match (self.usage, self.succeeded) {
-            (Some(u), _) => u,
-            (None, true) => TokenUsage {
+        let used = match (self.usage, self.succeeded, &self.stream) {
+            (Some(u), _, _) => u,
+            (None, true, Some(meter)) => meter.used(),
+            (None, true, None) => TokenUsage {
                 input_tokens: 0,
                 output_tokens: self.reserved,
             },
-            (None, false) => TokenUsage::default(),
+            (None, false, _) => TokenUsage::default(),
         };
         self.tenants.settle(&self.caller, self.reserved, used);
         self.tenants
@@ -352,6 +357,7 @@ impl Tenants {
             reserved,
             usage: None,
             succeeded: false,
+            stream: None,
         })
     }
 
