@@ -76,6 +76,9 @@ pub struct AccessArgs {
     /// workers. With keys on, the admin key opens it too; with neither, /metrics is open.
     #[arg(long, env = "LASTMILE_METRICS_KEY", hide_env_values = true)]
     pub metrics_key: Option<String>,
+    /// Requests one API key may have in flight at once (beyond: 429 naming the limit).
+    #[arg(long, default_value_t = lastmile_gateway::DEFAULT_MAX_IN_FLIGHT_PER_KEY)]
+    pub key_max_in_flight: u64,
     /// Name the worker that answered each request in an `x-lastmile-worker` response header
     /// (it shows the workers' addresses; for debugging).
     #[arg(long)]
@@ -147,6 +150,7 @@ impl AccessArgs {
             .unwrap_or_else(|| lastmile_engine::fetch::lastmile_home().join("lastmile.db"));
         let mut t = lastmile_gateway::TenantsConfig::new(db);
         t.admin_key = self.admin_key.clone();
+        t.max_in_flight_per_key = self.key_max_in_flight;
         t
     }
 }

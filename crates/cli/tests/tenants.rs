@@ -3,7 +3,9 @@
 //! requests need a valid key (401 in each API's shape otherwise); requests- and tokens-per-minute
 //! quotas throttle at their limits with 429, `Retry-After` and a message naming the limit; the
 //! usage ledger sums to exactly the `usage` the clients received (whole answers and streams,
-//! OpenAI and Anthropic); and keys and usage survive `kill -9` of the server.
+//! OpenAI and Anthropic); and keys and usage survive `kill -9` of the server. Quotas reserve what
+//! the worker will really run (prompt and output limit, times `n`) and cap requests in flight per
+//! key; a stream the client cuts is charged what was computed.
 
 mod common;
 
@@ -17,7 +19,12 @@ use serde_json::{json, Value};
 const ADMIN: &str = "admin-secret-for-tests";
 
 fn temp_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lastmile-tenants-{}", std::process::id()));
+    temp_dir_named("main")
+}
+
+/// A fresh directory of this test process, one per test (tests run at once).
+fn temp_dir_named(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lastmile-tenants-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
@@ -25,6 +32,11 @@ fn temp_dir() -> PathBuf {
 
 /// `lastmile serve --config` with keys on, its ledger in `dir`.
 fn serve(dir: &Path, port: u16) -> Proc {
+    serve_with(dir, port, &[])
+}
+
+/// [`serve`] with more arguments.
+fn serve_with(dir: &Path, port: u16, extra: &[&str]) -> Proc {
     let config = dir.join("deployments.yaml");
     std::fs::write(
         &config,
@@ -43,6 +55,7 @@ fn serve(dir: &Path, port: u16) -> Proc {
                 "--usage-db",
             ])
             .arg(dir.join("usage.db"))
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -316,4 +329,237 @@ async fn keys_quotas_and_usage_hold_and_survive_a_kill() {
     assert_eq!(status, 200, "{v}");
     let (status, _, _) = chat(&url, Some(&usage_key), 2).await;
     assert_eq!(status, 401, "a revoked key is refused");
+}
+
+/// POSTs `body` to `path` with `key`: (status, body as JSON).
+async fn post(url: &str, path: &str, key: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}{path}"))
+        .header("x-api-key", key)
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The error message of an OpenAI or Anthropic error body.
+fn error_message(v: &Value) -> &str {
+    v["error"]["message"].as_str().unwrap_or_default()
+}
+
+/// Regression (issue 13, item 4): admission reserved less than the worker runs. Chat without a
+/// limit reserved 256 whatever `n`; `/v1/completions` and `/v1/messages` read
+/// `max_completion_tokens` where the worker reads `max_tokens`; `echo` scoring and prompts
+/// reserved nothing; and any number of requests could be admitted at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_cover_what_the_worker_runs_and_keys_have_an_in_flight_cap() {
+    let dir = temp_dir_named("reserve");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let _server = serve_with(&dir, port, &["--key-max-in-flight", "2"]);
+    wait_ready(&url).await;
+    let (_, key) = create_key(&url, json!({"name": "tpm-1000", "tpm": 1000})).await;
+    let hi = json!([{"role": "user", "content": "Say something."}]);
+
+    // Ordinary requests fit.
+    let (status, body) = post(
+        &url,
+        "/v1/chat/completions",
+        &key,
+        json!({"model": "smol", "max_tokens": 8, "messages": hi}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(
+        &url,
+        "/v1/completions",
+        &key,
+        json!({"model": "smol", "max_tokens": 8, "prompt": "Say something."}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    // Each of these would run more than a key's whole minute; each is refused up front.
+    let ids: Vec<u32> = (100..1300).collect();
+    let long_text = "word ".repeat(1500);
+    let bypasses = [
+        (
+            "completions reads max_tokens, as the worker does",
+            "/v1/completions",
+            json!({"model": "smol", "prompt": "Say something.", "max_completion_tokens": 1,
+                "max_tokens": 1500}),
+        ),
+        (
+            "messages reads max_tokens, as the worker does",
+            "/v1/messages",
+            json!({"model": "smol", "max_completion_tokens": 1, "max_tokens": 1500,
+                "messages": hi}),
+        ),
+        (
+            "chat without a limit reserves its context window per choice",
+            "/v1/chat/completions",
+            json!({"model": "smol", "n": 4, "messages": hi}),
+        ),
+        (
+            "echo scoring reserves its prompt",
+            "/v1/completions",
+            json!({"model": "smol", "prompt": ids, "echo": true, "max_tokens": 0,
+                "logprobs": 1}),
+        ),
+        (
+            "a long prompt is reserved",
+            "/v1/chat/completions",
+            json!({"model": "smol", "max_tokens": 1,
+                "messages": [{"role": "user", "content": long_text}]}),
+        ),
+    ];
+    for (what, path, body) in bypasses {
+        // A fresh key each: one case's debt does not refuse the next.
+        let (_, key) = create_key(&url, json!({"name": "tpm-1000", "tpm": 1000})).await;
+        let (status, answer) = post(&url, path, &key, body).await;
+        assert_eq!(status, 429, "{what}: {answer}");
+        let message = error_message(&answer);
+        assert!(
+            message.contains("tokens per minute (TPM) limit of 1000"),
+            "{what}: {message}"
+        );
+    }
+
+    // In flight: two streams held open, the third request is refused naming the cap; once
+    // they are gone the key is admitted again.
+    let (_, free_key) = create_key(&url, json!({"name": "unmetered"})).await;
+    let open_stream = || {
+        reqwest::Client::new()
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(&free_key)
+            .json(
+                &json!({"model": "smol", "max_tokens": 2000, "ignore_eos": true,
+                "stream": true, "messages": hi}),
+            )
+            .send()
+    };
+    let first = open_stream().await.expect("first stream");
+    let second = open_stream().await.expect("second stream");
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+    let (status, answer) = post(
+        &url,
+        "/v1/chat/completions",
+        &free_key,
+        json!({"model": "smol", "max_tokens": 1, "messages": hi}),
+    )
+    .await;
+    assert_eq!(status, 429, "{answer}");
+    assert_eq!(answer["error"]["type"], "concurrent_requests", "{answer}");
+    assert!(
+        error_message(&answer).contains("concurrent requests: limit 2 in flight"),
+        "{answer}"
+    );
+    drop((first, second));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, answer) = post(
+            &url,
+            "/v1/chat/completions",
+            &free_key,
+            json!({"model": "smol", "max_tokens": 1, "messages": hi}),
+        )
+        .await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            status == 429 && Instant::now() < deadline,
+            "the slots never came back: {status} {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads a stream until `pieces` generated pieces arrived, then drops it (the client leaves).
+async fn read_then_cut(resp: reqwest::Response, pieces: u64) -> lastmile_protocol::StreamMeter {
+    let mut resp = resp;
+    let mut meter = lastmile_protocol::StreamMeter::default();
+    while meter.output_tokens < pieces {
+        let chunk = resp
+            .chunk()
+            .await
+            .expect("stream")
+            .expect("more of the stream");
+        meter.push(&chunk);
+    }
+    meter
+}
+
+/// Regression (issue 13, item 5): a stream the client cut before its last chunk was recorded
+/// as 0 input tokens and its whole reservation as output. It is charged its prompt (a token came)
+/// and the output relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_by_the_client_is_charged_what_was_computed() {
+    let dir = temp_dir_named("cut");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let _server = serve(&dir, port);
+    wait_ready(&url).await;
+    let (id, key) = create_key(&url, json!({"name": "leaver"})).await;
+    let hi = json!([{"role": "user", "content": "Tell me a long story."}]);
+    let (status, whole) = post(
+        &url,
+        "/v1/chat/completions",
+        &key,
+        json!({"model": "smol", "max_tokens": 1, "messages": hi}),
+    )
+    .await;
+    assert_eq!(status, 200, "{whole}");
+    let prompt = openai_usage(&whole).0;
+
+    let client = reqwest::Client::new();
+    let resp = client
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(
+            &json!({"model": "smol", "max_tokens": 2000, "ignore_eos": true,
+            "stream": true, "messages": hi}),
+        )
+        .send()
+        .await
+        .expect("chat stream");
+    let chat_seen = read_then_cut(resp, 3).await.output_tokens;
+    let resp = client
+        .post(format!("{url}/v1/messages"))
+        .header("x-api-key", &key)
+        .json(&json!({"model": "smol", "max_tokens": 2000, "stream": true, "messages": hi}))
+        .send()
+        .await
+        .expect("messages stream");
+    let meter = read_then_cut(resp, 3).await;
+    let messages_seen = meter.output_tokens;
+
+    let path = format!("/admin/usage?key={id}&deployment=smol");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let totals = loop {
+        let (status, v) = admin(&url, reqwest::Method::GET, &path, None).await;
+        assert_eq!(status, 200, "{v}");
+        if v["totals"]["requests"] == 3 {
+            break v["totals"].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cut streams were never recorded: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let input = totals["input_tokens"].as_u64().expect("input");
+    let output = totals["output_tokens"].as_u64().expect("output");
+    // The same conversation, whole and cut twice: its prompt was computed three times.
+    assert_eq!(input, 3 * prompt, "{totals}");
+    // What the client read was relayed; far less than the 2 × 2000 reserved was generated.
+    assert!(
+        output > chat_seen + messages_seen && output < 1 + 2 * 500,
+        "output {output}, the client read {chat_seen} + {messages_seen}: {totals}"
+    );
 }

@@ -22,7 +22,7 @@ mod proxy;
 mod tenants;
 mod workers;
 
-pub use tenants::TenantsConfig;
+pub use tenants::{TenantsConfig, DEFAULT_MAX_IN_FLIGHT_PER_KEY};
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -359,6 +359,17 @@ impl Gateway {
     /// The deployment clients call `model`, if one is declared.
     pub(crate) fn deployment(&self, model: &str) -> Option<&DeploymentRoute> {
         self.config.deployments.iter().find(|d| d.name == model)
+    }
+
+    /// The largest context window reported by a worker that may serve `model` (what a request
+    /// without an output limit may generate up to), if any has reported one.
+    pub(crate) fn context_length(&self, model: Option<&str>) -> Option<u64> {
+        self.workers
+            .all()
+            .iter()
+            .filter(|w| w.serves(model))
+            .filter_map(|w| w.context_length())
+            .max()
     }
 
     /// What usage of a request naming `model` is recorded under: a declared deployment or a

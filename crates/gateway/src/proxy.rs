@@ -16,7 +16,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use lastmile_protocol::anthropic::AnthropicError;
-use lastmile_protocol::{ApiError, TokenUsage};
+use lastmile_protocol::{ApiError, StreamMeter, TokenReservation, TokenUsage};
 use lastmile_router::{PolicyKind, RouteRequest};
 
 use crate::{kv, Gateway};
@@ -59,13 +59,18 @@ pub(crate) async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Res
     let model = facts.model.as_deref();
     let admission = match (&gw.tenants, caller) {
         (Some(t), Some(caller)) => {
-            // Counting tokens generates none.
-            let reserve = if path.ends_with("/count_tokens") {
-                Some(0)
-            } else {
-                facts.max_tokens()
-            };
-            match t.admit(caller, gw.usage_deployment(model), reserve) {
+            // Read as the worker reads it; counting tokens generates none; other paths reserve
+            // the default.
+            let cost = TokenReservation::of(&path, &body).unwrap_or(TokenReservation {
+                output_tokens: (!path.ends_with("/count_tokens")).then_some(0),
+                ..TokenReservation::NONE
+            });
+            match t.admit(
+                caller,
+                gw.usage_deployment(model),
+                cost,
+                gw.context_length(model),
+            ) {
                 Ok(a) => Some(a),
                 Err(refusal) => {
                     let mut resp = error_response(&path, &refusal.error);
@@ -89,13 +94,11 @@ pub(crate) async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Res
     }
 }
 
-/// What the gateway reads from a request body (the rest is the worker's business).
+/// What the gateway reads from a request body for routing (the rest is the worker's business;
+/// quotas read it with [`TokenReservation`], as the worker does).
 #[derive(serde::Deserialize, Default)]
 struct RequestFacts {
     model: Option<String>,
-    max_tokens: Option<u64>,
-    max_completion_tokens: Option<u64>,
-    n: Option<u64>,
 }
 
 impl RequestFacts {
@@ -103,17 +106,11 @@ impl RequestFacts {
     fn of(body: &[u8]) -> Self {
         serde_json::from_slice(body).unwrap_or_default()
     }
-
-    /// Most tokens the request may generate, over all its choices, when it says.
-    fn max_tokens(&self) -> Option<u64> {
-        let per_choice = self.max_completion_tokens.or(self.max_tokens)?;
-        Some(per_choice.saturating_mul(self.n.unwrap_or(1).max(1)))
-    }
 }
 
-/// `resp` with its usage fed to `admission`: from the usage header of a whole answer, or from
-/// the usage comment that ends a stream (the admission settles when the body is done or
-/// dropped).
+/// `resp` with its usage fed to `admission`: from the usage header of a whole answer, or read
+/// from the stream as it is relayed (its final usage comment, or, cut short, the prompt and the
+/// pieces relayed); the admission settles when the body is done or dropped.
 fn metered(resp: Response, mut admission: crate::tenants::Admission) -> Response {
     admission.succeeded = resp.status().is_success();
     admission.usage = resp
@@ -125,21 +122,13 @@ fn metered(resp: Response, mut admission: crate::tenants::Admission) -> Response
         return resp;
     }
     let (parts, body) = resp.into_parts();
-    // The comment may straddle two chunks: keep the end of the previous one.
-    let mut tail = String::new();
+    admission.stream = Some(StreamMeter::default());
     let stream = body.into_data_stream().map(move |chunk| {
         // The whole admission lives in the stream (a closure would otherwise capture only the
         // field it names, and the admission would settle before the stream is done).
         let admission = &mut admission;
-        if let (Ok(bytes), None) = (&chunk, admission.usage) {
-            tail.push_str(&String::from_utf8_lossy(bytes));
-            admission.usage = TokenUsage::find_in_stream(&tail);
-            if let Some(cut) = tail.len().checked_sub(256) {
-                let cut = (cut..tail.len())
-                    .find(|&i| tail.is_char_boundary(i))
-                    .unwrap_or(0);
-                tail.drain(..cut);
-            }
+        if let (Ok(bytes), Some(meter)) = (&chunk, admission.stream.as_mut()) {
+            meter.push(bytes);
         }
         chunk
     });

@@ -50,6 +50,8 @@ pub(crate) struct Worker {
     /// The model it serves (from its health report, or from the controller that started it);
     /// `None` until known, when it is a candidate for any model.
     model: RwLock<Option<String>>,
+    /// Its context window in tokens, from its health report (0 until reported).
+    context_length: AtomicU64,
 }
 
 impl Worker {
@@ -62,6 +64,7 @@ impl Worker {
             recent_prefill: AtomicUsize::new(0),
             listed: AtomicBool::new(true),
             model: RwLock::new(None),
+            context_length: AtomicU64::new(0),
         }
     }
 
@@ -117,6 +120,11 @@ impl Worker {
             ttft_ms: s.ttft_p90_ms,
             itl_ms: s.itl_p90_ms,
         }
+    }
+
+    /// Its context window in tokens, once reported.
+    pub(crate) fn context_length(&self) -> Option<u64> {
+        Some(self.context_length.load(Ordering::Relaxed)).filter(|&n| n > 0)
     }
 
     /// Whether its discovery source lists it.
@@ -311,6 +319,9 @@ impl Workers {
         let count = |k: &str| body.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
         if let Some(model) = body.get("model").and_then(|v| v.as_str()) {
             w.set_model(model);
+        }
+        if let Some(ctx) = body.get("context_length").and_then(|v| v.as_u64()) {
+            w.context_length.store(ctx, Ordering::Relaxed);
         }
         let mut s = w.status();
         let was_healthy = std::mem::replace(&mut s.healthy, true);

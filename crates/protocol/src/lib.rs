@@ -15,6 +15,7 @@ pub mod kv;
 pub mod logprobs;
 pub mod models;
 pub mod request_guard;
+pub mod reservation;
 pub mod sampling;
 pub mod sse;
 pub mod structured;
@@ -36,10 +37,11 @@ pub use logprobs::{
     ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TokenText, TopLogprob, MAX_TOP_LOGPROBS,
 };
 pub use models::{ModelCard, ModelList};
+pub use reservation::TokenReservation;
 pub use sampling::{
     FinishReason, ResponseMeta, SamplingFields, SamplingRequest, StopSequences, StreamOptions,
     Usage, UsageField, MAX_CHOICES, MAX_LOGIT_BIAS, MAX_STOP_BYTES, MAX_STOP_SEQUENCES,
 };
 pub use sse::{parse_sse_data, sse_event, SSE_DONE};
 pub use structured::{ConstraintFields, OutputConstraint};
-pub use usage::{TokenUsage, USAGE_HEADER};
+pub use usage::{StreamMeter, TokenUsage, USAGE_HEADER};

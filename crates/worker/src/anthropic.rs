@@ -110,7 +110,14 @@ fn event_stream(state: Arc<AppState>, prepared: Prepared, g: Generation, id: Str
     // Like Anthropic, a ping follows message_start (clients must accept pings anywhere).
     let mut first = events.start();
     first.push(MessageStream::ping());
-    let opening = frame_events(&first);
+    let mut opening = frame_events(&first);
+    if prepared.report_usage {
+        // A stream cut short never reaches its usage comment: the gateway charges this prompt.
+        opening.insert_str(
+            0,
+            &lastmile_protocol::TokenUsage::prompt_comment(u64::from(input_tokens)),
+        );
+    }
     let init = S {
         builder: prepared.choice(0, state.engine.tokenizer()),
         state,

@@ -184,6 +184,7 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
     let body = serde_json::json!({
         "status": "ok",
         "model": s.config.model_id,
+        "context_length": s.engine.info().context_length,
         "running": load(&st.running),
         "waiting": load(&st.waiting),
         "queued_prefill_tokens": load(&st.queued_prefill_tokens),

@@ -6,14 +6,19 @@
 //!   request needs a valid key (401 otherwise); without one the gateway is open, and a known key
 //!   still gets its quotas.
 //! - **Quotas** per key, as Bedrock does them: requests per minute and tokens per minute, each a
-//!   token bucket. Admission takes one request and reserves the request's `max_tokens` (times
-//!   `n`; a default when absent); when the answer is done the reservation is settled against the
+//!   token bucket. Admission takes one request and reserves what it may cost: its prompt
+//!   (estimated) plus its output limit, read as the worker reads it, times `n`
+//!   ([`TokenReservation`]); when the answer is done the reservation is settled against the
 //!   tokens actually used (input and output), refunding or charging the difference. A request
-//!   that does not fit gets 429 with `Retry-After` and a message naming the limit.
+//!   that does not fit gets 429 with `Retry-After` and a message naming the limit. A key has at
+//!   most `max_in_flight_per_key` requests admitted at once (429 naming that limit beyond), so
+//!   reservations settled late cannot be outrun by a burst of concurrent requests.
 //! - **Usage** per key, deployment and minute (requests, input and output tokens) is counted in
 //!   memory and written to SQLite once a second, so a killed process loses at most that second.
 //!   Workers report each answer's usage in a header (whole answers) or a final SSE comment
-//!   (streams); an answer cut short without a report is charged its reservation.
+//!   (streams). A stream cut short (the client left) is charged what was computed: its prompt
+//!   once a token came, and the output relayed ([`StreamMeter`]); any other answer without a
+//!   report is charged its reservation.
 
 mod admin;
 mod bucket;
@@ -26,7 +31,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::HeaderMap;
-use lastmile_protocol::{ApiError, TokenUsage};
+use lastmile_protocol::{ApiError, StreamMeter, TokenReservation, TokenUsage};
 use sha2::{Digest, Sha256};
 
 pub(crate) use admin::{require_admin, routes};
@@ -35,6 +40,9 @@ use store::{KeyRecord, Store, UsageRow};
 
 use crate::GatewayError;
 
+/// Requests one key may have admitted at once, unless configured.
+pub const DEFAULT_MAX_IN_FLIGHT_PER_KEY: u64 = 64;
+
 /// Tenant settings.
 #[derive(Debug, Clone)]
 pub struct TenantsConfig {
@@ -42,8 +50,11 @@ pub struct TenantsConfig {
     pub db: PathBuf,
     /// Guards the admin API; when set, every API request needs a valid key.
     pub admin_key: Option<String>,
-    /// Tokens reserved for a request that gives no `max_tokens`.
+    /// Output tokens reserved per choice for a request without a limit when no worker has
+    /// reported its context window yet.
     pub default_reserve: u64,
+    /// Requests one key may have admitted at once.
+    pub max_in_flight_per_key: u64,
 }
 
 impl TenantsConfig {
@@ -53,6 +64,7 @@ impl TenantsConfig {
             db,
             admin_key: None,
             default_reserve: 256,
+            max_in_flight_per_key: DEFAULT_MAX_IN_FLIGHT_PER_KEY,
         }
     }
 }
@@ -64,6 +76,9 @@ pub(crate) struct Key {
     tpm: Option<Mutex<TokenBucket>>,
     throttled_rpm: AtomicU64,
     throttled_tpm: AtomicU64,
+    throttled_concurrency: AtomicU64,
+    /// Requests admitted and not yet settled.
+    in_flight: AtomicU64,
 }
 
 /// Who is calling.
@@ -104,17 +119,23 @@ pub(crate) struct Admission {
     pub(crate) usage: Option<TokenUsage>,
     /// The answer was a success (a failed one uses no tokens).
     pub(crate) succeeded: bool,
+    /// The relayed stream, read as it went (`None`: a whole answer).
+    pub(crate) stream: Option<StreamMeter>,
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        let used = match (self.usage, self.succeeded) {
-            (Some(u), _) => u,
-            (None, true) => TokenUsage {
+        if let Caller::Key(k) = &self.caller {
+            k.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        let used = match (self.usage, self.succeeded, &self.stream) {
+            (Some(u), _, _) => u,
+            (None, true, Some(meter)) => meter.used(),
+            (None, true, None) => TokenUsage {
                 input_tokens: 0,
                 output_tokens: self.reserved,
             },
-            (None, false) => TokenUsage::default(),
+            (None, false, _) => TokenUsage::default(),
         };
         self.tenants.settle(&self.caller, self.reserved, used);
         self.tenants
@@ -131,6 +152,7 @@ pub(crate) struct Tenants {
     /// Usage not yet written: (minute, key, deployment) -> counts.
     pending: Mutex<HashMap<(i64, String, String), UsageRow>>,
     default_reserve: u64,
+    max_in_flight_per_key: u64,
     /// The buckets' clock.
     epoch: Instant,
 }
@@ -199,6 +221,7 @@ impl Tenants {
             admin_hash: config.admin_key.as_deref().map(hash),
             pending: Mutex::new(HashMap::new()),
             default_reserve: config.default_reserve.max(1),
+            max_in_flight_per_key: config.max_in_flight_per_key.max(1),
             epoch,
         })
     }
@@ -254,18 +277,35 @@ impl Tenants {
         })
     }
 
-    /// Takes one request and reserves `max_tokens` (the default when `None`) from `caller`'s
-    /// quotas, or says which limit refuses it and for how long.
+    /// Takes one request and reserves what it may cost (an unlimited output bounded by
+    /// `context_length`, or the default reserve when that is unknown) from `caller`'s quotas,
+    /// or says which limit refuses it and for how long.
     pub(crate) fn admit(
         self: &Arc<Self>,
         caller: Caller,
         deployment: &str,
-        max_tokens: Option<u64>,
+        cost: TokenReservation,
+        context_length: Option<u64>,
     ) -> Result<Admission, Refusal> {
-        let reserved = max_tokens.unwrap_or(self.default_reserve);
+        let reserved = cost.total(context_length, self.default_reserve);
         if let Caller::Key(k) = &caller {
             let now = self.now();
             let name = format!("`{}` ({})", k.record.name, k.record.id);
+            if k.in_flight.fetch_add(1, Ordering::Relaxed) >= self.max_in_flight_per_key {
+                k.in_flight.fetch_sub(1, Ordering::Relaxed);
+                k.throttled_concurrency.fetch_add(1, Ordering::Relaxed);
+                return Err(refusal(
+                    "concurrent_requests",
+                    format!(
+                        "Rate limit reached for key {name} on concurrent requests: limit {} in \
+                         flight. Please wait for one to finish.",
+                        self.max_in_flight_per_key
+                    ),
+                    1.0,
+                ));
+            }
+            // Every refusal below gives the in-flight slot back.
+            let admitted = InFlightSlot(k);
             if let Some(rpm) = &k.rpm {
                 let mut b = lock(rpm);
                 if let Err(wait) = b.take(1.0, now) {
@@ -292,21 +332,23 @@ impl Tenants {
                     let message = if wait.is_finite() {
                         format!(
                             "Rate limit reached for key {name} on tokens per minute (TPM): limit \
-                             {}, this request reserves {reserved} (its max_tokens). Please try \
-                             again in {wait:.1} s.",
+                             {}, this request reserves {reserved} (its prompt, estimated, and \
+                             its max_tokens, times n). Please try again in {wait:.1} s.",
                             b.capacity()
                         )
                     } else {
                         format!(
                             "Request too large for key {name}: it reserves {reserved} tokens (its \
-                             max_tokens), more than the tokens per minute (TPM) limit of {}. \
-                             Lower max_tokens.",
+                             prompt, estimated, and its max_tokens, times n), more than the \
+                             tokens per minute (TPM) limit of {}. Lower max_tokens (without one, a \
+                             chat request may fill the context window).",
                             b.capacity()
                         )
                     };
                     return Err(refusal("tokens", message, wait));
                 }
             }
+            std::mem::forget(admitted);
         }
         Ok(Admission {
             tenants: self.clone(),
@@ -315,6 +357,7 @@ impl Tenants {
             reserved,
             usage: None,
             succeeded: false,
+            stream: None,
         })
     }
 
@@ -426,7 +469,11 @@ impl Tenants {
         let mut keys: Vec<&Arc<Key>> = keys.values().collect();
         keys.sort_by(|a, b| a.record.id.cmp(&b.record.id));
         for k in keys {
-            for (limit, n) in [("rpm", &k.throttled_rpm), ("tpm", &k.throttled_tpm)] {
+            for (limit, n) in [
+                ("rpm", &k.throttled_rpm),
+                ("tpm", &k.throttled_tpm),
+                ("concurrency", &k.throttled_concurrency),
+            ] {
                 let _ = writeln!(
                     out,
                     "lastmile_throttled_total{{key=\"{}\",limit=\"{limit}\"}} {}",
@@ -451,7 +498,19 @@ impl Key {
             record,
             throttled_rpm: AtomicU64::new(0),
             throttled_tpm: AtomicU64::new(0),
+            throttled_concurrency: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
         }
+    }
+}
+
+/// A key's in-flight slot while admission may still refuse (dropped: given back; kept: owned by
+/// the [`Admission`], which gives it back when it settles).
+struct InFlightSlot<'a>(&'a Key);
+
+impl Drop for InFlightSlot<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -177,6 +177,10 @@ pub(crate) fn openai_stream(
             .enumerate()
             .map(|(i, g)| choice_pieces(state.clone(), g, i)),
     );
+    let prompt_tokens = prepared
+        .requests
+        .first()
+        .map_or(0, |r| r.prompt.len() as u64);
     let framer = Framer {
         state,
         meta,
@@ -188,7 +192,14 @@ pub(crate) fn openai_stream(
         builders,
         usage: Usage::new(0, 0),
     };
-    let opening = framer.opening();
+    let mut opening = framer.opening();
+    if framer.report_usage {
+        // A stream cut short never reaches its usage comment: the gateway charges this prompt.
+        opening.insert_str(
+            0,
+            &lastmile_protocol::TokenUsage::prompt_comment(prompt_tokens),
+        );
+    }
     let body = stream::once(async move { Ok::<_, Infallible>(opening) }).chain(stream::unfold(
         (framer, merged, false),
         |(mut framer, mut merged, done)| async move {
