@@ -4,28 +4,19 @@ the way each SDK sends them (OpenAI: Authorization: Bearer, Anthropic: x-api-key
 AuthenticationError, a used-up quota a RateLimitError with Retry-After; the usage ledger equals
 the usage the SDKs reported."""
 
-import json
-import urllib.request
 
 import anthropic
 import openai
 import pytest
 
-from conftest import start_server, stop_server
+from conftest import admin_request, start_server, stop_server
 
 ADMIN = "python-admin-key"
 DEPLOYMENT = "smol-serverless"
 
 
 def admin(url, method, path, body=None):
-    req = urllib.request.Request(
-        url + path,
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
+    return admin_request(url, method, path, body, key=ADMIN)
 
 
 @pytest.fixture(scope="module")

@@ -268,6 +268,17 @@ struct TimeoutBody {
     timeout: Option<u64>,
 }
 
+/// The caller and the `timeout` (seconds) of a timeout or connect request.
+fn timeout_request(
+    api: &Api,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(String, Option<u64>), ApiFailure> {
+    let o = owner(api, headers)?;
+    let b: TimeoutBody = json_body(headers, body)?;
+    Ok((o, b.timeout))
+}
+
 async fn set_timeout(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -275,11 +286,9 @@ async fn set_timeout(
     body: axum::body::Bytes,
 ) -> Response {
     let r = (|| {
-        let o = owner(&api, &headers)?;
-        let b: TimeoutBody = json_body(&headers, &body)?;
-        let t = b
-            .timeout
-            .ok_or_else(|| ApiFailure(StatusCode::BAD_REQUEST, "timeout is required".into()))?;
+        let (o, t) = timeout_request(&api, &headers, &body)?;
+        let t =
+            t.ok_or_else(|| ApiFailure(StatusCode::BAD_REQUEST, "timeout is required".into()))?;
         api.svc.set_timeout(&o, &id, Duration::from_secs(t))?;
         Ok::<_, ApiFailure>(super::no_content())
     })();
@@ -294,10 +303,9 @@ async fn connect(
     body: axum::body::Bytes,
 ) -> Response {
     let r = (|| {
-        let o = owner(&api, &headers)?;
-        let b: TimeoutBody = json_body(&headers, &body)?;
+        let (o, t) = timeout_request(&api, &headers, &body)?;
         let s = api.svc.get(&o, &id)?;
-        if let Some(t) = b.timeout {
+        if let Some(t) = t {
             let wanted = std::time::SystemTime::now() + Duration::from_secs(t);
             if wanted > s.end_at() {
                 api.svc.set_timeout(&o, &id, Duration::from_secs(t))?;
