@@ -187,6 +187,12 @@ struct GatewayArgs {
     /// How often each worker's /health is polled, in milliseconds.
     #[arg(long, default_value_t = 200)]
     health_interval_ms: u64,
+    /// How long a worker may hold a request without a byte of answer (head, or next chunk of a
+    /// stream) before the gateway looks at its health, in milliseconds: from then on a worker
+    /// whose health check fails (hung, stopped, its engine stalled) loses the request to another
+    /// worker (or, mid-stream, the client gets a final error event). Healthy slow workers keep it.
+    #[arg(long, default_value_t = 10_000)]
+    worker_timeout_ms: u64,
     /// kv_aware: weight of a worker's load (a running or waiting request counts as 32 prompt
     /// tokens) against the prompt tokens its cache saves; 0 routes on cache overlap alone.
     #[arg(long, default_value_t = 1.0)]
@@ -214,6 +220,7 @@ fn gateway(args: GatewayArgs) -> Result<()> {
         .parse()
         .map_err(|e: String| anyhow::anyhow!(e))?;
     config.health_interval = std::time::Duration::from_millis(args.health_interval_ms);
+    config.worker_timeout = std::time::Duration::from_millis(args.worker_timeout_ms);
     config.kv_balance = args.kv_balance;
     let banner = format!(
         "gateway over {} worker(s){}, policy {}",

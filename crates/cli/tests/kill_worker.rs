@@ -198,3 +198,92 @@ async fn killing_a_worker_mid_load_loses_and_duplicates_nothing() {
     }
     assert_eq!(completed(&b).await, on_b + 4);
 }
+
+/// Sends `sig` (`STOP`, `CONT`) to a process.
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_worker_loses_its_requests_to_another() {
+    // A worker frozen (SIGSTOP: a wedged process keeps its sockets open and answers nothing)
+    // while it holds requests. Without a first-byte timeout its clients wait forever; with one,
+    // requests whose answer had not begun go to B, and its streams under way end with an error
+    // event, within the worker timeout plus a health check.
+    let (pa, pb, pg) = (free_port(), free_port(), free_port());
+    let (a, b, gw) = (
+        format!("http://127.0.0.1:{pa}"),
+        format!("http://127.0.0.1:{pb}"),
+        format!("http://127.0.0.1:{pg}"),
+    );
+    let worker_a = start(&["serve", "--port", &pa.to_string(), "--threads", "1"]);
+    let _worker_b = start(&["serve", "--port", &pb.to_string(), "--threads", "1"]);
+    wait_healthy(&a).await;
+    wait_healthy(&b).await;
+    let _gateway = start(&[
+        "gateway",
+        "--port",
+        &pg.to_string(),
+        "--worker",
+        &a,
+        "--worker",
+        &b,
+        "--health-interval-ms",
+        "100",
+        "--worker-timeout-ms",
+        "1000",
+        "--debug-headers",
+    ]);
+    wait_healthy(&gw).await;
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let gw = gw.clone();
+            tokio::spawn(async move { request(&gw, i, i % 2 == 0).await })
+        })
+        .collect();
+    let mut busy = false;
+    for _ in 0..1000 {
+        let h: Value = reqwest::get(format!("{a}/health"))
+            .await
+            .expect("A's health")
+            .json()
+            .await
+            .expect("json");
+        if h["running"].as_u64().unwrap_or(0) + h["waiting"].as_u64().unwrap_or(0) > 0 {
+            busy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(busy, "worker A never got work");
+    signal(worker_a.0.id(), "STOP");
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.expect("request task"));
+    }
+    let took = started.elapsed();
+    let on_b = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Complete(w) if *w == b))
+        .count() as u64;
+    eprintln!("with A frozen: {outcomes:?} in {took:?}");
+    // Non-streaming requests all completed (`request` checks), so those A held went to B.
+    assert!(
+        gateway_metric(&gw, "lastmile_gateway_retries_total").await > 0,
+        "A was frozen holding requests: {outcomes:?}"
+    );
+    assert_eq!(completed(&b).await, on_b, "nothing ran twice on B");
+    assert!(
+        took < Duration::from_secs(90),
+        "every client of the frozen worker was answered: {took:?}"
+    );
+    // Thawed, A answers again (the gateway dropped its connections; A cancelled that work).
+    signal(worker_a.0.id(), "CONT");
+    wait_healthy(&a).await;
+}

@@ -108,6 +108,13 @@ pub struct GatewayConfig {
     pub kv_balance: f64,
     /// How often each worker's `/health` is polled.
     pub health_interval: Duration,
+    /// How long a worker may keep a request without a byte of answer (its response head, or
+    /// the next chunk of a stream) before the gateway looks at its health: from then on, the
+    /// request is taken from it as soon as its health check fails (a hung or stopped process,
+    /// a stalled engine): before the head it goes to another worker, mid-stream the client gets
+    /// a final error event. A healthy worker that is merely slow (a long answer that is not
+    /// streamed) keeps it.
+    pub worker_timeout: Duration,
     /// Consecutive failures that open a worker's circuit breaker.
     pub breaker_failures: u32,
     /// How long an open breaker keeps a worker out of rotation.
@@ -139,6 +146,7 @@ impl GatewayConfig {
             policy: PolicyKind::RoundRobin,
             kv_balance: 1.0,
             health_interval: Duration::from_millis(200),
+            worker_timeout: Duration::from_secs(10),
             breaker_failures: 3,
             breaker_cooldown: Duration::from_secs(5),
             max_body_bytes: 16 << 20,
@@ -220,9 +228,12 @@ impl GatewayConfig {
                 "the metrics key is empty: give a long random key, or none".into(),
             ));
         }
-        if self.breaker_failures == 0 || self.health_interval.is_zero() {
+        if self.breaker_failures == 0
+            || self.health_interval.is_zero()
+            || self.worker_timeout.is_zero()
+        {
             return Err(GatewayError::InvalidConfig(
-                "breaker_failures and health_interval must be positive".into(),
+                "breaker_failures, health_interval and worker_timeout must be positive".into(),
             ));
         }
         Ok(())

@@ -221,12 +221,24 @@ async fn relay(
             // Metering: ask for the usage report that ends a stream (whole answers carry it).
             post = post.header(lastmile_protocol::USAGE_HEADER, "1");
         }
-        let sent = post.body(body.clone()).send().await;
+        let worker = gw.workers.get(id);
+        let patience = gw.config.worker_timeout;
+        let sent = while_alive(&worker, patience, post.body(body.clone()).send()).await;
         *upstream += asked.elapsed();
+        let Some(sent) = sent else {
+            // No head in time and its health check fails: hung (stopped, wedged, its engine
+            // stalled). Dropping the request closes the connection (the worker, should it wake,
+            // cancels); nothing reached the client: run it elsewhere.
+            tracing::warn!(worker = %worker_url, "hung: no answer in {patience:?} and its health check fails");
+            gw.workers.failed(id);
+            gw.metrics.retries.fetch_add(1, Ordering::Relaxed);
+            tried.push(id);
+            continue;
+        };
         match sent {
             Ok(upstream) => {
                 gw.workers.succeeded(id);
-                let mut resp = relay_response(path, upstream, guard);
+                let mut resp = relay_response(path, upstream, guard, worker, patience);
                 if gw.config.debug_headers {
                     if let Ok(v) = HeaderValue::from_str(&worker_url) {
                         resp.headers_mut().insert("x-lastmile-worker", v);
@@ -262,14 +274,43 @@ async fn relay(
 /// How many times one request waits again for a deployment whose replicas failed under it.
 const MAX_REWAITS: usize = 3;
 
+/// How often a request past its worker's patience looks at the worker's health.
+const HEALTH_LOOK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// `fut`'s output, or `None` once `patience` has passed and `worker`'s health check fails
+/// (the health poller's verdict: no extra request per waiting client).
+async fn while_alive<F: std::future::Future>(
+    worker: &crate::workers::Worker,
+    patience: std::time::Duration,
+    fut: F,
+) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    if let Ok(out) = tokio::time::timeout(patience, &mut fut).await {
+        return Some(out);
+    }
+    loop {
+        if !worker.healthy() {
+            return None;
+        }
+        if let Ok(out) = tokio::time::timeout(HEALTH_LOOK, &mut fut).await {
+            return Some(out);
+        }
+    }
+}
+
 /// The worker's answer as the client's: status, content type, `Retry-After`, and the body
 /// streamed through (the in-flight guard lives as long as the body). If the worker fails in the
 /// middle of an event stream (it died), the client gets a final error event in its API's shape
 /// and a cleanly ended stream, not a cut connection.
+///
+/// A worker that goes silent mid-stream for longer than `patience` and fails its health check
+/// is given up on the same way.
 fn relay_response(
     path: &str,
     upstream: reqwest::Response,
     guard: crate::workers::InFlight,
+    worker: Arc<crate::workers::Worker>,
+    patience: std::time::Duration,
 ) -> Response {
     let status =
         StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -291,7 +332,19 @@ fn relay_response(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let anthropic = path.starts_with("/v1/messages");
-    let stream = upstream.bytes_stream().scan(false, move |failed, chunk| {
+    let chunks = futures::stream::unfold(
+        (upstream.bytes_stream(), worker),
+        move |(mut bytes, worker)| async move {
+            let next = match while_alive(&worker, patience, bytes.next()).await {
+                Some(next) => next.map(|c| c.map_err(|e| e.to_string())),
+                None => Some(Err(format!(
+                    "no byte in {patience:?} and its health check fails"
+                ))),
+            };
+            Some((next?, (bytes, worker)))
+        },
+    );
+    let stream = chunks.scan(false, move |failed, chunk| {
         let _alive = &guard;
         let item = match chunk {
             _ if *failed => None,
@@ -301,7 +354,10 @@ fn relay_response(
                 tracing::warn!("worker failed mid-stream: {e}");
                 Some(Ok(Bytes::from(stream_error_event(anthropic))))
             }
-            Err(e) => Some(Err(std::io::Error::other(e))),
+            Err(e) => {
+                *failed = true;
+                Some(Err(std::io::Error::other(e)))
+            }
         };
         futures::future::ready(item)
     });

@@ -108,6 +108,11 @@ impl Worker {
             && s.open_until.is_none_or(|t| t <= Instant::now())
     }
 
+    /// Whether its last health check succeeded.
+    pub(crate) fn healthy(&self) -> bool {
+        self.status().healthy
+    }
+
     /// Whether its breaker is open.
     pub(crate) fn breaker_open(&self) -> bool {
         self.status().open_until.is_some_and(|t| t > Instant::now())

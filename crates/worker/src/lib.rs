@@ -178,11 +178,19 @@ async fn model(
     }
 }
 
+/// An engine with work whose loop has not gone round for this long is reported stalled (a
+/// step takes well under a second on the models served; a CPU 70B prefill chunk a few).
+const STALL_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `200` with load and latency figures while the engine goes round; `503` with status
+/// `stalled` once it has had work and not gone round for [`STALL_AFTER`] (a gateway then takes
+/// the requests it is holding elsewhere).
 async fn health(State(s): State<Arc<AppState>>) -> Response {
     let st = s.engine.stats();
+    let stalled = st.stalled_for().filter(|d| *d >= STALL_AFTER);
     let load = |v: &std::sync::atomic::AtomicUsize| v.load(std::sync::atomic::Ordering::Relaxed);
-    let body = serde_json::json!({
-        "status": "ok",
+    let mut body = serde_json::json!({
+        "status": if stalled.is_some() { "stalled" } else { "ok" },
         "model": s.config.model_id,
         "context_length": s.engine.info().context_length,
         "running": load(&st.running),
@@ -199,7 +207,14 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
             .map(|(stage, ms)| (stage.clone(), serde_json::json!(ms)))
             .collect::<serde_json::Map<_, _>>(),
     });
-    (StatusCode::OK, axum::Json(body)).into_response()
+    let status = match stalled {
+        Some(d) => {
+            body["stalled_ms"] = serde_json::json!(d.as_millis() as u64);
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        None => StatusCode::OK,
+    };
+    (status, axum::Json(body)).into_response()
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {

@@ -224,6 +224,30 @@ pub struct EngineStats {
     /// Prompt tokens still to compute: waiting requests' whole prompts and running sequences'
     /// unfinished prefills (a load signal for routers).
     pub queued_prefill_tokens: AtomicUsize,
+    /// When the engine loop last went round ([`EngineStats::now_ms`]'s clock).
+    pub loop_at_ms: AtomicU64,
+}
+
+impl EngineStats {
+    /// Milliseconds on the clock `loop_at_ms` is kept in (monotonic, from the first call in
+    /// this process).
+    pub fn now_ms() -> u64 {
+        static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        EPOCH
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as u64
+    }
+
+    /// How long the engine has had work without its loop going round (`None` while it has
+    /// none): a step that never ends, a wedged thread.
+    pub fn stalled_for(&self) -> Option<std::time::Duration> {
+        let busy = self.running.load(Ordering::Relaxed) + self.waiting.load(Ordering::Relaxed);
+        (busy > 0).then(|| {
+            let since = Self::now_ms().saturating_sub(self.loop_at_ms.load(Ordering::Relaxed));
+            std::time::Duration::from_millis(since)
+        })
+    }
 }
 
 /// Facts about the served model.
@@ -428,5 +452,22 @@ impl EngineHandle {
     /// Blocking; servers call it from a background thread once they are listening.
     pub fn warm_grammars(&self) -> Result<()> {
         self.grammars.warm()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_engine_with_work_that_does_not_go_round_is_stalled() {
+        let st = EngineStats::default();
+        st.loop_at_ms.store(EngineStats::now_ms(), Ordering::Relaxed);
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert_eq!(st.stalled_for(), None, "no work: never stalled");
+        st.waiting.store(1, Ordering::Relaxed);
+        assert!(st.stalled_for().unwrap() >= std::time::Duration::from_millis(30));
+        st.loop_at_ms.store(EngineStats::now_ms(), Ordering::Relaxed);
+        assert!(st.stalled_for().unwrap() < std::time::Duration::from_millis(30));
     }
 }

@@ -128,7 +128,13 @@ impl Scheduler {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
                 match rx.recv() {
-                    Ok(s) => self.admit(s),
+                    Ok(s) => {
+                        // Idle until now: the stall clock starts here, not at the last step.
+                        self.stats
+                            .loop_at_ms
+                            .store(EngineStats::now_ms(), Ordering::Relaxed);
+                        self.admit(s)
+                    }
                     Err(_) => return,
                 }
             }
@@ -193,6 +199,9 @@ impl Scheduler {
     }
 
     fn publish_stats(&self) {
+        self.stats
+            .loop_at_ms
+            .store(EngineStats::now_ms(), Ordering::Relaxed);
         self.stats
             .running
             .store(self.running.len(), Ordering::Relaxed);
