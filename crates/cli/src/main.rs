@@ -1,6 +1,7 @@
 //! The `lastmile` binary: argument parsing and wiring only.
 
 mod engine_bench;
+mod etcd;
 mod fleet;
 mod load_bench;
 mod sandboxes;
@@ -174,6 +175,8 @@ struct GatewayArgs {
     /// registered address joins, and whoever can write to etcd receives prompts.
     #[arg(long, value_delimiter = ',', requires = "etcd")]
     worker_allow: Vec<lastmile_gateway::WorkerAllow>,
+    #[command(flatten)]
+    etcd_access: etcd::EtcdAccess,
     /// Routing policy: round_robin, random, least_loaded, or kv_aware (to the worker already
     /// holding the longest prefix of the prompt, weighed against load).
     #[arg(long, default_value = "round_robin")]
@@ -210,7 +213,7 @@ fn gateway(args: GatewayArgs) -> Result<()> {
     args.access.configure(&mut config);
     if !args.etcd.is_empty() {
         config.etcd = Some(lastmile_gateway::EtcdDiscovery {
-            endpoints: args.etcd.clone(),
+            client: args.etcd_access.config(args.etcd.clone()),
             prefix: args.etcd_prefix.clone(),
             allow: args.worker_allow.clone(),
         });
@@ -435,6 +438,8 @@ struct ServeArgs {
     /// Lease TTL in seconds: how long a dead worker stays listed.
     #[arg(long, default_value_t = 3)]
     etcd_ttl: u64,
+    #[command(flatten)]
+    etcd_access: etcd::EtcdAccess,
     /// URL gateways reach this worker at (default: http://HOST:PORT; required when listening on
     /// a wildcard address).
     #[arg(long)]
@@ -575,7 +580,7 @@ fn serve(args: ServeArgs) -> Result<()> {
                 model: config.model_id.clone(),
                 role: "both".into(),
             };
-            let etcd = lastmile_discovery::Etcd::new(args.etcd.clone());
+            let etcd = lastmile_discovery::Etcd::connect(&args.etcd_access.config(args.etcd.clone()))?;
             let r = lastmile_discovery::Registration::start(etcd, &args.etcd_prefix, info, args.etcd_ttl)
                 .await
                 .context("registering with etcd")?;

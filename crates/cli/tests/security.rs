@@ -406,3 +406,21 @@ fn an_open_api_on_a_public_address_is_refused() {
         );
     }
 }
+
+#[test]
+fn etcd_credentials_and_certificates_are_checked_at_start() {
+    let port = free_port().to_string();
+    let base = ["gateway", "--etcd", "https://127.0.0.1:9", "--port", &port];
+    // A certificate file that is not there: named, before anything is served.
+    let mut args = base.to_vec();
+    args.extend(["--etcd-ca", "/nonexistent/etcd-ca.pem"]);
+    let (code, stderr) = run_until_exit(&args, &[]).expect("it must not start serving");
+    assert_ne!(code, 0);
+    assert!(stderr.contains("/nonexistent/etcd-ca.pem"), "{stderr}");
+    // A user without a password (an unset LASTMILE_ETCD_PASSWORD): refused, not anonymous.
+    let mut args = base.to_vec();
+    args.extend(["--etcd-user", "worker"]);
+    let (code, stderr) = run_until_exit(&args, &[]).expect("it must not start serving");
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--etcd-password"), "{stderr}");
+}

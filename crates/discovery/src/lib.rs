@@ -8,11 +8,15 @@
 //! watch breaks.
 //!
 //! This speaks etcd's v3 API through its JSON gateway (`/v3/...`, served on the client port of
-//! every etcd since 3.3), over the HTTP client the rest of lastmile uses.
+//! every etcd since 3.3), over the HTTP client the rest of lastmile uses: with etcd's
+//! user/password authentication (a token fetched with `/v3/auth/authenticate`, fetched again
+//! when etcd says it expired) and TLS (`https://` endpoints, a private CA, a client certificate
+//! for `--client-cert-auth`), configured by [`EtcdConfig`].
 #![warn(missing_docs)]
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -36,6 +40,9 @@ pub enum DiscoveryError {
         /// The last failure.
         message: String,
     },
+    /// The client could not be set up (a certificate file, credentials).
+    #[error("etcd client: {0}")]
+    Config(String),
     /// etcd answered with an error or something unexpected.
     #[error("etcd {call}: {message}")]
     Etcd {
@@ -51,6 +58,7 @@ impl DiscoveryError {
     pub fn error_type(&self) -> &'static str {
         match self {
             Self::Unreachable { .. } => "unreachable",
+            Self::Config(_) => "config",
             Self::Etcd { .. } => "etcd",
         }
     }
@@ -69,11 +77,44 @@ pub struct WorkerInfo {
     pub role: String,
 }
 
+/// How to reach one etcd cluster.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// Client URLs (`http://host:2379`, `https://...`), tried in turn.
+    pub endpoints: Vec<String>,
+    /// A user and password for etcd's authentication (`etcdctl auth enable`).
+    pub user: Option<(String, String)>,
+    /// PEM file of the CA that signed the servers' certificates (default: the system's roots).
+    pub ca: Option<PathBuf>,
+    /// PEM files of a client certificate and its key (etcd's `--client-cert-auth`).
+    pub cert: Option<(PathBuf, PathBuf)>,
+    /// A watch that brings nothing for this long is started again (after a fresh listing):
+    /// a connection that died without a word (a partition, a vanished host) is noticed.
+    pub watch_idle: Duration,
+}
+
+impl EtcdConfig {
+    /// Plain HTTP to these endpoints without credentials; watches restarted after 30 s of quiet.
+    pub fn new(endpoints: Vec<String>) -> Self {
+        Self {
+            endpoints,
+            user: None,
+            ca: None,
+            cert: None,
+            watch_idle: Duration::from_secs(30),
+        }
+    }
+}
+
 /// A client of one etcd cluster (any of its endpoints).
 #[derive(Clone)]
 pub struct Etcd {
     endpoints: Vec<String>,
     client: reqwest::Client,
+    user: Option<Arc<(String, String)>>,
+    /// The current auth token (with `user`).
+    token: Arc<RwLock<Option<String>>>,
+    watch_idle: Duration,
 }
 
 fn b64(s: &str) -> String {
@@ -107,28 +148,135 @@ fn prefix_end(prefix: &str) -> String {
 }
 
 impl Etcd {
-    /// A client for these endpoints (`http://host:2379`, ...).
+    /// A plain-HTTP client for these endpoints (`http://host:2379`, ...), without credentials.
     pub fn new(endpoints: Vec<String>) -> Self {
-        Self {
-            endpoints: endpoints
-                .into_iter()
+        Self::connect(&EtcdConfig::new(endpoints)).expect("a plain client needs no files")
+    }
+
+    /// A client as `config` says; fails on an unreadable or invalid certificate file.
+    pub fn connect(config: &EtcdConfig) -> Result<Self> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_keepalive(Duration::from_secs(15))
+            .use_rustls_tls();
+        let read = |p: &PathBuf, what: &str| {
+            std::fs::read(p).map_err(|e| {
+                DiscoveryError::Config(format!("reading the {what} {}: {e}", p.display()))
+            })
+        };
+        if let Some(ca) = &config.ca {
+            let pem = read(ca, "CA certificate")?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                DiscoveryError::Config(format!("{}: not a PEM certificate: {e}", ca.display()))
+            })?;
+            if certs.is_empty() {
+                return Err(DiscoveryError::Config(format!(
+                    "{}: no certificate in it",
+                    ca.display()
+                )));
+            }
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        if let Some((cert, key)) = &config.cert {
+            let mut pem = read(cert, "client certificate")?;
+            pem.push(b'\n');
+            pem.extend(read(key, "client key")?);
+            let id = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                DiscoveryError::Config(format!(
+                    "{} and {}: not a PEM certificate and key: {e}",
+                    cert.display(),
+                    key.display()
+                ))
+            })?;
+            builder = builder.identity(id);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| DiscoveryError::Config(format!("building the HTTP client: {e}")))?;
+        Ok(Self {
+            endpoints: config
+                .endpoints
+                .iter()
                 .map(|e| e.trim_end_matches('/').to_string())
                 .collect(),
-            client: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(2))
-                .build()
-                .unwrap_or_default(),
+            client,
+            user: config.user.clone().map(Arc::new),
+            token: Arc::new(RwLock::new(None)),
+            watch_idle: config.watch_idle,
+        })
+    }
+
+    /// A request to `path` on endpoint `e`, with the auth token when there is one.
+    fn post(&self, e: &str, path: &str) -> reqwest::RequestBuilder {
+        let req = self.client.post(format!("{e}{path}"));
+        match self
+            .token
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+        {
+            Some(t) => req.header(reqwest::header::AUTHORIZATION, t),
+            None => req,
+        }
+    }
+
+    /// Fetches a fresh auth token (with credentials configured).
+    async fn authenticate(&self) -> Result<()> {
+        let Some(user) = &self.user else {
+            return Ok(());
+        };
+        *self.token.write().unwrap_or_else(|p| p.into_inner()) = None;
+        let v = self
+            .call_once(
+                "authenticate",
+                "/v3/auth/authenticate",
+                &json!({"name": user.0, "password": user.1}),
+            )
+            .await?;
+        let token = v["token"].as_str().ok_or(DiscoveryError::Etcd {
+            call: "authenticate",
+            message: "no token in the reply".into(),
+        })?;
+        *self.token.write().unwrap_or_else(|p| p.into_inner()) = Some(token.to_string());
+        Ok(())
+    }
+
+    /// Whether a token should be fetched before calling (credentials, and none yet).
+    fn needs_token(&self) -> bool {
+        self.user.is_some()
+            && self
+                .token
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_none()
+    }
+
+    /// One unary call, authenticating first when needed and again when etcd says the token is
+    /// no longer valid (it expires: `--auth-token-ttl`, or etcd restarted).
+    async fn call(&self, call: &'static str, path: &str, body: Value) -> Result<Value> {
+        if self.needs_token() {
+            self.authenticate().await?;
+        }
+        match self.call_once(call, path, &body).await {
+            Err(DiscoveryError::Etcd { message, .. })
+                if self.user.is_some() && message.contains("invalid auth token") =>
+            {
+                self.authenticate().await?;
+                self.call_once(call, path, &body).await
+            }
+            other => other,
         }
     }
 
     /// One unary call, trying each endpoint in turn.
-    async fn call(&self, call: &'static str, path: &str, body: Value) -> Result<Value> {
+    async fn call_once(&self, call: &'static str, path: &str, body: &Value) -> Result<Value> {
         let mut last = String::from("no endpoints given");
         for e in &self.endpoints {
             let reply = self
-                .client
-                .post(format!("{e}{path}"))
-                .json(&body)
+                .post(e, path)
+                .json(body)
                 .timeout(Duration::from_secs(5))
                 .send()
                 .await;
@@ -231,8 +379,9 @@ impl Etcd {
         Ok((revision, kvs))
     }
 
-    /// Follows changes under `prefix` from `revision` on; each item is one batch of changes.
-    /// The stream ends when the watch breaks.
+    /// Follows changes under `prefix` from `revision` on; each item is one batch of changes
+    /// (empty for a message without any). The stream ends when the watch breaks or etcd ends
+    /// it.
     pub async fn watch(
         &self,
         prefix: &str,
@@ -243,15 +392,12 @@ impl Etcd {
             "range_end": prefix_end(prefix),
             "start_revision": revision.to_string(),
         }});
+        if self.needs_token() {
+            self.authenticate().await?;
+        }
         let mut last = String::from("no endpoints given");
         for e in &self.endpoints {
-            match self
-                .client
-                .post(format!("{e}/v3/watch"))
-                .json(&body)
-                .send()
-                .await
-            {
+            match self.post(e, "/v3/watch").json(&body).send().await {
                 Ok(r) if r.status().is_success() => {
                     let bytes = r.bytes_stream();
                     let lines = futures::stream::unfold(
@@ -273,13 +419,26 @@ impl Etcd {
                             }
                         },
                     );
-                    return Ok(lines.filter_map(|line| async move {
+                    // Every line is an item (an empty batch for a line without events, such as
+                    // the watch's creation), so that the follower sees the watch is alive; an
+                    // error line (the token expired, the revision was compacted) ends it.
+                    let token = self.token.clone();
+                    let batches = lines.map(move |line| {
                         let v: Value = serde_json::from_slice(&line).ok()?;
-                        let events = v["result"]["events"].as_array()?;
-                        let changes: Vec<Change> =
-                            events.iter().filter_map(Change::parse).collect();
-                        (!changes.is_empty()).then_some(changes)
-                    }));
+                        if v.get("error").is_some() || v["result"]["canceled"] == true {
+                            tracing::warn!("etcd ended the watch: {v}");
+                            // A token gone stale is fetched again with the next listing.
+                            *token.write().unwrap_or_else(|p| p.into_inner()) = None;
+                            return None;
+                        }
+                        let events = v["result"]["events"].as_array();
+                        Some(events.map_or_else(Vec::new, |events| {
+                            events.iter().filter_map(Change::parse).collect()
+                        }))
+                    });
+                    return Ok(batches
+                        .take_while(|b| futures::future::ready(b.is_some()))
+                        .filter_map(futures::future::ready));
                 }
                 Ok(r) => last = format!("HTTP {}", r.status()),
                 Err(err) => last = err.to_string(),
@@ -418,7 +577,18 @@ pub async fn follow_workers(etcd: Etcd, prefix: String, mut update: impl FnMut(W
         match etcd.watch(&prefix, revision + 1).await {
             Ok(stream) => {
                 let mut stream = std::pin::pin!(stream);
-                while let Some(changes) = stream.next().await {
+                loop {
+                    let changes = match tokio::time::timeout(etcd.watch_idle, stream.next()).await {
+                        Ok(Some(changes)) => changes,
+                        Ok(None) => break,
+                        Err(_) => {
+                            tracing::debug!(
+                                "etcd watch quiet for {:?}; listing workers again",
+                                etcd.watch_idle
+                            );
+                            break;
+                        }
+                    };
                     for c in changes {
                         match c {
                             Change::Put { key, value } => {
@@ -430,7 +600,7 @@ pub async fn follow_workers(etcd: Etcd, prefix: String, mut update: impl FnMut(W
                         }
                     }
                 }
-                tracing::warn!("etcd watch ended; listing workers again");
+                tracing::info!("etcd watch ended; listing workers again");
             }
             Err(e) => tracing::warn!("watching workers in etcd failed: {e}"),
         }

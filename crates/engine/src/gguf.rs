@@ -46,68 +46,18 @@ impl GgufFile {
         // concurrent truncation by another process is outside what the engine can defend against.
         let mmap = unsafe { Mmap::map(&file) }
             .map_err(|e| EngineError::io(format!("mapping {}", path.display()), e))?;
-        if let Some(alignment) = declared_alignment(&mmap[..]) {
-            if alignment <= 0 || !(alignment as u64).is_power_of_two() || alignment > 1 << 30 {
-                return Err(EngineError::InvalidModel(format!(
-                    "{}: general.alignment is {alignment}: it must be a power of two (32 by \
-                     default)",
-                    path.display()
-                )));
-            }
-        }
-        let mut cursor = std::io::Cursor::new(&mmap[..]);
-        let content = Content::read(&mut cursor).map_err(|e| {
-            EngineError::InvalidModel(format!("{}: not a readable GGUF file: {e}", path.display()))
-        })?;
-        let file_len = mmap.len();
-        let mut tensors = HashMap::with_capacity(content.tensor_infos.len());
-        for (name, info) in &content.tensor_infos {
-            let dims: Vec<usize> = info.shape.dims().to_vec();
-            let too_large = || {
-                EngineError::InvalidModel(format!(
-                    "{}: tensor {name} is too large: its dimensions {dims:?} overflow",
-                    path.display()
-                ))
-            };
-            let elems = dims
-                .iter()
-                .try_fold(1usize, |n, &d| n.checked_mul(d))
-                .ok_or_else(too_large)?;
-            let block = info.ggml_dtype.block_size();
-            if !elems.is_multiple_of(block) {
-                return Err(EngineError::InvalidModel(format!(
-                    "{}: tensor {name} has {elems} elements, not a multiple of its block size {block}",
-                    path.display()
-                )));
-            }
-            let len = (elems / block)
-                .checked_mul(info.ggml_dtype.type_size())
-                .ok_or_else(too_large)?;
-            let start = usize::try_from(content.tensor_data_offset)
-                .unwrap_or(usize::MAX)
-                .saturating_add(usize::try_from(info.offset).unwrap_or(usize::MAX));
-            if start.saturating_add(len) > file_len {
-                return Err(EngineError::InvalidModel(format!(
-                    "{}: file is truncated: tensor {name} needs bytes {start}..{} but the file has {file_len} bytes",
-                    path.display(),
-                    start.saturating_add(len)
-                )));
-            }
-            tensors.insert(
-                name.clone(),
-                GgufTensor {
-                    dtype: info.ggml_dtype,
-                    dims,
-                    start,
-                    len,
-                },
-            );
-        }
+        let (metadata, tensors) = index(&mmap[..], &path.display().to_string())?;
         Ok(Self {
             mmap: Arc::new(mmap),
-            metadata: content.metadata,
+            metadata,
             tensors,
         })
+    }
+
+    /// Reads a GGUF header from bytes as [`GgufFile::open`] reads a file's, and checks every
+    /// tensor it names (for fuzzing the reader: a file's bytes are hostile).
+    pub fn check_bytes(bytes: &[u8]) -> Result<()> {
+        index(bytes, "<bytes>").map(drop)
     }
 
     /// The shared mapping (weights keep it alive).
@@ -221,6 +171,72 @@ impl GgufFile {
             _ => None,
         }
     }
+}
+
+/// The metadata and the tensors of a GGUF file's bytes, every size checked against `bytes`;
+/// errors name `name` (the file).
+fn index(
+    bytes: &[u8],
+    name: &str,
+) -> Result<(HashMap<String, Value>, HashMap<String, GgufTensor>)> {
+    if let Some(alignment) = declared_alignment(bytes) {
+        if alignment <= 0 || !(alignment as u64).is_power_of_two() || alignment > 1 << 30 {
+            return Err(EngineError::InvalidModel(format!(
+                "{}: general.alignment is {alignment}: it must be a power of two (32 by \
+                 default)",
+                name
+            )));
+        }
+    }
+    let mut cursor = std::io::Cursor::new(bytes);
+    let content = Content::read(&mut cursor).map_err(|e| {
+        EngineError::InvalidModel(format!("{}: not a readable GGUF file: {e}", name))
+    })?;
+    let file_len = bytes.len();
+    let mut tensors = HashMap::with_capacity(content.tensor_infos.len());
+    for (name, info) in &content.tensor_infos {
+        let dims: Vec<usize> = info.shape.dims().to_vec();
+        let too_large = || {
+            EngineError::InvalidModel(format!(
+                "{}: tensor {name} is too large: its dimensions {dims:?} overflow",
+                name
+            ))
+        };
+        let elems = dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(too_large)?;
+        let block = info.ggml_dtype.block_size();
+        if !elems.is_multiple_of(block) {
+            return Err(EngineError::InvalidModel(format!(
+                "{}: tensor {name} has {elems} elements, not a multiple of its block size {block}",
+                name
+            )));
+        }
+        let len = (elems / block)
+            .checked_mul(info.ggml_dtype.type_size())
+            .ok_or_else(too_large)?;
+        let start = usize::try_from(content.tensor_data_offset)
+            .unwrap_or(usize::MAX)
+            .saturating_add(usize::try_from(info.offset).unwrap_or(usize::MAX));
+        if start.saturating_add(len) > file_len {
+            return Err(EngineError::InvalidModel(format!(
+                "{}: file is truncated: tensor {name} needs bytes {start}..{} but the file has {file_len} bytes",
+                name,
+                start.saturating_add(len)
+            )));
+        }
+        tensors.insert(
+            name.clone(),
+            GgufTensor {
+                dtype: info.ggml_dtype,
+                dims,
+                start,
+                len,
+            },
+        );
+    }
+    Ok((content.metadata, tensors))
 }
 
 /// The value of `general.alignment` in the GGUF header `bytes`, if the key is there with an

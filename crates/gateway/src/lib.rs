@@ -67,8 +67,8 @@ impl GatewayError {
 /// Where the gateway finds workers in etcd.
 #[derive(Debug, Clone)]
 pub struct EtcdDiscovery {
-    /// etcd client URLs (`http://host:2379`).
-    pub endpoints: Vec<String>,
+    /// How to reach etcd: endpoints, credentials, TLS.
+    pub client: lastmile_discovery::EtcdConfig,
     /// Key prefix the workers register under.
     pub prefix: String,
     /// Which worker addresses may join (`10.0.0.0/8`, `192.168.1.7`, `worker-3.internal`);
@@ -187,7 +187,7 @@ impl GatewayConfig {
         if self
             .etcd
             .as_ref()
-            .is_some_and(|e| e.endpoints.is_empty() || e.prefix.is_empty())
+            .is_some_and(|e| e.client.endpoints.is_empty() || e.prefix.is_empty())
         {
             return Err(GatewayError::InvalidConfig(
                 "etcd discovery needs endpoints and a key prefix".into(),
@@ -227,6 +227,11 @@ impl GatewayConfig {
             return Err(GatewayError::InvalidConfig(
                 "the metrics key is empty: give a long random key, or none".into(),
             ));
+        }
+        if let Some(e) = &self.etcd {
+            // Certificate files are read now, so that a wrong path stops the start.
+            lastmile_discovery::Etcd::connect(&e.client)
+                .map_err(|err| GatewayError::InvalidConfig(err.to_string()))?;
         }
         if self.breaker_failures == 0
             || self.health_interval.is_zero()
@@ -630,17 +635,21 @@ impl GatewayHandle {
             ));
         }
         let poller = tokio::spawn(gw.workers.clone().poll(gw.config.health_interval));
-        let discovery = gw.config.etcd.clone().map(|e| {
-            let gw = gw.clone();
-            tokio::spawn(async move {
-                let mut keys = std::collections::HashMap::new();
-                let etcd = lastmile_discovery::Etcd::new(e.endpoints);
-                lastmile_discovery::follow_workers(etcd, e.prefix, move |u| {
-                    gw.apply_discovery(&mut keys, u)
-                })
-                .await;
-            })
-        });
+        let discovery = match gw.config.etcd.clone() {
+            Some(e) => {
+                let etcd = lastmile_discovery::Etcd::connect(&e.client)
+                    .map_err(|err| std::io::Error::other(err.to_string()))?;
+                let gw = gw.clone();
+                Some(tokio::spawn(async move {
+                    let mut keys = std::collections::HashMap::new();
+                    lastmile_discovery::follow_workers(etcd, e.prefix, move |u| {
+                        gw.apply_discovery(&mut keys, u)
+                    })
+                    .await;
+                }))
+            }
+            None => None,
+        };
         let wrap = gw.wrap.lock().unwrap_or_else(|e| e.into_inner()).take();
         let loopback_only = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
         let app = Router::new()

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::{gateway, wait_healthy, worker, EtcdServer, MODEL};
-use lastmile_discovery::{Etcd, Registration, WorkerInfo, DEFAULT_PREFIX};
+use lastmile_discovery::{Etcd, EtcdConfig, Registration, WorkerInfo, DEFAULT_PREFIX};
 use lastmile_gateway::{EtcdDiscovery, GatewayConfig};
 use serde_json::{json, Value};
 
@@ -70,7 +70,7 @@ async fn workers_join_expire_leave_and_return_through_etcd() {
     wait_healthy(&b).await;
     let mut config = GatewayConfig::new(Vec::new());
     config.etcd = Some(EtcdDiscovery {
-        endpoints: vec![etcd_server.url.clone()],
+        client: EtcdConfig::new(vec![etcd_server.url.clone()]),
         prefix: DEFAULT_PREFIX.to_string(),
         allow: vec!["127.0.0.0/8".parse().expect("network")],
     });
@@ -163,7 +163,7 @@ async fn workers_outside_the_allow_list_never_join() {
     let etcd_server = EtcdServer::start().await;
     let mut config = GatewayConfig::new(Vec::new());
     config.etcd = Some(EtcdDiscovery {
-        endpoints: vec![etcd_server.url.clone()],
+        client: EtcdConfig::new(vec![etcd_server.url.clone()]),
         prefix: DEFAULT_PREFIX.to_string(),
         allow: vec!["127.0.0.2".parse().expect("address")],
     });

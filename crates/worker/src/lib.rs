@@ -10,6 +10,8 @@
 
 mod anthropic;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod generation;
 mod internal;
 mod metrics;

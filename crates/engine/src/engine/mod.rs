@@ -462,12 +462,14 @@ mod tests {
     #[test]
     fn an_engine_with_work_that_does_not_go_round_is_stalled() {
         let st = EngineStats::default();
-        st.loop_at_ms.store(EngineStats::now_ms(), Ordering::Relaxed);
+        st.loop_at_ms
+            .store(EngineStats::now_ms(), Ordering::Relaxed);
         std::thread::sleep(std::time::Duration::from_millis(30));
         assert_eq!(st.stalled_for(), None, "no work: never stalled");
         st.waiting.store(1, Ordering::Relaxed);
         assert!(st.stalled_for().unwrap() >= std::time::Duration::from_millis(30));
-        st.loop_at_ms.store(EngineStats::now_ms(), Ordering::Relaxed);
+        st.loop_at_ms
+            .store(EngineStats::now_ms(), Ordering::Relaxed);
         assert!(st.stalled_for().unwrap() < std::time::Duration::from_millis(30));
     }
 }

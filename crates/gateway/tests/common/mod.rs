@@ -131,12 +131,24 @@ fn free_port() -> u16 {
 
 impl EtcdServer {
     pub async fn start() -> Self {
-        let bin = std::env::var("LASTMILE_ETCD").unwrap_or_else(|_| "etcd".into());
-        let (client, peer) = (free_port(), free_port());
+        Self::start_with(&[], "http", reqwest::Client::new()).await
+    }
+
+    /// A fresh data directory for a server on `client`'s port.
+    fn fresh_dir(client: u16) -> std::path::PathBuf {
         let dir =
             std::env::temp_dir().join(format!("lastmile-etcd-{}-{client}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let url = format!("http://127.0.0.1:{client}");
+        dir
+    }
+
+    /// A server with `extra` options, its client URL in `scheme`, ready once `probe` gets an
+    /// answer from its `/health` (a client with the certificates it needs).
+    pub async fn start_with(extra: &[&str], scheme: &str, probe: reqwest::Client) -> Self {
+        let bin = std::env::var("LASTMILE_ETCD").unwrap_or_else(|_| "etcd".into());
+        let (client, peer) = (free_port(), free_port());
+        let dir = Self::fresh_dir(client);
+        let url = format!("{scheme}://127.0.0.1:{client}");
         let child = std::process::Command::new(&bin)
             .arg("--data-dir")
             .arg(&dir)
@@ -147,6 +159,7 @@ impl EtcdServer {
                 &url,
             ])
             .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -155,7 +168,7 @@ impl EtcdServer {
             });
         let server = Self { url, child, dir };
         for _ in 0..200 {
-            if let Ok(r) = reqwest::get(format!("{}/health", server.url)).await {
+            if let Ok(r) = probe.get(format!("{}/health", server.url)).send().await {
                 if r.status().is_success() {
                     return server;
                 }

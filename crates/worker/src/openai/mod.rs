@@ -277,7 +277,10 @@ pub(crate) async fn prepare_chat_request(
     })
 }
 
-async fn prepare_completion(state: &Arc<AppState>, body: &[u8]) -> Result<Prepared, WorkerError> {
+pub(crate) async fn prepare_completion(
+    state: &Arc<AppState>,
+    body: &[u8],
+) -> Result<Prepared, WorkerError> {
     let req: CompletionRequest = parse_json(body)?;
     req.validate()?;
     check_model(state, &req.model)?;
