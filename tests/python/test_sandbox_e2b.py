@@ -301,3 +301,48 @@ def test_pty_terminal_session(key):
                 out += bytes(data).decode(errors="replace")
         assert "30 120" in out, out
         assert term.wait().exit_code == 0
+
+
+def test_pause_stops_everything_and_connect_resumes_where_it_was(key):
+    from e2b import Sandbox, SandboxQuery, SandboxState
+
+    sb = Sandbox.create(timeout=4)
+    try:
+        # A clock in the background, writing the time ten times a second.
+        clock = sb.commands.run(
+            "python3 -c 'import time\nwhile True:\n    print(time.time(), flush=True)\n"
+            "    time.sleep(0.1)' > /tmp/clock", background=True)
+        sb.files.write("/home/user/state.txt", "kept")
+        time.sleep(0.5)
+
+        assert sb.pause() is True
+        assert Sandbox.pause(sb.sandbox_id) is False, "pausing a paused sandbox: False (409)"
+        assert Sandbox.get_info(sb.sandbox_id).state == SandboxState.PAUSED
+        paused = Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()
+        assert [s.sandbox_id for s in paused] == [sb.sandbox_id]
+        running = Sandbox.list(query=SandboxQuery(state=[SandboxState.RUNNING])).next_items()
+        assert sb.sandbox_id not in [s.sandbox_id for s in running]
+        # While paused, its data plane says so at once (nothing in it could answer).
+        t = time.time()
+        with pytest.raises(Exception) as e:
+            sb.files.read("/home/user/state.txt")
+        assert "paused" in str(e.value) and time.time() - t < 5, e.value
+        # Paused past its 4 s timeout: the timeout does not run while paused.
+        time.sleep(5)
+
+        resumed = Sandbox.connect(sb.sandbox_id, timeout=30)
+        assert Sandbox.get_info(sb.sandbox_id).state == SandboxState.RUNNING
+        assert resumed.files.read("/home/user/state.txt") == "kept"
+        time.sleep(0.5)
+        # The clock was stopped, not killed: it shows one gap of the pause, and runs on.
+        ticks = [float(t) for t in resumed.files.read("/tmp/clock").split()]
+        gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+        assert max(gaps) > 4.5, f"no process ran while paused: {max(gaps)}"
+        assert sorted(gaps)[-2] < 1.0, "one pause, one gap"
+        assert ticks[-1] > time.time() - 1, "the clock runs again"
+        assert clock.pid in [p.pid for p in resumed.commands.list()]
+        # Connecting to a running sandbox changes nothing.
+        Sandbox.connect(sb.sandbox_id)
+        assert resumed.commands.run("echo alive").stdout == "alive\n"
+    finally:
+        sb.kill()

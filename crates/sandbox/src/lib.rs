@@ -51,6 +51,9 @@ pub enum SandboxError {
     /// A limit (per key or per server) is reached.
     #[error("{0}")]
     Exhausted(String),
+    /// The sandbox is not in the state the call needs (pausing a paused one).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl SandboxError {
@@ -62,6 +65,7 @@ impl SandboxError {
             Self::NotFound(_) => "not_found",
             Self::InvalidArgument(_) => "invalid_argument",
             Self::Exhausted(_) => "exhausted",
+            Self::Conflict(_) => "conflict",
         }
     }
 
@@ -72,6 +76,7 @@ impl SandboxError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::InvalidArgument(_) => StatusCode::BAD_REQUEST,
             Self::Exhausted(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Conflict(_) => StatusCode::CONFLICT,
         }
     }
 }

@@ -69,6 +69,10 @@ pub struct Metrics {
     pub killed: AtomicU64,
     /// Sandboxes ended by their timeout.
     pub expired: AtomicU64,
+    /// Pauses.
+    pub paused: AtomicU64,
+    /// Resumptions of paused sandboxes.
+    pub resumed: AtomicU64,
 }
 
 /// A label value in the text format: backslash, quote and newline escaped.
@@ -149,6 +153,16 @@ pub fn render(svc: &SandboxService) -> String {
             "lastmile_sandboxes_expired_total",
             "Sandboxes ended by their timeout.",
             &m.expired,
+        ),
+        (
+            "lastmile_sandbox_pauses_total",
+            "Sandboxes paused.",
+            &m.paused,
+        ),
+        (
+            "lastmile_sandbox_resumes_total",
+            "Paused sandboxes resumed.",
+            &m.resumed,
         ),
     ] {
         let _ = writeln!(

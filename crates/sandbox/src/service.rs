@@ -126,6 +126,8 @@ pub struct Sandbox {
     /// Folder watchers polled by id (`CreateWatcher`, `GetWatcherEvents`).
     pub watchers: Watchers,
     end: Mutex<(SystemTime, Instant)>,
+    /// Its processes are stopped (paused), their memory kept.
+    paused: std::sync::atomic::AtomicBool,
     child: Mutex<Option<tokio::process::Child>>,
     cgroup: Mutex<Option<Cgroup>>,
 }
@@ -178,6 +180,25 @@ impl Sandbox {
 
     fn expired(&self, now: Instant) -> bool {
         lock(&self.end).1 <= now || self.conn.is_closed()
+    }
+
+    /// Whether it is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// `running` or `paused`, as E2B names the states.
+    pub fn state(&self) -> &'static str {
+        if self.is_paused() {
+            "paused"
+        } else {
+            "running"
+        }
+    }
+
+    /// The host pid of the process that holds it.
+    fn root_pid(&self) -> Option<u32> {
+        lock(&self.child).as_ref().and_then(|c| c.id())
     }
 
     fn set_timeout(&self, timeout: Duration) {
@@ -370,6 +391,7 @@ impl SandboxService {
             contexts: Contexts::default(),
             watchers: Watchers::default(),
             end: Mutex::new((SystemTime::now() + timeout, Instant::now() + timeout)),
+            paused: std::sync::atomic::AtomicBool::new(false),
             child: Mutex::new(Some(child)),
             cgroup: Mutex::new(launched.cgroup),
         });
@@ -460,6 +482,72 @@ impl SandboxService {
         }
         self.get(owner, id)?.set_timeout(timeout);
         Ok(())
+    }
+
+    /// Pauses `owner`'s sandbox `id`: every process in it stops where it is (memory kept, no
+    /// CPU used), the data plane answers that it is paused, and its timeout stops running; it
+    /// is killed only if it stays paused longer than the maximum timeout.
+    pub async fn pause(&self, owner: &str, id: &str) -> Result<(), SandboxError> {
+        let s = self.get(owner, id)?;
+        if s.paused.swap(true, Ordering::AcqRel) {
+            return Err(SandboxError::Conflict(format!(
+                "sandbox `{id}` is already paused"
+            )));
+        }
+        let root = s.root_pid().ok_or_else(|| not_found(id))?;
+        let backend = self.backend.clone();
+        let r = tokio::task::spawn_blocking(move || backend.pause(root))
+            .await
+            .map_err(|e| SandboxError::Unavailable(e.to_string()))?;
+        if let Err(e) = r {
+            // Whatever was stopped runs again: a half-paused sandbox would be neither.
+            let backend = self.backend.clone();
+            let _ = tokio::task::spawn_blocking(move || backend.resume(root)).await;
+            s.paused.store(false, Ordering::Release);
+            return Err(e);
+        }
+        s.set_timeout(self.config.max_timeout);
+        self.metrics.paused.fetch_add(1, Ordering::Relaxed);
+        tracing::info!("sandbox {id} paused");
+        Ok(())
+    }
+
+    /// Resumes `owner`'s paused sandbox `id`, to live `timeout` more (default: the default
+    /// timeout). `Ok(false)` if it was running (its timeout is then extended to `timeout` if
+    /// that is later than its end).
+    pub async fn resume(
+        &self,
+        owner: &str,
+        id: &str,
+        timeout: Option<Duration>,
+    ) -> Result<bool, SandboxError> {
+        let s = self.get(owner, id)?;
+        let t = timeout.unwrap_or(self.config.default_timeout);
+        if t > self.config.max_timeout {
+            return Err(SandboxError::InvalidArgument(format!(
+                "timeout {} s is longer than the maximum {} s",
+                t.as_secs(),
+                self.config.max_timeout.as_secs()
+            )));
+        }
+        if !s.is_paused() {
+            if timeout.is_some() && SystemTime::now() + t > s.end_at() {
+                s.set_timeout(t);
+            }
+            return Ok(false);
+        }
+        let root = s.root_pid().ok_or_else(|| not_found(id))?;
+        let backend = self.backend.clone();
+        tokio::task::spawn_blocking(move || backend.resume(root))
+            .await
+            .map_err(|e| SandboxError::Unavailable(e.to_string()))??;
+        s.set_timeout(t);
+        if !s.paused.swap(false, Ordering::AcqRel) {
+            return Ok(false);
+        }
+        self.metrics.resumed.fetch_add(1, Ordering::Relaxed);
+        tracing::info!("sandbox {id} resumed");
+        Ok(true)
     }
 
     /// Kills a sandbox.

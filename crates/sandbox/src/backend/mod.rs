@@ -56,6 +56,79 @@ pub trait IsolationBackend: Send + Sync {
     fn launch(&self, spec: &LaunchSpec<'_>) -> Result<Launched, SandboxError>;
     /// Releases what the backend holds on the host, once every sandbox has ended.
     fn shutdown(&self) {}
+    /// Stops every process of the sandbox held by `root` (its launched process) where it is,
+    /// memory kept; nothing in it runs until [`IsolationBackend::resume`].
+    fn pause(&self, root: u32) -> Result<(), SandboxError> {
+        signal_tree(root, libc::SIGSTOP)
+            .map(drop)
+            .map_err(|e| SandboxError::Unavailable(format!("pausing the sandbox: {e}")))
+    }
+    /// Lets every process of a paused sandbox run on.
+    fn resume(&self, root: u32) -> Result<(), SandboxError> {
+        signal_tree(root, libc::SIGCONT)
+            .map(drop)
+            .map_err(|e| SandboxError::Unavailable(format!("resuming the sandbox: {e}")))
+    }
+}
+
+/// `root` and every process descended from it, from `/proc` (a sandbox's processes all
+/// descend from its launched process: orphans are adopted by its pid namespace's init, which
+/// is one of them).
+pub fn process_tree(root: u32) -> Vec<u32> {
+    let mut parent = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            // `pid (comm) state ppid ...`: comm may hold anything, so read after its last ')'.
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                parent.push((pid, ppid));
+            }
+        }
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parent.iter().filter(|&&(_, pp)| pp == p).map(|&(c, _)| c));
+        i += 1;
+    }
+    tree
+}
+
+/// Sends `sig` to `root` and its descendants; for `SIGSTOP`, sweeps again until a sweep finds
+/// no process it had not stopped (one may fork while the first sweep runs). Returns how many
+/// were signalled.
+pub fn signal_tree(root: u32, sig: libc::c_int) -> std::io::Result<usize> {
+    let mut done = std::collections::HashSet::new();
+    for _ in 0..64 {
+        let fresh: Vec<u32> = process_tree(root)
+            .into_iter()
+            .filter(|p| !done.contains(p))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(done.len());
+        }
+        for pid in fresh {
+            // SAFETY: kill has no memory preconditions; a pid gone meanwhile gives ESRCH.
+            if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 && pid == root {
+                return Err(std::io::Error::last_os_error());
+            }
+            done.insert(pid);
+        }
+        if sig != libc::SIGSTOP {
+            return Ok(done.len());
+        }
+    }
+    Err(std::io::Error::other("processes kept appearing"))
 }
 
 /// Which backend to use.
@@ -87,4 +160,45 @@ pub fn valid_env_name(name: &str) -> bool {
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
         && name.len() <= 256
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(pid: u32) -> char {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.rsplit_once(')')
+            .and_then(|(_, r)| r.trim_start().chars().next())
+            .unwrap_or('?')
+    }
+
+    #[test]
+    fn a_process_tree_is_stopped_and_continued_whole() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & sleep 30 & wait"])
+            .spawn()
+            .expect("sh");
+        let root = child.id();
+        let mut tree = Vec::new();
+        for _ in 0..200 {
+            tree = process_tree(root);
+            if tree.len() == 3 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(tree.len(), 3, "sh and its two sleeps: {tree:?}");
+        assert_eq!(signal_tree(root, libc::SIGSTOP).expect("stop"), 3);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(tree.iter().all(|&p| state(p) == 'T'), "all stopped");
+        signal_tree(root, libc::SIGCONT).expect("continue");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(tree.iter().all(|&p| state(p) == 'S'), "all running again");
+        for p in tree.iter().rev() {
+            // SAFETY: killing our own test children.
+            unsafe { libc::kill(*p as libc::pid_t, libc::SIGKILL) };
+        }
+        let _ = child.wait();
+    }
 }

@@ -24,6 +24,8 @@ pub fn routes() -> Router<Api> {
         .route("/sandboxes/{id}", get(detail).delete(kill))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
         .route("/sandboxes/{id}/connect", post(connect))
+        .route("/sandboxes/{id}/pause", post(pause))
+        .route("/sandboxes/{id}/resume", post(resume))
         .route("/v2/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/metrics", get(metrics))
 }
@@ -96,7 +98,7 @@ fn detail_json(s: &Sandbox, with_token: bool) -> Value {
         "cpuCount": s.template.cpus.ceil() as u64,
         "memoryMB": s.template.memory_mb,
         "diskSizeMB": s.template.disk_mb,
-        "state": "running",
+        "state": s.state(),
         "metadata": s.metadata,
     });
     if with_token {
@@ -183,15 +185,17 @@ fn matching(api: &Api, owner: &str, q: &ListQuery) -> Vec<std::sync::Arc<Sandbox
         .as_deref()
         .map(metadata_filter)
         .unwrap_or_default();
-    // Every live sandbox is running; a filter for paused ones only finds none.
-    let running_wanted = q
+    let states: Option<Vec<&str>> = q
         .state
         .as_deref()
-        .is_none_or(|s| s.split(',').any(|x| x.trim() == "running"));
+        .map(|s| s.split(',').map(str::trim).collect());
     api.svc
         .list(owner)
         .into_iter()
-        .filter(|s| running_wanted && want.iter().all(|(k, v)| s.metadata.get(k) == Some(v)))
+        .filter(|s| {
+            states.as_ref().is_none_or(|w| w.contains(&s.state()))
+                && want.iter().all(|(k, v)| s.metadata.get(k) == Some(v))
+        })
         .collect()
 }
 
@@ -295,24 +299,59 @@ async fn set_timeout(
     r.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// Connecting keeps the sandbox alive at least `timeout` more seconds.
+/// Connecting resumes a paused sandbox (201) or keeps a running one alive at least `timeout`
+/// more seconds (200).
 async fn connect(
     State(api): State<Api>,
     headers: HeaderMap,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let r = (|| {
+    let r = async {
         let (o, t) = timeout_request(&api, &headers, &body)?;
+        let resumed = api.svc.resume(&o, &id, t.map(Duration::from_secs)).await?;
         let s = api.svc.get(&o, &id)?;
-        if let Some(t) = t {
-            let wanted = std::time::SystemTime::now() + Duration::from_secs(t);
-            if wanted > s.end_at() {
-                api.svc.set_timeout(&o, &id, Duration::from_secs(t))?;
-            }
+        let status = if resumed {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        Ok::<_, ApiFailure>((status, axum::Json(created_json(&s))).into_response())
+    }
+    .await;
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Pauses a sandbox: 204, 409 when it already is.
+async fn pause(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let r = async {
+        let o = owner(&api, &headers)?;
+        api.svc.pause(&o, &id).await?;
+        Ok::<_, ApiFailure>(super::no_content())
+    }
+    .await;
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Resumes a paused sandbox: 201 with the sandbox, 409 when it is running.
+async fn resume(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let r = async {
+        let (o, t) = timeout_request(&api, &headers, &body)?;
+        if !api.svc.resume(&o, &id, t.map(Duration::from_secs)).await? {
+            return Err(ApiFailure(
+                StatusCode::CONFLICT,
+                format!("sandbox {id} is already running"),
+            ));
         }
-        Ok::<_, ApiFailure>(axum::Json(created_json(&s)).into_response())
-    })();
+        let s = api.svc.get(&o, &id)?;
+        Ok((StatusCode::CREATED, axum::Json(created_json(&s))).into_response())
+    }
+    .await;
     r.unwrap_or_else(IntoResponse::into_response)
 }
 

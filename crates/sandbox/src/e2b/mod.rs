@@ -156,6 +156,13 @@ async fn dispatch(State(dp): State<DataPlane>, mut req: Request, next: Next) -> 
         // The same answer as for a sandbox that does not exist: ids cannot be probed.
         return sandbox_gone(&id);
     }
+    if sandbox.is_paused() {
+        return ApiFailure(
+            StatusCode::BAD_GATEWAY,
+            format!("The sandbox {id} is paused: connect to it to resume it"),
+        )
+        .into_response();
+    }
     req.extensions_mut().insert(sandbox.clone());
     let router = match port {
         ENVD_PORT => dp.envd,
