@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 missing=()
 if ! command -v etcd >/dev/null 2>&1 && [ -z "${LASTMILE_ETCD:-}" ]; then missing+=(etcd-server); fi
 if ! command -v bwrap >/dev/null 2>&1; then missing+=(bubblewrap); fi
+# Sandbox internet access (--sandbox-egress): a user-mode network and a filter inside it.
+if ! command -v slirp4netns >/dev/null 2>&1; then missing+=(slirp4netns); fi
+if ! command -v nft >/dev/null 2>&1 && [ ! -x /usr/sbin/nft ]; then missing+=(nftables); fi
 if [ ! -x /usr/bin/python3 ]; then missing+=(python3); fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "== installing ${missing[*]} (Debian packages)"
@@ -17,6 +20,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# slirp4netns opens /dev/net/tun as the unprivileged user sandboxes run as: give it the usual
+# mode (Debian's udev default) where a minimal image left it root-only.
+if [ -c /dev/net/tun ] && [ "$(stat -c %a /dev/net/tun)" != 666 ]; then
+    if [ "$(id -u)" = 0 ]; then chmod 0666 /dev/net/tun; else sudo chmod 0666 /dev/net/tun; fi
 fi
 
 cargo build --release --workspace

@@ -86,27 +86,16 @@ def admin_request(url, method, path, body=None, key=None):
         return json.loads(text) if text else None
 
 
-@pytest.fixture(scope="session")
-def sandbox_server(tmp_path_factory):
-    """`lastmile sandbox` with keys on (the admin key and a canary in its environment)."""
+def start_sandbox_server(tmp, *extra):
+    """`lastmile sandbox` with keys on (the admin key and a canary in its environment) and
+    `extra` options; returns (URL, process, log file) once it answers."""
     port = _free_port()
     env = dict(os.environ)
     env["LASTMILE_ADMIN_KEY"] = SANDBOX_ADMIN_KEY
     env["LASTMILE_TEST_CANARY"] = SANDBOX_CANARY
-    tmp = tmp_path_factory.mktemp("sandbox")
     log = open(tmp / "server.log", "wb")
-    (tmp / "templates.yaml").write_text(
-        "templates:\n"
-        "  - name: web\n"
-        "    memory_mb: 256\n"
-        "    cpus: 0.5\n"
-        "    start_cmd: python3 -m http.server 8000 --bind 127.0.0.1\n"
-    )
     proc = subprocess.Popen(
-        [
-            str(BINARY), "sandbox", "--port", str(port), "--usage-db", str(tmp / "keys.db"),
-            "--sandbox-max-per-key", "6", "--sandbox-templates", str(tmp / "templates.yaml"),
-        ],
+        [str(BINARY), "sandbox", "--port", str(port), "--usage-db", str(tmp / "keys.db"), *extra],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=log,
@@ -129,6 +118,22 @@ def sandbox_server(tmp_path_factory):
             proc.kill()
             raise RuntimeError("lastmile sandbox did not answer in 30 s")
         time.sleep(0.1)
+    return url, proc, log
+
+
+@pytest.fixture(scope="session")
+def sandbox_server(tmp_path_factory):
+    """`lastmile sandbox` with keys on, a `web` template, 6 sandboxes per key."""
+    tmp = tmp_path_factory.mktemp("sandbox")
+    (tmp / "templates.yaml").write_text(
+        "templates:\n"
+        "  - name: web\n"
+        "    memory_mb: 256\n"
+        "    cpus: 0.5\n"
+        "    start_cmd: python3 -m http.server 8000 --bind 127.0.0.1\n"
+    )
+    url, proc, log = start_sandbox_server(
+        tmp, "--sandbox-max-per-key", "6", "--sandbox-templates", str(tmp / "templates.yaml"))
     yield url, proc
     stop_server(proc)
     log.close()

@@ -43,6 +43,16 @@ pub struct SandboxOptions {
     /// docs/sandboxes.md.
     #[arg(long)]
     pub sandbox_templates: Option<std::path::PathBuf>,
+    /// Offer internet access to sandboxes created with `allow_internet_access=True` (through
+    /// slirp4netns, behind an nftables filter: the host's loopback and addresses, private,
+    /// link-local and reserved ranges and IPv6 are always refused). Needs the slirp4netns and
+    /// nftables packages.
+    #[arg(long)]
+    pub sandbox_egress: bool,
+    /// Ranges sandboxes may reach although they are refused by default (an internal package
+    /// mirror: `10.1.2.3/32`), comma-separated IPv4 CIDR blocks.
+    #[arg(long, value_delimiter = ',', requires = "sandbox_egress")]
+    pub sandbox_egress_allow: Vec<lastmile_sandbox::backend::egress::Ipv4Net>,
 }
 
 impl SandboxOptions {
@@ -63,6 +73,9 @@ impl SandboxOptions {
             memory_mb: self.sandbox_key_memory_mib,
         };
         c.service.max_sandboxes = self.sandbox_max;
+        c.egress = self
+            .sandbox_egress
+            .then(|| self.sandbox_egress_allow.clone());
         if let Some(path) = &self.sandbox_templates {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;

@@ -94,6 +94,9 @@ pub struct SandboxConfig {
     pub service: ServiceConfig,
     /// The firecracker backend's settings.
     pub firecracker: backend::firecracker::FirecrackerConfig,
+    /// Offer internet access to sandboxes that ask for it, with these ranges exempted from
+    /// what is always refused (`None`: no sandbox gets a network).
+    pub egress: Option<Vec<backend::egress::Ipv4Net>>,
 }
 
 impl SandboxConfig {
@@ -105,6 +108,7 @@ impl SandboxConfig {
             require_limits: true,
             service: ServiceConfig::default(),
             firecracker: Default::default(),
+            egress: None,
         }
     }
 }
@@ -115,6 +119,11 @@ pub fn start(config: SandboxConfig) -> Result<Arc<SandboxService>, SandboxError>
         BackendKind::Bwrap => {
             let mut b = backend::bwrap::BwrapConfig::new(config.agent.clone());
             b.require_limits = config.require_limits;
+            b.egress = config
+                .egress
+                .clone()
+                .map(|exempt| backend::egress::Egress::probe(exempt, b.host_user))
+                .transpose()?;
             Arc::new(backend::bwrap::Bwrap::start(b)?)
         }
         BackendKind::Firecracker => Arc::new(backend::firecracker::Firecracker::start(

@@ -96,8 +96,9 @@ pub struct CreateRequest {
     pub metadata: BTreeMap<String, String>,
     /// Environment of every process.
     pub envs: BTreeMap<String, String>,
-    /// Network egress (not offered yet: refused when asked for).
-    pub internet: bool,
+    /// Internet access behind these rules (`None`: no network but its own loopback);
+    /// refused unless the server offers it.
+    pub network: Option<crate::backend::egress::EgressRules>,
 }
 
 /// Metadata and environment caps: entries, key bytes, value bytes.
@@ -129,6 +130,10 @@ pub struct Sandbox {
     /// Its processes are stopped (paused), their memory kept.
     paused: std::sync::atomic::AtomicBool,
     child: Mutex<Option<tokio::process::Child>>,
+    /// Host processes serving it (its network), ended with it.
+    helpers: Mutex<Vec<std::process::Child>>,
+    /// Whether it has internet access.
+    pub internet: bool,
     cgroup: Mutex<Option<Cgroup>>,
 }
 
@@ -229,6 +234,11 @@ impl Sandbox {
                 let _ = c.wait().await;
             });
         }
+        let helpers = std::mem::take(&mut *lock(&self.helpers));
+        for mut h in helpers {
+            let _ = h.kill();
+            tokio::task::spawn_blocking(move || h.wait());
+        }
         let cgroup = lock(&self.cgroup).take();
         if let Some(cg) = cgroup {
             let _ = tokio::task::spawn_blocking(move || drop(cg)).await;
@@ -324,13 +334,6 @@ impl SandboxService {
                 self.config.max_timeout.as_secs()
             )));
         }
-        if req.internet {
-            return Err(SandboxError::InvalidArgument(
-                "internet access is not offered by this server: sandboxes have no network \
-                 (create with allow_internet_access=False or leave it unset)"
-                    .into(),
-            ));
-        }
         check_map("metadata", &req.metadata, |_| true)?;
         check_map("envVars", &req.envs, crate::backend::valid_env_name)?;
         let id = new_id();
@@ -364,11 +367,13 @@ impl SandboxService {
         }
         let backend = self.backend.clone();
         let (t2, id2, envs) = (template.clone(), id.clone(), req.envs.clone());
+        let network = req.network.clone();
         let launched = tokio::task::spawn_blocking(move || {
             backend.launch(&LaunchSpec {
                 id: &id2,
                 template: &t2,
                 envs: &envs,
+                network: network.as_ref(),
             })
         })
         .await
@@ -393,6 +398,8 @@ impl SandboxService {
             end: Mutex::new((SystemTime::now() + timeout, Instant::now() + timeout)),
             paused: std::sync::atomic::AtomicBool::new(false),
             child: Mutex::new(Some(child)),
+            helpers: Mutex::new(launched.helpers),
+            internet: req.network.is_some(),
             cgroup: Mutex::new(launched.cgroup),
         });
         let over = {

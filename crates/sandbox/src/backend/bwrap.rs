@@ -59,6 +59,8 @@ pub struct BwrapConfig {
     pub host_user: Option<(u32, u32)>,
     /// Refuse to start when the host lacks a cgroup controller (memory, pids, cpu).
     pub require_limits: bool,
+    /// Internet access for sandboxes that ask (`None`: refused).
+    pub egress: Option<super::egress::Egress>,
 }
 
 impl BwrapConfig {
@@ -71,6 +73,7 @@ impl BwrapConfig {
             agent,
             host_user: root.then_some((65534, 65534)),
             require_limits: true,
+            egress: None,
         }
     }
 }
@@ -119,7 +122,7 @@ impl Bwrap {
 
     /// Runs `true` in a container like a sandbox's (no cgroup), within 5 s.
     fn probe(&self) -> Result<(), SandboxError> {
-        let fds = self.fds(None)?;
+        let fds = self.fds(None, false)?;
         let mut args = self.args(&fds, &Default::default(), 1, None);
         args.push("/usr/bin/true".into());
         let mut cmd = std::process::Command::new(&self.config.program);
@@ -164,7 +167,7 @@ impl Bwrap {
     }
 
     /// The file descriptors bubblewrap reads: agent binary, seccomp programs, `/etc` files.
-    fn fds(&self, hostname: Option<&str>) -> Result<Fds, SandboxError> {
+    fn fds(&self, hostname: Option<&str>, network: bool) -> Result<Fds, SandboxError> {
         let io = |e: io::Error| SandboxError::Unavailable(format!("preparing a sandbox: {e}"));
         let agent = File::open(&self.config.agent.path).map_err(|e| {
             SandboxError::Unavailable(format!(
@@ -185,20 +188,26 @@ impl Bwrap {
             "export PATH=\"{PATH}\"\nif [ -d /etc/profile.d ]; then\n  for i in /etc/profile.d/*.sh; do\n    \
              [ -r \"$i\" ] && . \"$i\"\n  done\n  unset i\nfi\n"
         );
+        let mut etc = vec![
+            ("/etc/passwd", data_fd(passwd.as_bytes()).map_err(io)?),
+            ("/etc/group", data_fd(group.as_bytes()).map_err(io)?),
+            ("/etc/hosts", data_fd(hosts.as_bytes()).map_err(io)?),
+            (
+                "/etc/hostname",
+                data_fd(format!("{host}\n").as_bytes()).map_err(io)?,
+            ),
+            ("/etc/profile", data_fd(profile.as_bytes()).map_err(io)?),
+        ];
+        if network {
+            let resolv = format!("nameserver {}\n", super::egress::DNS);
+            etc.push(("/etc/resolv.conf", data_fd(resolv.as_bytes()).map_err(io)?));
+        }
         Ok(Fds {
             agent: agent.into(),
             deny: data_fd(&self.filters.deny).map_err(io)?,
             clone3: data_fd(&self.filters.clone3).map_err(io)?,
-            etc: vec![
-                ("/etc/passwd", data_fd(passwd.as_bytes()).map_err(io)?),
-                ("/etc/group", data_fd(group.as_bytes()).map_err(io)?),
-                ("/etc/hosts", data_fd(hosts.as_bytes()).map_err(io)?),
-                (
-                    "/etc/hostname",
-                    data_fd(format!("{host}\n").as_bytes()).map_err(io)?,
-                ),
-                ("/etc/profile", data_fd(profile.as_bytes()).map_err(io)?),
-            ],
+            etc,
+            info: None,
         })
     }
 
@@ -273,6 +282,9 @@ impl Bwrap {
             AGENT_PATH,
         ]);
         push(&["--remount-ro", "/"]);
+        if let Some(info) = &fds.info {
+            push(&["--info-fd", &info.as_raw_fd().to_string()]);
+        }
         push(&["--add-seccomp-fd", &fds.deny.as_raw_fd().to_string()]);
         push(&["--add-seccomp-fd", &fds.clone3.as_raw_fd().to_string()]);
         push(&["--chdir", HOME, "--"]);
@@ -359,7 +371,29 @@ impl IsolationBackend for Bwrap {
             SandboxError::Unavailable(format!("creating the sandbox's cgroup: {e}"))
         })?;
         let t_cg = t0.elapsed();
-        let fds = self.fds(None)?;
+        let egress = match (spec.network, &self.config.egress) {
+            (None, _) => None,
+            (Some(rules), Some(e)) => Some((rules, e)),
+            (Some(_), None) => {
+                return Err(SandboxError::InvalidArgument(
+                    "internet access is not offered by this server: sandboxes have no network \
+                     (create with allow_internet_access=False or leave it unset; the operator \
+                     turns it on with --sandbox-egress)"
+                        .into(),
+                ))
+            }
+        };
+        let mut fds = self.fds(None, egress.is_some())?;
+        // With a network, bubblewrap reports the sandbox's pid (to attach the network to).
+        let info = match egress {
+            Some(_) => {
+                let (r, w) = super::egress::pipe()
+                    .map_err(|e| SandboxError::Unavailable(format!("preparing a sandbox: {e}")))?;
+                fds.info = Some(w);
+                Some(r)
+            }
+            None => None,
+        };
         let mut args = self.args(&fds, spec.envs, t.disk_mb, t.rootfs.as_deref());
         args.push(AGENT_PATH.into());
         args.extend(self.config.agent.args.iter().map(OsString::from));
@@ -371,10 +405,22 @@ impl IsolationBackend for Bwrap {
         self.prepare(&mut cmd, &fds, &cgroup.join_fds());
         let mut cmd = tokio::process::Command::from(cmd);
         cmd.kill_on_drop(true);
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .map_err(|e| SandboxError::Unavailable(format!("starting bubblewrap: {e}")))?;
         drop(fds);
+        let mut helpers = Vec::new();
+        if let (Some(info), Some((rules, e))) = (info, egress) {
+            let attached =
+                sandbox_pid(info).and_then(|pid| e.attach(pid, self.config.host_user, rules));
+            match attached {
+                Ok(slirp) => helpers.push(slirp),
+                Err(err) => {
+                    let _ = child.start_kill();
+                    return Err(err);
+                }
+            }
+        }
         tracing::debug!(
             "sandbox {} launched in {:.2} ms (cgroup {:.2} ms)",
             spec.id,
@@ -384,6 +430,7 @@ impl IsolationBackend for Bwrap {
         Ok(Launched {
             child,
             cgroup: Some(cgroup),
+            helpers,
         })
     }
 }
@@ -394,6 +441,8 @@ struct Fds {
     deny: OwnedFd,
     clone3: OwnedFd,
     etc: Vec<(&'static str, OwnedFd)>,
+    /// Where bubblewrap writes its `--info-fd` report (the sandbox's pid).
+    info: Option<OwnedFd>,
 }
 
 impl Fds {
@@ -401,8 +450,42 @@ impl Fds {
         [&self.agent, &self.deny, &self.clone3]
             .into_iter()
             .chain(self.etc.iter().map(|(_, f)| f))
+            .chain(self.info.as_ref())
             .map(|f| f.as_raw_fd())
     }
+}
+
+/// The host pid of the sandbox's first process, from bubblewrap's `--info-fd` report
+/// (`{"child-pid": N, ...}`), within 5 s.
+fn sandbox_pid(info: OwnedFd) -> Result<u32, SandboxError> {
+    let fail = |m: String| SandboxError::Unavailable(format!("starting the sandbox: {m}"));
+    let mut text = Vec::new();
+    let mut pfd = libc::pollfd {
+        fd: info.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let mut file = File::from(info);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !text.contains(&b'}') {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // SAFETY: one valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&mut pfd, 1, left.as_millis() as i32) } != 1 {
+            return Err(fail("bubblewrap did not report the sandbox's pid".into()));
+        }
+        let mut buf = [0u8; 256];
+        match io::Read::read(&mut file, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(fail(e.to_string())),
+        }
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| fail(format!("bubblewrap's report: {e}")))?;
+    v["child-pid"]
+        .as_u64()
+        .map(|p| p as u32)
+        .ok_or_else(|| fail("bubblewrap's report has no child-pid".into()))
 }
 
 /// A pipe holding `data` (small: it must fit the pipe's buffer), read end returned.

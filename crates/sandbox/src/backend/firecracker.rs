@@ -136,7 +136,12 @@ impl IsolationBackend for Firecracker {
         format!("firecracker: {}", self.config.program.display())
     }
 
-    fn launch(&self, _spec: &LaunchSpec<'_>) -> Result<Launched, SandboxError> {
+    fn launch(&self, spec: &LaunchSpec<'_>) -> Result<Launched, SandboxError> {
+        if spec.network.is_some() {
+            return Err(SandboxError::InvalidArgument(
+                "internet access is not offered by the firecracker backend yet".into(),
+            ));
+        }
         Err(SandboxError::Unavailable(
             "booting microVMs is not implemented yet".into(),
         ))

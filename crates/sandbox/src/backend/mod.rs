@@ -5,6 +5,7 @@
 
 pub mod bwrap;
 pub mod cgroup;
+pub mod egress;
 pub mod firecracker;
 pub mod seccomp;
 
@@ -35,6 +36,8 @@ pub struct LaunchSpec<'a> {
     pub template: &'a Template,
     /// Environment variables every process in it sees.
     pub envs: &'a BTreeMap<String, String>,
+    /// Internet access behind these rules (`None`: no network but its own loopback).
+    pub network: Option<&'a egress::EgressRules>,
 }
 
 /// A started sandbox: its agent (stdin and stdout piped) and its cgroups.
@@ -44,6 +47,8 @@ pub struct Launched {
     pub child: tokio::process::Child,
     /// Where its resources are limited and counted.
     pub cgroup: Option<Cgroup>,
+    /// Processes that serve it from the host (its user-mode network), ended with it.
+    pub helpers: Vec<std::process::Child>,
 }
 
 /// An isolation technique.

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{rfc3339, Api, ApiFailure, ENVD_VERSION};
+use crate::backend::egress::EgressRules;
 use crate::service::{CreateRequest, Sandbox};
 
 /// The routes.
@@ -72,6 +73,7 @@ struct NewSandbox {
     allow_internet_access: Option<bool>,
     #[serde(rename = "allow_internet_access")]
     allow_internet_access_snake: Option<bool>,
+    network: Option<NetworkBody>,
 }
 
 /// The `Sandbox` answer to a create or connect.
@@ -107,6 +109,14 @@ fn detail_json(s: &Sandbox, with_token: bool) -> Value {
     v
 }
 
+/// E2B's `network` option: where egress may go.
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct NetworkBody {
+    allow_out: Vec<String>,
+    deny_out: Vec<String>,
+}
+
 async fn create(State(api): State<Api>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     let r = async {
         let owner = owner(&api, &headers)?;
@@ -126,10 +136,16 @@ async fn create(State(api): State<Api>, headers: HeaderMap, body: axum::body::By
                     timeout: req.timeout.map(Duration::from_secs),
                     metadata: req.metadata.unwrap_or_default(),
                     envs: req.env_vars.unwrap_or_default(),
-                    internet: req
+                    network: match req
                         .allow_internet_access
                         .or(req.allow_internet_access_snake)
-                        == Some(true),
+                    {
+                        Some(true) => {
+                            let n = req.network.unwrap_or_default();
+                            Some(EgressRules::parse(&n.allow_out, &n.deny_out)?)
+                        }
+                        _ => None,
+                    },
                 },
             )
             .await?;
