@@ -53,6 +53,16 @@ pub struct SandboxOptions {
     /// mirror: `10.1.2.3/32`), comma-separated IPv4 CIDR blocks.
     #[arg(long, value_delimiter = ',', requires = "sandbox_egress")]
     pub sandbox_egress_allow: Vec<lastmile_sandbox::backend::egress::Ipv4Net>,
+    /// firecracker backend: the guest kernel (an uncompressed vmlinux).
+    #[arg(long)]
+    pub sandbox_kernel: Option<std::path::PathBuf>,
+    /// firecracker backend: the guest root image (ext4, mounted read-only), with lastmile at
+    /// /usr/bin/lastmile (the guest's first process is its sandbox agent) and python3.
+    #[arg(long)]
+    pub sandbox_rootfs_image: Option<std::path::PathBuf>,
+    /// firecracker backend: the firecracker executable.
+    #[arg(long, default_value = "firecracker")]
+    pub sandbox_firecracker: std::path::PathBuf,
 }
 
 impl SandboxOptions {
@@ -73,6 +83,9 @@ impl SandboxOptions {
             memory_mb: self.sandbox_key_memory_mib,
         };
         c.service.max_sandboxes = self.sandbox_max;
+        c.firecracker.kernel = self.sandbox_kernel.clone();
+        c.firecracker.rootfs = self.sandbox_rootfs_image.clone();
+        c.firecracker.program = self.sandbox_firecracker.clone();
         c.egress = self
             .sandbox_egress
             .then(|| self.sandbox_egress_allow.clone());
@@ -144,7 +157,20 @@ pub fn serve(args: SandboxServerArgs) -> Result<()> {
     })
 }
 
-/// `lastmile sandbox-agent`: the agent inside a sandbox (started by the backend, not by hand).
+/// `lastmile sandbox-agent`: the agent inside a sandbox (started by the backend, not by hand):
+/// on its stdin and stdout, or in a microVM `--vsock PORT` (with `--init` as the guest's first
+/// process).
 pub fn agent() -> ! {
-    std::process::exit(lastmile_sandbox::agent::run())
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    let code = match args.iter().position(|a| a == "--vsock") {
+        Some(i) => {
+            let port = args
+                .get(i + 1)
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(lastmile_sandbox::agent::VSOCK_PORT);
+            lastmile_sandbox::agent::run_vsock(port, args.iter().any(|a| a == "--init"))
+        }
+        None => lastmile_sandbox::agent::run(),
+    };
+    std::process::exit(code)
 }

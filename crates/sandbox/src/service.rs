@@ -132,6 +132,8 @@ pub struct Sandbox {
     child: Mutex<Option<tokio::process::Child>>,
     /// Host processes serving it (its network), ended with it.
     helpers: Mutex<Vec<std::process::Child>>,
+    /// Its host folder, removed once it ended.
+    scratch: Option<std::path::PathBuf>,
     /// Whether it has internet access.
     pub internet: bool,
     cgroup: Mutex<Option<Cgroup>>,
@@ -228,10 +230,14 @@ impl Sandbox {
     /// Ends it: the agent and every process, then the cgroups (waiting for the last exit).
     async fn end(&self) {
         let child = lock(&self.child).take();
+        let scratch = self.scratch.clone();
         if let Some(mut c) = child {
             let _ = c.start_kill();
             tokio::spawn(async move {
                 let _ = c.wait().await;
+                if let Some(dir) = scratch {
+                    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+                }
             });
         }
         let helpers = std::mem::take(&mut *lock(&self.helpers));
@@ -379,12 +385,24 @@ impl SandboxService {
         .await
         .map_err(|e| SandboxError::Unavailable(e.to_string()))??;
         let mut child = launched.child;
-        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            return Err(SandboxError::Unavailable(
-                "the sandbox agent has no pipes".into(),
-            ));
+        let conn = match launched.agent_socket {
+            Some(sock) => {
+                let sock = sock
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::UnixStream::from_std(sock))
+                    .map_err(|e| SandboxError::Unavailable(format!("the agent's socket: {e}")))?;
+                let (read, write) = sock.into_split();
+                AgentConn::start(write, read)
+            }
+            None => {
+                let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+                    return Err(SandboxError::Unavailable(
+                        "the sandbox agent has no pipes".into(),
+                    ));
+                };
+                AgentConn::start(stdin, stdout)
+            }
         };
-        let conn = AgentConn::start(stdin, stdout);
         let sandbox = Arc::new(Sandbox {
             id: id.clone(),
             owner: owner.to_string(),
@@ -399,6 +417,7 @@ impl SandboxService {
             paused: std::sync::atomic::AtomicBool::new(false),
             child: Mutex::new(Some(child)),
             helpers: Mutex::new(launched.helpers),
+            scratch: launched.scratch,
             internet: req.network.is_some(),
             cgroup: Mutex::new(launched.cgroup),
         });

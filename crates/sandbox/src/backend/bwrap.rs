@@ -429,6 +429,8 @@ impl IsolationBackend for Bwrap {
         );
         Ok(Launched {
             child,
+            agent_socket: None,
+            scratch: None,
             cgroup: Some(cgroup),
             helpers,
         })

@@ -40,11 +40,15 @@ pub struct LaunchSpec<'a> {
     pub network: Option<&'a egress::EgressRules>,
 }
 
-/// A started sandbox: its agent (stdin and stdout piped) and its cgroups.
+/// A started sandbox: its agent (stdin and stdout piped, or a socket) and its cgroups.
 #[derive(Debug)]
 pub struct Launched {
     /// The process that holds the sandbox; killing it ends the sandbox.
     pub child: tokio::process::Child,
+    /// The agent's connection when it is not the child's stdin and stdout (a microVM's vsock).
+    pub agent_socket: Option<std::os::unix::net::UnixStream>,
+    /// A host folder of the sandbox's own (a microVM's config and sockets), removed with it.
+    pub scratch: Option<PathBuf>,
     /// Where its resources are limited and counted.
     pub cgroup: Option<Cgroup>,
     /// Processes that serve it from the host (its user-mode network), ended with it.
