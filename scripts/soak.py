@@ -101,7 +101,8 @@ def kv_fill(worker_url):
             if line.startswith(k + " "):
                 v[k] = float(line.split()[1])
     total = v.get("lastmile_kv_blocks_total", 0)
-    return (v.get("lastmile_kv_blocks_used", 0) + v.get("lastmile_kv_blocks_cached", 0)) / total \
+    # A block both in use and cached counts once.
+    return min(1.0, (v.get("lastmile_kv_blocks_used", 0) + v.get("lastmile_kv_blocks_cached", 0)) / total) \
         if total else 0.0
 
 
