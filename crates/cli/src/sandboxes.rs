@@ -99,8 +99,9 @@ impl SandboxOptions {
     }
 }
 
-/// Puts the sandbox API on `handle`'s port, behind its keys, with its metrics and an
-/// `/admin/sandboxes` route (returned, to be served with the gateway's admin routes).
+/// Puts the sandbox API (E2B's, and MCP's at `/mcp`) on `handle`'s port, behind its keys, with
+/// its metrics and an `/admin/sandboxes` route (returned, to be served with the gateway's admin
+/// routes).
 pub fn attach(handle: &GatewayHandle, svc: Arc<SandboxService>) -> axum::Router {
     let h = handle.clone();
     let auth: lastmile_sandbox::e2b::Authenticate = Arc::new(move |headers| {
@@ -113,7 +114,9 @@ pub fn attach(handle: &GatewayHandle, svc: Arc<SandboxService>) -> axum::Router 
     let s = svc.clone();
     handle.extra_metrics(move || lastmile_sandbox::metrics::render(&s));
     let s = svc.clone();
-    handle.wrap_router(move |app| lastmile_sandbox::e2b::wrap(app, s, auth));
+    // MCP at /mcp: the same sandboxes as tools, behind the same keys.
+    let mcp = lastmile_mcp::router(svc.clone(), auth.clone());
+    handle.wrap_router(move |app| lastmile_sandbox::e2b::wrap(app.merge(mcp), s, auth));
     lastmile_sandbox::e2b::admin_router(svc)
 }
 

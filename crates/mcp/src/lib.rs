@@ -1,0 +1,634 @@
+//! lastmile's MCP server: its sandboxes as tools any MCP client can call, over Streamable HTTP
+//! at `/mcp` on the server's own port, behind the same API keys (built on the official Rust SDK,
+//! `rmcp`).
+//!
+//! Every tool acts as the caller's key: a sandbox made through MCP belongs to that key exactly
+//! as one made through the E2B API (another key gets "not found"), and counts against its
+//! limits. A tool that fails answers a tool result with `isError: true` and a message a model
+//! can act on (unknown sandbox, timeout, limit), never a protocol error.
+//!
+//! Tools: `sandbox_create`, `sandbox_kill`, `sandbox_set_timeout`, `run_command`, `run_code`
+//! (makes a sandbox when none is given, and says which), `read_file`, `write_file`,
+//! `list_files`. A command past its `timeout_s`, or whose call the client cancels, is killed.
+#![warn(missing_docs)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use lastmile_sandbox::conn::{ProcConfig, ProcEvent};
+use lastmile_sandbox::e2b::Authenticate;
+use lastmile_sandbox::service::{CreateRequest, Sandbox};
+use lastmile_sandbox::wire::{Entry, Request as AgentRequest};
+use lastmile_sandbox::SandboxService;
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::tool::Extension;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{ServerCapabilities, ServerConfig};
+use rmcp::service::RequestContext;
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::{schemars, tool, tool_handler, tool_router, Json, RoleServer, ServerHandler};
+use serde::{Deserialize, Serialize};
+
+/// The caller's sandbox owner name, set by the `/mcp` authentication layer.
+#[derive(Clone, Debug)]
+struct Owner(String);
+
+/// Most output a tool returns per stream; the rest is cut (and said so).
+const MAX_OUTPUT: usize = 1 << 20;
+/// Longest a command may run through MCP.
+const MAX_TIMEOUT_S: u64 = 3600;
+
+/// The MCP server over one sandbox service.
+#[derive(Clone)]
+pub struct LastmileMcp {
+    svc: Arc<SandboxService>,
+    tool_router: ToolRouter<Self>,
+}
+
+/// `sandbox_create`'s arguments.
+#[derive(Deserialize, schemars::JsonSchema)]
+pub struct CreateArgs {
+    /// Template id or alias (default `base`; `code-interpreter` for Python with a persistent
+    /// interpreter).
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Lifetime in seconds (default: the server's, 300 unless configured).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    /// Labels to find it by.
+    #[serde(default)]
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// A sandbox made.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct Created {
+    /// Its id, for the other tools.
+    pub sandbox_id: String,
+    /// Its template.
+    pub template: String,
+    /// When it ends, seconds since the epoch (extend it with `sandbox_set_timeout`).
+    pub end_at_unix_s: u64,
+}
+
+/// A sandbox by id.
+#[derive(Deserialize, schemars::JsonSchema)]
+pub struct SandboxArgs {
+    /// The sandbox (from `sandbox_create`).
+    pub sandbox_id: String,
+}
+
+/// `sandbox_set_timeout`'s arguments.
+#[derive(Deserialize, schemars::JsonSchema)]
+pub struct TimeoutArgs {
+    /// The sandbox.
+    pub sandbox_id: String,
+    /// Seconds it lives from now.
+    pub timeout_s: u64,
+}
+
+/// `run_command`'s arguments.
+#[derive(Deserialize, schemars::JsonSchema)]
+pub struct CommandArgs {
+    /// The sandbox.
+    pub sandbox_id: String,
+    /// A bash command line (run with `bash -l -c`).
+    pub command: String,
+    /// Working directory (default `/home/user`).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: Option<BTreeMap<String, String>>,
+    /// Seconds before it is killed (default 60).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+/// How a command ended.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct CommandResult {
+    /// Its standard output (the first MiB).
+    pub stdout: String,
+    /// Its standard error (the first MiB).
+    pub stderr: String,
+    /// Its exit code (-1 when a signal ended it).
+    pub exit_code: i32,
+    /// Set when it was killed for running past its timeout.
+    pub timed_out: bool,
+}
+
+/// `run_code`'s arguments.
+#[derive(Deserialize, schemars::JsonSchema)]
+pub struct CodeArgs {
+    /// The sandbox; without one a new `code-interpreter` sandbox is made (its id is in the
+    /// result: pass it on to keep its files).
+    #[serde(default)]
+    pub sandbox_id: Option<String>,
+    /// Python source, run as a script (`print` what you want back).
+    pub code: String,
+    /// Seconds before it is killed (default 60).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+/// How code ran.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct CodeResult {
+    /// The sandbox it ran in.
+    pub sandbox_id: String,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error (a traceback on an exception).
+    pub stderr: String,
+    /// The interpreter's exit code (0: no uncaught exception).
+    pub exit_code: i32,
+    /// Set when it was killed for running past its timeout.
+    pub timed_out: bool,
+}
+
+/// A file by path.
+#[derive(Deserialize, schemars::JsonSchema)]
+pub struct FileArgs {
+    /// The sandbox.
+    pub sandbox_id: String,
+    /// Absolute path, or relative to `/home/user`.
+    pub path: String,
+}
+
+/// A file's text.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct FileText {
+    /// The path read.
+    pub path: String,
+    /// Its content (UTF-8; invalid bytes replaced).
+    pub content: String,
+}
+
+/// `write_file`'s arguments.
+#[derive(Deserialize, schemars::JsonSchema)]
+pub struct WriteArgs {
+    /// The sandbox.
+    pub sandbox_id: String,
+    /// Absolute path, or relative to `/home/user` (parents are made).
+    pub path: String,
+    /// The text to write.
+    pub content: String,
+}
+
+/// `list_files`'s arguments.
+#[derive(Deserialize, schemars::JsonSchema)]
+pub struct ListArgs {
+    /// The sandbox.
+    pub sandbox_id: String,
+    /// The folder (default `/home/user`).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Levels to descend (default 1: its entries only).
+    #[serde(default)]
+    pub depth: Option<u32>,
+}
+
+/// A file or folder.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct FileEntry {
+    /// Absolute path.
+    pub path: String,
+    /// `file`, `dir` or `symlink`.
+    pub kind: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A listing.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct Listing {
+    /// The entries, in path order.
+    pub entries: Vec<FileEntry>,
+}
+
+/// What a path means inside: relative paths are under the sandbox user's home.
+fn absolute(path: &str) -> String {
+    if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("/home/user/{path}")
+    }
+}
+
+fn owner(parts: &http::request::Parts) -> Result<String, String> {
+    parts
+        .extensions
+        .get::<Owner>()
+        .map(|o| o.0.clone())
+        .ok_or_else(|| "not authenticated".to_string())
+}
+
+fn clip(mut bytes: Vec<u8>) -> String {
+    let cut = bytes.len() > MAX_OUTPUT;
+    bytes.truncate(MAX_OUTPUT);
+    let mut s = String::from_utf8_lossy(&bytes).into_owned();
+    if cut {
+        s.push_str("\n[output cut at 1 MiB]");
+    }
+    s
+}
+
+#[tool_router]
+impl LastmileMcp {
+    /// A server over `svc`.
+    pub fn new(svc: Arc<SandboxService>) -> Self {
+        Self {
+            svc,
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    fn sandbox(&self, parts: &http::request::Parts, id: &str) -> Result<Arc<Sandbox>, String> {
+        let o = owner(parts)?;
+        let s = self.svc.get(&o, id).map_err(|e| e.to_string())?;
+        if s.is_paused() {
+            return Err(format!("sandbox {id} is paused: resume it before using it"));
+        }
+        Ok(s)
+    }
+
+    async fn create(
+        &self,
+        parts: &http::request::Parts,
+        template: String,
+        timeout_s: Option<u64>,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<Arc<Sandbox>, String> {
+        let o = owner(parts)?;
+        self.svc
+            .create(
+                &o,
+                CreateRequest {
+                    template,
+                    timeout: timeout_s.map(Duration::from_secs),
+                    metadata,
+                    envs: BTreeMap::new(),
+                    network: None,
+                },
+            )
+            .await
+            .map_err(|e| format!("creating a sandbox: {e}"))
+    }
+
+    #[tool(
+        description = "Create an isolated Linux sandbox (Python 3, bash; no network) to run \
+                       commands and code in. Returns its sandbox_id for the other tools."
+    )]
+    async fn sandbox_create(
+        &self,
+        Extension(parts): Extension<http::request::Parts>,
+        Parameters(a): Parameters<CreateArgs>,
+    ) -> Result<Json<Created>, String> {
+        let s = self
+            .create(
+                &parts,
+                a.template.unwrap_or_else(|| "base".into()),
+                a.timeout_s,
+                a.metadata.unwrap_or_default(),
+            )
+            .await?;
+        Ok(Json(created(&s)))
+    }
+
+    #[tool(description = "Kill a sandbox: every process in it ends and its files are gone.")]
+    async fn sandbox_kill(
+        &self,
+        Extension(parts): Extension<http::request::Parts>,
+        Parameters(a): Parameters<SandboxArgs>,
+    ) -> Result<String, String> {
+        let o = owner(&parts)?;
+        self.svc
+            .kill(&o, &a.sandbox_id)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(format!("sandbox {} killed", a.sandbox_id))
+    }
+
+    #[tool(description = "Set how many more seconds a sandbox lives.")]
+    async fn sandbox_set_timeout(
+        &self,
+        Extension(parts): Extension<http::request::Parts>,
+        Parameters(a): Parameters<TimeoutArgs>,
+    ) -> Result<String, String> {
+        let o = owner(&parts)?;
+        self.svc
+            .set_timeout(&o, &a.sandbox_id, Duration::from_secs(a.timeout_s))
+            .map_err(|e| e.to_string())?;
+        Ok(format!(
+            "sandbox {} now ends in {} s",
+            a.sandbox_id, a.timeout_s
+        ))
+    }
+
+    #[tool(
+        description = "Run a bash command in a sandbox and return its stdout, stderr and exit \
+                       code. Killed after timeout_s (default 60) or when the call is cancelled."
+    )]
+    async fn run_command(
+        &self,
+        Extension(parts): Extension<http::request::Parts>,
+        ctx: RequestContext<RoleServer>,
+        Parameters(a): Parameters<CommandArgs>,
+    ) -> Result<Json<CommandResult>, String> {
+        let s = self.sandbox(&parts, &a.sandbox_id)?;
+        let cfg = ProcConfig {
+            cmd: "/bin/bash".into(),
+            args: vec!["-l".into(), "-c".into(), a.command],
+            envs: a.env.unwrap_or_default(),
+            cwd: a.cwd.map(|c| absolute(&c)),
+            pty: None,
+        };
+        let out = run(&s, cfg, a.timeout_s, &ctx).await?;
+        Ok(Json(out))
+    }
+
+    #[tool(
+        description = "Run Python code in a sandbox (a new one when sandbox_id is not given; \
+                       its id is in the result) and return what it printed and its exit code."
+    )]
+    async fn run_code(
+        &self,
+        Extension(parts): Extension<http::request::Parts>,
+        ctx: RequestContext<RoleServer>,
+        Parameters(a): Parameters<CodeArgs>,
+    ) -> Result<Json<CodeResult>, String> {
+        let s = match &a.sandbox_id {
+            Some(id) => self.sandbox(&parts, id)?,
+            None => {
+                self.create(&parts, "code-interpreter".into(), None, BTreeMap::new())
+                    .await?
+            }
+        };
+        let cfg = ProcConfig {
+            cmd: "/usr/bin/python3".into(),
+            args: vec!["-c".into(), a.code],
+            envs: BTreeMap::new(),
+            cwd: None,
+            pty: None,
+        };
+        let r = run(&s, cfg, a.timeout_s, &ctx).await?;
+        Ok(Json(CodeResult {
+            sandbox_id: s.id.clone(),
+            stdout: r.stdout,
+            stderr: r.stderr,
+            exit_code: r.exit_code,
+            timed_out: r.timed_out,
+        }))
+    }
+
+    #[tool(description = "Read a text file from a sandbox.")]
+    async fn read_file(
+        &self,
+        Extension(parts): Extension<http::request::Parts>,
+        Parameters(a): Parameters<FileArgs>,
+    ) -> Result<Json<FileText>, String> {
+        let s = self.sandbox(&parts, &a.sandbox_id)?;
+        let path = absolute(&a.path);
+        let (_, mut chunks) = s
+            .conn
+            .read_file(&path)
+            .await
+            .map_err(|f| format!("{path}: {}", f.message))?;
+        let mut bytes = Vec::new();
+        while let Some(c) = chunks.recv().await {
+            let c = c.map_err(|f| format!("{path}: {}", f.message))?;
+            if bytes.len() + c.len() > MAX_OUTPUT {
+                return Err(format!(
+                    "{path} is larger than 1 MiB: read a part with run_command (head, tail, sed)"
+                ));
+            }
+            bytes.extend_from_slice(&c);
+        }
+        Ok(Json(FileText {
+            path,
+            content: String::from_utf8_lossy(&bytes).into_owned(),
+        }))
+    }
+
+    #[tool(description = "Write a text file in a sandbox (its folders are made).")]
+    async fn write_file(
+        &self,
+        Extension(parts): Extension<http::request::Parts>,
+        Parameters(a): Parameters<WriteArgs>,
+    ) -> Result<Json<FileEntry>, String> {
+        let s = self.sandbox(&parts, &a.sandbox_id)?;
+        let path = absolute(&a.path);
+        let body = futures::stream::iter([Ok::<_, String>(bytes::Bytes::from(a.content))]);
+        let e = s
+            .conn
+            .write_file(&path, body)
+            .await
+            .map_err(|f| format!("{path}: {}", f.message))?;
+        Ok(Json(entry(e)))
+    }
+
+    #[tool(description = "List a folder of a sandbox, to a depth (default 1).")]
+    async fn list_files(
+        &self,
+        Extension(parts): Extension<http::request::Parts>,
+        Parameters(a): Parameters<ListArgs>,
+    ) -> Result<Json<Listing>, String> {
+        let s = self.sandbox(&parts, &a.sandbox_id)?;
+        let path = absolute(a.path.as_deref().unwrap_or("/home/user"));
+        let v = s
+            .conn
+            .call(&AgentRequest::ListDir {
+                path: path.clone(),
+                depth: a.depth.unwrap_or(1).clamp(1, 16),
+            })
+            .await
+            .map_err(|f| format!("{path}: {}", f.message))?;
+        let entries: Vec<Entry> = serde_json::from_value(v).map_err(|e| format!("{path}: {e}"))?;
+        let mut entries: Vec<FileEntry> = entries.into_iter().map(entry).collect();
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(Json(Listing { entries }))
+    }
+}
+
+fn entry(e: Entry) -> FileEntry {
+    FileEntry {
+        path: e.path,
+        kind: e.kind,
+        size: e.size,
+    }
+}
+
+fn created(s: &Sandbox) -> Created {
+    Created {
+        sandbox_id: s.id.clone(),
+        template: s.template.name.clone(),
+        end_at_unix_s: s
+            .end_at()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    }
+}
+
+/// Runs a process to its end (or its timeout, or the call's cancellation: then it is killed).
+async fn run(
+    s: &Sandbox,
+    cfg: ProcConfig,
+    timeout_s: Option<u64>,
+    ctx: &RequestContext<RoleServer>,
+) -> Result<CommandResult, String> {
+    let timeout = Duration::from_secs(timeout_s.unwrap_or(60).clamp(1, MAX_TIMEOUT_S));
+    let (proc, mut events) = s
+        .conn
+        .spawn(cfg, false, None)
+        .await
+        .map_err(|f| format!("starting it: {}", f.message))?;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut timed_out = false;
+    loop {
+        let ev = tokio::select! {
+            ev = events.recv() => ev,
+            () = tokio::time::sleep_until(deadline), if !timed_out => {
+                timed_out = true;
+                kill(s, proc.pid).await;
+                continue;
+            }
+            () = ctx.ct.cancelled() => {
+                kill(s, proc.pid).await;
+                return Err("cancelled: the process was killed".into());
+            }
+        };
+        match ev {
+            Some(ProcEvent::Stdout(b)) if out.len() <= MAX_OUTPUT => out.extend_from_slice(&b),
+            Some(ProcEvent::Stderr(b)) if err.len() <= MAX_OUTPUT => err.extend_from_slice(&b),
+            Some(ProcEvent::End(exit)) => {
+                return Ok(CommandResult {
+                    stdout: clip(out),
+                    stderr: clip(err),
+                    exit_code: exit.exit_code,
+                    timed_out,
+                })
+            }
+            Some(_) => {}
+            None => return Err("the sandbox ended while the command ran".into()),
+        }
+    }
+}
+
+async fn kill(s: &Sandbox, pid: u32) {
+    let _ = s
+        .conn
+        .call(&AgentRequest::Signal {
+            pid,
+            signal: SIGKILL,
+        })
+        .await;
+}
+
+/// The signal that ends a command past its timeout or cancelled.
+const SIGKILL: i32 = 9;
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for LastmileMcp {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_instructions(
+            "lastmile sandboxes: create one (sandbox_create), run commands and Python in it \
+             (run_command, run_code), move files (read_file, write_file, list_files), and kill \
+             it when done.",
+        )
+    }
+}
+
+/// `/mcp` for `svc`: each request is authenticated with `auth` (the server's API keys) and
+/// must come from the same origin when a browser sends it.
+pub fn router(svc: Arc<SandboxService>, auth: Authenticate) -> Router {
+    let mcp = LastmileMcp::new(svc);
+    // The server's own guard checks `Host` on loopback listeners; keys guard the rest.
+    let config = StreamableHttpServerConfig::default().disable_allowed_hosts();
+    let service = StreamableHttpService::new(
+        move || Ok(mcp.clone()),
+        LocalSessionManager::default().into(),
+        config,
+    );
+    Router::new()
+        .nest_service("/mcp", service)
+        .layer(axum::middleware::from_fn(
+            move |req: Request, next: Next| {
+                let auth = auth.clone();
+                async move { authenticate(auth, req, next).await }
+            },
+        ))
+}
+
+/// The caller's key (or an open server's `-`) into the request, or 401; a cross-origin browser
+/// request is 403 (MCP's DNS-rebinding rule).
+async fn authenticate(auth: Authenticate, mut req: Request, next: Next) -> Response {
+    if let Some(bad) = foreign_origin(req.headers()) {
+        return (
+            StatusCode::FORBIDDEN,
+            axum::Json(
+                serde_json::json!({"error": format!("origin {bad} may not use this server")}),
+            ),
+        )
+            .into_response();
+    }
+    match auth(req.headers()) {
+        Ok(o) => {
+            req.extensions_mut().insert(Owner(o));
+            next.run(req).await
+        }
+        Err((status, message)) => {
+            let mut r = (status, axum::Json(serde_json::json!({"error": message}))).into_response();
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            r
+        }
+    }
+}
+
+/// An `Origin` whose host is not the request's `Host` (a web page elsewhere), if any.
+fn foreign_origin(h: &HeaderMap) -> Option<String> {
+    let origin = h.get(header::ORIGIN)?.to_str().ok()?;
+    let host = h
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let authority = origin
+        .split_once("://")
+        .map_or(origin, |(_, rest)| rest)
+        .trim_end_matches('/');
+    (authority != host).then(|| origin.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_same_origin_browsers_pass() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(foreign_origin(&h), None, "no Origin: not a browser");
+        h.insert(header::ORIGIN, "http://127.0.0.1:8080".parse().unwrap());
+        assert_eq!(foreign_origin(&h), None);
+        h.insert(header::ORIGIN, "http://evil.example".parse().unwrap());
+        assert_eq!(foreign_origin(&h).as_deref(), Some("http://evil.example"));
+    }
+
+    #[test]
+    fn relative_paths_are_under_home() {
+        assert_eq!(absolute("a/b.txt"), "/home/user/a/b.txt");
+        assert_eq!(absolute("/etc/hosts"), "/etc/hosts");
+    }
+}

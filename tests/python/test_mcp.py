@@ -1,0 +1,129 @@
+"""lastmile's MCP server at `/mcp`, through the official Python `mcp` SDK over Streamable HTTP:
+tools listed with their schemas, a sandbox created, files written and read, commands and Python
+run, errors as tool results a model can act on, and the same keys as the rest of the API."""
+
+import json
+import urllib.error
+import urllib.request
+
+import anyio
+import httpx2
+import pytest
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+
+from conftest import admin_request
+
+
+@pytest.fixture
+def mcp_key(sandbox_server):
+    url, _ = sandbox_server
+    return admin_request(url, "POST", "/admin/keys", {"name": "mcp"})["key"]
+
+
+def with_session(url, key, fn):
+    """Runs `fn(session)` in an initialized MCP session as `key`; returns its result."""
+
+    async def main():
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx2.AsyncClient(headers=headers, timeout=120) as http:
+            async with streamable_http_client(f"{url}/mcp", http_client=http) as streams:
+                async with ClientSession(streams[0], streams[1]) as session:
+                    await session.initialize()
+                    return await fn(session)
+
+    return anyio.run(main)
+
+
+def structured(result):
+    assert not result.is_error, result.content
+    return result.structured_content
+
+
+def test_tools_over_streamable_http(sandbox_server, mcp_key):
+    url, _ = sandbox_server
+
+    async def flow(s):
+        tools = {t.name: t for t in (await s.list_tools()).tools}
+        assert {"sandbox_create", "sandbox_kill", "sandbox_set_timeout", "run_command",
+                "run_code", "read_file", "write_file", "list_files"} <= set(tools)
+        assert "command" in tools["run_command"].input_schema["properties"]
+        assert tools["run_command"].output_schema["properties"]["exit_code"]
+
+        sb = structured(await s.call_tool("sandbox_create", {"timeout_s": 120}))
+        sid = sb["sandbox_id"]
+        structured(await s.call_tool("write_file", {
+            "sandbox_id": sid, "path": "notes/a.txt", "content": "from mcp\n"}))
+        r = structured(await s.call_tool("run_command", {
+            "sandbox_id": sid, "command": "cat notes/a.txt; echo oops >&2; exit 3"}))
+        assert (r["stdout"], r["stderr"], r["exit_code"]) == ("from mcp\n", "oops\n", 3)
+        assert structured(await s.call_tool("read_file", {
+            "sandbox_id": sid, "path": "/home/user/notes/a.txt"}))["content"] == "from mcp\n"
+        listing = structured(await s.call_tool("list_files", {"sandbox_id": sid, "depth": 2}))
+        assert "/home/user/notes/a.txt" in [e["path"] for e in listing["entries"]]
+
+        # Python in the same sandbox sees its files; an exception is a traceback, exit 1.
+        r = structured(await s.call_tool("run_code", {
+            "sandbox_id": sid, "code": "print(open('notes/a.txt').read().upper(), end='')"}))
+        assert (r["stdout"], r["exit_code"], r["sandbox_id"]) == ("FROM MCP\n", 0, sid)
+        r = structured(await s.call_tool("run_code", {"sandbox_id": sid, "code": "1/0"}))
+        assert r["exit_code"] == 1 and "ZeroDivisionError" in r["stderr"]
+
+        # Without a sandbox, run_code makes one and says which.
+        r = structured(await s.call_tool("run_code", {"code": "print(sum(range(10)))"}))
+        assert r["stdout"] == "45\n" and r["sandbox_id"] != sid
+        other = r["sandbox_id"]
+
+        # A command past its timeout is killed and says so, promptly.
+        t = anyio.current_time()
+        r = structured(await s.call_tool("run_command", {
+            "sandbox_id": sid, "command": "sleep 30", "timeout_s": 1}))
+        assert r["timed_out"] and anyio.current_time() - t < 10
+
+        for gone in (sid, other):
+            await s.call_tool("sandbox_kill", {"sandbox_id": gone})
+        # Failures are tool results a model can read, not protocol errors.
+        r = await s.call_tool("run_command", {"sandbox_id": sid, "command": "true"})
+        assert r.is_error and "not found" in r.content[0].text
+        r = await s.call_tool("sandbox_create", {"template": "no-such-template"})
+        assert r.is_error and "no-such-template" in r.content[0].text
+        return sid
+
+    with_session(url, mcp_key, flow)
+
+
+def test_keys_and_origins_guard_mcp(sandbox_server, mcp_key):
+    url, _ = sandbox_server
+    # A sandbox made through MCP belongs to its key: another key does not find it.
+    sid = with_session(url, mcp_key, lambda s: _create(s))
+    other = admin_request(url, "POST", "/admin/keys", {"name": "mcp-other"})["key"]
+
+    async def use(s):
+        return await s.call_tool("run_command", {"sandbox_id": sid, "command": "true"})
+
+    r = with_session(url, other, use)
+    assert r.is_error and "not found" in r.content[0].text
+    with_session(url, mcp_key, lambda s: s.call_tool("sandbox_kill", {"sandbox_id": sid}))
+
+    init = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "probe", "version": "0"}}}).encode()
+
+    def post(headers):
+        req = urllib.request.Request(f"{url}/mcp", data=init, method="POST", headers={
+            "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream", **headers})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert post({}) == 401, "no key"
+    assert post({"Authorization": "Bearer wrong"}) == 401
+    assert post({"Authorization": f"Bearer {mcp_key}", "Origin": "http://evil.example"}) == 403
+    assert post({"Authorization": f"Bearer {mcp_key}"}) == 200
+
+
+async def _create(s):
+    return structured(await s.call_tool("sandbox_create", {}))["sandbox_id"]
