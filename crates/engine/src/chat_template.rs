@@ -27,7 +27,55 @@ pub enum ToolStyle {
     BareJson,
 }
 
+/// Template instructions one render may run: a conversation of thousands of turns with tools
+/// needs well under a million.
+const RENDER_FUEL: u64 = 20_000_000;
+
+/// How long a template may take to render a short conversation when a model is loaded.
+const VET_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl ChatTemplate {
+    /// Renders a short conversation with a tool call under a deadline, on a thread of its own:
+    /// a template that cannot (a repetition bomb such as `{{ () * 10**12 }}`, which no step
+    /// limit sees) is refused when the model is loaded, not met by every request. Errors the
+    /// template raises for this conversation's shape are not its business.
+    pub fn vet(source: &str, bos: Option<&str>, eos: Option<&str>) -> Result<()> {
+        let (source, bos, eos) = (
+            source.to_string(),
+            bos.map(str::to_string),
+            eos.map(str::to_string),
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("lastmile-template-vet".into())
+            .spawn(move || {
+                if let Ok(t) = ChatTemplate::new(&source, bos.as_deref(), eos.as_deref()) {
+                    let messages = serde_json::json!([
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "Weather in Paris?"},
+                        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1",
+                            "type": "function", "function": {"name": "weather",
+                            "arguments": "{\"city\": \"Paris\"}"}}]},
+                        {"role": "tool", "tool_call_id": "c1", "content": "18 C"},
+                        {"role": "user", "content": "Thanks."},
+                    ]);
+                    let tools = serde_json::json!([{"type": "function", "function": {
+                        "name": "weather", "parameters": {"type": "object"}}}]);
+                    let _ = t.render_with_tools(&messages, Some(&tools), true);
+                    let _ = t.render(&messages, false);
+                }
+                let _ = tx.send(());
+            })
+            .map_err(|e| EngineError::ChatTemplate(format!("vetting the template: {e}")))?;
+        rx.recv_timeout(VET_DEADLINE).map_err(|_| {
+            EngineError::ChatTemplate(format!(
+                "the model's chat template did not render a five-message conversation within \
+                 {} s: refusing it (give the model a sane template)",
+                VET_DEADLINE.as_secs()
+            ))
+        })
+    }
+
     /// Compiles `source`; `bos`/`eos` are exposed to it as `bos_token`/`eos_token`.
     pub fn new(source: &str, bos: Option<&str>, eos: Option<&str>) -> Result<Self> {
         let mut env = Environment::new();
@@ -40,6 +88,8 @@ impl ChatTemplate {
             },
         );
         env.add_function("strftime_now", |_fmt: String| -> String { String::new() });
+        // A model file's template is hostile: every render gets a bounded number of steps.
+        env.set_fuel(Some(RENDER_FUEL));
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| EngineError::ChatTemplate(format!("parsing the template: {e}")))?;
         Ok(Self {
@@ -124,6 +174,23 @@ mod tests {
             style("{% if tools %}{% for m in messages %}{{ m.tool_calls }}{% endfor %}{% endif %}"),
             ToolStyle::BareJson
         );
+    }
+
+    #[test]
+    fn templates_that_never_finish_are_refused() {
+        // Found by the chat_template fuzzer: repeating an empty sequence spins without a step.
+        let bomb = "{{ () * 1000000000000 }}";
+        let t = std::time::Instant::now();
+        let err = ChatTemplate::vet(bomb, None, None).unwrap_err();
+        assert!(err.to_string().contains("did not render"), "{err}");
+        assert!(t.elapsed() < VET_DEADLINE + std::time::Duration::from_secs(2));
+        // A loop bomb runs out of fuel at once instead (an error, per render).
+        let loops =
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(loops, None, None).unwrap();
+        let err = t.render(&serde_json::json!([]), false).unwrap_err();
+        assert!(err.to_string().contains("fuel"), "{err}");
+        ChatTemplate::vet(CHATML, None, None).expect("a sane template passes");
     }
 
     #[test]

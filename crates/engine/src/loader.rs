@@ -37,8 +37,14 @@ impl LoadedModel {
             load_gguf(path, &mut breakdown)?
         };
         let t = Instant::now();
+        let src = template_src.as_deref().unwrap_or(CHATML);
+        ChatTemplate::vet(
+            src,
+            tokenizer.bos_text.as_deref(),
+            tokenizer.eos_text.as_deref(),
+        )?;
         let template = ChatTemplate::new(
-            template_src.as_deref().unwrap_or(CHATML),
+            src,
             tokenizer.bos_text.as_deref(),
             tokenizer.eos_text.as_deref(),
         )?;

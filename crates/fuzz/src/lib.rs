@@ -91,6 +91,11 @@ pub fn chat_template(data: &[u8]) {
     let Ok(source) = std::str::from_utf8(data) else {
         return;
     };
+    // As a model load does: a template that cannot render a short conversation in time is
+    // refused there, and never meets a request.
+    if ChatTemplate::vet(source, Some("<s>"), Some("</s>")).is_err() {
+        return;
+    }
     let Ok(t) = ChatTemplate::new(source, Some("<s>"), Some("</s>")) else {
         return;
     };
