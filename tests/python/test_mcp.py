@@ -127,3 +127,43 @@ def test_keys_and_origins_guard_mcp(sandbox_server, mcp_key):
 
 async def _create(s):
     return structured(await s.call_tool("sandbox_create", {}))["sandbox_id"]
+
+
+def test_stdio_bridge_for_hosts_that_launch_processes(sandbox_server, mcp_key):
+    """`lastmile mcp --url` over stdio, as Claude Desktop-style hosts start MCP servers."""
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    from conftest import BINARY
+
+    url, _ = sandbox_server
+    params = StdioServerParameters(command=str(BINARY), args=["mcp", "--url", url],
+                                   env={"LASTMILE_API_KEY": mcp_key})
+
+    async def main():
+        async with stdio_client(params) as streams:
+            async with ClientSession(streams[0], streams[1]) as s:
+                await s.initialize()
+                names = {t.name for t in (await s.list_tools()).tools}
+                assert "run_code" in names
+                r = structured(await s.call_tool("run_code", {"code": "print(6 * 7)"}))
+                assert r["stdout"] == "42\n"
+                # Calls run concurrently: a slow one does not hold up the next.
+                async with anyio.create_task_group() as tg:
+                    done = []
+
+                    async def slow():
+                        await s.call_tool("run_command", {
+                            "sandbox_id": r["sandbox_id"], "command": "sleep 2"})
+                        done.append("slow")
+
+                    tg.start_soon(slow)
+                    await anyio.sleep(0.3)
+                    quick = structured(await s.call_tool("run_command", {
+                        "sandbox_id": r["sandbox_id"], "command": "echo quick"}))
+                    done.append("quick")
+                assert quick["stdout"] == "quick\n" and done == ["quick", "slow"]
+                await s.call_tool("sandbox_kill", {"sandbox_id": r["sandbox_id"]})
+                r = await s.call_tool("read_file", {"sandbox_id": r["sandbox_id"], "path": "x"})
+                assert r.is_error and "not found" in r.content[0].text
+
+    anyio.run(main)

@@ -4,6 +4,7 @@ mod engine_bench;
 mod etcd;
 mod fleet;
 mod load_bench;
+mod mcp_stdio;
 mod sandboxes;
 mod serverless;
 
@@ -50,6 +51,9 @@ enum Command {
     /// commands and code, with files, limits and timeouts. `serve --config` and `gateway` serve
     /// the same API beside the model API with --sandboxes.
     Sandbox(sandboxes::SandboxServerArgs),
+    /// MCP over stdio, for hosts that launch MCP servers as processes: bridges to a lastmile
+    /// server's /mcp (its sandboxes as tools), with LASTMILE_API_KEY as the key.
+    Mcp(mcp_stdio::McpArgs),
     /// The agent inside a sandbox (started by lastmile itself).
     #[command(hide = true)]
     SandboxAgent,
@@ -512,6 +516,7 @@ fn main() -> Result<()> {
         Command::Gateway(args) => gateway(args),
         Command::Sandbox(args) => sandboxes::serve(args),
         Command::SandboxAgent => sandboxes::agent(),
+        Command::Mcp(args) => mcp_stdio::run(args),
     }
 }
 
