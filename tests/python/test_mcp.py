@@ -167,3 +167,59 @@ def test_stdio_bridge_for_hosts_that_launch_processes(sandbox_server, mcp_key):
                 assert r.is_error and "not found" in r.content[0].text
 
     anyio.run(main)
+
+
+@pytest.fixture(scope="module")
+def gateway_with_sandboxes(base_url, tmp_path_factory):
+    """A keyed gateway in front of the session's worker, with sandboxes (and so /mcp)."""
+    import subprocess
+    import time
+
+    from conftest import BINARY, SANDBOX_ADMIN_KEY, _free_port, stop_server
+
+    tmp = tmp_path_factory.mktemp("mcp-gateway")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(BINARY), "gateway", "--port", str(port), "--worker", base_url, "--sandboxes",
+         "--admin-key", SANDBOX_ADMIN_KEY, "--usage-db", str(tmp / "usage.db")],
+        stdout=subprocess.DEVNULL, stderr=open(tmp / "log", "wb"))
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.1)
+    yield url
+    stop_server(proc)
+
+
+def test_model_tools_answer_and_charge_the_callers_key(gateway_with_sandboxes, sandbox_server):
+    url = gateway_with_sandboxes
+    k = admin_request(url, "POST", "/admin/keys", {"name": "mcp-chat"})
+    key, key_id = k["key"], k["id"]
+
+    async def flow(s):
+        models = structured(await s.call_tool("list_models", {}))["models"]
+        assert models == ["smollm2-135m-instruct"]
+        return structured(await s.call_tool("chat", {
+            "messages": [{"role": "user", "content": "Say hello."}],
+            "max_tokens": 6, "temperature": 0}))
+
+    a = with_session(url, key, flow)
+    assert a["model"] == "smollm2-135m-instruct" and a["content"]
+    assert 0 < a["completion_tokens"] <= 6 and a["prompt_tokens"] > 0
+    ledger = admin_request(url, "GET", f"/admin/usage?key={key_id}")["totals"]
+    assert ledger == {"requests": 1, "input_tokens": a["prompt_tokens"],
+                      "output_tokens": a["completion_tokens"]}, ledger
+
+    # A model that is not served: a tool error naming it, not a protocol error.
+    r = with_session(url, key, lambda s: s.call_tool("chat", {
+        "model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}))
+    assert r.is_error and "gpt-9" in r.content[0].text
+    # A server of sandboxes alone says it has no models.
+    surl, _ = sandbox_server
+    skey = admin_request(surl, "POST", "/admin/keys", {"name": "mcp-nomodel"})["key"]
+    r = with_session(surl, skey, lambda s: s.call_tool("list_models", {}))
+    assert r.is_error and "no models" in r.content[0].text

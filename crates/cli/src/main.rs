@@ -261,7 +261,7 @@ fn run_gateway(
         let (listener, addr) = bind(host, port).await?;
         let handle = lastmile_gateway::GatewayHandle::build(config).await?;
         let admin = match &svc {
-            Some(s) => sandboxes::attach(&handle, s.clone()),
+            Some(s) => sandboxes::attach(&handle, s.clone(), listener.local_addr().ok()),
             None => axum::Router::new(),
         };
         eprintln!("lastmile: http://{addr}: {banner}");

@@ -102,7 +102,14 @@ impl SandboxOptions {
 /// Puts the sandbox API (E2B's, and MCP's at `/mcp`) on `handle`'s port, behind its keys, with
 /// its metrics and an `/admin/sandboxes` route (returned, to be served with the gateway's admin
 /// routes).
-pub fn attach(handle: &GatewayHandle, svc: Arc<SandboxService>) -> axum::Router {
+///
+/// With `models` (the server's own address, where it also serves models), MCP's `chat` and
+/// `list_models` tools reach them over loopback with the caller's key.
+pub fn attach(
+    handle: &GatewayHandle,
+    svc: Arc<SandboxService>,
+    models: Option<std::net::SocketAddr>,
+) -> axum::Router {
     let h = handle.clone();
     let auth: lastmile_sandbox::e2b::Authenticate = Arc::new(move |headers| {
         Ok(match h.caller(headers)? {
@@ -115,7 +122,17 @@ pub fn attach(handle: &GatewayHandle, svc: Arc<SandboxService>) -> axum::Router 
     handle.extra_metrics(move || lastmile_sandbox::metrics::render(&s));
     let s = svc.clone();
     // MCP at /mcp: the same sandboxes as tools, behind the same keys.
-    let mcp = lastmile_mcp::router(svc.clone(), auth.clone());
+    let models = models.map(|mut a| {
+        if a.ip().is_unspecified() {
+            a.set_ip(if a.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+        format!("http://{a}")
+    });
+    let mcp = lastmile_mcp::router(svc.clone(), auth.clone(), models);
     handle.wrap_router(move |app| lastmile_sandbox::e2b::wrap(app.merge(mcp), s, auth));
     lastmile_sandbox::e2b::admin_router(svc)
 }
@@ -148,7 +165,7 @@ pub fn serve(args: SandboxServerArgs) -> Result<()> {
         let svc = args.sandbox.start()?;
         let (listener, addr) = crate::bind(&args.host, args.port).await?;
         let handle = GatewayHandle::build(config).await?;
-        let admin = attach(&handle, svc.clone());
+        let admin = attach(&handle, svc.clone(), None);
         eprintln!(
             "lastmile: http://{addr}: sandboxes ({}); E2B SDKs: E2B_API_URL=E2B_SANDBOX_URL=http://{addr}",
             svc.backend()

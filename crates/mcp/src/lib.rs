@@ -9,7 +9,9 @@
 //!
 //! Tools: `sandbox_create`, `sandbox_kill`, `sandbox_set_timeout`, `run_command`, `run_code`
 //! (makes a sandbox when none is given, and says which), `read_file`, `write_file`,
-//! `list_files`. A command past its `timeout_s`, or whose call the client cancels, is killed.
+//! `list_files`; and where the server also serves models, `list_models` and `chat` (through the
+//! server's own API with the caller's key, so quotas hold and usage is charged). A command past
+//! its `timeout_s`, or whose call the client cancels, is killed.
 #![warn(missing_docs)]
 
 use std::collections::BTreeMap;
@@ -45,11 +47,103 @@ const MAX_OUTPUT: usize = 1 << 20;
 /// Longest a command may run through MCP.
 const MAX_TIMEOUT_S: u64 = 3600;
 
-/// The MCP server over one sandbox service.
+/// The MCP server over one sandbox service (and the server's model API, when it has one).
 #[derive(Clone)]
 pub struct LastmileMcp {
     svc: Arc<SandboxService>,
+    models: Option<ModelApi>,
     tool_router: ToolRouter<Self>,
+}
+
+/// The server's own model API, reached over loopback with the caller's key.
+#[derive(Clone)]
+struct ModelApi {
+    base: String,
+    client: reqwest::Client,
+}
+
+/// `chat`'s arguments.
+#[derive(Deserialize, schemars::JsonSchema)]
+pub struct ChatArgs {
+    /// A served model id (default: the first `list_models` gives).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The conversation: `[{"role": "system"|"user"|"assistant", "content": "..."}]`.
+    pub messages: Vec<ChatMessage>,
+    /// Most tokens to generate (default 256).
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature (default the model's).
+    #[serde(default)]
+    pub temperature: Option<f32>,
+}
+
+/// One message of a conversation.
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// Its text.
+    pub content: String,
+}
+
+/// A model's answer.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct ChatAnswer {
+    /// The model that answered.
+    pub model: String,
+    /// Its text.
+    pub content: String,
+    /// `stop` or `length`.
+    pub finish_reason: String,
+    /// Prompt tokens charged to the caller's key.
+    pub prompt_tokens: u64,
+    /// Generated tokens charged to the caller's key.
+    pub completion_tokens: u64,
+}
+
+/// The served models.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct ModelIds {
+    /// Their ids, for `chat`.
+    pub models: Vec<String>,
+}
+
+impl ModelApi {
+    /// A request to the server's own API with the caller's credentials.
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        parts: &http::request::Parts,
+    ) -> reqwest::RequestBuilder {
+        let mut r = self.client.request(method, format!("{}{path}", self.base));
+        for h in [header::AUTHORIZATION.as_str(), "x-api-key"] {
+            if let Some(v) = parts.headers.get(h) {
+                r = r.header(h, v.as_bytes());
+            }
+        }
+        r
+    }
+
+    async fn models(&self, parts: &http::request::Parts) -> Result<Vec<String>, String> {
+        let v: serde_json::Value = self
+            .request(reqwest::Method::GET, "/v1/models", parts)
+            .send()
+            .await
+            .map_err(|e| format!("listing models: {e}"))?
+            .json()
+            .await
+            .map_err(|e| format!("listing models: {e}"))?;
+        Ok(v["data"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m["id"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
 }
 
 /// `sandbox_create`'s arguments.
@@ -243,12 +337,91 @@ fn clip(mut bytes: Vec<u8>) -> String {
 
 #[tool_router]
 impl LastmileMcp {
-    /// A server over `svc`.
-    pub fn new(svc: Arc<SandboxService>) -> Self {
+    /// A server over `svc`; with `models` (the server's base URL) its model API too.
+    pub fn new(svc: Arc<SandboxService>, models: Option<String>) -> Self {
         Self {
             svc,
+            models: models.map(|base| ModelApi {
+                base: base.trim_end_matches('/').to_string(),
+                client: reqwest::Client::new(),
+            }),
             tool_router: Self::tool_router(),
         }
+    }
+
+    fn model_api(&self) -> Result<&ModelApi, String> {
+        self.models
+            .as_ref()
+            .ok_or_else(|| "this server serves no models (sandboxes only)".to_string())
+    }
+
+    #[tool(description = "List the language models this server serves (for the chat tool).")]
+    async fn list_models(
+        &self,
+        Extension(parts): Extension<http::request::Parts>,
+    ) -> Result<Json<ModelIds>, String> {
+        let models = self.model_api()?.models(&parts).await?;
+        Ok(Json(ModelIds { models }))
+    }
+
+    #[tool(
+        description = "Ask a language model served here: send a conversation, get its answer \
+                       and the tokens charged to your key."
+    )]
+    async fn chat(
+        &self,
+        Extension(parts): Extension<http::request::Parts>,
+        Parameters(a): Parameters<ChatArgs>,
+    ) -> Result<Json<ChatAnswer>, String> {
+        let api = self.model_api()?;
+        let model = match a.model {
+            Some(m) => m,
+            None => api
+                .models(&parts)
+                .await?
+                .into_iter()
+                .next()
+                .ok_or("no model is served")?,
+        };
+        let mut body = serde_json::json!({
+            "model": model,
+            "messages": a.messages,
+            "max_tokens": a.max_tokens.unwrap_or(256),
+        });
+        if let Some(t) = a.temperature {
+            body["temperature"] = serde_json::json!(t);
+        }
+        let resp = api
+            .request(reqwest::Method::POST, "/v1/chat/completions", &parts)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| format!("asking {model}: {e}"))?;
+        let status = resp.status();
+        let v: serde_json::Value = resp
+            .json()
+            .await
+            .map_err(|e| format!("asking {model}: {e}"))?;
+        if !status.is_success() {
+            return Err(format!(
+                "{model} answered {status}: {}",
+                v["error"]["message"].as_str().unwrap_or("no message")
+            ));
+        }
+        let choice = &v["choices"][0];
+        Ok(Json(ChatAnswer {
+            model: v["model"].as_str().unwrap_or(&model).to_string(),
+            content: choice["message"]["content"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            finish_reason: choice["finish_reason"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+            completion_tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0),
+        }))
     }
 
     fn sandbox(&self, parts: &http::request::Parts, id: &str) -> Result<Arc<Sandbox>, String> {
@@ -548,10 +721,11 @@ impl ServerHandler for LastmileMcp {
     }
 }
 
-/// `/mcp` for `svc`: each request is authenticated with `auth` (the server's API keys) and
-/// must come from the same origin when a browser sends it.
-pub fn router(svc: Arc<SandboxService>, auth: Authenticate) -> Router {
-    let mcp = LastmileMcp::new(svc);
+/// `/mcp` for `svc` (and the model API at `models`, the server's own base URL, when it serves
+/// models): each request is authenticated with `auth` (the server's API keys) and must come
+/// from the same origin when a browser sends it.
+pub fn router(svc: Arc<SandboxService>, auth: Authenticate, models: Option<String>) -> Router {
+    let mcp = LastmileMcp::new(svc, models);
     // The server's own guard checks `Host` on loopback listeners; keys guard the rest.
     let config = StreamableHttpServerConfig::default().disable_allowed_hosts();
     let service = StreamableHttpService::new(
