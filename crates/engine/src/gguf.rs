@@ -189,7 +189,16 @@ fn index(
         }
     }
     let mut cursor = std::io::Cursor::new(bytes);
-    let content = Content::read(&mut cursor).map_err(|e| {
+    // The reader is not ours: a header it was never meant to see must not take the process down.
+    let read =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut cursor)))
+            .map_err(|_| {
+                EngineError::InvalidModel(format!(
+                    "{}: not a readable GGUF file: its header breaks the reader",
+                    name
+                ))
+            })?;
+    let content = read.map_err(|e| {
         EngineError::InvalidModel(format!("{}: not a readable GGUF file: {e}", name))
     })?;
     let file_len = bytes.len();
@@ -255,15 +264,21 @@ fn declared_alignment(bytes: &[u8]) -> Option<i128> {
     r.wide = version >= 2;
     let _tensors = r.len()?;
     let entries = r.len()?;
+    // As candle reads it: trailing NULs dropped from keys, and the last of duplicate keys wins.
+    let mut found = None;
     for _ in 0..entries {
-        let key = r.string()?;
+        let mut key = r.string()?;
+        while let Some((0, rest)) = key.split_last() {
+            key = rest;
+        }
         let kind = r.u32()?;
         if key == b"general.alignment" {
-            return r.integer(kind);
+            found = Some(r.integer(kind));
+        } else {
+            r.skip_value(kind, 0)?;
         }
-        r.skip_value(kind, 0)?;
     }
-    None
+    found.flatten()
 }
 
 /// A cursor over a GGUF header that fails (`None`) instead of reading past the end.
@@ -436,6 +451,27 @@ mod tests {
             256,
         );
         assert!(open(&fine, "align-ok").is_ok());
+    }
+
+    #[test]
+    fn the_alignment_is_found_as_the_reader_finds_it() {
+        // Found by the gguf fuzzer: a key spelled with trailing NULs (the reader drops them),
+        // and duplicate keys (the last one counts), hid a zero alignment from the check.
+        let finding =
+            include_bytes!("../../../fuzz/findings/gguf-zero-alignment-key-with-trailing-nuls");
+        let err = GgufFile::check_bytes(finding).unwrap_err();
+        assert!(err.to_string().contains("general.alignment"), "{err}");
+        let zero = 0u32.to_le_bytes().to_vec();
+        let bytes = gguf(
+            &[
+                ("general.alignment", 4, 64u32.to_le_bytes().to_vec()),
+                ("general.alignment\0\0", 4, zero),
+            ],
+            &[],
+            0,
+        );
+        let err = GgufFile::check_bytes(&bytes).unwrap_err();
+        assert!(err.to_string().contains("general.alignment is 0"), "{err}");
     }
 
     #[test]
