@@ -209,14 +209,18 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
             .map(|(stage, ms)| (stage.clone(), serde_json::json!(ms)))
             .collect::<serde_json::Map<_, _>>(),
     });
-    let status = match stalled {
+    match stalled {
         Some(d) => {
             body["stalled_ms"] = serde_json::json!(d.as_millis() as u64);
-            StatusCode::SERVICE_UNAVAILABLE
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "5")],
+                axum::Json(body),
+            )
+                .into_response()
         }
-        None => StatusCode::OK,
-    };
-    (status, axum::Json(body)).into_response()
+        None => (StatusCode::OK, axum::Json(body)).into_response(),
+    }
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
