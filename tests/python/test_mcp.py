@@ -74,6 +74,19 @@ def test_tools_over_streamable_http(sandbox_server, mcp_key):
         assert r["stdout"] == "45\n" and r["sandbox_id"] != sid
         other = r["sandbox_id"]
 
+        # A long command reports progress to a caller that asks for it.
+        seen = []
+
+        async def on_progress(progress, total, message):
+            seen.append((progress, total, message))
+
+        r = structured(await s.call_tool("run_command", {
+            "sandbox_id": sid, "command": "echo start; sleep 2.6; echo end", "timeout_s": 30},
+            progress_callback=on_progress))
+        assert r["stdout"] == "start\nend\n"
+        assert len(seen) >= 2 and [p for p, _, _ in seen] == sorted(p for p, _, _ in seen), seen
+        assert seen[0][1] == 30 and "bytes of output" in seen[0][2], seen
+
         # A command past its timeout is killed and says so, promptly.
         t = anyio.current_time()
         r = structured(await s.call_tool("run_command", {

@@ -11,7 +11,8 @@
 //! (makes a sandbox when none is given, and says which), `read_file`, `write_file`,
 //! `list_files`; and where the server also serves models, `list_models` and `chat` (through the
 //! server's own API with the caller's key, so quotas hold and usage is charged). A command past
-//! its `timeout_s`, or whose call the client cancels, is killed.
+//! its `timeout_s`, or whose call the client cancels, is killed; one that runs long reports
+//! progress each second to a caller that sent a progress token.
 #![warn(missing_docs)]
 
 use std::collections::BTreeMap;
@@ -31,7 +32,7 @@ use lastmile_sandbox::SandboxService;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::tool::Extension;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{ServerCapabilities, ServerConfig};
+use rmcp::model::{ProgressNotificationParam, ServerCapabilities, ServerConfig};
 use rmcp::service::RequestContext;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
@@ -46,6 +47,8 @@ struct Owner(String);
 const MAX_OUTPUT: usize = 1 << 20;
 /// Longest a command may run through MCP.
 const MAX_TIMEOUT_S: u64 = 3600;
+/// How often a running command reports progress (when the caller asked for it).
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// The MCP server over one sandbox service (and the server's model API, when it has one).
 #[derive(Clone)]
@@ -665,11 +668,29 @@ async fn run(
         .await
         .map_err(|f| format!("starting it: {}", f.message))?;
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let deadline = tokio::time::Instant::now() + timeout;
+    let started = tokio::time::Instant::now();
+    let deadline = started + timeout;
     let mut timed_out = false;
+    // With a progress token, a running command reports each second: seconds elapsed (of its
+    // timeout) and the output so far, so hosts show it alive and do not time the call out.
+    let token = ctx.meta.get_progress_token();
+    let mut tick = tokio::time::interval_at(started + PROGRESS_EVERY, PROGRESS_EVERY);
     loop {
         let ev = tokio::select! {
             ev = events.recv() => ev,
+            _ = tick.tick(), if token.is_some() => {
+                if let Some(t) = &token {
+                    let secs = started.elapsed().as_secs_f64().round();
+                    let note = ProgressNotificationParam::new(t.clone(), secs)
+                        .with_total(timeout.as_secs_f64())
+                        .with_message(format!(
+                            "running for {secs} s; {} bytes of output so far",
+                            out.len() + err.len()
+                        ));
+                    let _ = ctx.peer.notify_progress(note).await;
+                }
+                continue;
+            }
             () = tokio::time::sleep_until(deadline), if !timed_out => {
                 timed_out = true;
                 kill(s, proc.pid).await;
