@@ -105,22 +105,32 @@ async fn request_once(gw: &str, i: usize, stream: bool) -> Outcome {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_a_worker_mid_load_loses_and_duplicates_nothing() {
+/// Workers A and B (`serve --threads 1`) behind a gateway with `extra` options.
+struct Pair {
+    a: String,
+    b: String,
+    gw: String,
+    worker_a: common::Proc,
+    _worker_b: common::Proc,
+    _gateway: common::Proc,
+}
+
+async fn pair(extra: &[&str]) -> Pair {
     let (pa, pb, pg) = (free_port(), free_port(), free_port());
     let (a, b, gw) = (
         format!("http://127.0.0.1:{pa}"),
         format!("http://127.0.0.1:{pb}"),
         format!("http://127.0.0.1:{pg}"),
     );
-    let mut worker_a = start(&["serve", "--port", &pa.to_string(), "--threads", "1"]);
-    let _worker_b = start(&["serve", "--port", &pb.to_string(), "--threads", "1"]);
+    let worker_a = start(&["serve", "--port", &pa.to_string(), "--threads", "1"]);
+    let worker_b = start(&["serve", "--port", &pb.to_string(), "--threads", "1"]);
     wait_healthy(&a).await;
     wait_healthy(&b).await;
-    let _gateway = start(&[
+    let port = pg.to_string();
+    let mut args = vec![
         "gateway",
         "--port",
-        &pg.to_string(),
+        &port,
         "--worker",
         &a,
         "--worker",
@@ -128,34 +138,64 @@ async fn killing_a_worker_mid_load_loses_and_duplicates_nothing() {
         "--health-interval-ms",
         "100",
         "--debug-headers",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let gateway = start(&args);
     wait_healthy(&gw).await;
+    Pair {
+        a,
+        b,
+        gw,
+        worker_a,
+        _worker_b: worker_b,
+        _gateway: gateway,
+    }
+}
 
-    // 16 requests (half streaming) spread over both workers; A dies while they run.
-    let tasks: Vec<_> = (0..16)
+/// `n` requests through `gw` (the even ones streaming), started now.
+fn load(gw: &str, n: usize) -> Vec<tokio::task::JoinHandle<Outcome>> {
+    (0..n)
         .map(|i| {
-            let gw = gw.clone();
+            let gw = gw.to_string();
             tokio::spawn(async move { request(&gw, i, i % 2 == 0).await })
         })
-        .collect();
-    // Kill A only once it is generating (whatever this machine's speed).
-    let mut busy = false;
+        .collect()
+}
+
+/// Waits until the worker at `url` is generating (or, with `queued`, holds any request).
+async fn until_busy(url: &str, queued: bool) {
     for _ in 0..1000 {
-        let h: Value = reqwest::get(format!("{a}/health"))
+        let h: Value = reqwest::get(format!("{url}/health"))
             .await
-            .expect("A's health")
+            .expect("the worker's health")
             .json()
             .await
             .expect("json");
-        if h["running"].as_u64().unwrap_or(0) > 0 {
-            busy = true;
-            break;
+        let waiting = if queued {
+            h["waiting"].as_u64().unwrap_or(0)
+        } else {
+            0
+        };
+        if h["running"].as_u64().unwrap_or(0) + waiting > 0 {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(busy, "worker A never got work");
-    worker_a.0.kill().expect("killing worker A");
-    let _ = worker_a.0.wait();
+    panic!("worker {url} never got work");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_worker_mid_load_loses_and_duplicates_nothing() {
+    // Bound whole: the processes live as long as `p`.
+    let mut p = pair(&[]).await;
+    let (a, b, gw) = (p.a.clone(), p.b.clone(), p.gw.clone());
+
+    // 16 requests (half streaming) spread over both workers; A dies while they run.
+    let tasks = load(&gw, 16);
+    // Kill A only once it is generating (whatever this machine's speed).
+    until_busy(&a, false).await;
+    p.worker_a.0.kill().expect("killing worker A");
+    let _ = p.worker_a.0.wait();
     let mut outcomes = Vec::new();
     for t in tasks {
         outcomes.push(t.await.expect("request task"));
@@ -215,54 +255,12 @@ async fn a_hung_worker_loses_its_requests_to_another() {
     // while it holds requests. Without a first-byte timeout its clients wait forever; with one,
     // requests whose answer had not begun go to B, and its streams under way end with an error
     // event, within the worker timeout plus a health check.
-    let (pa, pb, pg) = (free_port(), free_port(), free_port());
-    let (a, b, gw) = (
-        format!("http://127.0.0.1:{pa}"),
-        format!("http://127.0.0.1:{pb}"),
-        format!("http://127.0.0.1:{pg}"),
-    );
-    let worker_a = start(&["serve", "--port", &pa.to_string(), "--threads", "1"]);
-    let _worker_b = start(&["serve", "--port", &pb.to_string(), "--threads", "1"]);
-    wait_healthy(&a).await;
-    wait_healthy(&b).await;
-    let _gateway = start(&[
-        "gateway",
-        "--port",
-        &pg.to_string(),
-        "--worker",
-        &a,
-        "--worker",
-        &b,
-        "--health-interval-ms",
-        "100",
-        "--worker-timeout-ms",
-        "1000",
-        "--debug-headers",
-    ]);
-    wait_healthy(&gw).await;
+    let p = pair(&["--worker-timeout-ms", "1000"]).await;
+    let (a, b, gw) = (p.a.clone(), p.b.clone(), p.gw.clone());
     let started = std::time::Instant::now();
-    let tasks: Vec<_> = (0..8)
-        .map(|i| {
-            let gw = gw.clone();
-            tokio::spawn(async move { request(&gw, i, i % 2 == 0).await })
-        })
-        .collect();
-    let mut busy = false;
-    for _ in 0..1000 {
-        let h: Value = reqwest::get(format!("{a}/health"))
-            .await
-            .expect("A's health")
-            .json()
-            .await
-            .expect("json");
-        if h["running"].as_u64().unwrap_or(0) + h["waiting"].as_u64().unwrap_or(0) > 0 {
-            busy = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(busy, "worker A never got work");
-    signal(worker_a.0.id(), "STOP");
+    let tasks = load(&gw, 8);
+    until_busy(&a, true).await;
+    signal(p.worker_a.0.id(), "STOP");
     let mut outcomes = Vec::new();
     for t in tasks {
         outcomes.push(t.await.expect("request task"));
@@ -284,6 +282,6 @@ async fn a_hung_worker_loses_its_requests_to_another() {
         "every client of the frozen worker was answered: {took:?}"
     );
     // Thawed, A answers again (the gateway dropped its connections; A cancelled that work).
-    signal(worker_a.0.id(), "CONT");
+    signal(p.worker_a.0.id(), "CONT");
     wait_healthy(&a).await;
 }

@@ -209,7 +209,8 @@ async fn relay(
         // Counted in flight on its worker now: no longer against the activator's capacity.
         drop(released.take());
         gw.metrics.routed(decision.overlap_blocks);
-        let worker_url = gw.workers.get(id).url.clone();
+        let worker = gw.workers.get(id);
+        let worker_url = worker.url.clone();
         let url = format!("{worker_url}{path}");
         let asked = Instant::now();
         let mut post = gw
@@ -221,7 +222,6 @@ async fn relay(
             // Metering: ask for the usage report that ends a stream (whole answers carry it).
             post = post.header(lastmile_protocol::USAGE_HEADER, "1");
         }
-        let worker = gw.workers.get(id);
         let patience = gw.config.worker_timeout;
         let sent = while_alive(&worker, patience, post.body(body.clone()).send()).await;
         *upstream += asked.elapsed();

@@ -333,13 +333,7 @@ impl SandboxService {
                 SandboxError::NotFound(format!("template `{}` not found", req.template))
             })?;
         let timeout = req.timeout.unwrap_or(self.config.default_timeout);
-        if timeout > self.config.max_timeout {
-            return Err(SandboxError::InvalidArgument(format!(
-                "timeout {} s is longer than the maximum {} s",
-                timeout.as_secs(),
-                self.config.max_timeout.as_secs()
-            )));
-        }
+        self.check_timeout(timeout)?;
         check_map("metadata", &req.metadata, |_| true)?;
         check_map("envVars", &req.envs, crate::backend::valid_env_name)?;
         let id = new_id();
@@ -492,13 +486,8 @@ impl SandboxService {
         self.list(ADMIN)
     }
 
-    /// Sets a sandbox's remaining lifetime.
-    pub fn set_timeout(
-        &self,
-        owner: &str,
-        id: &str,
-        timeout: Duration,
-    ) -> Result<(), SandboxError> {
+    /// `timeout` within the maximum, or why not.
+    fn check_timeout(&self, timeout: Duration) -> Result<(), SandboxError> {
         if timeout > self.config.max_timeout {
             return Err(SandboxError::InvalidArgument(format!(
                 "timeout {} s is longer than the maximum {} s",
@@ -506,6 +495,17 @@ impl SandboxService {
                 self.config.max_timeout.as_secs()
             )));
         }
+        Ok(())
+    }
+
+    /// Sets a sandbox's remaining lifetime.
+    pub fn set_timeout(
+        &self,
+        owner: &str,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<(), SandboxError> {
+        self.check_timeout(timeout)?;
         self.get(owner, id)?.set_timeout(timeout);
         Ok(())
     }
@@ -549,13 +549,7 @@ impl SandboxService {
     ) -> Result<bool, SandboxError> {
         let s = self.get(owner, id)?;
         let t = timeout.unwrap_or(self.config.default_timeout);
-        if t > self.config.max_timeout {
-            return Err(SandboxError::InvalidArgument(format!(
-                "timeout {} s is longer than the maximum {} s",
-                t.as_secs(),
-                self.config.max_timeout.as_secs()
-            )));
-        }
+        self.check_timeout(t)?;
         if !s.is_paused() {
             if timeout.is_some() && SystemTime::now() + t > s.end_at() {
                 s.set_timeout(t);

@@ -13,7 +13,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -387,7 +387,7 @@ impl IsolationBackend for Bwrap {
         // With a network, bubblewrap reports the sandbox's pid (to attach the network to).
         let info = match egress {
             Some(_) => {
-                let (r, w) = super::egress::pipe()
+                let (r, w) = super::pipe()
                     .map_err(|e| SandboxError::Unavailable(format!("preparing a sandbox: {e}")))?;
                 fds.info = Some(w);
                 Some(r)
@@ -492,13 +492,7 @@ fn sandbox_pid(info: OwnedFd) -> Result<u32, SandboxError> {
 
 /// A pipe holding `data` (small: it must fit the pipe's buffer), read end returned.
 fn data_fd(data: &[u8]) -> io::Result<OwnedFd> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: pipe2 writes two descriptors into the array we own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors were just created and are owned by nobody else.
-    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (r, w) = super::pipe()?;
     if data.len() > 60 * 1024 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,

@@ -272,7 +272,7 @@ impl Egress {
             )));
         }
 
-        let (ready_r, ready_w) = pipe().map_err(|e| fail("a pipe", e))?;
+        let (ready_r, ready_w) = super::pipe().map_err(|e| fail("a pipe", e))?;
         let mut slirp = Command::new(&self.slirp);
         slirp
             .args([
@@ -361,17 +361,6 @@ fn enter<const N: usize>(
             Ok(())
         });
     }
-}
-
-/// A pipe (read end, write end), both close-on-exec.
-pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: pipe2 writes two descriptors into the array we own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both were just created and are owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// Whether `host_user` may open `/dev/net/tun` for reading and writing (slirp4netns makes the

@@ -323,19 +323,35 @@ async fn connect(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let r = async {
-        let (o, t) = timeout_request(&api, &headers, &body)?;
-        let resumed = api.svc.resume(&o, &id, t.map(Duration::from_secs)).await?;
-        let s = api.svc.get(&o, &id)?;
-        let status = if resumed {
-            StatusCode::CREATED
-        } else {
-            StatusCode::OK
-        };
-        Ok::<_, ApiFailure>((status, axum::Json(created_json(&s))).into_response())
+    resumed(&api, &headers, &id, &body, false)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Resumes `id` (running on if it was not paused: 200, or 409 with `strict`); 201 with the
+/// sandbox when it was paused.
+async fn resumed(
+    api: &Api,
+    headers: &HeaderMap,
+    id: &str,
+    body: &[u8],
+    strict: bool,
+) -> Result<Response, ApiFailure> {
+    let (o, t) = timeout_request(api, headers, body)?;
+    let resumed = api.svc.resume(&o, id, t.map(Duration::from_secs)).await?;
+    if strict && !resumed {
+        return Err(ApiFailure(
+            StatusCode::CONFLICT,
+            format!("sandbox {id} is already running"),
+        ));
     }
-    .await;
-    r.unwrap_or_else(IntoResponse::into_response)
+    let s = api.svc.get(&o, id)?;
+    let status = if resumed {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, axum::Json(created_json(&s))).into_response())
 }
 
 /// Pauses a sandbox: 204, 409 when it already is.
@@ -356,19 +372,9 @@ async fn resume(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let r = async {
-        let (o, t) = timeout_request(&api, &headers, &body)?;
-        if !api.svc.resume(&o, &id, t.map(Duration::from_secs)).await? {
-            return Err(ApiFailure(
-                StatusCode::CONFLICT,
-                format!("sandbox {id} is already running"),
-            ));
-        }
-        let s = api.svc.get(&o, &id)?;
-        Ok((StatusCode::CREATED, axum::Json(created_json(&s))).into_response())
-    }
-    .await;
-    r.unwrap_or_else(IntoResponse::into_response)
+    resumed(&api, &headers, &id, &body, true)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 /// One sample of the sandbox's use now, in E2B's metrics shape.
