@@ -14,6 +14,8 @@ if ! command -v bwrap >/dev/null 2>&1; then missing+=(bubblewrap); fi
 if ! command -v slirp4netns >/dev/null 2>&1; then missing+=(slirp4netns); fi
 if ! command -v nft >/dev/null 2>&1 && [ ! -x /usr/sbin/nft ]; then missing+=(nftables); fi
 if [ ! -x /usr/bin/python3 ]; then missing+=(python3); fi
+# npm installs the MCP test clients (tests/mcp-tools), which bring their own Node.js 22.
+if ! command -v npm >/dev/null 2>&1; then missing+=(npm); fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "== installing ${missing[*]} (Debian packages)"
     SUDO=""
@@ -35,6 +37,11 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+# The MCP conformance suite and Inspector CLI, pinned by tests/mcp-tools/package-lock.json.
+if ! cmp -s tests/mcp-tools/package-lock.json tests/mcp-tools/node_modules/.installed-lock.json; then
+    npm ci --prefix tests/mcp-tools --no-audit --no-fund --loglevel=error
+    cp tests/mcp-tools/package-lock.json tests/mcp-tools/node_modules/.installed-lock.json
+fi
 
 cargo test --release --workspace
 .venv/bin/python -m pytest -q tests/python

@@ -86,12 +86,15 @@ def admin_request(url, method, path, body=None, key=None):
         return json.loads(text) if text else None
 
 
-def start_sandbox_server(tmp, *extra):
-    """`lastmile sandbox` with keys on (the admin key and a canary in its environment) and
-    `extra` options; returns (URL, process, log file) once it answers."""
+def start_sandbox_server(tmp, *extra, open_server=False):
+    """`lastmile sandbox` with keys on (the admin key and a canary in its environment; no keys
+    with `open_server`, as on a loopback address it may be) and `extra` options; returns (URL,
+    process, log file) once it answers."""
     port = _free_port()
     env = dict(os.environ)
-    env["LASTMILE_ADMIN_KEY"] = SANDBOX_ADMIN_KEY
+    env.pop("LASTMILE_ADMIN_KEY", None)
+    if not open_server:
+        env["LASTMILE_ADMIN_KEY"] = SANDBOX_ADMIN_KEY
     env["LASTMILE_TEST_CANARY"] = SANDBOX_CANARY
     log = open(tmp / "server.log", "wb")
     proc = subprocess.Popen(

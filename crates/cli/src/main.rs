@@ -260,9 +260,11 @@ fn run_gateway(
         let svc = sandbox.map(|s| s.start()).transpose()?;
         let (listener, addr) = bind(host, port).await?;
         let handle = lastmile_gateway::GatewayHandle::build(config).await?;
-        let admin = match &svc {
-            Some(s) => sandboxes::attach(&handle, s.clone(), listener.local_addr().ok()),
-            None => axum::Router::new(),
+        let admin = match (&svc, sandbox) {
+            (Some(s), Some(opts)) => {
+                sandboxes::attach(&handle, s.clone(), listener.local_addr().ok(), opts)
+            }
+            _ => axum::Router::new(),
         };
         eprintln!("lastmile: http://{addr}: {banner}");
         let served = handle.serve(listener, admin, shutdown_signal()).await;

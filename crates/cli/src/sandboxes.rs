@@ -63,6 +63,11 @@ pub struct SandboxOptions {
     /// firecracker backend: the firecracker executable.
     #[arg(long, default_value = "firecracker")]
     pub sandbox_firecracker: std::path::PathBuf,
+    /// Serve the official MCP conformance suite's fixtures at /mcp beside the real tools (the
+    /// `test_*` tools, `test://` resources and prompts it calls by name). For running the suite;
+    /// some of them ask the client for a model answer or the user's input.
+    #[arg(long)]
+    pub mcp_conformance_fixtures: bool,
 }
 
 impl SandboxOptions {
@@ -109,6 +114,7 @@ pub fn attach(
     handle: &GatewayHandle,
     svc: Arc<SandboxService>,
     models: Option<std::net::SocketAddr>,
+    opts: &SandboxOptions,
 ) -> axum::Router {
     let h = handle.clone();
     let auth: lastmile_sandbox::e2b::Authenticate = Arc::new(move |headers| {
@@ -132,7 +138,12 @@ pub fn attach(
         }
         format!("http://{a}")
     });
-    let mcp = lastmile_mcp::router(svc.clone(), auth.clone(), models);
+    let mcp = lastmile_mcp::router(
+        svc.clone(),
+        auth.clone(),
+        models,
+        opts.mcp_conformance_fixtures,
+    );
     handle.wrap_router(move |app| lastmile_sandbox::e2b::wrap(app.merge(mcp), s, auth));
     lastmile_sandbox::e2b::admin_router(svc)
 }
@@ -165,7 +176,7 @@ pub fn serve(args: SandboxServerArgs) -> Result<()> {
         let svc = args.sandbox.start()?;
         let (listener, addr) = crate::bind(&args.host, args.port).await?;
         let handle = GatewayHandle::build(config).await?;
-        let admin = attach(&handle, svc.clone(), None);
+        let admin = attach(&handle, svc.clone(), None, &args.sandbox);
         eprintln!(
             "lastmile: http://{addr}: sandboxes ({}); E2B SDKs: E2B_API_URL=E2B_SANDBOX_URL=http://{addr}",
             svc.backend()

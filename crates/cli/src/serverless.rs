@@ -104,7 +104,12 @@ pub(crate) fn serve_deployments(args: ServeArgs, config: &Path) -> Result<()> {
         let sandboxes = args.sandboxes.then(|| args.sandbox.start()).transpose()?;
         let handle = GatewayHandle::build(gateway).await?;
         let sandbox_admin = match &sandboxes {
-            Some(s) => crate::sandboxes::attach(&handle, s.clone(), listener.local_addr().ok()),
+            Some(s) => crate::sandboxes::attach(
+                &handle,
+                s.clone(),
+                listener.local_addr().ok(),
+                &args.sandbox,
+            ),
             None => axum::Router::new(),
         };
         let controller = Controller::start(

@@ -7,13 +7,22 @@
 //! limits. A tool that fails answers a tool result with `isError: true` and a message a model
 //! can act on (unknown sandbox, timeout, limit), never a protocol error.
 //!
-//! Tools: `sandbox_create`, `sandbox_kill`, `sandbox_set_timeout`, `run_command`, `run_code`
-//! (makes a sandbox when none is given, and says which), `read_file`, `write_file`,
-//! `list_files`; and where the server also serves models, `list_models` and `chat` (through the
-//! server's own API with the caller's key, so quotas hold and usage is charged). A command past
-//! its `timeout_s`, or whose call the client cancels, is killed; one that runs long reports
-//! progress each second to a caller that sent a progress token.
+//! Tools: `sandbox_create`, `sandbox_kill`, `sandbox_set_timeout`, `run_command` (to its end,
+//! or in the background), `run_code` (makes a sandbox when none is given, and says which),
+//! `read_file`, `write_file`, `list_files`, `kill_process`; and where the server also serves
+//! models, `list_models` and `chat` (through the server's own API with the caller's key, so
+//! quotas hold and usage is charged). A command past its `timeout_s`, or whose call the client
+//! cancels, is killed; one that runs long reports progress each second to a caller that sent a
+//! progress token.
+//!
+//! Resources (see [`resources`]): the caller's sandboxes, each sandbox and its files, the served
+//! models and the deployments, with subscriptions to sandbox changes. Protocol revisions
+//! 2024-11-05 to 2026-07-28 are negotiated by `rmcp` (sessions up to 2025-11-25; stateless with
+//! `server/discover` from 2026-07-28).
 #![warn(missing_docs)]
+
+mod fixtures;
+pub mod resources;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,11 +41,16 @@ use lastmile_sandbox::SandboxService;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::tool::Extension;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{ProgressNotificationParam, ServerCapabilities, ServerConfig};
-use rmcp::service::RequestContext;
+use rmcp::model::{
+    CompleteRequestParams, CompleteResult, GetPromptRequestParams, GetPromptResponse,
+    ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, PaginatedRequestParams,
+    ProgressNotificationParam, ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities,
+    ServerConfig, SubscribeRequestParams, SubscriptionFilter, UnsubscribeRequestParams,
+};
+use rmcp::service::{RequestContext, SubscriptionContext};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
-use rmcp::{schemars, tool, tool_handler, tool_router, Json, RoleServer, ServerHandler};
+use rmcp::{schemars, tool, tool_handler, tool_router, ErrorData, Json, RoleServer, ServerHandler};
 use serde::{Deserialize, Serialize};
 
 /// The caller's sandbox owner name, set by the `/mcp` authentication layer.
@@ -44,7 +58,7 @@ use serde::{Deserialize, Serialize};
 struct Owner(String);
 
 /// Most output a tool returns per stream; the rest is cut (and said so).
-const MAX_OUTPUT: usize = 1 << 20;
+pub(crate) const MAX_OUTPUT: usize = 1 << 20;
 /// Longest a command may run through MCP.
 const MAX_TIMEOUT_S: u64 = 3600;
 /// How often a running command reports progress (when the caller asked for it).
@@ -55,12 +69,16 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 pub struct LastmileMcp {
     svc: Arc<SandboxService>,
     models: Option<ModelApi>,
+    /// Whether the conformance suite's fixtures are served too.
+    fixtures: bool,
     tool_router: ToolRouter<Self>,
+    /// This session's resource subscriptions (each session gets its own).
+    subs: Arc<resources::Subscriptions>,
 }
 
 /// The server's own model API, reached over loopback with the caller's key.
 #[derive(Clone)]
-struct ModelApi {
+pub(crate) struct ModelApi {
     base: String,
     client: reqwest::Client,
 }
@@ -129,15 +147,33 @@ impl ModelApi {
         r
     }
 
-    async fn models(&self, parts: &http::request::Parts) -> Result<Vec<String>, String> {
-        let v: serde_json::Value = self
-            .request(reqwest::Method::GET, "/v1/models", parts)
+    /// `GET path` on the server's own API as the caller; an error answer is an error.
+    pub(crate) async fn get_json(
+        &self,
+        path: &str,
+        parts: &http::request::Parts,
+    ) -> Result<serde_json::Value, String> {
+        let r = self
+            .request(reqwest::Method::GET, path, parts)
             .send()
             .await
-            .map_err(|e| format!("listing models: {e}"))?
-            .json()
-            .await
-            .map_err(|e| format!("listing models: {e}"))?;
+            .map_err(|e| format!("{path}: {e}"))?;
+        let status = r.status();
+        let v: serde_json::Value = r.json().await.map_err(|e| format!("{path}: {e}"))?;
+        if !status.is_success() {
+            return Err(format!(
+                "{path} answered {status}: {}",
+                v["error"]["message"]
+                    .as_str()
+                    .or(v["error"].as_str())
+                    .unwrap_or("no message")
+            ));
+        }
+        Ok(v)
+    }
+
+    async fn models(&self, parts: &http::request::Parts) -> Result<Vec<String>, String> {
+        let v = self.get_json("/v1/models", parts).await?;
         Ok(v["data"]
             .as_array()
             .map(|a| {
@@ -204,12 +240,16 @@ pub struct CommandArgs {
     /// Extra environment variables.
     #[serde(default)]
     pub env: Option<BTreeMap<String, String>>,
-    /// Seconds before it is killed (default 60).
+    /// Seconds before it is killed (default 60; ignored in the background).
     #[serde(default)]
     pub timeout_s: Option<u64>,
+    /// Start it and return its pid at once, leaving it running (a server, a long job); end it
+    /// with `kill_process` or the sandbox.
+    #[serde(default)]
+    pub background: bool,
 }
 
-/// How a command ended.
+/// How a command ended (or, in the background, which process runs it).
 #[derive(Serialize, schemars::JsonSchema)]
 pub struct CommandResult {
     /// Its standard output (the first MiB).
@@ -220,6 +260,19 @@ pub struct CommandResult {
     pub exit_code: i32,
     /// Set when it was killed for running past its timeout.
     pub timed_out: bool,
+    /// The process, for a command left running in the background (it has no output or exit
+    /// code yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+}
+
+/// `kill_process`'s arguments.
+#[derive(Deserialize, schemars::JsonSchema)]
+pub struct KillArgs {
+    /// The sandbox.
+    pub sandbox_id: String,
+    /// The process (from `run_command` with `background`).
+    pub pid: u32,
 }
 
 /// `run_code`'s arguments.
@@ -229,8 +282,11 @@ pub struct CodeArgs {
     /// result: pass it on to keep its files).
     #[serde(default)]
     pub sandbox_id: Option<String>,
-    /// Python source, run as a script (`print` what you want back).
+    /// The source, run as a script (`print` what you want back).
     pub code: String,
+    /// `python` (default), `bash` or `javascript` (where the sandbox has Node.js).
+    #[serde(default)]
+    pub language: Option<String>,
     /// Seconds before it is killed (default 60).
     #[serde(default)]
     pub timeout_s: Option<u64>,
@@ -311,6 +367,15 @@ pub struct Listing {
     pub entries: Vec<FileEntry>,
 }
 
+/// A result's JSON as its protocol type, marked complete (2026-07-28 requires `resultType`;
+/// `rmcp` removes it for older peers).
+pub(crate) fn done<T: serde::de::DeserializeOwned>(
+    mut v: serde_json::Value,
+) -> Result<T, ErrorData> {
+    v["resultType"] = serde_json::json!("complete");
+    serde_json::from_value(v).map_err(|e| ErrorData::internal_error(e.to_string(), None))
+}
+
 /// What a path means inside: relative paths are under the sandbox user's home.
 fn absolute(path: &str) -> String {
     if path.starts_with('/') {
@@ -340,15 +405,30 @@ fn clip(mut bytes: Vec<u8>) -> String {
 
 #[tool_router]
 impl LastmileMcp {
-    /// A server over `svc`; with `models` (the server's base URL) its model API too.
-    pub fn new(svc: Arc<SandboxService>, models: Option<String>) -> Self {
+    /// A server over `svc`; with `models` (the server's base URL) its model API too; with
+    /// `fixtures`, the conformance suite's fixtures beside the real tools.
+    pub fn new(svc: Arc<SandboxService>, models: Option<String>, fixtures: bool) -> Self {
+        let mut tool_router = Self::tool_router();
+        if fixtures {
+            tool_router += fixtures::tools();
+        }
         Self {
             svc,
             models: models.map(|base| ModelApi {
                 base: base.trim_end_matches('/').to_string(),
                 client: reqwest::Client::new(),
             }),
-            tool_router: Self::tool_router(),
+            fixtures,
+            tool_router,
+            subs: Arc::default(),
+        }
+    }
+
+    /// The server for a new session: the same tools, its own subscriptions.
+    fn session(&self) -> Self {
+        Self {
+            subs: Arc::default(),
+            ..self.clone()
         }
     }
 
@@ -511,7 +591,8 @@ impl LastmileMcp {
 
     #[tool(
         description = "Run a bash command in a sandbox and return its stdout, stderr and exit \
-                       code. Killed after timeout_s (default 60) or when the call is cancelled."
+                       code. Killed after timeout_s (default 60) or when the call is cancelled. \
+                       With background: true it is left running and its pid returned."
     )]
     async fn run_command(
         &self,
@@ -527,13 +608,28 @@ impl LastmileMcp {
             cwd: a.cwd.map(|c| absolute(&c)),
             pty: None,
         };
+        if a.background {
+            let (proc, _) = s
+                .conn
+                .spawn(cfg, false, None)
+                .await
+                .map_err(|f| format!("starting it: {}", f.message))?;
+            return Ok(Json(CommandResult {
+                stdout: String::new(),
+                stderr: String::new(),
+                exit_code: 0,
+                timed_out: false,
+                pid: Some(proc.pid),
+            }));
+        }
         let out = run(&s, cfg, a.timeout_s, &ctx).await?;
         Ok(Json(out))
     }
 
     #[tool(
-        description = "Run Python code in a sandbox (a new one when sandbox_id is not given; \
-                       its id is in the result) and return what it printed and its exit code."
+        description = "Run code (Python by default; bash or javascript with language) in a \
+                       sandbox (a new one when sandbox_id is not given; its id is in the result) \
+                       and return what it printed and its exit code."
     )]
     async fn run_code(
         &self,
@@ -541,6 +637,16 @@ impl LastmileMcp {
         ctx: RequestContext<RoleServer>,
         Parameters(a): Parameters<CodeArgs>,
     ) -> Result<Json<CodeResult>, String> {
+        let (cmd, flag) = match a.language.as_deref().unwrap_or("python") {
+            "python" | "python3" | "py" => ("python3", "-c"),
+            "bash" | "sh" | "shell" => ("bash", "-c"),
+            "javascript" | "js" | "node" => ("node", "-e"),
+            other => {
+                return Err(format!(
+                    "language `{other}` is not offered: use python, bash or javascript"
+                ))
+            }
+        };
         let s = match &a.sandbox_id {
             Some(id) => self.sandbox(&parts, id)?,
             None => {
@@ -549,8 +655,8 @@ impl LastmileMcp {
             }
         };
         let cfg = ProcConfig {
-            cmd: "/usr/bin/python3".into(),
-            args: vec!["-c".into(), a.code],
+            cmd: "/usr/bin/env".into(),
+            args: vec![cmd.into(), flag.into(), a.code],
             envs: BTreeMap::new(),
             cwd: None,
             pty: None,
@@ -563,6 +669,23 @@ impl LastmileMcp {
             exit_code: r.exit_code,
             timed_out: r.timed_out,
         }))
+    }
+
+    #[tool(description = "Kill a process in a sandbox (one started in the background).")]
+    async fn kill_process(
+        &self,
+        Extension(parts): Extension<http::request::Parts>,
+        Parameters(a): Parameters<KillArgs>,
+    ) -> Result<String, String> {
+        let s = self.sandbox(&parts, &a.sandbox_id)?;
+        s.conn
+            .call(&AgentRequest::Signal {
+                pid: a.pid,
+                signal: SIGKILL,
+            })
+            .await
+            .map_err(|f| format!("process {}: {}", a.pid, f.message))?;
+        Ok(format!("process {} killed", a.pid))
     }
 
     #[tool(description = "Read a text file from a sandbox.")]
@@ -710,6 +833,7 @@ async fn run(
                     stderr: clip(err),
                     exit_code: exit.exit_code,
                     timed_out,
+                    pid: None,
                 })
             }
             Some(_) => {}
@@ -731,26 +855,276 @@ async fn kill(s: &Sandbox, pid: u32) {
 /// The signal that ends a command past its timeout or cancelled.
 const SIGKILL: i32 = 9;
 
+/// The caller's owner name from a request's context (set by the `/mcp` authentication layer).
+fn owner_of(ctx: &RequestContext<RoleServer>) -> Result<(String, http::request::Parts), ErrorData> {
+    let parts = ctx
+        .extensions
+        .get::<http::request::Parts>()
+        .cloned()
+        .ok_or_else(|| ErrorData::internal_error("no HTTP request", None))?;
+    let o = owner(&parts).map_err(|e| ErrorData::invalid_request(e, None))?;
+    Ok((o, parts))
+}
+
+/// A real resource the caller may subscribe to: the sandbox list, or one of its sandboxes.
+fn subscribable(svc: &SandboxService, owner: &str, uri: &str) -> bool {
+    uri == resources::SANDBOXES
+        || uri
+            .strip_prefix(resources::SANDBOXES)
+            .and_then(|r| r.strip_prefix('/'))
+            .map(|r| r.split('/').next().unwrap_or(r))
+            .is_some_and(|id| svc.get(owner, id).is_ok())
+}
+
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for LastmileMcp {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_instructions(
-            "lastmile sandboxes: create one (sandbox_create), run commands and Python in it \
+        let mut caps = ServerCapabilities::builder()
+            .enable_tools()
+            .enable_resources()
+            .enable_resources_subscribe()
+            .enable_resources_list_changed()
+            .enable_completions()
+            .build();
+        if self.fixtures {
+            caps.prompts = Some(Default::default());
+            #[allow(deprecated)]
+            {
+                caps.logging = Some(Default::default());
+            }
+        }
+        ServerConfig::new(caps).with_instructions(
+            "lastmile sandboxes: create one (sandbox_create), run commands and code in it \
              (run_command, run_code), move files (read_file, write_file, list_files), and kill \
-             it when done.",
+             it when done. Its state and files are resources too (lastmile://sandboxes/{id}, \
+             lastmile://sandboxes/{id}/files/{path}).",
         )
+    }
+
+    async fn list_resources(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, ErrorData> {
+        let (owner, _) = owner_of(&ctx)?;
+        let mut all = resources::list(&self.svc, &owner, self.models.is_some());
+        if self.fixtures {
+            all.extend(fixtures::resources());
+        }
+        Ok(ListResourcesResult::with_all_items(all))
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, ErrorData> {
+        let mut all = resources::templates();
+        if self.fixtures {
+            all.extend(fixtures::templates());
+        }
+        Ok(ListResourceTemplatesResult::with_all_items(all))
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, ErrorData> {
+        if self.fixtures {
+            if let Some(r) = fixtures::read(&request.uri) {
+                return r.map(ReadResourceResponse::Complete);
+            }
+        }
+        let (owner, parts) = owner_of(&ctx)?;
+        resources::read(
+            &self.svc,
+            self.models.as_ref(),
+            &owner,
+            &parts,
+            &request.uri,
+        )
+        .await
+        .map(ReadResourceResponse::Complete)
+    }
+
+    #[allow(deprecated)]
+    async fn subscribe(
+        &self,
+        request: SubscribeRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        if self.fixtures && fixtures::is_fixture_uri(&request.uri) {
+            return Ok(());
+        }
+        let (owner, _) = owner_of(&ctx)?;
+        if !subscribable(&self.svc, &owner, &request.uri) {
+            return Err(ErrorData::resource_not_found(
+                format!("{}: not a sandbox of yours (or the list)", request.uri),
+                None,
+            ));
+        }
+        self.subs
+            .add(&self.svc, &owner, ctx.peer.clone(), request.uri);
+        Ok(())
+    }
+
+    #[allow(deprecated)]
+    async fn unsubscribe(
+        &self,
+        request: UnsubscribeRequestParams,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        self.subs.remove(&request.uri);
+        Ok(())
+    }
+
+    fn accepted_subscription_filter(
+        &self,
+        requested: &SubscriptionFilter,
+    ) -> Option<SubscriptionFilter> {
+        let mut accepted = SubscriptionFilter::new();
+        accepted.resources_list_changed = requested.resources_list_changed;
+        accepted.resource_subscriptions = requested.resource_subscriptions.as_ref().map(|uris| {
+            uris.iter()
+                .filter(|u| u.starts_with(resources::SANDBOXES))
+                .cloned()
+                .collect()
+        });
+        Some(accepted)
+    }
+
+    async fn listen(&self, ctx: SubscriptionContext) -> Result<(), ErrorData> {
+        let (owner, _) = owner_of(ctx.request_context())?;
+        let uris: Vec<String> = ctx
+            .accepted()
+            .resource_subscriptions
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|u| subscribable(&self.svc, &owner, u))
+            .collect();
+        let mut changes = self.svc.changes();
+        loop {
+            let change = tokio::select! {
+                c = changes.recv() => match c {
+                    Ok(c) => c,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return Ok(()),
+                },
+                () = ctx.cancelled() => return Ok(()),
+            };
+            if !lastmile_sandbox::service::owner_matches(&owner, &change.owner) {
+                continue;
+            }
+            for uri in uris.iter().filter(|u| resources::touches(u, &change.id)) {
+                if ctx
+                    .sink()
+                    .notify_resource_updated(uri.clone())
+                    .await
+                    .is_err()
+                {
+                    return Ok(());
+                }
+            }
+            if ctx.accepted().resources_list_changed == Some(true)
+                && ctx.sink().notify_resource_list_changed().await.is_err()
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn complete(
+        &self,
+        request: CompleteRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CompleteResult, ErrorData> {
+        if self.fixtures {
+            if let Some(r) = fixtures::complete(&request) {
+                return Ok(r);
+            }
+        }
+        let (owner, _) = owner_of(&ctx)?;
+        let v = serde_json::to_value(&request).unwrap_or_default();
+        let values = resources::complete(
+            &self.svc,
+            &owner,
+            v["ref"]["uri"].as_str().unwrap_or_default(),
+            v["argument"]["name"].as_str().unwrap_or_default(),
+            v["argument"]["value"].as_str().unwrap_or_default(),
+            v["context"]["arguments"]["id"].as_str(),
+        )
+        .await;
+        let total = values.len();
+        let mut values = values;
+        values.truncate(100);
+        done(serde_json::json!({"completion": {
+            "values": values, "total": total, "hasMore": total > 100}}))
+    }
+
+    #[allow(deprecated)]
+    async fn set_level(
+        &self,
+        _request: rmcp::model::SetLevelRequestParams,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        if self.fixtures {
+            return Ok(());
+        }
+        Err(ErrorData::method_not_found::<
+            rmcp::model::SetLevelRequestMethod,
+        >())
+    }
+
+    async fn list_prompts(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<ListPromptsResult, ErrorData> {
+        let all = if self.fixtures {
+            fixtures::prompts()
+        } else {
+            Vec::new()
+        };
+        Ok(ListPromptsResult::with_all_items(all))
+    }
+
+    async fn get_prompt(
+        &self,
+        request: GetPromptRequestParams,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<GetPromptResponse, ErrorData> {
+        let args = request.arguments.clone().unwrap_or_default();
+        match self
+            .fixtures
+            .then(|| fixtures::prompt(&request.name, &args))
+            .flatten()
+        {
+            Some(r) => r.map(GetPromptResponse::Complete),
+            None => Err(ErrorData::invalid_params(
+                format!("no prompt named {}", request.name),
+                None,
+            )),
+        }
     }
 }
 
 /// `/mcp` for `svc` (and the model API at `models`, the server's own base URL, when it serves
-/// models): each request is authenticated with `auth` (the server's API keys) and must come
-/// from the same origin when a browser sends it.
-pub fn router(svc: Arc<SandboxService>, auth: Authenticate, models: Option<String>) -> Router {
-    let mcp = LastmileMcp::new(svc, models);
+/// models; the conformance suite's fixtures too with `fixtures`): each request is authenticated
+/// with `auth` (the server's API keys) and must come from the same origin when a browser sends
+/// it.
+pub fn router(
+    svc: Arc<SandboxService>,
+    auth: Authenticate,
+    models: Option<String>,
+    fixtures: bool,
+) -> Router {
+    let mcp = LastmileMcp::new(svc, models, fixtures);
     // The server's own guard checks `Host` on loopback listeners; keys guard the rest.
     let config = StreamableHttpServerConfig::default().disable_allowed_hosts();
     let service = StreamableHttpService::new(
-        move || Ok(mcp.clone()),
+        move || Ok(mcp.session()),
         LocalSessionManager::default().into(),
         config,
     );

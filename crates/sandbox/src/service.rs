@@ -260,6 +260,19 @@ pub struct SandboxService {
     /// Counters and histograms.
     pub metrics: Metrics,
     created: AtomicU64,
+    changes: tokio::sync::broadcast::Sender<Change>,
+}
+
+/// A sandbox's life changed: made, its timeout set, paused, resumed, killed or expired (what
+/// MCP's resource subscriptions report).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The sandbox.
+    pub id: String,
+    /// Its owner.
+    pub owner: String,
+    /// Whether it has ended (killed or expired).
+    pub ended: bool,
 }
 
 impl SandboxService {
@@ -276,6 +289,7 @@ impl SandboxService {
             sandboxes: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
             created: AtomicU64::new(0),
+            changes: tokio::sync::broadcast::channel(1024).0,
         });
         let weak = Arc::downgrade(&svc);
         tokio::spawn(async move {
@@ -286,6 +300,20 @@ impl SandboxService {
             }
         });
         Ok(svc)
+    }
+
+    /// Every change from now on, to every owner's sandboxes (a receiver that lags misses the
+    /// oldest).
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self, s: &Sandbox, ended: bool) {
+        let _ = self.changes.send(Change {
+            id: s.id.clone(),
+            owner: s.owner.clone(),
+            ended,
+        });
     }
 
     /// The backend's description.
@@ -313,6 +341,7 @@ impl SandboxService {
             tracing::info!("sandbox {} expired", s.id);
             self.metrics.expired.fetch_add(1, Ordering::Relaxed);
             s.end().await;
+            self.changed(&s, true);
         }
     }
 
@@ -453,6 +482,7 @@ impl SandboxService {
             .create_seconds
             .observe(started.elapsed().as_secs_f64());
         tracing::info!("sandbox {id} created from `{}` for {owner}", template.name);
+        self.changed(&sandbox, false);
         Ok(sandbox)
     }
 
@@ -506,7 +536,9 @@ impl SandboxService {
         timeout: Duration,
     ) -> Result<(), SandboxError> {
         self.check_timeout(timeout)?;
-        self.get(owner, id)?.set_timeout(timeout);
+        let s = self.get(owner, id)?;
+        s.set_timeout(timeout);
+        self.changed(&s, false);
         Ok(())
     }
 
@@ -535,6 +567,7 @@ impl SandboxService {
         s.set_timeout(self.config.max_timeout);
         self.metrics.paused.fetch_add(1, Ordering::Relaxed);
         tracing::info!("sandbox {id} paused");
+        self.changed(&s, false);
         Ok(())
     }
 
@@ -553,6 +586,7 @@ impl SandboxService {
         if !s.is_paused() {
             if timeout.is_some() && SystemTime::now() + t > s.end_at() {
                 s.set_timeout(t);
+                self.changed(&s, false);
             }
             return Ok(false);
         }
@@ -567,6 +601,7 @@ impl SandboxService {
         }
         self.metrics.resumed.fetch_add(1, Ordering::Relaxed);
         tracing::info!("sandbox {id} resumed");
+        self.changed(&s, false);
         Ok(true)
     }
 
@@ -581,6 +616,7 @@ impl SandboxService {
         }
         .ok_or_else(|| not_found(id))?;
         s.end().await;
+        self.changed(&s, true);
         self.metrics.killed.fetch_add(1, Ordering::Relaxed);
         tracing::info!("sandbox {id} killed");
         Ok(())
@@ -600,7 +636,8 @@ impl SandboxService {
 /// The owner name that sees every sandbox (the admin key).
 pub const ADMIN: &str = "\u{0}admin";
 
-fn owner_matches(caller: &str, owner: &str) -> bool {
+/// Whether `caller` may see a sandbox of `owner` (its own, or any for the admin).
+pub fn owner_matches(caller: &str, owner: &str) -> bool {
     caller == ADMIN || caller == owner
 }
 
