@@ -140,3 +140,24 @@ def sandbox_server(tmp_path_factory):
     yield url, proc
     stop_server(proc)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def gateway_with_sandboxes(base_url, tmp_path_factory):
+    """A keyed gateway in front of the session's worker, with sandboxes (and so /mcp)."""
+    tmp = tmp_path_factory.mktemp("mcp-gateway")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(BINARY), "gateway", "--port", str(port), "--worker", base_url, "--sandboxes",
+         "--admin-key", SANDBOX_ADMIN_KEY, "--usage-db", str(tmp / "usage.db")],
+        stdout=subprocess.DEVNULL, stderr=open(tmp / "log", "wb"))
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.1)
+    yield url
+    stop_server(proc)

@@ -184,32 +184,6 @@ def test_stdio_bridge_for_hosts_that_launch_processes(sandbox_server, mcp_key):
     anyio.run(main)
 
 
-@pytest.fixture(scope="module")
-def gateway_with_sandboxes(base_url, tmp_path_factory):
-    """A keyed gateway in front of the session's worker, with sandboxes (and so /mcp)."""
-    import subprocess
-    import time
-
-    from conftest import BINARY, SANDBOX_ADMIN_KEY, _free_port, stop_server
-
-    tmp = tmp_path_factory.mktemp("mcp-gateway")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [str(BINARY), "gateway", "--port", str(port), "--worker", base_url, "--sandboxes",
-         "--admin-key", SANDBOX_ADMIN_KEY, "--usage-db", str(tmp / "usage.db")],
-        stdout=subprocess.DEVNULL, stderr=open(tmp / "log", "wb"))
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.1)
-    yield url
-    stop_server(proc)
-
-
 def test_model_tools_answer_and_charge_the_callers_key(gateway_with_sandboxes, sandbox_server):
     url = gateway_with_sandboxes
     k = admin_request(url, "POST", "/admin/keys", {"name": "mcp-chat"})

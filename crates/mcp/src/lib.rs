@@ -85,6 +85,7 @@ pub(crate) struct ModelApi {
 
 /// `chat`'s arguments.
 #[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct ChatArgs {
     /// A served model id (default: the first `list_models` gives).
     #[serde(default)]
@@ -101,6 +102,7 @@ pub struct ChatArgs {
 
 /// One message of a conversation.
 #[derive(Serialize, Deserialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct ChatMessage {
     /// `system`, `user` or `assistant`.
     pub role: String,
@@ -187,6 +189,7 @@ impl ModelApi {
 
 /// `sandbox_create`'s arguments.
 #[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct CreateArgs {
     /// Template id or alias (default `base`; `code-interpreter` for Python with a persistent
     /// interpreter).
@@ -213,6 +216,7 @@ pub struct Created {
 
 /// A sandbox by id.
 #[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct SandboxArgs {
     /// The sandbox (from `sandbox_create`).
     pub sandbox_id: String,
@@ -220,6 +224,7 @@ pub struct SandboxArgs {
 
 /// `sandbox_set_timeout`'s arguments.
 #[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct TimeoutArgs {
     /// The sandbox.
     pub sandbox_id: String,
@@ -229,6 +234,7 @@ pub struct TimeoutArgs {
 
 /// `run_command`'s arguments.
 #[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct CommandArgs {
     /// The sandbox.
     pub sandbox_id: String,
@@ -268,6 +274,7 @@ pub struct CommandResult {
 
 /// `kill_process`'s arguments.
 #[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct KillArgs {
     /// The sandbox.
     pub sandbox_id: String,
@@ -277,6 +284,7 @@ pub struct KillArgs {
 
 /// `run_code`'s arguments.
 #[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct CodeArgs {
     /// The sandbox; without one a new `code-interpreter` sandbox is made (its id is in the
     /// result: pass it on to keep its files).
@@ -309,6 +317,7 @@ pub struct CodeResult {
 
 /// A file by path.
 #[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct FileArgs {
     /// The sandbox.
     pub sandbox_id: String,
@@ -327,6 +336,7 @@ pub struct FileText {
 
 /// `write_file`'s arguments.
 #[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct WriteArgs {
     /// The sandbox.
     pub sandbox_id: String,
@@ -338,6 +348,7 @@ pub struct WriteArgs {
 
 /// `list_files`'s arguments.
 #[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct ListArgs {
     /// The sandbox.
     pub sandbox_id: String,
