@@ -5,6 +5,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# How long each phase took, printed as it ends and summed up at the exit (pass or fail).
+phase_start=$SECONDS
+phases=()
+phase() {
+    local took=$((SECONDS - phase_start))
+    phases+=("$(printf '%-34s %4d s' "$1" "$took")")
+    echo "== $1: ${took} s"
+    phase_start=$SECONDS
+}
+report() {
+    echo "== time per phase"
+    for p in "${phases[@]}"; do echo "   $p"; done
+    echo "   total                              $SECONDS s"
+}
+trap report EXIT
+
 # Debian packages the tests need: etcd (discovery tests start a real one), bubblewrap (the
 # sandbox backend) and a python3 under /usr (what sandboxes run; the host's /usr is their root).
 missing=()
@@ -30,7 +46,9 @@ if [ -c /dev/net/tun ] && [ "$(stat -c %a /dev/net/tun)" != 666 ]; then
     if [ "$(id -u)" = 0 ]; then chmod 0666 /dev/net/tun; else sudo chmod 0666 /dev/net/tun; fi
 fi
 
+phase "system packages"
 cargo build --release --workspace
+phase "build (release)"
 ./target/release/lastmile models pull
 
 if [ ! -x .venv/bin/python ]; then
@@ -42,6 +60,9 @@ if ! cmp -s tests/mcp-tools/package-lock.json tests/mcp-tools/node_modules/.inst
     npm ci --prefix tests/mcp-tools --no-audit --no-fund --loglevel=error
     cp tests/mcp-tools/package-lock.json tests/mcp-tools/node_modules/.installed-lock.json
 fi
+phase "model, Python and npm packages"
 
 cargo test --release --workspace
+phase "Rust tests"
 .venv/bin/python -m pytest -q tests/python
+phase "Python tests"

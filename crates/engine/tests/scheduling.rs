@@ -106,18 +106,49 @@ fn small_chunks_and_joining_mid_batch_keep_outputs() {
         .iter()
         .map(|p| collect(chunky.submit(request(&chunky, p, 12)).expect("submit")).0)
         .collect();
-    let first = chunky
+    let mut first = chunky
         .submit(request(&chunky, PROMPTS[0], 12))
         .expect("submit");
-    std::thread::sleep(std::time::Duration::from_millis(50));
+    // The others arrive once the first is decoding (its first token is out).
+    let head = match first.blocking_next() {
+        Some(GenerationEvent::Token { id, .. }) => id,
+        other => panic!("expected a first token, got {other:?}"),
+    };
     let rest: Vec<_> = PROMPTS[1..]
         .iter()
         .map(|p| chunky.submit(request(&chunky, p, 12)).expect("submit"))
         .collect();
-    assert_eq!(collect(first).0, solo[0]);
-    for (i, s) in rest.into_iter().enumerate() {
-        assert_eq!(collect(s).0, solo[i + 1]);
+    // Each stream is read on its own thread, noting when its tokens came.
+    let timed = |mut s: lastmile_engine::GenerationStream| {
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            while let Some(ev) = s.blocking_next() {
+                match ev {
+                    GenerationEvent::Token { id, .. } => got.push((id, std::time::Instant::now())),
+                    GenerationEvent::Finished { .. } => return got,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            panic!("stream ended without Finished")
+        })
+    };
+    let first = timed(first);
+    let rest: Vec<_> = rest.into_iter().map(timed).collect();
+    let first = first.join().expect("first");
+    let rest: Vec<_> = rest.into_iter().map(|t| t.join().expect("rest")).collect();
+    let ids = |got: &[(u32, std::time::Instant)]| got.iter().map(|g| g.0).collect::<Vec<_>>();
+    let mut first_ids = vec![head];
+    first_ids.extend(ids(&first));
+    assert_eq!(first_ids, solo[0]);
+    for (i, got) in rest.iter().enumerate() {
+        assert_eq!(ids(got), solo[i + 1]);
     }
+    // They joined mid-batch: a later request had tokens out before the first one's last.
+    let first_last = first.last().expect("the first had tokens left").1;
+    assert!(
+        rest.iter().any(|got| got[0].1 < first_last),
+        "no request joined while the first was decoding"
+    );
 }
 
 #[test]

@@ -268,17 +268,18 @@ async fn kv_aware_sends_later_turns_where_the_conversation_is_cached() {
             {"role": "system", "content": format!("You are an expert on {topic}. ").repeat(8)},
             {"role": "user", "content": format!("Tell me one fact about {topic}.")}
         ]);
+        let indexed = indexed_blocks(&gw).await;
         let (first, answer) = chat_via(&client, &gw, &messages).await;
         first_workers.push(first.clone());
-        // Let the worker's KV events reach the gateway.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The worker's KV events reach the gateway before the next turn.
+        let mut indexed = kv_events_arrived(&gw, indexed).await;
         for turn in 0..2 {
             let list = messages.as_array_mut().expect("array");
             list.push(json!({"role": "assistant", "content": answer}));
             list.push(json!({"role": "user", "content": format!("And another, number {turn}?")}));
             let (next, _) = chat_via(&client, &gw, &messages).await;
             assert_eq!(next, first, "turn {turn} of the {topic} conversation moved");
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            indexed = kv_events_arrived(&gw, indexed).await;
         }
     }
     // Idle workers and no shared prefix: new conversations are spread, not piled on one worker.
@@ -342,4 +343,38 @@ async fn kv_aware_starts_from_what_workers_already_cached() {
         next, b,
         "the next turn goes where the conversation is cached"
     );
+}
+
+/// Blocks the gateway's KV index holds, over every worker.
+async fn indexed_blocks(gw: &str) -> u64 {
+    let text = reqwest::get(format!("{gw}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    text.lines()
+        .filter(|l| l.starts_with("lastmile_gateway_indexed_blocks{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum()
+}
+
+/// Waits until a request's KV events have reached the gateway: its index grew past `before`
+/// and then held still for 100 ms (events come a step at a time). Returns the new size.
+async fn kv_events_arrived(gw: &str, before: u64) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut last = (before, std::time::Instant::now());
+    loop {
+        let now = indexed_blocks(gw).await;
+        if now != last.0 {
+            last = (now, std::time::Instant::now());
+        } else if now > before && last.1.elapsed() >= Duration::from_millis(100) {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no KV events reached the gateway in 10 s ({before} blocks indexed)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
