@@ -2,6 +2,7 @@
 //! channel; each carries the sender for its output events; a dropped receiver cancels the request
 //! and frees its blocks at the next step.
 
+mod closing;
 mod pacing;
 mod scheduler;
 
@@ -109,7 +110,9 @@ pub struct GenerateRequest {
     /// The prompt is then computed in full (no prefix-cache reuse). With `max_tokens` 0 nothing
     /// is generated: the request only scores its prompt.
     pub prompt_logprobs: Option<usize>,
-    /// Output constraint; generation ends when the grammar is complete.
+    /// Output constraint; generation ends when the grammar is complete. Near `max_tokens` the
+    /// output turns to a short completion of the grammar when that is all the budget leaves
+    /// room for, so it still parses (the finish reason stays `Length`).
     pub grammar: Option<Grammar>,
 }
 

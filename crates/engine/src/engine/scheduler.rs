@@ -12,6 +12,7 @@ use std::sync::Arc;
 use tokio::sync::broadcast;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::closing::BudgetCloser;
 use super::pacing::{Pacer, StepShape};
 use super::{
     EngineConfig, EngineStats, FinishReason, GenerateRequest, GenerationEvent, Submission,
@@ -40,6 +41,8 @@ struct Sequence {
     sampler: Sampler,
     decoder: DecodeStream,
     stops: StopMatcher,
+    /// Keeps a constrained answer able to close within `max_tokens`.
+    closer: BudgetCloser,
     /// Next prompt position whose log probability is still to be reported (prompt logprobs).
     prompt_logprobs_from: usize,
     tx: UnboundedSender<GenerationEvent>,
@@ -173,6 +176,7 @@ impl Scheduler {
             prompt_len: prompt.len(),
             sampler: Sampler::new(s.request.sampling.clone(), &prompt),
             stops: StopMatcher::new(s.request.stop.clone()),
+            closer: BudgetCloser::default(),
             tokens: prompt,
             computed: 0,
             blocks: Vec::new(),
@@ -519,8 +523,9 @@ impl Scheduler {
     }
 }
 
-/// Picks `s`'s next token from its logits: under its grammar if it has one, with log
-/// probabilities (taken from the raw logits, before penalties and masks) if it asked for them.
+/// Picks `s`'s next token from its logits: under its grammar if it has one (closing it when the
+/// budget left is what closing takes), with log probabilities (taken from the raw logits, before
+/// penalties and masks) if it asked for them.
 fn sample_next(
     s: &mut Sequence,
     logits: &mut [f32],
@@ -530,14 +535,21 @@ fn sample_next(
         raw.clear();
         raw.extend_from_slice(logits);
     }
-    let allowed = match s.request.grammar.as_mut() {
-        Some(g) => Some(g.allowed()?),
-        None => None,
+    let left = s.request.max_tokens.saturating_sub(s.generated());
+    let token = match s.request.grammar.as_mut() {
+        Some(g) => {
+            let token = match s.closer.forced(g, left) {
+                Some(t) => t,
+                None => {
+                    let sampled = s.sampler.sample(logits, Some(&g.allowed()?));
+                    s.closer.check(g, left, sampled)
+                }
+            };
+            g.accept(token)?;
+            token
+        }
+        None => s.sampler.sample(logits, None),
     };
-    let token = s.sampler.sample(logits, allowed.as_ref());
-    if let Some(g) = s.request.grammar.as_mut() {
-        g.accept(token)?;
-    }
     s.sampler.observe(token);
     let logprobs = s.request.logprobs.map(|k| logprobs(raw, token, k));
     Ok((token, logprobs))
@@ -573,6 +585,11 @@ fn emit(
     }
     if reason.is_none() && s.request.grammar.as_ref().is_some_and(|g| g.is_finished()) {
         reason = Some(FinishReason::Stop);
+    }
+    if s.closer.is_forcing() && s.stops.matched().is_none() && reason.is_some() {
+        // Closed early to fit the budget (its end-of-generation token, or the grammar's end):
+        // the budget cut the answer.
+        reason = Some(FinishReason::Length);
     }
     if reason.is_none() && s.generated() >= s.request.max_tokens {
         reason = Some(FinishReason::Length);
