@@ -51,6 +51,7 @@ class E2b:
         self.conn.request("POST", "/process.Process/Start", struct.pack(">BI", 0, len(msg)) + msg, self.headers)
         r = self.conn.getresponse()
         buf, out, code = r.read(), b"", None
+        whole = buf
         while len(buf) >= 5:
             flags, n = struct.unpack(">BI", buf[:5])
             m = json.loads(buf[5 : 5 + n])
@@ -61,7 +62,7 @@ class E2b:
             if "end" in ev:
                 code = ev["end"].get("exitCode", 0)
         if code is None:
-            raise RuntimeError("no end event")
+            raise RuntimeError(f"no end event: HTTP {r.status} {whole[:500]!r}")
         return out.decode(), code
 
 

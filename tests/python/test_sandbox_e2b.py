@@ -346,3 +346,16 @@ def test_pause_stops_everything_and_connect_resumes_where_it_was(key):
         assert resumed.commands.run("echo alive").stdout == "alive\n"
     finally:
         sb.kill()
+
+
+def test_an_idle_sandbox_lives_its_timeout(key):
+    """Sandboxes die with lastmile (the parent-death signal), which Linux ties to the thread
+    that forked them: launched from a pool thread that exited after 10 idle seconds, every
+    sandbox was killed then, whatever its timeout. Idle past that, it must still answer."""
+    from e2b import Sandbox
+
+    with Sandbox.create(timeout=120) as sb:
+        sb.commands.run("echo warm")
+        time.sleep(13)
+        assert sb.commands.run("echo still here").stdout == "still here\n"
+        assert sb.is_running()

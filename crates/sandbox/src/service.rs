@@ -261,6 +261,8 @@ pub struct SandboxService {
     pub metrics: Metrics,
     created: AtomicU64,
     changes: tokio::sync::broadcast::Sender<Change>,
+    /// Where sandboxes are launched from (threads that never exit: see [`crate::launcher`]).
+    launcher: crate::launcher::Launcher,
 }
 
 /// A sandbox's life changed: made, its timeout set, paused, resumed, killed or expired (what
@@ -290,6 +292,10 @@ impl SandboxService {
             metrics: Metrics::default(),
             created: AtomicU64::new(0),
             changes: tokio::sync::broadcast::channel(1024).0,
+            launcher: crate::launcher::Launcher::new(
+                LAUNCH_THREADS,
+                tokio::runtime::Handle::current(),
+            ),
         });
         let weak = Arc::downgrade(&svc);
         tokio::spawn(async move {
@@ -397,16 +403,20 @@ impl SandboxService {
         let backend = self.backend.clone();
         let (t2, id2, envs) = (template.clone(), id.clone(), req.envs.clone());
         let network = req.network.clone();
-        let launched = tokio::task::spawn_blocking(move || {
-            backend.launch(&LaunchSpec {
-                id: &id2,
-                template: &t2,
-                envs: &envs,
-                network: network.as_ref(),
+        let launched = self
+            .launcher
+            .run(move || {
+                backend.launch(&LaunchSpec {
+                    id: &id2,
+                    template: &t2,
+                    envs: &envs,
+                    network: network.as_ref(),
+                })
             })
-        })
-        .await
-        .map_err(|e| SandboxError::Unavailable(e.to_string()))??;
+            .await
+            .ok_or_else(|| {
+                SandboxError::Unavailable("no thread to launch sandboxes on".into())
+            })??;
         let mut child = launched.child;
         let conn = match launched.agent_socket {
             Some(sock) => {
@@ -632,6 +642,9 @@ impl SandboxService {
         let _ = tokio::task::spawn_blocking(move || backend.shutdown()).await;
     }
 }
+
+/// Threads sandboxes are launched from at once.
+const LAUNCH_THREADS: usize = 4;
 
 /// The owner name that sees every sandbox (the admin key).
 pub const ADMIN: &str = "\u{0}admin";
