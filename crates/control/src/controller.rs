@@ -17,6 +17,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use lastmile_http::metrics::{Exposition, Histogram};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -118,9 +119,6 @@ pub struct DeploymentStatus {
     pub cold_start_seconds_sum: f64,
     /// The last one's start-to-ready time, in milliseconds.
     pub last_cold_start_ms: Option<f64>,
-    /// Cold starts at or under each of `COLD_START_BOUNDS` (cumulative, as Prometheus wants).
-    #[serde(skip)]
-    pub cold_start_buckets: [u64; COLD_START_BOUNDS.len()],
     /// Replicas that exited without being asked to (or never became healthy).
     pub crashes: u64,
     /// Every replica now.
@@ -133,6 +131,8 @@ struct Managed {
     replica: ReplicaSpec,
     wake: Notify,
     status: Mutex<DeploymentStatus>,
+    /// Start-to-ready times, over `COLD_START_BOUNDS`.
+    cold_start: Histogram,
 }
 
 /// Runs every deployment's control loop.
@@ -159,6 +159,7 @@ impl Controller {
                     replica,
                     wake: Notify::new(),
                     status: Mutex::new(DeploymentStatus::default()),
+                    cold_start: Histogram::new(&COLD_START_BOUNDS),
                 })
             })
             .collect();
@@ -213,80 +214,71 @@ impl Controller {
     /// Prometheus text: replicas per deployment (desired, ready, starting), cold starts and
     /// their duration, crashes.
     pub fn metrics(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::new();
-        let rows = self.deployments();
-        let _ = writeln!(
-            out,
-            "# HELP lastmile_deployment_replicas Replicas per deployment by state (desired: what \
-             the autoscaler wants).\n# TYPE lastmile_deployment_replicas gauge"
-        );
-        for (spec, s) in &rows {
-            for (state, n) in [
+        let rows: Vec<MetricsRow> = self
+            .managed
+            .iter()
+            .map(|m| MetricsRow {
+                deployment: m.spec.name.clone(),
+                status: lock(&m.status).clone(),
+                cold_start: m.cold_start.clone(),
+            })
+            .collect();
+        exposition(&rows)
+    }
+}
+
+/// One deployment on the metrics page.
+struct MetricsRow {
+    deployment: String,
+    status: DeploymentStatus,
+    cold_start: Histogram,
+}
+
+/// The deployments' metrics, in declaration order (names are label values: escaped).
+fn exposition(rows: &[MetricsRow]) -> String {
+    let by_deployment = |r: &MetricsRow| vec![("deployment", r.deployment.clone())];
+    let mut page = Exposition::new();
+    page.gauges(
+        "lastmile_deployment_replicas",
+        "Replicas per deployment by state (desired: what the autoscaler wants).",
+        rows.iter().flat_map(|r| {
+            let s = &r.status;
+            [
                 ("desired", s.desired),
                 ("ready", s.ready),
                 ("starting", s.starting),
                 ("stopping", s.stopping),
-            ] {
-                let _ = writeln!(
-                    out,
-                    "lastmile_deployment_replicas{{deployment=\"{}\",state=\"{state}\"}} {n}",
-                    spec.name
-                );
-            }
-        }
-        let per_deployment =
-            |out: &mut String,
-             name: &str,
-             help: &str,
-             kind: &str,
-             v: &dyn Fn(&DeploymentStatus) -> String| {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-                for (spec, s) in &rows {
-                    let _ = writeln!(out, "{name}{{deployment=\"{}\"}} {}", spec.name, v(s));
-                }
-            };
-        per_deployment(
-            &mut out,
-            "lastmile_cold_starts_total",
-            "Replicas started that became ready.",
-            "counter",
-            &|s| s.cold_starts.to_string(),
-        );
-        let name = "lastmile_cold_start_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Time from starting a replica to its first successful health check.\n\
-             # TYPE {name} histogram"
-        );
-        for (spec, s) in &rows {
-            let d = &spec.name;
-            for (le, n) in COLD_START_BOUNDS.iter().zip(&s.cold_start_buckets) {
-                let _ = writeln!(out, "{name}_bucket{{deployment=\"{d}\",le=\"{le}\"}} {n}");
-            }
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{deployment=\"{d}\",le=\"+Inf\"}} {}\n{name}_sum{{deployment=\"{d}\"}} \
-                 {:.6}\n{name}_count{{deployment=\"{d}\"}} {}",
-                s.cold_starts, s.cold_start_seconds_sum, s.cold_starts
-            );
-        }
-        per_deployment(
-            &mut out,
-            "lastmile_replica_crashes_total",
-            "Replicas that exited unasked or never became healthy.",
-            "counter",
-            &|s| s.crashes.to_string(),
-        );
-        per_deployment(
-            &mut out,
-            "lastmile_autoscaler_panicking",
-            "1 while the autoscaler is in panic mode.",
-            "gauge",
-            &|s| u8::from(s.panicking).to_string(),
-        );
-        out
-    }
+            ]
+            .map(|(state, n)| {
+                let mut labels = by_deployment(r);
+                labels.push(("state", state.to_string()));
+                (labels, n)
+            })
+        }),
+    )
+    .counters(
+        "lastmile_cold_starts_total",
+        "Replicas started that became ready.",
+        rows.iter()
+            .map(|r| (by_deployment(r), r.status.cold_starts)),
+    )
+    .histograms(
+        "lastmile_cold_start_seconds",
+        "Time from starting a replica to its first successful health check.",
+        rows.iter()
+            .map(|r| (by_deployment(r), r.cold_start.clone())),
+    )
+    .counters(
+        "lastmile_replica_crashes_total",
+        "Replicas that exited unasked or never became healthy.",
+        rows.iter().map(|r| (by_deployment(r), r.status.crashes)),
+    )
+    .gauges(
+        "lastmile_autoscaler_panicking",
+        "1 while the autoscaler is in panic mode.",
+        rows.iter().map(|r| (by_deployment(r), r.status.panicking)),
+    );
+    page.encode()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -516,11 +508,7 @@ impl Loop {
                 let mut s = lock(&self.m.status);
                 s.cold_starts += 1;
                 s.cold_start_seconds_sum += took;
-                for (le, n) in COLD_START_BOUNDS.iter().zip(&mut s.cold_start_buckets) {
-                    if took <= *le {
-                        *n += 1;
-                    }
-                }
+                self.m.cold_start.observe(took);
                 s.last_cold_start_ms = Some(took * 1e3);
             }
             Event::Health(seq, false) => {
@@ -597,6 +585,61 @@ impl Loop {
                     break;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str) -> MetricsRow {
+        let cold_start = Histogram::new(&COLD_START_BOUNDS);
+        cold_start.observe(0.3);
+        MetricsRow {
+            deployment: name.to_string(),
+            status: DeploymentStatus {
+                desired: 2,
+                ready: 1,
+                starting: 1,
+                cold_starts: 1,
+                cold_start_seconds_sum: 0.3,
+                crashes: 3,
+                ..DeploymentStatus::default()
+            },
+            cold_start,
+        }
+    }
+
+    /// Regression: deployment names may hold `"` (only whitespace and control characters are
+    /// refused), and were written into label values unescaped, breaking the whole page.
+    #[test]
+    fn a_quote_in_a_deployment_name_does_not_break_the_metrics() {
+        let yaml = "deployments:\n  - name: 'a\"b'\n";
+        let parsed = crate::deployments::Deployments::parse(yaml, "test").expect("a valid file");
+        assert_eq!(parsed.list[0].name, "a\"b");
+        let text = exposition(&[row("a\"b"), row("plain")]);
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (series, value) = line.rsplit_once(' ').expect("series and value");
+            assert!(value.parse::<f64>().is_ok(), "value of {line:?}");
+            assert!(series.ends_with('}'), "{line:?}");
+            if series.contains("a\\\"b") {
+                assert!(!series.contains("a\"b\""), "unescaped: {line:?}");
+            }
+        }
+        for series in [
+            "lastmile_deployment_replicas{deployment=\"a\\\"b\",state=\"desired\"} 2",
+            "lastmile_cold_starts_total{deployment=\"a\\\"b\"} 1",
+            "lastmile_cold_start_seconds_bucket{deployment=\"a\\\"b\",le=\"0.5\"} 1",
+            "lastmile_cold_start_seconds_count{deployment=\"a\\\"b\"} 1",
+            "lastmile_replica_crashes_total{deployment=\"a\\\"b\"} 3",
+            "lastmile_autoscaler_panicking{deployment=\"a\\\"b\"} 0",
+            "lastmile_cold_start_seconds_bucket{deployment=\"plain\",le=\"30\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == series),
+                "{series} missing from:\n{text}"
+            );
         }
     }
 }

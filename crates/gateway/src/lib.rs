@@ -585,7 +585,9 @@ impl GatewayHandle {
         self.0.activator.set_on_demand(Arc::new(hook));
     }
 
-    /// Appends `render()`'s Prometheus text to `/metrics` (after any added before).
+    /// Appends `render()`'s Prometheus text (format 0.0.4, as
+    /// `lastmile_http::metrics::Exposition::encode` writes it) to `/metrics`, after any added
+    /// before.
     pub fn extra_metrics(&self, render: impl Fn() -> String + Send + Sync + 'static) {
         self.0
             .extra_metrics
@@ -802,13 +804,17 @@ async fn metrics(State(gw): State<Arc<Gateway>>, headers: axum::http::HeaderMap)
             ),
         );
     }
-    let mut body = gw
-        .metrics
-        .render(&gw.workers, gw.policy.kind(), &gw.index());
-    body.push_str(
-        &gw.metrics
-            .render_activator(&gw.config.deployments, &gw.activator),
-    );
+    let mut page = lastmile_http::metrics::Exposition::new();
+    gw.metrics
+        .render(&mut page, &gw.workers, gw.policy.kind(), &gw.index());
+    gw.metrics
+        .render_activator(&mut page, &gw.config.deployments, &gw.activator);
+    if let Some(t) = &gw.tenants {
+        t.metrics(&mut page);
+    }
+    let mut body = page.encode();
+    // Other parts' pages (the control plane's, the sandboxes'): the text format has no end
+    // marker, so pages concatenate.
     let extra = gw
         .extra_metrics
         .read()
@@ -817,10 +823,11 @@ async fn metrics(State(gw): State<Arc<Gateway>>, headers: axum::http::HeaderMap)
     for render in extra {
         body.push_str(&render());
     }
-    if let Some(t) = &gw.tenants {
-        body.push_str(&t.metrics());
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    (
+        [(header::CONTENT_TYPE, lastmile_http::metrics::CONTENT_TYPE)],
+        body,
+    )
+        .into_response()
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {

@@ -2,23 +2,22 @@
 //! retries, worker availability and breaker state, and the time the gateway itself adds (reading
 //! the body, choosing a worker, relaying the head: everything but waiting for the worker).
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use lastmile_http::metrics::{Exposition, Histogram, Labels};
 use lastmile_router::{KvIndex, PolicyKind};
 
 use crate::workers::{Worker, Workers};
 
-const OVERHEAD_BOUNDS_US: [u64; 8] = [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000];
+/// Bounds of the overhead histogram, seconds (100 µs to 50 ms).
+const OVERHEAD_BOUNDS: [f64; 8] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05];
 
-/// Counters kept in atomics.
+/// Counters kept in atomics, and the overhead histogram.
 pub(crate) struct Metrics {
     overlap_blocks: AtomicU64,
     pub(crate) retries: AtomicU64,
-    overhead_buckets: [AtomicU64; 8],
-    overhead_count: AtomicU64,
-    overhead_sum_us: AtomicU64,
+    overhead: Histogram,
 }
 
 impl Metrics {
@@ -26,9 +25,7 @@ impl Metrics {
         Self {
             overlap_blocks: AtomicU64::new(0),
             retries: AtomicU64::new(0),
-            overhead_buckets: Default::default(),
-            overhead_count: AtomicU64::new(0),
-            overhead_sum_us: AtomicU64::new(0),
+            overhead: Histogram::new(&OVERHEAD_BOUNDS),
         }
     }
 
@@ -41,140 +38,106 @@ impl Metrics {
 
     /// Records the gateway's own time for one request (its total minus the workers' time).
     pub(crate) fn observe_overhead(&self, d: Duration) {
-        let us = d.as_micros() as u64;
-        for (b, c) in OVERHEAD_BOUNDS_US.iter().zip(&self.overhead_buckets) {
-            if us <= *b {
-                c.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.overhead_count.fetch_add(1, Ordering::Relaxed);
-        self.overhead_sum_us.fetch_add(us, Ordering::Relaxed);
+        self.overhead.observe(d.as_secs_f64());
     }
 
-    /// Requests the activator holds per deployment, and its totals.
+    /// Requests the activator holds per deployment, and its totals (nothing without
+    /// deployments).
     pub(crate) fn render_activator(
         &self,
+        page: &mut Exposition,
         deployments: &[crate::DeploymentRoute],
         activator: &crate::activator::Activator,
-    ) -> String {
-        let mut out = String::new();
+    ) {
         if deployments.is_empty() {
-            return out;
+            return;
         }
-        let _ = writeln!(
-            out,
-            "# HELP lastmile_activator_waiting Requests held while their deployment has no ready \
-             replica.\n# TYPE lastmile_activator_waiting gauge"
+        page.gauges(
+            "lastmile_activator_waiting",
+            "Requests held while their deployment has no ready replica.",
+            deployments.iter().map(|d| {
+                (
+                    vec![("deployment", d.name.clone())],
+                    activator.waiting(&d.name) as u64,
+                )
+            }),
+        )
+        .counter(
+            "lastmile_activator_held_total",
+            "Requests that waited for a replica.",
+            activator.activated.load(Ordering::Relaxed),
+        )
+        .counter(
+            "lastmile_activator_rejected_total",
+            "Requests turned away with 503: queue full or no replica in time.",
+            activator.rejected.load(Ordering::Relaxed),
         );
-        for d in deployments {
-            let _ = writeln!(
-                out,
-                "lastmile_activator_waiting{{deployment=\"{}\"}} {}",
-                d.name,
-                activator.waiting(&d.name)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP lastmile_activator_held_total Requests that waited for a replica.\n# TYPE \
-             lastmile_activator_held_total counter\nlastmile_activator_held_total {}",
-            activator.activated.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP lastmile_activator_rejected_total Requests turned away with 503: queue full \
-             or no replica in time.\n# TYPE lastmile_activator_rejected_total counter\n\
-             lastmile_activator_rejected_total {}",
-            activator.rejected.load(Ordering::Relaxed)
-        );
-        out
     }
 
-    pub(crate) fn render(&self, workers: &Workers, policy: PolicyKind, index: &KvIndex) -> String {
-        let mut out = String::new();
+    /// Routing, availability and overhead (worker URLs are label values).
+    pub(crate) fn render(
+        &self,
+        page: &mut Exposition,
+        workers: &Workers,
+        policy: PolicyKind,
+        index: &KvIndex,
+    ) {
         let policy = policy.name();
         let all = workers.all();
-        let gauge =
-            |out: &mut String, name: &str, help: &str, kind: &str, v: &dyn Fn(&Worker) -> u64| {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-                for w in &all {
-                    let labels = if name == "lastmile_gateway_routed_total" {
-                        format!("worker=\"{}\",policy=\"{policy}\"", w.url)
-                    } else {
-                        format!("worker=\"{}\"", w.url)
-                    };
-                    let _ = writeln!(out, "{name}{{{labels}}} {}", v(w));
-                }
-            };
-        gauge(
-            &mut out,
+        let by_worker = |w: &Worker| -> Labels { vec![("worker", w.url.clone())] };
+        let per_worker = |v: &dyn Fn(&Worker) -> u64| -> Vec<(Labels, u64)> {
+            all.iter().map(|w| (by_worker(w), v(w))).collect()
+        };
+        page.counters(
             "lastmile_gateway_routed_total",
             "Requests sent to each worker, by policy.",
-            "counter",
-            &|w| w.routed.load(Ordering::Relaxed),
-        );
-        gauge(
-            &mut out,
+            all.iter().map(|w| {
+                let mut labels = by_worker(w);
+                labels.push(("policy", policy.to_string()));
+                (labels, w.routed.load(Ordering::Relaxed))
+            }),
+        )
+        .gauges(
             "lastmile_gateway_in_flight",
             "Requests in flight through the gateway per worker.",
-            "gauge",
-            &|w| w.in_flight() as u64,
-        );
-        gauge(
-            &mut out,
+            per_worker(&|w| w.in_flight() as u64),
+        )
+        .gauges(
             "lastmile_gateway_worker_listed",
             "Worker listed by its discovery source (1; static workers always are) or gone (0).",
-            "gauge",
-            &|w| u64::from(w.listed()),
-        );
-        gauge(
-            &mut out,
+            per_worker(&|w| u64::from(w.listed())),
+        )
+        .gauges(
             "lastmile_gateway_worker_available",
             "Worker listed, healthy and with its breaker closed (1) or not (0).",
-            "gauge",
-            &|w| u64::from(w.available()),
-        );
-        gauge(
-            &mut out,
+            per_worker(&|w| u64::from(w.available())),
+        )
+        .gauges(
             "lastmile_gateway_breaker_open",
             "Worker's circuit breaker open (1) or closed (0).",
-            "gauge",
-            &|w| u64::from(w.breaker_open()),
+            per_worker(&|w| u64::from(w.breaker_open())),
+        )
+        .gauges(
+            "lastmile_gateway_indexed_blocks",
+            "KV blocks the routing index holds for each worker (kv_aware).",
+            all.iter()
+                .enumerate()
+                .map(|(id, w)| (by_worker(w), index.blocks_of(id) as u64)),
+        )
+        .counter(
+            "lastmile_gateway_predicted_overlap_blocks_total",
+            "Prompt blocks the chosen workers were predicted to hold (kv_aware).",
+            self.overlap_blocks.load(Ordering::Relaxed),
+        )
+        .counter(
+            "lastmile_gateway_retries_total",
+            "Requests resent to another worker after a connection failure.",
+            self.retries.load(Ordering::Relaxed),
+        )
+        .histogram(
+            "lastmile_gateway_overhead_seconds",
+            "Time the gateway adds per request, the workers' own time excluded.",
+            &self.overhead,
         );
-        let _ = writeln!(out, "# HELP lastmile_gateway_indexed_blocks KV blocks the routing index holds for each worker (kv_aware).\n# TYPE lastmile_gateway_indexed_blocks gauge");
-        for (id, w) in all.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "lastmile_gateway_indexed_blocks{{worker=\"{}\"}} {}",
-                w.url,
-                index.blocks_of(id)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP lastmile_gateway_predicted_overlap_blocks_total Prompt blocks the chosen workers were predicted to hold (kv_aware).\n# TYPE lastmile_gateway_predicted_overlap_blocks_total counter\nlastmile_gateway_predicted_overlap_blocks_total {}",
-            self.overlap_blocks.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP lastmile_gateway_retries_total Requests resent to another worker after a connection failure.\n# TYPE lastmile_gateway_retries_total counter\nlastmile_gateway_retries_total {}",
-            self.retries.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(out, "# HELP lastmile_gateway_overhead_seconds Time the gateway adds per request, the workers' own time excluded.\n# TYPE lastmile_gateway_overhead_seconds histogram");
-        for (b, c) in OVERHEAD_BOUNDS_US.iter().zip(&self.overhead_buckets) {
-            let _ = writeln!(
-                out,
-                "lastmile_gateway_overhead_seconds_bucket{{le=\"{}\"}} {}",
-                *b as f64 / 1e6,
-                c.load(Ordering::Relaxed)
-            );
-        }
-        let count = self.overhead_count.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "lastmile_gateway_overhead_seconds_bucket{{le=\"+Inf\"}} {count}\nlastmile_gateway_overhead_seconds_sum {}\nlastmile_gateway_overhead_seconds_count {count}",
-            self.overhead_sum_us.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        out
     }
 }

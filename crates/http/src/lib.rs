@@ -13,6 +13,10 @@
 //!   below it, so accepting never fails for lack of descriptors.
 //! - **Graceful shutdown**: when `shutdown` resolves, the listener closes, idle connections end,
 //!   and requests in flight finish.
+//!
+//! [`metrics`] is the one Prometheus writer every server's `/metrics` goes through.
+
+pub mod metrics;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -225,7 +225,11 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     let body = s.metrics.render(s.engine.stats());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    (
+        [(header::CONTENT_TYPE, lastmile_http::metrics::CONTENT_TYPE)],
+        body,
+    )
+        .into_response()
 }
 
 /// Server-sent events of the prefix cache: `data: {"type":"stored","hash":..,"parent":..}` and

@@ -1,66 +1,13 @@
-//! Prometheus metrics of one worker: counters and histograms kept in atomics (no locks on the
-//! request path), rendered in the text exposition format on `GET /metrics`.
+//! Prometheus metrics of one worker: request counts and latency histograms, the engine's
+//! counters and gauges, and the three gauges Gateway API Inference Extension endpoint pickers
+//! read under vLLM's names (`vllm:num_requests_waiting`, `vllm:num_requests_running`,
+//! `vllm:kv_cache_usage_perc`), rendered through `lastmile_http::metrics` on `GET /metrics`.
 
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use lastmile_engine::EngineStats;
-
-/// A histogram with fixed upper bounds (seconds).
-pub struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<AtomicU64>,
-    sum_micros: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            sum_micros: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
-    }
-
-    /// Records one observation in seconds.
-    pub fn observe(&self, seconds: f64) {
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            if seconds <= *b {
-                c.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.sum_micros
-            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Observations so far.
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{b}\"}} {}",
-                c.load(Ordering::Relaxed)
-            );
-        }
-        let n = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {n}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count {n}");
-    }
-}
+use lastmile_http::metrics::{Exposition, Histogram};
 
 const LATENCY_BOUNDS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -178,127 +125,125 @@ impl Metrics {
 
     /// The Prometheus text page.
     pub fn render(&self, engine: &EngineStats) -> String {
-        let mut out = String::new();
-        out.push_str("# HELP lastmile_requests_total Requests served, by endpoint and HTTP status.\n# TYPE lastmile_requests_total counter\n");
-        for (e, s, n) in self
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let us = |a: &AtomicUsize| a.load(Ordering::Relaxed) as u64;
+        let requests: Vec<_> = self
             .requests
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-        {
-            let _ = writeln!(
-                out,
-                "lastmile_requests_total{{endpoint=\"{e}\",status=\"{s}\"}} {n}"
-            );
-        }
-        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        };
-        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
-        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        counter(
-            &mut out,
-            "lastmile_prompt_tokens_total",
-            "Prompt tokens of accepted requests.",
-            ld(&self.prompt_tokens),
-        );
-        counter(
-            &mut out,
-            "lastmile_generation_tokens_total",
-            "Tokens generated for clients.",
-            ld(&self.generation_tokens),
-        );
-        counter(
-            &mut out,
-            "lastmile_engine_prefill_tokens_total",
-            "Prompt tokens computed by the engine.",
-            ld(&engine.prefill_tokens),
-        );
-        counter(
-            &mut out,
-            "lastmile_engine_preemptions_total",
-            "Sequences preempted for lack of KV blocks.",
-            ld(&engine.preemptions),
-        );
-        counter(
-            &mut out,
-            "lastmile_engine_steps_total",
-            "Engine steps (batched forward passes).",
-            ld(&engine.steps),
-        );
-        let us = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as u64;
-        gauge(
-            &mut out,
-            "lastmile_running_sequences",
-            "Sequences in the running batch.",
-            us(&engine.running),
-        );
-        gauge(
-            &mut out,
-            "lastmile_waiting_sequences",
-            "Requests waiting to start.",
-            us(&engine.waiting),
-        );
-        gauge(
-            &mut out,
-            "lastmile_kv_blocks_used",
-            "KV cache blocks in use.",
-            us(&engine.kv_blocks_used),
-        );
-        gauge(
-            &mut out,
-            "lastmile_kv_blocks_cached",
-            "KV blocks indexed by the prefix cache.",
-            us(&engine.kv_blocks_cached),
-        );
-        counter(
-            &mut out,
-            "lastmile_prefix_cache_query_tokens_total",
-            "Prompt tokens looked up in the prefix cache.",
-            ld(&engine.prefix_query_tokens),
-        );
-        counter(
-            &mut out,
-            "lastmile_prefix_cache_hit_tokens_total",
-            "Prompt tokens served from the prefix cache instead of recomputed.",
-            ld(&engine.prefix_hit_tokens),
-        );
+            .map(|(e, s, n)| (vec![("endpoint", e.clone()), ("status", s.to_string())], *n))
+            .collect();
         let (q, h) = (
             ld(&engine.prefix_query_tokens),
             ld(&engine.prefix_hit_tokens),
         );
-        let _ = writeln!(
-            out,
-            "# HELP lastmile_prefix_cache_hit_rate Share of prompt tokens served from the prefix cache.\n# TYPE lastmile_prefix_cache_hit_rate gauge\nlastmile_prefix_cache_hit_rate {}",
-            if q == 0 { 0.0 } else { h as f64 / q as f64 }
-        );
-        gauge(
-            &mut out,
+        // Read once: the lastmile_ and vllm: names of one page agree.
+        let (used, total) = (us(&engine.kv_blocks_used), us(&engine.kv_blocks_total));
+        let (running, waiting) = (us(&engine.running), us(&engine.waiting));
+        let mut page = Exposition::new();
+        page.counters(
+            "lastmile_requests_total",
+            "Requests served, by endpoint and HTTP status.",
+            requests,
+        )
+        .counter(
+            "lastmile_prompt_tokens_total",
+            "Prompt tokens of accepted requests.",
+            ld(&self.prompt_tokens),
+        )
+        .counter(
+            "lastmile_generation_tokens_total",
+            "Tokens generated for clients.",
+            ld(&self.generation_tokens),
+        )
+        .counter(
+            "lastmile_engine_prefill_tokens_total",
+            "Prompt tokens computed by the engine.",
+            ld(&engine.prefill_tokens),
+        )
+        .counter(
+            "lastmile_engine_preemptions_total",
+            "Sequences preempted for lack of KV blocks.",
+            ld(&engine.preemptions),
+        )
+        .counter(
+            "lastmile_engine_steps_total",
+            "Engine steps (batched forward passes).",
+            ld(&engine.steps),
+        )
+        .gauge(
+            "lastmile_running_sequences",
+            "Sequences in the running batch.",
+            running,
+        )
+        .gauge(
+            "lastmile_waiting_sequences",
+            "Requests waiting to start.",
+            waiting,
+        )
+        .gauge("lastmile_kv_blocks_used", "KV cache blocks in use.", used)
+        .gauge(
+            "lastmile_kv_blocks_cached",
+            "KV blocks indexed by the prefix cache.",
+            us(&engine.kv_blocks_cached),
+        )
+        .counter(
+            "lastmile_prefix_cache_query_tokens_total",
+            "Prompt tokens looked up in the prefix cache.",
+            q,
+        )
+        .counter(
+            "lastmile_prefix_cache_hit_tokens_total",
+            "Prompt tokens served from the prefix cache instead of recomputed.",
+            h,
+        )
+        .gauge(
+            "lastmile_prefix_cache_hit_rate",
+            "Share of prompt tokens served from the prefix cache.",
+            if q == 0 { 0.0 } else { h as f64 / q as f64 },
+        )
+        .gauge(
             "lastmile_kv_blocks_total",
             "KV cache blocks in the pool.",
-            us(&engine.kv_blocks_total),
-        );
-        self.ttft.render(
-            &mut out,
+            total,
+        )
+        .histogram(
             "lastmile_time_to_first_token_seconds",
             "Time from request to first token.",
-        );
-        self.itl.render(
-            &mut out,
+            &self.ttft,
+        )
+        .histogram(
             "lastmile_inter_token_latency_seconds",
             "Time between consecutive tokens.",
-        );
-        self.e2e.render(
-            &mut out,
+            &self.itl,
+        )
+        .histogram(
             "lastmile_request_duration_seconds",
             "Time from request to last token.",
+            &self.e2e,
+        )
+        // The same engine state under the names GAIE endpoint pickers read from vLLM.
+        .gauge(
+            "vllm:num_requests_waiting",
+            "Requests waiting to start (lastmile_waiting_sequences).",
+            waiting,
+        )
+        .gauge(
+            "vllm:num_requests_running",
+            "Sequences in the running batch (lastmile_running_sequences).",
+            running,
+        )
+        .gauge(
+            "vllm:kv_cache_usage_perc",
+            "KV cache usage, 0 to 1 (KV blocks in use over the pool).",
+            if total == 0 {
+                0.0
+            } else {
+                used as f64 / total as f64
+            },
         );
-        out
+        page.encode()
     }
 }
 
@@ -306,18 +251,56 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    /// The value of `series` on `page`.
+    fn sample(page: &str, series: &str) -> Option<f64> {
+        page.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
     #[test]
-    fn histogram_buckets_are_cumulative() {
-        let h = Histogram::new(&[0.1, 1.0]);
-        h.observe(0.05);
-        h.observe(0.5);
-        h.observe(5.0);
-        let mut s = String::new();
-        h.render(&mut s, "x", "help");
-        assert!(s.contains("x_bucket{le=\"0.1\"} 1"));
-        assert!(s.contains("x_bucket{le=\"1\"} 2"));
-        assert!(s.contains("x_bucket{le=\"+Inf\"} 3"));
-        assert!(s.contains("x_count 3"));
+    fn the_page_has_the_engine_state_under_lastmile_and_vllm_names() {
+        let m = Metrics::default();
+        m.count_request("/v1/completions", 200);
+        m.count_request("/v1/completions", 200);
+        m.e2e.observe(0.3);
+        let engine = EngineStats::default();
+        engine.waiting.store(3, Ordering::Relaxed);
+        engine.running.store(2, Ordering::Relaxed);
+        engine.kv_blocks_used.store(16, Ordering::Relaxed);
+        engine.kv_blocks_total.store(64, Ordering::Relaxed);
+        let page = m.render(&engine);
+        let at = |s: &str| sample(&page, s).unwrap_or_else(|| panic!("{s} missing:\n{page}"));
+        assert_eq!(
+            at("lastmile_requests_total{endpoint=\"/v1/completions\",status=\"200\"}"),
+            2.0
+        );
+        assert_eq!(at("lastmile_waiting_sequences"), 3.0);
+        assert_eq!(at("vllm:num_requests_waiting"), 3.0);
+        assert_eq!(at("vllm:num_requests_running"), 2.0);
+        assert_eq!(at("vllm:kv_cache_usage_perc"), 0.25);
+        assert_eq!(at("lastmile_prefix_cache_hit_rate"), 0.0);
+        assert_eq!(
+            at("lastmile_request_duration_seconds_bucket{le=\"0.25\"}"),
+            0.0
+        );
+        assert_eq!(
+            at("lastmile_request_duration_seconds_bucket{le=\"0.5\"}"),
+            1.0
+        );
+        assert_eq!(
+            at("lastmile_request_duration_seconds_bucket{le=\"+Inf\"}"),
+            1.0
+        );
+        assert!(page.contains("# TYPE vllm:kv_cache_usage_perc gauge\n"));
+        assert!(page.contains("# TYPE lastmile_requests_total counter\n"));
+        assert_eq!(
+            sample(
+                &Metrics::default().render(&EngineStats::default()),
+                "vllm:kv_cache_usage_perc"
+            ),
+            Some(0.0),
+            "an empty pool is not NaN"
+        );
     }
 
     #[test]
@@ -333,7 +316,11 @@ mod tests {
             m.observe_ttft(0.01);
         }
         assert_eq!(m.recent_ttft_p90(), Some(0.01));
-        assert_eq!(m.ttft.count(), 74);
+        let page = m.render(&EngineStats::default());
+        assert_eq!(
+            sample(&page, "lastmile_time_to_first_token_seconds_count"),
+            Some(74.0)
+        );
         assert_eq!(m.recent_itl_p90(), None);
         m.observe_itl(0.02);
         assert_eq!(m.recent_itl_p90(), Some(0.02));

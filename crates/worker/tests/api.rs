@@ -265,6 +265,60 @@ async fn same_seed_same_output_and_stop_strings_are_cut() {
     assert_eq!(cut["choices"][0]["finish_reason"], "stop");
 }
 
+/// Gateway API Inference Extension endpoint pickers read vLLM's gauge names; the worker
+/// exports them from the same engine state as its own.
+#[tokio::test]
+async fn metrics_carry_the_vllm_gauges_endpoint_pickers_read() {
+    post(
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": "Hi", "max_tokens": 2}),
+    )
+    .await;
+    let resp = reqwest::get(format!("{}/metrics", server()))
+        .await
+        .expect("metrics");
+    assert_eq!(
+        resp.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = resp.text().await.expect("text");
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
+    };
+    for name in [
+        "vllm:num_requests_waiting",
+        "vllm:num_requests_running",
+        "vllm:kv_cache_usage_perc",
+    ] {
+        assert!(
+            text.contains(&format!("\n# TYPE {name} gauge\n")),
+            "{name} is a gauge"
+        );
+    }
+    // One page reads the engine once: both names agree.
+    assert_eq!(
+        value("vllm:num_requests_waiting"),
+        value("lastmile_waiting_sequences")
+    );
+    assert_eq!(
+        value("vllm:num_requests_running"),
+        value("lastmile_running_sequences")
+    );
+    let usage = value("vllm:kv_cache_usage_perc");
+    let (used, total) = (
+        value("lastmile_kv_blocks_used"),
+        value("lastmile_kv_blocks_total"),
+    );
+    assert!(total > 0.0);
+    assert!((0.0..=1.0).contains(&usage), "{usage}");
+    assert!(
+        (usage - used / total).abs() < 1e-9,
+        "{usage} vs {used}/{total}"
+    );
+}
+
 #[tokio::test]
 async fn models_health_and_metrics() {
     let models: Value = reqwest::get(format!("{}/v1/models", server()))

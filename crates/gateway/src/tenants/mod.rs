@@ -458,31 +458,28 @@ impl Tenants {
         Ok(found)
     }
 
-    /// Prometheus text: requests refused per key and limit.
-    pub(crate) fn metrics(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::from(
-            "# HELP lastmile_throttled_total Requests refused with 429, per key and limit.\n# TYPE \
-             lastmile_throttled_total counter\n",
-        );
+    /// Requests refused with 429, per key and limit (key ids are label values).
+    pub(crate) fn metrics(&self, page: &mut lastmile_http::metrics::Exposition) {
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
         let mut keys: Vec<&Arc<Key>> = keys.values().collect();
         keys.sort_by(|a, b| a.record.id.cmp(&b.record.id));
-        for k in keys {
-            for (limit, n) in [
-                ("rpm", &k.throttled_rpm),
-                ("tpm", &k.throttled_tpm),
-                ("concurrency", &k.throttled_concurrency),
-            ] {
-                let _ = writeln!(
-                    out,
-                    "lastmile_throttled_total{{key=\"{}\",limit=\"{limit}\"}} {}",
-                    k.record.id,
-                    n.load(Ordering::Relaxed)
-                );
-            }
-        }
-        out
+        page.counters(
+            "lastmile_throttled_total",
+            "Requests refused with 429, per key and limit.",
+            keys.iter().flat_map(|k| {
+                [
+                    ("rpm", &k.throttled_rpm),
+                    ("tpm", &k.throttled_tpm),
+                    ("concurrency", &k.throttled_concurrency),
+                ]
+                .map(|(limit, n)| {
+                    (
+                        vec![("key", k.record.id.clone()), ("limit", limit.to_string())],
+                        n.load(Ordering::Relaxed),
+                    )
+                })
+            }),
+        );
     }
 }
 
