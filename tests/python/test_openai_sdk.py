@@ -85,3 +85,24 @@ def test_errors_are_sdk_exceptions(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=100000)
     assert "context length" in str(e.value)
+
+
+def test_bench_against_a_url_fetches_no_model(base_url, tmp_path):
+    """`lastmile bench --url` measures a server that is already running: it needs no model of
+    its own, so a home with none stays empty (it used to fetch the default model first)."""
+    import json
+    import os
+    import subprocess
+
+    from conftest import BINARY
+
+    home = tmp_path / "home"
+    home.mkdir()
+    out = tmp_path / "report.json"
+    r = subprocess.run(
+        [str(BINARY), "bench", "--url", base_url, "--concurrency", "1", "--requests", "2",
+         "--input-tokens", "16", "--output-tokens", "4", "--json-out", str(out)],
+        env=dict(os.environ, LASTMILE_HOME=str(home)), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert list(home.rglob("*")) == [], list(home.rglob("*"))
+    assert json.loads(out.read_text()), "a report was written"

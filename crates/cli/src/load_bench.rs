@@ -334,9 +334,10 @@ pub fn run(a: LoadBenchArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let wl = workload(&a);
-    let gguf = match &a.gguf {
-        Some(p) => p.clone(),
-        None => lastmile_engine::fetch::ensure_default_model()?,
+    // The model is needed only for servers started here: `--url` benchmarks fetch nothing.
+    let model_file = || match &a.gguf {
+        Some(p) => Ok(p.clone()),
+        None => lastmile_engine::fetch::ensure_default_model(),
     };
     // Which servers: an existing URL, or servers started here.
     let mut servers: Vec<ServerGuard> = Vec::new();
@@ -344,8 +345,9 @@ pub fn run(a: LoadBenchArgs) -> Result<()> {
     match (&a.url, a.compare) {
         (Some(url), None) => targets.push(("server".into(), url.trim_end_matches('/').to_string())),
         (Some(_), Some(_)) => bail!("--compare starts its own servers; drop --url"),
-        (None, None) => servers.push(start_ours(&gguf, a.threads, &[], "lastmile")?),
+        (None, None) => servers.push(start_ours(&model_file()?, a.threads, &[], "lastmile")?),
         (None, Some(CompareArg::NoPrefixCache)) => {
+            let gguf = model_file()?;
             servers.push(start_ours(&gguf, a.threads, &[], "lastmile")?);
             servers.push(start_ours(
                 &gguf,
@@ -355,6 +357,7 @@ pub fn run(a: LoadBenchArgs) -> Result<()> {
             )?);
         }
         (None, Some(CompareArg::LlamaCpp)) => {
+            let gguf = model_file()?;
             servers.push(start_ours(&gguf, a.threads, &[], "lastmile")?);
             let bin = a.llama_server.clone().unwrap_or_else(|| {
                 lastmile_engine::fetch::lastmile_home().join("anchor/build/bin/llama-server")
