@@ -183,8 +183,8 @@ struct GatewayArgs {
     etcd_access: etcd::EtcdAccess,
     /// Routing policy: round_robin, random, least_loaded, or kv_aware (to the worker already
     /// holding the longest prefix of the prompt, weighed against load).
-    #[arg(long, default_value = "round_robin")]
-    policy: String,
+    #[arg(long, default_value = "round_robin", value_parser = policy_parser())]
+    policy: lastmile_router::PolicyKind,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -211,6 +211,13 @@ struct GatewayArgs {
     sandbox: sandboxes::SandboxOptions,
 }
 
+/// `--policy`: one of the routing policies' names (listed by `--help`), as the policy.
+fn policy_parser() -> impl clap::builder::TypedValueParser<Value = lastmile_router::PolicyKind> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(lastmile_router::PolicyKind::ALL.map(|p| p.name()))
+        .try_map(|name| name.parse::<lastmile_router::PolicyKind>())
+}
+
 fn gateway(args: GatewayArgs) -> Result<()> {
     args.access.check_exposure(&args.host, true)?;
     let mut config = lastmile_gateway::GatewayConfig::new(args.workers);
@@ -222,10 +229,7 @@ fn gateway(args: GatewayArgs) -> Result<()> {
             allow: args.worker_allow.clone(),
         });
     }
-    config.policy = args
-        .policy
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!(e))?;
+    config.policy = args.policy;
     config.health_interval = std::time::Duration::from_millis(args.health_interval_ms);
     config.worker_timeout = std::time::Duration::from_millis(args.worker_timeout_ms);
     config.kv_balance = args.kv_balance;
@@ -237,7 +241,7 @@ fn gateway(args: GatewayArgs) -> Result<()> {
         } else {
             format!(" and those registered in etcd under {}", args.etcd_prefix)
         },
-        args.policy
+        args.policy.name()
     );
     let sandbox = args.sandboxes.then_some(&args.sandbox);
     run_gateway(&args.host, args.port, config, &banner, sandbox)

@@ -424,3 +424,24 @@ fn etcd_credentials_and_certificates_are_checked_at_start() {
     assert_ne!(code, 0);
     assert!(stderr.contains("--etcd-password"), "{stderr}");
 }
+
+#[test]
+fn an_unknown_routing_policy_is_refused_with_the_choices() {
+    let port = free_port().to_string();
+    let args = [
+        "gateway",
+        "--worker",
+        "http://127.0.0.1:9",
+        "--port",
+        &port,
+        "--policy",
+        "fastest",
+    ];
+    let (code, stderr) = run_until_exit(&args, &[]).expect("refused at once, not served");
+    assert_eq!(code, 2, "a usage error: {stderr}");
+    assert!(
+        stderr.contains("invalid value 'fastest'")
+            && stderr.contains("round_robin, random, least_loaded, kv_aware"),
+        "{stderr}"
+    );
+}

@@ -23,6 +23,14 @@ pub enum PolicyKind {
 }
 
 impl PolicyKind {
+    /// Every policy, in the order `--help` lists them.
+    pub const ALL: [PolicyKind; 4] = [
+        Self::RoundRobin,
+        Self::Random,
+        Self::LeastLoaded,
+        Self::KvAware,
+    ];
+
     /// The policy's configuration name, e.g. `"kv_aware"`.
     pub fn name(self) -> &'static str {
         match self {
