@@ -22,7 +22,6 @@ import argparse
 import base64
 import http.client
 import json
-import re
 import statistics
 import struct
 import sys
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sandbox import Server, cpu_line, create, kill, pct, progress  # noqa: E402
+from bench_sandbox import Server, cpu_line, create, kill, pct, progress, write_section  # noqa: E402
 
 
 class E2b:
@@ -178,18 +177,7 @@ def main():
         "Reproduce: `python3 scripts/bench_mcp.py --write BENCHMARKS.md`",
         "",
     ]
-    section = "\n".join(lines)
-    print("\n" + section)
-    if args.write:
-        bench = Path(args.write)
-        text = bench.read_text()
-        pattern = re.compile(r"## MCP: .*?(?=\n## |\Z)", re.S)
-        if pattern.search(text):
-            text = pattern.sub(section.rstrip() + "\n", text)
-        else:
-            text = text.rstrip() + "\n\n" + section
-        bench.write_text(text)
-        print(f"updated {bench}")
+    write_section("\n".join(lines), "## MCP: ", args.write)
 
 
 if __name__ == "__main__":

@@ -270,6 +270,23 @@ def measure_alive(server, n):
     }
 
 
+def write_section(section, heading, path):
+    """Prints `section`, and with `path` puts it in that Markdown file in place of the section
+    whose heading starts with `heading` (appended when there is none)."""
+    print("\n" + section)
+    if not path:
+        return
+    bench = Path(path)
+    text = bench.read_text()
+    pattern = re.compile(re.escape(heading) + r".*?(?=\n## |\Z)", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section.rstrip() + "\n", text)
+    else:
+        text = text.rstrip() + "\n\n" + section
+    bench.write_text(text)
+    print(f"updated {bench}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=100, help="create -> first output samples")
@@ -326,18 +343,7 @@ def main():
         "Reproduce: `python3 scripts/bench_sandbox.py --write BENCHMARKS.md`",
         "",
     ]
-    section = "\n".join(lines)
-    print("\n" + section)
-    if args.write:
-        bench = Path(args.write)
-        text = bench.read_text()
-        pattern = re.compile(r"## Sandboxes: .*?(?=\n## |\Z)", re.S)
-        if pattern.search(text):
-            text = pattern.sub(section.rstrip() + "\n", text)
-        else:
-            text = text.rstrip() + "\n\n" + section
-        bench.write_text(text)
-        print(f"updated {bench}")
+    write_section("\n".join(lines), "## Sandboxes: ", args.write)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{dead_url, gateway, metric, wait_healthy, worker, MODEL};
+use common::{dead_url, gateway, metric, metric_sum, wait_healthy, worker, MODEL};
 use lastmile_gateway::GatewayConfig;
 use lastmile_router::PolicyKind;
 use serde_json::{json, Value};
@@ -347,16 +347,7 @@ async fn kv_aware_starts_from_what_workers_already_cached() {
 
 /// Blocks the gateway's KV index holds, over every worker.
 async fn indexed_blocks(gw: &str) -> u64 {
-    let text = reqwest::get(format!("{gw}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
-    text.lines()
-        .filter(|l| l.starts_with("lastmile_gateway_indexed_blocks{"))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-        .sum()
+    metric_sum(gw, "lastmile_gateway_indexed_blocks").await
 }
 
 /// Waits until a request's KV events have reached the gateway: its index grew past `before`

@@ -310,30 +310,19 @@ impl Subscriptions {
         }
         let (stop, mut stopped) = tokio::sync::watch::channel(());
         st.stop = Some(stop);
-        let mut changes = svc.changes();
-        let (subs, owner) = (Arc::downgrade(self), owner.to_string());
+        let mut changes = OwnChanges::new(svc, owner);
+        let subs = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
-                let change: Change = tokio::select! {
-                    c = changes.recv() => match c {
-                        Ok(c) => c,
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                        Err(_) => return,
+                let change = tokio::select! {
+                    c = changes.next() => match c {
+                        Some(c) => c,
+                        None => return,
                     },
                     _ = stopped.changed() => return,
                 };
-                if !lastmile_sandbox::service::owner_matches(&owner, &change.owner) {
-                    continue;
-                }
                 let Some(subs) = subs.upgrade() else { return };
-                let uris: Vec<String> = {
-                    let st = subs.state();
-                    st.uris
-                        .iter()
-                        .filter(|u| touches(u, &change.id))
-                        .cloned()
-                        .collect()
-                };
+                let uris = touched(subs.state().uris.iter(), &change);
                 for uri in uris {
                     let note = ResourceUpdatedNotificationParam::new(uri);
                     if peer.notify_resource_updated(note).await.is_err() {
@@ -351,6 +340,41 @@ impl Subscriptions {
     pub(crate) fn remove(&self, uri: &str) {
         self.state().uris.remove(uri);
     }
+}
+
+/// The changes to one owner's sandboxes.
+pub(crate) struct OwnChanges {
+    rx: tokio::sync::broadcast::Receiver<Change>,
+    owner: String,
+}
+
+impl OwnChanges {
+    /// `owner`'s sandbox changes from now on.
+    pub(crate) fn new(svc: &SandboxService, owner: &str) -> Self {
+        Self {
+            rx: svc.changes(),
+            owner: owner.to_string(),
+        }
+    }
+
+    /// The next change to one of the owner's sandboxes (`None` once the service is gone; a
+    /// receiver that lagged goes on from the oldest change still held).
+    pub(crate) async fn next(&mut self) -> Option<Change> {
+        loop {
+            match self.rx.recv().await {
+                Ok(c) if lastmile_sandbox::service::owner_matches(&self.owner, &c.owner) => {
+                    return Some(c)
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+/// The subscribed `uris` that `change` updates.
+pub(crate) fn touched<'a>(uris: impl Iterator<Item = &'a String>, change: &Change) -> Vec<String> {
+    uris.filter(|u| touches(u, &change.id)).cloned().collect()
 }
 
 /// Whether a change to sandbox `id` updates resource `uri` (the list, the sandbox, its files).

@@ -96,15 +96,20 @@ pub async fn wait_healthy(url: &str) {
     panic!("{url} never became healthy");
 }
 
-/// A counter from a server's `/metrics` (0 when it has not been written yet).
-pub async fn metric(server: &str, series: &str) -> u64 {
-    let text = reqwest::get(format!("{server}/metrics"))
+async fn metrics_page(server: &str) -> String {
+    reqwest::get(format!("{server}/metrics"))
         .await
         .expect("metrics")
         .text()
         .await
-        .expect("body");
-    text.lines()
+        .expect("body")
+}
+
+/// A counter from a server's `/metrics` (0 when it has not been written yet).
+pub async fn metric(server: &str, series: &str) -> u64 {
+    metrics_page(server)
+        .await
+        .lines()
         .find_map(|l| {
             l.strip_prefix(series)
                 .and_then(|rest| rest.strip_prefix(' '))
@@ -185,4 +190,15 @@ impl Drop for EtcdServer {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The sum of a metric's series over all their labels (`family{...} N` lines).
+pub async fn metric_sum(server: &str, family: &str) -> u64 {
+    let prefix = format!("{family}{{");
+    metrics_page(server)
+        .await
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum()
 }
