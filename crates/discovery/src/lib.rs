@@ -158,6 +158,10 @@ impl Etcd {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .tcp_keepalive(Duration::from_secs(15))
+            // No idle connections kept: a call after a watch went silent (a dead proxy, a
+            // half-open link) must not land on a pooled connection just as dead and wait out
+            // its timeout. Unary calls are rare (listing, lease renewals), watches are streams.
+            .pool_max_idle_per_host(0)
             .use_rustls_tls();
         let read = |p: &PathBuf, what: &str| {
             std::fs::read(p).map_err(|e| {
