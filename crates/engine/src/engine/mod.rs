@@ -4,6 +4,7 @@
 
 mod closing;
 mod pacing;
+mod plan;
 mod scheduler;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -204,7 +205,7 @@ impl GenerationStream {
 pub struct EngineStats {
     /// Sequences in the running batch.
     pub running: AtomicUsize,
-    /// Requests waiting to start.
+    /// Requests waiting to start (queued by the engine thread, or sent to it and not yet seen).
     pub waiting: AtomicUsize,
     /// KV blocks in use.
     pub kv_blocks_used: AtomicUsize,

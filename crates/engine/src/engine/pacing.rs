@@ -166,7 +166,7 @@ impl Pacer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn shape(rows: usize, pos: usize) -> StepShape {
@@ -183,7 +183,8 @@ mod tests {
         (4.0 + 0.5 * s.rows as f64 + attn, attn)
     }
 
-    fn trained() -> Pacer {
+    /// A pacer that has seen steps cost what [`cost`] says (planner tests use it too).
+    pub(in crate::engine) fn trained() -> Pacer {
         let mut p = Pacer::default();
         for _ in 0..40 {
             for (rows, pos) in [(8, 500), (40, 100), (16, 2000), (3, 10), (9, 1000)] {
