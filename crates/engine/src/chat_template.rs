@@ -11,6 +11,7 @@ pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + messa
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos: String,
     eos: String,
     tool_style: ToolStyle,
@@ -94,6 +95,7 @@ impl ChatTemplate {
             .map_err(|e| EngineError::ChatTemplate(format!("parsing the template: {e}")))?;
         Ok(Self {
             env,
+            source: source.to_string(),
             bos: bos.unwrap_or_default().to_string(),
             eos: eos.unwrap_or_default().to_string(),
             tool_style: if !(source.contains("tools") && source.contains("tool_call")) {
@@ -104,6 +106,11 @@ impl ChatTemplate {
                 ToolStyle::BareJson
             },
         })
+    }
+
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Whether and how the template renders tool definitions, calls and results.

@@ -187,7 +187,66 @@ pub struct TokenPiece {
     pub special: bool,
 }
 
+/// What a [`TextTokenizer`] knows beside its Hugging Face document: enough, with
+/// [`TextTokenizer::to_json`], to rebuild it in another process ([`TextTokenizer::from_json`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SpecialFacts {
+    /// Token that starts a sequence, if any.
+    pub bos_id: Option<u32>,
+    /// Text of the BOS token.
+    pub bos_text: Option<String>,
+    /// Text of the EOS token.
+    pub eos_text: Option<String>,
+    /// Whether raw prompts get BOS prepended.
+    pub add_bos: bool,
+    /// Tokens that end generation, ascending.
+    pub eog_ids: Vec<u32>,
+}
+
 impl TextTokenizer {
+    /// The special-token facts, for [`TextTokenizer::from_json`].
+    pub fn special_facts(&self) -> SpecialFacts {
+        let mut eog_ids: Vec<u32> = self.eog_ids.iter().copied().collect();
+        eog_ids.sort_unstable();
+        SpecialFacts {
+            bos_id: self.bos_id,
+            bos_text: self.bos_text.clone(),
+            eos_text: self.eos_text.clone(),
+            add_bos: self.add_bos,
+            eog_ids,
+        }
+    }
+
+    /// Rebuilds a tokenizer from its Hugging Face document ([`TextTokenizer::to_json`]) and its
+    /// special-token facts, as another process described it (checked: every id it names must
+    /// be in the vocabulary).
+    pub fn from_json(json: &str, facts: SpecialFacts) -> Result<Self> {
+        let inner: Tokenizer = json
+            .parse()
+            .map_err(|e| EngineError::Tokenizer(format!("reading a tokenizer document: {e}")))?;
+        let vocab = inner.get_vocab_size(true);
+        if let Some(bad) = facts
+            .bos_id
+            .iter()
+            .chain(&facts.eog_ids)
+            .find(|&&id| id as usize >= vocab)
+        {
+            return Err(EngineError::Tokenizer(format!(
+                "token id {bad} is outside the tokenizer's vocabulary (size {vocab})"
+            )));
+        }
+        Ok(Self {
+            inner,
+            add_bos: facts.add_bos && facts.bos_id.is_some(),
+            bos_id: facts.bos_id,
+            bos_text: facts.bos_text,
+            eos_text: facts.eos_text,
+            eog_ids: facts.eog_ids.into_iter().collect(),
+            pieces: OnceLock::new(),
+            specials: OnceLock::new(),
+        })
+    }
+
     /// Builds the tokenizer described by a GGUF file's metadata.
     pub fn from_gguf(f: &GgufFile) -> Result<Self> {
         let model = f

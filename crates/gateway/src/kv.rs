@@ -2,72 +2,159 @@
 //! stream, loads its `/v1/kv/blocks` snapshot, then applies each stored / removed block to the
 //! index; a worker whose stream breaks or lags is dropped from the index (it holds nothing as far
 //! as routing knows) until it is resynchronised the same way.
-//! And asking a worker for a request's prompt hashes, which the index is matched against.
+//! And building each request's prompt as its workers would (from their prompt card), whose
+//! block hashes the index is matched against.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use futures::StreamExt;
-use lastmile_protocol::KvEvent;
-use serde_json::{json, Value};
+use lastmile_protocol::{prefix_hashes, KvEvent};
+use lastmile_worker::{Api, PromptCard, Prompter};
+use serde_json::Value;
 
 use crate::Gateway;
 
-/// The public API a proxied path belongs to, as `/internal/prompt` names it.
-pub(crate) fn api_of(path: &str) -> Option<&'static str> {
-    match path {
-        "/v1/chat/completions" => Some("chat"),
-        "/v1/completions" => Some("completions"),
-        "/v1/messages" => Some("messages"),
-        _ => None,
-    }
-}
-
-/// A request's prompt as block hashes: (hashes, prompt tokens, block size).
+/// A request's prompt as its model's workers build it: the hashes of its full blocks, its
+/// length, and the header that hands its tokens to the chosen worker.
 pub(crate) struct PromptBlocks {
     pub(crate) hashes: Vec<u64>,
     pub(crate) tokens: usize,
     pub(crate) block_size: usize,
+    /// The [`PROMPT_HEADER`] value (`None` for a prompt too long for a header).
+    pub(crate) header: Option<String>,
 }
 
-/// Asks an available worker serving `model` for the prompt hashes of `body` (a request to
-/// `api`). `None` when no worker can say (the request is then routed on load alone, and its own
-/// worker reports any error in it).
-pub(crate) async fn prompt_blocks(
-    gw: &Gateway,
-    api: &str,
-    body: &[u8],
-    model: Option<&str>,
-) -> Option<PromptBlocks> {
-    let body: Value = serde_json::from_slice(body).ok()?;
+/// Bodies up to this size are tokenized on the async thread (a few hundred microseconds at
+/// most); larger ones on the blocking pool.
+const INLINE_BODY_BYTES: usize = 16 * 1024;
+
+/// How long after a failed prompt-card fetch the gateway waits before asking again (requests
+/// meanwhile are routed on load alone).
+const CARD_RETRY: Duration = Duration::from_secs(5);
+
+/// Each model's [`Prompter`], loaded from one of its workers' prompt cards, and when a load last
+/// failed.
+#[derive(Default)]
+pub(crate) struct Prompters {
+    loaded: Mutex<HashMap<String, Arc<Prompter>>>,
+    failed: Mutex<HashMap<String, Instant>>,
+}
+
+impl Prompters {
+    fn get(&self, key: &str) -> Option<Arc<Prompter>> {
+        lock(&self.loaded).get(key).cloned()
+    }
+
+    /// The prompter of `model`'s workers, loading their card first if need be; `None` when no
+    /// worker can say (the request is then routed on load alone).
+    async fn load(&self, gw: &Gateway, model: Option<&str>) -> Option<Arc<Prompter>> {
+        let key = model.unwrap_or_default();
+        if let Some(p) = self.get(key) {
+            return Some(p);
+        }
+        if lock(&self.failed)
+            .get(key)
+            .is_some_and(|at| at.elapsed() < CARD_RETRY)
+        {
+            return None;
+        }
+        match fetch_card(gw, model).await {
+            Some(p) => {
+                lock(&self.loaded).insert(key.to_string(), p.clone());
+                Some(p)
+            }
+            None => {
+                lock(&self.failed).insert(key.to_string(), Instant::now());
+                None
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Loads the prompt card of an available worker serving `model`.
+async fn fetch_card(gw: &Gateway, model: Option<&str>) -> Option<Arc<Prompter>> {
     let all = gw.workers.all();
     let n = all.len();
     let start = gw.next_hasher();
     let id = (0..n)
         .map(|k| (start + k) % n)
         .find(|&id| all[id].available() && all[id].serves(model))?;
+    let url = format!("{}/internal/prompt-card", gw.workers.get(id).url);
     let reply = gw
         .workers
         .client
-        .post(format!("{}/internal/prompt", gw.workers.get(id).url))
-        .json(&json!({"api": api, "body": body}))
-        .timeout(Duration::from_secs(5))
+        .get(&url)
+        .timeout(Duration::from_secs(10))
         .send()
         .await
         .ok()?;
     if !reply.status().is_success() {
+        tracing::warn!(%url, status = %reply.status(), "no prompt card: routing on load alone");
         return None;
     }
-    let v: Value = reply.json().await.ok()?;
-    Some(PromptBlocks {
-        hashes: v["block_hashes"]
-            .as_array()?
-            .iter()
-            .filter_map(Value::as_u64)
-            .collect(),
-        tokens: v["prompt_tokens"].as_u64()? as usize,
-        block_size: v["block_size"].as_u64()? as usize,
-    })
+    let card: PromptCard = reply.json().await.ok()?;
+    let built = tokio::task::spawn_blocking(move || Prompter::from_card(card)).await;
+    match built {
+        Ok(Ok(p)) => Some(Arc::new(p)),
+        Ok(Err(e)) => {
+            tracing::warn!(%url, "unusable prompt card: {e}");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Loads the prompt card of worker `id`'s model in the background, if none is loaded yet, so
+/// that the model's first request does not wait for it.
+fn prefetch_card(gw: &Arc<Gateway>, id: usize) {
+    let model = gw.workers.get(id).model();
+    if gw
+        .prompters
+        .get(model.as_deref().unwrap_or_default())
+        .is_some()
+    {
+        return;
+    }
+    let gw = gw.clone();
+    tokio::spawn(async move {
+        gw.prompters.load(&gw, model.as_deref()).await;
+    });
+}
+
+/// Builds the prompt of `body` (a request to `api` for `model`) as its workers would and names
+/// its blocks. `None` when the request's model has no usable prompt card or the request is
+/// malformed (its worker reports the error).
+pub(crate) async fn prompt_blocks(
+    gw: &Gateway,
+    api: Api,
+    body: &Bytes,
+    model: Option<&str>,
+) -> Option<PromptBlocks> {
+    let prompter = gw.prompters.load(gw, model).await?;
+    let build = move |prompter: &Prompter, body: &[u8]| {
+        let tokens = prompter.tokens(api, body).ok()?;
+        let block_size = prompter.block_size();
+        Some(PromptBlocks {
+            hashes: prefix_hashes(&tokens, block_size),
+            tokens: tokens.len(),
+            block_size,
+            header: prompter.header(&tokens),
+        })
+    };
+    if body.len() <= INLINE_BODY_BYTES {
+        return build(&prompter, body);
+    }
+    let body = body.clone();
+    tokio::task::spawn_blocking(move || build(&prompter, &body))
+        .await
+        .ok()?
 }
 
 /// Follows worker `id`'s KV events forever, reconnecting after failures.
@@ -79,6 +166,7 @@ pub(crate) async fn follow(gw: Arc<Gateway>, id: usize) {
             // Subscribed (the worker subscribes before it answers): now the snapshot, then the
             // events that follow it.
             if resp.status().is_success() && resync(&gw, id, &base).await {
+                prefetch_card(&gw, id);
                 let mut body = resp.bytes_stream();
                 let mut buf: Vec<u8> = Vec::new();
                 'stream: while let Some(Ok(chunk)) = body.next().await {

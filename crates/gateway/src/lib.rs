@@ -3,9 +3,11 @@
 //! workers' health and load, with a retry on another worker when one cannot be reached and a
 //! circuit breaker per worker; `/v1/models` lists the models of every worker.
 //!
-//! `kv_aware` routing follows every worker's KV event stream into a `KvIndex` and asks a worker
-//! (`/internal/prompt`) for each request's prompt block hashes, then prefers the worker that
-//! already holds the longest prefix, weighed against load. Workers come from a static list,
+//! `kv_aware` routing follows every worker's KV event stream into a `KvIndex`, builds each
+//! request's prompt itself with its model's tokenizer and chat template (loaded once from a
+//! worker's `/internal/prompt-card`, no weights), hashes its blocks, then prefers the worker that
+//! already holds the longest prefix, weighed against load; the tokens travel with the request so
+//! the worker does not tokenize again. Workers come from a static list,
 //! from etcd (`lastmile_discovery`: workers register under a lease, the gateway watches the
 //! prefix and adds and drops them as they come and go), or both.
 //!
@@ -278,8 +280,10 @@ pub(crate) struct Gateway {
     pub(crate) metrics: Metrics,
     /// When the gateway started (Unix seconds): the `created` of deployments' model cards.
     created: u64,
-    /// Rotates which worker computes prompt hashes.
+    /// Rotates which worker a prompt card is loaded from.
     hasher: AtomicUsize,
+    /// `kv_aware`: each model's prompt builder (its workers' tokenizer and chat template).
+    pub(crate) prompters: kv::Prompters,
     /// `kv_aware`: the task following each listed worker's KV events.
     followers: Mutex<std::collections::HashMap<usize, tokio::task::JoinHandle<()>>>,
 }
@@ -520,6 +524,7 @@ impl GatewayHandle {
             metrics: Metrics::new(),
             index: Mutex::new(KvIndex::new()),
             hasher: AtomicUsize::new(0),
+            prompters: kv::Prompters::default(),
             followers: Mutex::new(std::collections::HashMap::new()),
             workers,
             config,

@@ -169,7 +169,7 @@ async fn relay(
         }
     }
     let policy = gw.policy_for(model);
-    let blocks = match (policy.kind(), kv::api_of(path)) {
+    let blocks = match (policy.kind(), lastmile_worker::Api::of_path(path)) {
         (PolicyKind::KvAware, Some(api)) => kv::prompt_blocks(gw, api, &body, model).await,
         _ => None,
     };
@@ -218,6 +218,10 @@ async fn relay(
             .client
             .post(url)
             .header(header::CONTENT_TYPE, "application/json");
+        if let Some(h) = blocks.as_ref().and_then(|b| b.header.as_deref()) {
+            // The prompt's tokens: the worker need not build them again.
+            post = post.header(lastmile_worker::PROMPT_HEADER, h);
+        }
         if gw.tenants.is_some() {
             // Metering: ask for the usage report that ends a stream (whole answers carry it).
             post = post.header(lastmile_protocol::USAGE_HEADER, "1");

@@ -292,6 +292,10 @@ async fn kv_aware_sends_later_turns_where_the_conversation_is_cached() {
         predicted >= 8 * 5,
         "later turns were predicted cached: {predicted}"
     );
+    // The gateway built every prompt and sent its tokens along: no worker tokenized one again.
+    let given = metric(&a, "lastmile_given_prompts_total").await
+        + metric(&b, "lastmile_given_prompts_total").await;
+    assert_eq!(given, 12, "4 conversations x 3 turns");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,7 +22,7 @@ use lastmile_protocol::{parse_json, ApiError};
 use crate::error::{error_body_response, WorkerError};
 use crate::generation::{Generation, Piece};
 use crate::openai::{
-    chat_prompt, collect, new_id, prepare_chat_request, read_body, submit, ChoiceBuilder, Prepared,
+    collect, new_id, prepare_chat_request, read_body, submit, ChoiceBuilder, Prepared,
 };
 use crate::tools::ToolSetup;
 use crate::AppState;
@@ -40,11 +40,12 @@ fn from_worker(e: WorkerError) -> AnthropicError {
 pub(crate) async fn messages(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let started = Instant::now();
     let report_usage = crate::openai::wants_usage_report(&req);
+    let given = crate::openai::given_prompt(&req);
     let result = async {
         let body = read_body(req, state.config.max_body_bytes).await?;
         let request: MessagesRequest = parse_json(&body)?;
         let chat = request.to_chat()?;
-        let mut prepared = prepare_chat_request(&state, chat)
+        let mut prepared = prepare_chat_request(&state, chat, given)
             .await
             .map_err(from_worker)?;
         prepared.report_usage = report_usage;
@@ -204,7 +205,7 @@ pub(crate) async fn count_tokens(State(state): State<Arc<AppState>>, req: Reques
         }
         let tools = ToolSetup::from_request(&chat, state.engine.template().tool_style())?;
         let st = state.clone();
-        let prompt = tokio::task::spawn_blocking(move || chat_prompt(&st, &chat, tools.as_ref()))
+        let prompt = tokio::task::spawn_blocking(move || st.prompter.chat(&chat, tools.as_ref()))
             .await
             .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))?
             .map_err(from_worker)?;

@@ -9,7 +9,7 @@ use lastmile_engine::EngineHandle;
 use lastmile_protocol::anthropic::{CountTokensRequest, MessagesRequest};
 use lastmile_protocol::{parse_json, ChatCompletionRequest, TokenReservation};
 
-use crate::{AppState, Metrics, ServerConfig};
+use crate::{AppState, ServerConfig};
 
 /// A worker's request preparation over one engine, on its own runtime.
 pub struct Harness {
@@ -21,16 +21,14 @@ impl Harness {
     /// A harness over `engine`, serving it as `model_id`.
     pub fn new(engine: EngineHandle, model_id: &str) -> Self {
         Self {
-            state: Arc::new(AppState {
+            state: Arc::new(AppState::new(
                 engine,
-                config: ServerConfig {
+                ServerConfig {
                     model_id: model_id.to_string(),
                     max_body_bytes: 16 << 20,
                     startup_ms: Vec::new(),
                 },
-                metrics: Metrics::default(),
-                created: crate::unix_now(),
-            }),
+            )),
             rt: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -49,12 +47,12 @@ impl Harness {
             match path {
                 "/v1/chat/completions" => {
                     let req: ChatCompletionRequest = parse_json(body).map_err(|e| e.status)?;
-                    crate::openai::prepare_chat_request(state, req)
+                    crate::openai::prepare_chat_request(state, req, None)
                         .await
                         .map(drop)
                         .map_err(|e| e.to_api().status)
                 }
-                "/v1/completions" => crate::openai::prepare_completion(state, body)
+                "/v1/completions" => crate::openai::prepare_completion(state, body, None)
                     .await
                     .map(drop)
                     .map_err(|e| e.to_api().status),
@@ -67,7 +65,7 @@ impl Harness {
                         req.to_chat()
                     }
                     .map_err(|e| e.status)?;
-                    crate::openai::prepare_chat_request(state, chat)
+                    crate::openai::prepare_chat_request(state, chat, None)
                         .await
                         .map(drop)
                         .map_err(|e| e.to_api().status)

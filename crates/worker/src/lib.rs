@@ -17,6 +17,7 @@ mod internal;
 mod metrics;
 mod openai;
 mod openapi;
+mod prompt;
 mod tools;
 
 use std::future::Future;
@@ -34,6 +35,7 @@ use lastmile_protocol::{ApiError, ModelCard, ModelList};
 
 pub use error::{api_response, WorkerError};
 pub use metrics::Metrics;
+pub use prompt::{Api, PromptCard, Prompter, MAX_HEADER_TOKENS, PROMPT_HEADER};
 
 /// Settings of the HTTP server.
 #[derive(Debug, Clone)]
@@ -50,9 +52,35 @@ pub struct ServerConfig {
 /// Shared state of every handler.
 pub(crate) struct AppState {
     pub(crate) engine: EngineHandle,
+    /// Builds prompts (and describes how, for the gateway).
+    pub(crate) prompter: Prompter,
     pub(crate) config: ServerConfig,
     pub(crate) metrics: Metrics,
     pub(crate) created: u64,
+}
+
+impl AppState {
+    pub(crate) fn new(engine: EngineHandle, config: ServerConfig) -> Self {
+        let (tokenizer, template) = engine.prompt_parts();
+        Self {
+            prompter: Prompter::new(tokenizer, template, engine.info().block_size),
+            engine,
+            config,
+            metrics: Metrics::default(),
+            created: unix_now(),
+        }
+    }
+}
+
+impl AppState {
+    /// The tokens a [`PROMPT_HEADER`] value carries, when this worker can use them (counted).
+    pub(crate) fn given_tokens(&self, header: Option<&str>) -> Option<Vec<u32>> {
+        let tokens = self.prompter.read_header(header?)?;
+        self.metrics
+            .given_prompts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(tokens)
+    }
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -103,18 +131,13 @@ pub(crate) fn routes() -> Vec<Route> {
         Route::get("/health", health),
         Route::get("/metrics", metrics),
         Route::get("/openapi.json", openapi::openapi_json),
-        Route::post("/internal/prompt", internal::prompt),
+        Route::get("/internal/prompt-card", internal::prompt_card),
     ]
 }
 
 /// The router with every endpoint of [`routes`].
 pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
-    let state = Arc::new(AppState {
-        engine,
-        config,
-        metrics: Metrics::default(),
-        created: unix_now(),
-    });
+    let state = Arc::new(AppState::new(engine, config));
     routes()
         .into_iter()
         .fold(Router::new(), |r, route| {

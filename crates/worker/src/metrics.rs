@@ -23,6 +23,8 @@ pub struct Metrics {
     pub prompt_tokens: AtomicU64,
     /// Generated tokens streamed to clients.
     pub generation_tokens: AtomicU64,
+    /// Requests whose prompt tokens came with them (built by a gateway), not built here.
+    pub given_prompts: AtomicU64,
     /// Time to first token.
     pub ttft: Histogram,
     /// Time between consecutive tokens of a stream.
@@ -79,6 +81,7 @@ impl Default for Metrics {
             requests: Mutex::new(Vec::new()),
             prompt_tokens: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
+            given_prompts: AtomicU64::new(0),
             ttft: Histogram::new(LATENCY_BOUNDS),
             itl: Histogram::new(ITL_BOUNDS),
             e2e: Histogram::new(LATENCY_BOUNDS),
@@ -156,6 +159,11 @@ impl Metrics {
             "lastmile_generation_tokens_total",
             "Tokens generated for clients.",
             ld(&self.generation_tokens),
+        )
+        .counter(
+            "lastmile_given_prompts_total",
+            "Requests whose prompt tokens a gateway built and sent along (not tokenized here).",
+            ld(&self.given_prompts),
         )
         .counter(
             "lastmile_engine_prefill_tokens_total",

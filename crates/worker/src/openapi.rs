@@ -53,6 +53,7 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use lastmile_engine::fetch::DEFAULT_MODEL_ID;
+    use lastmile_engine::tokenizer::SpecialFacts;
     use lastmile_protocol::anthropic::{
         BlockContent, ContentBlock, CountTokensRequest, CountTokensResponse, InputMessage,
         MessageRole, MessagesRequest, MessagesResponse, MessagesUsage, StopReason, TextBlock,
@@ -226,18 +227,14 @@ mod tests {
             if method != "post" {
                 continue;
             }
-            let mut example = op["requestBody"]["content"]["application/json"]["example"].clone();
-            if path == "/internal/prompt" {
-                assert_eq!(example["api"], "chat", "{path}");
-                example = example["body"].clone();
-            }
+            let example = op["requestBody"]["content"]["application/json"]["example"].clone();
             assert_eq!(example["model"], DEFAULT_MODEL_ID, "{path}");
             let max_tokens = example["max_tokens"].as_u64().unwrap_or(0);
             assert!(max_tokens <= 8, "{path}: keep the example cheap on a CPU");
             let body = example.to_string().into_bytes();
             let p = path.as_str();
             match p {
-                "/v1/chat/completions" | "/internal/prompt" => {
+                "/v1/chat/completions" => {
                     let req: ChatCompletionRequest = accepted(p, parse_json(&body));
                     accepted(p, req.validate());
                 }
@@ -498,6 +495,24 @@ mod tests {
         );
         out.insert("ChatLogprobs", keys(&chat_logprobs));
         out.insert("ChatTokenLogprob", keys(&token));
+        let special = SpecialFacts {
+            bos_id: Some(1),
+            bos_text: Some("<s>".into()),
+            eos_text: Some("</s>".into()),
+            add_bos: true,
+            eog_ids: vec![2],
+        };
+        out.insert("SpecialFacts", keys(&special));
+        out.insert(
+            "PromptCard",
+            keys(&crate::PromptCard {
+                fingerprint: "00".into(),
+                block_size: 16,
+                tokenizer: "{}".into(),
+                special,
+                chat_template: String::new(),
+            }),
+        );
         out.insert("TopLogprob", keys(&top));
         out.insert("Usage", keys(&usage));
         out.insert(

@@ -6,6 +6,7 @@
 mod common;
 
 use common::{post, post_stream, post_text, MODEL};
+use lastmile_worker::{Api, PromptCard, Prompter, PROMPT_HEADER};
 use serde_json::{json, Value};
 
 fn weather_tool() -> Value {
@@ -211,35 +212,80 @@ async fn anthropic_errors_use_anthropic_shape() {
     assert_eq!(resp["type"], "error");
 }
 
+/// Sends `body` to `path` with the prompt header `header`.
+async fn post_with_prompt(path: &str, body: &Value, header: &str) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}{path}", common::server()))
+        .header(PROMPT_HEADER, header)
+        .json(body)
+        .send()
+        .await
+        .expect("sent");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.expect("JSON answer"))
+}
+
 #[tokio::test]
-async fn internal_prompt_describes_what_the_request_computes() {
+async fn a_prompt_card_rebuilds_the_workers_prompts_and_its_tokens_are_not_tokenized_again() {
+    let card: PromptCard = reqwest::get(format!("{}/internal/prompt-card", common::server()))
+        .await
+        .expect("card")
+        .json()
+        .await
+        .expect("card JSON");
+    assert_eq!(card.block_size, 16);
+    let fingerprint = card.fingerprint.clone();
+    let prompter = Prompter::from_card(card).expect("the card rebuilds");
+    // Chat with tools, Anthropic messages, and a raw completion: the same prompt as the worker's.
     let chat = json!({"model": MODEL, "max_tokens": 2, "temperature": 0,
         "messages": [{"role": "system", "content": "You are a careful assistant. ".repeat(6)},
-                     {"role": "user", "content": "Name a colour."}],
+                     {"role": "user", "content": "Name a colour. <|im_end|>"}],
         "tools": [weather_tool()]});
+    let tokens = prompter
+        .tokens(Api::Chat, chat.to_string().as_bytes())
+        .expect("chat prompt");
     let (status, answer) = post("/v1/chat/completions", chat.clone()).await;
     assert_eq!(status, 200, "{answer}");
-    let (status, prompt) = post("/internal/prompt", json!({"api": "chat", "body": chat})).await;
-    assert_eq!(status, 200, "{prompt}");
-    let tokens = prompt["prompt_tokens"].as_u64().expect("tokens");
-    assert_eq!(
-        tokens,
-        answer["usage"]["prompt_tokens"].as_u64().expect("usage")
-    );
-    assert_eq!(prompt["block_size"], 16);
-    let hashes = prompt["block_hashes"].as_array().expect("hashes");
-    assert_eq!(hashes.len() as u64, tokens / 16);
+    assert_eq!(answer["usage"]["prompt_tokens"], tokens.len());
     let messages = json!({"model": MODEL, "max_tokens": 2,
         "messages": [{"role": "user", "content": "Name a colour."}]});
     let (_, answer) = post("/v1/messages", messages.clone()).await;
-    let (status, prompt) = post(
-        "/internal/prompt",
-        json!({"api": "messages", "body": messages}),
-    )
-    .await;
-    assert_eq!(status, 200, "{prompt}");
-    assert_eq!(prompt["prompt_tokens"], answer["usage"]["input_tokens"]);
-    let (status, err) = post("/internal/prompt", json!({"api": "bogus", "body": {}})).await;
-    assert_eq!(status, 400, "{err}");
-    assert_eq!(err["error"]["param"], "api");
+    let n = prompter
+        .tokens(Api::Messages, messages.to_string().as_bytes())
+        .expect("messages prompt")
+        .len();
+    assert_eq!(answer["usage"]["input_tokens"], n);
+    // The tokens in the header give the same answer as tokenizing.
+    let header = prompter.header(&tokens).expect("header");
+    assert!(header.starts_with(&format!("{fingerprint}:")));
+    let (status, with) = post_with_prompt("/v1/chat/completions", &chat, &header).await;
+    assert_eq!(status, 200, "{with}");
+    assert_eq!(with["choices"], answer_of(&chat).await["choices"]);
+    // The worker uses them as they are: a shorter prompt under the right fingerprint is what it
+    // computes (the gateway is trusted with this header; see the prompt module).
+    let short = prompter.header(&tokens[..5]).expect("header");
+    let (status, used) = post_with_prompt("/v1/chat/completions", &chat, &short).await;
+    assert_eq!(status, 200, "{used}");
+    assert_eq!(used["usage"]["prompt_tokens"], 5);
+    // A foreign fingerprint, ids outside the vocabulary, or garbage: tokenized again.
+    let foreign = format!("0123{}", &short[4..]);
+    let outside = format!("{fingerprint}://///w");
+    for bad in [foreign.as_str(), outside.as_str(), "nonsense", ":"] {
+        let (status, again) = post_with_prompt("/v1/chat/completions", &chat, bad).await;
+        assert_eq!(status, 200, "{bad}: {again}");
+        assert_eq!(again["usage"]["prompt_tokens"], tokens.len(), "{bad}");
+    }
+    // Raw completions too.
+    let completion = json!({"model": MODEL, "max_tokens": 1, "prompt": "Once upon a time"});
+    let ids = prompter
+        .tokens(Api::Completions, completion.to_string().as_bytes())
+        .expect("completion prompt");
+    let header = prompter.header(&ids[..2]).expect("header");
+    let (status, used) = post_with_prompt("/v1/completions", &completion, &header).await;
+    assert_eq!(status, 200, "{used}");
+    assert_eq!(used["usage"]["prompt_tokens"], 2);
+}
+
+async fn answer_of(body: &Value) -> Value {
+    post("/v1/chat/completions", body.clone()).await.1
 }

@@ -444,6 +444,11 @@ impl EngineHandle {
         &self.template
     }
 
+    /// The tokenizer and chat template, shared (to build prompts off the engine's handle).
+    pub fn prompt_parts(&self) -> (Arc<TextTokenizer>, Arc<ChatTemplate>) {
+        (self.tokenizer.clone(), self.template.clone())
+    }
+
     /// Compiles an output constraint for a request. CPU-bound (milliseconds for a schema, about
     /// 0.2 s the first time, when the vocabulary index is built): call it from a
     /// blocking thread. An invalid schema, pattern or grammar is an `InvalidRequest`.

@@ -27,7 +27,7 @@ pub(crate) use choices::{ChoiceBuilder, LogprobStyle, Update};
 
 use crate::error::{api_response, WorkerError};
 use crate::generation::{Generation, Piece};
-use crate::tools::{template_messages, ToolSetup};
+use crate::tools::ToolSetup;
 use crate::{unix_now, AppState};
 
 /// Which endpoint a request came through (they differ only in framing).
@@ -204,31 +204,21 @@ fn compile(state: &AppState, spec: &GrammarSpec, param: &str) -> Result<Grammar,
 
 /// The prompt tokens of a chat conversation with its tools (CPU-bound: call off the async
 /// threads).
-pub(crate) fn chat_prompt(
-    state: &AppState,
-    req: &ChatCompletionRequest,
-    tools: Option<&ToolSetup>,
-) -> Result<Vec<u32>, WorkerError> {
-    let template = state.engine.template();
-    let tok = state.engine.tokenizer();
-    let (messages, tool_defs) = template_messages(req, tools, template.tool_style())?;
-    // What clients and tools wrote never becomes a control token: only the template's markup.
-    let messages = tok.quote_untrusted(&messages)?;
-    let tool_defs = tool_defs.map(|t| tok.quote_untrusted(&t)).transpose()?;
-    let rendered = template.render_with_tools(&messages, tool_defs.as_ref(), true)?;
-    Ok(tok.encode_chat(&rendered)?)
-}
-
-/// Everything CPU-bound about a chat request, on a blocking thread: the template, tokenization,
+/// Everything CPU-bound about a chat request, on a blocking thread: the template and
+/// tokenization (unless the gateway sent the tokens: `given`, a [`crate::PROMPT_HEADER`] value),
 /// and the grammar (a forced tool call, or the output constraint).
 fn build_chat_prompt(
     state: &AppState,
     req: &ChatCompletionRequest,
     tools: Option<&ToolSetup>,
     constraint: Option<&OutputConstraint>,
+    given: Option<&str>,
 ) -> Result<(Vec<u32>, Option<Grammar>), WorkerError> {
     let param = req.constraint_fields().param();
-    let prompt = chat_prompt(state, req, tools)?;
+    let prompt = match state.given_tokens(given) {
+        Some(tokens) => tokens,
+        None => state.prompter.chat(req, tools)?,
+    };
     let grammar = match (tools, constraint) {
         (Some(t), _) => {
             // Compiled even when not enforced, so that a broken parameter schema is refused.
@@ -241,10 +231,12 @@ fn build_chat_prompt(
     Ok((prompt, grammar))
 }
 
-/// Validates a chat request and prepares its engine requests.
+/// Validates a chat request and prepares its engine requests (`given`: the prompt's tokens from
+/// the gateway, see [`crate::prompt`]).
 pub(crate) async fn prepare_chat_request(
     state: &Arc<AppState>,
     req: ChatCompletionRequest,
+    given: Option<String>,
 ) -> Result<Prepared, WorkerError> {
     req.validate()?;
     check_model(state, &req.model)?;
@@ -253,7 +245,13 @@ pub(crate) async fn prepare_chat_request(
     let constraint = req.output_constraint()?;
     let st = state.clone();
     let (req, tools, built) = tokio::task::spawn_blocking(move || {
-        let built = build_chat_prompt(&st, &req, tools.as_deref(), constraint.as_ref());
+        let built = build_chat_prompt(
+            &st,
+            &req,
+            tools.as_deref(),
+            constraint.as_ref(),
+            given.as_deref(),
+        );
         (req, tools, built)
     })
     .await
@@ -280,6 +278,7 @@ pub(crate) async fn prepare_chat_request(
 pub(crate) async fn prepare_completion(
     state: &Arc<AppState>,
     body: &[u8],
+    given: Option<String>,
 ) -> Result<Prepared, WorkerError> {
     let req: CompletionRequest = parse_json(body)?;
     req.validate()?;
@@ -306,10 +305,12 @@ pub(crate) async fn prepare_completion(
     let st = state.clone();
     let (prompt, echo_text, grammar) = tokio::task::spawn_blocking(move || {
         let tok = st.engine.tokenizer();
-        let prompt = match (ids, &text) {
-            (Some(ids), _) => ids,
-            (None, Some(t)) => tok.encode_prompt(t)?,
-            (None, None) => Vec::new(),
+        let given = st.given_tokens(given.as_deref());
+        let prompt = match (ids, &text, given) {
+            (Some(ids), _, _) => ids,
+            (None, Some(_), Some(tokens)) => tokens,
+            (None, Some(t), None) => tok.encode_prompt(t)?,
+            (None, None, _) => Vec::new(),
         };
         let echo_text = match (echo, text) {
             (false, _) => None,
@@ -378,11 +379,12 @@ pub(crate) async fn completions(State(state): State<Arc<AppState>>, req: Request
 async fn handle(state: Arc<AppState>, req: Request, kind: Kind) -> Response {
     let started = Instant::now();
     let report_usage = wants_usage_report(&req);
+    let given = given_prompt(&req);
     let result = async {
         let body = read_body(req, state.config.max_body_bytes).await?;
         let mut prepared = match kind {
-            Kind::Chat => prepare_chat_request(&state, parse_json(&body)?).await?,
-            Kind::Completion => prepare_completion(&state, &body).await?,
+            Kind::Chat => prepare_chat_request(&state, parse_json(&body)?, given).await?,
+            Kind::Completion => prepare_completion(&state, &body, given).await?,
         };
         prepared.report_usage = report_usage;
         let generations = submit(&state, &prepared, started)?;
@@ -500,6 +502,14 @@ pub(crate) fn with_usage(usage: Usage, mut resp: Response) -> Response {
 /// Whether the caller (the gateway) asks for usage reports: a request header
 /// `x-lastmile-usage`. Whole answers always carry the usage header; streams end with a usage
 /// comment only when asked, so direct clients see exactly OpenAI's and Anthropic's framing.
+/// The [`crate::PROMPT_HEADER`] value a request carries, if any.
+pub(crate) fn given_prompt(req: &Request) -> Option<String> {
+    req.headers()
+        .get(crate::PROMPT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
 pub(crate) fn wants_usage_report(req: &Request) -> bool {
     req.headers().contains_key(lastmile_protocol::USAGE_HEADER)
 }
