@@ -14,7 +14,7 @@ use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use lastmile_engine::tokenizer::TextTokenizer;
-use lastmile_engine::{GenerateRequest, Grammar, GrammarSpec, SamplingParams};
+use lastmile_engine::{EngineError, GenerateRequest, Grammar, GrammarSpec, SamplingParams};
 use lastmile_protocol::structured::regex_escape;
 use lastmile_protocol::{
     parse_json, ApiError, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
@@ -160,15 +160,24 @@ fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
 }
 
 /// Fits `max_tokens` to the context: an explicit value must fit, a missing one fills the rest.
-fn budget(state: &AppState, prompt_len: usize, max_tokens: Option<u32>) -> Result<usize, ApiError> {
-    let ctx = state.engine.info().context_length;
+/// (The engine checks the sum again on submit, with the same error; a missing `max_tokens` is
+/// the endpoint's business.)
+fn budget(
+    state: &AppState,
+    prompt_len: usize,
+    max_tokens: Option<u32>,
+) -> Result<usize, EngineError> {
+    let context = state.engine.info().context_length;
+    let exceeded = |max_tokens| EngineError::ContextExceeded {
+        prompt: prompt_len,
+        max_tokens,
+        context,
+    };
     match max_tokens {
-        Some(m) if prompt_len + m as usize > ctx => Err(ApiError::context_length_exceeded(
-            prompt_len, m as usize, ctx,
-        )),
+        Some(m) if prompt_len.saturating_add(m as usize) > context => Err(exceeded(m as usize)),
         Some(m) => Ok(m as usize),
-        None if prompt_len >= ctx => Err(ApiError::context_length_exceeded(prompt_len, 0, ctx)),
-        None => Ok(ctx - prompt_len),
+        None if prompt_len >= context => Err(exceeded(0)),
+        None => Ok(context - prompt_len),
     }
 }
 
@@ -191,15 +200,10 @@ fn grammar_spec(c: &OutputConstraint) -> GrammarSpec {
 
 /// Compiles `spec`, naming `param` in the error.
 fn compile(state: &AppState, spec: &GrammarSpec, param: &str) -> Result<Grammar, WorkerError> {
-    state.engine.compile_grammar(spec).map_err(|e| {
-        WorkerError::from(ApiError::invalid_request(
-            format!(
-                "{param}: {}",
-                e.to_string().trim_start_matches("invalid request: ")
-            ),
-            Some(param),
-        ))
-    })
+    state
+        .engine
+        .compile_grammar(spec)
+        .map_err(|e| WorkerError::from(e).about(param))
 }
 
 /// The prompt tokens of a chat conversation with its tools (CPU-bound: call off the async
@@ -293,13 +297,11 @@ pub(crate) async fn prepare_completion(
         PromptRef::Tokens(ids) => (None, Some(ids.to_vec())),
         PromptRef::Text(text) => (Some(text.to_string()), None),
     };
+    // The engine refuses these on submit too; here they are refused before the echo decodes
+    // them and the grammar compiles.
     let vocab = state.engine.info().vocab_size;
-    if let Some(bad) = ids.iter().flatten().find(|&&t| t as usize >= vocab) {
-        return Err(ApiError::invalid_request(
-            format!("token id {bad} is outside the vocabulary (size {vocab})"),
-            Some("prompt"),
-        )
-        .into());
+    if let Some(&token) = ids.iter().flatten().find(|&&t| t as usize >= vocab) {
+        return Err(EngineError::TokenOutOfVocab { token, vocab }.into());
     }
     let echo = req.echo == Some(true);
     let param = req.constraint_fields().param();
