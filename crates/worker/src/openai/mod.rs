@@ -59,20 +59,9 @@ pub(crate) fn new_id(prefix: &str) -> String {
     )
 }
 
+/// The request's body, up to `limit` bytes (413 beyond it, 400 when it fails to arrive).
 pub(crate) async fn read_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(req.into_body(), limit)
-        .await
-        .map_err(|e| {
-            let too_big = std::error::Error::source(&e)
-                .map(|s| s.to_string().contains("length limit"))
-                .unwrap_or(false)
-                || e.to_string().contains("length limit");
-            if too_big {
-                ApiError::payload_too_large(limit)
-            } else {
-                ApiError::invalid_request(format!("could not read the request body: {e}"), None)
-            }
-        })
+    lastmile_http::read_body(req.into_body(), limit).await
 }
 
 /// A request ready for the engine: one engine request per choice, and how to present them.
@@ -504,4 +493,35 @@ pub(crate) fn with_usage(usage: Usage, mut resp: Response) -> Response {
 /// comment only when asked, so direct clients see exactly OpenAI's and Anthropic's framing.
 pub(crate) fn wants_usage_report(req: &Request) -> bool {
     req.headers().contains_key(lastmile_protocol::USAGE_HEADER)
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::StatusCode;
+    use futures::stream;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_oversized_body_is_413_and_a_broken_one_400() {
+        let too_big = Request::new(Body::from(vec![b'a'; 65]));
+        let err = read_body(too_big, 64).await.expect_err("too large");
+        assert_eq!(api_response(&err).status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let aborted = Request::new(Body::from_stream(stream::iter([
+            Ok(Bytes::from_static(b"{\"model\"")),
+            Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "client went away",
+            )),
+        ])));
+        let err = read_body(aborted, 64).await.expect_err("aborted");
+        assert_eq!(api_response(&err).status(), StatusCode::BAD_REQUEST);
+        assert!(err.message.contains("client went away"), "{}", err.message);
+        // On `/v1/messages` the same errors take Anthropic's kinds.
+        let kind = |e: ApiError| lastmile_protocol::anthropic::AnthropicError::from(e).kind;
+        use lastmile_protocol::anthropic::AnthropicErrorKind as A;
+        assert_eq!(kind(ApiError::payload_too_large(64)), A::RequestTooLarge);
+        assert_eq!(kind(err), A::InvalidRequest);
+    }
 }
