@@ -18,7 +18,7 @@ use llguidance::toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, Tokeni
 use llguidance::{Matcher, ParserFactory};
 use serde_json::Value;
 
-use crate::error::{EngineError, Result};
+use crate::error::{EngineError, GrammarFault, Result};
 use crate::tokenizer::TextTokenizer;
 
 /// The JSON layout given to schemas that do not choose their own (`x-guidance`): one line, with
@@ -67,16 +67,16 @@ impl std::fmt::Debug for Grammar {
 impl Grammar {
     /// The tokens allowed next (end-of-generation tokens once the grammar is complete).
     pub(crate) fn allowed(&mut self) -> Result<SimpleVob> {
-        self.matcher.compute_mask_or_eos().map_err(|e| {
-            EngineError::InvalidRequest(format!("grammar: {}", first_line(&e.to_string())))
-        })
+        self.matcher
+            .compute_mask_or_eos()
+            .map_err(|e| EngineError::grammar(GrammarFault::Runtime, &e.to_string()))
     }
 
     /// Advances past a sampled token.
     pub(crate) fn accept(&mut self, token: u32) -> Result<()> {
-        self.matcher.consume_token(token).map_err(|e| {
-            EngineError::InvalidRequest(format!("grammar: {}", first_line(&e.to_string())))
-        })
+        self.matcher
+            .consume_token(token)
+            .map_err(|e| EngineError::grammar(GrammarFault::Runtime, &e.to_string()))
     }
 
     /// Whether the grammar is complete and admits nothing more.
@@ -436,8 +436,8 @@ impl GrammarCompiler {
         self.factory().map(|_| ())
     }
 
-    /// A fresh grammar state; a schema or pattern that cannot be compiled is an `InvalidRequest`
-    /// naming the problem.
+    /// A fresh grammar state; a schema or pattern that cannot be compiled is an
+    /// [`EngineError::Grammar`] naming the problem.
     pub(crate) fn compile(&self, spec: &GrammarSpec) -> Result<Grammar> {
         let (factory, closers) = self.factory()?;
         let grammar = match spec {
@@ -455,16 +455,11 @@ impl GrammarCompiler {
         let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             factory.create_parser(grammar)
         }))
-        .map_err(|_| EngineError::InvalidRequest("the grammar could not be compiled".into()))?
-        .map_err(|e| {
-            EngineError::InvalidRequest(format!("invalid grammar: {}", first_line(&e.to_string())))
-        })?;
+        .map_err(|_| EngineError::grammar(GrammarFault::CompilerFailed, ""))?
+        .map_err(|e| EngineError::grammar(GrammarFault::Invalid, &e.to_string()))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
-            return Err(EngineError::InvalidRequest(format!(
-                "invalid grammar: {}",
-                first_line(&e)
-            )));
+            return Err(EngineError::grammar(GrammarFault::Invalid, &e));
         }
         // A grammar that admits nothing (e.g. a rule defined only by itself) fails on its first
         // mask; find out now, as a bad request, not later as a failed generation.
@@ -474,20 +469,13 @@ impl GrammarCompiler {
                 matcher,
                 closers: closers.clone(),
             }),
-            Ok(_) => Err(EngineError::InvalidRequest(
-                "the grammar admits no output".into(),
+            Ok(_) => Err(EngineError::grammar(GrammarFault::AdmitsNothing, "")),
+            Err(e) => Err(EngineError::grammar(
+                GrammarFault::AdmitsNothing,
+                &e.to_string(),
             )),
-            Err(e) => Err(EngineError::InvalidRequest(format!(
-                "the grammar admits no output: {}",
-                first_line(&e.to_string())
-            ))),
         }
     }
-}
-
-/// llguidance errors carry a multi-line parser dump after the message; clients get the message.
-fn first_line(message: &str) -> &str {
-    message.lines().next().unwrap_or(message)
 }
 
 /// The tokenizer as llguidance sees it: a byte trie over the vocabulary, and our tokenizer for

@@ -22,7 +22,7 @@ pub use engine::{
     EngineConfig, EngineHandle, EngineStats, FinishReason, GenerateRequest, GenerationEvent,
     GenerationStream, ModelInfo, TokenLogprobs,
 };
-pub use error::{EngineError, Result};
+pub use error::{EngineError, GrammarFault, Result};
 pub use loader::LoadedModel;
 pub use sampler::SamplingParams;
 pub use tokenizer::TokenPiece;

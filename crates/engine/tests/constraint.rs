@@ -397,8 +397,10 @@ fn bad_grammars_are_invalid_requests() {
         GrammarSpec::Lark("start: a\na: a".into()),
     ] {
         match e.compile_grammar(&spec) {
-            Err(EngineError::InvalidRequest(msg)) => {
-                assert!(!msg.is_empty() && !msg.contains('\n'), "{msg:?}")
+            Err(e @ EngineError::Grammar { .. }) => {
+                let msg = e.to_string();
+                assert!(!msg.is_empty() && !msg.contains('\n'), "{msg:?}");
+                assert_eq!(e.param(), Some("response_format"), "{msg}");
             }
             other => panic!("{spec:?} should be refused, got {other:?}"),
         }

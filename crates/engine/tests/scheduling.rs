@@ -192,7 +192,7 @@ fn a_full_queue_refuses_new_requests_as_overloaded() {
         .filter(|_| {
             matches!(
                 e.submit(request(&e, "Hello", 4)),
-                Err(lastmile_engine::EngineError::Overloaded(_))
+                Err(lastmile_engine::EngineError::QueueFull { limit: 2 })
             )
         })
         .count();

@@ -36,6 +36,14 @@ pub(crate) fn error_response(path: &str, e: &ApiError) -> Response {
     resp
 }
 
+/// The request body, up to `limit` bytes; else the error response for `path` (413 beyond the
+/// limit, 400 when the body failed to arrive, e.g. the client aborted).
+async fn read_body(path: &str, body: Body, limit: usize) -> Result<Bytes, Response> {
+    lastmile_http::read_body(body, limit)
+        .await
+        .map_err(|e| error_response(path, &e))
+}
+
 /// Proxies a POST to the same path on a worker: authenticates the caller and admits the
 /// request against its quotas first (with tenants), and meters what the answer used.
 pub(crate) async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
@@ -46,14 +54,9 @@ pub(crate) async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Res
         Some(Ok(caller)) => Some(caller),
         Some(Err(e)) => return error_response(&path, &e),
     };
-    let body = match axum::body::to_bytes(req.into_body(), gw.config.max_body_bytes).await {
+    let body = match read_body(&path, req.into_body(), gw.config.max_body_bytes).await {
         Ok(b) => b,
-        Err(_) => {
-            return error_response(
-                &path,
-                &ApiError::payload_too_large(gw.config.max_body_bytes),
-            )
-        }
+        Err(resp) => return resp,
     };
     let facts = RequestFacts::of(&body);
     let model = facts.model.as_deref();
@@ -381,5 +384,64 @@ fn stream_error_event(anthropic: bool) -> String {
         format!("event: {name}\ndata: {body}\n\n")
     } else {
         lastmile_protocol::sse_event(&e.body())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::stream;
+    use serde_json::Value;
+
+    use super::*;
+
+    async fn refused(path: &str, body: Body) -> (StatusCode, Value) {
+        let resp = read_body(path, body, 64).await.expect_err("refused");
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .expect("error body");
+        (
+            status,
+            serde_json::from_slice(&bytes).expect("JSON error body"),
+        )
+    }
+
+    fn aborted() -> Body {
+        Body::from_stream(stream::iter([
+            Ok(Bytes::from_static(b"{\"model\"")),
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "connection reset",
+            )),
+        ]))
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_413_in_each_apis_shape() {
+        let (status, body) = refused("/v1/chat/completions", Body::from(vec![b'a'; 65])).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
+        let (status, body) = refused("/v1/messages", Body::from(vec![b'a'; 65])).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(body["error"]["type"], "request_too_large", "{body}");
+        assert!(read_body("/v1/completions", Body::from("{}"), 64)
+            .await
+            .is_ok());
+    }
+
+    /// Regression: any body read error was answered 413, a client that aborted mid-body too.
+    #[tokio::test]
+    async fn a_body_that_fails_to_arrive_is_400_not_413() {
+        let (status, body) = refused("/v1/chat/completions", aborted()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+        let message = body["error"]["message"].as_str().expect("message");
+        assert!(
+            message.starts_with("could not read the request body"),
+            "{message}"
+        );
+        let (status, body) = refused("/v1/messages", aborted()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
     }
 }

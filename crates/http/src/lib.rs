@@ -14,9 +14,13 @@
 //! - **Graceful shutdown**: when `shutdown` resolves, the listener closes, idle connections end,
 //!   and requests in flight finish.
 //!
-//! [`metrics`] is the one Prometheus writer every server's `/metrics` goes through.
+//! [`metrics`] is the one Prometheus writer every server's `/metrics` goes through, and
+//! [`read_body`] the one way a handler reads a request body whole.
 
+mod body;
 pub mod metrics;
+
+pub use body::read_body;
 
 use std::future::Future;
 use std::sync::Arc;

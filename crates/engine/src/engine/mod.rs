@@ -84,7 +84,7 @@ impl EngineConfig {
                 .itl_target_ms
                 .is_some_and(|t| !(t > 0.0 && t.is_finite()))
         {
-            return Err(EngineError::InvalidRequest(format!(
+            return Err(EngineError::InvalidSettings(format!(
                 "engine settings must be positive: {self:?}"
             )));
         }
@@ -367,32 +367,25 @@ impl EngineHandle {
     /// Queues a request; its events arrive on the returned stream.
     pub fn submit(&self, request: GenerateRequest) -> Result<GenerationStream> {
         if request.prompt.is_empty() {
-            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+            return Err(EngineError::EmptyPrompt);
         }
-        if let Some(&bad) = request
-            .prompt
-            .iter()
-            .find(|&&t| t as usize >= self.info.vocab_size)
-        {
-            return Err(EngineError::InvalidRequest(format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                self.info.vocab_size
-            )));
+        let vocab = self.info.vocab_size;
+        if let Some(&token) = request.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::TokenOutOfVocab { token, vocab });
         }
         let total = request.prompt.len() + request.max_tokens;
         if total > self.info.context_length {
-            return Err(EngineError::InvalidRequest(format!(
-                "{} prompt tokens + {} max tokens exceed the context length {}",
-                request.prompt.len(),
-                request.max_tokens,
-                self.info.context_length
-            )));
+            return Err(EngineError::ContextExceeded {
+                prompt: request.prompt.len(),
+                max_tokens: request.max_tokens,
+                context: self.info.context_length,
+            });
         }
+        let queue_full = EngineError::QueueFull {
+            limit: self.max_waiting,
+        };
         if self.stats.waiting.load(Ordering::Relaxed) >= self.max_waiting {
-            return Err(EngineError::Overloaded(format!(
-                "{} requests are already waiting",
-                self.max_waiting
-            )));
+            return Err(queue_full);
         }
         let (tx, rx) = unbounded_channel();
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
@@ -401,9 +394,7 @@ impl EngineHandle {
             Err(e) => {
                 self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
                 Err(match e {
-                    TrySendError::Full(_) => {
-                        EngineError::Overloaded("the request queue is full".into())
-                    }
+                    TrySendError::Full(_) => queue_full,
                     TrySendError::Disconnected(_) => EngineError::Stopped,
                 })
             }
@@ -451,7 +442,7 @@ impl EngineHandle {
 
     /// Compiles an output constraint for a request. CPU-bound (milliseconds for a schema, about
     /// 0.2 s the first time, when the vocabulary index is built): call it from a
-    /// blocking thread. An invalid schema, pattern or grammar is an `InvalidRequest`.
+    /// blocking thread. An invalid schema, pattern or grammar is an [`EngineError::Grammar`].
     pub fn compile_grammar(&self, spec: &GrammarSpec) -> Result<Grammar> {
         self.grammars.compile(spec)
     }

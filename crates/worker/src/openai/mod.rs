@@ -14,7 +14,7 @@ use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use lastmile_engine::tokenizer::TextTokenizer;
-use lastmile_engine::{GenerateRequest, Grammar, GrammarSpec, SamplingParams};
+use lastmile_engine::{EngineError, GenerateRequest, Grammar, GrammarSpec, SamplingParams};
 use lastmile_protocol::structured::regex_escape;
 use lastmile_protocol::{
     parse_json, ApiError, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
@@ -59,20 +59,9 @@ pub(crate) fn new_id(prefix: &str) -> String {
     )
 }
 
+/// The request's body, up to `limit` bytes (413 beyond it, 400 when it fails to arrive).
 pub(crate) async fn read_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(req.into_body(), limit)
-        .await
-        .map_err(|e| {
-            let too_big = std::error::Error::source(&e)
-                .map(|s| s.to_string().contains("length limit"))
-                .unwrap_or(false)
-                || e.to_string().contains("length limit");
-            if too_big {
-                ApiError::payload_too_large(limit)
-            } else {
-                ApiError::invalid_request(format!("could not read the request body: {e}"), None)
-            }
-        })
+    lastmile_http::read_body(req.into_body(), limit).await
 }
 
 /// A request ready for the engine: one engine request per choice, and how to present them.
@@ -160,15 +149,24 @@ fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
 }
 
 /// Fits `max_tokens` to the context: an explicit value must fit, a missing one fills the rest.
-fn budget(state: &AppState, prompt_len: usize, max_tokens: Option<u32>) -> Result<usize, ApiError> {
-    let ctx = state.engine.info().context_length;
+/// (The engine checks the sum again on submit, with the same error; a missing `max_tokens` is
+/// the endpoint's business.)
+fn budget(
+    state: &AppState,
+    prompt_len: usize,
+    max_tokens: Option<u32>,
+) -> Result<usize, EngineError> {
+    let context = state.engine.info().context_length;
+    let exceeded = |max_tokens| EngineError::ContextExceeded {
+        prompt: prompt_len,
+        max_tokens,
+        context,
+    };
     match max_tokens {
-        Some(m) if prompt_len + m as usize > ctx => Err(ApiError::context_length_exceeded(
-            prompt_len, m as usize, ctx,
-        )),
+        Some(m) if prompt_len.saturating_add(m as usize) > context => Err(exceeded(m as usize)),
         Some(m) => Ok(m as usize),
-        None if prompt_len >= ctx => Err(ApiError::context_length_exceeded(prompt_len, 0, ctx)),
-        None => Ok(ctx - prompt_len),
+        None if prompt_len >= context => Err(exceeded(0)),
+        None => Ok(context - prompt_len),
     }
 }
 
@@ -191,15 +189,10 @@ fn grammar_spec(c: &OutputConstraint) -> GrammarSpec {
 
 /// Compiles `spec`, naming `param` in the error.
 fn compile(state: &AppState, spec: &GrammarSpec, param: &str) -> Result<Grammar, WorkerError> {
-    state.engine.compile_grammar(spec).map_err(|e| {
-        WorkerError::from(ApiError::invalid_request(
-            format!(
-                "{param}: {}",
-                e.to_string().trim_start_matches("invalid request: ")
-            ),
-            Some(param),
-        ))
-    })
+    state
+        .engine
+        .compile_grammar(spec)
+        .map_err(|e| WorkerError::from(e).about(param))
 }
 
 /// The prompt tokens of a chat conversation with its tools (CPU-bound: call off the async
@@ -292,13 +285,11 @@ pub(crate) async fn prepare_completion(
         PromptRef::Tokens(ids) => (None, Some(ids.to_vec())),
         PromptRef::Text(text) => (Some(text.to_string()), None),
     };
+    // The engine refuses these on submit too; here they are refused before the echo decodes
+    // them and the grammar compiles.
     let vocab = state.engine.info().vocab_size;
-    if let Some(bad) = ids.iter().flatten().find(|&&t| t as usize >= vocab) {
-        return Err(ApiError::invalid_request(
-            format!("token id {bad} is outside the vocabulary (size {vocab})"),
-            Some("prompt"),
-        )
-        .into());
+    if let Some(&token) = ids.iter().flatten().find(|&&t| t as usize >= vocab) {
+        return Err(EngineError::TokenOutOfVocab { token, vocab }.into());
     }
     let echo = req.echo == Some(true);
     let param = req.constraint_fields().param();
@@ -512,4 +503,35 @@ pub(crate) fn given_prompt(req: &Request) -> Option<String> {
 
 pub(crate) fn wants_usage_report(req: &Request) -> bool {
     req.headers().contains_key(lastmile_protocol::USAGE_HEADER)
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::StatusCode;
+    use futures::stream;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_oversized_body_is_413_and_a_broken_one_400() {
+        let too_big = Request::new(Body::from(vec![b'a'; 65]));
+        let err = read_body(too_big, 64).await.expect_err("too large");
+        assert_eq!(api_response(&err).status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let aborted = Request::new(Body::from_stream(stream::iter([
+            Ok(Bytes::from_static(b"{\"model\"")),
+            Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "client went away",
+            )),
+        ])));
+        let err = read_body(aborted, 64).await.expect_err("aborted");
+        assert_eq!(api_response(&err).status(), StatusCode::BAD_REQUEST);
+        assert!(err.message.contains("client went away"), "{}", err.message);
+        // On `/v1/messages` the same errors take Anthropic's kinds.
+        let kind = |e: ApiError| lastmile_protocol::anthropic::AnthropicError::from(e).kind;
+        use lastmile_protocol::anthropic::AnthropicErrorKind as A;
+        assert_eq!(kind(ApiError::payload_too_large(64)), A::RequestTooLarge);
+        assert_eq!(kind(err), A::InvalidRequest);
+    }
 }
