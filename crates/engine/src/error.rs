@@ -48,6 +48,17 @@ pub enum EngineError {
         /// The model's context length in tokens.
         context: usize,
     },
+    /// The prompt plus the tokens to generate need more KV cache than the engine has (a server
+    /// configured with a cache smaller than the model's context).
+    #[error(
+        "the request needs more KV cache than the engine has: {needed} tokens, capacity {capacity}"
+    )]
+    KvCapacityExceeded {
+        /// Prompt tokens plus `max_tokens`.
+        needed: usize,
+        /// KV capacity in tokens.
+        capacity: usize,
+    },
     /// A grammar (output constraint) was refused, or failed while constraining generation.
     #[error("{}", fault.describe(detail))]
     Grammar {
@@ -115,6 +126,7 @@ impl EngineError {
             Self::EmptyPrompt
             | Self::TokenOutOfVocab { .. }
             | Self::ContextExceeded { .. }
+            | Self::KvCapacityExceeded { .. }
             | Self::Grammar { .. } => "invalid_request",
             Self::QueueFull { .. } => "overloaded",
             Self::Stopped => "stopped",
@@ -126,7 +138,10 @@ impl EngineError {
     /// Whether the request itself is at fault (a client error), not the engine.
     pub fn is_client_error(&self) -> bool {
         match self {
-            Self::EmptyPrompt | Self::TokenOutOfVocab { .. } | Self::ContextExceeded { .. } => true,
+            Self::EmptyPrompt
+            | Self::TokenOutOfVocab { .. }
+            | Self::ContextExceeded { .. }
+            | Self::KvCapacityExceeded { .. } => true,
             Self::Grammar { fault, .. } => *fault != GrammarFault::Runtime,
             _ => false,
         }
@@ -140,6 +155,7 @@ impl EngineError {
         match self {
             Self::EmptyPrompt | Self::TokenOutOfVocab { .. } => Some("prompt"),
             Self::ContextExceeded { .. } => Some("messages"),
+            Self::KvCapacityExceeded { .. } => Some("max_tokens"),
             Self::Grammar { .. } if self.is_client_error() => Some("response_format"),
             _ => None,
         }
@@ -151,6 +167,7 @@ impl EngineError {
         match self {
             Self::TokenOutOfVocab { vocab, .. } => Some(*vocab),
             Self::ContextExceeded { context, .. } => Some(*context),
+            Self::KvCapacityExceeded { capacity, .. } => Some(*capacity),
             Self::QueueFull { limit } => Some(*limit),
             _ => None,
         }

@@ -3,8 +3,8 @@
 
 use lastmile_engine::fetch::ensure_default_model;
 use lastmile_engine::{
-    EngineConfig, EngineHandle, FinishReason, GenerateRequest, GenerationEvent, LoadedModel,
-    SamplingParams,
+    EngineConfig, EngineError, EngineHandle, FinishReason, GenerateRequest, GenerationEvent,
+    LoadedModel, SamplingParams,
 };
 
 fn engine(kv_tokens: Option<usize>, max_batch_tokens: usize) -> EngineHandle {
@@ -154,11 +154,15 @@ fn small_chunks_and_joining_mid_batch_keep_outputs() {
 #[test]
 fn a_request_larger_than_the_cache_fails_cleanly() {
     let tiny = engine(Some(32), 512);
-    let ev = tiny
-        .submit(request(&tiny, "Hello there", 100))
-        .expect("queued")
-        .blocking_next();
-    assert!(matches!(ev, Some(GenerationEvent::Failed(m)) if m.contains("KV cache")));
+    let refused = tiny.submit(request(&tiny, "Hello there", 100)).err();
+    assert!(
+        matches!(
+            refused,
+            Some(EngineError::KvCapacityExceeded { capacity: 32, needed }) if needed > 100
+        ),
+        "{:?}",
+        refused.map(|e| e.to_string())
+    );
     // And the engine still serves what fits.
     let (ids, _, _) = collect(
         tiny.submit(request(&tiny, "Hello there", 8))

@@ -170,6 +170,13 @@ mod tests {
             },
             bad_request("messages", Some("context_length_exceeded")),
         );
+        assert_maps(
+            EngineError::KvCapacityExceeded {
+                needed: 4000,
+                capacity: 2048,
+            },
+            bad_request("max_tokens", None),
+        );
         for fault in [
             GrammarFault::Invalid,
             GrammarFault::CompilerFailed,

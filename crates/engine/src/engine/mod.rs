@@ -381,6 +381,13 @@ impl EngineHandle {
                 context: self.info.context_length,
             });
         }
+        let capacity = self.info.kv_capacity_tokens;
+        if total > capacity {
+            return Err(EngineError::KvCapacityExceeded {
+                needed: total,
+                capacity,
+            });
+        }
         let queue_full = EngineError::QueueFull {
             limit: self.max_waiting,
         };
