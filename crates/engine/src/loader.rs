@@ -98,7 +98,9 @@ fn load_hf_dir(dir: &Path) -> Result<(LlamaModel, TextTokenizer, Option<String>)
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", cfg_path.display())))?;
     let config = ModelConfig::from_hf_json(&json)?;
-    let weights = Weights::from_safetensors(&safetensor_files(dir)?, &config)?;
+    let rope_divisors = config.rope_divisors_from_hf(&json)?;
+    let mut weights = Weights::from_safetensors(&safetensor_files(dir)?, &config)?;
+    weights.rope_freqs = rope_divisors;
     let tokenizer = TextTokenizer::from_hf_dir(dir, &json)?;
     let template = std::fs::read_to_string(dir.join("tokenizer_config.json"))
         .ok()

@@ -105,6 +105,71 @@ impl ModelConfig {
         Ok(cfg)
     }
 
+    /// The RoPE frequency divisors a Hugging Face `config.json`'s `rope_scaling` asks for (one
+    /// per rotated pair, as GGUF's `rope_freqs.weight` holds them: frequency `i` becomes
+    /// `f_i / d_i`), or `None` without scaling. `llama3` (Llama 3.1 / 3.2) and `linear` are
+    /// computed; any other kind is refused, so a model is never served with the wrong positions.
+    pub fn rope_divisors_from_hf(&self, v: &serde_json::Value) -> Result<Option<Vec<f32>>> {
+        let Some(s) = v.get("rope_scaling").filter(|s| !s.is_null()) else {
+            return Ok(None);
+        };
+        let kind = s
+            .get("rope_type")
+            .or_else(|| s.get("type"))
+            .and_then(|t| t.as_str())
+            .unwrap_or("default");
+        let num = |k: &str| s.get(k).and_then(|x| x.as_f64());
+        let need = |k: &str| {
+            num(k).filter(|x| x.is_finite() && *x > 0.0).ok_or_else(|| {
+                EngineError::InvalidModel(format!(
+                    "config.json's {kind} rope_scaling needs a positive `{k}`"
+                ))
+            })
+        };
+        let half = self.rope_dims / 2;
+        let freq =
+            |i: usize| 1.0 / f64::from(self.rope_base).powf(2.0 * i as f64 / self.rope_dims as f64);
+        match kind {
+            "default" => Ok(None),
+            "linear" => {
+                let factor = need("factor")? as f32;
+                Ok(Some(vec![factor; half]))
+            }
+            "llama3" => {
+                let factor = need("factor")?;
+                let low = need("low_freq_factor")?;
+                let high = need("high_freq_factor")?;
+                let original = need("original_max_position_embeddings")?;
+                if high <= low {
+                    return Err(EngineError::InvalidModel(
+                        "config.json's llama3 rope_scaling has high_freq_factor <= low_freq_factor"
+                            .into(),
+                    ));
+                }
+                let (low_wavelen, high_wavelen) = (original / low, original / high);
+                let divisors = (0..half)
+                    .map(|i| {
+                        let wavelen = 2.0 * std::f64::consts::PI / freq(i);
+                        let d = if wavelen < high_wavelen {
+                            1.0
+                        } else if wavelen > low_wavelen {
+                            factor
+                        } else {
+                            let smooth = (original / wavelen - low) / (high - low);
+                            1.0 / ((1.0 - smooth) / factor + smooth)
+                        };
+                        d as f32
+                    })
+                    .collect();
+                Ok(Some(divisors))
+            }
+            other => Err(EngineError::UnsupportedModel(format!(
+                "config.json's rope_scaling type `{other}` is not supported (supported: llama3, \
+                 linear); serving it with plain RoPE would give wrong answers past short contexts"
+            ))),
+        }
+    }
+
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_json(v: &serde_json::Value) -> Result<Self> {
         let get = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize);
@@ -199,5 +264,65 @@ impl ModelConfig {
     /// Width of the concatenated key (or value) heads.
     pub fn kv_dim(&self) -> usize {
         self.kv_heads * self.head_dim
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Llama 3.1 8B's `config.json`, shape and RoPE only.
+    fn llama31(rope_scaling: serde_json::Value) -> serde_json::Value {
+        json!({"model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "num_hidden_layers": 32, "intermediate_size": 14336,
+               "vocab_size": 128256, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+               "rope_scaling": rope_scaling})
+    }
+
+    fn divisors(rope_scaling: serde_json::Value) -> Result<Option<Vec<f32>>> {
+        let v = llama31(rope_scaling);
+        ModelConfig::from_hf_json(&v)?.rope_divisors_from_hf(&v)
+    }
+
+    #[test]
+    fn llama3_rope_scaling_stretches_only_the_low_frequencies() {
+        let d = divisors(
+            json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+        )
+        .expect("supported")
+        .expect("scaled");
+        assert_eq!(d.len(), 64);
+        // Wavelengths under 8192 / 4 positions keep their frequency; over 8192, divided by 8;
+        // in between, a smooth ramp.
+        assert_eq!(d[0], 1.0);
+        assert_eq!(d[63], 8.0);
+        assert!(d.windows(2).all(|w| w[0] <= w[1]), "{d:?}");
+        let ramp = d.iter().filter(|&&x| x > 1.0 && x < 8.0).count();
+        assert!(ramp > 0 && ramp < 20, "{d:?}");
+        // Wavelength of pair 40: 2 pi * 500000^(80/128) = 22,100 positions: past 8192.
+        assert_eq!(d[40], 8.0);
+        // Pair 20: 2 pi * 500000^(40/128) = 378 positions: under 2048, unchanged.
+        assert_eq!(d[20], 1.0);
+    }
+
+    #[test]
+    fn no_or_default_or_linear_scaling_is_served_and_the_rest_refused() {
+        assert_eq!(divisors(serde_json::Value::Null).ok(), Some(None));
+        assert_eq!(divisors(json!({"rope_type": "default"})).ok(), Some(None));
+        assert_eq!(
+            divisors(json!({"type": "linear", "factor": 2.0})).ok(),
+            Some(Some(vec![2.0; 64]))
+        );
+        for kind in ["yarn", "dynamic", "longrope"] {
+            let e = divisors(json!({"rope_type": kind, "factor": 4.0})).err();
+            assert!(
+                matches!(&e, Some(EngineError::UnsupportedModel(m)) if m.contains(kind)),
+                "{kind}: {e:?}"
+            );
+        }
+        let e = divisors(json!({"rope_type": "llama3", "factor": 8.0})).err();
+        assert!(matches!(e, Some(EngineError::InvalidModel(_))), "{e:?}");
     }
 }
