@@ -35,10 +35,27 @@ unsafe impl Send for Shared {}
 const SPIN: Duration = Duration::from_micros(200);
 
 /// A fork-join pool of `n` threads, the caller included.
+///
+/// `Send` but not `Sync`: the thread that owns it is the only one that can call [`run`]
+/// (`ThreadPool::run`), so two jobs can never be in flight at once, and a job cannot start
+/// another from inside itself (its closure must be `Sync`, which a borrowed pool is not).
+///
+/// ```compile_fail
+/// // Sharing a pool between threads does not compile:
+/// fn shared<T: Sync>() {}
+/// shared::<lastmile_engine::parallel::ThreadPool>();
+/// ```
+///
+/// ```
+/// // Moving it to the thread that runs it does:
+/// let pool = lastmile_engine::parallel::ThreadPool::new(2);
+/// std::thread::spawn(move || pool.run(&|_| {})).join().unwrap();
+/// ```
 pub struct ThreadPool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     n: usize,
+    not_sync: std::marker::PhantomData<std::cell::Cell<()>>,
 }
 
 impl ThreadPool {
@@ -64,7 +81,12 @@ impl ThreadPool {
                     .expect("spawning a compute thread")
             })
             .collect();
-        Self { shared, workers, n }
+        Self {
+            shared,
+            workers,
+            n,
+            not_sync: std::marker::PhantomData,
+        }
     }
 
     /// Threads per job.
