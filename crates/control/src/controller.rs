@@ -90,8 +90,8 @@ pub struct ReplicaStatus {
     pub id: String,
     /// Base URL.
     pub url: String,
-    /// `starting`, `ready` or `stopping`.
-    pub state: &'static str,
+    /// Where it is in its life (`starting`, `ready` or `stopping` on the wire).
+    pub state: ReplicaState,
     /// Seconds since it was started.
     pub age_s: f64,
 }
@@ -285,17 +285,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
+/// Where a replica is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaState {
+    /// Started, not yet healthy.
     Starting,
+    /// Serving.
     Ready,
+    /// Draining before it exits.
     Stopping,
 }
 
 struct Live {
     seq: u64,
     replica: StartedReplica,
-    state: State,
+    state: ReplicaState,
     started: Instant,
     ready_at: Option<Instant>,
 }
@@ -343,7 +348,7 @@ impl Loop {
                     let d = scaler.decide(t0.elapsed(), Observation {
                         concurrency: (load.in_flight + load.held) as f64,
                         arrivals,
-                        ready: self.count(State::Ready),
+                        ready: self.count(ReplicaState::Ready),
                         ttft_p90: load.ttft_p90,
                         itl_p90: load.itl_p90,
                     });
@@ -365,7 +370,7 @@ impl Loop {
                 _ = shutdown.changed() => break,
             }
             self.reconcile(desired, &tx);
-            let starting = self.count(State::Starting);
+            let starting = self.count(ReplicaState::Starting);
             if starting != starting_reported {
                 self.balancer.replicas_starting(&name, starting);
                 starting_reported = starting;
@@ -375,20 +380,16 @@ impl Loop {
             s.panicking = panicking;
             s.in_flight = load.in_flight;
             s.held = load.held;
-            s.ready = self.count(State::Ready);
-            s.starting = self.count(State::Starting);
-            s.stopping = self.count(State::Stopping);
+            s.ready = self.count(ReplicaState::Ready);
+            s.starting = self.count(ReplicaState::Starting);
+            s.stopping = self.count(ReplicaState::Stopping);
             s.replicas = self
                 .replicas
                 .iter()
                 .map(|r| ReplicaStatus {
                     id: r.replica.id.clone(),
                     url: r.replica.url.clone(),
-                    state: match r.state {
-                        State::Starting => "starting",
-                        State::Ready => "ready",
-                        State::Stopping => "stopping",
-                    },
+                    state: r.state,
                     age_s: r.started.elapsed().as_secs_f64(),
                 })
                 .collect();
@@ -396,7 +397,7 @@ impl Loop {
         self.stop_all(&mut rx).await;
     }
 
-    fn count(&self, state: State) -> usize {
+    fn count(&self, state: ReplicaState) -> usize {
         self.replicas.iter().filter(|r| r.state == state).count()
     }
 
@@ -405,7 +406,7 @@ impl Loop {
         let active = self
             .replicas
             .iter()
-            .filter(|r| r.state != State::Stopping)
+            .filter(|r| r.state != ReplicaState::Stopping)
             .count();
         if desired > active && Instant::now() >= self.not_before {
             for _ in active..desired {
@@ -421,8 +422,8 @@ impl Loop {
                     .replicas
                     .iter()
                     .enumerate()
-                    .filter(|(_, r)| r.state != State::Stopping)
-                    .max_by_key(|(_, r)| (r.state == State::Starting, r.seq))
+                    .filter(|(_, r)| r.state != ReplicaState::Stopping)
+                    .max_by_key(|(_, r)| (r.state == ReplicaState::Starting, r.seq))
                     .map(|(i, _)| i);
                 let Some(i) = pick else { break };
                 self.stop(i, tx);
@@ -466,7 +467,7 @@ impl Loop {
         self.replicas.push(Live {
             seq,
             replica,
-            state: State::Starting,
+            state: ReplicaState::Starting,
             started: Instant::now(),
             ready_at: None,
         });
@@ -476,11 +477,11 @@ impl Loop {
     /// Takes replica `i` out of rotation and asks it to drain and exit.
     fn stop(&mut self, i: usize, tx: &mpsc::UnboundedSender<Event>) {
         let r = &mut self.replicas[i];
-        if r.state == State::Ready {
+        if r.state == ReplicaState::Ready {
             self.balancer
                 .replica_gone(&self.m.spec.name, &r.replica.url);
         }
-        r.state = State::Stopping;
+        r.state = ReplicaState::Stopping;
         tracing::info!(deployment = %self.m.spec.name, replica = %r.replica.id, "stopping a replica");
         r.replica.stop(Stop::Graceful);
         let (seq, grace, tx) = (r.seq, self.config.stop_grace, tx.clone());
@@ -497,10 +498,10 @@ impl Loop {
                 let Some(r) = self.replicas.iter_mut().find(|r| r.seq == seq) else {
                     return;
                 };
-                if r.state != State::Starting {
+                if r.state != ReplicaState::Starting {
                     return;
                 }
-                r.state = State::Ready;
+                r.state = ReplicaState::Ready;
                 r.ready_at = Some(Instant::now());
                 let took = r.started.elapsed().as_secs_f64();
                 tracing::info!(deployment = %name, replica = %r.replica.id, "replica ready in {:.0} ms", took * 1e3);
@@ -515,7 +516,7 @@ impl Loop {
                 if let Some(i) = self.replicas.iter().position(|r| r.seq == seq) {
                     tracing::error!(deployment = %name, "a replica was not healthy in time; killing it");
                     self.replicas[i].replica.stop(Stop::Kill);
-                    self.replicas[i].state = State::Stopping;
+                    self.replicas[i].state = ReplicaState::Stopping;
                     self.crashed(false);
                 }
             }
@@ -524,12 +525,12 @@ impl Loop {
                     return;
                 };
                 let r = self.replicas.remove(i);
-                if r.state == State::Stopping {
+                if r.state == ReplicaState::Stopping {
                     tracing::info!(deployment = %name, replica = %r.replica.id, "replica stopped ({how})");
                     return;
                 }
                 tracing::warn!(deployment = %name, replica = %r.replica.id, "replica exited unasked ({how}); replacing it");
-                if r.state == State::Ready {
+                if r.state == ReplicaState::Ready {
                     self.balancer.replica_gone(&name, &r.replica.url);
                 }
                 let long_lived = r
@@ -567,10 +568,10 @@ impl Loop {
     async fn stop_all(&mut self, rx: &mut mpsc::UnboundedReceiver<Event>) {
         let name = self.m.spec.name.clone();
         for r in &mut self.replicas {
-            if r.state == State::Ready {
+            if r.state == ReplicaState::Ready {
                 self.balancer.replica_gone(&name, &r.replica.url);
             }
-            r.state = State::Stopping;
+            r.state = ReplicaState::Stopping;
             r.replica.stop(Stop::Graceful);
         }
         let deadline = tokio::time::Instant::now() + self.config.stop_grace;
@@ -592,6 +593,22 @@ impl Loop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replica_states_are_lowercase_words_on_the_wire() {
+        let names: Vec<_> = [
+            ReplicaState::Starting,
+            ReplicaState::Ready,
+            ReplicaState::Stopping,
+        ]
+        .iter()
+        .map(|s| serde_json::to_value(s).ok())
+        .collect();
+        assert_eq!(
+            names,
+            ["starting", "ready", "stopping"].map(|s| Some(serde_json::Value::from(s)))
+        );
+    }
 
     fn row(name: &str) -> MetricsRow {
         let cold_start = Histogram::new(&COLD_START_BOUNDS);
