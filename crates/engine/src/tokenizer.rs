@@ -258,130 +258,20 @@ impl TextTokenizer {
         let types = f
             .get_i64_array("tokenizer.ggml.token_type")
             .unwrap_or_default();
-        let ttype = |i: usize| types.get(i).copied().unwrap_or(1);
-        let mut vocab: HashMap<String, u32> = HashMap::with_capacity(tokens.len());
-        for (i, t) in tokens.iter().enumerate() {
-            vocab.entry(t.to_string()).or_insert(i as u32);
-        }
-        let (model_json, normalizer, pre, decoder, default_add_bos) = match model {
-            "gpt2" => {
-                let merges: Vec<(String, String)> = f
-                    .get_str_array("tokenizer.ggml.merges")
-                    .ok_or_else(|| EngineError::Tokenizer("gpt2 tokenizer without merges".into()))?
-                    .iter()
-                    .filter_map(|m| {
-                        m.split_once(' ')
-                            .map(|(a, b)| (a.to_string(), b.to_string()))
-                    })
-                    .collect();
-                let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
-                let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
-                let pre_name = f.get_str("tokenizer.ggml.pre").unwrap_or("default");
-                let (normalizer, pre) = match pre_name {
-                    "smollm" => (
-                        Value::Null,
-                        json!({"type": "Sequence", "pretokenizers": [
-                            {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-                    ),
-                    "llama3" | "llama-bpe" | "smaug-bpe" | "lfm2" => (
-                        Value::Null,
-                        json!({"type": "Sequence", "pretokenizers": [split(REGEX_LLAMA3), byte_level(false)]}),
-                    ),
-                    "qwen2" | "deepseek-r1-qwen" => (
-                        json!({"type": "NFC"}),
-                        json!({"type": "Sequence", "pretokenizers": [split(REGEX_QWEN2), byte_level(false)]}),
-                    ),
-                    _ => (Value::Null, byte_level(true)),
-                };
-                let model = BpeSpec {
-                    merges,
-                    unk: None,
-                    fuse_unk: false,
-                    byte_fallback: false,
-                    ignore_merges: pre_name.starts_with("llama"),
-                };
-                let decoder = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
-                (model, normalizer, pre, decoder, false)
-            }
-            "llama" => {
-                let scores = f.get_f32_array("tokenizer.ggml.scores").unwrap_or_default();
-                let merges = spm_merges(&tokens, &scores, &types);
-                let unk = f
-                    .get_u64("tokenizer.ggml.unknown_token_id")
-                    .and_then(|i| tokens.get(i as usize))
-                    .map(|s| s.to_string());
-                let model = BpeSpec {
-                    merges,
-                    unk,
-                    fuse_unk: true,
-                    byte_fallback: true,
-                    ignore_merges: false,
-                };
-                let prefix = f
-                    .get_bool("tokenizer.ggml.add_space_prefix")
-                    .unwrap_or(true);
-                let mut norms = vec![];
-                if prefix {
-                    norms.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
-                }
-                norms.push(
-                    json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}),
-                );
-                let mut decoders = vec![
-                    json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
-                    json!({"type": "ByteFallback"}),
-                    json!({"type": "Fuse"}),
-                ];
-                if prefix {
-                    decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
-                }
-                (
-                    model,
-                    json!({"type": "Sequence", "normalizers": norms}),
-                    Value::Null,
-                    json!({"type": "Sequence", "decoders": decoders}),
-                    true,
-                )
-            }
+        let pipeline = match model {
+            "gpt2" => GgufPipeline::gpt2(f)?,
+            "llama" => GgufPipeline::spm(f, &tokens, &types),
             other => {
                 return Err(EngineError::Tokenizer(format!(
                     "tokenizer model `{other}` is not supported (supported: gpt2, llama)"
                 )))
             }
         };
-        // Built directly (not through a tokenizer.json document): with ~50k tokens and merges the
-        // JSON round trip cost most of a cold start.
-        let mut bpe = BPE::builder()
-            .vocab_and_merges(
-                vocab
-                    .into_iter()
-                    .collect::<tokenizers::models::bpe::Vocab>(),
-                model_json.merges,
-            )
-            .fuse_unk(model_json.fuse_unk)
-            .byte_fallback(model_json.byte_fallback)
-            .ignore_merges(model_json.ignore_merges);
-        if let Some(unk) = model_json.unk {
-            bpe = bpe.unk_token(unk);
-        }
-        let bpe = bpe
-            .build()
-            .map_err(|e| EngineError::Tokenizer(format!("building the GGUF tokenizer: {e}")))?;
-        let mut inner = Tokenizer::new(bpe);
-        if !normalizer.is_null() {
-            let n: tokenizers::NormalizerWrapper = part("normalizer", normalizer)?;
-            inner
-                .with_normalizer(Some(n))
-                .map_err(|e| EngineError::Tokenizer(format!("GGUF tokenizer normalizer: {e}")))?;
-        }
-        if !pre.is_null() {
-            let p: tokenizers::PreTokenizerWrapper = part("pre-tokenizer", pre)?;
-            inner.with_pre_tokenizer(Some(p));
-        }
-        let d: tokenizers::DecoderWrapper = part("decoder", decoder)?;
-        inner.with_decoder(Some(d));
+        let default_add_bos = pipeline.default_add_bos;
+        let mut inner = pipeline.build(&tokens)?;
         // Control (3) and user-defined (4) tokens are matched whole in text, as llama.cpp does
         // with special parsing on.
+        let ttype = |i: usize| types.get(i).copied().unwrap_or(1);
         let added: Vec<AddedToken> = tokens
             .iter()
             .enumerate()
@@ -391,37 +281,14 @@ impl TextTokenizer {
         inner
             .add_tokens(added)
             .map_err(|e| EngineError::Tokenizer(format!("GGUF tokenizer added tokens: {e}")))?;
-        let id_text = |key: &str| {
-            f.get_u64(key)
-                .and_then(|i| tokens.get(i as usize).map(|t| (i as u32, t.to_string())))
-        };
-        let bos = id_text("tokenizer.ggml.bos_token_id");
-        let eos = id_text("tokenizer.ggml.eos_token_id");
-        let mut eog_ids = HashSet::new();
-        for key in [
-            "tokenizer.ggml.eos_token_id",
-            "tokenizer.ggml.eot_token_id",
-            "tokenizer.ggml.eom_token_id",
-        ] {
-            if let Some(i) = f.get_u64(key) {
-                eog_ids.insert(i as u32);
-            }
-        }
-        for (i, t) in tokens.iter().enumerate() {
-            if matches!(ttype(i), 3 | 4) && END_OF_TURN.contains(t) {
-                eog_ids.insert(i as u32);
-            }
-        }
+        let facts = gguf_special_facts(f, &tokens, &types, default_add_bos);
         Ok(Self {
             inner,
-            add_bos: f
-                .get_bool("tokenizer.ggml.add_bos_token")
-                .unwrap_or(default_add_bos)
-                && bos.is_some(),
-            bos_id: bos.as_ref().map(|b| b.0),
-            bos_text: bos.map(|b| b.1),
-            eos_text: eos.map(|e| e.1),
-            eog_ids,
+            add_bos: facts.add_bos,
+            bos_id: facts.bos_id,
+            bos_text: facts.bos_text,
+            eos_text: facts.eos_text,
+            eog_ids: facts.eog_ids.into_iter().collect(),
             pieces: OnceLock::new(),
             specials: OnceLock::new(),
         })
@@ -684,6 +551,186 @@ struct BpeSpec {
     fuse_unk: bool,
     byte_fallback: bool,
     ignore_merges: bool,
+}
+
+/// How a GGUF tokenizer turns text into pieces and back: its BPE model, and the normalizer,
+/// pre-tokenizer and decoder (as Hugging Face `tokenizer.json` parts; `Null` for none).
+struct GgufPipeline {
+    model: BpeSpec,
+    normalizer: Value,
+    pre: Value,
+    decoder: Value,
+    /// Whether raw prompts get BOS unless the file says otherwise.
+    default_add_bos: bool,
+}
+
+impl GgufPipeline {
+    /// A byte-level BPE tokenizer (`gpt2`), with the pre-tokenizer its `tokenizer.ggml.pre`
+    /// names.
+    fn gpt2(f: &GgufFile) -> Result<Self> {
+        let merges: Vec<(String, String)> = f
+            .get_str_array("tokenizer.ggml.merges")
+            .ok_or_else(|| EngineError::Tokenizer("gpt2 tokenizer without merges".into()))?
+            .iter()
+            .filter_map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
+            .collect();
+        let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+        let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
+        let pre_name = f.get_str("tokenizer.ggml.pre").unwrap_or("default");
+        let (normalizer, pre) = match pre_name {
+            "smollm" => (
+                Value::Null,
+                json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+            ),
+            "llama3" | "llama-bpe" | "smaug-bpe" | "lfm2" => (
+                Value::Null,
+                json!({"type": "Sequence", "pretokenizers": [split(REGEX_LLAMA3), byte_level(false)]}),
+            ),
+            "qwen2" | "deepseek-r1-qwen" => (
+                json!({"type": "NFC"}),
+                json!({"type": "Sequence", "pretokenizers": [split(REGEX_QWEN2), byte_level(false)]}),
+            ),
+            _ => (Value::Null, byte_level(true)),
+        };
+        Ok(Self {
+            model: BpeSpec {
+                merges,
+                unk: None,
+                fuse_unk: false,
+                byte_fallback: false,
+                ignore_merges: pre_name.starts_with("llama"),
+            },
+            normalizer,
+            pre,
+            decoder: json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+            default_add_bos: false,
+        })
+    }
+
+    /// A SentencePiece tokenizer (`llama`): merges rebuilt from the scores, `▁` for spaces,
+    /// byte fallback.
+    fn spm(f: &GgufFile, tokens: &[&str], types: &[i64]) -> Self {
+        let scores = f.get_f32_array("tokenizer.ggml.scores").unwrap_or_default();
+        let unk = f
+            .get_u64("tokenizer.ggml.unknown_token_id")
+            .and_then(|i| tokens.get(i as usize))
+            .map(|s| s.to_string());
+        let prefix = f
+            .get_bool("tokenizer.ggml.add_space_prefix")
+            .unwrap_or(true);
+        let mut norms = vec![];
+        if prefix {
+            norms.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
+        }
+        norms.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
+        let mut decoders = vec![
+            json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+            json!({"type": "ByteFallback"}),
+            json!({"type": "Fuse"}),
+        ];
+        if prefix {
+            decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        }
+        Self {
+            model: BpeSpec {
+                merges: spm_merges(tokens, &scores, types),
+                unk,
+                fuse_unk: true,
+                byte_fallback: true,
+                ignore_merges: false,
+            },
+            normalizer: json!({"type": "Sequence", "normalizers": norms}),
+            pre: Value::Null,
+            decoder: json!({"type": "Sequence", "decoders": decoders}),
+            default_add_bos: true,
+        }
+    }
+
+    /// The tokenizer over `tokens`, built directly (not through a tokenizer.json document: with
+    /// ~50k tokens and merges the JSON round trip cost most of a cold start).
+    fn build(self, tokens: &[&str]) -> Result<Tokenizer> {
+        let mut vocab: HashMap<String, u32> = HashMap::with_capacity(tokens.len());
+        for (i, t) in tokens.iter().enumerate() {
+            vocab.entry(t.to_string()).or_insert(i as u32);
+        }
+        let model = self.model;
+        let mut bpe = BPE::builder()
+            .vocab_and_merges(
+                vocab
+                    .into_iter()
+                    .collect::<tokenizers::models::bpe::Vocab>(),
+                model.merges,
+            )
+            .fuse_unk(model.fuse_unk)
+            .byte_fallback(model.byte_fallback)
+            .ignore_merges(model.ignore_merges);
+        if let Some(unk) = model.unk {
+            bpe = bpe.unk_token(unk);
+        }
+        let bpe = bpe
+            .build()
+            .map_err(|e| EngineError::Tokenizer(format!("building the GGUF tokenizer: {e}")))?;
+        let mut inner = Tokenizer::new(bpe);
+        if !self.normalizer.is_null() {
+            let n: tokenizers::NormalizerWrapper = part("normalizer", self.normalizer)?;
+            inner
+                .with_normalizer(Some(n))
+                .map_err(|e| EngineError::Tokenizer(format!("GGUF tokenizer normalizer: {e}")))?;
+        }
+        if !self.pre.is_null() {
+            let p: tokenizers::PreTokenizerWrapper = part("pre-tokenizer", self.pre)?;
+            inner.with_pre_tokenizer(Some(p));
+        }
+        let d: tokenizers::DecoderWrapper = part("decoder", self.decoder)?;
+        inner.with_decoder(Some(d));
+        Ok(inner)
+    }
+}
+
+/// BOS, EOS and the end-of-generation tokens a GGUF file names: its EOS, EOT and EOM ids, and
+/// any control token spelt as a known end of turn.
+fn gguf_special_facts(
+    f: &GgufFile,
+    tokens: &[&str],
+    types: &[i64],
+    default_add_bos: bool,
+) -> SpecialFacts {
+    let id_text = |key: &str| {
+        f.get_u64(key)
+            .and_then(|i| tokens.get(i as usize).map(|t| (i as u32, t.to_string())))
+    };
+    let bos = id_text("tokenizer.ggml.bos_token_id");
+    let eos = id_text("tokenizer.ggml.eos_token_id");
+    let mut eog_ids: Vec<u32> = [
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.eom_token_id",
+    ]
+    .iter()
+    .filter_map(|key| f.get_u64(key).map(|i| i as u32))
+    .collect();
+    for (i, t) in tokens.iter().enumerate() {
+        let ttype = types.get(i).copied().unwrap_or(1);
+        if matches!(ttype, 3 | 4) && END_OF_TURN.contains(t) {
+            eog_ids.push(i as u32);
+        }
+    }
+    eog_ids.sort_unstable();
+    eog_ids.dedup();
+    SpecialFacts {
+        add_bos: f
+            .get_bool("tokenizer.ggml.add_bos_token")
+            .unwrap_or(default_add_bos)
+            && bos.is_some(),
+        bos_id: bos.as_ref().map(|b| b.0),
+        bos_text: bos.map(|b| b.1),
+        eos_text: eos.map(|e| e.1),
+        eog_ids,
+    }
 }
 
 fn spm_merges(tokens: &[&str], scores: &[f32], types: &[i64]) -> Vec<(String, String)> {

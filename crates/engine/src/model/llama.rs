@@ -111,10 +111,22 @@ impl LlamaModel {
         s: &mut Scratch,
         pool: &ThreadPool,
     ) -> usize {
-        let c = &self.config;
-        let w = &self.weights;
         let n = tokens.len();
-        let (h, qd, kvd, ff, hd) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn_hidden, c.head_dim);
+        self.prepare(tokens, seqs, s, pool);
+        s.attention_time = std::time::Duration::ZERO;
+        for li in 0..self.weights.layers.len() {
+            self.attention_block(li, n, seqs, kv, s, pool);
+            self.feed_forward(li, n, s, pool);
+        }
+        self.logits(seqs, s, pool)
+    }
+
+    /// Sizes the buffers for `tokens`, maps each token to its sequence and position, fills this
+    /// step's rotary tables, and embeds the tokens into `s.x`.
+    fn prepare(&self, tokens: &[u32], seqs: &[BatchSeq<'_>], s: &mut Scratch, pool: &ThreadPool) {
+        let c = &self.config;
+        let n = tokens.len();
+        let (h, qd, kvd, ff) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn_hidden);
         grow(&mut s.x, n * h);
         grow(&mut s.xn, n * h);
         grow(&mut s.q, n * qd);
@@ -136,7 +148,6 @@ impl LlamaModel {
                 s.seq_of[sq.start + j] = si;
             }
         }
-        // Rotary tables for this step's positions.
         let half = self.inv_freq.len();
         grow(&mut s.cos, n * half);
         grow(&mut s.sin, n * half);
@@ -148,121 +159,146 @@ impl LlamaModel {
             }
         }
         for (t, &tok) in tokens.iter().enumerate() {
-            w.embed
+            self.weights
+                .embed
                 .dequantize_row(tok as usize, &mut s.x[t * h..(t + 1) * h]);
         }
+    }
 
-        s.attention_time = std::time::Duration::ZERO;
-        for (li, l) in w.layers.iter().enumerate() {
+    /// Layer `li`'s attention half: norm, the Q/K/V projections (with their biases), rotary
+    /// embeddings, the new keys and values into the cache, attention, the output projection, and
+    /// the residual add into `s.x`.
+    fn attention_block(
+        &self,
+        li: usize,
+        n: usize,
+        seqs: &[BatchSeq<'_>],
+        kv: &mut KvCache,
+        s: &mut Scratch,
+        pool: &ThreadPool,
+    ) {
+        let c = &self.config;
+        let l = &self.weights.layers[li];
+        let (h, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
+        for t in 0..n {
+            let r = t * h..(t + 1) * h;
+            ops::rmsnorm(&mut s.xn[r.clone()], &s.x[r], &l.attn_norm, c.rms_eps);
+        }
+        s.acts.quantize(&s.xn, n, h);
+        let mut qkv = [
+            MatmulTask {
+                w: &l.wq,
+                out: &mut s.q,
+            },
+            MatmulTask {
+                w: &l.wk,
+                out: &mut s.k,
+            },
+            MatmulTask {
+                w: &l.wv,
+                out: &mut s.v,
+            },
+        ];
+        matmul(pool, &mut qkv, &s.xn, &s.acts, n);
+        if let Some([bq, bk, bv]) = &l.bias_qkv {
             for t in 0..n {
-                let r = t * h..(t + 1) * h;
-                ops::rmsnorm(&mut s.xn[r.clone()], &s.x[r], &l.attn_norm, c.rms_eps);
-            }
-            s.acts.quantize(&s.xn, n, h);
-            matmul(
-                pool,
-                &mut [
-                    MatmulTask {
-                        w: &l.wq,
-                        out: &mut s.q,
-                    },
-                    MatmulTask {
-                        w: &l.wk,
-                        out: &mut s.k,
-                    },
-                    MatmulTask {
-                        w: &l.wv,
-                        out: &mut s.v,
-                    },
-                ],
-                &s.xn,
-                &s.acts,
-                n,
-            );
-            if let Some([bq, bk, bv]) = &l.bias_qkv {
-                for t in 0..n {
-                    ops::axpy(&mut s.q[t * qd..(t + 1) * qd], 1.0, bq);
-                    ops::axpy(&mut s.k[t * kvd..(t + 1) * kvd], 1.0, bk);
-                    ops::axpy(&mut s.v[t * kvd..(t + 1) * kvd], 1.0, bv);
-                }
-            }
-            for t in 0..n {
-                let (cs, sn) = (
-                    &s.cos[t * half..(t + 1) * half],
-                    &s.sin[t * half..(t + 1) * half],
-                );
-                for hh in 0..c.heads {
-                    let at = t * qd + hh * hd;
-                    ops::rope(&mut s.q[at..at + hd], cs, sn, c.rope_style);
-                }
-                for hh in 0..c.kv_heads {
-                    let at = t * kvd + hh * hd;
-                    ops::rope(&mut s.k[at..at + hd], cs, sn, c.rope_style);
-                }
-                let sq = &seqs[s.seq_of[t]];
-                let slot = kv.slot(sq.blocks, s.pos[t]);
-                kv.write(
-                    li,
-                    slot,
-                    &s.k[t * kvd..(t + 1) * kvd],
-                    &s.v[t * kvd..(t + 1) * kvd],
-                );
-            }
-            let started = std::time::Instant::now();
-            self.attention(li, n, seqs, kv, s, pool);
-            s.attention_time += started.elapsed();
-            s.acts.quantize(&s.att, n, qd);
-            matmul(
-                pool,
-                &mut [MatmulTask {
-                    w: &l.wo,
-                    out: &mut s.xn,
-                }],
-                &s.att,
-                &s.acts,
-                n,
-            );
-            for (xv, ov) in s.x[..n * h].iter_mut().zip(&s.xn[..n * h]) {
-                *xv += ov;
-            }
-            for t in 0..n {
-                let r = t * h..(t + 1) * h;
-                ops::rmsnorm(&mut s.xn[r.clone()], &s.x[r], &l.ffn_norm, c.rms_eps);
-            }
-            s.acts.quantize(&s.xn, n, h);
-            matmul(
-                pool,
-                &mut [
-                    MatmulTask {
-                        w: &l.w_gate,
-                        out: &mut s.gate,
-                    },
-                    MatmulTask {
-                        w: &l.w_up,
-                        out: &mut s.up,
-                    },
-                ],
-                &s.xn,
-                &s.acts,
-                n,
-            );
-            ops::swiglu(&mut s.gate[..n * ff], &s.up[..n * ff]);
-            s.acts.quantize(&s.gate, n, ff);
-            matmul(
-                pool,
-                &mut [MatmulTask {
-                    w: &l.w_down,
-                    out: &mut s.xn,
-                }],
-                &s.gate,
-                &s.acts,
-                n,
-            );
-            for (xv, ov) in s.x[..n * h].iter_mut().zip(&s.xn[..n * h]) {
-                *xv += ov;
+                ops::axpy(&mut s.q[t * qd..(t + 1) * qd], 1.0, bq);
+                ops::axpy(&mut s.k[t * kvd..(t + 1) * kvd], 1.0, bk);
+                ops::axpy(&mut s.v[t * kvd..(t + 1) * kvd], 1.0, bv);
             }
         }
+        self.rope_and_cache(li, n, seqs, kv, s);
+        let started = std::time::Instant::now();
+        self.attention(li, n, seqs, kv, s, pool);
+        s.attention_time += started.elapsed();
+        s.acts.quantize(&s.att, n, qd);
+        let mut wo = [MatmulTask {
+            w: &l.wo,
+            out: &mut s.xn,
+        }];
+        matmul(pool, &mut wo, &s.att, &s.acts, n);
+        for (xv, ov) in s.x[..n * h].iter_mut().zip(&s.xn[..n * h]) {
+            *xv += ov;
+        }
+    }
 
+    /// Rotates every token's query and key heads by its position, and stores its key and value
+    /// in its sequence's slot of layer `li`'s cache.
+    fn rope_and_cache(
+        &self,
+        li: usize,
+        n: usize,
+        seqs: &[BatchSeq<'_>],
+        kv: &mut KvCache,
+        s: &mut Scratch,
+    ) {
+        let c = &self.config;
+        let (qd, kvd, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
+        let half = self.inv_freq.len();
+        for t in 0..n {
+            let (cs, sn) = (
+                &s.cos[t * half..(t + 1) * half],
+                &s.sin[t * half..(t + 1) * half],
+            );
+            for hh in 0..c.heads {
+                let at = t * qd + hh * hd;
+                ops::rope(&mut s.q[at..at + hd], cs, sn, c.rope_style);
+            }
+            for hh in 0..c.kv_heads {
+                let at = t * kvd + hh * hd;
+                ops::rope(&mut s.k[at..at + hd], cs, sn, c.rope_style);
+            }
+            let sq = &seqs[s.seq_of[t]];
+            let slot = kv.slot(sq.blocks, s.pos[t]);
+            kv.write(
+                li,
+                slot,
+                &s.k[t * kvd..(t + 1) * kvd],
+                &s.v[t * kvd..(t + 1) * kvd],
+            );
+        }
+    }
+
+    /// Layer `li`'s feed-forward half: norm, the gate and up projections, SwiGLU, the down
+    /// projection, and the residual add into `s.x`.
+    fn feed_forward(&self, li: usize, n: usize, s: &mut Scratch, pool: &ThreadPool) {
+        let c = &self.config;
+        let l = &self.weights.layers[li];
+        let (h, ff) = (c.hidden, c.ffn_hidden);
+        for t in 0..n {
+            let r = t * h..(t + 1) * h;
+            ops::rmsnorm(&mut s.xn[r.clone()], &s.x[r], &l.ffn_norm, c.rms_eps);
+        }
+        s.acts.quantize(&s.xn, n, h);
+        let mut gate_up = [
+            MatmulTask {
+                w: &l.w_gate,
+                out: &mut s.gate,
+            },
+            MatmulTask {
+                w: &l.w_up,
+                out: &mut s.up,
+            },
+        ];
+        matmul(pool, &mut gate_up, &s.xn, &s.acts, n);
+        ops::swiglu(&mut s.gate[..n * ff], &s.up[..n * ff]);
+        s.acts.quantize(&s.gate, n, ff);
+        let mut down = [MatmulTask {
+            w: &l.w_down,
+            out: &mut s.xn,
+        }];
+        matmul(pool, &mut down, &s.gate, &s.acts, n);
+        for (xv, ov) in s.x[..n * h].iter_mut().zip(&s.xn[..n * h]) {
+            *xv += ov;
+        }
+    }
+
+    /// The final norm and the output projection of the rows that asked for logits, into
+    /// `s.logits` in batch order; returns how many rows.
+    fn logits(&self, seqs: &[BatchSeq<'_>], s: &mut Scratch, pool: &ThreadPool) -> usize {
+        let c = &self.config;
+        let w = &self.weights;
+        let h = c.hidden;
         let rows: Vec<usize> = seqs
             .iter()
             .flat_map(|q| q.start + q.len - q.logit_rows.min(q.len)..q.start + q.len)
@@ -282,16 +318,11 @@ impl LlamaModel {
         }
         s.acts.quantize(&s.last, m, h);
         grow(&mut s.logits, m * c.vocab);
-        matmul(
-            pool,
-            &mut [MatmulTask {
-                w: &w.output,
-                out: &mut s.logits,
-            }],
-            &s.last,
-            &s.acts,
-            m,
-        );
+        let mut output = [MatmulTask {
+            w: &w.output,
+            out: &mut s.logits,
+        }];
+        matmul(pool, &mut output, &s.last, &s.acts, m);
         m
     }
 
