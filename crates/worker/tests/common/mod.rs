@@ -94,17 +94,7 @@ pub async fn post_stream(path: &str, body: serde_json::Value) -> Vec<String> {
 /// Reads one gauge or counter from `/metrics`.
 #[allow(dead_code)]
 pub async fn metric(name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", server()))
+    lastmile_testing::metric_value(server(), name)
         .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|r| r.strip_prefix(' '))
-                .and_then(|v| v.parse().ok())
-        })
         .unwrap_or_else(|| panic!("metric {name} not found"))
 }
