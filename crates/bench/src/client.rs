@@ -55,23 +55,14 @@ pub(crate) async fn stream_chat(client: &reqwest::Client, req: &ChatRequest<'_>)
         "ignore_eos": true,
     });
     let outcome = tokio::time::timeout(req.timeout, async {
-        let resp = client
-            .post(format!("{}/v1/chat/completions", req.url))
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            return Err(format!(
-                "HTTP {status}: {}",
-                resp.text().await.unwrap_or_default()
-            ));
-        }
+        let resp = send(client, req.url, &body).await?;
         let mut stream = resp.bytes_stream();
         let mut buf = String::new();
-        let mut last: Option<Instant> = None;
-        let mut chunks = 0u64;
+        let mut clock = StreamClock {
+            start,
+            last: None,
+            chunks: 0,
+        };
         while let Some(piece) = stream.next().await {
             let piece = piece.map_err(|e| e.to_string())?;
             buf.push_str(&String::from_utf8_lossy(&piece));
@@ -81,36 +72,12 @@ pub(crate) async fn stream_chat(client: &reqwest::Client, req: &ChatRequest<'_>)
                     if data == "[DONE]" {
                         continue;
                     }
-                    let v: serde_json::Value = serde_json::from_str(&data)
-                        .map_err(|e| format!("bad chunk {data}: {e}"))?;
-                    if let Some(err) = v.get("error") {
-                        return Err(format!("stream error: {err}"));
-                    }
-                    if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
-                        r.prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0);
-                        r.completion_tokens = u["completion_tokens"].as_u64().unwrap_or(0);
-                    }
-                    let content = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
-                    if !content.is_empty() {
-                        let now = Instant::now();
-                        match last {
-                            None => {
-                                r.ttft = Some((now - start).as_secs_f64());
-                                if let Some(n) = req.first_tokens {
-                                    n.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                            Some(prev) => r.itl.push((now - prev).as_secs_f64()),
-                        }
-                        last = Some(now);
-                        chunks += 1;
-                        r.text.push_str(content);
-                    }
+                    apply_chunk(&data, &mut r, &mut clock, req.first_tokens)?;
                 }
             }
         }
         if r.completion_tokens == 0 {
-            r.completion_tokens = chunks;
+            r.completion_tokens = clock.chunks;
         }
         Ok(())
     })
@@ -122,4 +89,70 @@ pub(crate) async fn stream_chat(client: &reqwest::Client, req: &ChatRequest<'_>)
         Err(_) => r.error = Some(format!("timed out after {:?}", req.timeout)),
     }
     r
+}
+
+/// Posts the chat completion `body` to `url`; a transport error or a non-success status (with
+/// the body it came with) is an `Err`.
+async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> Result<reqwest::Response, String> {
+    let resp = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        return Err(format!(
+            "HTTP {status}: {}",
+            resp.text().await.unwrap_or_default()
+        ));
+    }
+    Ok(resp)
+}
+
+/// When a stream started, when its last content arrived, and how many contents arrived.
+struct StreamClock {
+    start: Instant,
+    last: Option<Instant>,
+    chunks: u64,
+}
+
+/// Applies one SSE data payload to `r`: its usage, its content and the content's timing
+/// (counting the first content in `first_tokens`); an error payload or a bad chunk is an `Err`.
+fn apply_chunk(
+    data: &str,
+    r: &mut RequestResult,
+    clock: &mut StreamClock,
+    first_tokens: Option<&AtomicUsize>,
+) -> Result<(), String> {
+    let v: serde_json::Value =
+        serde_json::from_str(data).map_err(|e| format!("bad chunk {data}: {e}"))?;
+    if let Some(err) = v.get("error") {
+        return Err(format!("stream error: {err}"));
+    }
+    if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+        r.prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0);
+        r.completion_tokens = u["completion_tokens"].as_u64().unwrap_or(0);
+    }
+    let content = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+    if !content.is_empty() {
+        let now = Instant::now();
+        match clock.last {
+            None => {
+                r.ttft = Some((now - clock.start).as_secs_f64());
+                if let Some(n) = first_tokens {
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Some(prev) => r.itl.push((now - prev).as_secs_f64()),
+        }
+        clock.last = Some(now);
+        clock.chunks += 1;
+        r.text.push_str(content);
+    }
+    Ok(())
 }

@@ -164,19 +164,7 @@ pub async fn run_load(config: &LoadConfig) -> Result<LoadReport, BenchError> {
         .map_err(|e| BenchError::Config(e.to_string()))?;
     let plan = config.workload.plan();
     let total_requests: usize = plan.iter().map(|c| c.turns.len()).sum();
-    let bar = if config.progress {
-        let b = indicatif::ProgressBar::new(total_requests as u64);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:30}] {pos}/{len} requests ({elapsed})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b.set_message(format!("{:?}", config.arrival));
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = progress_bar(config, total_requests);
     let started = Instant::now();
     let results = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(total_requests)));
     // Conversations are the unit of scheduling: their turns run in order, each turn one request.
@@ -187,6 +175,17 @@ pub async fn run_load(config: &LoadConfig) -> Result<LoadReport, BenchError> {
     let mut rng = workload::Rng::new(config.workload.seed ^ 0x5EED);
     let first_tokens = Arc::new(AtomicUsize::new(0));
     let workload_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let runner = ConversationRunner {
+        client,
+        results: results.clone(),
+        bar: bar.clone(),
+        slots,
+        first_tokens,
+        url: config.url.clone(),
+        model: config.model.clone(),
+        timeout: config.timeout,
+        max_tokens: config.workload.output_tokens,
+    };
     let long_prompt = config.long_prompt.map(|tokens| {
         // Once every stream of the first wave is generating, one long prompt arrives.
         let wave = match config.arrival {
@@ -196,32 +195,7 @@ pub async fn run_load(config: &LoadConfig) -> Result<LoadReport, BenchError> {
         let messages = vec![serde_json::json!({
             "role": "user", "content": config.workload.long_prompt(tokens),
         })];
-        let (client, first_tokens, done, url, model, timeout) = (
-            client.clone(),
-            first_tokens.clone(),
-            workload_done.clone(),
-            config.url.clone(),
-            config.model.clone(),
-            config.timeout,
-        );
-        tokio::spawn(async move {
-            while first_tokens.load(Ordering::Relaxed) < wave {
-                if done.load(Ordering::Relaxed) {
-                    // The workload ended (failed) before its streams were all generating.
-                    return None;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            let req = client::ChatRequest {
-                url: &url,
-                model: &model,
-                messages: &messages,
-                max_tokens: 8,
-                timeout,
-                first_tokens: None,
-            };
-            Some(client::stream_chat(&client, &req).await)
-        })
+        runner.spawn_long_prompt(messages, wave, workload_done.clone())
     });
     let mut tasks = Vec::new();
     for conv in plan {
@@ -229,46 +203,7 @@ pub async fn run_load(config: &LoadConfig) -> Result<LoadReport, BenchError> {
             let gap = -(1.0 - rng.next_f64()).ln() / r;
             tokio::time::sleep(Duration::from_secs_f64(gap)).await;
         }
-        let (client, results, bar, slots, first_tokens) = (
-            client.clone(),
-            results.clone(),
-            bar.clone(),
-            slots.clone(),
-            first_tokens.clone(),
-        );
-        let (url, model, timeout, max_tokens) = (
-            config.url.clone(),
-            config.model.clone(),
-            config.timeout,
-            config.workload.output_tokens,
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut messages: Vec<serde_json::Value> = Vec::new();
-            if let Some(system) = &conv.system {
-                messages.push(serde_json::json!({"role": "system", "content": system}));
-            }
-            for user in conv.turns {
-                messages.push(serde_json::json!({"role": "user", "content": user}));
-                let permit = match &slots {
-                    Some(s) => Some(s.clone().acquire_owned().await),
-                    None => None,
-                };
-                let req = client::ChatRequest {
-                    url: &url,
-                    model: &model,
-                    messages: &messages,
-                    max_tokens,
-                    timeout,
-                    first_tokens: Some(&first_tokens),
-                };
-                let r = client::stream_chat(&client, &req).await;
-                drop(permit);
-                let reply = r.text.clone();
-                results.lock().await.push(r);
-                bar.inc(1);
-                messages.push(serde_json::json!({"role": "assistant", "content": reply}));
-            }
-        }));
+        tasks.push(tokio::spawn(runner.clone().run(conv)));
     }
     for t in tasks {
         let _ = t.await;
@@ -288,4 +223,97 @@ pub async fn run_load(config: &LoadConfig) -> Result<LoadReport, BenchError> {
         requests,
         long_prompt,
     })
+}
+
+/// The progress bar of a run of `total` requests (hidden unless `config.progress`).
+fn progress_bar(config: &LoadConfig, total: usize) -> indicatif::ProgressBar {
+    if !config.progress {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(total as u64);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} requests ({elapsed})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b.set_message(format!("{:?}", config.arrival));
+    b
+}
+
+/// What every conversation of a run shares: the client, where results go, the concurrency
+/// slots, and the request settings.
+#[derive(Clone)]
+struct ConversationRunner {
+    client: reqwest::Client,
+    results: Arc<tokio::sync::Mutex<Vec<RequestResult>>>,
+    bar: indicatif::ProgressBar,
+    slots: Option<Arc<Semaphore>>,
+    first_tokens: Arc<AtomicUsize>,
+    url: String,
+    model: String,
+    timeout: Duration,
+    max_tokens: usize,
+}
+
+impl ConversationRunner {
+    /// Spawns the long-prompt request (`messages`): it waits until `wave` streams have had their
+    /// first content, then sends; `None` if the workload is `done` first.
+    fn spawn_long_prompt(
+        &self,
+        messages: Vec<serde_json::Value>,
+        wave: usize,
+        done: Arc<std::sync::atomic::AtomicBool>,
+    ) -> tokio::task::JoinHandle<Option<RequestResult>> {
+        let (client, first_tokens) = (self.client.clone(), self.first_tokens.clone());
+        let (url, model, timeout) = (self.url.clone(), self.model.clone(), self.timeout);
+        tokio::spawn(async move {
+            while first_tokens.load(Ordering::Relaxed) < wave {
+                if done.load(Ordering::Relaxed) {
+                    // The workload ended (failed) before its streams were all generating.
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let req = client::ChatRequest {
+                url: &url,
+                model: &model,
+                messages: &messages,
+                max_tokens: 8,
+                timeout,
+                first_tokens: None,
+            };
+            Some(client::stream_chat(&client, &req).await)
+        })
+    }
+
+    /// Runs `conv`'s turns in order, each as one request (holding a slot while it runs) that
+    /// sees the replies before it.
+    async fn run(self, conv: workload::ConversationPlan) {
+        let mut messages: Vec<serde_json::Value> = Vec::new();
+        if let Some(system) = &conv.system {
+            messages.push(serde_json::json!({"role": "system", "content": system}));
+        }
+        for user in conv.turns {
+            messages.push(serde_json::json!({"role": "user", "content": user}));
+            let permit = match &self.slots {
+                Some(s) => Some(s.clone().acquire_owned().await),
+                None => None,
+            };
+            let req = client::ChatRequest {
+                url: &self.url,
+                model: &self.model,
+                messages: &messages,
+                max_tokens: self.max_tokens,
+                timeout: self.timeout,
+                first_tokens: Some(&self.first_tokens),
+            };
+            let r = client::stream_chat(&self.client, &req).await;
+            drop(permit);
+            let reply = r.text.clone();
+            self.results.lock().await.push(r);
+            self.bar.inc(1);
+            messages.push(serde_json::json!({"role": "assistant", "content": reply}));
+        }
+    }
 }

@@ -27,55 +27,100 @@ pub fn latency_throughput_svg(
     y_label: &str,
     series: &[(String, Vec<CurvePoint>)],
 ) -> String {
-    let (w, h, left, right, top, bottom) = (720.0, 440.0, 70.0, 20.0, 40.0, 60.0);
-    let xmax = nice_max(
-        series
-            .iter()
-            .flat_map(|s| s.1.iter().map(|p| p.0))
-            .fold(0.0, f64::max),
-    );
-    let ymax = nice_max(
-        series
-            .iter()
-            .flat_map(|s| s.1.iter().map(|p| p.1))
-            .fold(0.0, f64::max),
-    );
-    let px = |x: f64| left + x / xmax * (w - left - right);
-    let py = |y: f64| h - bottom - y / ymax * (h - top - bottom);
+    let chart = Chart {
+        w: 720.0,
+        h: 440.0,
+        left: 70.0,
+        right: 20.0,
+        top: 40.0,
+        bottom: 60.0,
+        xmax: nice_max(
+            series
+                .iter()
+                .flat_map(|s| s.1.iter().map(|p| p.0))
+                .fold(0.0, f64::max),
+        ),
+        ymax: nice_max(
+            series
+                .iter()
+                .flat_map(|s| s.1.iter().map(|p| p.1))
+                .fold(0.0, f64::max),
+        ),
+    };
+    let w = chart.w;
     let mut s = String::new();
     let _ = write!(
         s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{}" y="22" text-anchor="middle" font-size="15">{title}</text>"#,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{}" y="22" text-anchor="middle" font-size="15">{title}</text>"#,
+        chart.h,
         w / 2.0
     );
-    for i in 0..=5 {
-        let (fx, fy) = (xmax * i as f64 / 5.0, ymax * i as f64 / 5.0);
+    chart.write_axes(&mut s, y_label);
+    for (i, (name, pts)) in series.iter().enumerate() {
+        chart.write_series(&mut s, i, name, pts);
+    }
+    s.push_str("</svg>");
+    s
+}
+
+/// The picture's size and margins (pixels) and the largest value on each axis.
+struct Chart {
+    w: f64,
+    h: f64,
+    left: f64,
+    right: f64,
+    top: f64,
+    bottom: f64,
+    xmax: f64,
+    ymax: f64,
+}
+
+impl Chart {
+    /// The x pixel of `x` output tokens/s.
+    fn px(&self, x: f64) -> f64 {
+        self.left + x / self.xmax * (self.w - self.left - self.right)
+    }
+
+    /// The y pixel of latency `y`.
+    fn py(&self, y: f64) -> f64 {
+        self.h - self.bottom - y / self.ymax * (self.h - self.top - self.bottom)
+    }
+
+    /// Writes the grid (six labelled lines each way) and the two axes with their names.
+    fn write_axes(&self, s: &mut String, y_label: &str) {
+        let (w, h, left, right, top, bottom) =
+            (self.w, self.h, self.left, self.right, self.top, self.bottom);
+        for i in 0..=5 {
+            let (fx, fy) = (self.xmax * i as f64 / 5.0, self.ymax * i as f64 / 5.0);
+            let _ = write!(
+                s,
+                r##"<line x1="{x}" y1="{top}" x2="{x}" y2="{yb}" stroke="#eee"/><text x="{x}" y="{ty}" text-anchor="middle">{fx:.0}</text><line x1="{left}" y1="{y}" x2="{xr}" y2="{y}" stroke="#eee"/><text x="{tx}" y="{yt}" text-anchor="end">{fy:.0}</text>"##,
+                x = self.px(fx),
+                yb = h - bottom,
+                ty = h - bottom + 16.0,
+                y = self.py(fy),
+                xr = w - right,
+                tx = left - 6.0,
+                yt = self.py(fy) + 4.0,
+            );
+        }
         let _ = write!(
             s,
-            r##"<line x1="{x}" y1="{top}" x2="{x}" y2="{yb}" stroke="#eee"/><text x="{x}" y="{ty}" text-anchor="middle">{fx:.0}</text><line x1="{left}" y1="{y}" x2="{xr}" y2="{y}" stroke="#eee"/><text x="{tx}" y="{yt}" text-anchor="end">{fy:.0}</text>"##,
-            x = px(fx),
+            r#"<line x1="{left}" y1="{yb}" x2="{xr}" y2="{yb}" stroke="black"/><line x1="{left}" y1="{top}" x2="{left}" y2="{yb}" stroke="black"/><text x="{cx}" y="{lx}" text-anchor="middle">output tokens/s</text><text x="16" y="{cy}" text-anchor="middle" transform="rotate(-90 16 {cy})">{y_label}</text>"#,
             yb = h - bottom,
-            ty = h - bottom + 16.0,
-            y = py(fy),
             xr = w - right,
-            tx = left - 6.0,
-            yt = py(fy) + 4.0,
+            cx = (left + w - right) / 2.0,
+            lx = h - 18.0,
+            cy = (top + h - bottom) / 2.0,
         );
     }
-    let _ = write!(
-        s,
-        r#"<line x1="{left}" y1="{yb}" x2="{xr}" y2="{yb}" stroke="black"/><line x1="{left}" y1="{top}" x2="{left}" y2="{yb}" stroke="black"/><text x="{cx}" y="{lx}" text-anchor="middle">output tokens/s</text><text x="16" y="{cy}" text-anchor="middle" transform="rotate(-90 16 {cy})">{y_label}</text>"#,
-        yb = h - bottom,
-        xr = w - right,
-        cx = (left + w - right) / 2.0,
-        lx = h - 18.0,
-        cy = (top + h - bottom) / 2.0,
-    );
-    for (i, (name, pts)) in series.iter().enumerate() {
+
+    /// Writes series `i`: its line, its labelled points and its legend entry.
+    fn write_series(&self, s: &mut String, i: usize, name: &str, pts: &[CurvePoint]) {
         let color = COLORS[i % COLORS.len()];
         let path: Vec<String> = pts
             .iter()
-            .map(|p| format!("{:.1},{:.1}", px(p.0), py(p.1)))
+            .map(|p| format!("{:.1},{:.1}", self.px(p.0), self.py(p.1)))
             .collect();
         let _ = write!(
             s,
@@ -86,25 +131,23 @@ pub fn latency_throughput_svg(
             let _ = write!(
                 s,
                 r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="{color}"/><text x="{:.1}" y="{:.1}" fill="{color}">{}</text>"#,
-                px(p.0),
-                py(p.1),
-                px(p.0) + 6.0,
-                py(p.1) - 6.0,
+                self.px(p.0),
+                self.py(p.1),
+                self.px(p.0) + 6.0,
+                self.py(p.1) - 6.0,
                 p.2
             );
         }
-        let ly = top + 10.0 + 18.0 * i as f64;
+        let ly = self.top + 10.0 + 18.0 * i as f64;
         let _ = write!(
             s,
             r#"<rect x="{}" y="{}" width="12" height="12" fill="{color}"/><text x="{}" y="{}">{name}</text>"#,
-            left + 12.0,
+            self.left + 12.0,
             ly - 10.0,
-            left + 30.0,
+            self.left + 30.0,
             ly
         );
     }
-    s.push_str("</svg>");
-    s
 }
 
 #[cfg(test)]

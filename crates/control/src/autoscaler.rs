@@ -158,28 +158,73 @@ impl Autoscaler {
 
     /// Records the observation made at `now` (any monotonic time) and decides.
     pub fn decide(&mut self, now: Duration, obs: Observation) -> Decision {
-        let c = &self.config;
         let concurrency = obs.concurrency.max(0.0);
+        self.record(now, concurrency, obs.arrivals);
+        let stable = mean(&self.samples, now, self.config.stable_window);
+        let panic = mean(&self.samples, now, self.config.panic_window);
+        let panicking = self.update_panic(now, panic, obs.ready);
+        let mut want = if panicking {
+            self.panic_peak = self.panic_peak.max(self.replicas_for(panic));
+            self.panic_peak
+        } else {
+            self.replicas_for(stable)
+        };
+        if let Some(floor) = self.latency_floor(now, &obs, concurrency) {
+            want = want.max(floor);
+        }
+
+        // Idle: zero only after `idle_timeout` without any request; any request wants one.
+        let idle = self
+            .last_active
+            .is_none_or(|t| now.saturating_sub(t) >= self.config.idle_timeout);
+        want = if idle { 0 } else { want.max(1) };
+        want = self.hold_for_scale_down(now, want, obs.ready);
+
+        // Rate limits relative to what is ready.
+        let c = &self.config;
+        let ready = obs.ready.max(1) as f64;
+        let up_cap = (c.max_scale_up_rate * ready).ceil() as usize;
+        let down_floor = (obs.ready as f64 / c.max_scale_down_rate).floor() as usize;
+        want = want.min(up_cap).max(down_floor);
+
+        Decision {
+            desired: want.clamp(c.min_replicas, c.max_replicas),
+            panicking,
+            stable_concurrency: stable,
+            panic_concurrency: panic,
+        }
+    }
+
+    /// Adds the sample `concurrency` at `now` (dropping those older than the stable window) and
+    /// notes activity.
+    fn record(&mut self, now: Duration, concurrency: f64, arrivals: u64) {
+        let window = self.config.stable_window;
         self.samples.push_back((now, concurrency));
         while self
             .samples
             .front()
-            .is_some_and(|&(t, _)| now.saturating_sub(t) > c.stable_window)
+            .is_some_and(|&(t, _)| now.saturating_sub(t) > window)
         {
             self.samples.pop_front();
         }
-        if concurrency > 0.0 || obs.arrivals > 0 {
+        if concurrency > 0.0 || arrivals > 0 {
             self.last_active = Some(now);
         }
-        let stable = mean(&self.samples, now, c.stable_window);
-        let panic = mean(&self.samples, now, c.panic_window);
-        let per_replica = |load: f64| (load / c.target_concurrency).ceil() as usize;
-        let ready = obs.ready.max(1) as f64;
+    }
 
-        // Panic: a burst asks for several times what is ready.
-        if panic / c.target_concurrency >= c.panic_threshold * ready {
+    /// Replicas that carry `load` at the target concurrency.
+    fn replicas_for(&self, load: f64) -> usize {
+        (load / self.config.target_concurrency).ceil() as usize
+    }
+
+    /// Starts or extends a panic episode when a burst (the `panic` window's mean) asks for
+    /// several times the `ready` replicas, and ends it after a stable window without one;
+    /// whether it is panicking now.
+    fn update_panic(&mut self, now: Duration, panic: f64, ready: usize) -> bool {
+        let c = &self.config;
+        if panic / c.target_concurrency >= c.panic_threshold * ready.max(1) as f64 {
             if self.panic_since.is_none() {
-                self.panic_peak = obs.ready;
+                self.panic_peak = ready;
             }
             self.panic_since = Some(now);
         } else if self
@@ -189,16 +234,19 @@ impl Autoscaler {
             self.panic_since = None;
             self.panic_peak = 0;
         }
-        let panicking = self.panic_since.is_some();
-        let mut want = if panicking {
-            self.panic_peak = self.panic_peak.max(per_replica(panic));
-            self.panic_peak
-        } else {
-            per_replica(stable)
-        };
+        self.panic_since.is_some()
+    }
 
-        // A missed latency target under load: one more than are ready, at most once per
-        // cooldown (the new replica needs time to show in the p90s); met, the floor goes.
+    /// A missed latency target under load wants one more replica than are ready, at most once
+    /// per cooldown (the new replica needs time to show in the p90s): that floor, or `None`
+    /// (and the floor goes) when the targets are met.
+    fn latency_floor(
+        &mut self,
+        now: Duration,
+        obs: &Observation,
+        concurrency: f64,
+    ) -> Option<usize> {
+        let c = &self.config;
         let missed = |target: Option<Duration>, p90: Option<Duration>| matches!((target, p90), (Some(t), Some(p)) if p > t);
         if (missed(c.ttft_p90_target, obs.ttft_p90) || missed(c.itl_p90_target, obs.itl_p90))
             && concurrency > 0.0
@@ -211,42 +259,30 @@ impl Autoscaler {
                 self.latency_floor = obs.ready + 1;
                 self.latency_added_at = Some(now);
             }
-            want = want.max(self.latency_floor);
+            Some(self.latency_floor)
         } else {
             self.latency_floor = 0;
+            None
         }
+    }
 
-        // Idle: zero only after `idle_timeout` without any request; any request wants one.
-        let idle = self
-            .last_active
-            .is_none_or(|t| now.saturating_sub(t) >= c.idle_timeout);
-        want = if idle { 0 } else { want.max(1) };
-
-        // Scale down only to what has been wanted for the whole delay.
+    /// Scales down only to what has been wanted for the whole scale-down delay: `want`, or,
+    /// when below the `ready` replicas, the most wanted within the delay (at most `ready`).
+    fn hold_for_scale_down(&mut self, now: Duration, want: usize, ready: usize) -> usize {
+        let delay = self.config.scale_down_delay;
         self.wanted.push_back((now, want));
         while self
             .wanted
             .front()
-            .is_some_and(|&(t, _)| now.saturating_sub(t) > c.scale_down_delay)
+            .is_some_and(|&(t, _)| now.saturating_sub(t) > delay)
         {
             self.wanted.pop_front();
         }
-        if want < obs.ready {
+        if want < ready {
             let held = self.wanted.iter().map(|&(_, w)| w).max().unwrap_or(want);
-            want = held.min(obs.ready);
+            return held.min(ready);
         }
-
-        // Rate limits relative to what is ready.
-        let up_cap = (c.max_scale_up_rate * ready).ceil() as usize;
-        let down_floor = (obs.ready as f64 / c.max_scale_down_rate).floor() as usize;
-        want = want.min(up_cap).max(down_floor);
-
-        Decision {
-            desired: want.clamp(c.min_replicas, c.max_replicas),
-            panicking,
-            stable_concurrency: stable,
-            panic_concurrency: panic,
-        }
+        want
     }
 }
 

@@ -137,6 +137,27 @@ impl Sampler {
     /// Picks the next token from `logits` (modified in place by penalties and biases); with
     /// `allowed`, only among those tokens.
     pub fn sample(&mut self, logits: &mut [f32], allowed: Option<&SimpleVob>) -> u32 {
+        self.adjust_logits(logits, allowed);
+        let p = &self.params;
+        if p.temperature <= 0.0 || p.top_k == 1 {
+            return argmax(logits);
+        }
+        let cands = &mut self.candidates;
+        filter_candidates(cands, logits, p);
+        let total: f32 = cands.iter().map(|c| c.1).sum();
+        let mut r = self.rng.next_f32() * total;
+        for c in cands.iter() {
+            r -= c.1;
+            if r <= 0.0 {
+                return c.0;
+            }
+        }
+        cands.last().map(|c| c.0).unwrap_or_else(|| argmax(logits))
+    }
+
+    /// Applies logit biases, the `allowed` mask and the repetition, presence and frequency
+    /// penalties to `logits` in place.
+    fn adjust_logits(&self, logits: &mut [f32], allowed: Option<&SimpleVob>) {
         let p = &self.params;
         for &(t, bias) in p.logit_bias.iter() {
             if let Some(l) = logits.get_mut(t as usize) {
@@ -166,59 +187,51 @@ impl Sampler {
                 }
             }
         }
-        if p.temperature <= 0.0 || p.top_k == 1 {
-            return argmax(logits);
-        }
-        let inv_t = 1.0 / p.temperature;
-        let cands = &mut self.candidates;
-        cands.clear();
-        cands.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| (i as u32, l * inv_t)),
-        );
-        let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
-        if p.top_k > 0 && p.top_k < cands.len() {
-            cands.select_nth_unstable_by(p.top_k - 1, desc);
-            cands.truncate(p.top_k);
-        }
-        let max = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for c in cands.iter_mut() {
-            c.1 = (c.1 - max).exp();
-            sum += c.1;
-        }
-        for c in cands.iter_mut() {
-            c.1 /= sum;
-        }
-        if p.min_p > 0.0 {
-            // After normalisation the most likely token has probability exp(0)/sum.
-            let floor = p.min_p / sum;
-            cands.retain(|c| c.1 >= floor);
-        }
-        if p.top_p < 1.0 {
-            cands.sort_unstable_by(desc);
-            let mut acc = 0.0;
-            let mut keep = cands.len();
-            for (i, c) in cands.iter().enumerate() {
-                acc += c.1;
-                if acc >= p.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            cands.truncate(keep.max(1));
-        }
-        let total: f32 = cands.iter().map(|c| c.1).sum();
-        let mut r = self.rng.next_f32() * total;
-        for c in cands.iter() {
-            r -= c.1;
-            if r <= 0.0 {
-                return c.0;
+    }
+}
+
+/// Fills `cands` with the tokens of `logits` at temperature `p.temperature`, keeps the top-k,
+/// turns them into probabilities, and drops those under min-p or outside the top-p nucleus.
+fn filter_candidates(cands: &mut Vec<(u32, f32)>, logits: &[f32], p: &SamplingParams) {
+    let inv_t = 1.0 / p.temperature;
+    cands.clear();
+    cands.extend(
+        logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l * inv_t)),
+    );
+    let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
+    if p.top_k > 0 && p.top_k < cands.len() {
+        cands.select_nth_unstable_by(p.top_k - 1, desc);
+        cands.truncate(p.top_k);
+    }
+    let max = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for c in cands.iter_mut() {
+        c.1 = (c.1 - max).exp();
+        sum += c.1;
+    }
+    for c in cands.iter_mut() {
+        c.1 /= sum;
+    }
+    if p.min_p > 0.0 {
+        // After normalisation the most likely token has probability exp(0)/sum.
+        let floor = p.min_p / sum;
+        cands.retain(|c| c.1 >= floor);
+    }
+    if p.top_p < 1.0 {
+        cands.sort_unstable_by(desc);
+        let mut acc = 0.0;
+        let mut keep = cands.len();
+        for (i, c) in cands.iter().enumerate() {
+            acc += c.1;
+            if acc >= p.top_p {
+                keep = i + 1;
+                break;
             }
         }
-        cands.last().map(|c| c.0).unwrap_or_else(|| argmax(logits))
+        cands.truncate(keep.max(1));
     }
 }
 

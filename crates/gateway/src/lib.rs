@@ -41,6 +41,7 @@ use axum::Router;
 use lastmile_protocol::{ApiError, ModelCard, ModelList};
 use lastmile_router::{KvIndex, Policy, PolicyKind};
 use thiserror::Error;
+use tokio::task::JoinHandle;
 
 use crate::metrics::Metrics;
 use crate::workers::Workers;
@@ -172,20 +173,7 @@ impl GatewayConfig {
                     .into(),
             ));
         }
-        for (i, d) in self.deployments.iter().enumerate() {
-            if d.name.is_empty() || d.queue == 0 || d.hold_timeout.is_zero() {
-                return Err(GatewayError::InvalidConfig(format!(
-                    "deployment {:?} needs a name, a queue of at least 1 and a hold timeout",
-                    d.name
-                )));
-            }
-            if self.deployments[..i].iter().any(|o| o.name == d.name) {
-                return Err(GatewayError::InvalidConfig(format!(
-                    "deployment {:?} is declared twice",
-                    d.name
-                )));
-            }
-        }
+        self.validate_deployments()?;
         if self
             .etcd
             .as_ref()
@@ -210,6 +198,45 @@ impl GatewayConfig {
                 self.kv_balance
             )));
         }
+        self.validate_keys()?;
+        if let Some(e) = &self.etcd {
+            // Certificate files are read now, so that a wrong path stops the start.
+            lastmile_discovery::Etcd::connect(&e.client)
+                .map_err(|err| GatewayError::InvalidConfig(err.to_string()))?;
+        }
+        if self.breaker_failures == 0
+            || self.health_interval.is_zero()
+            || self.worker_timeout.is_zero()
+        {
+            return Err(GatewayError::InvalidConfig(
+                "breaker_failures, health_interval and worker_timeout must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks each deployment has a name, a queue and a hold timeout, and no name is declared
+    /// twice.
+    fn validate_deployments(&self) -> Result<(), GatewayError> {
+        for (i, d) in self.deployments.iter().enumerate() {
+            if d.name.is_empty() || d.queue == 0 || d.hold_timeout.is_zero() {
+                return Err(GatewayError::InvalidConfig(format!(
+                    "deployment {:?} needs a name, a queue of at least 1 and a hold timeout",
+                    d.name
+                )));
+            }
+            if self.deployments[..i].iter().any(|o| o.name == d.name) {
+                return Err(GatewayError::InvalidConfig(format!(
+                    "deployment {:?} is declared twice",
+                    d.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the admin and metrics keys, when given, are not blank.
+    fn validate_keys(&self) -> Result<(), GatewayError> {
         // A blank admin key would guard nothing while turning keys "on".
         if self
             .tenants
@@ -228,19 +255,6 @@ impl GatewayConfig {
         {
             return Err(GatewayError::InvalidConfig(
                 "the metrics key is empty: give a long random key, or none".into(),
-            ));
-        }
-        if let Some(e) = &self.etcd {
-            // Certificate files are read now, so that a wrong path stops the start.
-            lastmile_discovery::Etcd::connect(&e.client)
-                .map_err(|err| GatewayError::InvalidConfig(err.to_string()))?;
-        }
-        if self.breaker_failures == 0
-            || self.health_interval.is_zero()
-            || self.worker_timeout.is_zero()
-        {
-            return Err(GatewayError::InvalidConfig(
-                "breaker_failures, health_interval and worker_timeout must be positive".into(),
             ));
         }
         Ok(())
@@ -642,56 +656,9 @@ impl GatewayHandle {
             ));
         }
         let poller = tokio::spawn(gw.workers.clone().poll(gw.config.health_interval));
-        let discovery = match gw.config.etcd.clone() {
-            Some(e) => {
-                let etcd = lastmile_discovery::Etcd::connect(&e.client)
-                    .map_err(|err| std::io::Error::other(err.to_string()))?;
-                let gw = gw.clone();
-                Some(tokio::spawn(async move {
-                    let mut keys = std::collections::HashMap::new();
-                    lastmile_discovery::follow_workers(etcd, e.prefix, move |u| {
-                        gw.apply_discovery(&mut keys, u)
-                    })
-                    .await;
-                }))
-            }
-            None => None,
-        };
-        let wrap = gw.wrap.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let discovery = spawn_discovery(&gw)?;
         let loopback_only = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
-        let app = Router::new()
-            .route("/v1/chat/completions", post(proxy::forward))
-            .route("/v1/completions", post(proxy::forward))
-            .route("/v1/messages", post(proxy::forward))
-            .route("/v1/messages/count_tokens", post(proxy::forward))
-            .route("/v1/models", get(models))
-            .route("/v1/models/{*id}", get(model))
-            .route("/health", get(health))
-            .route("/metrics", get(metrics))
-            .with_state(gw.clone())
-            .merge(admin)
-            .route_layer(axum::middleware::from_fn_with_state(
-                lastmile_http::Guard {
-                    loopback_only,
-                    json_posts: true,
-                    render: proxy::error_response,
-                },
-                lastmile_http::guard,
-            ))
-            .fallback(not_found);
-        let app = match wrap {
-            // What the wrap added (the sandbox API, whose uploads are not JSON) gets the `Host`
-            // rule: a DNS-rebinding page must not reach it either.
-            Some(w) => w(app).layer(axum::middleware::from_fn_with_state(
-                lastmile_http::Guard {
-                    loopback_only,
-                    json_posts: false,
-                    render: proxy::error_response,
-                },
-                lastmile_http::guard,
-            )),
-            None => app,
-        };
+        let app = app(&gw, admin, loopback_only);
         // Header and body timeouts and a connection cap (slow clients cannot take every
         // socket); small writes leave at once (no Nagle).
         let limits = lastmile_http::ServeLimits::default();
@@ -710,6 +677,64 @@ impl GatewayHandle {
             }
         }
         result
+    }
+}
+
+/// Starts following the workers etcd lists, when the gateway discovers them there.
+fn spawn_discovery(gw: &Arc<Gateway>) -> Result<Option<JoinHandle<()>>, std::io::Error> {
+    Ok(match gw.config.etcd.clone() {
+        Some(e) => {
+            let etcd = lastmile_discovery::Etcd::connect(&e.client)
+                .map_err(|err| std::io::Error::other(err.to_string()))?;
+            let gw = gw.clone();
+            Some(tokio::spawn(async move {
+                let mut keys = std::collections::HashMap::new();
+                lastmile_discovery::follow_workers(etcd, e.prefix, move |u| {
+                    gw.apply_discovery(&mut keys, u)
+                })
+                .await;
+            }))
+        }
+        None => None,
+    })
+}
+
+/// The gateway's app: the public API, `admin` (already guarded), the request guard, and what
+/// a [`GatewayHandle::wrap_router`] hook adds around them.
+fn app(gw: &Arc<Gateway>, admin: Router, loopback_only: bool) -> Router {
+    let wrap = gw.wrap.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let app = Router::new()
+        .route("/v1/chat/completions", post(proxy::forward))
+        .route("/v1/completions", post(proxy::forward))
+        .route("/v1/messages", post(proxy::forward))
+        .route("/v1/messages/count_tokens", post(proxy::forward))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(gw.clone())
+        .merge(admin)
+        .route_layer(axum::middleware::from_fn_with_state(
+            lastmile_http::Guard {
+                loopback_only,
+                json_posts: true,
+                render: proxy::error_response,
+            },
+            lastmile_http::guard,
+        ))
+        .fallback(not_found);
+    match wrap {
+        // What the wrap added (the sandbox API, whose uploads are not JSON) gets the `Host`
+        // rule: a DNS-rebinding page must not reach it either.
+        Some(w) => w(app).layer(axum::middleware::from_fn_with_state(
+            lastmile_http::Guard {
+                loopback_only,
+                json_posts: false,
+                render: proxy::error_response,
+            },
+            lastmile_http::guard,
+        )),
+        None => app,
     }
 }
 

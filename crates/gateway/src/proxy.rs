@@ -19,6 +19,7 @@ use lastmile_protocol::anthropic::AnthropicError;
 use lastmile_protocol::{ApiError, StreamMeter, TokenReservation, TokenUsage};
 use lastmile_router::{PolicyKind, RouteRequest};
 
+use crate::activator::Released;
 use crate::{kv, Gateway};
 
 /// The error response for `path`, in Anthropic's shape on the Anthropic endpoints.
@@ -149,62 +150,24 @@ async fn relay(
 ) -> Response {
     let mut tried: Vec<usize> = Vec::new();
     let mut rewaits = 0;
-    let mut released = None;
-    if let Some(name) = model {
-        if let Some(d) = gw.deployment(name) {
-            gw.activator.arrived(&d.name);
-            // Scaled to zero or still starting: wait here while a replica starts.
-            match gw.activator.ready(gw, d, &[]).await {
-                Ok(r) => released = Some(r),
-                Err(e) => return error_response(path, &e),
-            }
-        } else {
-            // Workers are up but none serves it, and no worker known to serve it is down: no
-            // such model. (With no worker up at all the answer is "unavailable".)
-            let all = gw.workers.all();
-            let up = all.iter().filter(|w| w.available()).count();
-            let could = all.iter().any(|w| {
-                w.listed() && w.serves(Some(name)) && (w.available() || w.model().is_some())
-            });
-            if up > 0 && !could {
-                return error_response(path, &ApiError::model_not_found(name));
-            }
-        }
-    }
+    let mut released = match wait_for_model(gw, path, model).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
     let policy = gw.policy_for(model);
     let blocks = match (policy.kind(), lastmile_worker::Api::of_path(path)) {
         (PolicyKind::KvAware, Some(api)) => kv::prompt_blocks(gw, api, &body, model).await,
         _ => None,
     };
-    let route = RouteRequest {
-        prompt_hashes: blocks.as_ref().map_or(&[], |b| b.hashes.as_slice()),
-        prompt_tokens: blocks.as_ref().map_or(0, |b| b.tokens),
-        block_size: blocks.as_ref().map_or(16, |b| b.block_size),
-    };
+    let route = route_request(blocks.as_ref());
     loop {
         let snapshot = gw.workers.snapshot(&tried, model);
-        let decision = policy.select(&snapshot, &route, &gw.index());
-        let Some(decision) = decision else {
-            // A deployment whose replicas all failed under this request: wait (again) for the
-            // replacement the controller starts, a bounded number of times.
-            if let Some(d) = model.and_then(|m| gw.deployment(m)) {
-                if rewaits < MAX_REWAITS {
-                    rewaits += 1;
-                    match gw.activator.ready(gw, d, &tried).await {
-                        Ok(r) => {
-                            released = Some(r);
-                            continue;
-                        }
-                        Err(e) => return error_response(path, &e),
-                    }
-                }
+        let Some(decision) = policy.select(&snapshot, &route, &gw.index()) else {
+            match wait_again(gw, path, model, &tried, &mut rewaits).await {
+                Ok(r) => released = Some(r),
+                Err(resp) => return resp,
             }
-            let why = if tried.is_empty() {
-                "no healthy worker is available"
-            } else {
-                "no worker could be reached"
-            };
-            return error_response(path, &ApiError::overloaded(why));
+            continue;
         };
         let id = decision.worker;
         let cached = (decision.overlap_blocks * route.block_size).min(route.prompt_tokens);
@@ -214,46 +177,28 @@ async fn relay(
         gw.metrics.routed(decision.overlap_blocks);
         let worker = gw.workers.get(id);
         let worker_url = worker.url.clone();
-        let url = format!("{worker_url}{path}");
         let asked = Instant::now();
-        let mut post = gw
-            .workers
-            .client
-            .post(url)
-            .header(header::CONTENT_TYPE, "application/json");
-        if let Some(h) = blocks.as_ref().and_then(|b| b.header.as_deref()) {
-            // The prompt's tokens: the worker need not build them again.
-            post = post.header(lastmile_worker::PROMPT_HEADER, h);
-        }
-        if gw.tenants.is_some() {
-            // Metering: ask for the usage report that ends a stream (whole answers carry it).
-            post = post.header(lastmile_protocol::USAGE_HEADER, "1");
-        }
+        let post = worker_request(gw, &worker_url, path, blocks.as_ref());
         let patience = gw.config.worker_timeout;
         let sent = while_alive(&worker, patience, post.body(body.clone()).send()).await;
         *upstream += asked.elapsed();
-        let Some(sent) = sent else {
-            // No head in time and its health check fails: hung (stopped, wedged, its engine
-            // stalled). Dropping the request closes the connection (the worker, should it wake,
-            // cancels); nothing reached the client: run it elsewhere.
-            tracing::warn!(worker = %worker_url, "hung: no answer in {patience:?} and its health check fails");
-            gw.workers.failed(id);
-            gw.metrics.retries.fetch_add(1, Ordering::Relaxed);
-            tried.push(id);
-            continue;
-        };
         match sent {
-            Ok(upstream) => {
+            None => {
+                // No head in time and its health check fails: hung (stopped, wedged, its engine
+                // stalled). Dropping the request closes the connection (the worker, should it
+                // wake, cancels); nothing reached the client: run it elsewhere.
+                tracing::warn!(worker = %worker_url, "hung: no answer in {patience:?} and its health check fails");
+                retry_elsewhere(gw, id, &mut tried);
+            }
+            Some(Ok(upstream)) => {
                 gw.workers.succeeded(id);
                 let mut resp = relay_response(path, upstream, guard, worker, patience);
                 if gw.config.debug_headers {
-                    if let Ok(v) = HeaderValue::from_str(&worker_url) {
-                        resp.headers_mut().insert("x-lastmile-worker", v);
-                    }
+                    name_worker(&mut resp, &worker_url);
                 }
                 return resp;
             }
-            Err(e) if !e.is_timeout() => {
+            Some(Err(e)) if !e.is_timeout() => {
                 // No answer began: the worker could not be reached, or it closed the connection
                 // before its response head (it died or restarted while working). Nothing reached
                 // the client, and the worker's work is gone with it: run the request elsewhere.
@@ -263,11 +208,9 @@ async fn relay(
                     "lost the request"
                 };
                 tracing::warn!(worker = %worker_url, "{how}: {e}");
-                gw.workers.failed(id);
-                gw.metrics.retries.fetch_add(1, Ordering::Relaxed);
-                tried.push(id);
+                retry_elsewhere(gw, id, &mut tried);
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 gw.workers.failed(id);
                 return error_response(
                     path,
@@ -276,6 +219,115 @@ async fn relay(
             }
         }
     }
+}
+
+/// Before routing a request for `model` (if it names one): a deployment's request waits while
+/// a replica starts (what it gets back counts against the activator's capacity until routed);
+/// a model that no worker serves, while workers are up, is `model_not_found`. `Err` is the
+/// response to give the client.
+async fn wait_for_model<'a>(
+    gw: &'a Arc<Gateway>,
+    path: &str,
+    model: Option<&str>,
+) -> Result<Option<Released<'a>>, Response> {
+    let Some(name) = model else {
+        return Ok(None);
+    };
+    if let Some(d) = gw.deployment(name) {
+        gw.activator.arrived(&d.name);
+        // Scaled to zero or still starting: wait here while a replica starts.
+        return match gw.activator.ready(gw, d, &[]).await {
+            Ok(r) => Ok(Some(r)),
+            Err(e) => Err(error_response(path, &e)),
+        };
+    }
+    // Workers are up but none serves it, and no worker known to serve it is down: no
+    // such model. (With no worker up at all the answer is "unavailable".)
+    let all = gw.workers.all();
+    let up = all.iter().filter(|w| w.available()).count();
+    let could = all
+        .iter()
+        .any(|w| w.listed() && w.serves(Some(name)) && (w.available() || w.model().is_some()));
+    if up > 0 && !could {
+        return Err(error_response(path, &ApiError::model_not_found(name)));
+    }
+    Ok(None)
+}
+
+/// What the routing policy sees of a request: its prompt's block hashes and length when the
+/// gateway tokenized it (else none, in blocks of 16).
+fn route_request(blocks: Option<&kv::PromptBlocks>) -> RouteRequest<'_> {
+    RouteRequest {
+        prompt_hashes: blocks.map_or(&[], |b| b.hashes.as_slice()),
+        prompt_tokens: blocks.map_or(0, |b| b.tokens),
+        block_size: blocks.map_or(16, |b| b.block_size),
+    }
+}
+
+/// The POST of a request for `path` to the worker at `worker_url`, with the prompt's tokens when the gateway has
+/// them and, when it meters tenants, the ask for a usage report.
+fn worker_request(
+    gw: &Gateway,
+    worker_url: &str,
+    path: &str,
+    blocks: Option<&kv::PromptBlocks>,
+) -> reqwest::RequestBuilder {
+    let mut post = gw
+        .workers
+        .client
+        .post(format!("{worker_url}{path}"))
+        .header(header::CONTENT_TYPE, "application/json");
+    if let Some(h) = blocks.and_then(|b| b.header.as_deref()) {
+        // The prompt's tokens: the worker need not build them again.
+        post = post.header(lastmile_worker::PROMPT_HEADER, h);
+    }
+    if gw.tenants.is_some() {
+        // Metering: ask for the usage report that ends a stream (whole answers carry it).
+        post = post.header(lastmile_protocol::USAGE_HEADER, "1");
+    }
+    post
+}
+
+/// No worker can take the request. A deployment whose replicas all failed under it waits
+/// (again) for the replacement the controller starts, at most [`MAX_REWAITS`] times; otherwise
+/// `Err` is the response to give the client (overloaded).
+async fn wait_again<'a>(
+    gw: &'a Arc<Gateway>,
+    path: &str,
+    model: Option<&str>,
+    tried: &[usize],
+    rewaits: &mut usize,
+) -> Result<Released<'a>, Response> {
+    if let Some(d) = model.and_then(|m| gw.deployment(m)) {
+        if *rewaits < MAX_REWAITS {
+            *rewaits += 1;
+            return gw
+                .activator
+                .ready(gw, d, tried)
+                .await
+                .map_err(|e| error_response(path, &e));
+        }
+    }
+    let why = if tried.is_empty() {
+        "no healthy worker is available"
+    } else {
+        "no worker could be reached"
+    };
+    Err(error_response(path, &ApiError::overloaded(why)))
+}
+
+/// Names the worker that answered in the `x-lastmile-worker` header (`debug_headers`).
+fn name_worker(resp: &mut Response, worker_url: &str) {
+    if let Ok(v) = HeaderValue::from_str(worker_url) {
+        resp.headers_mut().insert("x-lastmile-worker", v);
+    }
+}
+
+/// Marks worker `id` failed, counts a retry, and keeps the request off it from now on.
+fn retry_elsewhere(gw: &Gateway, id: usize, tried: &mut Vec<usize>) {
+    gw.workers.failed(id);
+    gw.metrics.retries.fetch_add(1, Ordering::Relaxed);
+    tried.push(id);
 }
 
 /// How many times one request waits again for a deployment whose replicas failed under it.

@@ -17,7 +17,8 @@ use rmcp::model::{
     LoggingLevel, LoggingMessageNotificationParam, ProgressNotificationParam, Prompt,
     ReadResourceResult, Resource, ResourceTemplate, Tool,
 };
-use rmcp::ErrorData;
+use rmcp::service::RequestContext;
+use rmcp::{ErrorData, RoleServer};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
@@ -173,58 +174,15 @@ async fn call(ctx: ToolCallContext<'_, LastmileMcp>) -> Result<CallToolResult, E
                 "uri": "test://mixed-content-resource", "mimeType": "application/json",
                 "text": "{\"test\":\"data\",\"value\":123}"}}),
         ]),
-        "test_tool_with_logging" => {
-            for (i, m) in [
-                "Tool execution started",
-                "Tool processing data",
-                "Tool execution completed",
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                if i > 0 {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                let note = LoggingMessageNotificationParam::new(LoggingLevel::Info, json!(m))
-                    .with_logger("conformance");
-                let _ = rc.peer.notify_logging_message(note).await;
-            }
-            result(vec![text("Tool with logging executed successfully")])
-        }
-        "test_tool_with_progress" => {
-            let token = rc.meta.get_progress_token();
-            for (i, p) in [0.0, 50.0, 100.0].into_iter().enumerate() {
-                if i > 0 {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                if let Some(t) = &token {
-                    let note = ProgressNotificationParam::new(t.clone(), p).with_total(100.0);
-                    let _ = rc.peer.notify_progress(note).await;
-                }
-            }
-            result(vec![text("Tool with progress executed successfully")])
-        }
+        "test_tool_with_logging" => with_logging(rc).await,
+        "test_tool_with_progress" => with_progress(rc).await,
         "test_error_handling" => done(json!({"isError": true, "content": [
             text("This tool intentionally returns an error for testing")]})),
         "test_reconnection" => {
             tokio::time::sleep(Duration::from_millis(100)).await;
             result(vec![text("Reconnection test completed successfully")])
         }
-        "test_sampling" => {
-            let params = typed(json!({
-                "messages": [{"role": "user", "content": {"type": "text", "text": arg("prompt")}}],
-                "maxTokens": 100}))?;
-            let answer = rc
-                .peer
-                .create_message(params)
-                .await
-                .map_err(|e| ErrorData::internal_error(format!("sampling: {e}"), None))?;
-            let said = serde_json::to_value(&answer.message.content).unwrap_or_default();
-            let said = said["text"]
-                .as_str()
-                .map_or_else(|| said.to_string(), str::to_string);
-            result(vec![text(format!("LLM response: {said}"))])
-        }
+        "test_sampling" => sampling(rc, arg("prompt")).await,
         "test_elicitation" => {
             let schema = json!({"type": "object", "properties": {
                 "username": {"type": "string", "description": "User's response"},
@@ -233,32 +191,12 @@ async fn call(ctx: ToolCallContext<'_, LastmileMcp>) -> Result<CallToolResult, E
             elicit(&ctx, arg("message"), schema, "User response").await
         }
         "test_elicitation_sep1034_defaults" => {
-            let schema = json!({"type": "object", "properties": {
-                "name": {"type": "string", "description": "User name", "default": "John Doe"},
-                "age": {"type": "integer", "description": "User age", "default": 30},
-                "score": {"type": "number", "description": "User score", "default": 95.5},
-                "status": {"type": "string", "description": "User status",
-                           "enum": ["active", "inactive", "pending"], "default": "active"},
-                "verified": {"type": "boolean", "description": "Verification status",
-                             "default": true}}});
+            let schema = sep1034_defaults_schema();
             let m = "Please review and update the form fields with defaults";
             elicit(&ctx, m.into(), schema, "Elicitation completed").await
         }
         "test_elicitation_sep1330_enums" => {
-            let schema = json!({"type": "object", "properties": {
-                "untitledSingle": {"type": "string", "enum": ["option1", "option2", "option3"]},
-                "titledSingle": {"type": "string", "oneOf": [
-                    {"const": "value1", "title": "First Option"},
-                    {"const": "value2", "title": "Second Option"},
-                    {"const": "value3", "title": "Third Option"}]},
-                "legacyEnum": {"type": "string", "enum": ["opt1", "opt2", "opt3"],
-                               "enumNames": ["Option One", "Option Two", "Option Three"]},
-                "untitledMulti": {"type": "array", "items": {
-                    "type": "string", "enum": ["option1", "option2", "option3"]}},
-                "titledMulti": {"type": "array", "items": {"anyOf": [
-                    {"const": "value1", "title": "First Choice"},
-                    {"const": "value2", "title": "Second Choice"},
-                    {"const": "value3", "title": "Third Choice"}]}}}});
+            let schema = sep1330_enums_schema();
             let m = "Please select options from the enum fields";
             elicit(&ctx, m.into(), schema, "Elicitation completed").await
         }
@@ -271,6 +209,93 @@ async fn call(ctx: ToolCallContext<'_, LastmileMcp>) -> Result<CallToolResult, E
             None,
         )),
     }
+}
+
+/// `test_tool_with_logging`: three info log messages 50 ms apart, then a text.
+async fn with_logging(rc: &RequestContext<RoleServer>) -> Result<CallToolResult, ErrorData> {
+    for (i, m) in [
+        "Tool execution started",
+        "Tool processing data",
+        "Tool execution completed",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let note = LoggingMessageNotificationParam::new(LoggingLevel::Info, json!(m))
+            .with_logger("conformance");
+        let _ = rc.peer.notify_logging_message(note).await;
+    }
+    result(vec![text("Tool with logging executed successfully")])
+}
+
+/// `test_tool_with_progress`: progress 0, 50 and 100 of 100, 50 ms apart (when the request
+/// has a progress token), then a text.
+async fn with_progress(rc: &RequestContext<RoleServer>) -> Result<CallToolResult, ErrorData> {
+    let token = rc.meta.get_progress_token();
+    for (i, p) in [0.0, 50.0, 100.0].into_iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let Some(t) = &token {
+            let note = ProgressNotificationParam::new(t.clone(), p).with_total(100.0);
+            let _ = rc.peer.notify_progress(note).await;
+        }
+    }
+    result(vec![text("Tool with progress executed successfully")])
+}
+
+/// `test_sampling`: asks the client's model about `prompt`; its answer as text.
+async fn sampling(
+    rc: &RequestContext<RoleServer>,
+    prompt: String,
+) -> Result<CallToolResult, ErrorData> {
+    let params = typed(json!({
+        "messages": [{"role": "user", "content": {"type": "text", "text": prompt}}],
+        "maxTokens": 100}))?;
+    let answer = rc
+        .peer
+        .create_message(params)
+        .await
+        .map_err(|e| ErrorData::internal_error(format!("sampling: {e}"), None))?;
+    let said = serde_json::to_value(&answer.message.content).unwrap_or_default();
+    let said = said["text"]
+        .as_str()
+        .map_or_else(|| said.to_string(), str::to_string);
+    result(vec![text(format!("LLM response: {said}"))])
+}
+
+/// The form of `test_elicitation_sep1034_defaults`: a field of each type, each with a default.
+fn sep1034_defaults_schema() -> Value {
+    json!({"type": "object", "properties": {
+        "name": {"type": "string", "description": "User name", "default": "John Doe"},
+        "age": {"type": "integer", "description": "User age", "default": 30},
+        "score": {"type": "number", "description": "User score", "default": 95.5},
+        "status": {"type": "string", "description": "User status",
+                   "enum": ["active", "inactive", "pending"], "default": "active"},
+        "verified": {"type": "boolean", "description": "Verification status",
+                     "default": true}}})
+}
+
+/// The form of `test_elicitation_sep1330_enums`: every way to write a single and a multiple
+/// choice.
+fn sep1330_enums_schema() -> Value {
+    json!({"type": "object", "properties": {
+        "untitledSingle": {"type": "string", "enum": ["option1", "option2", "option3"]},
+        "titledSingle": {"type": "string", "oneOf": [
+            {"const": "value1", "title": "First Option"},
+            {"const": "value2", "title": "Second Option"},
+            {"const": "value3", "title": "Third Option"}]},
+        "legacyEnum": {"type": "string", "enum": ["opt1", "opt2", "opt3"],
+                       "enumNames": ["Option One", "Option Two", "Option Three"]},
+        "untitledMulti": {"type": "array", "items": {
+            "type": "string", "enum": ["option1", "option2", "option3"]}},
+        "titledMulti": {"type": "array", "items": {"anyOf": [
+            {"const": "value1", "title": "First Choice"},
+            {"const": "value2", "title": "Second Choice"},
+            {"const": "value3", "title": "Third Choice"}]}}}})
 }
 
 /// Asks the client's user for `schema`'s fields; the answer as text after `label`.

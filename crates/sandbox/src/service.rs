@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::backend::{Cgroup, IsolationBackend, LaunchSpec};
+use crate::backend::{Cgroup, IsolationBackend, LaunchSpec, Launched};
 use crate::conn::{AgentConn, ProcConfig};
 use crate::interpreter::Contexts;
 use crate::metrics::Metrics;
@@ -358,84 +358,16 @@ impl SandboxService {
         req: CreateRequest,
     ) -> Result<Arc<Sandbox>, SandboxError> {
         let started = Instant::now();
-        let template = self
-            .config
-            .templates
-            .iter()
-            .find(|t| t.answers_to(&req.template))
-            .cloned()
-            .ok_or_else(|| {
-                SandboxError::NotFound(format!("template `{}` not found", req.template))
-            })?;
+        let template = self.template(&req.template)?;
         let timeout = req.timeout.unwrap_or(self.config.default_timeout);
         self.check_timeout(timeout)?;
         check_map("metadata", &req.metadata, |_| true)?;
         check_map("envVars", &req.envs, crate::backend::valid_env_name)?;
         let id = new_id();
-        {
-            // Reserve the slot under the lock, so concurrent creates cannot overshoot.
-            let map = lock(&self.sandboxes);
-            if map.len() >= self.config.max_sandboxes {
-                return Err(SandboxError::Exhausted(format!(
-                    "this server holds its maximum of {} sandboxes",
-                    self.config.max_sandboxes
-                )));
-            }
-            let mine: Vec<&Arc<Sandbox>> = map.values().filter(|s| s.owner == owner).collect();
-            let lim = &self.config.per_key;
-            let cpus: f64 = mine.iter().map(|s| s.template.cpus).sum::<f64>() + template.cpus;
-            let mem: u64 =
-                mine.iter().map(|s| s.template.memory_mb).sum::<u64>() + template.memory_mb;
-            if mine.len() >= lim.sandboxes {
-                return Err(SandboxError::Exhausted(format!(
-                    "this key already has {} live sandboxes (its limit)",
-                    mine.len()
-                )));
-            }
-            if cpus > lim.cpus + 1e-9 || mem > lim.memory_mb {
-                return Err(SandboxError::Exhausted(format!(
-                    "this key's sandboxes would use {cpus} CPUs and {mem} MiB, over its limit of \
-                     {} CPUs and {} MiB",
-                    lim.cpus, lim.memory_mb
-                )));
-            }
-        }
-        let backend = self.backend.clone();
-        let (t2, id2, envs) = (template.clone(), id.clone(), req.envs.clone());
-        let network = req.network.clone();
-        let launched = self
-            .launcher
-            .run(move || {
-                backend.launch(&LaunchSpec {
-                    id: &id2,
-                    template: &t2,
-                    envs: &envs,
-                    network: network.as_ref(),
-                })
-            })
-            .await
-            .ok_or_else(|| {
-                SandboxError::Unavailable("no thread to launch sandboxes on".into())
-            })??;
+        self.check_room(owner, &template)?;
+        let launched = self.launch(&id, &template, &req).await?;
         let mut child = launched.child;
-        let conn = match launched.agent_socket {
-            Some(sock) => {
-                let sock = sock
-                    .set_nonblocking(true)
-                    .and_then(|()| tokio::net::UnixStream::from_std(sock))
-                    .map_err(|e| SandboxError::Unavailable(format!("the agent's socket: {e}")))?;
-                let (read, write) = sock.into_split();
-                AgentConn::start(write, read)
-            }
-            None => {
-                let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-                    return Err(SandboxError::Unavailable(
-                        "the sandbox agent has no pipes".into(),
-                    ));
-                };
-                AgentConn::start(stdin, stdout)
-            }
-        };
+        let conn = connect_agent(launched.agent_socket, &mut child)?;
         let sandbox = Arc::new(Sandbox {
             id: id.clone(),
             owner: owner.to_string(),
@@ -454,38 +386,14 @@ impl SandboxService {
             internet: req.network.is_some(),
             cgroup: Mutex::new(launched.cgroup),
         });
-        let over = {
-            let mut map = lock(&self.sandboxes);
-            let mine = map.values().filter(|s| s.owner == owner).count();
-            // Re-checked: another create of this owner may have finished while we launched.
-            let over =
-                mine >= self.config.per_key.sandboxes || map.len() >= self.config.max_sandboxes;
-            if !over {
-                map.insert(id.clone(), sandbox.clone());
-            }
-            over
-        };
-        if over {
+        if !self.admit(owner, &sandbox) {
             sandbox.end().await;
             return Err(SandboxError::Exhausted(
                 "this key reached its live sandbox limit".into(),
             ));
         }
         if let Some(cmd) = &template.start_cmd {
-            let config = ProcConfig {
-                cmd: "/bin/bash".into(),
-                args: vec!["-l".into(), "-c".into(), cmd.clone()],
-                envs: BTreeMap::new(),
-                cwd: None,
-                pty: None,
-            };
-            if let Err(e) = sandbox
-                .conn
-                .spawn(config, false, Some("start".into()))
-                .await
-            {
-                tracing::warn!("sandbox {id}: start command failed: {}", e.message);
-            }
+            run_start_cmd(&sandbox, cmd).await;
         }
         self.created.fetch_add(1, Ordering::Relaxed);
         self.metrics
@@ -494,6 +402,83 @@ impl SandboxService {
         tracing::info!("sandbox {id} created from `{}` for {owner}", template.name);
         self.changed(&sandbox, false);
         Ok(sandbox)
+    }
+
+    /// The configured template that answers to `name`, or `NotFound`.
+    fn template(&self, name: &str) -> Result<Template, SandboxError> {
+        self.config
+            .templates
+            .iter()
+            .find(|t| t.answers_to(name))
+            .cloned()
+            .ok_or_else(|| SandboxError::NotFound(format!("template `{name}` not found")))
+    }
+
+    /// Refuses a create when the server is full, or when `owner`'s live sandboxes plus one from
+    /// `template` would pass its [`KeyLimits`]. Checked under the lock, so concurrent creates
+    /// cannot overshoot.
+    fn check_room(&self, owner: &str, template: &Template) -> Result<(), SandboxError> {
+        let map = lock(&self.sandboxes);
+        if map.len() >= self.config.max_sandboxes {
+            return Err(SandboxError::Exhausted(format!(
+                "this server holds its maximum of {} sandboxes",
+                self.config.max_sandboxes
+            )));
+        }
+        let mine: Vec<&Arc<Sandbox>> = map.values().filter(|s| s.owner == owner).collect();
+        let lim = &self.config.per_key;
+        let cpus: f64 = mine.iter().map(|s| s.template.cpus).sum::<f64>() + template.cpus;
+        let mem: u64 = mine.iter().map(|s| s.template.memory_mb).sum::<u64>() + template.memory_mb;
+        if mine.len() >= lim.sandboxes {
+            return Err(SandboxError::Exhausted(format!(
+                "this key already has {} live sandboxes (its limit)",
+                mine.len()
+            )));
+        }
+        if cpus > lim.cpus + 1e-9 || mem > lim.memory_mb {
+            return Err(SandboxError::Exhausted(format!(
+                "this key's sandboxes would use {cpus} CPUs and {mem} MiB, over its limit of \
+                 {} CPUs and {} MiB",
+                lim.cpus, lim.memory_mb
+            )));
+        }
+        Ok(())
+    }
+
+    /// Launches sandbox `id` from `template` through the backend, on the launcher's thread.
+    async fn launch(
+        &self,
+        id: &str,
+        template: &Template,
+        req: &CreateRequest,
+    ) -> Result<Launched, SandboxError> {
+        let backend = self.backend.clone();
+        let (t2, id2, envs) = (template.clone(), id.to_string(), req.envs.clone());
+        let network = req.network.clone();
+        self.launcher
+            .run(move || {
+                backend.launch(&LaunchSpec {
+                    id: &id2,
+                    template: &t2,
+                    envs: &envs,
+                    network: network.as_ref(),
+                })
+            })
+            .await
+            .ok_or_else(|| SandboxError::Unavailable("no thread to launch sandboxes on".into()))?
+    }
+
+    /// Adds `sandbox` to the map unless its owner or the server reached a limit while it was
+    /// launching (another create of this owner may have finished meanwhile); false if it did not
+    /// fit.
+    fn admit(&self, owner: &str, sandbox: &Arc<Sandbox>) -> bool {
+        let mut map = lock(&self.sandboxes);
+        let mine = map.values().filter(|s| s.owner == owner).count();
+        let over = mine >= self.config.per_key.sandboxes || map.len() >= self.config.max_sandboxes;
+        if !over {
+            map.insert(sandbox.id.clone(), sandbox.clone());
+        }
+        !over
     }
 
     /// `owner`'s sandbox `id`.
@@ -652,6 +637,55 @@ pub const ADMIN: &str = "\u{0}admin";
 /// Whether `caller` may see a sandbox of `owner` (its own, or any for the admin).
 pub fn owner_matches(caller: &str, owner: &str) -> bool {
     caller == ADMIN || caller == owner
+}
+
+/// Starts the connection to a launched sandbox's agent: over its own socket when the backend
+/// gave one, else over `child`'s stdin and stdout.
+fn connect_agent(
+    agent_socket: Option<std::os::unix::net::UnixStream>,
+    child: &mut tokio::process::Child,
+) -> Result<AgentConn, SandboxError> {
+    match agent_socket {
+        Some(sock) => {
+            let sock = sock
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixStream::from_std(sock))
+                .map_err(|e| SandboxError::Unavailable(format!("the agent's socket: {e}")))?;
+            let (read, write) = sock.into_split();
+            Ok(AgentConn::start(write, read))
+        }
+        None => {
+            let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+                return Err(SandboxError::Unavailable(
+                    "the sandbox agent has no pipes".into(),
+                ));
+            };
+            Ok(AgentConn::start(stdin, stdout))
+        }
+    }
+}
+
+/// Runs a template's start command in `sandbox` (in the background, through a login shell);
+/// a failure to start it is logged, not returned.
+async fn run_start_cmd(sandbox: &Sandbox, cmd: &str) {
+    let config = ProcConfig {
+        cmd: "/bin/bash".into(),
+        args: vec!["-l".into(), "-c".into(), cmd.to_string()],
+        envs: BTreeMap::new(),
+        cwd: None,
+        pty: None,
+    };
+    if let Err(e) = sandbox
+        .conn
+        .spawn(config, false, Some("start".into()))
+        .await
+    {
+        tracing::warn!(
+            "sandbox {}: start command failed: {}",
+            sandbox.id,
+            e.message
+        );
+    }
 }
 
 fn not_found(id: &str) -> SandboxError {

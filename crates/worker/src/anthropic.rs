@@ -98,14 +98,6 @@ pub(crate) async fn messages(State(state): State<Arc<AppState>>, req: Request) -
 
 /// Anthropic's event stream for one generation.
 fn event_stream(state: Arc<AppState>, prepared: Prepared, g: Generation, id: String) -> Response {
-    struct S {
-        state: Arc<AppState>,
-        g: Generation,
-        builder: ChoiceBuilder,
-        events: MessageStream,
-        done: bool,
-        report_usage: bool,
-    }
     let input_tokens = prepared.requests.first().map_or(0, |r| r.prompt.len()) as u32;
     let mut events = MessageStream::new(id, prepared.model.clone(), input_tokens);
     // Like Anthropic, a ping follows message_start (clients must accept pings anywhere).
@@ -119,7 +111,7 @@ fn event_stream(state: Arc<AppState>, prepared: Prepared, g: Generation, id: Str
             &lastmile_protocol::TokenUsage::prompt_comment(u64::from(input_tokens)),
         );
     }
-    let init = S {
+    let init = EventStream {
         builder: prepared.choice(0, state.engine.tokenizer()),
         state,
         g,
@@ -131,40 +123,7 @@ fn event_stream(state: Arc<AppState>, prepared: Prepared, g: Generation, id: Str
         if s.done {
             return None;
         }
-        let tok = s.state.engine.tokenizer();
-        let out = match s.g.next(&s.state.metrics).await {
-            Some(Ok(Piece::Text { text, token })) => {
-                let update = s.builder.push(&text, token, tok);
-                frame_update(&mut s.events, update)
-            }
-            // Never asked for on this endpoint.
-            Some(Ok(Piece::PromptLogprobs(_))) => String::new(),
-            Some(Ok(Piece::End(reason, usage, stop))) => {
-                let (update, reason) = s.builder.finish(reason);
-                let mut out = frame_update(&mut s.events, update);
-                out.push_str(&frame_events(&s.events.finish(
-                    reason,
-                    usage.completion_tokens,
-                    stop.as_deref(),
-                )));
-                if s.report_usage {
-                    out.push_str(&usage.metered().to_sse_comment());
-                }
-                s.done = true;
-                out
-            }
-            Some(Err(e)) => {
-                s.done = true;
-                frame_events(&[AnthropicError::from(e).event()])
-            }
-            None => {
-                s.done = true;
-                frame_events(&[AnthropicError::from(ApiError::internal(
-                    "the generation ended without a result",
-                ))
-                .event()])
-            }
-        };
+        let out = s.next_frames().await;
         Some((Ok::<_, Infallible>(out), s))
     });
     let body = stream::StreamExt::chain(
@@ -179,6 +138,59 @@ fn event_stream(state: Arc<AppState>, prepared: Prepared, g: Generation, id: Str
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
+}
+
+/// Where one Anthropic event stream stands: its generation, the message built so far, the
+/// events framed so far, and whether it has ended.
+struct EventStream {
+    state: Arc<AppState>,
+    g: Generation,
+    builder: ChoiceBuilder,
+    events: MessageStream,
+    done: bool,
+    report_usage: bool,
+}
+
+impl EventStream {
+    /// The frames for the generation's next piece: content deltas, or the closing events (with
+    /// the usage comment when asked); an error or a generation that stops short ends the stream
+    /// with an error event.
+    async fn next_frames(&mut self) -> String {
+        let tok = self.state.engine.tokenizer();
+        match self.g.next(&self.state.metrics).await {
+            Some(Ok(Piece::Text { text, token })) => {
+                let update = self.builder.push(&text, token, tok);
+                frame_update(&mut self.events, update)
+            }
+            // Never asked for on this endpoint.
+            Some(Ok(Piece::PromptLogprobs(_))) => String::new(),
+            Some(Ok(Piece::End(reason, usage, stop))) => {
+                let (update, reason) = self.builder.finish(reason);
+                let mut out = frame_update(&mut self.events, update);
+                out.push_str(&frame_events(&self.events.finish(
+                    reason,
+                    usage.completion_tokens,
+                    stop.as_deref(),
+                )));
+                if self.report_usage {
+                    out.push_str(&usage.metered().to_sse_comment());
+                }
+                self.done = true;
+                out
+            }
+            Some(Err(e)) => {
+                self.done = true;
+                frame_events(&[AnthropicError::from(e).event()])
+            }
+            None => {
+                self.done = true;
+                frame_events(&[AnthropicError::from(ApiError::internal(
+                    "the generation ended without a result",
+                ))
+                .event()])
+            }
+        }
+    }
 }
 
 fn frame_update(events: &mut MessageStream, update: crate::openai::Update) -> String {

@@ -128,8 +128,19 @@ impl Metrics {
 
     /// The Prometheus text page.
     pub fn render(&self, engine: &EngineStats) -> String {
+        // Read once: the lastmile_ and vllm: names of one page agree.
+        let gauges = EngineGauges::read(engine);
+        let mut page = Exposition::new();
+        self.write_request_counts(&mut page);
+        write_engine(&mut page, engine, &gauges);
+        self.write_latencies(&mut page);
+        write_gaie(&mut page, &gauges);
+        page.encode()
+    }
+
+    /// Writes the request counts by endpoint and status and the worker's token counters.
+    fn write_request_counts(&self, page: &mut Exposition) {
         let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let us = |a: &AtomicUsize| a.load(Ordering::Relaxed) as u64;
         let requests: Vec<_> = self
             .requests
             .lock()
@@ -137,14 +148,6 @@ impl Metrics {
             .iter()
             .map(|(e, s, n)| (vec![("endpoint", e.clone()), ("status", s.to_string())], *n))
             .collect();
-        let (q, h) = (
-            ld(&engine.prefix_query_tokens),
-            ld(&engine.prefix_hit_tokens),
-        );
-        // Read once: the lastmile_ and vllm: names of one page agree.
-        let (used, total) = (us(&engine.kv_blocks_used), us(&engine.kv_blocks_total));
-        let (running, waiting) = (us(&engine.running), us(&engine.waiting));
-        let mut page = Exposition::new();
         page.counters(
             "lastmile_requests_total",
             "Requests served, by endpoint and HTTP status.",
@@ -164,59 +167,12 @@ impl Metrics {
             "lastmile_given_prompts_total",
             "Requests whose prompt tokens a gateway built and sent along (not tokenized here).",
             ld(&self.given_prompts),
-        )
-        .counter(
-            "lastmile_engine_prefill_tokens_total",
-            "Prompt tokens computed by the engine.",
-            ld(&engine.prefill_tokens),
-        )
-        .counter(
-            "lastmile_engine_preemptions_total",
-            "Sequences preempted for lack of KV blocks.",
-            ld(&engine.preemptions),
-        )
-        .counter(
-            "lastmile_engine_steps_total",
-            "Engine steps (batched forward passes).",
-            ld(&engine.steps),
-        )
-        .gauge(
-            "lastmile_running_sequences",
-            "Sequences in the running batch.",
-            running,
-        )
-        .gauge(
-            "lastmile_waiting_sequences",
-            "Requests waiting to start.",
-            waiting,
-        )
-        .gauge("lastmile_kv_blocks_used", "KV cache blocks in use.", used)
-        .gauge(
-            "lastmile_kv_blocks_cached",
-            "KV blocks indexed by the prefix cache.",
-            us(&engine.kv_blocks_cached),
-        )
-        .counter(
-            "lastmile_prefix_cache_query_tokens_total",
-            "Prompt tokens looked up in the prefix cache.",
-            q,
-        )
-        .counter(
-            "lastmile_prefix_cache_hit_tokens_total",
-            "Prompt tokens served from the prefix cache instead of recomputed.",
-            h,
-        )
-        .gauge(
-            "lastmile_prefix_cache_hit_rate",
-            "Share of prompt tokens served from the prefix cache.",
-            if q == 0 { 0.0 } else { h as f64 / q as f64 },
-        )
-        .gauge(
-            "lastmile_kv_blocks_total",
-            "KV cache blocks in the pool.",
-            total,
-        )
-        .histogram(
+        );
+    }
+
+    /// Writes the latency histograms (first token, between tokens, whole request).
+    fn write_latencies(&self, page: &mut Exposition) {
+        page.histogram(
             "lastmile_time_to_first_token_seconds",
             "Time from request to first token.",
             &self.ttft,
@@ -230,29 +186,114 @@ impl Metrics {
             "lastmile_request_duration_seconds",
             "Time from request to last token.",
             &self.e2e,
-        )
-        // The same engine state under the names GAIE endpoint pickers read from vLLM.
-        .gauge(
-            "vllm:num_requests_waiting",
-            "Requests waiting to start (lastmile_waiting_sequences).",
-            waiting,
-        )
-        .gauge(
-            "vllm:num_requests_running",
-            "Sequences in the running batch (lastmile_running_sequences).",
-            running,
-        )
-        .gauge(
-            "vllm:kv_cache_usage_perc",
-            "KV cache usage, 0 to 1 (KV blocks in use over the pool).",
-            if total == 0 {
-                0.0
-            } else {
-                used as f64 / total as f64
-            },
         );
-        page.encode()
     }
+}
+
+/// The engine gauges that appear under both lastmile_ and vllm: names, read once per page.
+struct EngineGauges {
+    used: u64,
+    total: u64,
+    running: u64,
+    waiting: u64,
+}
+
+impl EngineGauges {
+    /// Reads them from `engine` now.
+    fn read(engine: &EngineStats) -> Self {
+        let us = |a: &AtomicUsize| a.load(Ordering::Relaxed) as u64;
+        Self {
+            used: us(&engine.kv_blocks_used),
+            total: us(&engine.kv_blocks_total),
+            running: us(&engine.running),
+            waiting: us(&engine.waiting),
+        }
+    }
+}
+
+/// Writes the engine's counters and gauges: work done, batch and KV pool, prefix cache.
+fn write_engine(page: &mut Exposition, engine: &EngineStats, g: &EngineGauges) {
+    let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let us = |a: &AtomicUsize| a.load(Ordering::Relaxed) as u64;
+    let (q, h) = (
+        ld(&engine.prefix_query_tokens),
+        ld(&engine.prefix_hit_tokens),
+    );
+    page.counter(
+        "lastmile_engine_prefill_tokens_total",
+        "Prompt tokens computed by the engine.",
+        ld(&engine.prefill_tokens),
+    )
+    .counter(
+        "lastmile_engine_preemptions_total",
+        "Sequences preempted for lack of KV blocks.",
+        ld(&engine.preemptions),
+    )
+    .counter(
+        "lastmile_engine_steps_total",
+        "Engine steps (batched forward passes).",
+        ld(&engine.steps),
+    )
+    .gauge(
+        "lastmile_running_sequences",
+        "Sequences in the running batch.",
+        g.running,
+    )
+    .gauge(
+        "lastmile_waiting_sequences",
+        "Requests waiting to start.",
+        g.waiting,
+    )
+    .gauge("lastmile_kv_blocks_used", "KV cache blocks in use.", g.used)
+    .gauge(
+        "lastmile_kv_blocks_cached",
+        "KV blocks indexed by the prefix cache.",
+        us(&engine.kv_blocks_cached),
+    )
+    .counter(
+        "lastmile_prefix_cache_query_tokens_total",
+        "Prompt tokens looked up in the prefix cache.",
+        q,
+    )
+    .counter(
+        "lastmile_prefix_cache_hit_tokens_total",
+        "Prompt tokens served from the prefix cache instead of recomputed.",
+        h,
+    )
+    .gauge(
+        "lastmile_prefix_cache_hit_rate",
+        "Share of prompt tokens served from the prefix cache.",
+        if q == 0 { 0.0 } else { h as f64 / q as f64 },
+    )
+    .gauge(
+        "lastmile_kv_blocks_total",
+        "KV cache blocks in the pool.",
+        g.total,
+    );
+}
+
+/// Writes the engine state under the names Gateway API Inference Extension endpoint pickers
+/// read from vLLM.
+fn write_gaie(page: &mut Exposition, g: &EngineGauges) {
+    page.gauge(
+        "vllm:num_requests_waiting",
+        "Requests waiting to start (lastmile_waiting_sequences).",
+        g.waiting,
+    )
+    .gauge(
+        "vllm:num_requests_running",
+        "Sequences in the running batch (lastmile_running_sequences).",
+        g.running,
+    )
+    .gauge(
+        "vllm:kv_cache_usage_perc",
+        "KV cache usage, 0 to 1 (KV blocks in use over the pool).",
+        if g.total == 0 {
+            0.0
+        } else {
+            g.used as f64 / g.total as f64
+        },
+    );
 }
 
 #[cfg(test)]

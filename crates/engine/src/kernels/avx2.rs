@@ -128,6 +128,8 @@ mod x86 {
     /// before one widening, and both scales are applied with one multiply. About 7 instructions
     /// per block instead of ~25. An odd last block goes through the one-block loop.
     #[target_feature(enable = "avx2,fma,f16c")]
+    // Long: one SIMD kernel; its accumulators and constants must stay in registers across the
+    // loop, and a split into calls would spill them.
     pub unsafe fn q4_pairs<const R: usize, const BS: usize, const MIN: bool>(
         w: &[u8],
         xq: &[Q8Row<'_>; R],

@@ -164,32 +164,11 @@ fn handle(req: Request, id: u32, out: &Outbox, state: &mut State, users: &Users)
             stdin,
             pty,
         } => match spawn(&cmd, &args, &envs, cwd.as_deref(), stdin, pty) {
-            Ok((child, tx, terminal)) => {
-                let pid = child.id();
-                if let Some(tx) = tx {
-                    stdins.insert(pid, tx);
-                }
-                let term_output = terminal.map(|(m, output)| {
-                    terminals.insert(pid, m);
-                    output
-                });
-                // The reply goes out before any output frame of this pid.
-                out.reply(id, Ok(serde_json::json!({ "pid": pid })));
-                watch(child, term_output, out.clone());
-                return;
-            }
+            Ok(spawned) => return started(spawned, id, out, stdins, terminals),
             Err(e) => Err(Failure::io(&cmd, &e)),
         },
         Request::Signal { pid, signal } => signal_process(pid, signal),
-        Request::Resize { pid, cols, rows } => match terminals.get(&pid) {
-            Some(m) => set_size(m, cols, rows)
-                .map(|()| serde_json::Value::Null)
-                .map_err(|e| Failure::io("terminal", &e)),
-            None => Err(Failure {
-                code: "not_found".into(),
-                message: format!("process {pid} has no terminal"),
-            }),
-        },
+        Request::Resize { pid, cols, rows } => resize(terminals, pid, cols, rows),
         Request::CloseStdin { pid } => {
             stdins.remove(&pid);
             Ok(serde_json::Value::Null)
@@ -200,60 +179,22 @@ fn handle(req: Request, id: u32, out: &Outbox, state: &mut State, users: &Users)
         }
         Request::ListDir { path, depth } => list(&resolve(&path), depth.max(1), users)
             .map(|v| serde_json::to_value(v).unwrap_or_default()),
-        Request::MakeDir { path } => {
-            let p = resolve(&path);
-            if fs::symlink_metadata(&p).is_ok() {
-                Err(Failure {
-                    code: "already_exists".into(),
-                    message: format!("{} already exists", p.display()),
-                })
-            } else {
-                fs::create_dir_all(&p)
-                    .map_err(|e| Failure::io(&path, &e))
-                    .and_then(|()| entry(&p, users))
-                    .map(|e| serde_json::to_value(e).unwrap_or_default())
-            }
-        }
+        Request::MakeDir { path } => make_dir(&path, users),
         Request::Move {
             source,
             destination,
-        } => {
-            let (s, d) = (resolve(&source), resolve(&destination));
-            if let Some(parent) = d.parent() {
-                let _ = fs::create_dir_all(parent);
+        } => move_entry(&source, &destination, users),
+        Request::Remove { path } => remove_entry(&path),
+        Request::ReadFile { path } => match open_file(&path) {
+            Ok((f, p)) => {
+                let e = entry(&p, users);
+                out.reply(id, e.map(|e| serde_json::to_value(e).unwrap_or_default()));
+                let out = out.clone();
+                thread::spawn(move || stream_file(f, id, &out));
+                return;
             }
-            fs::rename(&s, &d)
-                .map_err(|e| Failure::io(&source, &e))
-                .and_then(|()| entry(&d, users))
-                .map(|e| serde_json::to_value(e).unwrap_or_default())
-        }
-        Request::Remove { path } => {
-            let p = resolve(&path);
-            let r = match fs::symlink_metadata(&p) {
-                Ok(m) if m.is_dir() => fs::remove_dir_all(&p),
-                Ok(_) => fs::remove_file(&p),
-                Err(e) => Err(e),
-            };
-            r.map(|()| serde_json::Value::Null)
-                .map_err(|e| Failure::io(&path, &e))
-        }
-        Request::ReadFile { path } => {
-            let p = resolve(&path);
-            match File::open(&p).and_then(|f| f.metadata().map(|m| (f, m))) {
-                Ok((_, m)) if m.is_dir() => Err(Failure {
-                    code: "invalid_argument".into(),
-                    message: format!("{path} is a directory"),
-                }),
-                Ok((f, _)) => {
-                    let e = entry(&p, users);
-                    out.reply(id, e.map(|e| serde_json::to_value(e).unwrap_or_default()));
-                    let out = out.clone();
-                    thread::spawn(move || stream_file(f, id, &out));
-                    return;
-                }
-                Err(e) => Err(Failure::io(&path, &e)),
-            }
-        }
+            Err(e) => Err(e),
+        },
         Request::WriteFile { path } => {
             uploads.insert(id, Upload::open(&path));
             return;
@@ -277,6 +218,103 @@ fn handle(req: Request, id: u32, out: &Outbox, state: &mut State, users: &Users)
         }
     };
     out.reply(id, result);
+}
+
+/// Keeps a spawned process's input queue and terminal under its pid, replies to request `id`
+/// with the pid, then watches the process (the reply goes out before any output frame of it).
+fn started(
+    (child, tx, terminal): Spawned,
+    id: u32,
+    out: &Outbox,
+    stdins: &mut HashMap<u32, SyncSender<Vec<u8>>>,
+    terminals: &mut HashMap<u32, std::os::fd::OwnedFd>,
+) {
+    let pid = child.id();
+    if let Some(tx) = tx {
+        stdins.insert(pid, tx);
+    }
+    let term_output = terminal.map(|(m, output)| {
+        terminals.insert(pid, m);
+        output
+    });
+    out.reply(id, Ok(serde_json::json!({ "pid": pid })));
+    watch(child, term_output, out.clone());
+}
+
+/// Sets the size of process `pid`'s terminal; `not_found` if it has none.
+fn resize(
+    terminals: &HashMap<u32, std::os::fd::OwnedFd>,
+    pid: u32,
+    cols: u16,
+    rows: u16,
+) -> Result<serde_json::Value, Failure> {
+    match terminals.get(&pid) {
+        Some(m) => set_size(m, cols, rows)
+            .map(|()| serde_json::Value::Null)
+            .map_err(|e| Failure::io("terminal", &e)),
+        None => Err(Failure {
+            code: "not_found".into(),
+            message: format!("process {pid} has no terminal"),
+        }),
+    }
+}
+
+/// Creates folder `path` with its parents and returns its entry; `already_exists` if anything
+/// is there.
+fn make_dir(path: &str, users: &Users) -> Result<serde_json::Value, Failure> {
+    let p = resolve(path);
+    if fs::symlink_metadata(&p).is_ok() {
+        Err(Failure {
+            code: "already_exists".into(),
+            message: format!("{} already exists", p.display()),
+        })
+    } else {
+        fs::create_dir_all(&p)
+            .map_err(|e| Failure::io(path, &e))
+            .and_then(|()| entry(&p, users))
+            .map(|e| serde_json::to_value(e).unwrap_or_default())
+    }
+}
+
+/// Renames `source` to `destination` (making its parent folders) and returns the moved entry.
+fn move_entry(
+    source: &str,
+    destination: &str,
+    users: &Users,
+) -> Result<serde_json::Value, Failure> {
+    let (s, d) = (resolve(source), resolve(destination));
+    if let Some(parent) = d.parent() {
+        let _ = fs::create_dir_all(parent);
+    }
+    fs::rename(&s, &d)
+        .map_err(|e| Failure::io(source, &e))
+        .and_then(|()| entry(&d, users))
+        .map(|e| serde_json::to_value(e).unwrap_or_default())
+}
+
+/// Removes `path`: a folder with everything in it, or a single file or link.
+fn remove_entry(path: &str) -> Result<serde_json::Value, Failure> {
+    let p = resolve(path);
+    let r = match fs::symlink_metadata(&p) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(&p),
+        Ok(_) => fs::remove_file(&p),
+        Err(e) => Err(e),
+    };
+    r.map(|()| serde_json::Value::Null)
+        .map_err(|e| Failure::io(path, &e))
+}
+
+/// Opens file `path` for reading, with its resolved path; `invalid_argument` for a folder.
+fn open_file(path: &str) -> Result<(File, PathBuf), Failure> {
+    let p = resolve(path);
+    match File::open(&p).and_then(|f| f.metadata().map(|m| (f, m))) {
+        Ok((_, m)) if m.is_dir() => Err(Failure {
+            code: "invalid_argument".into(),
+            message: format!("{path} is a directory"),
+        }),
+        Ok((f, _)) => Ok((f, p)),
+        Err(e) => Err(Failure::io(path, &e)),
+    }
 }
 
 /// What [`spawn`] hands back: the child, its input queue, and its terminal (if it has one:

@@ -235,20 +235,28 @@ impl Egress {
         host_user: Option<(u32, u32)>,
         client: &EgressRules,
     ) -> Result<Child, SandboxError> {
-        let fail = |what: &str, e: io::Error| {
-            SandboxError::Unavailable(format!("sandbox internet access: {what}: {e}"))
-        };
         let net =
-            File::open(format!("/proc/{pid}/ns/net")).map_err(|e| fail("its namespace", e))?;
+            File::open(format!("/proc/{pid}/ns/net")).map_err(|e| failed("its namespace", e))?;
         // SAFETY: NS_GET_USERNS takes no argument and returns a new descriptor (or -1).
         let owner = unsafe { libc::ioctl(net.as_raw_fd(), NS_GET_USERNS) };
         if owner < 0 {
-            return Err(fail("its user namespace", io::Error::last_os_error()));
+            return Err(failed("its user namespace", io::Error::last_os_error()));
         }
         // SAFETY: the descriptor was just returned to us and is owned by nobody else.
         let userns = unsafe { OwnedFd::from_raw_fd(owner) };
         let fds = [userns.as_raw_fd(), net.as_raw_fd()];
+        self.load_filter(fds, host_user, client)?;
+        self.start_slirp(fds, host_user)
+    }
 
+    /// Loads `client`'s filter with nft inside the namespaces `fds` (user, network), as
+    /// `host_user`.
+    fn load_filter(
+        &self,
+        fds: [RawFd; 2],
+        host_user: Option<(u32, u32)>,
+        client: &EgressRules,
+    ) -> Result<(), SandboxError> {
         let mut nft = Command::new(&self.nft);
         nft.args(["-f", "-"])
             .env_clear()
@@ -256,23 +264,32 @@ impl Egress {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         enter(&mut nft, host_user, fds, true);
-        let mut child = nft.spawn().map_err(|e| fail("starting nft", e))?;
+        let mut child = nft.spawn().map_err(|e| failed("starting nft", e))?;
         if let Some(mut stdin) = child.stdin.take() {
             stdin
                 .write_all(self.ruleset(client).as_bytes())
-                .map_err(|e| fail("writing the filter", e))?;
+                .map_err(|e| failed("writing the filter", e))?;
         }
         let out = child
             .wait_with_output()
-            .map_err(|e| fail("running nft", e))?;
+            .map_err(|e| failed("running nft", e))?;
         if !out.status.success() {
             return Err(SandboxError::Unavailable(format!(
                 "sandbox internet access: nft refused the filter: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
+        Ok(())
+    }
 
-        let (ready_r, ready_w) = super::pipe().map_err(|e| fail("a pipe", e))?;
+    /// Starts slirp4netns on the network namespace of `fds` (user, network), as `host_user`,
+    /// and waits until it has set the network up.
+    fn start_slirp(
+        &self,
+        fds: [RawFd; 2],
+        host_user: Option<(u32, u32)>,
+    ) -> Result<Child, SandboxError> {
+        let (ready_r, ready_w) = super::pipe().map_err(|e| failed("a pipe", e))?;
         let mut slirp = Command::new(&self.slirp);
         slirp
             .args([
@@ -291,36 +308,48 @@ impl Egress {
             .stderr(Stdio::piped());
         let keep = [fds[0], fds[1], ready_w.as_raw_fd()];
         enter(&mut slirp, host_user, keep, false);
-        let mut child = slirp.spawn().map_err(|e| fail("starting slirp4netns", e))?;
+        let child = slirp
+            .spawn()
+            .map_err(|e| failed("starting slirp4netns", e))?;
         drop(ready_w);
-        // Ready when it writes "1"; an end of file means it failed.
-        let mut pfd = libc::pollfd {
-            fd: ready_r.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let polled = unsafe { libc::poll(&mut pfd, 1, 5000) };
-        let mut byte = [0u8; 1];
-        if polled == 1 && File::from(ready_r).read(&mut byte).ok() == Some(1) && byte[0] == b'1' {
-            // Its later messages (one per refused packet, say) go nowhere.
-            drop(child.stderr.take());
-            return Ok(child);
-        }
-        let _ = child.kill();
-        let said = child
-            .wait_with_output()
-            .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
-            .unwrap_or_default();
-        Err(SandboxError::Unavailable(format!(
-            "sandbox internet access: slirp4netns {}: {said}",
-            if polled == 1 {
-                "could not set the network up"
-            } else {
-                "did not set the network up within 5 s"
-            }
-        )))
+        slirp_ready(child, ready_r)
     }
+}
+
+/// Waits up to 5 s for slirp4netns `child` to write "1" on `ready_r` (an end of file means it
+/// failed); on failure kills it and reports what it said.
+fn slirp_ready(mut child: Child, ready_r: OwnedFd) -> Result<Child, SandboxError> {
+    let mut pfd = libc::pollfd {
+        fd: ready_r.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let polled = unsafe { libc::poll(&mut pfd, 1, 5000) };
+    let mut byte = [0u8; 1];
+    if polled == 1 && File::from(ready_r).read(&mut byte).ok() == Some(1) && byte[0] == b'1' {
+        // Its later messages (one per refused packet, say) go nowhere.
+        drop(child.stderr.take());
+        return Ok(child);
+    }
+    let _ = child.kill();
+    let said = child
+        .wait_with_output()
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+        .unwrap_or_default();
+    Err(SandboxError::Unavailable(format!(
+        "sandbox internet access: slirp4netns {}: {said}",
+        if polled == 1 {
+            "could not set the network up"
+        } else {
+            "did not set the network up within 5 s"
+        }
+    )))
+}
+
+/// The error for a step of setting up a sandbox's internet access that failed.
+fn failed(what: &str, e: io::Error) -> SandboxError {
+    SandboxError::Unavailable(format!("sandbox internet access: {what}: {e}"))
 }
 
 /// `NS_GET_USERNS`: `_IO(0xb7, 0x1)`.

@@ -167,35 +167,7 @@ async fn run_cell(
             Some(ev) => ev,
         };
         let mut out: Vec<Bytes> = Vec::new();
-        let mut ended = false;
-        match ev {
-            ProcEvent::Stdout(b) => {
-                pending.extend_from_slice(&b);
-                while let Some(nl) = pending.iter().position(|&c| c == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=nl).collect();
-                    let Ok(mut v) = serde_json::from_slice::<Value>(&line) else {
-                        continue;
-                    };
-                    if v["type"] == "end" {
-                        ended = true;
-                        break;
-                    }
-                    if matches!(v["type"].as_str(), Some("stdout" | "stderr")) {
-                        v["timestamp"] = json!(now_ns() as u64);
-                    }
-                    out.push(Bytes::from(v.to_string() + "\n"));
-                }
-            }
-            ProcEvent::Stderr(b) => {
-                let v = json!({
-                    "type": "stderr",
-                    "text": String::from_utf8_lossy(&b),
-                    "timestamp": now_ns() as u64,
-                });
-                out.push(Bytes::from(v.to_string() + "\n"));
-            }
-            ProcEvent::End(_) => {} // handled above
-        }
+        let ended = cell_lines(ev, &mut pending, &mut out);
         for b in out {
             if client && tx.send(Ok(b)).await.is_err() {
                 // The client left mid-cell: interrupt it and drain to its end.
@@ -214,6 +186,40 @@ async fn run_cell(
             return;
         }
     }
+}
+
+/// Adds to `out` the lines to relay for one event of a cell's process (`pending` holds a partial
+/// stdout line between events; stdout and stderr lines get a timestamp); true once the cell's
+/// end line came.
+fn cell_lines(ev: ProcEvent, pending: &mut Vec<u8>, out: &mut Vec<Bytes>) -> bool {
+    match ev {
+        ProcEvent::Stdout(b) => {
+            pending.extend_from_slice(&b);
+            while let Some(nl) = pending.iter().position(|&c| c == b'\n') {
+                let line: Vec<u8> = pending.drain(..=nl).collect();
+                let Ok(mut v) = serde_json::from_slice::<Value>(&line) else {
+                    continue;
+                };
+                if v["type"] == "end" {
+                    return true;
+                }
+                if matches!(v["type"].as_str(), Some("stdout" | "stderr")) {
+                    v["timestamp"] = json!(now_ns() as u64);
+                }
+                out.push(Bytes::from(v.to_string() + "\n"));
+            }
+        }
+        ProcEvent::Stderr(b) => {
+            let v = json!({
+                "type": "stderr",
+                "text": String::from_utf8_lossy(&b),
+                "timestamp": now_ns() as u64,
+            });
+            out.push(Bytes::from(v.to_string() + "\n"));
+        }
+        ProcEvent::End(_) => {} // handled by the caller
+    }
+    false
 }
 
 fn error_line(name: &str, value: &str) -> Bytes {
