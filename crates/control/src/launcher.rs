@@ -50,8 +50,9 @@ pub fn parse_listening_line(line: &str) -> Option<&str> {
 /// Lines of a child's stderr kept for errors.
 const STDERR_TAIL_LINES: usize = 40;
 
-/// How long the exit of a child waits for the last of its output to be read.
-const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
+/// How long the exit of a child waits for the last of its output to be read (a bound, in case
+/// a grandchild holds the pipes open; a loaded machine may take a while to schedule the reader).
+const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
 
 /// How to stop a child.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
