@@ -16,22 +16,16 @@ Needs `cargo build --release` and the default model on disk (`lastmile models pu
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
+import lastmile_proc  # scripts/lastmile_proc.py: starts servers on ports they report
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "target" / "release" / "lastmile"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url):
@@ -67,12 +61,9 @@ def run_trace(name, min_replicas, args, workdir):
         f"    threads: {args.threads}\n    target_concurrency: {args.target}\n    idle_timeout: {args.idle}s\n"
         "    autoscaling:\n      stable_window: 10s\n      panic_window: 1s\n"
     )
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([str(BIN), "serve", "--config", str(config), "--port", str(port),
-                             "--usage-db", str(workdir / f"{name}.db")],
-                            env=dict(os.environ, RUST_LOG="warn"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    server = lastmile_proc.start(["serve", "--config", config, "--usage-db", workdir / f"{name}.db"],
+                                 log=workdir / f"{name}.log", binary=BIN)
+    url = server.url
     samples = []
     try:
         while True:
@@ -116,11 +107,7 @@ def run_trace(name, min_replicas, args, workdir):
         stop.set()
         sampler.join()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
     ok = [r for r in results if r[2]]
     firsts = sorted(r[1] for r in ok)
     p = lambda q: firsts[min(len(firsts) - 1, int(q * len(firsts)))]  # noqa: E731

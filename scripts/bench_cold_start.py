@@ -21,7 +21,6 @@ The model file must already be on disk (the default model is fetched by `lastmil
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import time
@@ -29,16 +28,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import lastmile_proc  # scripts/lastmile_proc.py: starts servers on ports they report
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "target" / "release" / "lastmile"
 HOME = Path(os.environ.get("LASTMILE_HOME", Path.home() / ".cache" / "lastmile"))
 LLAMA = HOME / "anchor" / "build" / "bin" / "llama-server"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def first_token(url, model):
@@ -90,15 +85,13 @@ class FromZero:
             f"    model: {model}\n    min_replicas: 0\n    max_replicas: 1\n    threads: {threads}\n"
             "    idle_timeout: 1s\n    autoscaling:\n      stable_window: 2s\n      panic_window: 1s\n"
         )
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [str(BIN), "serve", "--config", str(config), "--port", str(self.port),
-             "--usage-db", str(workdir / "usage.db")],
-            env=dict(os.environ, RUST_LOG="warn"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.server = lastmile_proc.start(
+            ["serve", "--config", config, "--usage-db", workdir / "usage.db"],
+            log=workdir / "serve.log", binary=BIN)
+        self.url = self.server.url
         while not ready(self.url):
-            if self.proc.poll() is not None:
-                raise SystemExit("lastmile serve --config exited early")
+            if self.server.proc.poll() is not None:
+                raise SystemExit(f"lastmile serve --config exited early; see {self.server.log}")
             time.sleep(0.01)
 
     def status(self):
@@ -137,20 +130,33 @@ class FromZero:
         return total, parts
 
     def close(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        self.server.stop()
 
 
-def one_run(cmd, env, url, model):
+def start_lastmile(args, log):
+    """`lastmile ARGS` on a port it reports: (its process, its URL)."""
+    server = lastmile_proc.start(args, log=log, binary=BIN)
+    return server.proc, server.url
+
+
+def start_llama_server(args, log):
+    """llama-server, which cannot report a port it picked: (its process, its URL)."""
+    port = lastmile_proc.free_port_for_foreign_server()
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([*args, "--port", str(port)], stdout=out, stderr=out,
+                                env=dict(os.environ, LD_LIBRARY_PATH=str(LLAMA.parent)))
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def one_run(start, model):
+    """Process start to ready, ready to first token, and their sum, in seconds. Both servers
+    are timed up to a 200 from /health (lastmile's reports its port as it starts listening)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, url = start()
     try:
         while not ready(url):
             if proc.poll() is not None:
-                raise SystemExit(f"{cmd[0]} exited early")
+                raise SystemExit(f"{url} exited early")
             time.sleep(0.002)
         t_ready = time.perf_counter()
         while not first_token(url, model):
@@ -170,23 +176,22 @@ def main():
     a = ap.parse_args()
     if not Path(a.model).exists():
         raise SystemExit(f"{a.model} not found (run `lastmile models pull`)")
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"lastmile-cold-{os.getpid()}"
     servers = {
-        "lastmile": lambda port: ([str(BIN), "serve", "--port", str(port), "--threads", str(a.threads),
-                                   "--model", a.model, "--served-model-name", "m"],
-                                  dict(os.environ, RUST_LOG="warn")),
-        "llama.cpp": lambda port: ([str(LLAMA), "-m", a.model, "-t", str(a.threads), "--port", str(port),
-                                    "--host", "127.0.0.1", "-c", "4096", "--alias", "m"],
-                                   dict(os.environ, LD_LIBRARY_PATH=str(LLAMA.parent))),
+        "lastmile": lambda: start_lastmile(["serve", "--threads", a.threads, "--model", a.model,
+                                            "--served-model-name", "m"], workdir / "lastmile.log"),
+        "llama.cpp": lambda: start_llama_server([str(LLAMA), "-m", a.model, "-t", str(a.threads),
+                                                 "--host", "127.0.0.1", "-c", "4096", "--alias", "m"],
+                                                workdir / "llama.cpp.log"),
     }
     results = {name: [] for name in servers}
-    zero = FromZero(a.model, a.threads, Path(os.environ.get("TMPDIR", "/tmp")) / f"lastmile-cold-{os.getpid()}")
+    zero = FromZero(a.model, a.threads, workdir)
+    print(f"server logs in {workdir}", flush=True)
     zero_runs = []
     try:
         for i in range(a.runs):
-            for name, make in servers.items():
-                port = free_port()
-                cmd, env = make(port)
-                r = one_run(cmd, env, f"http://127.0.0.1:{port}", "m")
+            for name, start in servers.items():
+                r = one_run(start, "m")
                 results[name].append(r)
                 print(f"run {i + 1}/{a.runs} {name}: ready {r[0] * 1e3:.0f} ms, first token {r[1] * 1e3:.0f} ms "
                       f"later, total {r[2] * 1e3:.0f} ms", flush=True)

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,15 +21,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import lastmile_proc  # scripts/lastmile_proc.py: starts servers on ports they report
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "target" / "release" / "lastmile"
 POLICIES = ["kv_aware", "round_robin", "random"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url, proc, timeout=120):
@@ -49,30 +44,25 @@ def wait_healthy(url, proc, timeout=120):
 
 
 def run_policy(policy, args, out_json):
-    procs = []
+    servers = []
     try:
         urls = []
         for _ in range(args.workers):
-            port = free_port()
-            p = subprocess.Popen(
-                [BIN, "serve", "--port", str(port), "--threads", str(args.threads)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            procs.append(p)
-            urls.append(f"http://127.0.0.1:{port}")
-        for url, p in zip(urls, procs):
-            wait_healthy(url, p)
-        gport = free_port()
-        cmd = [BIN, "gateway", "--port", str(gport), "--policy", policy]
+            w = lastmile_proc.start(["serve", "--threads", args.threads], binary=BIN)
+            servers.append(w)
+            urls.append(w.url)
+        for w in servers:
+            wait_healthy(w.url, w.proc)
+        cmd = ["gateway", "--policy", policy]
         if policy == "kv_aware" and args.kv_balance is not None:
             cmd += ["--kv-balance", str(args.kv_balance)]
         for url in urls:
             cmd += ["--worker", url]
-        g = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(g)
-        gw = f"http://127.0.0.1:{gport}"
-        wait_healthy(gw, g)
+        g = lastmile_proc.start(cmd, binary=BIN)
+        servers.append(g)
+        gw = g.url
+        print(f"logs: {', '.join(s.log for s in servers)}", flush=True)
+        wait_healthy(gw, g.proc)
         bench = [
             BIN, "bench", "--url", gw, "--workload", "multi-turn",
             "--requests", str(args.conversations), "--turns", str(args.turns),
@@ -83,13 +73,10 @@ def run_policy(policy, args, out_json):
         print(f"\n== {policy}: {shlex.join(map(str, bench))}", flush=True)
         subprocess.run(bench, check=True)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        for s in servers:
+            s.proc.terminate()
+        for s in servers:
+            s.stop(timeout=10)
     doc = json.load(open(out_json))
     return doc["servers"][0]["levels"][0]["summary"]
 

@@ -27,7 +27,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import struct
 import subprocess
@@ -35,15 +34,11 @@ import sys
 import time
 from pathlib import Path
 
+import lastmile_proc  # scripts/lastmile_proc.py: starts servers on ports they report
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "target" / "release" / "lastmile"
 SANDBOX_UID = 65534
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(xs, p):
@@ -83,26 +78,16 @@ def cpu_line():
 
 
 class Server:
+    """`lastmile sandbox EXTRA` on a port it reports (its log in the temp folder)."""
+
     def __init__(self, extra):
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [str(BIN), "sandbox", "--port", str(self.port), *extra],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("lastmile sandbox did not start")
+        self.server = lastmile_proc.start(["sandbox", *extra], binary=BIN, timeout=30)
+        self.proc = self.server.proc
+        self.url = self.server.url
+        self.port = self.server.port
 
     def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        self.server.stop()
 
 
 def create(conn):

@@ -3,7 +3,7 @@
 //! ours with and without the prefix cache) and runs the same workload against both in one run.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -101,51 +101,77 @@ pub struct LoadBenchArgs {
 struct ServerGuard {
     name: String,
     url: String,
-    child: Child,
+    pid: u32,
+    _process: ServerProcess,
 }
 
-impl Drop for ServerGuard {
+/// The process behind a [`ServerGuard`].
+enum ServerProcess {
+    /// `lastmile serve`, started by the launcher (which kills it when dropped).
+    Ours {
+        _worker: lastmile_control::launcher::LaunchedWorker,
+    },
+    /// Another binary.
+    Foreign(Child),
+}
+
+impl Drop for ServerProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Self::Foreign(child) = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// Where the output of the server called `name` goes: a log file in the temp folder.
+fn server_log(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("lastmile-bench-{name}-{}.log", std::process::id()))
 }
 
+/// Starts `lastmile serve` on a port it picks and waits until it listens (the model loaded).
 fn start_ours(
+    rt: &tokio::runtime::Runtime,
     gguf: &std::path::Path,
     threads: usize,
     extra: &[&str],
     name: &str,
 ) -> Result<ServerGuard> {
-    let port = free_port()?;
-    let exe = std::env::current_exe()?;
-    let child = Command::new(exe)
-        .args([
-            "serve",
-            "--port",
-            &port.to_string(),
-            "--threads",
-            &threads.to_string(),
-            "--model",
-        ])
-        .arg(gguf)
-        .args(["--served-model-name", "bench-model"])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting lastmile serve")?;
+    use lastmile_control::launcher::{Launch, Output};
+    let exe = std::env::current_exe().context("locating the lastmile binary")?;
+    let mut command: Vec<std::ffi::OsString> = vec!["serve".into(), "--model".into()];
+    command.push(gguf.into());
+    for arg in ["--threads", &threads.to_string()]
+        .into_iter()
+        .chain(["--served-model-name", "bench-model"])
+        .chain(extra.iter().copied())
+    {
+        command.push(arg.into());
+    }
+    let log = server_log(name);
+    eprintln!("{name}: server log in {}", log.display());
+    let launch = Launch::new(exe, command)
+        .output(Output::LogFile(log))
+        .env("RUST_LOG", "warn");
+    let (worker, url) = rt.block_on(async {
+        let worker = launch.spawn()?;
+        let url = worker.listening(Duration::from_secs(300)).await?;
+        Ok::<_, lastmile_control::ControlError>((worker, url))
+    })?;
     Ok(ServerGuard {
         name: name.to_string(),
-        url: format!("http://127.0.0.1:{port}"),
-        child,
+        url,
+        pid: worker.pid(),
+        _process: ServerProcess::Ours { _worker: worker },
     })
+}
+
+/// A port nothing listens on now, for llama-server, which cannot report a port it picked
+/// itself: the one bind-then-drop left (another process may take the port in between).
+fn free_port_for_llama_server() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn start_llama_server(
@@ -161,8 +187,12 @@ fn start_llama_server(
             bin.display()
         );
     }
-    let port = free_port()?;
+    let port = free_port_for_llama_server()?;
     let lib_dir = bin.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+    let log_path = server_log("llama.cpp");
+    eprintln!("llama.cpp: server log in {}", log_path.display());
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
     let child = Command::new(bin)
         .arg("-m")
         .arg(gguf)
@@ -184,14 +214,15 @@ fn start_llama_server(
             "bench-model",
         ])
         .env("LD_LIBRARY_PATH", lib_dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
         .spawn()
         .context("starting llama-server")?;
     Ok(ServerGuard {
         name: "llama.cpp".into(),
         url: format!("http://127.0.0.1:{port}"),
-        child,
+        pid: child.id(),
+        _process: ServerProcess::Foreign(child),
     })
 }
 
@@ -345,11 +376,12 @@ pub fn run(a: LoadBenchArgs) -> Result<()> {
     match (&a.url, a.compare) {
         (Some(url), None) => targets.push(("server".into(), url.trim_end_matches('/').to_string())),
         (Some(_), Some(_)) => bail!("--compare starts its own servers; drop --url"),
-        (None, None) => servers.push(start_ours(&model_file()?, a.threads, &[], "lastmile")?),
+        (None, None) => servers.push(start_ours(&rt, &model_file()?, a.threads, &[], "lastmile")?),
         (None, Some(CompareArg::NoPrefixCache)) => {
             let gguf = model_file()?;
-            servers.push(start_ours(&gguf, a.threads, &[], "lastmile")?);
+            servers.push(start_ours(&rt, &gguf, a.threads, &[], "lastmile")?);
             servers.push(start_ours(
+                &rt,
                 &gguf,
                 a.threads,
                 &["--no-prefix-cache"],
@@ -358,7 +390,7 @@ pub fn run(a: LoadBenchArgs) -> Result<()> {
         }
         (None, Some(CompareArg::LlamaCpp)) => {
             let gguf = model_file()?;
-            servers.push(start_ours(&gguf, a.threads, &[], "lastmile")?);
+            servers.push(start_ours(&rt, &gguf, a.threads, &[], "lastmile")?);
             let bin = a.llama_server.clone().unwrap_or_else(|| {
                 lastmile_engine::fetch::lastmile_home().join("anchor/build/bin/llama-server")
             });
@@ -399,7 +431,7 @@ pub fn run(a: LoadBenchArgs) -> Result<()> {
                 long_prompt: None,
             })
             .await;
-            let pid = servers.iter().find(|s| &s.url == url).map(|s| s.child.id());
+            let pid = servers.iter().find(|s| &s.url == url).map(|s| s.pid);
             let idle_rss = pid.and_then(rss_mib);
             let mut reports = Vec::new();
             let mut peaks = Vec::new();

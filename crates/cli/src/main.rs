@@ -188,7 +188,8 @@ struct GatewayArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
-    /// Port to listen on.
+    /// Port to listen on (0: a free one, picked by the system). Once listening, the server
+    /// prints `lastmile: listening on http://HOST:PORT` (the port it got) as one line on stdout.
     #[arg(long, default_value_t = 8080)]
     port: u16,
     /// How often each worker's /health is polled, in milliseconds.
@@ -271,6 +272,7 @@ fn run_gateway(
             _ => axum::Router::new(),
         };
         eprintln!("lastmile: http://{addr}: {banner}");
+        announce_listening(&addr);
         let served = handle.serve(listener, admin, shutdown_signal()).await;
         if let Some(s) = svc {
             s.shutdown().await;
@@ -280,13 +282,32 @@ fn run_gateway(
     })
 }
 
-/// Listens on host:port; returns the listener and the address as text.
+/// Listens on host:port (port 0: one the system picks); returns the listener and the address
+/// as text, with the port it got.
 pub(crate) async fn bind(host: &str, port: u16) -> Result<(tokio::net::TcpListener, String)> {
-    let addr = format!("{host}:{port}");
-    let listener = tokio::net::TcpListener::bind(&addr)
+    let wanted = format!("{host}:{port}");
+    let listener = tokio::net::TcpListener::bind(&wanted)
         .await
-        .with_context(|| format!("binding {addr}"))?;
+        .with_context(|| format!("binding {wanted}"))?;
+    let bound = listener
+        .local_addr()
+        .with_context(|| format!("reading the address bound for {wanted}"))?;
+    // Keep the host as given (`localhost` stays readable); an IP address is written by
+    // `SocketAddr` (IPv6 in brackets).
+    let addr = match host.parse::<std::net::IpAddr>() {
+        Ok(_) => bound.to_string(),
+        Err(_) => format!("{host}:{}", bound.port()),
+    };
     Ok((listener, addr))
+}
+
+/// Says on stdout, in the one line launchers wait for (`lastmile_control::launcher`, the
+/// benchmark scripts), that this server listens at `addr`: called once, just before serving.
+pub(crate) fn announce_listening(addr: &str) {
+    println!(
+        "{}",
+        lastmile_control::launcher::listening_line(&format!("http://{addr}"))
+    );
 }
 
 #[derive(Subcommand)]
@@ -424,7 +445,8 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
-    /// Port to listen on.
+    /// Port to listen on (0: a free one, picked by the system). Once listening, the server
+    /// prints `lastmile: listening on http://HOST:PORT` (the port it got) as one line on stdout.
     #[arg(long, default_value_t = 8080)]
     port: u16,
     /// The model id clients must send (default: the default model's id, or the file name).
@@ -433,8 +455,10 @@ struct ServeArgs {
     /// Largest accepted request body, in bytes (larger ones get 413).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     max_body_bytes: usize,
-    /// Run this many worker processes behind a kv_aware gateway on --port (1: no gateway).
-    /// --threads is then per worker (default: the cores divided among the workers).
+    /// Run this many worker processes behind a kv_aware gateway on --port (1: no gateway): a
+    /// deployment of fixed size run by the controller (a worker that crashes is replaced;
+    /// /admin/deployments shows them). --threads is then per worker (default: the cores
+    /// divided among the workers).
     #[arg(long, default_value_t = 1)]
     workers: usize,
     /// Register this worker in etcd (client URLs, comma-separated) so that gateways started with
@@ -577,6 +601,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             "lastmile: serving `{}` on http://{addr} (OpenAI API at /v1)",
             config.model_id
         );
+        announce_listening(&addr);
         let registration = if args.etcd.is_empty() {
             None
         } else {

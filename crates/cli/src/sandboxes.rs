@@ -158,7 +158,8 @@ pub struct SandboxServerArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
-    /// Port to listen on.
+    /// Port to listen on (0: a free one, picked by the system). Once listening, the server
+    /// prints `lastmile: listening on http://HOST:PORT` (the port it got) as one line on stdout.
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
 }
@@ -181,6 +182,7 @@ pub fn serve(args: SandboxServerArgs) -> Result<()> {
             "lastmile: http://{addr}: sandboxes ({}); E2B SDKs: E2B_API_URL=E2B_SANDBOX_URL=http://{addr}",
             svc.backend()
         );
+        crate::announce_listening(&addr);
         let served = handle.serve(listener, admin, crate::shutdown_signal()).await;
         svc.shutdown().await;
         served?;

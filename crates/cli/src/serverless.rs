@@ -2,14 +2,15 @@
 //! each scaled by the controller between its `min_replicas` and `max_replicas` worker processes
 //! (this binary, `serve` on free local ports), scaling to zero when idle and back on the first
 //! request, which the gateway's activator holds meanwhile. The admin API (`/admin/deployments`)
-//! shows each deployment's replicas.
+//! shows each deployment's replicas. `serve --workers N` runs here too, as one deployment of
+//! fixed size ([`run_deployments`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use lastmile_control::controller::{Balancer, Controller, ControllerConfig, Load};
-use lastmile_control::deployments::Deployments;
+use lastmile_control::deployments::{DeploymentSpec, Deployments};
 use lastmile_control::supervisor::{LocalProcesses, ReplicaSpec};
 use lastmile_engine::fetch::ensure_default_model;
 use lastmile_gateway::{DeploymentRoute, GatewayConfig, GatewayHandle};
@@ -81,13 +82,32 @@ pub(crate) fn serve_deployments(args: ServeArgs, config: &Path) -> Result<()> {
         };
         specs.push((d.clone(), replica));
     }
+    let names: Vec<String> = deployments
+        .list
+        .iter()
+        .map(|d| {
+            format!(
+                "`{}` ({}..={} replicas)",
+                d.name, d.min_replicas, d.max_replicas
+            )
+        })
+        .collect();
+    run_deployments(args, specs, &format!("serving {}", names.join(", ")))
+}
+
+/// Serves `deployments` behind one gateway, each run by the controller, until Ctrl-C or
+/// SIGTERM, then stops every replica; `banner` says what is served.
+pub(crate) fn run_deployments(
+    args: ServeArgs,
+    specs: Vec<(DeploymentSpec, ReplicaSpec)>,
+    banner: &str,
+) -> Result<()> {
     let mut gateway = GatewayConfig::new(Vec::new());
     gateway.max_body_bytes = args.max_body_bytes;
     args.access.configure(&mut gateway);
-    gateway.deployments = deployments
-        .list
+    gateway.deployments = specs
         .iter()
-        .map(|d| DeploymentRoute {
+        .map(|(d, _)| DeploymentRoute {
             name: d.name.clone(),
             policy: d.routing,
             queue: d.queue,
@@ -122,20 +142,10 @@ pub(crate) fn serve_deployments(args: ServeArgs, config: &Path) -> Result<()> {
         handle.on_demand(move |d| c.wake(d));
         let c = controller.clone();
         handle.extra_metrics(move || c.metrics());
-        let names: Vec<String> = deployments
-            .list
-            .iter()
-            .map(|d| {
-                format!(
-                    "`{}` ({}..={} replicas)",
-                    d.name, d.min_replicas, d.max_replicas
-                )
-            })
-            .collect();
         eprintln!(
-            "lastmile: http://{addr}: serving {} (OpenAI API at /v1, admin at /admin/deployments)",
-            names.join(", ")
+            "lastmile: http://{addr}: {banner} (OpenAI API at /v1, admin at /admin/deployments)"
         );
+        crate::announce_listening(&addr);
         let served = handle
             .serve(
                 listener,

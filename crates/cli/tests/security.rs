@@ -251,27 +251,62 @@ fn is_dead(pid: u32) -> bool {
     }
 }
 
+/// Process `pid`'s command line, its arguments split.
+fn cmdline(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    raw.split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// `serve --workers 2` is a deployment of two replicas run by the controller, each started by
+/// the launcher (`--port 0`, the port it reports): the gateway, itself started with `--port 0`
+/// through the launcher, puts both in rotation; neither inherits the admin key, and both die
+/// with their parent when it is killed with SIGKILL.
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_children_inherit_no_secret_and_die_with_their_parent() {
+    use lastmile_control::launcher::{Launch, Output, Stop};
     let dir = temp_dir("workers");
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let mut parent = Proc(
-        Command::new(BIN)
-            .args(["serve", "--workers", "2", "--threads", "1"])
-            .args(["--port", &port.to_string(), "--usage-db"])
-            .arg(dir.join("usage.db"))
-            .env("LASTMILE_ADMIN_KEY", ADMIN)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting lastmile"),
-    );
-    // The gateway listens once both workers do.
-    wait_healthy(&url).await;
-    let children = children_of(parent.0.id());
+    let usage_db = dir.join("usage.db");
+    let parent = Launch::new(
+        BIN,
+        [
+            "serve",
+            "--workers",
+            "2",
+            "--threads",
+            "1",
+            "--usage-db",
+            usage_db.to_str().expect("utf-8 temp dir"),
+        ],
+    )
+    .output(Output::LogFile(dir.join("serve.log")))
+    .env("LASTMILE_ADMIN_KEY", ADMIN)
+    .env("RUST_LOG", "warn")
+    .spawn()
+    .expect("starting lastmile");
+    let url = parent
+        .listening(Duration::from_secs(60))
+        .await
+        .expect("the gateway reports its port");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let name = lastmile_engine::fetch::DEFAULT_MODEL_ID;
+    loop {
+        let status = admin_get(&url, &format!("/admin/deployments/{name}")).await;
+        let status = status.as_ref().map(|s| &s["status"]);
+        if status.is_some_and(|s| s["ready"] == 2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the two workers never became ready: {status:?}\n{}",
+            parent.stderr_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let children = children_of(parent.pid());
     assert_eq!(children.len(), 2, "two worker processes: {children:?}");
     for c in &children {
         let environ = std::fs::read(format!("/proc/{c}/environ")).expect("environ");
@@ -279,10 +314,21 @@ async fn workers_children_inherit_no_secret_and_die_with_their_parent() {
             .split(|b| *b == 0)
             .any(|var| var.starts_with(b"LASTMILE_ADMIN_KEY="));
         assert!(!leaked, "worker {c} inherited LASTMILE_ADMIN_KEY");
+        let args = cmdline(*c);
+        assert!(
+            args.windows(2).any(|w| w == ["--port", "0"]),
+            "worker {c} was not started with --port 0: {args:?}"
+        );
     }
     // kill -9 of the parent: no orphans.
-    parent.0.kill().expect("kill");
-    parent.0.wait().expect("reap");
+    parent.stop(Stop::Kill);
+    let how = tokio::time::timeout(Duration::from_secs(10), parent.exited())
+        .await
+        .expect("the parent dies");
+    assert!(
+        how.contains("SIGKILL") || how.contains("signal: 9"),
+        "{how}"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !children.iter().all(|c| is_dead(*c)) {
         assert!(

@@ -8,7 +8,8 @@
 //! replicas as the held requests need at the target concurrency; because it counts the replicas
 //! already starting, any number of such wakes start that many replicas, not one per request.
 //!
-//! A replica is put in rotation (`Balancer::replica_ready`) once its `/health` answers, and
+//! A replica is put in rotation (`Balancer::replica_ready`) once it has reported the address it
+//! listens at and its `/health` answers there (both within `ready_timeout`), and
 //! taken out (`replica_gone`) before it is stopped or as soon as it is seen dead. A replica that
 //! exits without being asked to has crashed: it is replaced, after a back-off that doubles with
 //! each crash in a row (from `backoff_base` up to `backoff_max`) and starts over once a replica
@@ -88,8 +89,8 @@ impl Default for ControllerConfig {
 pub struct ReplicaStatus {
     /// Backend id (process id).
     pub id: String,
-    /// Base URL.
-    pub url: String,
+    /// Base URL (`None` until it has reported the address it listens at).
+    pub url: Option<String>,
     /// Where it is in its life (`starting`, `ready` or `stopping` on the wire).
     pub state: ReplicaState,
     /// Seconds since it was started.
@@ -300,14 +301,16 @@ pub enum ReplicaState {
 struct Live {
     seq: u64,
     replica: StartedReplica,
+    /// Its base URL, once it is healthy there.
+    url: Option<String>,
     state: ReplicaState,
     started: Instant,
     ready_at: Option<Instant>,
 }
 
 enum Event {
-    /// Healthy (true) or not within the ready timeout (false).
-    Health(u64, bool),
+    /// Listening and healthy at this URL, or not within the ready timeout (`None`).
+    Health(u64, Option<String>),
     Exited(u64, String),
     /// Its stop grace is over.
     GraceOver(u64),
@@ -388,7 +391,7 @@ impl Loop {
                 .iter()
                 .map(|r| ReplicaStatus {
                     id: r.replica.id.clone(),
-                    url: r.replica.url.clone(),
+                    url: r.url.clone(),
                     state: r.state,
                     age_s: r.started.elapsed().as_secs_f64(),
                 })
@@ -443,18 +446,27 @@ impl Loop {
         };
         let seq = self.next_seq;
         self.next_seq += 1;
-        tracing::info!(deployment = %name, replica = %replica.id, url = %replica.url, "starting a replica");
-        let (client, url, limit, tx) = (
-            self.client.clone(),
-            replica.url.clone(),
-            self.config.ready_timeout,
-            tx.clone(),
-        );
+        tracing::info!(deployment = %name, replica = %replica.id, "starting a replica");
+        let (client, limit, tx) = (self.client.clone(), self.config.ready_timeout, tx.clone());
+        let listening =
+            std::mem::replace(&mut replica.listening, tokio::sync::oneshot::channel().1);
         let mut exited = std::mem::replace(&mut replica.exited, tokio::sync::oneshot::channel().1);
         tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + limit;
+            let ready = async {
+                let Ok(url) = tokio::time::timeout_at(deadline, listening).await else {
+                    return None;
+                };
+                let Ok(url) = url else {
+                    // It exited without listening: `exited` says how.
+                    return std::future::pending().await;
+                };
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                wait_healthy(&client, &url, left).await.then_some(url)
+            };
             tokio::select! {
-                ok = wait_healthy(&client, &url, limit) => {
-                    let _ = tx.send(Event::Health(seq, ok));
+                ready = ready => {
+                    let _ = tx.send(Event::Health(seq, ready));
                 }
                 how = &mut exited => {
                     let _ = tx.send(Event::Exited(seq, how.unwrap_or_else(|_| "unknown".into())));
@@ -467,6 +479,7 @@ impl Loop {
         self.replicas.push(Live {
             seq,
             replica,
+            url: None,
             state: ReplicaState::Starting,
             started: Instant::now(),
             ready_at: None,
@@ -477,9 +490,8 @@ impl Loop {
     /// Takes replica `i` out of rotation and asks it to drain and exit.
     fn stop(&mut self, i: usize, tx: &mpsc::UnboundedSender<Event>) {
         let r = &mut self.replicas[i];
-        if r.state == ReplicaState::Ready {
-            self.balancer
-                .replica_gone(&self.m.spec.name, &r.replica.url);
+        if let (ReplicaState::Ready, Some(url)) = (r.state, &r.url) {
+            self.balancer.replica_gone(&self.m.spec.name, url);
         }
         r.state = ReplicaState::Stopping;
         tracing::info!(deployment = %self.m.spec.name, replica = %r.replica.id, "stopping a replica");
@@ -494,7 +506,7 @@ impl Loop {
     fn on_event(&mut self, ev: Event) {
         let name = self.m.spec.name.clone();
         match ev {
-            Event::Health(seq, true) => {
+            Event::Health(seq, Some(url)) => {
                 let Some(r) = self.replicas.iter_mut().find(|r| r.seq == seq) else {
                     return;
                 };
@@ -503,16 +515,17 @@ impl Loop {
                 }
                 r.state = ReplicaState::Ready;
                 r.ready_at = Some(Instant::now());
+                r.url = Some(url.clone());
                 let took = r.started.elapsed().as_secs_f64();
-                tracing::info!(deployment = %name, replica = %r.replica.id, "replica ready in {:.0} ms", took * 1e3);
-                self.balancer.replica_ready(&name, &r.replica.url);
+                tracing::info!(deployment = %name, replica = %r.replica.id, url = %url, "replica ready in {:.0} ms", took * 1e3);
+                self.balancer.replica_ready(&name, &url);
                 let mut s = lock(&self.m.status);
                 s.cold_starts += 1;
                 s.cold_start_seconds_sum += took;
                 self.m.cold_start.observe(took);
                 s.last_cold_start_ms = Some(took * 1e3);
             }
-            Event::Health(seq, false) => {
+            Event::Health(seq, None) => {
                 if let Some(i) = self.replicas.iter().position(|r| r.seq == seq) {
                     tracing::error!(deployment = %name, "a replica was not healthy in time; killing it");
                     self.replicas[i].replica.stop(Stop::Kill);
@@ -530,8 +543,8 @@ impl Loop {
                     return;
                 }
                 tracing::warn!(deployment = %name, replica = %r.replica.id, "replica exited unasked ({how}); replacing it");
-                if r.state == ReplicaState::Ready {
-                    self.balancer.replica_gone(&name, &r.replica.url);
+                if let (ReplicaState::Ready, Some(url)) = (r.state, &r.url) {
+                    self.balancer.replica_gone(&name, url);
                 }
                 let long_lived = r
                     .ready_at
@@ -568,8 +581,8 @@ impl Loop {
     async fn stop_all(&mut self, rx: &mut mpsc::UnboundedReceiver<Event>) {
         let name = self.m.spec.name.clone();
         for r in &mut self.replicas {
-            if r.state == ReplicaState::Ready {
-                self.balancer.replica_gone(&name, &r.replica.url);
+            if let (ReplicaState::Ready, Some(url)) = (r.state, &r.url) {
+                self.balancer.replica_gone(&name, url);
             }
             r.state = ReplicaState::Stopping;
             r.replica.stop(Stop::Graceful);

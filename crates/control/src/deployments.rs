@@ -42,6 +42,27 @@ pub struct DeploymentSpec {
     pub args: Vec<String>,
 }
 
+impl DeploymentSpec {
+    /// A deployment of `model` (`None`: the default model) always at `replicas` replicas (no
+    /// scaling, never to zero; a crashed replica is replaced), routed `kv_aware`: what
+    /// `lastmile serve --workers N` runs.
+    pub fn fixed(name: impl Into<String>, model: Option<PathBuf>, replicas: usize) -> Self {
+        Self {
+            name: name.into(),
+            model,
+            min_replicas: replicas,
+            max_replicas: replicas,
+            routing: PolicyKind::KvAware,
+            threads: None,
+            queue: 1024,
+            // As long as the controller waits for a replica to become ready.
+            hold_timeout: Duration::from_secs(120),
+            autoscaling: AutoscalerConfig::new(replicas, replicas),
+            args: Vec::new(),
+        }
+    }
+}
+
 /// A file of deployments.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Deployments {

@@ -36,6 +36,34 @@ pub enum ControlError {
         /// Why.
         message: String,
     },
+    /// A server process could not be started.
+    #[error("starting {exe}: {message}")]
+    Launch {
+        /// The binary.
+        exe: String,
+        /// Why.
+        message: String,
+    },
+    /// A server process exited before it reported the address it listens at.
+    #[error("{exe} exited before it listened ({status}); the end of its stderr:\n{stderr}")]
+    ExitedEarly {
+        /// The binary.
+        exe: String,
+        /// How it ended (`exit status: 1`).
+        status: String,
+        /// The last lines of its stderr.
+        stderr: String,
+    },
+    /// A server process did not report an address in time.
+    #[error("{exe} did not listen within {after:?}; the end of its stderr:\n{stderr}")]
+    NotListening {
+        /// The binary.
+        exe: String,
+        /// How long it was given.
+        after: std::time::Duration,
+        /// The last lines of its stderr.
+        stderr: String,
+    },
 }
 
 impl ControlError {
@@ -44,6 +72,9 @@ impl ControlError {
         match self {
             Self::Config { .. } => "invalid_config",
             Self::Start { .. } => "replica_start_failed",
+            Self::Launch { .. } => "launch_failed",
+            Self::ExitedEarly { .. } => "exited_early",
+            Self::NotListening { .. } => "not_listening",
         }
     }
 }

@@ -1,22 +1,23 @@
 //! Where replicas run. [`ReplicaBackend`] starts one replica of a deployment and hands back a
-//! [`StartedReplica`]: its address, a signal when it exits, and a way to stop it. The controller
-//! needs nothing else, so a Kubernetes backend (a pod per replica) fits the same interface.
+//! [`StartedReplica`]: a signal with its address once it listens, a signal when it exits, and a
+//! way to stop it. The controller needs nothing else, so a Kubernetes backend (a pod per
+//! replica, whose address is known once it is scheduled) fits the same interface.
 //!
 //! [`LocalProcesses`] runs each replica as a child process of this binary
-//! (`lastmile serve --port P --model ...`) on a free local port, started by
-//! [`crate::launcher`]: without the parent's secrets, and dying with their parent
-//! (`PR_SET_PDEATHSIG`), so a killed control plane leaves no orphan replicas behind.
+//! (`lastmile serve --port 0 --model ...`, which reports the port it bound), started by
+//! [`crate::launcher`]: without the parent's secrets, its output on the parent's stderr behind
+//! the deployment's name, and dying with its parent (`PR_SET_PDEATHSIG`), so a killed control
+//! plane leaves no orphan replicas behind.
 
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use crate::launcher::{Launch, Output};
 use crate::ControlError;
+
+pub use crate::launcher::Stop;
 
 /// What one replica of a deployment runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,21 +32,13 @@ pub struct ReplicaSpec {
     pub args: Vec<String>,
 }
 
-/// How to stop a replica.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stop {
-    /// Finish in-flight requests, then exit (SIGTERM).
-    Graceful,
-    /// Now (SIGKILL).
-    Kill,
-}
-
-/// A replica that has been started (it may not be ready yet).
+/// A replica that has been started (it may not be listening yet).
 pub struct StartedReplica {
     /// Its identity in the backend (a process id, a pod name).
     pub id: String,
-    /// Its base URL.
-    pub url: String,
+    /// Resolves with its base URL once it listens; closed if it never does (it exited: then
+    /// `exited` resolves).
+    pub listening: oneshot::Receiver<String>,
     /// Resolves with how it ended when it exits, for whatever reason.
     pub exited: oneshot::Receiver<String>,
     stop: Box<dyn Fn(Stop) + Send + Sync>,
@@ -55,13 +48,13 @@ impl StartedReplica {
     /// A replica as a backend describes it.
     pub fn new(
         id: String,
-        url: String,
+        listening: oneshot::Receiver<String>,
         exited: oneshot::Receiver<String>,
         stop: impl Fn(Stop) + Send + Sync + 'static,
     ) -> Self {
         Self {
             id,
-            url,
+            listening,
             exited,
             stop: Box::new(stop),
         }
@@ -75,11 +68,11 @@ impl StartedReplica {
 
 /// Starts replicas.
 pub trait ReplicaBackend: Send + Sync + 'static {
-    /// Starts one replica of `spec` (returns once it exists, before it is ready).
+    /// Starts one replica of `spec` (returns once it exists, before it listens).
     fn start(&self, spec: &ReplicaSpec) -> Result<StartedReplica, ControlError>;
 }
 
-/// Replicas as child processes of `exe` (this binary) listening on free local ports.
+/// Replicas as child processes of `exe` (this binary), each listening on a port it picks.
 pub struct LocalProcesses {
     /// The `lastmile` binary.
     pub exe: PathBuf,
@@ -97,66 +90,52 @@ impl LocalProcesses {
     }
 }
 
-fn free_port(host: &str) -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind((host, 0))?.local_addr()?.port())
-}
-
 impl ReplicaBackend for LocalProcesses {
+    /// Must be called within a tokio runtime.
     fn start(&self, spec: &ReplicaSpec) -> Result<StartedReplica, ControlError> {
-        let fail = |message: String| ControlError::Start {
-            deployment: spec.deployment.clone(),
-            message,
-        };
-        let port = free_port(&self.host).map_err(|e| fail(format!("no free port: {e}")))?;
-        let mut cmd = crate::launcher::worker_command(&self.exe);
-        cmd.arg("serve")
-            .args(["--host", &self.host, "--port", &port.to_string()])
-            .arg("--model")
-            .arg(&spec.model)
-            .args(["--served-model-name", &spec.deployment])
-            .args(["--threads", &spec.threads.to_string()])
-            .args(&spec.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+        let mut command: Vec<std::ffi::OsString> = vec!["serve".into(), "--model".into()];
+        command.push(spec.model.clone().into());
+        for arg in [
+            "--served-model-name",
+            &spec.deployment,
+            "--threads",
+            &spec.threads.to_string(),
+        ]
+        .into_iter()
+        .chain(spec.args.iter().map(String::as_str))
+        {
+            command.push(arg.into());
+        }
+        let launch = Launch {
+            host: self.host.clone(),
             // Its own process group: a Ctrl-C at the terminal reaches the control plane, which
             // stops replicas in order, not every replica at once behind its back.
-            .process_group(0);
-        let mut cmd = tokio::process::Command::from(cmd);
-        cmd.kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| fail(format!("spawning {}: {e}", self.exe.display())))?;
-        let pid = child.id().unwrap_or(0);
-        let (tx, exited) = oneshot::channel();
-        let reaped = Arc::new(AtomicBool::new(false));
-        let reaped_by_waiter = reaped.clone();
-        tokio::spawn(async move {
-            let how = match child.wait().await {
-                Ok(status) => status.to_string(),
-                Err(e) => format!("lost: {e}"),
-            };
-            reaped_by_waiter.store(true, Ordering::SeqCst);
-            let _ = tx.send(how);
-        });
-        let stop = move |how: Stop| {
-            let signal = match how {
-                Stop::Graceful => libc::SIGTERM,
-                Stop::Kill => libc::SIGKILL,
-            };
-            if pid != 0 && !reaped.load(Ordering::SeqCst) {
-                // SAFETY: kill(2) on our own child's pid, which cannot have been reused: the
-                // child is reaped only by the waiter task, which sets `reaped` right after.
-                unsafe {
-                    libc::kill(pid as libc::pid_t, signal);
-                }
-            }
+            own_process_group: true,
+            ..Launch::new(&self.exe, command).output(Output::Prefixed(spec.deployment.clone()))
         };
+        let worker = launch.spawn().map_err(|e| ControlError::Start {
+            deployment: spec.deployment.clone(),
+            message: e.to_string(),
+        })?;
+        let (listening_tx, listening) = oneshot::channel();
+        let (exited_tx, exited) = oneshot::channel();
+        let watch = worker.watch();
+        tokio::spawn(async move {
+            // The controller applies its own ready timeout: no limit here.
+            if let Ok(url) = watch.clone().listening(Duration::MAX).await {
+                let _ = listening_tx.send(url);
+            }
+        });
+        let watch = worker.watch();
+        tokio::spawn(async move {
+            let _ = exited_tx.send(watch.exited().await);
+        });
         Ok(StartedReplica::new(
-            pid.to_string(),
-            format!("http://{}:{port}", self.host),
+            worker.pid().to_string(),
+            listening,
             exited,
-            stop,
+            // The closure owns the worker: dropping the replica kills the process.
+            move |how| worker.stop(how),
         ))
     }
 }
