@@ -18,7 +18,6 @@ import argparse
 import http.client
 import json
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sandbox import cpu_line, pct, progress, write_section  # noqa: E402
+from lastmile_proc import Server, free_port_for_foreign_server, start  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "target" / "release" / "lastmile"
@@ -35,30 +35,28 @@ MODEL = "smollm2-135m-instruct"
 WORDS = ["river", "stone", "market", "lantern", "harbor", "meadow", "signal", "copper", "orchard"]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(cmd, log):
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_healthy(port, proc, timeout=120):
-    deadline = time.time() + timeout
+def launch(binary, args, log, legacy):
+    """`binary ARGS` started and healthy. A `legacy` build (from before servers reported the
+    port they bound) gets a port picked here instead."""
+    if legacy:
+        port = free_port_for_foreign_server()
+        proc = subprocess.Popen([binary, *args, "--port", str(port)], stdout=log, stderr=log)
+        server = Server(proc, f"http://127.0.0.1:{port}", log.name)
+    else:
+        server = start(args, log=log.name, binary=binary)
+    deadline = time.time() + 120
     while time.time() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"{' '.join(map(str, proc.args))} exited early (see its log)")
+        if server.proc.poll() is not None:
+            sys.exit(f"{binary} {' '.join(args)} exited early (see {log.name})")
         try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=2)
             c.request("GET", "/health")
             if c.getresponse().status == 200:
-                return
+                return server
         except OSError:
             pass
         time.sleep(0.2)
-    sys.exit(f"port {port} never became healthy")
+    sys.exit(f"{server.url} never became healthy")
 
 
 def body(i, tag):
@@ -99,26 +97,28 @@ def overhead_histogram(port):
     total = buckets[-1][1] if buckets else 0
 
     def q(p):
+        # Linear inside the bucket that holds the rank, as Prometheus' histogram_quantile.
+        lo, below = 0.0, 0
         for le, n in buckets:
-            if n >= p * total:
-                return le * 1e3
+            if n >= p * total and n > below:
+                if le == float("inf"):
+                    return lo * 1e3
+                return (lo + (le - lo) * (p * total - below) / (n - below)) * 1e3
+            lo, below = le, n
         return float("nan")
 
     return q(0.5), q(0.99), total
 
 
-def run(binary, label, args, log):
-    wport, gport = free_port(), free_port()
-    worker = start([binary, "serve", "--port", str(wport), "--threads", str(args.threads)], log)
-    procs = [worker]
+def run(binary, label, args, log, legacy=False):
+    servers = []
     try:
-        wait_healthy(wport, worker)
-        gw = start([binary, "gateway", "--port", str(gport), "--policy", "kv_aware",
-                    "--worker", f"http://127.0.0.1:{wport}"], log)
-        procs.append(gw)
-        wait_healthy(gport, gw)
-        direct = http.client.HTTPConnection("127.0.0.1", wport, timeout=120)
-        via = http.client.HTTPConnection("127.0.0.1", gport, timeout=120)
+        worker = launch(binary, ["serve", "--threads", str(args.threads)], log, legacy)
+        servers.append(worker)
+        gw = launch(binary, ["gateway", "--policy", "kv_aware", "--worker", worker.url], log, legacy)
+        servers.append(gw)
+        direct = http.client.HTTPConnection("127.0.0.1", worker.port, timeout=120)
+        via = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=120)
         for i in range(args.warmup):
             timed_post(direct, body(i, f"{label}-warm-d"))
             timed_post(via, body(i, f"{label}-warm-g"))
@@ -132,16 +132,12 @@ def run(binary, label, args, log):
                 g.append(timed_post(via, body(i, f"{label}-g")))
                 d.append(timed_post(direct, body(i, f"{label}-d")))
             progress(i + 1, args.requests, f"{label}: direct / through the gateway")
-        h50, h99, n = overhead_histogram(gport)
-        return {"direct": d, "gateway": g, "hist_p50": h50, "hist_p99": h99, "hist_n": n}
+        h50, h99, n = overhead_histogram(gw.port)
+        diffs = [b - a for a, b in zip(d, g)]
+        return {"direct": d, "gateway": g, "diffs": diffs, "hist_p50": h50, "hist_p99": h99, "hist_n": n}
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        for s in servers:
+            s.stop(timeout=10)
 
 
 def main():
@@ -150,6 +146,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="worker threads")
     ap.add_argument("--before", help="an older lastmile binary to measure first (e.g. before a change)")
+    ap.add_argument("--before-legacy", action="store_true",
+                    help="the older binary does not report the port it binds (pick one for it)")
     ap.add_argument("--before-label", default="before", help="its row's name")
     ap.add_argument("--after-label", default="this build", help="the current build's row name")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
@@ -160,15 +158,16 @@ def main():
     with tempfile.NamedTemporaryFile("w", prefix="bench_gateway_kv-", suffix=".log", delete=False) as log:
         print(f"server logs: {log.name}", flush=True)
         if args.before:
-            runs.append((args.before_label, run(args.before, "before", args, log)))
+            runs.append((args.before_label, run(args.before, "before", args, log, args.before_legacy)))
         runs.append((args.after_label, run(str(BIN), "after", args, log)))
     rows = []
     for name, r in runs:
         d50, g50 = statistics.median(r["direct"]), statistics.median(r["gateway"])
         d99, g99 = pct(r["direct"], 99), pct(r["gateway"], 99)
         rows.append(
-            f"| {name} | {d50:.2f} / {d99:.2f} | {g50:.2f} / {g99:.2f} | **{g50 - d50:+.2f} ms** "
-            f"| {g50 / d50:.3f}x | ≤ {r['hist_p50']:.2f} / ≤ {r['hist_p99']:.2f} |"
+            f"| {name} | {d50:.1f} / {d99:.1f} | {g50:.1f} / {g99:.1f} "
+            f"| {statistics.median(r['diffs']):+.2f} | {g50 / d50:.3f}x "
+            f"| **{r['hist_p50']:.3f}** / {r['hist_p99']:.3f} |"
         )
     argv = " ".join(sys.argv[1:])
     section = "\n".join([
@@ -179,9 +178,11 @@ def main():
         f"One `lastmile serve --threads {args.threads}` worker and `lastmile gateway --policy kv_aware` "
         f"in front of it; {args.requests} chat requests each way (a ~400-token prompt, different "
         "every time, 1 token out, greedy), one at a time, alternating direct and through the "
-        f"gateway. {cpu_line()}. Latencies end to end in ms.",
+        f"gateway. {cpu_line()}. Latencies end to end in ms; the gateway's own time "
+        "(`lastmile_gateway_overhead_seconds`: its time minus the wait for the worker's answer, "
+        "interpolated in the histogram's buckets) includes building and hashing the prompt.",
         "",
-        "| build | direct p50 / p99 | through the gateway p50 / p99 | **overhead p50** | ratio | gateway's own histogram p50 / p99 (bucket bound) |",
+        "| build | direct p50 / p99 | through the gateway p50 / p99 | median of paired differences | ratio of p50s | **gateway's own time p50** / p99 |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
         *rows,
         "",

@@ -47,8 +47,41 @@ pub fn parse_listening_line(line: &str) -> Option<&str> {
     url.starts_with("http://").then_some(url)
 }
 
-/// Lines of a child's stderr kept for errors.
+/// Lines of a child's stderr kept for errors: its first lines (where a failing program says
+/// why, before any backtrace) and its last.
+const STDERR_HEAD_LINES: usize = 10;
 const STDERR_TAIL_LINES: usize = 40;
+
+/// The first and the last lines of a child's stderr.
+#[derive(Default)]
+struct KeptLines {
+    head: Vec<String>,
+    tail: VecDeque<String>,
+    skipped: usize,
+}
+
+impl KeptLines {
+    fn push(&mut self, line: &str) {
+        if self.head.len() < STDERR_HEAD_LINES {
+            self.head.push(line.to_string());
+            return;
+        }
+        if self.tail.len() == STDERR_TAIL_LINES {
+            self.tail.pop_front();
+            self.skipped += 1;
+        }
+        self.tail.push_back(line.to_string());
+    }
+
+    fn text(&self) -> String {
+        let mut lines: Vec<String> = self.head.clone();
+        if self.skipped > 0 {
+            lines.push(format!("[... {} lines ...]", self.skipped));
+        }
+        lines.extend(self.tail.iter().cloned());
+        lines.join("\n")
+    }
+}
 
 /// How long the exit of a child waits for the last of its output to be read (a bound, in case
 /// a grandchild holds the pipes open; a loaded machine may take a while to schedule the reader).
@@ -160,7 +193,7 @@ impl Launch {
             .map_err(|e| failed(format!("spawning it: {e}")))?;
         let pid = child.id().unwrap_or(0);
         let sink = Arc::new(sink.with_pid(pid));
-        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let tail = Arc::new(Mutex::new(KeptLines::default()));
         let (listening_tx, listening) = watch::channel(None);
         let (exit_tx, exit) = watch::channel(None);
         let (signals, mut signal_rx) = mpsc::unbounded_channel::<Stop>();
@@ -176,11 +209,7 @@ impl Launch {
         let stderr = child.stderr.take().map(|err| {
             let (sink, tail) = (sink.clone(), tail.clone());
             tokio::spawn(copy_lines(err, move |line| {
-                let mut tail = lock(&tail);
-                if tail.len() == STDERR_TAIL_LINES {
-                    tail.pop_front();
-                }
-                tail.push_back(line.to_string());
+                lock(&tail).push(line);
                 sink.write(line);
             }))
         });
@@ -263,7 +292,7 @@ impl LaunchedWorker {
         self.watch.clone()
     }
 
-    /// The last lines of its stderr.
+    /// The first and the last lines of its stderr (the middle of a long one elided).
     pub fn stderr_tail(&self) -> String {
         self.watch.stderr_tail()
     }
@@ -275,7 +304,7 @@ pub struct WorkerWatch {
     exe: String,
     listening: watch::Receiver<Option<String>>,
     exit: watch::Receiver<Option<String>>,
-    tail: Arc<Mutex<VecDeque<String>>>,
+    tail: Arc<Mutex<KeptLines>>,
 }
 
 impl WorkerWatch {
@@ -322,11 +351,7 @@ impl WorkerWatch {
 
     /// See [`LaunchedWorker::stderr_tail`].
     pub fn stderr_tail(&self) -> String {
-        let tail = lock(&self.tail);
-        tail.iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .join("\n")
+        lock(&self.tail).text()
     }
 }
 
@@ -454,6 +479,23 @@ fn die_with_parent(_cmd: &mut Command) {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_and_last_lines_of_stderr_are_kept() {
+        let mut kept = KeptLines::default();
+        for i in 0..100 {
+            kept.push(&format!("line {i}"));
+        }
+        let text = kept.text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), STDERR_HEAD_LINES + 1 + STDERR_TAIL_LINES);
+        assert_eq!(lines[0], "line 0", "where the error is said");
+        assert_eq!(lines[STDERR_HEAD_LINES], "[... 50 lines ...]");
+        assert_eq!(lines.last(), Some(&"line 99"));
+        let mut short = KeptLines::default();
+        short.push("only");
+        assert_eq!(short.text(), "only");
+    }
 
     /// A launch of `sh -c SCRIPT` (the launcher's `--host H --port 0` become `$0 $1 ...`).
     fn shell(script: &str) -> Launch {
