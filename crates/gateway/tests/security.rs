@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{gateway, wait_healthy, worker, MODEL};
 use lastmile_gateway::{GatewayConfig, TenantsConfig};
+use lastmile_router::PolicyKind;
 use serde_json::{json, Value};
 
 const ADMIN: &str = "gateway-admin-key-for-tests";
@@ -229,5 +230,62 @@ async fn a_web_page_cannot_drive_an_open_loopback_gateway_or_worker() {
                 .expect("send");
             assert_eq!(r.status(), 200, "{base}");
         }
+    }
+}
+
+/// A client cannot hand a worker prompt tokens of its own through the gateway (which would skip
+/// the chat template and the quoting that keeps user text out of control tokens): the gateway
+/// never forwards a client's `x-lastmile-prompt`, under `kv_aware` (which sends its own) or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_prompt_header_never_reaches_the_worker() {
+    let w = worker();
+    wait_healthy(&w).await;
+    let card: lastmile_worker::PromptCard = reqwest::get(format!("{w}/internal/prompt-card"))
+        .await
+        .expect("card")
+        .json()
+        .await
+        .expect("card JSON");
+    let prompter = lastmile_worker::Prompter::from_card(card).expect("prompter");
+    let chat = json!({"model": MODEL, "max_tokens": 1, "temperature": 0,
+        "messages": [{"role": "user", "content": "Say hello."}]});
+    let honest = prompter
+        .tokens(lastmile_worker::Api::Chat, chat.to_string().as_bytes())
+        .expect("prompt")
+        .len();
+    // Forged with the right fingerprint: 3 tokens the worker would take as the whole prompt.
+    let forged = prompter.header(&[1, 2, 3]).expect("header");
+    let client = reqwest::Client::new();
+    // A control: sent straight to the worker, it is taken (workers trust whoever reaches them).
+    let direct: Value = client
+        .post(format!("{w}/v1/chat/completions"))
+        .header(lastmile_worker::PROMPT_HEADER, &forged)
+        .json(&chat)
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(direct["usage"]["prompt_tokens"], 3, "{direct}");
+    for policy in [PolicyKind::KvAware, PolicyKind::RoundRobin] {
+        let mut config = GatewayConfig::new(vec![w.clone()]);
+        config.policy = policy;
+        let gw = gateway(config);
+        wait_healthy(&gw).await;
+        let answer: Value = client
+            .post(format!("{gw}/v1/chat/completions"))
+            .header(lastmile_worker::PROMPT_HEADER, &forged)
+            .json(&chat)
+            .send()
+            .await
+            .expect("sent")
+            .json()
+            .await
+            .expect("JSON");
+        assert_eq!(
+            answer["usage"]["prompt_tokens"], honest,
+            "{policy:?}: {answer}"
+        );
     }
 }
