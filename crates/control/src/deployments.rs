@@ -230,6 +230,54 @@ impl DeploymentYaml {
             source,
             prefix: format!("deployments[{i}]"),
         };
+        let name = self.checked_name(&f)?;
+        let model = self.checked_model(&f)?;
+        let (min_replicas, max_replicas) = self.checked_replicas(&f)?;
+        let target = positive(&f, "target_concurrency", &self.target_concurrency, 8.0)?;
+        let routing = match &self.routing {
+            None => PolicyKind::KvAware,
+            Some(r) => r
+                .value
+                .parse()
+                .map_err(|e: String| f.fail("routing", r, e))?,
+        };
+        if let Some(t) = self.threads.as_ref().filter(|t| t.value == 0) {
+            return Err(f.fail("threads", t, "must be at least 1"));
+        }
+        if let Some(q) = self.queue.as_ref().filter(|q| q.value == 0) {
+            return Err(f.fail("queue", q, "must be at least 1"));
+        }
+        let af = FieldCheck {
+            source,
+            prefix: format!("deployments[{i}].autoscaling"),
+        };
+        let mut autoscaling = self.autoscaling.unwrap_or_default().check(&af)?;
+        autoscaling.min_replicas = min_replicas;
+        autoscaling.max_replicas = max_replicas;
+        autoscaling.target_concurrency = target;
+        autoscaling.idle_timeout = match &self.idle_timeout {
+            None => Duration::from_secs(300),
+            Some(_) => duration(&f, "idle_timeout", &self.idle_timeout, 0.0)?,
+        };
+        Ok(DeploymentSpec {
+            name,
+            model,
+            min_replicas,
+            max_replicas,
+            routing,
+            threads: self.threads.map(|t| t.value),
+            queue: self.queue.map_or(256, |q| q.value),
+            hold_timeout: match &self.hold_timeout {
+                None => Duration::from_secs(60),
+                Some(_) => duration(&f, "hold_timeout", &self.hold_timeout, 0.0)?,
+            },
+            autoscaling,
+            args: self.args,
+        })
+    }
+
+    /// `name`: a model id clients can send (no spaces or control characters).
+    fn checked_name(&self, f: &FieldCheck<'_>) -> Result<String, ControlError> {
         let name = self.name.value.trim().to_string();
         if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(f.fail(
@@ -238,14 +286,23 @@ impl DeploymentYaml {
                 "must be a non-empty model id without spaces",
             ));
         }
-        let model = match &self.model {
+        Ok(name)
+    }
+
+    /// `model`: a path, or `default` (or nothing) for the default model.
+    fn checked_model(&self, f: &FieldCheck<'_>) -> Result<Option<PathBuf>, ControlError> {
+        Ok(match &self.model {
             None => None,
             Some(m) if m.value == "default" => None,
             Some(m) if m.value.trim().is_empty() => {
                 return Err(f.fail("model", m, "must be a path, or `default`"))
             }
             Some(m) => Some(PathBuf::from(&m.value)),
-        };
+        })
+    }
+
+    /// `min_replicas` and `max_replicas`: at most 64, max at least 1 and at least min.
+    fn checked_replicas(&self, f: &FieldCheck<'_>) -> Result<(usize, usize), ControlError> {
         let min_replicas = self.min_replicas.as_ref().map_or(0, |s| s.value);
         let max_replicas = match &self.max_replicas {
             None => min_replicas.max(1),
@@ -267,25 +324,15 @@ impl DeploymentYaml {
                 return Err(f.fail("max_replicas", at, "at most 64 local replicas"));
             }
         }
-        let target = positive(&f, "target_concurrency", &self.target_concurrency, 8.0)?;
-        let routing = match &self.routing {
-            None => PolicyKind::KvAware,
-            Some(r) => r
-                .value
-                .parse()
-                .map_err(|e: String| f.fail("routing", r, e))?,
-        };
-        if let Some(t) = self.threads.as_ref().filter(|t| t.value == 0) {
-            return Err(f.fail("threads", t, "must be at least 1"));
-        }
-        if let Some(q) = self.queue.as_ref().filter(|q| q.value == 0) {
-            return Err(f.fail("queue", q, "must be at least 1"));
-        }
-        let a = self.autoscaling.unwrap_or_default();
-        let af = FieldCheck {
-            source,
-            prefix: format!("deployments[{i}].autoscaling"),
-        };
+        Ok((min_replicas, max_replicas))
+    }
+}
+
+impl AutoscalingYaml {
+    /// The autoscaler's windows, thresholds, rates and latency targets (the replica bounds,
+    /// target concurrency and idle timeout are the deployment's: the caller sets them).
+    fn check(self, af: &FieldCheck<'_>) -> Result<AutoscalerConfig, ControlError> {
+        let a = self;
         let stable_window = duration(&af, "stable_window", &a.stable_window, 60.0)?;
         let panic_window = duration(&af, "panic_window", &a.panic_window, 6.0)?;
         if panic_window > stable_window {
@@ -308,10 +355,10 @@ impl DeploymentYaml {
             None => None,
             Some(_) => Some(duration(&af, "itl_p90_target", &a.itl_p90_target, 0.0)?),
         };
-        let autoscaling = AutoscalerConfig {
-            min_replicas,
-            max_replicas,
-            target_concurrency: target,
+        Ok(AutoscalerConfig {
+            min_replicas: 0,
+            max_replicas: 1,
+            target_concurrency: 1.0,
             stable_window,
             panic_window,
             panic_threshold: at_least(&af, "panic_threshold", &a.panic_threshold, 2.0, 1.0)?,
@@ -333,27 +380,9 @@ impl DeploymentYaml {
                 2.0,
                 1.0,
             )?,
-            idle_timeout: match &self.idle_timeout {
-                None => Duration::from_secs(300),
-                Some(_) => duration(&f, "idle_timeout", &self.idle_timeout, 0.0)?,
-            },
+            idle_timeout: Duration::ZERO,
             ttft_p90_target,
             itl_p90_target,
-        };
-        Ok(DeploymentSpec {
-            name,
-            model,
-            min_replicas,
-            max_replicas,
-            routing,
-            threads: self.threads.map(|t| t.value),
-            queue: self.queue.map_or(256, |q| q.value),
-            hold_timeout: match &self.hold_timeout {
-                None => Duration::from_secs(60),
-                Some(_) => duration(&f, "hold_timeout", &self.hold_timeout, 0.0)?,
-            },
-            autoscaling,
-            args: self.args,
         })
     }
 }
