@@ -359,29 +359,59 @@ impl RssSampler {
     }
 }
 
+/// A server measured: its name and base URL.
+type Target = (String, String);
+
+/// A server's resident memory: idle, and its peak during each run (MiB; for servers started
+/// here).
+type Rss = (Option<f64>, Vec<Option<f64>>);
+
 /// Runs `lastmile bench`.
 pub fn run(a: LoadBenchArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let wl = workload(&a);
+    let (servers, targets) = start_servers(&a, &rt)?;
+    let mut all: Vec<(String, Vec<LoadReport>)> = Vec::new();
+    // Per server: resident memory idle, and its peak during each run (MiB), when started here.
+    let mut rss: Vec<Rss> = Vec::new();
+    rt.block_on(async {
+        for (name, url) in &targets {
+            let pid = servers.iter().find(|s| &s.url == url).map(|s| s.pid);
+            let (reports, server_rss) = bench_server(&a, &wl, name, url, pid).await?;
+            rss.push(server_rss);
+            all.push((name.clone(), reports));
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    drop(servers);
+    print_ratios(&all);
+    write_outputs(&a, &wl, &all, &rss)
+}
+
+/// The servers to measure, as (name, base URL): the one `--url` names, or those started here
+/// (whose guards stop them when dropped).
+fn start_servers(
+    a: &LoadBenchArgs,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(Vec<ServerGuard>, Vec<Target>)> {
     // The model is needed only for servers started here: `--url` benchmarks fetch nothing.
     let model_file = || match &a.gguf {
         Some(p) => Ok(p.clone()),
         None => lastmile_engine::fetch::ensure_default_model(),
     };
-    // Which servers: an existing URL, or servers started here.
     let mut servers: Vec<ServerGuard> = Vec::new();
-    let mut targets: Vec<(String, String)> = Vec::new();
+    let mut targets: Vec<Target> = Vec::new();
     match (&a.url, a.compare) {
         (Some(url), None) => targets.push(("server".into(), url.trim_end_matches('/').to_string())),
         (Some(_), Some(_)) => bail!("--compare starts its own servers; drop --url"),
-        (None, None) => servers.push(start_ours(&rt, &model_file()?, a.threads, &[], "lastmile")?),
+        (None, None) => servers.push(start_ours(rt, &model_file()?, a.threads, &[], "lastmile")?),
         (None, Some(CompareArg::NoPrefixCache)) => {
             let gguf = model_file()?;
-            servers.push(start_ours(&rt, &gguf, a.threads, &[], "lastmile")?);
+            servers.push(start_ours(rt, &gguf, a.threads, &[], "lastmile")?);
             servers.push(start_ours(
-                &rt,
+                rt,
                 &gguf,
                 a.threads,
                 &["--no-prefix-cache"],
@@ -390,7 +420,7 @@ pub fn run(a: LoadBenchArgs) -> Result<()> {
         }
         (None, Some(CompareArg::LlamaCpp)) => {
             let gguf = model_file()?;
-            servers.push(start_ours(&rt, &gguf, a.threads, &[], "lastmile")?);
+            servers.push(start_ours(rt, &gguf, a.threads, &[], "lastmile")?);
             let bin = a.llama_server.clone().unwrap_or_else(|| {
                 lastmile_engine::fetch::lastmile_home().join("anchor/build/bin/llama-server")
             });
@@ -403,91 +433,100 @@ pub fn run(a: LoadBenchArgs) -> Result<()> {
     for s in &servers {
         targets.push((s.name.clone(), s.url.clone()));
     }
-    let mut all: Vec<(String, Vec<LoadReport>)> = Vec::new();
-    // Per server: resident memory idle, and its peak during each run (MiB), when started here.
-    let mut rss: Vec<(Option<f64>, Vec<Option<f64>>)> = Vec::new();
-    rt.block_on(async {
-        for (name, url) in &targets {
-            wait_healthy(url, Duration::from_secs(300)).await?;
-            let model = match &a.model_id {
-                Some(m) => m.clone(),
-                None => discover_model(url).await?,
+    Ok((servers, targets))
+}
+
+/// Every level of the workload against one server (after a warm-up request): its reports, its
+/// idle resident memory and its peak during each run (MiB; only for servers started here).
+async fn bench_server(
+    a: &LoadBenchArgs,
+    wl: &Workload,
+    name: &str,
+    url: &str,
+    pid: Option<u32>,
+) -> Result<(Vec<LoadReport>, Rss)> {
+    wait_healthy(url, Duration::from_secs(300)).await?;
+    let model = match &a.model_id {
+        Some(m) => m.clone(),
+        None => discover_model(url).await?,
+    };
+    warm_up(a, wl, url, &model).await;
+    let idle_rss = pid.and_then(rss_mib);
+    let mut reports = Vec::new();
+    let mut peaks = Vec::new();
+    for (level, arrival) in levels(a).into_iter().enumerate() {
+        // Fresh text per level, so no level is served from an earlier level's cache
+        // (the shared system prompt of `shared-prefix` stays shared within a level).
+        let level_wl = Workload {
+            seed: wl.seed.wrapping_add(1_000_003 * (level as u64 + 1)),
+            ..wl.clone()
+        };
+        let runs = match a.long_prompt {
+            // Without, then with the long prompt (fresh text, so the second run does
+            // not find the first one's prompts cached).
+            Some(n) => vec![None, Some(n)],
+            None => vec![None],
+        };
+        for long_prompt in runs {
+            let level_wl = Workload {
+                seed: level_wl.seed ^ u64::from(long_prompt.is_some()) << 40,
+                ..level_wl.clone()
             };
-            // One warm-up request so first-touch costs do not land in the first level.
-            let warm = Workload {
-                requests: 1,
-                kind: WorkloadKind::Fixed,
-                output_tokens: 4,
-                seed: wl.seed ^ 0xDEAD_BEEF,
-                ..wl.clone()
-            };
-            let _ = run_load(&LoadConfig {
-                url: url.clone(),
+            eprintln!(
+                "{name}: {}{} ({} requests)",
+                level_label(&arrival),
+                long_prompt.map_or(String::new(), |n| format!(" + one {n}-token prompt")),
+                wl.total_requests()
+            );
+            let sampler = pid.map(RssSampler::start);
+            let report = run_load(&LoadConfig {
+                url: url.to_string(),
                 model: model.clone(),
-                arrival: Arrival::Concurrency(1),
-                workload: warm,
+                arrival,
+                workload: level_wl.clone(),
                 timeout: Duration::from_secs(a.timeout),
-                progress: false,
-                long_prompt: None,
+                progress: true,
+                long_prompt,
             })
-            .await;
-            let pid = servers.iter().find(|s| &s.url == url).map(|s| s.pid);
-            let idle_rss = pid.and_then(rss_mib);
-            let mut reports = Vec::new();
-            let mut peaks = Vec::new();
-            for (level, arrival) in levels(&a).into_iter().enumerate() {
-                // Fresh text per level, so no level is served from an earlier level's cache
-                // (the shared system prompt of `shared-prefix` stays shared within a level).
-                let level_wl = Workload {
-                    seed: wl.seed.wrapping_add(1_000_003 * (level as u64 + 1)),
-                    ..wl.clone()
-                };
-                let runs = match a.long_prompt {
-                    // Without, then with the long prompt (fresh text, so the second run does
-                    // not find the first one's prompts cached).
-                    Some(n) => vec![None, Some(n)],
-                    None => vec![None],
-                };
-                for long_prompt in runs {
-                    let level_wl = Workload {
-                        seed: level_wl.seed ^ u64::from(long_prompt.is_some()) << 40,
-                        ..level_wl.clone()
-                    };
-                    eprintln!(
-                        "{name}: {}{} ({} requests)",
-                        level_label(&arrival),
-                        long_prompt.map_or(String::new(), |n| format!(" + one {n}-token prompt")),
-                        wl.total_requests()
-                    );
-                    let sampler = pid.map(RssSampler::start);
-                    let report = run_load(&LoadConfig {
-                        url: url.clone(),
-                        model: model.clone(),
-                        arrival,
-                        workload: level_wl.clone(),
-                        timeout: Duration::from_secs(a.timeout),
-                        progress: true,
-                        long_prompt,
-                    })
-                    .await?;
-                    let peak = sampler.and_then(RssSampler::stop);
-                    print_report(name, &report, peak);
-                    reports.push(report);
-                    peaks.push(peak);
-                }
-            }
-            if let Some(rss) = idle_rss {
-                println!("{name:<12} idle RSS {rss:.0} MiB");
-            }
-            if a.long_prompt.is_some() {
-                print_interference(name, &reports);
-            }
-            rss.push((idle_rss, peaks));
-            all.push((name.clone(), reports));
+            .await?;
+            let peak = sampler.and_then(RssSampler::stop);
+            print_report(name, &report, peak);
+            reports.push(report);
+            peaks.push(peak);
         }
-        Ok::<_, anyhow::Error>(())
-    })?;
-    drop(servers);
+    }
+    if let Some(rss) = idle_rss {
+        println!("{name:<12} idle RSS {rss:.0} MiB");
+    }
+    if a.long_prompt.is_some() {
+        print_interference(name, &reports);
+    }
+    Ok((reports, (idle_rss, peaks)))
+}
+
+/// One request, so that first-touch costs do not land in the first level.
+async fn warm_up(a: &LoadBenchArgs, wl: &Workload, url: &str, model: &str) {
+    let warm = Workload {
+        requests: 1,
+        kind: WorkloadKind::Fixed,
+        output_tokens: 4,
+        seed: wl.seed ^ 0xDEAD_BEEF,
+        ..wl.clone()
+    };
+    let _ = run_load(&LoadConfig {
+        url: url.to_string(),
+        model: model.to_string(),
+        arrival: Arrival::Concurrency(1),
+        workload: warm,
+        timeout: Duration::from_secs(a.timeout),
+        progress: false,
+        long_prompt: None,
+    })
+    .await;
+}
+
+/// With two servers, how the first compares with the second at each level.
+fn print_ratios(all: &[(String, Vec<LoadReport>)]) {
     if all.len() == 2 {
         println!("\nratios ({} / {}):", all[0].0, all[1].0);
         for (x, y) in all[0].1.iter().zip(&all[1].1) {
@@ -503,10 +542,19 @@ pub fn run(a: LoadBenchArgs) -> Result<()> {
             );
         }
     }
+}
+
+/// The JSON report and the plot, where asked for.
+fn write_outputs(
+    a: &LoadBenchArgs,
+    wl: &Workload,
+    all: &[(String, Vec<LoadReport>)],
+    rss: &[Rss],
+) -> Result<()> {
     if let Some(path) = &a.json_out {
         let doc = serde_json::json!({
             "workload": wl,
-            "servers": all.iter().zip(&rss).map(|((n, r), (idle, peaks))| serde_json::json!({
+            "servers": all.iter().zip(rss).map(|((n, r), (idle, peaks))| serde_json::json!({
                 "name": n, "levels": r, "idle_rss_mib": idle, "peak_rss_mib": peaks,
             })).collect::<Vec<_>>(),
         });

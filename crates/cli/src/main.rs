@@ -557,6 +557,49 @@ fn serve(args: ServeArgs) -> Result<()> {
         args.access.check_exposure(&args.host, true)?;
         return serverless::serve_deployments(args, &config);
     }
+    check_serve_args(&args)?;
+    if args.workers > 1 {
+        return fleet::serve_fleet(args);
+    }
+    let (engine, id, mut startup_ms) = args.model.start_engine_timed()?;
+    startup_ms.push((
+        "main to ready".into(),
+        PROCESS_START.elapsed().as_secs_f64() * 1e3,
+    ));
+    let config = lastmile_worker::ServerConfig {
+        model_id: args.served_model_name.clone().unwrap_or(id),
+        max_body_bytes: args.max_body_bytes,
+        startup_ms,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let (listener, addr) = bind(&args.host, args.port).await?;
+        tracing::info!("serving {} on http://{addr}", config.model_id);
+        eprintln!(
+            "lastmile: serving `{}` on http://{addr} (OpenAI API at /v1)",
+            config.model_id
+        );
+        announce_listening(&addr);
+        let registration = register_in_etcd(&args, &addr, &config.model_id).await?;
+        let shutdown = async move {
+            shutdown_signal().await;
+            // Out of every gateway's rotation first, then let in-flight requests finish.
+            if let Some(r) = registration {
+                if let Err(e) = r.deregister().await {
+                    tracing::warn!("leaving etcd: {e}");
+                }
+            }
+        };
+        warm_grammars_in_background(&engine)?;
+        lastmile_worker::serve(listener, engine, config, shutdown).await?;
+        Ok(())
+    })
+}
+
+/// Refuses `serve` options that do not go together.
+fn check_serve_args(args: &ServeArgs) -> Result<()> {
     // A single worker has no keys of its own (a gateway in front of it does).
     let keys_possible = args.workers > 1;
     args.access.check_exposure(&args.host, keys_possible)?;
@@ -575,79 +618,61 @@ fn serve(args: ServeArgs) -> Result<()> {
     if args.workers == 0 {
         anyhow::bail!("--workers must be at least 1");
     }
-    if args.workers > 1 {
-        if !args.etcd.is_empty() {
-            anyhow::bail!("--etcd registers one worker: start each worker with its own `lastmile serve --etcd`");
-        }
-        return fleet::serve_fleet(args);
-    }
-    let (engine, id, mut startup_ms) = args.model.start_engine_timed()?;
-    startup_ms.push((
-        "main to ready".into(),
-        PROCESS_START.elapsed().as_secs_f64() * 1e3,
-    ));
-    let config = lastmile_worker::ServerConfig {
-        model_id: args.served_model_name.unwrap_or(id),
-        max_body_bytes: args.max_body_bytes,
-        startup_ms,
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let (listener, addr) = bind(&args.host, args.port).await?;
-        tracing::info!("serving {} on http://{addr}", config.model_id);
-        eprintln!(
-            "lastmile: serving `{}` on http://{addr} (OpenAI API at /v1)",
-            config.model_id
+    if args.workers > 1 && !args.etcd.is_empty() {
+        anyhow::bail!(
+            "--etcd registers one worker: start each worker with its own `lastmile serve --etcd`"
         );
-        announce_listening(&addr);
-        let registration = if args.etcd.is_empty() {
-            None
-        } else {
-            let url = match &args.advertise_url {
-                Some(u) => u.trim_end_matches('/').to_string(),
-                None if args.host == "0.0.0.0" || args.host == "::" => anyhow::bail!(
-                    "listening on {} needs --advertise-url for etcd (how gateways reach this worker)",
-                    args.host
-                ),
-                None => format!("http://{addr}"),
-            };
-            let info = lastmile_discovery::WorkerInfo {
-                url: url.clone(),
-                model: config.model_id.clone(),
-                role: "both".into(),
-            };
-            let etcd = lastmile_discovery::Etcd::connect(&args.etcd_access.config(args.etcd.clone()))?;
-            let r = lastmile_discovery::Registration::start(etcd, &args.etcd_prefix, info, args.etcd_ttl)
-                .await
-                .context("registering with etcd")?;
-            eprintln!("lastmile: registered {url} in etcd under {}", args.etcd_prefix);
-            Some(r)
-        };
-        let shutdown = async move {
-            shutdown_signal().await;
-            // Out of every gateway's rotation first, then let in-flight requests finish.
-            if let Some(r) = registration {
-                if let Err(e) = r.deregister().await {
-                    tracing::warn!("leaving etcd: {e}");
-                }
+    }
+    Ok(())
+}
+
+/// Registers this worker (listening at `addr`, serving `model`) in etcd under a lease, with
+/// `--etcd`; `None` without.
+async fn register_in_etcd(
+    args: &ServeArgs,
+    addr: &str,
+    model: &str,
+) -> Result<Option<lastmile_discovery::Registration>> {
+    if args.etcd.is_empty() {
+        return Ok(None);
+    }
+    let url = match &args.advertise_url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None if args.host == "0.0.0.0" || args.host == "::" => anyhow::bail!(
+            "listening on {} needs --advertise-url for etcd (how gateways reach this worker)",
+            args.host
+        ),
+        None => format!("http://{addr}"),
+    };
+    let info = lastmile_discovery::WorkerInfo {
+        url: url.clone(),
+        model: model.to_string(),
+        role: "both".into(),
+    };
+    let etcd = lastmile_discovery::Etcd::connect(&args.etcd_access.config(args.etcd.clone()))?;
+    let r = lastmile_discovery::Registration::start(etcd, &args.etcd_prefix, info, args.etcd_ttl)
+        .await
+        .context("registering with etcd")?;
+    eprintln!(
+        "lastmile: registered {url} in etcd under {}",
+        args.etcd_prefix
+    );
+    Ok(Some(r))
+}
+
+/// Structured output and tool calls need a vocabulary index: built while idle, at the lowest
+/// priority, so that a replica started for a burst serves the burst first.
+fn warm_grammars_in_background(engine: &lastmile_engine::EngineHandle) -> Result<()> {
+    let warm = engine.clone();
+    std::thread::Builder::new()
+        .name("lastmile-grammar-warmup".into())
+        .spawn(move || {
+            lower_this_threads_priority();
+            if let Err(e) = warm.warm_grammars() {
+                tracing::warn!("structured output is unavailable for this model: {e}");
             }
-        };
-        // Structured output and tool calls need a vocabulary index; build it while idle, at
-        // the lowest priority, so that a replica started for a burst serves the burst first.
-        let warm = engine.clone();
-        std::thread::Builder::new()
-            .name("lastmile-grammar-warmup".into())
-            .spawn(move || {
-                lower_this_threads_priority();
-                if let Err(e) = warm.warm_grammars() {
-                    tracing::warn!("structured output is unavailable for this model: {e}");
-                }
-            })?;
-        lastmile_worker::serve(listener, engine, config, shutdown).await?;
-        Ok(())
-    })
+        })?;
+    Ok(())
 }
 
 /// Makes the calling thread the last to get a core (nice 19): background work that must not

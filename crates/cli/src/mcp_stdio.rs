@@ -111,26 +111,7 @@ async fn forward(
     let request_id = serde_json::from_str::<serde_json::Value>(&line)
         .ok()
         .and_then(|v| v.get("id").cloned());
-    let mut post = client
-        .post(endpoint)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .header(
-            reqwest::header::ACCEPT,
-            "application/json, text/event-stream",
-        );
-    if let Some(k) = key {
-        post = post.bearer_auth(k);
-    }
-    {
-        let s = session.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(id) = &s.id {
-            post = post.header("mcp-session-id", id);
-        }
-        if let Some(p) = &s.protocol {
-            post = post.header("mcp-protocol-version", p);
-        }
-    }
-    let resp = post
+    let resp = post_to(client, endpoint, key, session)
         .body(line)
         .send()
         .await
@@ -172,6 +153,39 @@ async fn forward(
         }
         return Ok(());
     }
+    relay_events(resp, send).await
+}
+
+/// A POST to the server with the headers of this session (its id and protocol version, once
+/// known) and the key.
+fn post_to(
+    client: &reqwest::Client,
+    endpoint: &str,
+    key: Option<&str>,
+    session: &Mutex<Session>,
+) -> reqwest::RequestBuilder {
+    let mut post = client
+        .post(endpoint)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(
+            reqwest::header::ACCEPT,
+            "application/json, text/event-stream",
+        );
+    if let Some(k) = key {
+        post = post.bearer_auth(k);
+    }
+    let s = session.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(id) = &s.id {
+        post = post.header("mcp-session-id", id);
+    }
+    if let Some(p) = &s.protocol {
+        post = post.header("mcp-protocol-version", p);
+    }
+    post
+}
+
+/// Passes on the data of every event of an SSE answer, as it arrives.
+async fn relay_events(resp: reqwest::Response, send: impl Fn(&str)) -> Result<()> {
     let mut bytes = resp.bytes_stream();
     let mut buf = String::new();
     while let Some(chunk) = bytes.next().await {

@@ -333,8 +333,8 @@ impl AutoscalingYaml {
     /// target concurrency and idle timeout are the deployment's: the caller sets them).
     fn check(self, af: &FieldCheck<'_>) -> Result<AutoscalerConfig, ControlError> {
         let a = self;
-        let stable_window = duration(&af, "stable_window", &a.stable_window, 60.0)?;
-        let panic_window = duration(&af, "panic_window", &a.panic_window, 6.0)?;
+        let stable_window = duration(af, "stable_window", &a.stable_window, 60.0)?;
+        let panic_window = duration(af, "panic_window", &a.panic_window, 6.0)?;
         if panic_window > stable_window {
             if let Some(at) = &a.panic_window {
                 return Err(af.fail(
@@ -349,11 +349,11 @@ impl AutoscalingYaml {
         }
         let ttft_p90_target = match &a.ttft_p90_target {
             None => None,
-            Some(_) => Some(duration(&af, "ttft_p90_target", &a.ttft_p90_target, 0.0)?),
+            Some(_) => Some(duration(af, "ttft_p90_target", &a.ttft_p90_target, 0.0)?),
         };
         let itl_p90_target = match &a.itl_p90_target {
             None => None,
-            Some(_) => Some(duration(&af, "itl_p90_target", &a.itl_p90_target, 0.0)?),
+            Some(_) => Some(duration(af, "itl_p90_target", &a.itl_p90_target, 0.0)?),
         };
         Ok(AutoscalerConfig {
             min_replicas: 0,
@@ -361,20 +361,20 @@ impl AutoscalingYaml {
             target_concurrency: 1.0,
             stable_window,
             panic_window,
-            panic_threshold: at_least(&af, "panic_threshold", &a.panic_threshold, 2.0, 1.0)?,
+            panic_threshold: at_least(af, "panic_threshold", &a.panic_threshold, 2.0, 1.0)?,
             scale_down_delay: a
                 .scale_down_delay
                 .as_ref()
                 .map_or(Duration::ZERO, |s| s.value.0),
             max_scale_up_rate: at_least(
-                &af,
+                af,
                 "max_scale_up_rate",
                 &a.max_scale_up_rate,
                 1000.0,
                 1.0,
             )?,
             max_scale_down_rate: at_least(
-                &af,
+                af,
                 "max_scale_down_rate",
                 &a.max_scale_down_rate,
                 2.0,
