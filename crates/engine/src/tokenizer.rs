@@ -235,7 +235,12 @@ impl TextTokenizer {
                 "token id {bad} is outside the tokenizer's vocabulary (size {vocab})"
             )));
         }
-        Ok(Self {
+        Ok(Self::with_facts(inner, facts))
+    }
+
+    /// A tokenizer over `inner` with these special-token facts.
+    fn with_facts(inner: Tokenizer, facts: SpecialFacts) -> Self {
+        Self {
             inner,
             add_bos: facts.add_bos && facts.bos_id.is_some(),
             bos_id: facts.bos_id,
@@ -244,7 +249,7 @@ impl TextTokenizer {
             eog_ids: facts.eog_ids.into_iter().collect(),
             pieces: OnceLock::new(),
             specials: OnceLock::new(),
-        })
+        }
     }
 
     /// Builds the tokenizer described by a GGUF file's metadata.
@@ -282,16 +287,7 @@ impl TextTokenizer {
             .add_tokens(added)
             .map_err(|e| EngineError::Tokenizer(format!("GGUF tokenizer added tokens: {e}")))?;
         let facts = gguf_special_facts(f, &tokens, &types, default_add_bos);
-        Ok(Self {
-            inner,
-            add_bos: facts.add_bos,
-            bos_id: facts.bos_id,
-            bos_text: facts.bos_text,
-            eos_text: facts.eos_text,
-            eog_ids: facts.eog_ids.into_iter().collect(),
-            pieces: OnceLock::new(),
-            specials: OnceLock::new(),
-        })
+        Ok(Self::with_facts(inner, facts))
     }
 
     /// Loads `tokenizer.json` (and `tokenizer_config.json` for BOS/EOS) from a model folder.

@@ -233,6 +233,20 @@ async fn a_web_page_cannot_drive_an_open_loopback_gateway_or_worker() {
     }
 }
 
+/// The answer of `server` to `chat` sent with the prompt header `header`.
+async fn chat_with_prompt_header(server: &str, chat: &Value, header: &str) -> Value {
+    reqwest::Client::new()
+        .post(format!("{server}/v1/chat/completions"))
+        .header(lastmile_worker::PROMPT_HEADER, header)
+        .json(chat)
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("JSON")
+}
+
 /// A client cannot hand a worker prompt tokens of its own through the gateway (which would skip
 /// the chat template and the quoting that keeps user text out of control tokens): the gateway
 /// never forwards a client's `x-lastmile-prompt`, under `kv_aware` (which sends its own) or not.
@@ -255,34 +269,15 @@ async fn a_clients_prompt_header_never_reaches_the_worker() {
         .len();
     // Forged with the right fingerprint: 3 tokens the worker would take as the whole prompt.
     let forged = prompter.header(&[1, 2, 3]).expect("header");
-    let client = reqwest::Client::new();
     // A control: sent straight to the worker, it is taken (workers trust whoever reaches them).
-    let direct: Value = client
-        .post(format!("{w}/v1/chat/completions"))
-        .header(lastmile_worker::PROMPT_HEADER, &forged)
-        .json(&chat)
-        .send()
-        .await
-        .expect("sent")
-        .json()
-        .await
-        .expect("JSON");
+    let direct = chat_with_prompt_header(&w, &chat, &forged).await;
     assert_eq!(direct["usage"]["prompt_tokens"], 3, "{direct}");
     for policy in [PolicyKind::KvAware, PolicyKind::RoundRobin] {
         let mut config = GatewayConfig::new(vec![w.clone()]);
         config.policy = policy;
         let gw = gateway(config);
         wait_healthy(&gw).await;
-        let answer: Value = client
-            .post(format!("{gw}/v1/chat/completions"))
-            .header(lastmile_worker::PROMPT_HEADER, &forged)
-            .json(&chat)
-            .send()
-            .await
-            .expect("sent")
-            .json()
-            .await
-            .expect("JSON");
+        let answer = chat_with_prompt_header(&gw, &chat, &forged).await;
         assert_eq!(
             answer["usage"]["prompt_tokens"], honest,
             "{policy:?}: {answer}"

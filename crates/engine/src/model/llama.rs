@@ -180,11 +180,7 @@ impl LlamaModel {
         let c = &self.config;
         let l = &self.weights.layers[li];
         let (h, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
-        for t in 0..n {
-            let r = t * h..(t + 1) * h;
-            ops::rmsnorm(&mut s.xn[r.clone()], &s.x[r], &l.attn_norm, c.rms_eps);
-        }
-        s.acts.quantize(&s.xn, n, h);
+        self.norm_and_quantize(n, s, &l.attn_norm);
         let mut qkv = [
             MatmulTask {
                 w: &l.wq,
@@ -220,6 +216,18 @@ impl LlamaModel {
         for (xv, ov) in s.x[..n * h].iter_mut().zip(&s.xn[..n * h]) {
             *xv += ov;
         }
+    }
+
+    /// RMSNorm of each of the `n` rows of `s.x` under `weight` into `s.xn`, quantized into
+    /// `s.acts` for the projections that follow.
+    fn norm_and_quantize(&self, n: usize, s: &mut Scratch, weight: &[f32]) {
+        let c = &self.config;
+        let h = c.hidden;
+        for t in 0..n {
+            let r = t * h..(t + 1) * h;
+            ops::rmsnorm(&mut s.xn[r.clone()], &s.x[r], weight, c.rms_eps);
+        }
+        s.acts.quantize(&s.xn, n, h);
     }
 
     /// Rotates every token's query and key heads by its position, and stores its key and value
@@ -265,11 +273,7 @@ impl LlamaModel {
         let c = &self.config;
         let l = &self.weights.layers[li];
         let (h, ff) = (c.hidden, c.ffn_hidden);
-        for t in 0..n {
-            let r = t * h..(t + 1) * h;
-            ops::rmsnorm(&mut s.xn[r.clone()], &s.x[r], &l.ffn_norm, c.rms_eps);
-        }
-        s.acts.quantize(&s.xn, n, h);
+        self.norm_and_quantize(n, s, &l.ffn_norm);
         let mut gate_up = [
             MatmulTask {
                 w: &l.w_gate,
