@@ -8,7 +8,7 @@
 use anyhow::{Context, Result};
 use lastmile_control::deployments::DeploymentSpec;
 use lastmile_control::supervisor::ReplicaSpec;
-use lastmile_engine::fetch::{ensure_default_model, DEFAULT_MODEL_ID};
+use lastmile_models::{ensure_default_model, DEFAULT_MODEL_ID};
 
 use crate::{model_id_from_path, ServeArgs};
 

@@ -399,7 +399,7 @@ fn start_servers(
     // The model is needed only for servers started here: `--url` benchmarks fetch nothing.
     let model_file = || match &a.gguf {
         Some(p) => Ok(p.clone()),
-        None => lastmile_engine::fetch::ensure_default_model(),
+        None => lastmile_models::ensure_default_model(),
     };
     let mut servers: Vec<ServerGuard> = Vec::new();
     let mut targets: Vec<Target> = Vec::new();
@@ -422,7 +422,7 @@ fn start_servers(
             let gguf = model_file()?;
             servers.push(start_ours(rt, &gguf, a.threads, &[], "lastmile")?);
             let bin = a.llama_server.clone().unwrap_or_else(|| {
-                lastmile_engine::fetch::lastmile_home().join("anchor/build/bin/llama-server")
+                lastmile_models::lastmile_home().join("anchor/build/bin/llama-server")
             });
             let slots = a.concurrency.iter().copied().max().unwrap_or(1).max(1);
             // Room for the long prompt in its slot (the context is split evenly between slots).

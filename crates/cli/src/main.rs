@@ -12,10 +12,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use lastmile_engine::fetch::{ensure_default_model, DEFAULT_MODEL_ID};
 use lastmile_engine::{
     EngineConfig, EngineHandle, GenerateRequest, GenerationEvent, LoadedModel, SamplingParams,
 };
+use lastmile_models::{ensure_default_model, DEFAULT_MODEL_ID};
 
 /// lastmile: serve LLMs with an OpenAI-compatible API from one binary.
 #[derive(Parser)]
@@ -152,7 +152,7 @@ impl AccessArgs {
         let db = self
             .usage_db
             .clone()
-            .unwrap_or_else(|| lastmile_engine::fetch::lastmile_home().join("lastmile.db"));
+            .unwrap_or_else(|| lastmile_models::lastmile_home().join("lastmile.db"));
         let mut t = lastmile_gateway::TenantsConfig::new(db);
         t.admin_key = self.admin_key.clone();
         t.max_in_flight_per_key = self.key_max_in_flight;

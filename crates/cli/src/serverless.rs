@@ -12,8 +12,8 @@ use anyhow::{bail, Context, Result};
 use lastmile_control::controller::{Balancer, Controller, ControllerConfig, Load};
 use lastmile_control::deployments::{DeploymentSpec, Deployments};
 use lastmile_control::supervisor::{LocalProcesses, ReplicaSpec};
-use lastmile_engine::fetch::ensure_default_model;
 use lastmile_gateway::{DeploymentRoute, GatewayConfig, GatewayHandle};
+use lastmile_models::ensure_default_model;
 
 use crate::ServeArgs;
 

@@ -292,7 +292,7 @@ async fn workers_children_inherit_no_secret_and_die_with_their_parent() {
         .await
         .expect("the gateway reports its port");
     let deadline = Instant::now() + Duration::from_secs(120);
-    let name = lastmile_engine::fetch::DEFAULT_MODEL_ID;
+    let name = lastmile_models::DEFAULT_MODEL_ID;
     loop {
         let status = admin_get(&url, &format!("/admin/deployments/{name}")).await;
         let status = status.as_ref().map(|s| &s["status"]);

@@ -546,7 +546,7 @@ mod tests {
     fn compiler() -> &'static GrammarCompiler {
         static COMPILER: OnceLock<GrammarCompiler> = OnceLock::new();
         COMPILER.get_or_init(|| {
-            let path = crate::fetch::ensure_default_model().expect("default model");
+            let path = lastmile_models::ensure_default_model().expect("default model");
             let loaded = crate::loader::LoadedModel::load(&path).expect("load");
             GrammarCompiler::new(Arc::new(loaded.tokenizer))
         })

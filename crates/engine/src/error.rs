@@ -76,9 +76,6 @@ pub enum EngineError {
     /// The engine thread is gone (it stopped or panicked).
     #[error("engine stopped")]
     Stopped,
-    /// Fetching the default model failed.
-    #[error("model fetch failed: {0}")]
-    Fetch(String),
     /// An I/O error with the path or action that caused it.
     #[error("{context}: {source}")]
     Io {
@@ -130,7 +127,6 @@ impl EngineError {
             | Self::Grammar { .. } => "invalid_request",
             Self::QueueFull { .. } => "overloaded",
             Self::Stopped => "stopped",
-            Self::Fetch(_) => "fetch",
             Self::Io { .. } => "io",
         }
     }

@@ -7,7 +7,6 @@ pub mod chat_template;
 pub mod constraint;
 pub mod engine;
 pub mod error;
-pub mod fetch;
 pub mod gguf;
 pub mod kernels;
 pub mod kv;

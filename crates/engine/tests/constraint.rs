@@ -3,11 +3,11 @@
 //! and when `max_tokens` cuts it), bad grammars are refused as invalid requests, token bytes
 //! reassemble the text, and reported log probabilities agree with greedy choices.
 
-use lastmile_engine::fetch::ensure_default_model;
 use lastmile_engine::{
     EngineConfig, EngineError, EngineHandle, FinishReason, GenerateRequest, GenerationEvent,
     GrammarSpec, LoadedModel, SamplingParams, TokenLogprobs,
 };
+use lastmile_models::ensure_default_model;
 use serde_json::{json, Value};
 
 fn engine() -> EngineHandle {

@@ -8,8 +8,8 @@ use std::io::Write;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use lastmile_engine::fetch::ensure_default_model;
 use lastmile_engine::LoadedModel;
+use lastmile_models::ensure_default_model;
 
 fn temp_path(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("lastmile-test-{}", std::process::id()));

@@ -3,10 +3,10 @@
 
 use std::sync::atomic::Ordering;
 
-use lastmile_engine::fetch::ensure_default_model;
 use lastmile_engine::{
     EngineConfig, EngineHandle, GenerateRequest, GenerationEvent, LoadedModel, SamplingParams,
 };
+use lastmile_models::ensure_default_model;
 
 fn engine(prefix_cache: bool, kv_tokens: Option<usize>) -> EngineHandle {
     let loaded = LoadedModel::load(&ensure_default_model().expect("model")).expect("load");

@@ -1,11 +1,11 @@
 //! The engine end to end through its handle: continuous batching gives every request its solo
 //! output, preemption under KV pressure is invisible to clients, and hopeless requests are refused.
 
-use lastmile_engine::fetch::ensure_default_model;
 use lastmile_engine::{
     EngineConfig, EngineError, EngineHandle, FinishReason, GenerateRequest, GenerationEvent,
     LoadedModel, SamplingParams,
 };
+use lastmile_models::ensure_default_model;
 
 fn engine(kv_tokens: Option<usize>, max_batch_tokens: usize) -> EngineHandle {
     let loaded = LoadedModel::load(&ensure_default_model().expect("model")).expect("load");

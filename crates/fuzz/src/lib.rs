@@ -14,9 +14,9 @@
 use std::sync::OnceLock;
 
 use lastmile_engine::chat_template::ChatTemplate;
-use lastmile_engine::fetch::ensure_default_model;
 use lastmile_engine::gguf::GgufFile;
 use lastmile_engine::{EngineConfig, EngineHandle, LoadedModel};
+use lastmile_models::ensure_default_model;
 use lastmile_worker::fuzzing::Harness;
 
 /// A fuzz target: bytes in, a panic on a bug.
@@ -46,7 +46,7 @@ fn harness() -> &'static Harness {
             },
         )
         .expect("starting the engine");
-        Harness::new(engine, lastmile_engine::fetch::DEFAULT_MODEL_ID)
+        Harness::new(engine, lastmile_models::DEFAULT_MODEL_ID)
     })
 }
 

@@ -52,8 +52,8 @@ pub(crate) async fn openapi_json() -> Response {
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
-    use lastmile_engine::fetch::DEFAULT_MODEL_ID;
     use lastmile_engine::tokenizer::SpecialFacts;
+    use lastmile_models::DEFAULT_MODEL_ID;
     use lastmile_protocol::anthropic::{
         BlockContent, ContentBlock, CountTokensRequest, CountTokensResponse, InputMessage,
         MessageRole, MessagesRequest, MessagesResponse, MessagesUsage, StopReason, TextBlock,

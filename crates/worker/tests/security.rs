@@ -27,7 +27,8 @@ async fn chat_prompt_tokens(content: &str) -> u64 {
 /// Tokens of `text` as plain text (special-token parsing off), by the `tokenizers` library
 /// over the model's vocabulary: an oracle independent of how the server encodes chats.
 fn plain_tokens(text: &str) -> u64 {
-    use lastmile_engine::{fetch::ensure_default_model, gguf::GgufFile, tokenizer::TextTokenizer};
+    use lastmile_engine::{gguf::GgufFile, tokenizer::TextTokenizer};
+    use lastmile_models::ensure_default_model;
     static REFERENCE: std::sync::OnceLock<tokenizers::Tokenizer> = std::sync::OnceLock::new();
     let tok = REFERENCE.get_or_init(|| {
         let model = GgufFile::open(&ensure_default_model().expect("model")).expect("gguf");

@@ -96,7 +96,7 @@ mod tests {
 
     /// The default model's tokenizer and a fresh grammar for `spec` over it.
     fn compiled(spec: GrammarSpec) -> (Arc<TextTokenizer>, Grammar) {
-        let path = crate::fetch::ensure_default_model().expect("default model");
+        let path = lastmile_models::ensure_default_model().expect("default model");
         let tok = Arc::new(
             crate::loader::LoadedModel::load(&path)
                 .expect("load")

@@ -2,8 +2,8 @@
 
 use std::sync::OnceLock;
 
-use lastmile_engine::fetch::ensure_default_model;
 use lastmile_engine::LoadedModel;
+use lastmile_models::ensure_default_model;
 
 /// The default model (fetched into the cache on first use).
 #[allow(dead_code)] // not every test binary uses the shared model

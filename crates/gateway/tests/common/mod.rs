@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use lastmile_engine::fetch::ensure_default_model;
 use lastmile_engine::{EngineConfig, EngineHandle, LoadedModel};
 use lastmile_gateway::GatewayConfig;
+use lastmile_models::ensure_default_model;
 use lastmile_worker::ServerConfig;
 
 #[allow(unused_imports)] // Each test file uses some of them.

@@ -3,8 +3,8 @@
 
 use std::sync::OnceLock;
 
-use lastmile_engine::fetch::ensure_default_model;
 use lastmile_engine::{EngineConfig, EngineHandle, LoadedModel};
+use lastmile_models::ensure_default_model;
 use lastmile_worker::ServerConfig;
 
 /// The model id the test server serves.

