@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::autoscaler::{Autoscaler, Observation};
 use crate::deployments::DeploymentSpec;
+use crate::lock;
 use crate::supervisor::{wait_healthy, ReplicaBackend, ReplicaSpec, StartedReplica, Stop};
 
 /// Upper bounds (seconds) of the cold-start histogram.
@@ -280,10 +281,6 @@ fn exposition(rows: &[MetricsRow]) -> String {
         rows.iter().map(|r| (by_deployment(r), r.status.panicking)),
     );
     page.encode()
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Where a replica is in its life.

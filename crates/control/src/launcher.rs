@@ -30,7 +30,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{mpsc, watch};
 
-use crate::ControlError;
+use crate::{lock, ControlError};
 
 /// What a server command prints on its stdout, followed by its base URL
 /// (`http://127.0.0.1:41234`), once it listens: the line a launcher waits for.
@@ -353,10 +353,6 @@ impl WorkerWatch {
     pub fn stderr_tail(&self) -> String {
         lock(&self.tail).text()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Reads `from` line by line (any bytes: invalid UTF-8 is replaced) into `each`.

@@ -17,6 +17,11 @@ pub mod supervisor;
 
 use thiserror::Error;
 
+/// A mutex's guard, also after a thread panicked holding it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// What the control plane can fail at.
 #[derive(Debug, Error)]
 pub enum ControlError {

@@ -15,7 +15,7 @@ use lastmile_protocol::{prefix_hashes, KvEvent};
 use lastmile_worker::{Api, PromptCard, Prompter};
 use serde_json::Value;
 
-use crate::Gateway;
+use crate::{lock, Gateway};
 
 /// A request's prompt as its model's workers build it: the hashes of its full blocks, its
 /// length, and the header that hands its tokens to the chosen worker.
@@ -72,10 +72,6 @@ impl Prompters {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Loads the prompt card of an available worker serving `model`.

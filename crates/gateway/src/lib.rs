@@ -302,6 +302,12 @@ pub(crate) struct Gateway {
     followers: Mutex<std::collections::HashMap<usize, tokio::task::JoinHandle<()>>>,
 }
 
+/// A mutex's guard, also after a thread panicked holding it (the data stays usable: every
+/// writer leaves it consistent between statements).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Renders more Prometheus text for `/metrics`.
 type MetricsHook = Arc<dyn Fn() -> String + Send + Sync>;
 

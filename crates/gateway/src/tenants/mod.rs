@@ -38,7 +38,7 @@ pub(crate) use admin::{require_admin, routes};
 use bucket::TokenBucket;
 use store::{KeyRecord, Store, UsageRow};
 
-use crate::GatewayError;
+use crate::{lock, GatewayError};
 
 /// Requests one key may have admitted at once, unless configured.
 pub const DEFAULT_MAX_IN_FLIGHT_PER_KEY: u64 = 64;
@@ -155,10 +155,6 @@ pub(crate) struct Tenants {
     max_in_flight_per_key: u64,
     /// The buckets' clock.
     epoch: Instant,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// SHA-256 of a secret, as hex.
