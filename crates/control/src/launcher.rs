@@ -561,6 +561,13 @@ mod tests {
         let worker = shell("echo 'still loading' >&2; exec sleep 30")
             .spawn()
             .expect("spawn");
+        // Once its line has been read (the reader runs on its own; a loaded machine may take a
+        // while to schedule the child), the error about its silence must carry it.
+        let start = std::time::Instant::now();
+        while !worker.stderr_tail().contains("still loading") {
+            assert!(start.elapsed() < Duration::from_secs(10), "no stderr read");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let err = worker
             .listening(Duration::from_millis(300))
             .await
