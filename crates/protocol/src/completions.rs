@@ -9,16 +9,14 @@ use std::fmt;
 
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 use crate::logprobs::CompletionLogprobs;
-use crate::sampling::deserialize_flag;
+use crate::params::GenerationParams;
 use crate::sampling::{
-    check_model, check_stream_options, deserialize_seed, FinishReason, ResponseMeta,
-    SamplingFields, SamplingRequest, StopSequences, StreamOptions, Usage, UsageField,
+    check_model, check_stream_options, FinishReason, ResponseMeta, SamplingFields, SamplingRequest,
+    Usage, UsageField,
 };
-use crate::structured::{ConstraintFields, OutputConstraint};
 
 /// Most alternatives `logprobs` may ask for on `/v1/completions`.
 pub const MAX_COMPLETION_LOGPROBS: u32 = 5;
@@ -29,56 +27,12 @@ pub const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
 /// The body of `POST /v1/completions`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CompletionRequest {
-    /// Model to run.
-    pub model: String,
+    /// The fields shared with the other completions endpoint (flattened: they sit at the
+    /// top level of the JSON body).
+    #[serde(flatten)]
+    pub params: GenerationParams,
     /// The prompt, as text or token ids.
     pub prompt: PromptInput,
-    /// Token limit; defaults to 16 as in OpenAI (see [`Self::max_new_tokens`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_tokens: Option<u32>,
-    /// Sampling temperature in [0, 2].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f64>,
-    /// Nucleus sampling mass in (0, 1].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_p: Option<f64>,
-    /// Extension: top-k cutoff; -1 or 0 disable.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_k: Option<i64>,
-    /// Extension: min-p cutoff in [0, 1].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min_p: Option<f64>,
-    /// Number of independent choices, 1 to 16.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub n: Option<u32>,
-    /// Stream the answer as server-sent events.
-    #[serde(default, deserialize_with = "deserialize_flag")]
-    pub stream: bool,
-    /// Streaming options; only allowed with `stream: true`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stream_options: Option<StreamOptions>,
-    /// Stop sequences.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stop: Option<StopSequences>,
-    /// Seed for reproducible sampling; any i64 or u64 is accepted.
-    #[serde(
-        default,
-        deserialize_with = "deserialize_seed",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub seed: Option<u64>,
-    /// Presence penalty in [-2, 2].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub presence_penalty: Option<f64>,
-    /// Frequency penalty in [-2, 2].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frequency_penalty: Option<f64>,
-    /// Extension: multiplicative repetition penalty in (0, 10].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub repetition_penalty: Option<f64>,
-    /// Extension: keep generating past EOS.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ignore_eos: Option<bool>,
     /// Echo the prompt before the completion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub echo: Option<bool>,
@@ -91,90 +45,36 @@ pub struct CompletionRequest {
     /// Candidates to sample server-side; must be 1 for now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_of: Option<u32>,
-    /// Token-id → bias map, biases in [-100, 100].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logit_bias: Option<Map<String, Value>>,
-    /// End-user identifier; recorded, not used.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
-    /// Extension (vLLM): output format as on chat (`json_object`, `json_schema`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub response_format: Option<Value>,
-    /// Extension (vLLM): JSON Schema the output must follow.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guided_json: Option<Value>,
-    /// Extension (vLLM): regular expression the output must match.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guided_regex: Option<String>,
-    /// Extension (vLLM): the output is exactly one of these strings.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guided_choice: Option<Vec<String>>,
-    /// Extension: a Lark grammar the output must follow (llguidance's dialect).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guided_grammar: Option<String>,
 }
 
 impl CompletionRequest {
     /// A request with the given model and prompt and every option unset.
     pub fn new(model: impl Into<String>, prompt: PromptInput) -> Self {
         Self {
-            model: model.into(),
+            params: GenerationParams::new(model),
             prompt,
             ..Self::default()
         }
     }
 
-    /// The constraint fields as sent.
-    pub fn constraint_fields(&self) -> ConstraintFields<'_> {
-        ConstraintFields {
-            response_format: self.response_format.as_ref(),
-            guided_json: self.guided_json.as_ref(),
-            guided_regex: self.guided_regex.as_deref(),
-            guided_choice: self.guided_choice.as_deref(),
-            guided_grammar: self.guided_grammar.as_deref(),
-        }
-    }
-
-    /// The output constraint from `response_format` or a `guided_*` field, if any.
-    pub fn output_constraint(&self) -> Result<Option<OutputConstraint>, ApiError> {
-        self.constraint_fields().parse()
-    }
-
     /// `echo` with `max_tokens: 0`: only the prompt comes back (with its log probabilities if
     /// asked for), nothing is generated.
     pub fn scores_only(&self) -> bool {
-        self.echo == Some(true) && self.max_tokens == Some(0)
+        self.echo == Some(true) && self.params.max_tokens == Some(0)
     }
 
     /// The token limit: `max_tokens`, or OpenAI's default of 16.
     pub fn max_new_tokens(&self) -> u32 {
-        self.max_tokens.unwrap_or(DEFAULT_COMPLETION_MAX_TOKENS)
-    }
-
-    /// Whether the stream should carry `usage` (null, then a final usage chunk).
-    pub fn include_usage(&self) -> bool {
-        self.stream && self.stream_options.is_some_and(|o| o.include_usage)
+        self.params
+            .max_tokens
+            .unwrap_or(DEFAULT_COMPLETION_MAX_TOKENS)
     }
 
     /// The sampling knobs as sent, for validation and conversion.
     pub fn sampling_fields(&self) -> SamplingFields<'_> {
-        SamplingFields {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            min_p: self.min_p,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            repetition_penalty: self.repetition_penalty,
-            n: self.n,
-            seed: self.seed,
-            // `max_tokens: 0` with `echo` scores the prompt without generating.
-            max_tokens: Some(self.max_new_tokens()).filter(|_| !self.scores_only()),
-            max_tokens_param: "max_tokens",
-            stop: self.stop.as_ref(),
-            ignore_eos: self.ignore_eos.unwrap_or(false),
-            logit_bias: self.logit_bias.as_ref(),
-        }
+        // `max_tokens: 0` with `echo` scores the prompt without generating.
+        let max_tokens = Some(self.max_new_tokens()).filter(|_| !self.scores_only());
+        self.params.sampling_fields(max_tokens, "max_tokens")
     }
 
     /// Engine-facing sampling settings with defaults filled in
@@ -185,7 +85,7 @@ impl CompletionRequest {
 
     /// Checks the request; the error names the offending parameter.
     pub fn validate(&self) -> Result<(), ApiError> {
-        check_model(&self.model)?;
+        check_model(&self.params.model)?;
         match self.prompt.len() {
             0 => return Err(empty_prompt()),
             1 => {}
@@ -195,7 +95,7 @@ impl CompletionRequest {
             return Err(empty_prompt());
         }
         self.sampling_fields().validate()?;
-        check_stream_options(self.stream, self.stream_options.as_ref())?;
+        check_stream_options(self.params.stream, self.params.stream_options.as_ref())?;
         self.reject_unsupported()
     }
 
@@ -210,7 +110,7 @@ impl CompletionRequest {
                 ));
             }
         }
-        self.output_constraint()?;
+        self.params.output_constraint()?;
         if self.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::unsupported("suffix", "suffix"));
         }
@@ -587,7 +487,7 @@ pub struct CompletionChunkChoice {
 mod tests {
     use super::*;
     use crate::error::parse_json;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn parse(v: Value) -> CompletionRequest {
         serde_json::from_value(v).expect("request parses")
@@ -693,7 +593,7 @@ mod tests {
         assert!(req.validate().is_ok());
         assert_eq!(req.max_new_tokens(), 16);
         assert_eq!(req.sampling().max_tokens, Some(16));
-        assert!(!req.include_usage());
+        assert!(!req.params.include_usage());
         assert_eq!(
             req,
             CompletionRequest::new("m", PromptInput::Tokens(vec![1, 2, 3]))
@@ -752,7 +652,7 @@ mod tests {
         }
         let mut both = with("echo", json!(true));
         both.logprobs = Some(1);
-        both.max_tokens = Some(0);
+        both.params.max_tokens = Some(0);
         assert!(
             both.validate().is_ok(),
             "scoring a prompt: echo, logprobs, max_tokens 0"

@@ -14,6 +14,7 @@ pub mod error;
 pub mod kv;
 pub mod logprobs;
 pub mod models;
+pub mod params;
 pub mod request_guard;
 pub mod reservation;
 pub mod sampling;
@@ -37,6 +38,7 @@ pub use logprobs::{
     ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TokenText, TopLogprob, MAX_TOP_LOGPROBS,
 };
 pub use models::{ModelCard, ModelList};
+pub use params::GenerationParams;
 pub use reservation::TokenReservation;
 pub use sampling::{
     FinishReason, ResponseMeta, SamplingFields, SamplingRequest, StopSequences, StreamOptions,

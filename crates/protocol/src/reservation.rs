@@ -72,7 +72,7 @@ impl TokenReservation {
         Self {
             prompt_tokens: estimate(text),
             output_tokens: req.max_new_tokens().map(u64::from),
-            choices: choices(req.n),
+            choices: choices(req.params.n),
         }
     }
 
@@ -92,7 +92,7 @@ impl TokenReservation {
         Self {
             prompt_tokens,
             output_tokens: Some(u64::from(output)),
-            choices: choices(req.n),
+            choices: choices(req.params.n),
         }
     }
 

@@ -212,8 +212,8 @@ pub(crate) async fn count_tokens(State(state): State<Arc<AppState>>, req: Reques
         let request: CountTokensRequest = parse_json(&body)?;
         let chat = request.to_chat()?;
         chat.validate()?;
-        if chat.model != state.config.model_id {
-            return Err(ApiError::model_not_found(&chat.model).into());
+        if chat.params.model != state.config.model_id {
+            return Err(ApiError::model_not_found(&chat.params.model).into());
         }
         let tools = ToolSetup::from_request(&chat, state.engine.template().tool_style())?;
         let st = state.clone();

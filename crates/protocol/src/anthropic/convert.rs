@@ -24,22 +24,22 @@ impl MessagesRequest {
     pub fn to_chat(&self) -> Result<ChatCompletionRequest, AnthropicError> {
         self.validate()?;
         let mut chat = self.conversation().to_chat();
-        chat.max_tokens = self.max_tokens;
-        chat.temperature = self.temperature;
-        chat.top_p = self.top_p;
-        chat.top_k = self.top_k;
-        chat.stop = self
+        chat.params.max_tokens = self.max_tokens;
+        chat.params.temperature = self.temperature;
+        chat.params.top_p = self.top_p;
+        chat.params.top_k = self.top_k;
+        chat.params.stop = self
             .stop_sequences
             .clone()
             .filter(|s| !s.is_empty())
             .map(StopSequences::Many);
-        chat.stream = self.stream;
+        chat.params.stream = self.stream;
         if self.stream {
-            chat.stream_options = Some(StreamOptions {
+            chat.params.stream_options = Some(StreamOptions {
                 include_usage: true,
             });
         }
-        chat.response_format = self.response_format()?;
+        chat.params.response_format = self.response_format()?;
         Ok(chat)
     }
 
@@ -307,14 +307,17 @@ mod tests {
     #[test]
     fn sampling_tools_and_choice_are_carried_over() {
         let chat = round_trip().to_chat().expect("converts");
-        assert_eq!(chat.model, "claude-sonnet-4-20250514");
-        assert_eq!(chat.max_tokens, Some(300));
-        assert_eq!(chat.temperature, Some(0.2));
-        assert_eq!(chat.top_p, Some(0.95));
-        assert_eq!(chat.top_k, Some(20));
-        assert_eq!(chat.stop, Some(StopSequences::Many(vec!["END".into()])));
-        assert!(!chat.stream);
-        assert_eq!(chat.stream_options, None);
+        assert_eq!(chat.params.model, "claude-sonnet-4-20250514");
+        assert_eq!(chat.params.max_tokens, Some(300));
+        assert_eq!(chat.params.temperature, Some(0.2));
+        assert_eq!(chat.params.top_p, Some(0.95));
+        assert_eq!(chat.params.top_k, Some(20));
+        assert_eq!(
+            chat.params.stop,
+            Some(StopSequences::Many(vec!["END".into()]))
+        );
+        assert!(!chat.params.stream);
+        assert_eq!(chat.params.stream_options, None);
         assert_eq!(chat.tool_choice, Some(json!("auto")));
         assert_eq!(chat.parallel_tool_calls, Some(false));
         assert_eq!(
@@ -363,11 +366,11 @@ mod tests {
             "messages": [{"role": "user", "content": "hi"}]
         }));
         let chat = req.to_chat().expect("converts");
-        assert!(chat.include_usage());
+        assert!(chat.params.include_usage());
         assert_eq!(chat.messages, vec![ChatMessage::new(Role::User, "hi")]);
         assert_eq!(chat.tools, None);
         assert_eq!(chat.tool_choice, None);
-        assert_eq!(chat.stop, None);
+        assert_eq!(chat.params.stop, None);
         assert_eq!(chat.validate(), Ok(()));
     }
 
@@ -405,7 +408,7 @@ mod tests {
             "output_config": {"effort": "low", "format": {"type": "json_schema", "schema": schema}}}));
         let chat = req.to_chat().expect("converts");
         assert_eq!(
-            chat.response_format.as_ref().expect("format")["json_schema"]["schema"],
+            chat.params.response_format.as_ref().expect("format")["json_schema"]["schema"],
             schema
         );
         assert!(chat.validate().is_ok());
@@ -430,7 +433,7 @@ mod tests {
         assert_eq!(counted.messages, generated.messages);
         assert_eq!(counted.tools, generated.tools);
         assert_eq!(counted.tool_choice, generated.tool_choice);
-        assert_eq!(counted.max_tokens, None);
+        assert_eq!(counted.params.max_tokens, None);
         assert_eq!(counted.validate(), Ok(()));
     }
 }

@@ -19,85 +19,33 @@ pub use tools::{
 use serde::de::{self, Deserializer};
 use serde::ser::Serializer;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::error::ApiError;
 use crate::logprobs::MAX_TOP_LOGPROBS;
-use crate::sampling::deserialize_flag;
+use crate::params::GenerationParams;
 use crate::sampling::{
-    check_max_tokens, check_model, check_stream_options, deserialize_seed, SamplingFields,
-    SamplingRequest, StopSequences, StreamOptions,
+    check_max_tokens, check_model, check_stream_options, SamplingFields, SamplingRequest,
 };
-use crate::structured::{ConstraintFields, OutputConstraint};
 
 /// The body of `POST /v1/chat/completions`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatCompletionRequest {
-    /// Model to run.
-    pub model: String,
+    /// The fields shared with the other completions endpoint (flattened: they sit at the
+    /// top level of the JSON body).
+    #[serde(flatten)]
+    pub params: GenerationParams,
     /// The conversation so far; must not be empty.
     pub messages: Vec<ChatMessage>,
-    /// Legacy token limit; [`Self::max_completion_tokens`] wins when both are set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_tokens: Option<u32>,
     /// Token limit for the completion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_completion_tokens: Option<u32>,
-    /// Sampling temperature in [0, 2].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f64>,
-    /// Nucleus sampling mass in (0, 1].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_p: Option<f64>,
-    /// Extension: top-k cutoff; -1 or 0 disable.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_k: Option<i64>,
-    /// Extension: min-p cutoff in [0, 1].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min_p: Option<f64>,
-    /// Number of independent choices, 1 to 16.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub n: Option<u32>,
-    /// Stream the answer as server-sent events.
-    #[serde(default, deserialize_with = "deserialize_flag")]
-    pub stream: bool,
-    /// Streaming options; only allowed with `stream: true`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stream_options: Option<StreamOptions>,
-    /// Stop sequences.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stop: Option<StopSequences>,
-    /// Seed for reproducible sampling; any i64 or u64 is accepted.
-    #[serde(
-        default,
-        deserialize_with = "deserialize_seed",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub seed: Option<u64>,
-    /// Presence penalty in [-2, 2].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub presence_penalty: Option<f64>,
-    /// Frequency penalty in [-2, 2].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frequency_penalty: Option<f64>,
-    /// Extension: multiplicative repetition penalty in (0, 10].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub repetition_penalty: Option<f64>,
-    /// Extension: keep generating past EOS.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ignore_eos: Option<bool>,
     /// Return each generated token's log probability.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<bool>,
     /// Number of alternatives per position with `logprobs` (0 to 20).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_logprobs: Option<u32>,
-    /// Token-id → bias map, biases in [-100, 100].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logit_bias: Option<Map<String, Value>>,
-    /// End-user identifier; recorded, not used.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
     /// Functions the model may call, as sent (typed view: [`Self::typed_tools`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tools: Option<Vec<Value>>,
@@ -107,28 +55,13 @@ pub struct ChatCompletionRequest {
     /// Allow more than one tool call in one answer (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parallel_tool_calls: Option<bool>,
-    /// Output format: `text`, `json_object` or `json_schema`, enforced by constrained decoding.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub response_format: Option<Value>,
-    /// Extension (vLLM): JSON Schema the output must follow.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guided_json: Option<Value>,
-    /// Extension (vLLM): regular expression the output must match.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guided_regex: Option<String>,
-    /// Extension (vLLM): the output is exactly one of these strings.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guided_choice: Option<Vec<String>>,
-    /// Extension: a Lark grammar the output must follow (llguidance's dialect).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guided_grammar: Option<String>,
 }
 
 impl ChatCompletionRequest {
     /// A request with the given model and messages and every option unset.
     pub fn new(model: impl Into<String>, messages: Vec<ChatMessage>) -> Self {
         Self {
-            model: model.into(),
+            params: GenerationParams::new(model),
             messages,
             ..Self::default()
         }
@@ -137,36 +70,17 @@ impl ChatCompletionRequest {
     /// The token limit: `max_completion_tokens`, else `max_tokens`, else none
     /// (generate up to the context window).
     pub fn max_new_tokens(&self) -> Option<u32> {
-        self.max_completion_tokens.or(self.max_tokens)
-    }
-
-    /// Whether the stream should carry `usage` (null, then a final usage chunk).
-    pub fn include_usage(&self) -> bool {
-        self.stream && self.stream_options.is_some_and(|o| o.include_usage)
+        self.max_completion_tokens.or(self.params.max_tokens)
     }
 
     /// The sampling knobs as sent, for validation and conversion.
     pub fn sampling_fields(&self) -> SamplingFields<'_> {
-        SamplingFields {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            min_p: self.min_p,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            repetition_penalty: self.repetition_penalty,
-            n: self.n,
-            seed: self.seed,
-            max_tokens: self.max_new_tokens(),
-            max_tokens_param: if self.max_completion_tokens.is_some() {
-                "max_completion_tokens"
-            } else {
-                "max_tokens"
-            },
-            stop: self.stop.as_ref(),
-            ignore_eos: self.ignore_eos.unwrap_or(false),
-            logit_bias: self.logit_bias.as_ref(),
-        }
+        let param = if self.max_completion_tokens.is_some() {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
+        self.params.sampling_fields(self.max_new_tokens(), param)
     }
 
     /// Engine-facing sampling settings with defaults filled in.
@@ -176,7 +90,7 @@ impl ChatCompletionRequest {
 
     /// Checks the request; the error names the offending parameter.
     pub fn validate(&self) -> Result<(), ApiError> {
-        check_model(&self.model)?;
+        check_model(&self.params.model)?;
         if self.messages.is_empty() {
             return Err(ApiError::invalid_request(
                 "messages must contain at least one message",
@@ -187,9 +101,9 @@ impl ChatCompletionRequest {
             message.validate(i)?;
         }
         // Both limits are checked, not just the one that wins.
-        check_max_tokens("max_tokens", self.max_tokens)?;
+        check_max_tokens("max_tokens", self.params.max_tokens)?;
         self.sampling_fields().validate()?;
-        check_stream_options(self.stream, self.stream_options.as_ref())?;
+        check_stream_options(self.params.stream, self.params.stream_options.as_ref())?;
         self.validate_features()
     }
 
@@ -206,22 +120,6 @@ impl ChatCompletionRequest {
     /// The tool choice, typed and checked against the tools.
     pub fn typed_tool_choice(&self) -> Result<ToolChoice, ApiError> {
         tools::parse_tool_choice(self.tool_choice.as_ref(), &self.typed_tools()?)
-    }
-
-    /// The constraint fields as sent.
-    pub fn constraint_fields(&self) -> ConstraintFields<'_> {
-        ConstraintFields {
-            response_format: self.response_format.as_ref(),
-            guided_json: self.guided_json.as_ref(),
-            guided_regex: self.guided_regex.as_deref(),
-            guided_choice: self.guided_choice.as_deref(),
-            guided_grammar: self.guided_grammar.as_deref(),
-        }
-    }
-
-    /// The output constraint from `response_format` or a `guided_*` field, if any.
-    pub fn output_constraint(&self) -> Result<Option<OutputConstraint>, ApiError> {
-        self.constraint_fields().parse()
     }
 
     /// Tools, logprobs and output constraints are well-formed and consistent.
@@ -241,7 +139,7 @@ impl ChatCompletionRequest {
             }
         }
         let choice = self.typed_tool_choice()?;
-        let constraint = self.output_constraint()?;
+        let constraint = self.params.output_constraint()?;
         if constraint.is_some() && matches!(choice, ToolChoice::Required | ToolChoice::Function(_))
         {
             return Err(ApiError::invalid_request(
@@ -520,7 +418,7 @@ mod tests {
         assert_eq!(req.messages[3].content, None);
         assert_eq!(req.messages[4].tool_call_id.as_deref(), Some("call_1"));
         assert_eq!(req.messages[5].name.as_deref(), Some("bob"));
-        assert!(req.include_usage());
+        assert!(req.params.include_usage());
         assert_eq!(req.max_new_tokens(), Some(100));
         let s = req.sampling();
         assert_eq!(s.temperature, 0.7);
@@ -534,15 +432,15 @@ mod tests {
     fn null_stream_means_not_streaming() {
         let mut v = minimal();
         v["stream"] = Value::Null;
-        assert!(!parse(v).stream);
+        assert!(!parse(v).params.stream);
     }
 
     #[test]
     fn minimal_request_defaults() {
         let req = parse(minimal());
         assert!(req.validate().is_ok());
-        assert!(!req.stream);
-        assert!(!req.include_usage());
+        assert!(!req.params.stream);
+        assert!(!req.params.include_usage());
         assert_eq!(req.max_new_tokens(), None);
         assert_eq!(req.sampling(), SamplingRequest::default());
         assert_eq!(
@@ -739,7 +637,7 @@ mod tests {
         assert_eq!(err.param.as_deref(), Some("tool_choice"));
         let mut forced = with("tools", tool);
         forced.tool_choice = Some(json!("required"));
-        forced.response_format = Some(json!({"type": "json_object"}));
+        forced.params.response_format = Some(json!({"type": "json_object"}));
         assert_eq!(rejected(&forced).param.as_deref(), Some("tool_choice"));
         let err = rejected(&with("response_format", json!({"type": "yaml"})));
         assert_eq!(err.param.as_deref(), Some("response_format.type"));
@@ -756,7 +654,7 @@ mod tests {
         v["stream_options"] = json!({"include_usage": false});
         let req = parse(v);
         assert!(req.validate().is_ok());
-        assert!(!req.include_usage());
+        assert!(!req.params.include_usage());
     }
 
     fn meta() -> ResponseMeta {

@@ -207,7 +207,7 @@ fn build_chat_prompt(
     constraint: Option<&OutputConstraint>,
     given: Option<&str>,
 ) -> Result<(Vec<u32>, Option<Grammar>), WorkerError> {
-    let param = req.constraint_fields().param();
+    let param = req.params.constraint_fields().param();
     let prompt = match state.given_tokens(given) {
         Some(tokens) => tokens,
         None => state.prompter.chat(req, tools)?,
@@ -232,10 +232,10 @@ pub(crate) async fn prepare_chat_request(
     given: Option<String>,
 ) -> Result<Prepared, WorkerError> {
     req.validate()?;
-    check_model(state, &req.model)?;
+    check_model(state, &req.params.model)?;
     let style = state.engine.template().tool_style();
     let tools = ToolSetup::from_request(&req, style)?.map(Arc::new);
-    let constraint = req.output_constraint()?;
+    let constraint = req.params.output_constraint()?;
     let st = state.clone();
     let (req, tools, built) = tokio::task::spawn_blocking(move || {
         let built = build_chat_prompt(
@@ -254,9 +254,9 @@ pub(crate) async fn prepare_chat_request(
     let logprobs = req.top_logprobs_wanted();
     Ok(Prepared {
         requests: engine_requests(prompt, &req.sampling(), max_tokens, logprobs, grammar),
-        stream: req.stream,
-        include_usage: req.include_usage(),
-        model: req.model,
+        stream: req.params.stream,
+        include_usage: req.params.include_usage(),
+        model: req.params.model,
         tools,
         logprobs: if logprobs.is_some() {
             LogprobStyle::Chat
@@ -275,8 +275,8 @@ pub(crate) async fn prepare_completion(
 ) -> Result<Prepared, WorkerError> {
     let req: CompletionRequest = parse_json(body)?;
     req.validate()?;
-    check_model(state, &req.model)?;
-    let constraint = req.output_constraint()?;
+    check_model(state, &req.params.model)?;
+    let constraint = req.params.output_constraint()?;
     let prompt_ref = req
         .prompt
         .single()
@@ -292,7 +292,7 @@ pub(crate) async fn prepare_completion(
         return Err(EngineError::TokenOutOfVocab { token, vocab }.into());
     }
     let echo = req.echo == Some(true);
-    let param = req.constraint_fields().param();
+    let param = req.params.constraint_fields().param();
     let st = state.clone();
     let (prompt, echo_text, grammar) = tokio::task::spawn_blocking(move || {
         let tok = st.engine.tokenizer();
@@ -326,9 +326,9 @@ pub(crate) async fn prepare_completion(
     }
     Ok(Prepared {
         requests,
-        stream: req.stream,
-        include_usage: req.include_usage(),
-        model: req.model,
+        stream: req.params.stream,
+        include_usage: req.params.include_usage(),
+        model: req.params.model,
         tools: None,
         logprobs: if logprobs.is_some() {
             LogprobStyle::Completion
