@@ -260,6 +260,26 @@ fn cmdline(pid: u32) -> Vec<String> {
         .collect()
 }
 
+/// `lastmile ARGS --usage-db USAGE_DB` started by the launcher with `env`, its output in
+/// `dir/lastmile.log`.
+#[cfg(target_os = "linux")]
+fn launch_logged(
+    dir: &std::path::Path,
+    args: &[&str],
+    usage_db: &std::path::Path,
+    env: &[(&str, &str)],
+) -> lastmile_control::launcher::LaunchedWorker {
+    use lastmile_control::launcher::{Launch, Output};
+    let db = usage_db.to_str().expect("utf-8 temp dir");
+    let mut launch = Launch::new(BIN, args.iter().copied().chain(["--usage-db", db]))
+        .output(Output::LogFile(dir.join("lastmile.log")))
+        .env("RUST_LOG", "warn");
+    for (name, value) in env {
+        launch = launch.env(name, value);
+    }
+    launch.spawn().expect("starting lastmile")
+}
+
 /// `serve --workers 2` is a deployment of two replicas run by the controller, each started by
 /// the launcher (`--port 0`, the port it reports): the gateway, itself started with `--port 0`
 /// through the launcher, puts both in rotation; neither inherits the admin key, and both die
@@ -267,26 +287,11 @@ fn cmdline(pid: u32) -> Vec<String> {
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_children_inherit_no_secret_and_die_with_their_parent() {
-    use lastmile_control::launcher::{Launch, Output, Stop};
+    use lastmile_control::launcher::Stop;
     let dir = temp_dir("workers");
     let usage_db = dir.join("usage.db");
-    let parent = Launch::new(
-        BIN,
-        [
-            "serve",
-            "--workers",
-            "2",
-            "--threads",
-            "1",
-            "--usage-db",
-            usage_db.to_str().expect("utf-8 temp dir"),
-        ],
-    )
-    .output(Output::LogFile(dir.join("serve.log")))
-    .env("LASTMILE_ADMIN_KEY", ADMIN)
-    .env("RUST_LOG", "warn")
-    .spawn()
-    .expect("starting lastmile");
+    let args = ["serve", "--workers", "2", "--threads", "1"];
+    let parent = launch_logged(&dir, &args, &usage_db, &[("LASTMILE_ADMIN_KEY", ADMIN)]);
     let url = parent
         .listening(Duration::from_secs(60))
         .await
@@ -490,4 +495,92 @@ fn an_unknown_routing_policy_is_refused_with_the_choices() {
             && stderr.contains("round_robin, random, least_loaded, kv_aware"),
         "{stderr}"
     );
+}
+
+/// Every process descended from `pid` (children, their children, ...).
+fn descendants_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        for c in children_of(p) {
+            out.push(c);
+            frontier.push(c);
+        }
+    }
+    out
+}
+
+/// A sandbox — bubblewrap and everything it runs — goes when lastmile is killed outright,
+/// leaving nothing running. (Sandboxes run as an unprivileged user when lastmile is root; that
+/// their parent-death signal is armed after the switch of user, which clears it, is tested in
+/// `lastmile-process`.)
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxes_die_with_lastmile_when_it_is_killed_outright() {
+    use lastmile_control::launcher::Stop;
+    let dir = temp_dir("sandboxes");
+    let usage_db = dir.join("usage.db");
+    let args = [
+        "gateway",
+        "--worker",
+        "http://127.0.0.1:9",
+        "--sandboxes",
+        "--admin-key",
+        ADMIN,
+    ];
+    let parent = launch_logged(&dir, &args, &usage_db, &[]);
+    let url = parent
+        .listening(Duration::from_secs(60))
+        .await
+        .expect("the gateway reports its port");
+    let http = reqwest::Client::new();
+    let key: Value = http
+        .post(format!("{url}/admin/keys"))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"name": "agent"}))
+        .send()
+        .await
+        .expect("key")
+        .json()
+        .await
+        .expect("key json");
+    let created: Value = http
+        .post(format!("{url}/v2/sandboxes"))
+        .header("X-API-KEY", key["key"].as_str().expect("key"))
+        .json(&serde_json::json!({"templateID": "base", "timeout": 120}))
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("created json");
+    assert!(created["sandboxID"].is_string(), "{created}");
+    let family = descendants_of(parent.pid());
+    assert!(
+        family
+            .iter()
+            .any(|p| cmdline(*p).first().is_some_and(|a| a.ends_with("bwrap"))),
+        "a bubblewrap process runs the sandbox: {:?}",
+        family.iter().map(|p| cmdline(*p)).collect::<Vec<_>>()
+    );
+    parent.stop(Stop::Kill);
+    tokio::time::timeout(Duration::from_secs(10), parent.exited())
+        .await
+        .expect("the parent dies");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let alive: Vec<Vec<String>> = family
+            .iter()
+            .filter(|p| !is_dead(**p))
+            .map(|p| cmdline(*p))
+            .collect();
+        if alive.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sandbox processes outlived lastmile: {alive:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -1,5 +1,5 @@
 //! The one way lastmile starts its own server processes (the replicas of `serve --config` and
-//! of `serve --workers N`, the servers `bench --compare` measures; sandboxes are next): a
+//! of `serve --workers N`, the servers `bench --compare` measures): a
 //! [`Launch`] runs `lastmile <command> --host H --port 0`, reads the address the child reports
 //! once it listens ([`LISTENING`], one line on its stdout), keeps its output, and hands back a
 //! [`LaunchedWorker`].
@@ -12,7 +12,9 @@
 //!   replica has no use for credentials it could leak);
 //! - on Linux a child is killed when the process that started it dies, even by `kill -9`
 //!   (`PR_SET_PDEATHSIG`), and refuses to start if that process is already gone; dropping its
-//!   [`LaunchedWorker`] kills it too;
+//!   [`LaunchedWorker`] kills it too. It is forked through `lastmile_process`, as sandboxes
+//!   are, on a thread that lives as long as the process (the signal follows the forking
+//!   thread), so a launch from a short-lived thread does not kill the child minutes later;
 //! - its stdout and stderr are never discarded: each line goes to a log file or to this
 //!   process's stderr with a prefix, and the last lines of its stderr are kept for the error
 //!   that says why it never listened;
@@ -186,11 +188,16 @@ impl Launch {
             message,
         };
         let sink = Sink::open(&self.output).map_err(|e| failed(format!("opening its log: {e}")))?;
-        let mut cmd = tokio::process::Command::from(self.command());
-        cmd.kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| failed(format!("spawning it: {e}")))?;
+        let command = self.command();
+        // Forked on a thread that lives as long as this process: the child's parent-death
+        // signal follows the forking thread, not the process.
+        let mut child = lastmile_process::launch(move || {
+            let mut cmd = tokio::process::Command::from(command);
+            cmd.kill_on_drop(true);
+            cmd.spawn()
+        })
+        .ok_or_else(|| failed("no launch thread could start it".into()))?
+        .map_err(|e| failed(format!("spawning it: {e}")))?;
         let pid = child.id().unwrap_or(0);
         let sink = Arc::new(sink.with_pid(pid));
         let tail = Arc::new(Mutex::new(KeptLines::default()));
@@ -435,7 +442,7 @@ pub fn is_secret_variable(name: &OsStr) -> bool {
 pub fn worker_command(exe: &Path) -> Command {
     let mut cmd = Command::new(exe);
     remove_secrets(&mut cmd, std::env::vars_os().map(|(name, _)| name));
-    die_with_parent(&mut cmd);
+    lastmile_process::die_with_parent(&mut cmd);
     cmd
 }
 
@@ -447,30 +454,6 @@ fn remove_secrets(cmd: &mut Command, names: impl Iterator<Item = std::ffi::OsStr
         }
     }
 }
-
-/// Has the child of `cmd` receive SIGKILL when this process dies.
-#[cfg(target_os = "linux")]
-fn die_with_parent(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    let parent = std::process::id();
-    // SAFETY: runs in the forked child before exec and only calls prctl and getppid, which are
-    // async-signal-safe; it allocates nothing and touches no lock.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent died before the line above: nothing would kill us later.
-            if libc::getppid() as u32 != parent {
-                return Err(std::io::Error::other("the parent process is gone"));
-            }
-            Ok(())
-        });
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn die_with_parent(_cmd: &mut Command) {}
 
 #[cfg(test)]
 mod tests {

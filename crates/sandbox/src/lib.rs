@@ -19,7 +19,6 @@ pub mod backend;
 pub mod conn;
 pub mod e2b;
 pub mod interpreter;
-mod launcher;
 pub mod metrics;
 pub mod service;
 pub mod template;

@@ -261,8 +261,6 @@ pub struct SandboxService {
     pub metrics: Metrics,
     created: AtomicU64,
     changes: tokio::sync::broadcast::Sender<Change>,
-    /// Where sandboxes are launched from (threads that never exit: see [`crate::launcher`]).
-    launcher: crate::launcher::Launcher,
 }
 
 /// A sandbox's life changed: made, its timeout set, paused, resumed, killed or expired (what
@@ -292,10 +290,6 @@ impl SandboxService {
             metrics: Metrics::default(),
             created: AtomicU64::new(0),
             changes: tokio::sync::broadcast::channel(1024).0,
-            launcher: crate::launcher::Launcher::new(
-                LAUNCH_THREADS,
-                tokio::runtime::Handle::current(),
-            ),
         });
         let weak = Arc::downgrade(&svc);
         tokio::spawn(async move {
@@ -445,7 +439,9 @@ impl SandboxService {
         Ok(())
     }
 
-    /// Launches sandbox `id` from `template` through the backend, on the launcher's thread.
+    /// Launches sandbox `id` from `template` through the backend, on one of the threads that
+    /// fork lastmile's children (they live as long as the process: a sandbox's parent-death
+    /// signal follows the thread that forked it).
     async fn launch(
         &self,
         id: &str,
@@ -455,17 +451,16 @@ impl SandboxService {
         let backend = self.backend.clone();
         let (t2, id2, envs) = (template.clone(), id.to_string(), req.envs.clone());
         let network = req.network.clone();
-        self.launcher
-            .run(move || {
-                backend.launch(&LaunchSpec {
-                    id: &id2,
-                    template: &t2,
-                    envs: &envs,
-                    network: network.as_ref(),
-                })
+        lastmile_process::launch_async(move || {
+            backend.launch(&LaunchSpec {
+                id: &id2,
+                template: &t2,
+                envs: &envs,
+                network: network.as_ref(),
             })
-            .await
-            .ok_or_else(|| SandboxError::Unavailable("no thread to launch sandboxes on".into()))?
+        })
+        .await
+        .ok_or_else(|| SandboxError::Unavailable("no thread to launch sandboxes on".into()))?
     }
 
     /// Adds `sandbox` to the map unless its owner or the server reached a limit while it was
@@ -627,9 +622,6 @@ impl SandboxService {
         let _ = tokio::task::spawn_blocking(move || backend.shutdown()).await;
     }
 }
-
-/// Threads sandboxes are launched from at once.
-const LAUNCH_THREADS: usize = 4;
 
 /// The owner name that sees every sandbox (the admin key).
 pub const ADMIN: &str = "\u{0}admin";

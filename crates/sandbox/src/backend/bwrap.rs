@@ -300,8 +300,10 @@ impl Bwrap {
         let keep: Vec<RawFd> = fds.all().collect();
         let join = join.to_vec();
         let user = self.config.host_user;
-        // SAFETY: the closure calls only async-signal-safe functions (write, fcntl, prctl,
-        // open, close, setrlimit, setgroups, setgid, setuid) on values prepared before fork.
+        let parent = std::process::id();
+        // SAFETY: the closure calls only async-signal-safe functions (write, fcntl, open,
+        // close, setrlimit, setgroups, setgid, setuid, prctl, getppid) on values prepared
+        // before fork.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(cmd, move || {
                 for &fd in &join {
@@ -313,7 +315,6 @@ impl Bwrap {
                     let flags = libc::fcntl(fd, libc::F_GETFD);
                     libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
                 }
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY);
                 if fd >= 0 {
                     libc::write(fd, b"-900".as_ptr().cast(), 4);
@@ -325,14 +326,10 @@ impl Bwrap {
                 };
                 libc::setrlimit(libc::RLIMIT_CORE, &core);
                 if let Some((uid, gid)) = user {
-                    if libc::setgroups(0, std::ptr::null()) != 0
-                        || libc::setgid(gid) != 0
-                        || libc::setuid(uid) != 0
-                    {
-                        return Err(io::Error::last_os_error());
-                    }
+                    lastmile_process::switch_user(uid, gid)?;
                 }
-                Ok(())
+                // Last: a change of user clears it (bubblewrap was left without it before).
+                lastmile_process::arm_parent_death(parent)
             });
         }
     }

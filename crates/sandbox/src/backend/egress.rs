@@ -364,22 +364,17 @@ fn enter<const N: usize>(
     keep: [RawFd; N],
     join: bool,
 ) {
-    // SAFETY: the closure calls only async-signal-safe functions (fcntl, prctl, setgroups,
-    // setgid, setuid, setns) on values prepared before fork.
+    let parent = std::process::id();
+    // SAFETY: the closure calls only async-signal-safe functions (fcntl, setgroups, setgid,
+    // setuid, setns, prctl, getppid) on values prepared before fork.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(cmd, move || {
             for &fd in &keep {
                 let flags = libc::fcntl(fd, libc::F_GETFD);
                 libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
             }
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             if let Some((uid, gid)) = host_user {
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
+                lastmile_process::switch_user(uid, gid)?;
             }
             if join
                 && (libc::setns(keep[0], libc::CLONE_NEWUSER) != 0
@@ -387,7 +382,8 @@ fn enter<const N: usize>(
             {
                 return Err(io::Error::last_os_error());
             }
-            Ok(())
+            // Last: a change of user clears it.
+            lastmile_process::arm_parent_death(parent)
         });
     }
 }
