@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{free_port, metric as gateway_metric, start, wait_healthy};
+use common::{metric as gateway_metric, start_listening, wait_healthy};
 
 /// Completed chat requests a worker counted.
 async fn completed(worker: &str) -> u64 {
@@ -116,21 +116,12 @@ struct Pair {
 }
 
 async fn pair(extra: &[&str]) -> Pair {
-    let (pa, pb, pg) = (free_port(), free_port(), free_port());
-    let (a, b, gw) = (
-        format!("http://127.0.0.1:{pa}"),
-        format!("http://127.0.0.1:{pb}"),
-        format!("http://127.0.0.1:{pg}"),
-    );
-    let worker_a = start(&["serve", "--port", &pa.to_string(), "--threads", "1"]);
-    let worker_b = start(&["serve", "--port", &pb.to_string(), "--threads", "1"]);
+    let (worker_a, a) = start_listening(&["serve", "--threads", "1"]);
+    let (worker_b, b) = start_listening(&["serve", "--threads", "1"]);
     wait_healthy(&a).await;
     wait_healthy(&b).await;
-    let port = pg.to_string();
     let mut args = vec![
         "gateway",
-        "--port",
-        &port,
         "--worker",
         &a,
         "--worker",
@@ -140,7 +131,7 @@ async fn pair(extra: &[&str]) -> Pair {
         "--debug-headers",
     ];
     args.extend_from_slice(extra);
-    let gateway = start(&args);
+    let (gateway, gw) = start_listening(&args);
     wait_healthy(&gw).await;
     Pair {
         a,

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{free_port, start, Proc};
+use common::{start_listening, Proc};
 use serde_json::{json, Value};
 
 const ADMIN: &str = "gateway-admin-key-for-sandbox-tests";
@@ -43,9 +43,8 @@ fn messages(body: &[u8]) -> Vec<(u8, Value)> {
 
 #[tokio::test]
 async fn gateway_serves_sandboxes_on_its_port_behind_its_keys() {
-    let port = free_port();
     let db = tempfile_path("gw-sandboxes.db");
-    let _gw: Proc = start(&[
+    let (_gw, url): (Proc, String) = start_listening(&[
         "gateway",
         "--worker",
         "http://127.0.0.1:9",
@@ -54,10 +53,7 @@ async fn gateway_serves_sandboxes_on_its_port_behind_its_keys() {
         ADMIN,
         "--usage-db",
         &db,
-        "--port",
-        &port.to_string(),
     ]);
-    let url = format!("http://127.0.0.1:{port}");
     up(&url).await;
     let http = reqwest::Client::new();
 

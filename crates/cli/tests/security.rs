@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, wait_healthy, Proc, BIN};
+use common::{listening, start_listening, wait_healthy, Proc, BIN};
 use serde_json::Value;
 
 const ADMIN: &str = "an-admin-key-long-enough-for-tests";
@@ -38,7 +38,9 @@ fn one_replica_config(dir: &std::path::Path) -> PathBuf {
 /// or `None` (after killing it) if it is still running after 20 s: it started serving.
 fn run_until_exit(args: &[&str], env: &[(&str, &str)]) -> Option<(i32, String)> {
     // A folder of its own: tests run in parallel, and `temp_dir` starts its folder afresh.
-    let dir = temp_dir(&format!("exit-{}", free_port()));
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = temp_dir(&format!("exit-{run}"));
     let log = dir.join("stderr.log");
     let mut cmd = Command::new(BIN);
     cmd.args(args)
@@ -67,7 +69,7 @@ fn a_blank_admin_key_is_refused_at_start() {
     let dir = temp_dir("blank");
     let config = one_replica_config(&dir);
     let config = config.to_str().expect("utf-8 path");
-    let port = free_port().to_string();
+    let port = "0".to_string();
     /// What is started, its arguments, and its extra environment.
     type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>);
     let cases: [Case; 4] = [
@@ -130,7 +132,7 @@ fn a_blank_admin_key_is_refused_at_start() {
 
 #[test]
 fn a_short_admin_key_is_warned_about() {
-    let port = free_port().to_string();
+    let port = "0".to_string();
     let mut child = Proc(
         Command::new(BIN)
             .args(["gateway", "--worker", "http://127.0.0.1:9", "--port", &port])
@@ -182,22 +184,16 @@ async fn admin_get(url: &str, path: &str) -> Option<Value> {
 async fn an_admin_key_in_the_environment_does_not_reach_replicas() {
     let dir = temp_dir("env-replicas");
     let config = one_replica_config(&dir);
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
     let log = dir.join("serve.log");
-    let _server = Proc(
-        Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .args(["--port", &port.to_string(), "--usage-db"])
-            .arg(dir.join("usage.db"))
-            .env("LASTMILE_ADMIN_KEY", ADMIN)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("starting lastmile"),
-    );
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--config"])
+        .arg(&config)
+        .arg("--usage-db")
+        .arg(dir.join("usage.db"))
+        .env("LASTMILE_ADMIN_KEY", ADMIN)
+        .env("RUST_LOG", "warn")
+        .stderr(std::fs::File::create(&log).expect("log"));
+    let (_server, url) = listening(cmd);
     wait_healthy(&url).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -386,17 +382,7 @@ fn a_model_file_with_zero_alignment_is_refused_without_a_panic() {
 #[tokio::test]
 async fn a_worker_with_a_kv_event_subscriber_still_shuts_down() {
     use futures::StreamExt;
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let mut worker = Proc(
-        Command::new(BIN)
-            .args(["serve", "--port", &port.to_string(), "--threads", "1"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start worker"),
-    );
+    let (mut worker, url) = start_listening(&["serve", "--threads", "1"]);
     wait_healthy(&url).await;
     let feed = reqwest::get(format!("{url}/v1/kv/events"))
         .await
@@ -436,7 +422,7 @@ async fn a_worker_with_a_kv_event_subscriber_still_shuts_down() {
 /// model gateway and for the sandbox server alike (sandboxes run code: open would be worse).
 #[test]
 fn an_open_api_on_a_public_address_is_refused() {
-    let port = free_port().to_string();
+    let port = "0".to_string();
     for args in [
         vec![
             "gateway",
@@ -460,7 +446,7 @@ fn an_open_api_on_a_public_address_is_refused() {
 
 #[test]
 fn etcd_credentials_and_certificates_are_checked_at_start() {
-    let port = free_port().to_string();
+    let port = "0".to_string();
     let base = ["gateway", "--etcd", "https://127.0.0.1:9", "--port", &port];
     // A certificate file that is not there: named, before anything is served.
     let mut args = base.to_vec();
@@ -478,7 +464,7 @@ fn etcd_credentials_and_certificates_are_checked_at_start() {
 
 #[test]
 fn an_unknown_routing_policy_is_refused_with_the_choices() {
-    let port = free_port().to_string();
+    let port = "0".to_string();
     let args = [
         "gateway",
         "--worker",

@@ -9,12 +9,12 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_port, metric, wait_healthy, Proc, BIN};
+use common::{listening, metric, wait_healthy, Proc, BIN};
 use serde_json::{json, Value};
 
 const DEPLOYMENTS: &str = "\
@@ -62,22 +62,17 @@ impl Drop for Server {
 }
 
 fn serve(config: &std::path::Path) -> Server {
-    let port = free_port();
     let log = config.with_extension("log");
-    let proc = Proc(
-        Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(config)
-            .args(["--port", &port.to_string(), "--debug-headers"])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("starting lastmile"),
-    );
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--config"])
+        .arg(config)
+        .arg("--debug-headers")
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).expect("log file"));
+    let (proc, url) = listening(cmd);
     Server {
         _proc: proc,
-        url: format!("http://127.0.0.1:{port}"),
+        url,
         log,
     }
 }
@@ -153,7 +148,7 @@ fn a_bad_deployments_file_is_refused_with_its_line_and_field() {
     let out = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&path)
-        .args(["--port", &free_port().to_string()])
+        .args(["--port", "0"])
         .output()
         .expect("run");
     assert!(!out.status.success());

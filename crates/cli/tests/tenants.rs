@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, wait_healthy, Proc, BIN};
+use common::{listening, wait_healthy, Proc, BIN};
 use serde_json::{json, Value};
 
 const ADMIN: &str = "admin-secret-for-tests";
@@ -31,37 +31,27 @@ fn temp_dir_named(name: &str) -> PathBuf {
 }
 
 /// `lastmile serve --config` with keys on, its ledger in `dir`.
-fn serve(dir: &Path, port: u16) -> Proc {
-    serve_with(dir, port, &[])
+fn serve(dir: &Path) -> (Proc, String) {
+    serve_with(dir, &[])
 }
 
 /// [`serve`] with more arguments.
-fn serve_with(dir: &Path, port: u16, extra: &[&str]) -> Proc {
+fn serve_with(dir: &Path, extra: &[&str]) -> (Proc, String) {
     let config = dir.join("deployments.yaml");
     std::fs::write(
         &config,
         "deployments:\n  - name: smol\n    min_replicas: 1\n    threads: 1\n",
     )
     .expect("write config");
-    Proc(
-        Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--admin-key",
-                ADMIN,
-                "--usage-db",
-            ])
-            .arg(dir.join("usage.db"))
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting lastmile"),
-    )
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--config"])
+        .arg(&config)
+        .args(["--admin-key", ADMIN, "--usage-db"])
+        .arg(dir.join("usage.db"))
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::null());
+    listening(cmd)
 }
 
 /// Waits until the deployment's replica is ready (min_replicas: 1).
@@ -157,9 +147,7 @@ fn openai_usage(v: &Value) -> (u64, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_quotas_and_usage_hold_and_survive_a_kill() {
     let dir = temp_dir();
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let mut server = serve(&dir, port);
+    let (mut server, url) = serve(&dir);
     wait_ready(&url).await;
 
     // The admin API needs the admin key; API requests need a valid key.
@@ -310,9 +298,7 @@ async fn keys_quotas_and_usage_hold_and_survive_a_kill() {
         .success());
     let _ = server.0.wait();
     drop(server);
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let _server = serve(&dir, port);
+    let (_server, url) = serve(&dir);
     wait_ready(&url).await;
     let (status, v) = admin(&url, reqwest::Method::GET, &usage_path, None).await;
     assert_eq!(status, 200, "{v}");
@@ -356,9 +342,7 @@ fn error_message(v: &Value) -> &str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reservations_cover_what_the_worker_runs_and_keys_have_an_in_flight_cap() {
     let dir = temp_dir_named("reserve");
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let _server = serve_with(&dir, port, &["--key-max-in-flight", "2"]);
+    let (_server, url) = serve_with(&dir, &["--key-max-in-flight", "2"]);
     wait_ready(&url).await;
     let (_, key) = create_key(&url, json!({"name": "tpm-1000", "tpm": 1000})).await;
     let hi = json!([{"role": "user", "content": "Say something."}]);
@@ -501,9 +485,7 @@ async fn read_then_cut(resp: reqwest::Response, pieces: u64) -> lastmile_protoco
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_cut_by_the_client_is_charged_what_was_computed() {
     let dir = temp_dir_named("cut");
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let _server = serve(&dir, port);
+    let (_server, url) = serve(&dir);
     wait_ready(&url).await;
     let (id, key) = create_key(&url, json!({"name": "leaver"})).await;
     let hi = json!([{"role": "user", "content": "Tell me a long story."}]);

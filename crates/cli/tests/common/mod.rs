@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 #[allow(unused_imports)] // Each test file uses some of them.
-pub use lastmile_testing::{free_port, metric, Proc};
+pub use lastmile_testing::{metric, Proc};
 
 /// The `lastmile` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_lastmile");
@@ -22,6 +22,42 @@ pub fn start(args: &[&str]) -> Proc {
             .spawn()
             .expect("starting lastmile"),
     )
+}
+
+/// Starts `lastmile ARGS --port 0` (logs: warnings only, discarded) and waits for the address
+/// it reports; see [`listening`].
+pub fn start_listening(args: &[&str]) -> (Proc, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env("RUST_LOG", "warn").stderr(Stdio::null());
+    listening(cmd)
+}
+
+/// Runs `cmd` (a `lastmile` server command) with `--port 0` and waits, up to two minutes, for
+/// the address it reports on stdout once it listens: no port is picked by the test, so none
+/// can be taken by another test in between. Panics if the server exits first.
+pub fn listening(mut cmd: Command) -> (Proc, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .args(["--port", "0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting lastmile");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let proc = Proc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Reads stdout to its end, so the server never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(url) = lastmile_control::launcher::parse_listening_line(&line) {
+                let _ = tx.send(url.to_string());
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("lastmile exited or never said where it listens");
+    (proc, url)
 }
 
 /// Waits (up to a minute) until `url`'s /health answers 200.
