@@ -2,9 +2,13 @@
 """Engine throughput, ours against llama.cpp's `llama-bench`, in one run on the same GGUFs and threads.
 
     python3 scripts/bench_engine.py [--threads 2] [--repeats 5] [--formats Q4_1,Q8_0,Q4_K_M]
-                                    [--model PATH] [--write BENCHMARKS.md]
+                                    [--tier native|avx512|avx2] [--model PATH] [--write BENCHMARKS.md]
 
-Builds the anchor first if needed (scripts/anchor/build_llama_cpp.sh, ~15 min once). The default
+--tier measures both engines as a CPU of that instruction-set tier would run them: lastmile with
+`--kernels avx2` (or avx512: no AMX) and llama.cpp built for exactly that tier
+(LASTMILE_ANCHOR_TIER, its own build folder), so an AVX-512 machine reports what an AVX2-only one
+would see. Builds the anchor first if needed (scripts/anchor/build_llama_cpp.sh, ~15 min once per
+tier). The default
 model is Q4_1; the other formats are made from it with llama.cpp's own
 `llama-quantize --allow-requantize` (cached next to it). For each format, runs
 `llama-bench -p 512 -n 128` and `lastmile engine-bench --prompt-tokens 512 --gen-tokens 128`
@@ -15,12 +19,42 @@ BENCHMARKS.md.
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+TIERS = {
+    # tier: (lastmile --kernels, anchor build folder, words for the report)
+    "native": ("auto", "build", "each engine at its best on this CPU (llama.cpp built with native flags)"),
+    "avx512": ("avx512", "build-avx512", "AVX-512 tier, no AMX: lastmile `--kernels avx512`, "
+               "llama.cpp built with AVX-512 (VNNI, VBMI, BF16) and without AMX"),
+    "avx2": ("avx2", "build-avx2", "AVX2 tier, as on an AVX2-only CPU: lastmile `--kernels avx2`, "
+             "llama.cpp built with AVX2/FMA/F16C and every AVX-512 option off"),
+}
+
+
+def cpu_description():
+    """The CPU's model name, caches and widest vector extensions, for the report."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flags = set((re.search(r"^flags\s*:\s*(.+)$", info, re.M) or [None, ""])[1].split())
+    caches = []
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for name in ("L2", "L3"):
+            m = re.search(rf"^{name} cache:\s*(.+)$", out, re.M)
+            if m:
+                caches.append(f"{name} {m.group(1).strip()}")
+    except OSError:
+        pass
+    isa = "AMX" if "amx_int8" in flags else "AVX-512 VNNI" if "avx512_vnni" in flags else \
+        "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{model.group(1).strip() if model else 'unknown CPU'}, {os.cpu_count()} vCPUs, " \
+           f"{', '.join(caches)}, best ISA {isa}"
 
 
 def run(cmd, **kw):
@@ -36,13 +70,17 @@ def main():
     ap.add_argument("--model", help="GGUF file (default: the default model); with it, --formats is ignored")
     ap.add_argument("--formats", default="Q4_1,Q8_0,Q4_K_M",
                     help="formats of the default model to compare (others are requantized from Q4_1)")
-    ap.add_argument("--write", help="update this markdown file's engine section")
+    ap.add_argument("--tier", choices=list(TIERS), default="native",
+                    help="instruction-set tier both engines run at (see above)")
+    ap.add_argument("--write", help="update this markdown file's section for the tier")
     a = ap.parse_args()
+    kernels, build_dir, tier_words = TIERS[a.tier]
 
     anchor = Path(os.environ.get("LASTMILE_ANCHOR_DIR", Path.home() / ".cache/lastmile/anchor"))
-    bench_bin = anchor / "build/bin/llama-bench"
+    bench_bin = anchor / build_dir / "bin/llama-bench"
     if not bench_bin.exists():
-        subprocess.run(["bash", str(ROOT / "scripts/anchor/build_llama_cpp.sh")], check=True)
+        subprocess.run(["bash", str(ROOT / "scripts/anchor/build_llama_cpp.sh")], check=True,
+                       env={**os.environ, "LASTMILE_ANCHOR_TIER": a.tier})
     ours = ROOT / "target/release/lastmile"
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "lastmile"], check=True, cwd=ROOT)
     default = Path(run([str(ours), "models", "pull"]).strip())
@@ -61,7 +99,7 @@ def main():
     med = statistics.median
     rows = []
     for model in models:
-        ll_pp, ll_tg, our_pp, our_tg = [], [], [], []
+        ll_pp, ll_tg, our_pp, our_tg, limits, tiers = [], [], [], [], [], set()
         for i in range(a.repeats):
             print(f"{model.name} round {i + 1}/{a.repeats}: llama.cpp ...", file=sys.stderr, flush=True)
             out = run([str(bench_bin), "-m", str(model), "-t", str(a.threads), "-p", str(a.prompt_tokens),
@@ -72,26 +110,39 @@ def main():
             print(f"{model.name} round {i + 1}/{a.repeats}: lastmile ...", file=sys.stderr, flush=True)
             out = run([str(ours), "engine-bench", "--model", str(model), "--threads", str(a.threads),
                        "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens),
-                       "--repeats", "1", "--json"], env={**os.environ, "RUST_LOG": "warn"})
+                       "--repeats", "1", "--json", "--kernels", kernels],
+                      env={**os.environ, "RUST_LOG": "warn"})
             r = json.loads(out.strip().splitlines()[-1])
             our_pp += r["prefill_tok_s"]
             our_tg += r["decode_tok_s"]
+            limits.append(r["decode_limit_tok_s"])
+            tiers.add(r["kernels"])
         fmt = model.name.split(".")[-2] if model.name.count(".") >= 2 else model.name
         rows.append((fmt, f"prefill {a.prompt_tokens} tokens (tok/s)", med(our_pp), med(ll_pp)))
         rows.append((fmt, f"decode {a.gen_tokens} tokens (tok/s)", med(our_tg), med(ll_tg)))
+        limit = med(limits)
+        rows.append((fmt, f"decode as % of the bandwidth limit ({limit:.0f} tok/s)",
+                     100 * med(our_tg) / limit, 100 * med(ll_tg) / limit))
+        kernels_seen = ", ".join(sorted(tiers))
 
     cmd = (f"python3 scripts/bench_engine.py --threads {a.threads} --repeats {a.repeats}"
-           f" --prompt-tokens {a.prompt_tokens} --gen-tokens {a.gen_tokens}")
+           f" --prompt-tokens {a.prompt_tokens} --gen-tokens {a.gen_tokens} --tier {a.tier}")
     if a.model:
         cmd += f" --model {a.model}"
     else:
         cmd += f" --formats {a.formats}"
+    heading = section_heading(a.tier)
     lines = [
-        "## Engine: single-stream prefill and decode vs llama.cpp",
+        heading,
+        "",
+        f"**CPU: {cpu_description()}.** Tier: {tier_words}; lastmile's kernels reported: "
+        f"`{kernels_seen}`.",
         "",
         f"Default model in each format, {a.threads} threads, medians of {a.repeats} alternating rounds "
         "(llama.cpp's `llama-bench` from the llama-cpp-python 0.3.36 sources, same GGUF, same machine, one run). "
-        "Q8_0 and Q4_K_M are made from the Q4_1 file by llama.cpp's `llama-quantize --allow-requantize`.",
+        "Q8_0 and Q4_K_M are made from the Q4_1 file by llama.cpp's `llama-quantize --allow-requantize`. "
+        "The bandwidth limit is `engine-bench`'s: this machine's measured memory read rate over the "
+        "bytes of weights one token reads.",
         "",
         "| format | measure | lastmile | llama.cpp | ratio |",
         "| --- | --- | ---: | ---: | ---: |",
@@ -108,7 +159,7 @@ def main():
     if a.write:
         path = ROOT / a.write
         old = path.read_text() if path.exists() else "# Benchmarks\n\n"
-        start = old.find("## Engine: single-stream")
+        start = old.find(heading)
         if start < 0:
             path.write_text(old.rstrip() + "\n\n" + text)
             return
@@ -117,6 +168,13 @@ def main():
         ends = [i for i in (old.find("\n## ", start + 1), old.find("\n### ", start + 1)) if i >= 0]
         rest = old[min(ends) + 1:] if ends else ""
         path.write_text(old[:start] + text + ("\n" + rest if rest else ""))
+
+
+def section_heading(tier):
+    """The BENCHMARKS.md heading of a tier's section (the native one keeps its old name)."""
+    if tier == "native":
+        return "## Engine: single-stream prefill and decode vs llama.cpp"
+    return f"## Engine, {tier.upper()} tier: single-stream prefill and decode vs llama.cpp"
 
 
 if __name__ == "__main__":

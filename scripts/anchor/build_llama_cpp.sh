@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # Build the llama.cpp anchor (the copy vendored in the llama-cpp-python 0.3.36 sdist): CPU only,
-# native CPU flags, shared libraries. Idempotent: the download, the unpacking and the build are
-# each skipped when their result is already there.
+# shared libraries, for one instruction-set tier. Idempotent: the download, the unpacking and the
+# build are each skipped when their result is already there.
 #
-#   scripts/anchor/build_llama_cpp.sh            # build (or just print the paths)
+#   scripts/anchor/build_llama_cpp.sh                          # native flags (or print the paths)
+#   LASTMILE_ANCHOR_TIER=avx2 scripts/anchor/build_llama_cpp.sh  # as on an AVX2-only CPU
 #
 # Environment:
 #   LASTMILE_ANCHOR_DIR   where everything goes (default: $HOME/.cache/lastmile/anchor)
 #   LASTMILE_ANCHOR_JOBS  parallel compile jobs (default: 2)
+#   LASTMILE_ANCHOR_TIER  native (default: this CPU's flags, build/), avx2 (AVX2 + FMA + F16C,
+#                         no AVX-512: build-avx2/) or avx512 (AVX-512 with VNNI, VBMI and BF16,
+#                         no AMX: build-avx512/); the tiers match lastmile's kernel tiers
+#                         (LASTMILE_NO_AVX512, LASTMILE_NO_AMX), so one machine measures each
 #
-# Results: $LASTMILE_ANCHOR_DIR/build/bin/{llama-bench,llama-server,llama-quantize,libllama.so,
-# libggml*.so}. make_golden.py loads libllama.so from there through LLAMA_CPP_LIB_PATH.
+# Results: $LASTMILE_ANCHOR_DIR/build[-TIER]/bin/{llama-bench,llama-server,llama-quantize,
+# libllama.so,libggml*.so}. make_golden.py loads libllama.so from build/bin through
+# LLAMA_CPP_LIB_PATH.
 set -euo pipefail
 
 VERSION=0.3.36
@@ -20,7 +26,12 @@ SDIST_DIR="$ANCHOR_DIR/sdist"
 SDIST="$SDIST_DIR/llama_cpp_python-$VERSION.tar.gz"
 SRC_ROOT="$ANCHOR_DIR/llama_cpp_python-$VERSION"
 SRC="$SRC_ROOT/vendor/llama.cpp"
-BUILD="$ANCHOR_DIR/build"
+TIER="${LASTMILE_ANCHOR_TIER:-native}"
+case "$TIER" in
+    native) BUILD="$ANCHOR_DIR/build" ;;
+    avx2|avx512) BUILD="$ANCHOR_DIR/build-$TIER" ;;
+    *) echo "anchor: LASTMILE_ANCHOR_TIER must be native, avx2 or avx512, not '$TIER'" >&2; exit 2 ;;
+esac
 BIN="$BUILD/bin"
 TARGETS=(llama-bench llama-server llama-quantize llama)
 OUTPUTS=(llama-bench llama-server llama-quantize libllama.so)
@@ -48,10 +59,20 @@ fi
 # AMX matmul (prompt batches) dies with SIGILL. The flags go in through a project include so they
 # reach only the ggml targets; explicit -mno-* win over -march=native whatever their order.
 NO_AMX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+# The instruction sets ggml may use: this CPU's, or exactly one tier's (the rest forced off).
+case "$TIER" in
+    native) TIER_ARGS=(-DGGML_NATIVE=ON) ;;
+    avx2) TIER_ARGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+                     -DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF
+                     -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF) ;;
+    avx512) TIER_ARGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+                       -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON
+                       -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON) ;;
+esac
 CMAKE_ARGS=(
     -DCMAKE_BUILD_TYPE=Release
     -DBUILD_SHARED_LIBS=ON
-    -DGGML_NATIVE=ON
+    "${TIER_ARGS[@]}"
     -DLLAMA_CURL=OFF
     -DLLAMA_OPENSSL=OFF
     -DLLAMA_BUILD_UI=OFF
@@ -84,6 +105,11 @@ else
         echo "anchor: libggml-cpu.so still contains AMX code; refusing it" >&2
         exit 1
     fi
+    # An AVX2 build must hold no AVX-512 instruction (one on zmm registers would betray it).
+    if [[ $TIER == avx2 ]] && objdump -d "$BIN/libggml-cpu.so" 2>/dev/null | grep -q '%zmm'; then
+        echo "anchor: the avx2 build of libggml-cpu.so uses AVX-512 registers; refusing it" >&2
+        exit 1
+    fi
     printf '%s\n' "$WANT_STAMP" > "$STAMP"
     echo "anchor: build took $(( $(date +%s) - start )) s"
 fi
@@ -92,7 +118,7 @@ for out in "${OUTPUTS[@]}"; do
     [[ -e "$BIN/$out" ]] || { echo "anchor: missing $BIN/$out" >&2; exit 1; }
 done
 
-echo "anchor: llama.cpp (llama-cpp-python $VERSION) binaries:"
+echo "anchor: llama.cpp (llama-cpp-python $VERSION, tier $TIER) binaries:"
 for out in "${OUTPUTS[@]}"; do echo "  $BIN/$out"; done
 echo "anchor: ggml libraries: $(cd "$BIN" && ls libggml*.so 2>/dev/null | tr '\n' ' ')"
 echo "anchor: python sources: $SRC_ROOT/llama_cpp (set LLAMA_CPP_LIB_PATH=$BIN)"

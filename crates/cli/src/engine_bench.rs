@@ -131,6 +131,7 @@ pub fn run(mut args: EngineBenchArgs) -> Result<()> {
     let bytes = engine.info().weight_bytes_per_token as f64;
     let limit = bw * 1e9 / bytes;
     let (pp_med, tg_med) = (median(&mut pp.clone()), median(&mut tg.clone()));
+    let kernels = lastmile_engine::kernels::simd_name();
     if args.json {
         println!(
             "{}",
@@ -140,6 +141,7 @@ pub fn run(mut args: EngineBenchArgs) -> Result<()> {
                 "prefill_tok_s": pp, "decode_tok_s": tg,
                 "prefill_tok_s_median": pp_med, "decode_tok_s_median": tg_med,
                 "mem_read_gb_s": bw, "weight_bytes_per_token": bytes, "decode_limit_tok_s": limit,
+                "kernels": kernels,
             })
         );
     } else {
@@ -152,8 +154,10 @@ pub fn run(mut args: EngineBenchArgs) -> Result<()> {
             args.gen_tokens, args.repeats
         );
         println!(
-            "memory read {bw:.1} GB/s / {:.1} MB per token = decode limit {limit:.0} tok/s",
-            bytes / 1e6
+            "memory read {bw:.1} GB/s / {:.1} MB per token = decode limit {limit:.0} tok/s \
+             (decode at {:.0}% of it; kernels: {kernels})",
+            bytes / 1e6,
+            100.0 * tg_med / limit
         );
     }
     Ok(())

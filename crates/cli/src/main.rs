@@ -353,6 +353,43 @@ pub struct ModelArgs {
     /// Turn off the prefix cache (every prompt is computed from scratch).
     #[arg(long)]
     pub no_prefix_cache: bool,
+    /// The highest instruction-set tier the kernels may use: auto (the best this CPU has),
+    /// avx512 (AVX-512 VNNI, no AMX), avx2 (what an AVX2-only CPU runs) or scalar. For
+    /// measuring what another machine would see; auto is always at least as fast.
+    #[arg(long, value_enum, default_value_t = KernelTier::Auto, env = "LASTMILE_KERNELS")]
+    pub kernels: KernelTier,
+}
+
+/// `--kernels`: a cap on the kernels' instruction-set tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelTier {
+    /// The best this CPU has.
+    Auto,
+    /// AVX-512 VNNI, no AMX.
+    Avx512,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// No SIMD.
+    Scalar,
+}
+
+impl KernelTier {
+    /// Caps the engine's kernels (before any model loads); an error if they were already chosen
+    /// at another tier.
+    fn apply(self) -> Result<()> {
+        use lastmile_engine::kernels::{cap_tier, Tier};
+        let tier = match self {
+            Self::Auto => return Ok(()),
+            Self::Avx512 => Tier::Avx512,
+            Self::Avx2 => Tier::Avx2,
+            Self::Scalar => Tier::Scalar,
+        };
+        anyhow::ensure!(
+            cap_tier(tier),
+            "--kernels {self:?}: the kernels were already chosen in this process"
+        );
+        Ok(())
+    }
 }
 
 fn positive_ms(s: &str) -> std::result::Result<f64, String> {
@@ -373,6 +410,7 @@ impl ModelArgs {
 
     /// Loads the model and starts its engine; also returns how long each stage took (ms).
     pub fn start_engine_timed(&self) -> Result<(EngineHandle, String, StageTimes)> {
+        self.kernels.apply()?;
         let (path, id) = match &self.model {
             Some(p) => (p.clone(), model_id_from_path(p)),
             None => (ensure_default_model()?, DEFAULT_MODEL_ID.to_string()),
@@ -390,9 +428,10 @@ impl ModelArgs {
             .map(|(stage, s)| format!("{stage} {:.0} ms", s * 1e3))
             .collect();
         tracing::info!(
-            "loaded in {:.0} ms: {}",
+            "loaded in {:.0} ms: {} (kernels: {})",
             loaded.load_seconds * 1e3,
-            stages.join(", ")
+            stages.join(", "),
+            lastmile_engine::kernels::simd_name()
         );
         let mut config = EngineConfig {
             kv_cache_mib: self.kv_cache_mib,

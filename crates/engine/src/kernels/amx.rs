@@ -20,11 +20,17 @@ use std::sync::OnceLock;
 /// Tokens per tile.
 pub const TOKENS: usize = 16;
 
-/// Whether the AMX path is in use: the hardware and OS allow it (`amx_available`) and
-/// `LASTMILE_NO_AMX` is not set.
+/// Whether the AMX path is in use: the hardware and OS allow it (`amx_available`), the AVX-512
+/// VNNI kernels it works beside are in use, the kernels are not capped below it
+/// ([`super::cap_tier`]) and `LASTMILE_NO_AMX` is not set.
 pub fn has_amx() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("LASTMILE_NO_AMX").is_none() && amx_available())
+    *ON.get_or_init(|| {
+        super::has_vnni()
+            && super::cap() >= super::Tier::Amx
+            && std::env::var_os("LASTMILE_NO_AMX").is_none()
+            && amx_available()
+    })
 }
 
 /// Whether AMX int8 can run here: the CPU has it, the OS enables its state, and Linux granted

@@ -198,13 +198,56 @@ impl QMatrix {
     }
 }
 
+/// The instruction-set tiers the kernels run at, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Tier {
+    /// Portable code, no SIMD.
+    Scalar,
+    /// AVX2 + FMA + F16C over the file layout.
+    Avx2,
+    /// AVX-512 VNNI over matrices repacked at load.
+    Avx512,
+    /// AMX int8 tiles beside AVX-512 VNNI.
+    Amx,
+}
+
+/// The highest tier the kernels may use (see [`cap_tier`]); fixed at the first detection.
+static CAP: OnceLock<Tier> = OnceLock::new();
+
+/// Caps the kernels at `tier`, whatever this CPU has beyond it, to measure what a machine
+/// without the higher tiers gets (`lastmile engine-bench --kernels avx2`). Takes effect only
+/// before the kernels are first chosen (before any model loads); returns whether it did (or
+/// the cap was already `tier`). `LASTMILE_NO_SIMD`, `LASTMILE_NO_AVX512` and
+/// `LASTMILE_NO_AMX` cap them the same way from the environment.
+pub fn cap_tier(tier: Tier) -> bool {
+    *CAP.get_or_init(|| tier) == tier
+}
+
+fn cap() -> Tier {
+    *CAP.get_or_init(|| Tier::Amx)
+}
+
+/// The tier in use here: the CPU's best, under the cap.
+pub fn tier() -> Tier {
+    if amx::has_amx() {
+        Tier::Amx
+    } else if has_vnni() {
+        Tier::Avx512
+    } else if has_avx2() {
+        Tier::Avx2
+    } else {
+        Tier::Scalar
+    }
+}
+
 /// Whether the AVX2 + FMA + F16C kernels can run on this CPU (checked once).
 pub fn has_avx2() -> bool {
     static DETECTED: OnceLock<bool> = OnceLock::new();
     *DETECTED.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            std::env::var_os("LASTMILE_NO_SIMD").is_none()
+            cap() >= Tier::Avx2
+                && std::env::var_os("LASTMILE_NO_SIMD").is_none()
                 && is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
@@ -224,6 +267,7 @@ pub fn has_vnni() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             has_avx2()
+                && cap() >= Tier::Avx512
                 && std::env::var_os("LASTMILE_NO_AVX512").is_none()
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
@@ -239,14 +283,11 @@ pub fn has_vnni() -> bool {
 
 /// The widest kernel family in use here, for logs and benchmark reports.
 pub fn simd_name() -> &'static str {
-    if amx::has_amx() {
-        "amx-int8+avx512-vnni"
-    } else if has_vnni() {
-        "avx512-vnni"
-    } else if has_avx2() {
-        "avx2"
-    } else {
-        "scalar"
+    match tier() {
+        Tier::Amx => "amx-int8+avx512-vnni",
+        Tier::Avx512 => "avx512-vnni",
+        Tier::Avx2 => "avx2",
+        Tier::Scalar => "scalar",
     }
 }
 

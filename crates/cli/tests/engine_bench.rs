@@ -1,0 +1,57 @@
+//! `lastmile engine-bench` on the default model: its JSON report, and `--kernels`, which caps
+//! the kernels' instruction-set tier so that one machine can measure what a CPU without
+//! AVX-512 would see.
+
+mod common;
+
+use std::process::Command;
+
+use common::BIN;
+use serde_json::Value;
+
+/// `engine-bench ARGS --json` (a short run); its report.
+fn bench(args: &[&str]) -> Value {
+    let out = Command::new(BIN)
+        .args(["engine-bench", "--threads", "1", "--prompt-tokens", "32"])
+        .args(["--gen-tokens", "8", "--repeats", "1", "--json"])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run engine-bench");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().expect("a report");
+    serde_json::from_str(last).expect("JSON report")
+}
+
+#[test]
+fn kernels_can_be_capped_at_a_lower_tier() {
+    let scalar = bench(&["--kernels", "scalar"]);
+    assert_eq!(scalar["kernels"], "scalar", "{scalar}");
+    assert!(scalar["decode_tok_s_median"].as_f64().expect("decode") > 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        let avx2 = bench(&["--kernels", "avx2"]);
+        assert_eq!(avx2["kernels"], "avx2", "{avx2}");
+        let auto = bench(&[]);
+        assert!(auto["decode_limit_tok_s"].as_f64().expect("limit") > 0.0);
+        if std::arch::is_x86_feature_detected!("avx512vnni") {
+            assert_ne!(auto["kernels"], "avx2", "auto takes the best tier: {auto}");
+        }
+    }
+}
+
+#[test]
+fn an_unknown_tier_is_a_usage_error_naming_the_choices() {
+    let out = Command::new(BIN)
+        .args(["engine-bench", "--kernels", "sse2"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("auto, avx512, avx2, scalar"), "{stderr}");
+}
