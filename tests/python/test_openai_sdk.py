@@ -106,3 +106,43 @@ def test_bench_against_a_url_fetches_no_model(base_url, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert list(home.rglob("*")) == [], list(home.rglob("*"))
     assert json.loads(out.read_text()), "a report was written"
+
+
+GROUNDED = (
+    "Repeat this sentence exactly, twice: The committee approved the new budget for the city "
+    "library, which will open three new branches next spring."
+)
+
+
+def _accepted_draft_tokens(base_url):
+    import urllib.request
+
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:
+        page = r.read().decode()
+    for line in page.splitlines():
+        if line.startswith("lastmile_engine_accepted_draft_tokens_total "):
+            return float(line.split()[1])
+    raise AssertionError("no lastmile_engine_accepted_draft_tokens_total in /metrics")
+
+
+def test_speculative_decoding_is_an_extension_that_changes_no_greedy_token(client, base_url):
+    messages = [{"role": "user", "content": GROUNDED}]
+    kw = dict(model=MODEL, messages=messages, max_tokens=60, temperature=0)
+    plain = client.chat.completions.create(**kw, extra_body={"speculative": {"max_draft": 0}})
+    before = _accepted_draft_tokens(base_url)
+    spec = client.chat.completions.create(**kw, extra_body={"speculative": {"ngram": 3, "max_draft": 8}})
+    assert spec.choices[0].message.content == plain.choices[0].message.content
+    assert spec.usage.completion_tokens == plain.usage.completion_tokens
+    assert _accepted_draft_tokens(base_url) > before, "the answer repeats the prompt: drafts are kept"
+    streamed = client.chat.completions.create(**kw, stream=True, extra_body={"speculative": {}})
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == plain.choices[0].message.content
+    # Sampling with a seed stays reproducible with drafts.
+    sampled = dict(model=MODEL, prompt=GROUNDED, max_tokens=30, temperature=0.8, seed=11,
+                   extra_body={"speculative": {"max_draft": 6}})
+    assert client.completions.create(**sampled).choices[0].text == client.completions.create(**sampled).choices[0].text
+    # Out of range, or a misspelt key: a 400 naming the field.
+    for bad in ({"max_draft": 99}, {"ngram": 0}, {"ngrams": 2}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**kw, extra_body={"speculative": bad})
+        assert "speculative" in str(e.value) or "ngrams" in str(e.value), (bad, str(e.value))

@@ -58,6 +58,8 @@ fn time_request(
         logprobs: None,
         prompt_logprobs: None,
         grammar: None,
+        // The engine as it is: no drafts, whatever the server default.
+        speculation: Some(lastmile_engine::Speculation::OFF),
     })?;
     let mut first = None;
     let mut n = 0;

@@ -358,6 +358,16 @@ pub struct ModelArgs {
     /// measuring what another machine would see; auto is always at least as fast.
     #[arg(long, value_enum, default_value_t = KernelTier::Auto, env = "LASTMILE_KERNELS")]
     pub kernels: KernelTier,
+    /// Speculative decoding by prompt lookup, for requests that do not choose (the
+    /// `speculative` request field): most draft tokens verified per step, 0 to 16; 0 turns it
+    /// off. Drafts come from earlier text that the last tokens repeat; greedy output is the same
+    /// with or without them, sampled output keeps its distribution; a request whose drafts keep
+    /// failing stops drafting, and nobody drafts while more than 8 sequences run.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=16))]
+    pub speculative_max_draft: u32,
+    /// The longest suffix speculative decoding looks up (shorter ones follow, down to 1).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub speculative_ngram: u32,
 }
 
 /// `--kernels`: a cap on the kernels' instruction-set tier.
@@ -442,6 +452,10 @@ impl ModelArgs {
             max_waiting: self.max_waiting,
             prefill_chunk_while_decoding: self.prefill_chunk,
             itl_target_ms: self.itl_target_ms,
+            speculation: lastmile_engine::Speculation {
+                ngram: self.speculative_ngram as usize,
+                max_draft: self.speculative_max_draft as usize,
+            },
             ..EngineConfig::default()
         };
         if let Some(t) = self.threads {
@@ -767,6 +781,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         logprobs: None,
         prompt_logprobs: None,
         grammar: None,
+        speculation: None,
     })?;
     let mut out = std::io::stdout().lock();
     write!(out, "{}", args.prompt)?;

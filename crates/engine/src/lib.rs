@@ -19,7 +19,7 @@ pub mod tokenizer;
 pub use constraint::{Grammar, GrammarSpec};
 pub use engine::{
     EngineConfig, EngineHandle, EngineStats, FinishReason, GenerateRequest, GenerationEvent,
-    GenerationStream, ModelInfo, TokenLogprobs,
+    GenerationStream, ModelInfo, Speculation, TokenLogprobs,
 };
 pub use error::{EngineError, GrammarFault, Result};
 pub use loader::LoadedModel;

@@ -30,6 +30,7 @@ fn run(e: &EngineHandle, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
             logprobs: None,
             prompt_logprobs: None,
             grammar: None,
+            speculation: None,
         })
         .expect("submit");
     let mut ids = Vec::new();
@@ -135,6 +136,7 @@ fn concurrent_sharers_and_eviction_keep_accounting_exact() {
                 logprobs: None,
                 prompt_logprobs: None,
                 grammar: None,
+                speculation: None,
             })
             .expect("submit")
         })

@@ -28,6 +28,7 @@ fn request(e: &EngineHandle, text: &str, max_tokens: usize) -> GenerateRequest {
         logprobs: None,
         prompt_logprobs: None,
         grammar: None,
+        speculation: None,
     }
 }
 

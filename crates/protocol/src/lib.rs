@@ -41,8 +41,9 @@ pub use models::{ModelCard, ModelList};
 pub use params::GenerationParams;
 pub use reservation::TokenReservation;
 pub use sampling::{
-    FinishReason, ResponseMeta, SamplingFields, SamplingRequest, StopSequences, StreamOptions,
-    Usage, UsageField, MAX_CHOICES, MAX_LOGIT_BIAS, MAX_STOP_BYTES, MAX_STOP_SEQUENCES,
+    FinishReason, ResponseMeta, SamplingFields, SamplingRequest, SpeculativeParams, StopSequences,
+    StreamOptions, Usage, UsageField, MAX_CHOICES, MAX_LOGIT_BIAS, MAX_STOP_BYTES,
+    MAX_STOP_SEQUENCES,
 };
 pub use sse::{parse_sse_data, sse_event, SSE_DONE};
 pub use structured::{ConstraintFields, OutputConstraint};

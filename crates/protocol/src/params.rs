@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::sampling::{deserialize_flag, deserialize_seed, SamplingFields, StopSequences};
-use crate::sampling::{SamplingRequest, StreamOptions};
+use crate::sampling::{SamplingRequest, SpeculativeParams, StreamOptions};
 use crate::structured::{ConstraintFields, OutputConstraint};
 use crate::ApiError;
 
@@ -86,6 +86,10 @@ pub struct GenerationParams {
     /// Extension: a Lark grammar the output must follow (llguidance's dialect).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guided_grammar: Option<String>,
+    /// Extension: prompt-lookup speculative decoding for this request (see
+    /// [`SpeculativeParams`]); absent: the server's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speculative: Option<SpeculativeParams>,
 }
 
 impl GenerationParams {
@@ -124,6 +128,7 @@ impl GenerationParams {
             stop: self.stop.as_ref(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
             logit_bias: self.logit_bias.as_ref(),
+            speculative: self.speculative,
         }
     }
 
@@ -164,7 +169,8 @@ mod tests {
             "repetition_penalty": 1.1, "ignore_eos": true, "logit_bias": {"5": 1},
             "user": "u", "response_format": {"type": "json_object"},
             "guided_json": {"type": "object"}, "guided_regex": "a+",
-            "guided_choice": ["a"], "guided_grammar": "start: \"a\""
+            "guided_choice": ["a"], "guided_grammar": "start: \"a\"",
+            "speculative": {"ngram": 2, "max_draft": 4}
         })
     }
 
@@ -198,6 +204,38 @@ mod tests {
         assert!(written.get("params").is_none(), "flattened on the wire");
         let again: CompletionRequest = serde_json::from_value(written).expect("reparse");
         assert_eq!(again, parsed);
+    }
+
+    #[test]
+    fn speculative_takes_defaults_ranges_and_no_unknown_key() {
+        let read = |v: Value| serde_json::from_value::<GenerationParams>(v);
+        let p = read(json!({"model": "m", "speculative": {}})).expect("defaults");
+        assert_eq!(
+            p.speculative,
+            Some(SpeculativeParams {
+                ngram: 3,
+                max_draft: 8
+            })
+        );
+        let p = read(json!({"model": "m", "speculative": {"max_draft": 0}})).expect("off");
+        assert!(p
+            .sampling(None)
+            .speculative
+            .is_some_and(|s| s.max_draft == 0));
+        for bad in [
+            json!({"ngram": 0}),
+            json!({"ngram": 9}),
+            json!({"max_draft": 17}),
+        ] {
+            let p = read(json!({"model": "m", "speculative": bad})).expect("parses");
+            let err = p
+                .sampling_fields(None, "max_tokens")
+                .validate()
+                .expect_err("range");
+            assert_eq!(err.param.as_deref(), Some("speculative"), "{bad}");
+        }
+        let err = read(json!({"model": "m", "speculative": {"ngrams": 2}})).expect_err("typo");
+        assert!(err.to_string().contains("ngrams"), "{err}");
     }
 
     #[test]

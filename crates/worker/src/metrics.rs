@@ -234,6 +234,16 @@ fn write_engine(page: &mut Exposition, engine: &EngineStats, g: &EngineGauges) {
         "Engine steps (batched forward passes).",
         ld(&engine.steps),
     )
+    .counter(
+        "lastmile_engine_draft_tokens_total",
+        "Draft tokens verified by speculative decoding.",
+        ld(&engine.draft_tokens),
+    )
+    .counter(
+        "lastmile_engine_accepted_draft_tokens_total",
+        "Draft tokens kept (generated without a step of their own).",
+        ld(&engine.accepted_draft_tokens),
+    )
     .gauge(
         "lastmile_running_sequences",
         "Sequences in the running batch.",

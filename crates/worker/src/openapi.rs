@@ -65,8 +65,8 @@ mod tests {
         CompletionChoice, CompletionChunk, CompletionChunkChoice, CompletionLogprobs,
         CompletionRequest, CompletionResponse, Delta, FinishReason, FunctionCall,
         FunctionDefinition, GenerationParams, KvEvent, MessageContent, ModelCard, ModelList,
-        PromptInput, Role, StopSequences, StreamOptions, Tool, ToolCall, ToolCallDelta, TopLogprob,
-        Usage, UsageField,
+        PromptInput, Role, SpeculativeParams, StopSequences, StreamOptions, Tool, ToolCall,
+        ToolCallDelta, TopLogprob, Usage, UsageField,
     };
     use serde::Serialize;
     use serde_json::{json, Map};
@@ -329,6 +329,10 @@ mod tests {
             kind: "function".into(),
             function: function.clone(),
         };
+        let speculative = SpeculativeParams {
+            ngram: 3,
+            max_draft: 8,
+        };
         let params = GenerationParams {
             model: "m".into(),
             max_tokens: Some(1),
@@ -352,6 +356,7 @@ mod tests {
             guided_regex: Some("a".into()),
             guided_choice: Some(vec!["a".into()]),
             guided_grammar: Some("start: \"a\"".into()),
+            speculative: Some(speculative),
         };
         let chat = ChatCompletionRequest {
             params: params.clone(),
@@ -446,6 +451,7 @@ mod tests {
         out.insert("FunctionDefinition", keys(&function));
         out.insert("ToolCall", keys(&call));
         out.insert("StreamOptions", keys(&StreamOptions::default()));
+        out.insert("SpeculativeParams", keys(&speculative));
         out.insert("CompletionRequest", keys(&completion));
         out.insert(
             "ChatCompletionResponse",

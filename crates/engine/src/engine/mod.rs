@@ -6,6 +6,9 @@ mod closing;
 mod pacing;
 mod plan;
 mod scheduler;
+mod speculate;
+
+pub use speculate::Speculation;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
@@ -51,6 +54,8 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// Reuse the KV blocks of prompts' cached prefixes.
     pub prefix_cache: bool,
+    /// Speculative decoding for requests that do not choose (prompt lookup; off by default).
+    pub speculation: Speculation,
 }
 
 impl Default for EngineConfig {
@@ -68,6 +73,7 @@ impl Default for EngineConfig {
             max_running: 64,
             max_waiting: 1024,
             prefix_cache: true,
+            speculation: Speculation::OFF,
         }
     }
 }
@@ -115,6 +121,10 @@ pub struct GenerateRequest {
     /// output turns to a short completion of the grammar when that is all the budget leaves
     /// room for, so it still parses (the finish reason stays `Length`).
     pub grammar: Option<Grammar>,
+    /// Speculative decoding for this request (`None`: the engine's default). Greedy output is
+    /// the same with and without it; sampled output follows the same distribution (the random
+    /// draws differ, so a seed gives another sample than without speculation).
+    pub speculation: Option<Speculation>,
 }
 
 impl GenerateRequest {
@@ -129,6 +139,7 @@ impl GenerateRequest {
             logprobs: None,
             prompt_logprobs: None,
             grammar: None,
+            speculation: None,
         }
     }
 }
@@ -230,6 +241,10 @@ pub struct EngineStats {
     pub queued_prefill_tokens: AtomicUsize,
     /// When the engine loop last went round ([`EngineStats::now_ms`]'s clock).
     pub loop_at_ms: AtomicU64,
+    /// Draft tokens verified (speculative decoding).
+    pub draft_tokens: AtomicU64,
+    /// Draft tokens kept: generated at the cost of a row in another token's step.
+    pub accepted_draft_tokens: AtomicU64,
 }
 
 impl EngineStats {

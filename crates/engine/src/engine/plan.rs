@@ -38,6 +38,12 @@ pub(super) struct SeqKv {
     /// Every prompt position needs its logits (prompt log probabilities): the prompt is computed
     /// in full (no prefix reuse), in chunks of at most [`PROMPT_LOGPROBS_CHUNK`].
     pub(super) every_prompt_row: bool,
+    /// Draft tokens at the end of `tokens` (speculative decoding): computed with the next
+    /// decode and then kept or dropped; not generated yet.
+    pub(super) draft: usize,
+    /// Draft tokens the last step computed and verification refused: the cache holds stale
+    /// entries there (overwritten later), so [`Planner::advance`] does not count them.
+    pub(super) rejected: usize,
 }
 
 impl SeqKv {
@@ -51,24 +57,36 @@ impl SeqKv {
         }
     }
 
-    /// Tokens generated so far.
+    /// Tokens generated so far (drafts not counted).
     pub(super) fn generated(&self) -> usize {
-        self.tokens.len() - self.prompt_len
+        self.tokens.len() - self.prompt_len - self.draft
     }
 
-    /// Tokens not yet in the cache (1 for a decoding sequence: its last sampled token).
+    /// Tokens not yet in the cache (for a decoding sequence: its last sampled token and its
+    /// draft).
     fn remaining(&self) -> usize {
         self.tokens.len() - self.computed
     }
 
+    /// Whether its next chunk is a decode: its last sampled token (and its draft).
+    fn decoding(&self) -> bool {
+        self.remaining() == 1 + self.draft
+    }
+
+    /// Removes the draft (when there is no room to verify it).
+    pub(super) fn drop_draft(&mut self) {
+        self.tokens.truncate(self.tokens.len() - self.draft);
+        self.draft = 0;
+    }
+
     /// Logit rows a chunk of `n` tokens from `computed` needs: every position while a prompt
-    /// whose log probabilities were asked for is computed, else one row once the chunk reaches
-    /// the end.
+    /// whose log probabilities were asked for is computed, else — once the chunk reaches the
+    /// end — one row, and one more per draft token.
     fn logit_rows(&self, n: usize) -> usize {
         if self.every_prompt_row && self.computed < self.prompt_len {
             n
         } else if self.computed + n == self.tokens.len() {
-            1
+            1 + self.draft
         } else {
             0
         }
@@ -202,13 +220,13 @@ impl<S: Planned> Planner<S> {
         plan
     }
 
-    /// Records that the model computed `plan`'s chunks: their tokens are in the cache, and the
-    /// blocks they completed become reusable.
+    /// Records that the model computed `plan`'s chunks: their tokens are in the cache (but for
+    /// the draft tokens verification refused), and the blocks they completed become reusable.
     pub(super) fn advance(&mut self, plan: &StepPlan) {
         let bs = self.config.block_size;
         for c in &plan.chunks {
             let s = self.running[c.seq].kv_mut();
-            s.computed += c.len;
+            s.computed += c.len - std::mem::take(&mut s.rejected);
             while s.hashes.len() < s.computed / bs {
                 let k = s.hashes.len();
                 let parent = s.hashes.last().copied();
@@ -246,7 +264,7 @@ impl<S: Planned> Planner<S> {
         self.waiting
             .iter()
             .chain(&self.running)
-            .map(|s| s.kv().remaining().saturating_sub(1))
+            .map(|s| s.kv().remaining().saturating_sub(1 + s.kv().draft))
             .sum()
     }
 
@@ -270,17 +288,22 @@ impl<S: Planned> Planner<S> {
         });
     }
 
-    /// Gives every decoding sequence a block for its next token, preempting the newest running
-    /// sequence while none is free.
+    /// Gives every decoding sequence a block for its next token (and its draft), dropping
+    /// drafts and then preempting the newest running sequence while none is free.
     fn make_room_for_decodes(&mut self, plan: &mut StepPlan) {
         let bs = self.config.block_size;
         let mut i = 0;
         while i < self.running.len() {
             let s = self.running[i].kv_mut();
-            let need = blocks_for(s.computed + 1, bs);
+            let need = blocks_for(s.computed + 1 + s.draft, bs);
             if need > s.blocks.len() {
                 match self.alloc.allocate(need - s.blocks.len()) {
                     Some(mut b) => s.blocks.append(&mut b),
+                    // A guess is not worth another sequence's blocks.
+                    None if s.draft > 0 => {
+                        s.drop_draft();
+                        continue;
+                    }
                     None => {
                         // The newest sequence may sit anywhere in `running` (re-admitted ones
                         // are appended), so start over: sequences already served just pass.
@@ -302,6 +325,7 @@ impl<S: Planned> Planner<S> {
         let idx = (0..self.running.len()).max_by_key(|&i| self.running[i].kv().id)?;
         let mut seq = self.running.remove(idx);
         let s = seq.kv_mut();
+        s.drop_draft();
         self.alloc.release(&mut s.blocks);
         s.hashes.clear();
         s.prompt_hashes = self.namer.prefix(&s.tokens, self.config.block_size);
@@ -329,7 +353,7 @@ impl<S: Planned> Planner<S> {
             self.running
                 .iter()
                 .map(Planned::kv)
-                .filter(|r| r.remaining() > 1)
+                .filter(|r| !r.decoding())
                 .flat_map(|r| r.prompt_hashes.iter().skip(r.hashes.len()).map(|n| n.key))
                 .collect()
         } else {
@@ -394,15 +418,16 @@ impl<S: Planned> Planner<S> {
         let mut budget = self.config.max_batch_tokens;
         let mut decode_shape = StepShape::default();
         for (idx, s) in self.running.iter().map(Planned::kv).enumerate() {
-            if s.remaining() == 1 {
+            if s.decoding() {
+                let len = 1 + s.draft;
                 plan.chunks.push(Chunk {
                     seq: idx,
                     pos0: s.computed,
-                    len: 1,
-                    logit_rows: s.logit_rows(1),
+                    len,
+                    logit_rows: s.logit_rows(len),
                 });
-                decode_shape.add(s.computed, 1);
-                budget = budget.saturating_sub(1);
+                decode_shape.add(s.computed, len);
+                budget = budget.saturating_sub(len);
             }
         }
         plan.decodes = plan.chunks.len();
@@ -411,7 +436,7 @@ impl<S: Planned> Planner<S> {
                 .running
                 .iter()
                 .map(Planned::kv)
-                .find(|s| s.remaining() > 1)
+                .find(|s| !s.decoding())
                 .map_or(0, |s| s.computed);
             budget = budget.min(self.pacer.chunk(
                 decode_shape,
@@ -422,7 +447,7 @@ impl<S: Planned> Planner<S> {
         }
         for (idx, s) in self.running.iter().map(Planned::kv).enumerate() {
             let remaining = s.remaining();
-            if remaining > 1 && budget > 0 {
+            if !s.decoding() && budget > 0 {
                 let mut len = remaining.min(budget);
                 if s.every_prompt_row && s.computed < s.prompt_len {
                     // Every position gets a logit row: keep the rows' memory bounded.
@@ -522,6 +547,49 @@ mod tests {
     /// Blocks held by sequences, counted per reference.
     fn held(p: &Planner<TestSeq>) -> usize {
         p.running.iter().map(|s| s.kv.blocks.len()).sum()
+    }
+
+    #[test]
+    fn a_draft_is_computed_with_its_decode_and_gives_way_before_anyone_is_preempted() {
+        let mut p = Planner::new(config(), 6);
+        let a = enqueue(&mut p, seq(0..7));
+        let b = enqueue(&mut p, seq(100..107));
+        let c = enqueue(&mut p, seq(200..207));
+        step(&mut p); // three prompts of 7 tokens (2 blocks each), then token 7 sampled
+                      // A draft of 3 after A's sampled token needs a third block for A, and the pool (6
+                      // blocks) is full: the draft goes, nobody is preempted.
+        let s = &mut p.running[0].kv;
+        s.tokens.extend([1, 2, 3]);
+        s.draft = 3;
+        let plan = p.plan();
+        assert!(plan.preempted.is_empty(), "a guess is not worth a sequence");
+        assert_eq!(running(&p), vec![a, b, c]);
+        assert_eq!(p.running[0].kv.draft, 0);
+        assert_eq!(p.running[0].kv.tokens.len(), 8, "the draft tokens are gone");
+        assert_eq!(plan.chunks[0].len, 1);
+        // With room, the draft rides along: 1 + 3 positions, a logit row each; two refused
+        // drafts leave the cache at the sampled token and the one kept.
+        let mut p = Planner::new(config(), 8);
+        enqueue(&mut p, seq(0..7));
+        step(&mut p);
+        let s = &mut p.running[0].kv;
+        s.tokens.extend([1, 2, 3]);
+        s.draft = 3;
+        assert_eq!(s.generated(), 1, "drafts are not generated tokens");
+        let plan = p.plan();
+        let c = plan.chunks[0];
+        assert_eq!((c.pos0, c.len, c.logit_rows), (7, 4, 4));
+        assert_eq!(plan.decodes, 1);
+        let s = &mut p.running[0].kv;
+        s.tokens.truncate(9); // kept 1 (token 1), then the model said 5
+        s.tokens.push(5);
+        s.draft = 0;
+        s.rejected = 2;
+        p.advance(&plan);
+        let s = &p.running[0].kv;
+        assert_eq!(s.computed, 9, "the sampled token and the kept draft token");
+        assert_eq!(s.rejected, 0);
+        assert_eq!(s.hashes.len(), 2, "only verified tokens fill blocks");
     }
 
     #[test]

@@ -13,7 +13,8 @@ use tokio::sync::broadcast;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::closing::BudgetCloser;
-use super::plan::{Planned, Planner, Refusal, SeqKv, StepPlan};
+use super::plan::{Chunk, Planned, Planner, Refusal, SeqKv, StepPlan};
+use super::speculate::{Drafter, Speculation, MAX_RUNNING_TO_DRAFT};
 use super::{
     EngineConfig, EngineStats, FinishReason, GenerateRequest, GenerationEvent, Submission,
     TokenLogprobs,
@@ -35,6 +36,8 @@ struct Sequence {
     closer: BudgetCloser,
     /// Next prompt position whose log probability is still to be reported (prompt logprobs).
     prompt_logprobs_from: usize,
+    /// Its draft maker, when it speculates.
+    drafter: Option<Drafter>,
     tx: UnboundedSender<GenerationEvent>,
 }
 
@@ -86,6 +89,8 @@ pub(super) struct Scheduler {
     /// Waiting sequences that `stats.waiting` counts already (it also counts submissions still
     /// in the channel, which only their sender knows of).
     counted_waiting: usize,
+    /// Speculation for requests that do not choose.
+    speculation: Speculation,
 }
 
 impl Scheduler {
@@ -103,6 +108,7 @@ impl Scheduler {
         } = shared;
         let c = &model.config;
         let kv = KvCache::new(c.layers, num_blocks, config.block_size, c.kv_dim());
+        let speculation = config.speculation;
         Self {
             pool: ThreadPool::new(config.threads),
             model,
@@ -115,6 +121,7 @@ impl Scheduler {
             stats,
             raw_logits: Vec::new(),
             counted_waiting: 0,
+            speculation,
         }
     }
 
@@ -161,6 +168,7 @@ impl Scheduler {
     fn admit(&mut self, s: Submission) {
         let Submission { request, tx } = s;
         let max_tokens = request.max_tokens;
+        let drafter = Drafter::new(request.speculation.unwrap_or(self.speculation));
         let seq = Sequence {
             kv: SeqKv::new(request.prompt.clone(), request.prompt_logprobs.is_some()),
             sampler: Sampler::new(request.sampling.clone(), &request.prompt),
@@ -169,6 +177,7 @@ impl Scheduler {
             request,
             decoder: DecodeStream::default(),
             prompt_logprobs_from: 1,
+            drafter,
             tx,
         };
         // Counted in `stats.waiting` by `submit` when it was sent.
@@ -248,8 +257,8 @@ impl Scheduler {
             return;
         }
         self.forward(&plan);
-        self.planner.advance(&plan);
         let finished = self.sample(&plan);
+        self.planner.advance(&plan);
         self.planner.retire(finished);
     }
 
@@ -304,20 +313,22 @@ impl Scheduler {
     }
 
     /// Reports prompt log probabilities, samples and streams the next token of every sequence
-    /// whose input the step finished; returns the running indices of the sequences that ended.
+    /// whose input the step finished (verifying its draft, if it had one, and drafting anew);
+    /// returns the running indices of the sequences that ended.
     fn sample(&mut self, plan: &StepPlan) -> Vec<usize> {
         let vocab = self.model.config.vocab;
+        let may_draft = self.planner.running.len() <= MAX_RUNNING_TO_DRAFT;
         let mut logit_row = 0;
         let mut finished = Vec::new();
         for c in &plan.chunks {
             let s = &mut self.planner.running[c.seq];
             let first_row = logit_row;
             logit_row += c.logit_rows;
-            if c.logit_rows > 1 {
+            if c.logit_rows > 1 && c.pos0 < s.kv.prompt_len {
                 let all = &self.scratch.logits[first_row * vocab..logit_row * vocab];
                 report_prompt_logprobs(s, all, c.pos0, vocab);
             }
-            if s.kv.computed != s.kv.tokens.len() {
+            if c.pos0 + c.len != s.kv.tokens.len() {
                 continue;
             }
             if s.request.max_tokens == 0 {
@@ -326,33 +337,121 @@ impl Scheduler {
                 finished.push(c.seq);
                 continue;
             }
-            let row = logit_row - 1;
-            let logits = &mut self.scratch.logits[row * vocab..(row + 1) * vocab];
-            let (token, logprobs) = match sample_next(s, logits, &mut self.raw_logits) {
-                Ok(x) => x,
-                Err(e) => {
-                    let _ = s.tx.send(GenerationEvent::Failed(e.to_string()));
-                    finished.push(c.seq);
-                    continue;
-                }
-            };
-            s.kv.tokens.push(token);
-            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            if emit(s, &self.tokenizer, token, logprobs).is_some() {
+            let rows = &mut self.scratch.logits[first_row * vocab..logit_row * vocab];
+            let ended = verify_and_emit(s, c, rows, vocab, &mut self.raw_logits, &self.tokenizer);
+            self.stats
+                .generated_tokens
+                .fetch_add(ended.generated as u64, Ordering::Relaxed);
+            if ended.drafted > 0 {
+                self.stats
+                    .draft_tokens
+                    .fetch_add(ended.drafted as u64, Ordering::Relaxed);
+                self.stats
+                    .accepted_draft_tokens
+                    .fetch_add(ended.accepted as u64, Ordering::Relaxed);
+            }
+            if ended.finished {
                 finished.push(c.seq);
+            } else if may_draft {
+                draft(s);
             }
         }
         finished
     }
 }
 
-/// Picks `s`'s next token from its logits: under its grammar if it has one (closing it when the
-/// budget left is what closing takes), with log probabilities (taken from the raw logits, before
-/// penalties and masks) if it asked for them.
+/// What one chunk's sampling did.
+struct Sampled {
+    /// Tokens generated (and streamed).
+    generated: usize,
+    /// Draft tokens verified, and those kept.
+    drafted: usize,
+    accepted: usize,
+    /// The sequence ended (finished or failed).
+    finished: bool,
+}
+
+/// Samples `s`'s next token from the last of `rows` — or, when the chunk carried a draft, walks
+/// the rows in order: each row's token is sampled against the draft token at that place (kept
+/// when they agree, by the rule in [`Sampler::sample_against`]), and the walk ends at the first
+/// disagreement, whose sampled token replaces the rest of the draft, or at the end of the
+/// sequence. Streams each token; marks the refused draft tokens for the planner.
+fn verify_and_emit(
+    s: &mut Sequence,
+    c: &Chunk,
+    rows: &mut [f32],
+    vocab: usize,
+    raw: &mut Vec<f32>,
+    tok: &TextTokenizer,
+) -> Sampled {
+    let draft = s.kv.draft;
+    let proposals = s.kv.tokens.split_off(s.kv.tokens.len() - draft);
+    s.kv.draft = 0;
+    // The rows that predict the positions after the chunk's last input: 1 + draft of them.
+    let first = c.logit_rows - (1 + draft);
+    let mut out = Sampled {
+        generated: 0,
+        drafted: draft,
+        accepted: 0,
+        finished: false,
+    };
+    for i in 0..=draft {
+        let row = &mut rows[(first + i) * vocab..(first + i + 1) * vocab];
+        let proposal = proposals.get(i).copied();
+        let (token, logprobs) = match sample_next(s, row, raw, proposal) {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = s.tx.send(GenerationEvent::Failed(e.to_string()));
+                out.finished = true;
+                break;
+            }
+        };
+        s.kv.tokens.push(token);
+        out.generated += 1;
+        let kept = proposal == Some(token);
+        out.accepted += usize::from(kept);
+        if emit(s, tok, token, logprobs).is_some() {
+            out.finished = true;
+            break;
+        }
+        if !kept {
+            break;
+        }
+    }
+    s.kv.rejected = draft - out.accepted;
+    if let Some(d) = s.drafter.as_mut() {
+        if draft > 0 {
+            d.record(draft, out.accepted);
+        }
+    }
+    out
+}
+
+/// Appends a draft to `s`'s tokens if its drafter finds one, within what `max_tokens` leaves
+/// (the last token always comes from the model).
+fn draft(s: &mut Sequence) {
+    let Some(d) = s.drafter.as_ref() else {
+        return;
+    };
+    let room = s
+        .request
+        .max_tokens
+        .saturating_sub(s.generated())
+        .saturating_sub(1);
+    let proposal = d.propose(&s.kv.tokens, room).to_vec();
+    s.kv.draft = proposal.len();
+    s.kv.tokens.extend(proposal);
+}
+
+/// Picks `s`'s next token from its logits — against `proposal`, a draft token at this place, if
+/// any — under its grammar if it has one (closing it when the budget left is what closing
+/// takes), with log probabilities (taken from the raw logits, before penalties and masks) if it
+/// asked for them.
 fn sample_next(
     s: &mut Sequence,
     logits: &mut [f32],
     raw: &mut Vec<f32>,
+    proposal: Option<u32>,
 ) -> crate::error::Result<(u32, Option<TokenLogprobs>)> {
     if s.request.logprobs.is_some() {
         raw.clear();
@@ -364,14 +463,16 @@ fn sample_next(
             let token = match s.closer.forced(g, left) {
                 Some(t) => t,
                 None => {
-                    let sampled = s.sampler.sample(logits, Some(&g.allowed()?));
+                    let sampled = s
+                        .sampler
+                        .sample_against(logits, Some(&g.allowed()?), proposal);
                     s.closer.check(g, left, sampled)
                 }
             };
             g.accept(token)?;
             token
         }
-        None => s.sampler.sample(logits, None),
+        None => s.sampler.sample_against(logits, None, proposal),
     };
     s.sampler.observe(token);
     let logprobs = s.request.logprobs.map(|k| logprobs(raw, token, k));

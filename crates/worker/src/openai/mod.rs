@@ -14,7 +14,9 @@ use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use lastmile_engine::tokenizer::TextTokenizer;
-use lastmile_engine::{EngineError, GenerateRequest, Grammar, GrammarSpec, SamplingParams};
+use lastmile_engine::{
+    EngineError, GenerateRequest, Grammar, GrammarSpec, SamplingParams, Speculation,
+};
 use lastmile_protocol::structured::regex_escape;
 use lastmile_protocol::{
     parse_json, ApiError, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
@@ -134,6 +136,10 @@ fn engine_requests(
                 ignore_eos: s.ignore_eos,
                 logprobs,
                 grammar: grammar.clone(),
+                speculation: s.speculative.map(|p| Speculation {
+                    ngram: p.ngram as usize,
+                    max_draft: p.max_draft as usize,
+                }),
                 ..GenerateRequest::new(prompt.clone(), sampling, max_tokens)
             }
         })

@@ -1,0 +1,158 @@
+//! Prompt-lookup speculative decoding: a sequence whose last few tokens already occurred earlier
+//! (in its prompt or its own output) guesses that what followed then follows now, appends those
+//! tokens as a draft, and the next step computes them all at once — one forward pass over
+//! `1 + draft` positions instead of one. Sampling then walks the rows in order and keeps each
+//! draft token the model would have produced anyway (greedy: the same argmax; sampling: accepted
+//! with the token's probability, else a token drawn from the rest — the standard rule for a
+//! draft of one certain token, so the output distribution is unchanged), and one more token from
+//! the row after the last accepted one. A CPU decode step reads every weight once whatever the
+//! number of rows, so the accepted tokens come almost free where text repeats its input (edits,
+//! rewrites, code, extraction).
+//!
+//! Invariants: drafts never pass `max_tokens` (the last token always comes from the model); a
+//! request whose drafts keep failing stops drafting ([`MIN_ACCEPTANCE`] after [`PROBATION`]
+//! drafted tokens), so open-ended text pays almost nothing.
+
+/// How one request drafts: match its last `ngram` tokens (down to 1) against earlier text and
+/// draft up to `max_draft` tokens of what followed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Speculation {
+    /// Longest suffix matched against earlier text; shorter ones are tried next, down to 1.
+    pub ngram: usize,
+    /// Most draft tokens per step; 0 turns speculation off.
+    pub max_draft: usize,
+}
+
+impl Speculation {
+    /// No drafting.
+    pub const OFF: Self = Self {
+        ngram: 0,
+        max_draft: 0,
+    };
+
+    /// Whether this drafts at all.
+    pub fn is_on(&self) -> bool {
+        self.ngram > 0 && self.max_draft > 0
+    }
+}
+
+/// Drafting stops while more sequences than this run: a large batch already fills each step with
+/// rows, and draft rows would take compute from the other streams.
+pub(super) const MAX_RUNNING_TO_DRAFT: usize = 8;
+
+/// Drafted tokens after which a request's acceptance rate is judged.
+pub(super) const PROBATION: usize = 48;
+
+/// Acceptance rate below which a request stops drafting (after [`PROBATION`]).
+pub(super) const MIN_ACCEPTANCE: f64 = 0.2;
+
+/// One sequence's drafting state.
+#[derive(Debug)]
+pub(super) struct Drafter {
+    spec: Speculation,
+    drafted: usize,
+    accepted: usize,
+}
+
+impl Drafter {
+    /// A drafter for `spec`, or `None` when it is off.
+    pub(super) fn new(spec: Speculation) -> Option<Self> {
+        spec.is_on().then_some(Self {
+            spec,
+            drafted: 0,
+            accepted: 0,
+        })
+    }
+
+    /// Whether it still drafts (it gives up on text its drafts do not match).
+    pub(super) fn active(&self) -> bool {
+        self.drafted < PROBATION || self.accepted as f64 >= MIN_ACCEPTANCE * self.drafted as f64
+    }
+
+    /// Draft tokens to follow `tokens` (prompt and output so far, the last one not yet computed),
+    /// at most `room`; empty when nothing matches or it gave up.
+    pub(super) fn propose<'t>(&self, tokens: &'t [u32], room: usize) -> &'t [u32] {
+        if !self.active() {
+            return &[];
+        }
+        lookup(tokens, self.spec.ngram, self.spec.max_draft.min(room))
+    }
+
+    /// Counts a verified draft: `drafted` proposed, the first `accepted` kept.
+    pub(super) fn record(&mut self, drafted: usize, accepted: usize) {
+        self.drafted += drafted;
+        self.accepted += accepted;
+    }
+}
+
+/// What followed the latest earlier occurrence of the last `n` tokens of `tokens` (`n` from
+/// `ngram` down to 1, the longest match wins), at most `max` tokens.
+pub(super) fn lookup(tokens: &[u32], ngram: usize, max: usize) -> &[u32] {
+    let len = tokens.len();
+    if max == 0 {
+        return &[];
+    }
+    for n in (1..=ngram.min(len.saturating_sub(1))).rev() {
+        let suffix = &tokens[len - n..];
+        // The latest earlier window equal to the suffix (not the suffix itself).
+        let found = (0..len - n).rev().find(|&i| &tokens[i..i + n] == suffix);
+        if let Some(i) = found {
+            let from = i + n;
+            return &tokens[from..len.min(from + max)];
+        }
+    }
+    &[]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_latest_longest_match_supplies_the_draft() {
+        // "1 2 3 9 ... 1 2 3 7 8 ... 2 3" : the suffix [2 3] last occurred before 7 8.
+        let t = [1, 2, 3, 9, 5, 1, 2, 3, 7, 8, 6, 2, 3];
+        assert_eq!(lookup(&t, 2, 4), &[7, 8, 6, 2]);
+        assert_eq!(lookup(&t, 2, 1), &[7]);
+        // A 3-gram [6 2 3] never occurred before: the 2-gram answers.
+        assert_eq!(lookup(&t, 3, 2), &[7, 8]);
+    }
+
+    #[test]
+    fn no_match_no_room_or_too_short_means_no_draft() {
+        assert!(lookup(&[1, 2, 3, 4], 2, 8).is_empty());
+        assert!(lookup(&[1, 2, 1, 2], 2, 0).is_empty());
+        assert!(lookup(&[5], 3, 8).is_empty());
+        assert!(lookup(&[], 3, 8).is_empty());
+    }
+
+    #[test]
+    fn a_draft_may_run_into_the_suffix_itself() {
+        // Repetition: [7 7 7 7], suffix [7 7] last seen at 1..3, followed by [7].
+        assert_eq!(lookup(&[7, 7, 7, 7], 2, 8), &[7]);
+        assert_eq!(lookup(&[1, 2, 1, 2, 1, 2], 2, 8), &[1, 2]);
+    }
+
+    #[test]
+    fn a_drafter_gives_up_on_text_it_cannot_predict() {
+        let mut d = Drafter::new(Speculation {
+            ngram: 2,
+            max_draft: 4,
+        })
+        .expect("on");
+        let t = [1, 2, 3, 1, 2];
+        assert_eq!(d.propose(&t, 8), &[3, 1, 2]);
+        assert_eq!(d.propose(&t, 1), &[3], "room bounds the draft");
+        d.record(PROBATION, PROBATION / 10);
+        assert!(!d.active());
+        assert!(d.propose(&t, 8).is_empty());
+        let mut good = Drafter::new(Speculation {
+            ngram: 2,
+            max_draft: 4,
+        })
+        .expect("on");
+        good.record(PROBATION * 2, PROBATION);
+        assert!(good.active(), "half accepted keeps drafting");
+        assert!(Drafter::new(Speculation::OFF).is_none());
+    }
+}

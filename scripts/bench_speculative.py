@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Speculative decoding (prompt lookup) against plain decoding, one stream, one server, one run.
+
+Two workloads of fixed prompts, greedy, sent one at a time to `lastmile serve` (default model):
+- grounded: the answer repeats its input — copy or lightly edit a ~1,000-token document, rename a
+  variable in a function, extract sentences — where drafts from the prompt should be kept;
+- open: open-ended chat, where drafts mostly fail (the cost side).
+Each prompt runs with `"speculative": {"max_draft": 0}` and with `{"ngram": N, "max_draft": K}`,
+alternating, over several rounds. Decode speed = (completion tokens - 1) / time after the first
+streamed token; the table gives per-workload medians, the ratio, the acceptance rate (from the
+server's counters) and whether every greedy answer was byte-identical.
+
+    python3 scripts/bench_speculative.py [--rounds 3] [--ngram 3] [--max-draft 8] [--threads 2]
+                                         [--write BENCHMARKS.md]
+
+Needs `cargo build --release` first; about five minutes on 2 cores.
+"""
+
+import argparse
+import http.client
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sandbox import cpu_line, progress, write_section  # noqa: E402
+from lastmile_proc import start  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+HEADING = "## Speculative decoding (prompt lookup): one stream"
+
+DOCUMENT = """The Riverside Community Library opened its doors in 1952, when a group of teachers \
+collected four hundred books in the back room of the old post office. For the first ten years \
+the library was run entirely by volunteers, who kept the catalogue on index cards and opened \
+the reading room three evenings a week. In 1964 the town council agreed to pay for a full-time \
+librarian, and the collection moved to the former grain exchange on Market Street, where it \
+still stands today.
+
+The building itself has a long history. It was built in 1889 as a trading hall for farmers, \
+with a high glass roof that let in enough light for buyers to inspect samples of wheat and \
+barley. When the grain trade moved to the railway yards, the hall stood empty for almost \
+twenty years. The library board bought it for one dollar on the condition that the roof be \
+repaired, and the repairs took three summers of work by local carpenters and glaziers.
+
+Today the library holds more than sixty thousand books, a collection of local newspapers going \
+back to 1871, and a small museum of farming tools donated by families from the valley. It \
+offers free computer classes for adults, a reading club for children on Saturday mornings, and \
+a quiet study room that stays open until ten o'clock during the school exam season. Last year \
+the library lent more than one hundred thousand items and welcomed visitors from every town in \
+the county.
+
+The library is now planning its next chapter. The board has asked the council for funds to \
+open three new branches next spring: one in the northern housing estates, one beside the new \
+primary school, and one in the village of Hollow Creek, where the nearest library is more than \
+an hour away by bus. Each branch will have a small collection of books, four public computers, \
+and a room that community groups can book for meetings. The board expects the branches to \
+serve about five thousand new members in their first year.
+
+Volunteers remain at the heart of the library. More than eighty people give their time each \
+month, shelving books, running the children's reading club, and helping older visitors learn \
+to use email and video calls. The library thanks every volunteer with a dinner each December, \
+and the longest-serving volunteer, a retired teacher named Margaret Hale, has helped at the \
+front desk every Tuesday since 1979."""
+
+CODE = '''def summarize(values):
+    """Return the count, total, mean and largest value of a list of numbers."""
+    if not values:
+        return {"count": 0, "total": 0, "mean": None, "largest": None}
+    total = 0
+    largest = values[0]
+    for value in values:
+        total += value
+        if value > largest:
+            largest = value
+    mean = total / len(values)
+    return {"count": len(values), "total": total, "mean": mean, "largest": largest}
+'''
+
+GROUNDED = [
+    ("copy", f"Copy the following document exactly, word for word.\n\n{DOCUMENT}", 320),
+    ("edit", "Rewrite the following document, replacing the word \"library\" with \"Library\" "
+             f"everywhere and changing nothing else.\n\n{DOCUMENT}", 320),
+    ("code", "Rename the variable `total` to `running_sum` in this function and return the whole "
+             f"function.\n\n```python\n{CODE}```", 200),
+    ("extract", f"From the document below, copy every sentence that mentions a year.\n\n{DOCUMENT}",
+     200),
+]
+
+OPEN = [
+    ("story", "Write a short story about a dragon who learns to bake bread.", 160),
+    ("advice", "What are five good habits for staying healthy while working from home?", 160),
+    ("explain", "Explain how a rainbow forms, for a ten-year-old.", 160),
+    ("poem", "Write a poem about the sea at night.", 160),
+]
+
+
+def stream_chat(host, port, prompt, max_tokens, speculative):
+    """One streamed greedy chat; returns (text, completion tokens, seconds after first token)."""
+    body = json.dumps({
+        "model": MODEL, "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True}, "speculative": speculative,
+    })
+    conn = http.client.HTTPConnection(host, port, timeout=600)
+    conn.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"{resp.status}: {resp.read()[:300]!r}")
+    text, first, tokens = [], None, 0
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        for c in chunk.get("choices", []):
+            piece = c["delta"].get("content")
+            if piece:
+                text.append(piece)
+                if first is None:
+                    first = time.perf_counter()
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    conn.close()
+    return "".join(text), tokens, end - (first or end)
+
+
+def counters(host, port):
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.request("GET", "/metrics")
+    page = conn.getresponse().read().decode()
+    conn.close()
+    got = {}
+    for line in page.splitlines():
+        for name in ("lastmile_engine_draft_tokens_total", "lastmile_engine_accepted_draft_tokens_total"):
+            if line.startswith(name + " "):
+                got[name] = float(line.split()[1])
+    return got.get("lastmile_engine_draft_tokens_total", 0), \
+        got.get("lastmile_engine_accepted_draft_tokens_total", 0)
+
+
+def measure(server, workload, rounds, spec):
+    host, port = "127.0.0.1", server.port
+    off = {"max_draft": 0}
+    speeds = {"off": [], "on": []}
+    identical, drafted, kept = True, 0.0, 0.0
+    steps = rounds * len(workload) * 2
+    done = 0
+    for _ in range(rounds):
+        for name, prompt, max_tokens in workload:
+            texts = {}
+            for mode in ("off", "on"):
+                d0, k0 = counters(host, port)
+                text, tokens, secs = stream_chat(host, port, prompt, max_tokens, spec if mode == "on" else off)
+                d1, k1 = counters(host, port)
+                if mode == "on":
+                    drafted += d1 - d0
+                    kept += k1 - k0
+                texts[mode] = text
+                if tokens > 1 and secs > 0:
+                    speeds[mode].append((tokens - 1) / secs)
+                done += 1
+                progress(done, steps, f"{name} ({mode})".ljust(16))
+            if texts["on"] != texts["off"]:
+                identical = False
+                print(f"\n{name}: outputs differ", file=sys.stderr)
+    return speeds, identical, (kept / drafted if drafted else 0.0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ngram", type=int, default=3)
+    ap.add_argument("--max-draft", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--write", help="update this Markdown file's speculative decoding section")
+    a = ap.parse_args()
+    spec = {"ngram": a.ngram, "max_draft": a.max_draft}
+    rows = []
+    with start(["serve", "--threads", str(a.threads)]) as server:
+        # Warm-up: page the weights in.
+        stream_chat("127.0.0.1", server.port, "Hello", 8, {"max_draft": 0})
+        for label, workload in (("grounded (copy, edit, code, extract)", GROUNDED),
+                                ("open-ended chat", OPEN)):
+            speeds, identical, acceptance = measure(server, workload, a.rounds, spec)
+            off, on = statistics.median(speeds["off"]), statistics.median(speeds["on"])
+            rows.append((label, off, on, on / off, acceptance, identical))
+    med = f"medians over {a.rounds} rounds of {len(GROUNDED)} prompts each"
+    lines = [
+        HEADING,
+        "",
+        f"**CPU: {cpu_line()}.** Default model, `lastmile serve --threads {a.threads}`, one stream, greedy; "
+        f"each prompt with `\"speculative\": {{\"max_draft\": 0}}` and with `{json.dumps(spec)}`, alternating "
+        f"({med}). Decode speed = (completion tokens - 1) / time after the first token. Acceptance = draft "
+        "tokens kept / draft tokens verified (server counters).",
+        "",
+        "| workload | decode tok/s, off | decode tok/s, on | ratio | acceptance | greedy output identical |",
+        "| --- | ---: | ---: | ---: | ---: | :---: |",
+    ]
+    for label, off, on, ratio, acc, same in rows:
+        lines.append(f"| {label} | {off:.1f} | {on:.1f} | **{ratio:.2f}x** | {acc:.0%} | {'yes' if same else 'NO'} |")
+    lines += ["", f"Reproduce: `python3 scripts/bench_speculative.py --rounds {a.rounds} --ngram {a.ngram} "
+              f"--max-draft {a.max_draft} --threads {a.threads}`", ""]
+    write_section("\n".join(lines), HEADING, a.write)
+
+
+if __name__ == "__main__":
+    main()
