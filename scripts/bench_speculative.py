@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Speculative decoding (prompt lookup) against plain decoding, one stream, one server, one run.
 
-Two workloads of fixed prompts, greedy, sent one at a time to `lastmile serve` (default model):
-- grounded: the answer repeats its input — copy or lightly edit a ~1,000-token document, rename a
-  variable in a function, extract sentences — where drafts from the prompt should be kept;
-- open: open-ended chat, where drafts mostly fail (the cost side).
+Two workloads of fixed prompts, greedy completions, sent one at a time to `lastmile serve`
+(default model):
+- grounded: the answer repeats its input — fix the typos of a ~700-token document, rename
+  something in it, rename a variable in a function, extract a paragraph — where drafts from the
+  prompt should be kept;
+- open: open-ended text, where drafts mostly fail (the cost side).
 Each prompt runs with `"speculative": {"max_draft": 0}` and with `{"ngram": N, "max_draft": K}`,
 alternating, over several rounds. Decode speed = (completion tokens - 1) / time after the first
 streamed token; the table gives per-workload medians, the ratio, the acceptance rate (from the
@@ -78,33 +80,40 @@ CODE = '''def summarize(values):
     return {"count": len(values), "total": total, "mean": mean, "largest": largest}
 '''
 
+def typos(text):
+    """`text` with "the " misspelt "teh " in six places."""
+    return text.replace("the ", "teh ", 6)
+
+
+# Framed as completions: the default model (135M parameters) paraphrases when asked in a chat
+# to copy or edit, but continues a document it has seen as a base model would.
 GROUNDED = [
-    ("copy", f"Copy the following document exactly, word for word.\n\n{DOCUMENT}", 320),
-    ("edit", "Rewrite the following document, replacing the word \"library\" with \"Library\" "
-             f"everywhere and changing nothing else.\n\n{DOCUMENT}", 320),
-    ("code", "Rename the variable `total` to `running_sum` in this function and return the whole "
-             f"function.\n\n```python\n{CODE}```", 200),
-    ("extract", f"From the document below, copy every sentence that mentions a year.\n\n{DOCUMENT}",
-     200),
+    ("fix typos", f"Original text (with typos):\n{typos(DOCUMENT)}\n\nThe same text with the typos "
+                  "fixed:\n", 320),
+    ("rename", f"Original text:\n{DOCUMENT}\n\nThe same text, with the library renamed to the "
+               "Brookside Public Library:\n", 320),
+    ("code edit", f"```python\n{CODE}```\n\nThe same function with `total` renamed to "
+                  "`running_sum`:\n```python\n", 200),
+    ("extract", f"Notes:\n{DOCUMENT}\n\nThe fourth paragraph of the notes, word for word:\n", 200),
 ]
 
 OPEN = [
-    ("story", "Write a short story about a dragon who learns to bake bread.", 160),
-    ("advice", "What are five good habits for staying healthy while working from home?", 160),
-    ("explain", "Explain how a rainbow forms, for a ten-year-old.", 160),
-    ("poem", "Write a poem about the sea at night.", 160),
+    ("story", "Once upon a time, a dragon who loved to bake bread", 160),
+    ("advice", "The five best habits for staying healthy while working from home are", 160),
+    ("explain", "A rainbow forms when", 160),
+    ("history", "The history of the Roman Empire", 160),
 ]
 
 
-def stream_chat(host, port, prompt, max_tokens, speculative):
-    """One streamed greedy chat; returns (text, completion tokens, seconds after first token)."""
+def stream_completion(host, port, prompt, max_tokens, speculative):
+    """One streamed greedy completion; returns (text, completion tokens, seconds after the
+    first token)."""
     body = json.dumps({
-        "model": MODEL, "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens, "temperature": 0, "stream": True,
-        "stream_options": {"include_usage": True}, "speculative": speculative,
+        "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        "stream": True, "stream_options": {"include_usage": True}, "speculative": speculative,
     })
     conn = http.client.HTTPConnection(host, port, timeout=600)
-    conn.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
+    conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
     resp = conn.getresponse()
     if resp.status != 200:
         raise RuntimeError(f"{resp.status}: {resp.read()[:300]!r}")
@@ -115,7 +124,7 @@ def stream_chat(host, port, prompt, max_tokens, speculative):
             continue
         chunk = json.loads(line[6:])
         for c in chunk.get("choices", []):
-            piece = c["delta"].get("content")
+            piece = c.get("text")
             if piece:
                 text.append(piece)
                 if first is None:
@@ -146,6 +155,7 @@ def measure(server, workload, rounds, spec):
     off = {"max_draft": 0}
     speeds = {"off": [], "on": []}
     identical, drafted, kept = True, 0.0, 0.0
+    per_prompt = {}
     steps = rounds * len(workload) * 2
     done = 0
     for _ in range(rounds):
@@ -153,7 +163,7 @@ def measure(server, workload, rounds, spec):
             texts = {}
             for mode in ("off", "on"):
                 d0, k0 = counters(host, port)
-                text, tokens, secs = stream_chat(host, port, prompt, max_tokens, spec if mode == "on" else off)
+                text, tokens, secs = stream_completion(host, port, prompt, max_tokens, spec if mode == "on" else off)
                 d1, k1 = counters(host, port)
                 if mode == "on":
                     drafted += d1 - d0
@@ -161,11 +171,15 @@ def measure(server, workload, rounds, spec):
                 texts[mode] = text
                 if tokens > 1 and secs > 0:
                     speeds[mode].append((tokens - 1) / secs)
+                    per_prompt.setdefault(name, {}).setdefault(mode, []).append((tokens - 1) / secs)
                 done += 1
                 progress(done, steps, f"{name} ({mode})".ljust(16))
             if texts["on"] != texts["off"]:
                 identical = False
                 print(f"\n{name}: outputs differ", file=sys.stderr)
+    for name, modes in per_prompt.items():
+        print(f"  {name}: " + ", ".join(f"{m} {statistics.median(v):.1f} tok/s" for m, v in modes.items()),
+              file=sys.stderr)
     return speeds, identical, (kept / drafted if drafted else 0.0)
 
 
@@ -181,9 +195,9 @@ def main():
     rows = []
     with start(["serve", "--threads", str(a.threads)]) as server:
         # Warm-up: page the weights in.
-        stream_chat("127.0.0.1", server.port, "Hello", 8, {"max_draft": 0})
-        for label, workload in (("grounded (copy, edit, code, extract)", GROUNDED),
-                                ("open-ended chat", OPEN)):
+        stream_completion("127.0.0.1", server.port, "Hello", 8, {"max_draft": 0})
+        for label, workload in (("grounded (fix typos, rename, code edit, extract)", GROUNDED),
+                                ("open-ended text", OPEN)):
             speeds, identical, acceptance = measure(server, workload, a.rounds, spec)
             off, on = statistics.median(speeds["off"]), statistics.median(speeds["on"])
             rows.append((label, off, on, on / off, acceptance, identical))
@@ -191,7 +205,9 @@ def main():
     lines = [
         HEADING,
         "",
-        f"**CPU: {cpu_line()}.** Default model, `lastmile serve --threads {a.threads}`, one stream, greedy; "
+        f"**CPU: {cpu_line()}.** Default model, `lastmile serve --threads {a.threads}`, one stream, greedy "
+        "`/v1/completions` (the 135M default model paraphrases when a chat asks it to copy, so the "
+        "grounded prompts are framed as documents to continue); "
         f"each prompt with `\"speculative\": {{\"max_draft\": 0}}` and with `{json.dumps(spec)}`, alternating "
         f"({med}). Decode speed = (completion tokens - 1) / time after the first token. Acceptance = draft "
         "tokens kept / draft tokens verified (server counters).",
