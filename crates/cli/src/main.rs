@@ -361,8 +361,8 @@ pub struct ModelArgs {
     /// Speculative decoding by prompt lookup, for requests that do not choose (the
     /// `speculative` request field): most draft tokens verified per step, 0 to 16; 0 turns it
     /// off. Drafts come from earlier text that the last tokens repeat (edits, rewrites, code,
-    /// extraction decode 2x+ faster); greedy output is the same with or without them, sampled
-    /// output keeps its distribution; a request whose drafts keep failing stops drafting, and
+    /// extraction decode 2x+ faster); the output is the same with or without them, greedy or
+    /// sampled with a seed; a request whose drafts keep failing stops drafting, and
     /// nobody drafts while more than 8 sequences run.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=16))]
     pub speculative_max_draft: u32,

@@ -163,42 +163,6 @@ impl Sampler {
         Some(self.candidates.iter().map(|c| c.1).sum())
     }
 
-    /// [`Self::sample`] at a place where a draft put `proposal` (speculative decoding): greedy
-    /// picks the argmax as ever (the caller keeps the draft token if they agree); sampling keeps
-    /// `proposal` with its probability p under the filtered distribution and otherwise draws
-    /// from that distribution without it — for a draft that proposes one token for certain, the
-    /// rule that leaves the output distribution exactly as without drafts: P(proposal) = p, and
-    /// every other token (1 - p) · q / (1 - p) = q.
-    pub fn sample_against(
-        &mut self,
-        logits: &mut [f32],
-        allowed: Option<&SimpleVob>,
-        proposal: Option<u32>,
-    ) -> u32 {
-        let Some(proposal) = proposal else {
-            return self.sample(logits, allowed);
-        };
-        let Some(total) = self.candidates(logits, allowed) else {
-            return argmax(logits);
-        };
-        let cands = &self.candidates;
-        let kept = cands.iter().find(|c| c.0 == proposal).map_or(0.0, |c| c.1);
-        if self.rng.next_f32() * total < kept {
-            return proposal;
-        }
-        let mut r = self.rng.next_f32() * (total - kept);
-        let mut last = None;
-        for c in cands.iter().filter(|c| c.0 != proposal) {
-            r -= c.1;
-            last = Some(c.0);
-            if r <= 0.0 {
-                return c.0;
-            }
-        }
-        // Rounding left a sliver, or the proposal was the only candidate.
-        last.unwrap_or(proposal)
-    }
-
     /// Applies logit biases, the `allowed` mask and the repetition, presence and frequency
     /// penalties to `logits` in place.
     fn adjust_logits(&self, logits: &mut [f32], allowed: Option<&SimpleVob>) {
@@ -458,43 +422,6 @@ mod tests {
             &[1],
         );
         assert_eq!(s.sample(&mut [0.1, 2.0, 1.9], None), 2);
-    }
-
-    #[test]
-    fn sampling_against_a_draft_keeps_the_distribution() {
-        // Four tokens with probabilities 0.1, 0.2, 0.3, 0.4; a draft always proposing token 2.
-        let logits: Vec<f32> = [0.1f32, 0.2, 0.3, 0.4].iter().map(|p| p.ln()).collect();
-        let params = SamplingParams {
-            seed: Some(7),
-            ..SamplingParams::default()
-        };
-        let mut s = Sampler::new(params, &[]);
-        let n = 200_000;
-        let mut counts = [0usize; 4];
-        for _ in 0..n {
-            let t = s.sample_against(&mut logits.clone(), None, Some(2));
-            counts[t as usize] += 1;
-        }
-        for (t, want) in [0.1, 0.2, 0.3, 0.4].iter().enumerate() {
-            let got = counts[t] as f64 / n as f64;
-            assert!((got - want).abs() < 0.006, "token {t}: {got} vs {want}");
-        }
-        // Greedy ignores the draft: the argmax, whatever was proposed.
-        let mut g = Sampler::new(SamplingParams::greedy(), &[]);
-        assert_eq!(g.sample_against(&mut logits.clone(), None, Some(0)), 3);
-        // A proposal outside the candidates (top-k cut it) is never kept.
-        let mut k = Sampler::new(
-            SamplingParams {
-                top_k: 2,
-                seed: Some(1),
-                ..SamplingParams::default()
-            },
-            &[],
-        );
-        for _ in 0..1000 {
-            let t = k.sample_against(&mut logits.clone(), None, Some(0));
-            assert!(t == 2 || t == 3, "{t}");
-        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
-//! Speculative decoding (prompt lookup) end to end on the default model: greedy output is the
-//! same token for token with and without drafts — alone, in a batch, under KV pressure, with
-//! stop strings and log probabilities — while drafts are actually kept on text that repeats
-//! its input.
+//! Speculative decoding (prompt lookup) end to end on the default model: output is the same
+//! token for token with and without drafts — greedy or seeded sampling, alone, in a batch, under
+//! KV pressure, with stop strings and log probabilities — while drafts are actually kept on
+//! text that repeats its input.
 
 use std::sync::atomic::Ordering;
 
@@ -134,6 +134,27 @@ fn greedy_output_is_the_same_with_drafts_alone_and_in_a_batch() {
     for (i, out) in batch.iter().enumerate() {
         assert_eq!(out.0, plain[i].0, "prompt {i} in a batch");
     }
+}
+
+#[test]
+fn seeded_sampling_gives_the_same_answer_with_drafts() {
+    let e = engine(None);
+    let sampled = |spec, seed: u64, temperature: f32| {
+        let mut r = request(&e, GROUNDED, 48, spec);
+        r.sampling = SamplingParams {
+            temperature,
+            top_p: 0.95,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        };
+        r
+    };
+    for (seed, temperature) in [(1, 0.3), (2, 0.7), (3, 1.0)] {
+        let plain = run(&e, vec![sampled(Speculation::OFF, seed, temperature)]).remove(0);
+        let spec = run(&e, vec![sampled(SPEC, seed, temperature)]).remove(0);
+        assert_eq!(spec.0, plain.0, "seed {seed} at temperature {temperature}");
+    }
+    assert!(accepted(&e).1 > 0, "drafts were kept while sampling");
 }
 
 #[test]

@@ -267,7 +267,7 @@ pub struct SamplingRequest {
 /// The `speculative` extension: prompt-lookup speculative decoding for this request. The last
 /// `ngram` tokens (down to 1) are looked up in the prompt and the text so far, and up to
 /// `max_draft` tokens of what followed are verified in one step; greedy output is unchanged,
-/// sampled output keeps its distribution. `{"max_draft": 0}` turns it off.
+/// sampled output too (seed for seed). `{"max_draft": 0}` turns it off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpeculativeParams {

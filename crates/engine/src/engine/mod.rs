@@ -121,9 +121,8 @@ pub struct GenerateRequest {
     /// output turns to a short completion of the grammar when that is all the budget leaves
     /// room for, so it still parses (the finish reason stays `Length`).
     pub grammar: Option<Grammar>,
-    /// Speculative decoding for this request (`None`: the engine's default). Greedy output is
-    /// the same with and without it; sampled output follows the same distribution (the random
-    /// draws differ, so a seed gives another sample than without speculation).
+    /// Speculative decoding for this request (`None`: the engine's default). The output is the
+    /// same with and without it, greedy or sampled with a seed: only its speed changes.
     pub speculation: Option<Speculation>,
 }
 

@@ -372,10 +372,13 @@ struct Sampled {
 }
 
 /// Samples `s`'s next token from the last of `rows` — or, when the chunk carried a draft, walks
-/// the rows in order: each row's token is sampled against the draft token at that place (kept
-/// when they agree, by the rule in [`Sampler::sample_against`]), and the walk ends at the first
-/// disagreement, whose sampled token replaces the rest of the draft, or at the end of the
-/// sequence. Streams each token; marks the refused draft tokens for the planner.
+/// the rows in order: each row's token is sampled exactly as without a draft (same filters, same
+/// random draw) and the draft token at that place is kept when they agree; the walk ends at the
+/// first disagreement, whose sampled token replaces the rest of the draft, or at the end of the
+/// sequence. A draft token is so kept with exactly its probability p, and the output is the one
+/// decoding without drafts gives — greedy or sampled, seed for seed (for a draft that proposes
+/// one token for certain, the standard acceptance rule, min(1, p/1), with the randomness
+/// shared). Streams each token; marks the refused draft tokens for the planner.
 fn verify_and_emit(
     s: &mut Sequence,
     c: &Chunk,
@@ -398,7 +401,7 @@ fn verify_and_emit(
     for i in 0..=draft {
         let row = &mut rows[(first + i) * vocab..(first + i + 1) * vocab];
         let proposal = proposals.get(i).copied();
-        let (token, logprobs) = match sample_next(s, row, raw, proposal) {
+        let (token, logprobs) = match sample_next(s, row, raw) {
             Ok(x) => x,
             Err(e) => {
                 let _ = s.tx.send(GenerationEvent::Failed(e.to_string()));
@@ -443,15 +446,13 @@ fn draft(s: &mut Sequence) {
     s.kv.tokens.extend(proposal);
 }
 
-/// Picks `s`'s next token from its logits — against `proposal`, a draft token at this place, if
-/// any — under its grammar if it has one (closing it when the budget left is what closing
-/// takes), with log probabilities (taken from the raw logits, before penalties and masks) if it
-/// asked for them.
+/// Picks `s`'s next token from its logits: under its grammar if it has one (closing it when the
+/// budget left is what closing takes), with log probabilities (taken from the raw logits, before
+/// penalties and masks) if it asked for them.
 fn sample_next(
     s: &mut Sequence,
     logits: &mut [f32],
     raw: &mut Vec<f32>,
-    proposal: Option<u32>,
 ) -> crate::error::Result<(u32, Option<TokenLogprobs>)> {
     if s.request.logprobs.is_some() {
         raw.clear();
@@ -463,16 +464,14 @@ fn sample_next(
             let token = match s.closer.forced(g, left) {
                 Some(t) => t,
                 None => {
-                    let sampled = s
-                        .sampler
-                        .sample_against(logits, Some(&g.allowed()?), proposal);
+                    let sampled = s.sampler.sample(logits, Some(&g.allowed()?));
                     s.closer.check(g, left, sampled)
                 }
             };
             g.accept(token)?;
             token
         }
-        None => s.sampler.sample_against(logits, None, proposal),
+        None => s.sampler.sample(logits, None),
     };
     s.sampler.observe(token);
     let logprobs = s.request.logprobs.map(|k| logprobs(raw, token, k));

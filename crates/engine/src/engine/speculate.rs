@@ -1,11 +1,12 @@
 //! Prompt-lookup speculative decoding: a sequence whose last few tokens already occurred earlier
 //! (in its prompt or its own output) guesses that what followed then follows now, appends those
 //! tokens as a draft, and the next step computes them all at once — one forward pass over
-//! `1 + draft` positions instead of one. Sampling then walks the rows in order and keeps each
-//! draft token the model would have produced anyway (greedy: the same argmax; sampling: accepted
-//! with the token's probability, else a token drawn from the rest — the standard rule for a
-//! draft of one certain token, so the output distribution is unchanged), and one more token from
-//! the row after the last accepted one. A CPU decode step reads every weight once whatever the
+//! `1 + draft` positions instead of one. Sampling then walks the rows in order, samples each
+//! exactly as it would without a draft, and keeps each draft token the model produced anyway
+//! (greedy: the argmax; sampling: the same draw from the same random stream, so a draft token is
+//! kept with exactly its probability — the standard acceptance rule for a draft of one certain
+//! token — and the output is the one decoding without drafts gives, seed for seed), and one more
+//! token from the row after the last accepted one. A CPU decode step reads every weight once whatever the
 //! number of rows, so the accepted tokens come almost free where text repeats its input (edits,
 //! rewrites, code, extraction).
 //!
