@@ -177,10 +177,10 @@ def measure(server, workload, rounds, spec):
             if texts["on"] != texts["off"]:
                 identical = False
                 print(f"\n{name}: outputs differ", file=sys.stderr)
-    for name, modes in per_prompt.items():
-        print(f"  {name}: " + ", ".join(f"{m} {statistics.median(v):.1f} tok/s" for m, v in modes.items()),
-              file=sys.stderr)
-    return speeds, identical, (kept / drafted if drafted else 0.0)
+    medians = {name: {m: statistics.median(v) for m, v in modes.items()} for name, modes in per_prompt.items()}
+    for name, m in medians.items():
+        print(f"  {name}: off {m['off']:.1f} tok/s, on {m['on']:.1f} tok/s", file=sys.stderr)
+    return speeds, identical, (kept / drafted if drafted else 0.0), medians
 
 
 def main():
@@ -198,9 +198,9 @@ def main():
         stream_completion("127.0.0.1", server.port, "Hello", 8, {"max_draft": 0})
         for label, workload in (("grounded (fix typos, rename, code edit, extract)", GROUNDED),
                                 ("open-ended text", OPEN)):
-            speeds, identical, acceptance = measure(server, workload, a.rounds, spec)
+            speeds, identical, acceptance, medians = measure(server, workload, a.rounds, spec)
             off, on = statistics.median(speeds["off"]), statistics.median(speeds["on"])
-            rows.append((label, off, on, on / off, acceptance, identical))
+            rows.append((label, off, on, on / off, acceptance, identical, medians))
     med = f"medians over {a.rounds} rounds of {len(GROUNDED)} prompts each"
     lines = [
         HEADING,
@@ -215,8 +215,11 @@ def main():
         "| workload | decode tok/s, off | decode tok/s, on | ratio | acceptance | greedy output identical |",
         "| --- | ---: | ---: | ---: | ---: | :---: |",
     ]
-    for label, off, on, ratio, acc, same in rows:
+    for label, off, on, ratio, acc, same, _ in rows:
         lines.append(f"| {label} | {off:.1f} | {on:.1f} | **{ratio:.2f}x** | {acc:.0%} | {'yes' if same else 'NO'} |")
+    lines += ["", "Per prompt (medians, decode tok/s off → on): " + "; ".join(
+        f"{name} {m['off']:.0f} → {m['on']:.0f} ({m['on'] / m['off']:.2f}x)"
+        for *_, medians in rows for name, m in medians.items()) + "."]
     lines += ["", f"Reproduce: `python3 scripts/bench_speculative.py --rounds {a.rounds} --ngram {a.ngram} "
               f"--max-draft {a.max_draft} --threads {a.threads}`", ""]
     write_section("\n".join(lines), HEADING, a.write)
