@@ -33,6 +33,38 @@ enum CompareArg {
     NoPrefixCache,
 }
 
+/// `--tier`: the instruction-set tier both servers of a comparison run at.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TierArg {
+    /// Each at its best on this CPU (llama.cpp built with native flags).
+    Native,
+    /// AVX-512 without AMX: lastmile `--kernels avx512`, llama.cpp's `build-avx512`.
+    Avx512,
+    /// As on an AVX2-only CPU: lastmile `--kernels avx2`, llama.cpp's `build-avx2`.
+    Avx2,
+}
+
+impl TierArg {
+    /// lastmile's `--kernels` value for this tier.
+    fn kernels(self) -> &'static str {
+        match self {
+            Self::Native => "auto",
+            Self::Avx512 => "avx512",
+            Self::Avx2 => "avx2",
+        }
+    }
+
+    /// The anchor build folder of this tier (`scripts/anchor/build_llama_cpp.sh` with
+    /// `LASTMILE_ANCHOR_TIER`).
+    fn anchor_build(self) -> &'static str {
+        match self {
+            Self::Native => "build",
+            Self::Avx512 => "build-avx512",
+            Self::Avx2 => "build-avx2",
+        }
+    }
+}
+
 /// Options of `lastmile bench`.
 #[derive(Args)]
 pub struct LoadBenchArgs {
@@ -81,9 +113,15 @@ pub struct LoadBenchArgs {
     /// Threads for servers started here.
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// llama-server binary (default: the anchor build under $LASTMILE_HOME/anchor).
+    /// llama-server binary (default: the anchor build of --tier under $LASTMILE_HOME/anchor).
     #[arg(long)]
     llama_server: Option<PathBuf>,
+    /// Instruction-set tier of the servers started here: native (each at its best), avx512 (no
+    /// AMX) or avx2 (what an AVX2-only CPU gets): lastmile runs with `--kernels` capped there and
+    /// llama-server comes from the anchor built for that tier
+    /// (`LASTMILE_ANCHOR_TIER=avx2 scripts/anchor/build_llama_cpp.sh`).
+    #[arg(long, value_enum, default_value = "native")]
+    tier: TierArg,
     /// Write the full results (every request) as JSON here.
     #[arg(long)]
     json_out: Option<PathBuf>,
@@ -183,7 +221,8 @@ fn start_llama_server(
 ) -> Result<ServerGuard> {
     if !bin.exists() {
         bail!(
-            "{} not found: build it with scripts/anchor/build_llama_cpp.sh or pass --llama-server",
+            "{} not found: build it with scripts/anchor/build_llama_cpp.sh (for a tier: \
+             LASTMILE_ANCHOR_TIER=avx2 or avx512) or pass --llama-server",
             bin.display()
         );
     }
@@ -403,26 +442,31 @@ fn start_servers(
     };
     let mut servers: Vec<ServerGuard> = Vec::new();
     let mut targets: Vec<Target> = Vec::new();
+    let ours = ["--kernels", a.tier.kernels()];
+    let no_cache = ["--kernels", a.tier.kernels(), "--no-prefix-cache"];
     match (&a.url, a.compare) {
         (Some(url), None) => targets.push(("server".into(), url.trim_end_matches('/').to_string())),
         (Some(_), Some(_)) => bail!("--compare starts its own servers; drop --url"),
-        (None, None) => servers.push(start_ours(rt, &model_file()?, a.threads, &[], "lastmile")?),
+        (None, None) => servers.push(start_ours(
+            rt,
+            &model_file()?,
+            a.threads,
+            &ours,
+            "lastmile",
+        )?),
         (None, Some(CompareArg::NoPrefixCache)) => {
             let gguf = model_file()?;
-            servers.push(start_ours(rt, &gguf, a.threads, &[], "lastmile")?);
-            servers.push(start_ours(
-                rt,
-                &gguf,
-                a.threads,
-                &["--no-prefix-cache"],
-                "no-cache",
-            )?);
+            servers.push(start_ours(rt, &gguf, a.threads, &ours, "lastmile")?);
+            servers.push(start_ours(rt, &gguf, a.threads, &no_cache, "no-cache")?);
         }
         (None, Some(CompareArg::LlamaCpp)) => {
             let gguf = model_file()?;
-            servers.push(start_ours(rt, &gguf, a.threads, &[], "lastmile")?);
+            servers.push(start_ours(rt, &gguf, a.threads, &ours, "lastmile")?);
             let bin = a.llama_server.clone().unwrap_or_else(|| {
-                lastmile_models::lastmile_home().join("anchor/build/bin/llama-server")
+                lastmile_models::lastmile_home()
+                    .join("anchor")
+                    .join(a.tier.anchor_build())
+                    .join("bin/llama-server")
             });
             let slots = a.concurrency.iter().copied().max().unwrap_or(1).max(1);
             // Room for the long prompt in its slot (the context is split evenly between slots).

@@ -54,4 +54,36 @@ fn an_unknown_tier_is_a_usage_error_naming_the_choices() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("auto, avx512, avx2, scalar"), "{stderr}");
+    // `bench --tier` chooses both sides of a comparison the same way.
+    let out = Command::new(BIN)
+        .args(["bench", "--compare", "llama-cpp", "--tier", "sse2"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("native, avx512, avx2"), "{stderr}");
+}
+
+#[test]
+fn a_comparison_at_a_tier_without_its_anchor_build_says_how_to_build_it() {
+    let home = std::env::temp_dir().join(format!("lastmile-tier-{}", std::process::id()));
+    let models = home.join("models");
+    std::fs::create_dir_all(&models).expect("home");
+    // The default model, from the real cache, so that no download is needed.
+    let model = lastmile_models::ensure_default_model().expect("model");
+    let out = Command::new(BIN)
+        .args(["bench", "--compare", "llama-cpp", "--tier", "avx2", "--requests", "1"])
+        .arg("--gguf")
+        .arg(&model)
+        .env("LASTMILE_HOME", &home)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("anchor/build-avx2/bin/llama-server")
+            && stderr.contains("LASTMILE_ANCHOR_TIER"),
+        "{stderr}"
+    );
 }
