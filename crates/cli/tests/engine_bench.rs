@@ -72,7 +72,15 @@ fn a_comparison_at_a_tier_without_its_anchor_build_says_how_to_build_it() {
     // The default model, from the real cache, so that no download is needed.
     let model = lastmile_models::ensure_default_model().expect("model");
     let out = Command::new(BIN)
-        .args(["bench", "--compare", "llama-cpp", "--tier", "avx2", "--requests", "1"])
+        .args([
+            "bench",
+            "--compare",
+            "llama-cpp",
+            "--tier",
+            "avx2",
+            "--requests",
+            "1",
+        ])
         .arg("--gguf")
         .arg(&model)
         .env("LASTMILE_HOME", &home)

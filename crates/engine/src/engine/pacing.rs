@@ -160,6 +160,16 @@ impl Pacer {
     }
 
     /// The current estimates (fixed ms, ms per row, ms per attention pair), for logs.
+    /// Most draft positions a decode may carry (speculative decoding) so that its step costs at
+    /// most about twice a step without them, from the fitted cost of rows: about `a / b`, where
+    /// a CPU with slow matrix rows (AVX2) affords fewer than one with fast ones. `None` until
+    /// measured. Attention is left out: a sequence's draft rows share its keys, so they add far
+    /// less than separate queries would.
+    pub(super) fn draft_rows(&self) -> Option<usize> {
+        let (a, b) = self.rows.line()?;
+        (b > 0.0).then(|| ((a + b) / b + 1e-9).floor() as usize)
+    }
+
     pub(super) fn estimates(&self) -> (Option<(f64, f64)>, Option<f64>) {
         (self.rows.line(), self.pair_ms)
     }
@@ -203,6 +213,23 @@ pub(super) mod tests {
         s.add(10, 1); // one decode at position 10: 11 keys
         assert_eq!(s.rows, 5);
         assert_eq!(s.pairs, 21.0);
+    }
+
+    #[test]
+    fn drafts_may_double_a_step_at_most() {
+        assert_eq!(
+            Pacer::default().draft_rows(),
+            None,
+            "unmeasured: no bound yet"
+        );
+        // 4 ms a step plus 0.5 ms a row: a one-row step costs 4.5 ms, nine rows 8.5 ms.
+        assert_eq!(trained().draft_rows(), Some(9));
+        // Rows as dear as the step itself (slow kernels): one draft row.
+        let mut p = Pacer::default();
+        for rows in [1, 2, 4, 8] {
+            p.observe(shape(rows, 0), 2.0 + 2.0 * rows as f64, 0.0);
+        }
+        assert_eq!(p.draft_rows(), Some(2));
     }
 
     #[test]

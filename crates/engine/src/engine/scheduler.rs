@@ -318,6 +318,7 @@ impl Scheduler {
     fn sample(&mut self, plan: &StepPlan) -> Vec<usize> {
         let vocab = self.model.config.vocab;
         let may_draft = self.planner.running.len() <= MAX_RUNNING_TO_DRAFT;
+        let draft_cap = self.planner.pacer.draft_rows().unwrap_or(usize::MAX);
         let mut logit_row = 0;
         let mut finished = Vec::new();
         for c in &plan.chunks {
@@ -353,7 +354,7 @@ impl Scheduler {
             if ended.finished {
                 finished.push(c.seq);
             } else if may_draft {
-                draft(s);
+                draft(s, draft_cap);
             }
         }
         finished
@@ -430,9 +431,9 @@ fn verify_and_emit(
     out
 }
 
-/// Appends a draft to `s`'s tokens if its drafter finds one, within what `max_tokens` leaves
-/// (the last token always comes from the model).
-fn draft(s: &mut Sequence) {
+/// Appends a draft to `s`'s tokens if its drafter finds one, of at most `cap` tokens and within
+/// what `max_tokens` leaves (the last token always comes from the model).
+fn draft(s: &mut Sequence, cap: usize) {
     let Some(d) = s.drafter.as_ref() else {
         return;
     };
@@ -440,7 +441,8 @@ fn draft(s: &mut Sequence) {
         .request
         .max_tokens
         .saturating_sub(s.generated())
-        .saturating_sub(1);
+        .saturating_sub(1)
+        .min(cap);
     let proposal = d.propose(&s.kv.tokens, room).to_vec();
     s.kv.draft = proposal.len();
     s.kv.tokens.extend(proposal);
