@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+
+use crate::KernelTier;
 use lastmile_bench::{
     discover_model, latency_throughput_svg, run_load, wait_healthy, Arrival, CurvePoint,
     LoadConfig, LoadReport, Workload, WorkloadKind,
@@ -45,13 +47,16 @@ enum TierArg {
 }
 
 impl TierArg {
-    /// lastmile's `--kernels` value for this tier.
-    fn kernels(self) -> &'static str {
-        match self {
-            Self::Native => "auto",
-            Self::Avx512 => "avx512",
-            Self::Avx2 => "avx2",
-        }
+    /// lastmile's `--kernels` value for this tier, as written on its command line.
+    fn kernels(self) -> String {
+        let tier = match self {
+            Self::Native => KernelTier::Auto,
+            Self::Avx512 => KernelTier::Avx512,
+            Self::Avx2 => KernelTier::Avx2,
+        };
+        tier.to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
     }
 
     /// The anchor build folder of this tier (`scripts/anchor/build_llama_cpp.sh` with
@@ -442,8 +447,9 @@ fn start_servers(
     };
     let mut servers: Vec<ServerGuard> = Vec::new();
     let mut targets: Vec<Target> = Vec::new();
-    let ours = ["--kernels", a.tier.kernels()];
-    let no_cache = ["--kernels", a.tier.kernels(), "--no-prefix-cache"];
+    let kernels = a.tier.kernels();
+    let ours = ["--kernels", &kernels];
+    let no_cache = ["--kernels", &kernels, "--no-prefix-cache"];
     match (&a.url, a.compare) {
         (Some(url), None) => targets.push(("server".into(), url.trim_end_matches('/').to_string())),
         (Some(_), Some(_)) => bail!("--compare starts its own servers; drop --url"),

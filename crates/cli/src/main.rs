@@ -366,7 +366,7 @@ pub struct ModelArgs {
     /// nobody drafts while more than 8 sequences run.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=16))]
     pub speculative_max_draft: u32,
-    /// The longest suffix speculative decoding looks up (shorter ones follow, down to 1).
+    /// The longest suffix speculative decoding looks up (shorter ones follow, down to 2).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=8))]
     pub speculative_ngram: u32,
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{start_listening, Proc};
+use common::{api_key, start_listening, Proc};
 use serde_json::{json, Value};
 
 const ADMIN: &str = "gateway-admin-key-for-sandbox-tests";
@@ -75,17 +75,7 @@ async fn gateway_serves_sandboxes_on_its_port_behind_its_keys() {
     assert_eq!(r.status(), 401);
 
     // A key made by the admin works, sent as E2B's SDK sends it.
-    let key: Value = http
-        .post(format!("{url}/admin/keys"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "agent"}))
-        .send()
-        .await
-        .expect("key")
-        .json()
-        .await
-        .expect("key json");
-    let key = key["key"].as_str().expect("key").to_string();
+    let key = api_key(&url, ADMIN, "agent").await;
     let r = http
         .post(format!("{url}/v2/sandboxes"))
         .header("X-API-KEY", &key)

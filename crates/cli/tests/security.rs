@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{listening, start_listening, wait_healthy, Proc, BIN};
+use common::{api_key, listening, start_listening, wait_healthy, Proc, BIN};
 use serde_json::Value;
 
 const ADMIN: &str = "an-admin-key-long-enough-for-tests";
@@ -519,20 +519,10 @@ async fn sandboxes_die_with_lastmile_when_it_is_killed_outright() {
         .listening(Duration::from_secs(60))
         .await
         .expect("the gateway reports its port");
-    let http = reqwest::Client::new();
-    let key: Value = http
-        .post(format!("{url}/admin/keys"))
-        .bearer_auth(ADMIN)
-        .json(&serde_json::json!({"name": "agent"}))
-        .send()
-        .await
-        .expect("key")
-        .json()
-        .await
-        .expect("key json");
-    let created: Value = http
+    let key = api_key(&url, ADMIN, "agent").await;
+    let created: Value = reqwest::Client::new()
         .post(format!("{url}/v2/sandboxes"))
-        .header("X-API-KEY", key["key"].as_str().expect("key"))
+        .header("X-API-KEY", &key)
         .json(&serde_json::json!({"templateID": "base", "timeout": 120}))
         .send()
         .await

@@ -18,6 +18,7 @@ pub mod params;
 pub mod request_guard;
 pub mod reservation;
 pub mod sampling;
+pub mod speculative;
 pub mod sse;
 pub mod structured;
 pub mod usage;
@@ -41,10 +42,10 @@ pub use models::{ModelCard, ModelList};
 pub use params::GenerationParams;
 pub use reservation::TokenReservation;
 pub use sampling::{
-    FinishReason, ResponseMeta, SamplingFields, SamplingRequest, SpeculativeParams, StopSequences,
-    StreamOptions, Usage, UsageField, MAX_CHOICES, MAX_LOGIT_BIAS, MAX_STOP_BYTES,
-    MAX_STOP_SEQUENCES,
+    FinishReason, ResponseMeta, SamplingFields, SamplingRequest, StopSequences, StreamOptions,
+    Usage, UsageField, MAX_CHOICES, MAX_LOGIT_BIAS, MAX_STOP_BYTES, MAX_STOP_SEQUENCES,
 };
+pub use speculative::SpeculativeParams;
 pub use sse::{parse_sse_data, sse_event, SSE_DONE};
 pub use structured::{ConstraintFields, OutputConstraint};
 pub use usage::{StreamMeter, TokenUsage, USAGE_HEADER};

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::sampling::{deserialize_flag, deserialize_seed, SamplingFields, StopSequences};
-use crate::sampling::{SamplingRequest, SpeculativeParams, StreamOptions};
+use crate::sampling::{SamplingRequest, StreamOptions};
+use crate::speculative::SpeculativeParams;
 use crate::structured::{ConstraintFields, OutputConstraint};
 use crate::ApiError;
 

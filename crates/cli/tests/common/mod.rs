@@ -60,6 +60,21 @@ pub fn listening(mut cmd: Command) -> (Proc, String) {
     (proc, url)
 }
 
+/// A new API key (named `name`) made through the admin API of the server at `url`.
+pub async fn api_key(url: &str, admin: &str, name: &str) -> String {
+    let made: serde_json::Value = reqwest::Client::new()
+        .post(format!("{url}/admin/keys"))
+        .bearer_auth(admin)
+        .json(&serde_json::json!({ "name": name }))
+        .send()
+        .await
+        .expect("POST /admin/keys")
+        .json()
+        .await
+        .expect("key json");
+    made["key"].as_str().expect("a key").to_string()
+}
+
 /// Waits (up to a minute) until `url`'s /health answers 200.
 pub async fn wait_healthy(url: &str) {
     lastmile_testing::wait_healthy(url, Duration::from_secs(60)).await

@@ -443,9 +443,9 @@ fn draft(s: &mut Sequence, cap: usize) {
         .saturating_sub(s.generated())
         .saturating_sub(1)
         .min(cap);
-    let proposal = d.propose(&s.kv.tokens, room).to_vec();
+    let proposal = d.propose(&s.kv.tokens, room);
     s.kv.draft = proposal.len();
-    s.kv.tokens.extend(proposal);
+    s.kv.tokens.extend_from_within(proposal);
 }
 
 /// Picks `s`'s next token from its logits: under its grammar if it has one (closing it when the

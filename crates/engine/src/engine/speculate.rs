@@ -14,11 +14,14 @@
 //! request whose drafts keep failing stops drafting ([`MIN_ACCEPTANCE`] after [`PROBATION`]
 //! drafted tokens), so open-ended text pays almost nothing.
 
-/// How one request drafts: match its last `ngram` tokens (down to 1) against earlier text and
-/// draft up to `max_draft` tokens of what followed.
+use std::ops::Range;
+
+/// How one request drafts: match its last `ngram` tokens (then shorter suffixes, down to 2)
+/// against earlier text and draft up to `max_draft` tokens of what followed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Speculation {
-    /// Longest suffix matched against earlier text; shorter ones are tried next, down to 1.
+    /// Longest suffix matched against earlier text; shorter ones are tried next, down to 2 (a
+    /// lone token is too weak a hint), or 1 when this is 1.
     pub ngram: usize,
     /// Most draft tokens per step; 0 turns speculation off.
     pub max_draft: usize,
@@ -82,11 +85,11 @@ impl Drafter {
         self.drafted < PROBATION || self.accepted as f64 >= MIN_ACCEPTANCE * self.drafted as f64
     }
 
-    /// Draft tokens to follow `tokens` (prompt and output so far, the last one not yet computed),
-    /// at most `room`; empty when nothing matches or it gave up.
-    pub(super) fn propose<'t>(&self, tokens: &'t [u32], room: usize) -> &'t [u32] {
+    /// Where in `tokens` (prompt and output so far, the last one not yet computed) the draft to
+    /// follow them lies, at most `room` tokens; empty when nothing matches or it gave up.
+    pub(super) fn propose(&self, tokens: &[u32], room: usize) -> Range<usize> {
         if !self.active() {
-            return &[];
+            return 0..0;
         }
         lookup(tokens, self.spec.ngram, self.next.min(room))
     }
@@ -103,12 +106,12 @@ impl Drafter {
     }
 }
 
-/// What followed the latest earlier occurrence of the last `n` tokens of `tokens` (`n` from
-/// `ngram` down to 1, the longest match wins), at most `max` tokens.
-pub(super) fn lookup(tokens: &[u32], ngram: usize, max: usize) -> &[u32] {
+/// Where in `tokens` lies what followed the latest earlier occurrence of their last `n` tokens
+/// (`n` from `ngram` down to [`MIN_NGRAM`], the longest match wins), at most `max` tokens.
+pub(super) fn lookup(tokens: &[u32], ngram: usize, max: usize) -> Range<usize> {
     let len = tokens.len();
     if max == 0 {
-        return &[];
+        return 0..0;
     }
     for n in (MIN_NGRAM.min(ngram)..=ngram.min(len.saturating_sub(1))).rev() {
         let suffix = &tokens[len - n..];
@@ -116,39 +119,48 @@ pub(super) fn lookup(tokens: &[u32], ngram: usize, max: usize) -> &[u32] {
         let found = (0..len - n).rev().find(|&i| &tokens[i..i + n] == suffix);
         if let Some(i) = found {
             let from = i + n;
-            return &tokens[from..len.min(from + max)];
+            return from..len.min(from + max);
         }
     }
-    &[]
+    0..0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The draft `lookup` finds in `t`.
+    fn draft(t: &[u32], ngram: usize, max: usize) -> &[u32] {
+        &t[lookup(t, ngram, max)]
+    }
+
     #[test]
     fn the_latest_longest_match_supplies_the_draft() {
         // "1 2 3 9 ... 1 2 3 7 8 ... 2 3" : the suffix [2 3] last occurred before 7 8.
         let t = [1, 2, 3, 9, 5, 1, 2, 3, 7, 8, 6, 2, 3];
-        assert_eq!(lookup(&t, 2, 4), &[7, 8, 6, 2]);
-        assert_eq!(lookup(&t, 2, 1), &[7]);
+        assert_eq!(draft(&t, 2, 4), &[7, 8, 6, 2]);
+        assert_eq!(draft(&t, 2, 1), &[7]);
         // A 3-gram [6 2 3] never occurred before: the 2-gram answers.
-        assert_eq!(lookup(&t, 3, 2), &[7, 8]);
+        assert_eq!(draft(&t, 3, 2), &[7, 8]);
     }
 
     #[test]
     fn no_match_no_room_or_too_short_means_no_draft() {
-        assert!(lookup(&[1, 2, 3, 4], 2, 8).is_empty());
-        assert!(lookup(&[1, 2, 1, 2], 2, 0).is_empty());
-        assert!(lookup(&[5], 3, 8).is_empty());
-        assert!(lookup(&[], 3, 8).is_empty());
+        assert!(draft(&[1, 2, 3, 4], 2, 8).is_empty());
+        assert!(draft(&[1, 2, 1, 2], 2, 0).is_empty());
+        assert!(draft(&[5], 3, 8).is_empty());
+        assert!(draft(&[], 3, 8).is_empty());
+        // A single repeated token is no hint (the shortest suffix looked up is 2)...
+        assert!(draft(&[4, 9, 5, 4], 3, 8).is_empty());
+        // ...unless the request asks for 1-grams.
+        assert_eq!(draft(&[4, 9, 5, 4], 1, 8), &[9, 5, 4]);
     }
 
     #[test]
     fn a_draft_may_run_into_the_suffix_itself() {
         // Repetition: [7 7 7 7], suffix [7 7] last seen at 1..3, followed by [7].
-        assert_eq!(lookup(&[7, 7, 7, 7], 2, 8), &[7]);
-        assert_eq!(lookup(&[1, 2, 1, 2, 1, 2], 2, 8), &[1, 2]);
+        assert_eq!(draft(&[7, 7, 7, 7], 2, 8), &[7]);
+        assert_eq!(draft(&[1, 2, 1, 2, 1, 2], 2, 8), &[1, 2]);
     }
 
     #[test]
@@ -159,19 +171,20 @@ mod tests {
         })
         .expect("on");
         let t = [1, 2, 3, 1, 2];
-        assert_eq!(d.propose(&t, 8), &[3, 1], "the first draft is short");
-        assert_eq!(d.propose(&t, 1), &[3], "room bounds the draft");
+        let proposed = |d: &Drafter, room| t[d.propose(&t, room)].to_vec();
+        assert_eq!(proposed(&d, 8), [3, 1], "the first draft is short");
+        assert_eq!(proposed(&d, 1), [3], "room bounds the draft");
         d.record(2, 2);
         assert_eq!(
-            d.propose(&t, 8),
-            &[3, 1, 2],
+            proposed(&d, 8),
+            [3, 1, 2],
             "kept in full: longer (up to the match)"
         );
         d.record(4, 1);
-        assert_eq!(d.propose(&t, 8), &[3, 1], "a miss: one more than was kept");
+        assert_eq!(proposed(&d, 8), [3, 1], "a miss: one more than was kept");
         d.record(PROBATION, PROBATION / 10);
         assert!(!d.active());
-        assert!(d.propose(&t, 8).is_empty());
+        assert!(proposed(&d, 8).is_empty());
         let mut good = Drafter::new(Speculation {
             ngram: 2,
             max_draft: 4,

@@ -1,0 +1,59 @@
+//! The `speculative` request extension (prompt-lookup speculative decoding) and its checks.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+
+/// The `speculative` extension: prompt-lookup speculative decoding for this request. The last
+/// `ngram` tokens (then shorter suffixes, down to 2) are looked up in the prompt and the text so
+/// far, and up to `max_draft` tokens of what followed are verified in one step; the output is the
+/// same as without (greedy, or sampled with a seed). `{"max_draft": 0}` turns it off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpeculativeParams {
+    /// Longest suffix matched, 1 to [`MAX_SPECULATIVE_NGRAM`] (default 3).
+    #[serde(default = "SpeculativeParams::default_ngram")]
+    pub ngram: u32,
+    /// Most draft tokens per step, 0 to [`MAX_SPECULATIVE_DRAFT`] (default 8; 0: off).
+    #[serde(default = "SpeculativeParams::default_max_draft")]
+    pub max_draft: u32,
+}
+
+/// Longest n-gram `speculative.ngram` may ask for.
+pub const MAX_SPECULATIVE_NGRAM: u32 = 8;
+
+/// Most draft tokens `speculative.max_draft` may ask for.
+pub const MAX_SPECULATIVE_DRAFT: u32 = 16;
+
+impl SpeculativeParams {
+    fn default_ngram() -> u32 {
+        3
+    }
+
+    fn default_max_draft() -> u32 {
+        8
+    }
+
+    /// Checks both numbers' ranges.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        if !(1..=MAX_SPECULATIVE_NGRAM).contains(&self.ngram) {
+            return Err(ApiError::invalid_request(
+                format!(
+                    "speculative.ngram must be between 1 and {MAX_SPECULATIVE_NGRAM}, got {}",
+                    self.ngram
+                ),
+                Some("speculative"),
+            ));
+        }
+        if self.max_draft > MAX_SPECULATIVE_DRAFT {
+            return Err(ApiError::invalid_request(
+                format!(
+                    "speculative.max_draft must be between 0 and {MAX_SPECULATIVE_DRAFT}, got {}",
+                    self.max_draft
+                ),
+                Some("speculative"),
+            ));
+        }
+        Ok(())
+    }
+}
