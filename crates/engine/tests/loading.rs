@@ -11,10 +11,33 @@ use candle_core::{Device, Tensor};
 use lastmile_engine::LoadedModel;
 use lastmile_models::ensure_default_model;
 
-fn temp_path(name: &str) -> std::path::PathBuf {
+/// A file path in this test process's temp folder; the file is removed when this is dropped
+/// (rewritten models are ~160 MB, and every run would otherwise leave them behind).
+struct TempFile(std::path::PathBuf);
+
+impl std::ops::Deref for TempFile {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TempFile {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn temp_path(name: &str) -> TempFile {
     let dir = std::env::temp_dir().join(format!("lastmile-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    dir.join(name)
+    TempFile(dir.join(name))
 }
 
 fn load_err(path: &std::path::Path) -> String {
