@@ -213,7 +213,28 @@ async fn requests_to_a_worker_that_died_are_retried_elsewhere() {
     config.health_interval = Duration::from_secs(60);
     let gw = gateway(config);
     wait_healthy(&gw).await;
+    // The gateway is healthy once one worker is; the test needs it to believe in both (under
+    // load the dying worker's one health check can land after the live worker's).
     let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let health: Value = client
+            .get(format!("{gw}/health"))
+            .send()
+            .await
+            .expect("gateway health")
+            .json()
+            .await
+            .expect("health json");
+        if health["available"] == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway never counted both workers available: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for _ in 0..4 {
         let r = client
             .post(format!("{gw}/v1/chat/completions"))
