@@ -64,5 +64,10 @@ phase "model, Python and npm packages"
 
 cargo test --release --workspace
 phase "Rust tests"
+# The engine's batching, caching and speculation guarantees again on the AVX2 kernels (what an
+# AVX2-only CPU runs), forced here wherever the CPU has more.
+LASTMILE_NO_AVX512=1 cargo test --release -p lastmile-engine --test batching --test prefix_cache \
+    --test speculation --test correctness --test scheduling
+phase "Rust engine tests, AVX2 tier"
 .venv/bin/python -m pytest -q tests/python
 phase "Python tests"

@@ -59,7 +59,7 @@ mod x86 {
 
     use super::super::avx512::x86::{chunk_scales, finish_block, k_rows, row_mask};
     use super::super::avx512::GroupJob;
-    use super::super::pack::{chunk_bytes, GROUP};
+    use super::super::pack::{chunk_bytes, Packing, GROUP};
     use super::super::{QKind, QK};
     use super::TOKENS;
 
@@ -132,10 +132,11 @@ mod x86 {
     /// cells.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn groups(job: &GroupJob<'_>, tiles: usize) {
+        assert_eq!(job.packing, Packing::Vnni, "not a VNNI-packed matrix");
         job.check(tiles * TOKENS);
         let (kind, cols) = (job.kind, job.cols);
         let nb = cols / QK;
-        let cb = chunk_bytes(kind);
+        let cb = chunk_bytes(kind, Packing::Vnni);
         let cfg = config();
         let qs = job.xq.qs_all();
         // SAFETY: AMX permission was granted (`amx_available`); `check` bounded every chunk and

@@ -1,14 +1,46 @@
-//! AVX2 + FMA + F16C kernels. Each takes one weight row and `R` activation rows so that a weight
-//! block is loaded and unpacked once for several tokens (prefill and batched decode).
+//! AVX2 + FMA + F16C kernels, in two families:
+//!
+//! - `groups`, over matrices packed at load into 8-row groups (`pack.rs`, `Packing::Avx2`): one
+//!   ymm lane per weight row. Per block of 32 columns and token, each of the chunk's eight 32-byte
+//!   k-rows (4 weights of each of the 8 rows) meets a broadcast of the token's 4 matching
+//!   activation bytes in one `vpmaddubsw` (and, for Q8_0, one `vpmaddwd`), leaving every row's
+//!   exact integer dot product in its lane: no horizontal sums, one scale product per block for
+//!   all 8 rows, weights loaded once for several tokens (a register-blocked 8-row x `R`-token
+//!   tile). Every block ends the same way for every token (`finish`), so a token's result does
+//!   not depend on its batch. This is what models run on.
+//! - `dot_rows`, over the file layout: one weight row against `R` activation rows, for matrices
+//!   that were not packed (tests and tools compare the two).
 //!
 //! Integer formats multiply 4/8-bit weights with 8-bit activations using `maddubs` (u8 x i8 pairs
-//! into i16, at most 2 * 255 * 127 in magnitude, so no saturation for these value ranges), widen
-//! to i32 with `madd`, and scale in f32 once per block.
+//! into i16), which saturates past 2^15: 4-bit weights (0..15) against |x| <= 127 give at most
+//! 3,810 a pair, so eight pairs still fit; Q8_0's signed weights go in as |w| with the sign moved
+//! onto the activation (at most 2 * 128 * 127 a pair), and every pair is widened to i32 at once.
 
 #![cfg_attr(not(target_arch = "x86_64"), allow(unused))]
 
+use super::pack::{GroupJob, Packing};
 use super::q8::Q8Row;
 use super::QKind;
+
+/// Runs `job` (an AVX2-packed matrix) for `R` tokens.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (`has_avx2`); every output cell of these tokens and
+/// rows must be this thread's alone.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn groups<const R: usize>(job: &GroupJob<'_>) {
+    assert_eq!(job.packing, Packing::Avx2, "not an AVX2-packed matrix");
+    job.check(R);
+    // SAFETY: bounds checked; features and ownership are the caller's promise.
+    unsafe {
+        match job.kind {
+            QKind::Q8_0 => x86::groups::<R, { x86::Q8_0 }>(job),
+            QKind::Q4_0 => x86::groups::<R, { x86::Q4_0 }>(job),
+            QKind::Q4_1 => x86::groups::<R, { x86::Q4_1 }>(job),
+            other => panic!("{other:?} has no packed layout"),
+        }
+    }
+}
 
 /// Dispatches to the kernel for `kind`.
 ///
@@ -24,6 +56,10 @@ pub unsafe fn dot_rows<const R: usize>(
     // SAFETY: forwarded from the caller: the CPU has the features these functions enable.
     unsafe {
         match (kind, xq) {
+            // The pair layout is built only where file-layout matrices are expected (tests and
+            // tools); without it, one block at a time.
+            (QKind::Q4_0, Some(xq)) if xq[0].pq.is_empty() => x86::q4::<R, 18, false>(w, &xq),
+            (QKind::Q4_1, Some(xq)) if xq[0].pq.is_empty() => x86::q4::<R, 20, true>(w, &xq),
             (QKind::Q4_0, Some(xq)) => x86::q4_pairs::<R, 18, false>(w, &xq),
             (QKind::Q4_1, Some(xq)) => x86::q4_pairs::<R, 20, true>(w, &xq),
             (QKind::Q8_0, Some(xq)) => x86::q8_0::<R>(w, &xq),
@@ -53,7 +89,164 @@ pub unsafe fn dot_rows<const R: usize>(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::Q8Row;
+    use super::super::pack::{chunk_bytes, Packing, AVX2_GROUP};
+    use super::super::{QKind, QK};
+    use super::{GroupJob, Q8Row};
+
+    /// `groups`' format parameter.
+    pub const Q8_0: u8 = 0;
+    /// `groups`' format parameter.
+    pub const Q4_0: u8 = 1;
+    /// `groups`' format parameter.
+    pub const Q4_1: u8 = 2;
+
+    /// How far ahead of the chunk being multiplied the next ones are fetched on a first pass
+    /// over a matrix's rows (the AVX-512 kernels' distance).
+    const PREFETCH_BYTES: usize = 6144;
+
+    /// Integer dot products of a Q8_0 chunk's 8 rows (lane = row) with `R` tokens' block, whose
+    /// 32 bytes start at `x[t]`.
+    ///
+    /// # Safety
+    /// `q` must point at the chunk's 256 quant bytes, each `x[t]` at 32 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn chunk_q8<const R: usize>(q: *const u8, x: &[*const i8; R]) -> [__m256i; R] {
+        let ones = _mm256_set1_epi16(1);
+        let mut sums = [_mm256_setzero_si256(); R];
+        // SAFETY: reads k-rows 0..8 of the chunk and bytes 0..32 of each token's block.
+        unsafe {
+            for k in 0..8 {
+                let wk = _mm256_loadu_si256(q.add(32 * k) as *const __m256i);
+                // |w| as unsigned bytes (|-128| = 128 is right read unsigned).
+                let aw = _mm256_abs_epi8(wk);
+                for (s, &xt) in sums.iter_mut().zip(x) {
+                    let xb =
+                        _mm256_set1_epi32(std::ptr::read_unaligned(xt.add(4 * k) as *const i32));
+                    let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xb, wk));
+                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+        sums
+    }
+
+    /// `chunk_q8` for a Q4 chunk's 128 nibble bytes: pairs summed in i16 across all eight k-rows
+    /// (at most 8 * 3,810 < 2^15), widened once.
+    ///
+    /// # Safety
+    /// As `chunk_q8`, with 128 quant bytes at `q`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn chunk_q4<const R: usize>(q: *const u8, x: &[*const i8; R]) -> [__m256i; R] {
+        let ones = _mm256_set1_epi16(1);
+        let nib = _mm256_set1_epi8(0x0F);
+        let mut sums = [_mm256_setzero_si256(); R];
+        // SAFETY: reads parts 0..4 of the chunk and bytes 0..32 of each token's block.
+        unsafe {
+            for c in 0..4 {
+                let v = _mm256_loadu_si256(q.add(32 * c) as *const __m256i);
+                let lo = _mm256_and_si256(v, nib);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+                for (s, &xt) in sums.iter_mut().zip(x) {
+                    let x0 =
+                        _mm256_set1_epi32(std::ptr::read_unaligned(xt.add(8 * c) as *const i32));
+                    let x1 = _mm256_set1_epi32(std::ptr::read_unaligned(
+                        xt.add(8 * c + 4) as *const i32
+                    ));
+                    let p = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, x0),
+                        _mm256_maddubs_epi16(hi, x1),
+                    );
+                    *s = _mm256_add_epi16(*s, p);
+                }
+            }
+            for s in &mut sums {
+                *s = _mm256_madd_epi16(*s, ones);
+            }
+        }
+        sums
+    }
+
+    /// Lanes below `n` set (a `maskstore` mask).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn lanes_below(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    /// The AVX2-packed product (see `super::groups`); `F` is the format (`Q8_0`, `Q4_0`, `Q4_1`).
+    ///
+    /// # Safety
+    /// As `super::groups`, which checked the job's bounds.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn groups<const R: usize, const F: u8>(job: &GroupJob<'_>) {
+        let kind = match F {
+            Q8_0 => QKind::Q8_0,
+            Q4_0 => QKind::Q4_0,
+            _ => QKind::Q4_1,
+        };
+        debug_assert_eq!(kind, job.kind);
+        let (cols, rows) = (job.cols, job.rows);
+        let nb = cols / QK;
+        let cb = chunk_bytes(kind, Packing::Avx2);
+        // Scale bytes ahead of the quants: 8 f16 `d`, and 8 f16 `m` for Q4_1.
+        let head = if F == Q4_1 { 32 } else { 16 };
+        let (qs, dx, sx) = (job.xq.qs_all(), job.xq.d_all(), job.xq.s_all());
+        // SAFETY: `GroupJob::check` bounded every chunk (groups < g1), every token's values and
+        // block scales (tokens < t0 + R); output cells are limited to real rows and owned by this
+        // thread (the caller's promise).
+        unsafe {
+            for g in job.g0..job.g1 {
+                let mut acc = [_mm256_setzero_ps(); R];
+                for b in 0..nb {
+                    let at = (g * nb + b) * cb;
+                    let chunk = job.w.as_ptr().add(at);
+                    if job.prefetch {
+                        let ahead = at + PREFETCH_BYTES;
+                        let mut p = ahead;
+                        while p < (ahead + cb).min(job.w.len()) {
+                            _mm_prefetch::<_MM_HINT_T0>(job.w.as_ptr().add(p) as *const i8);
+                            p += 64;
+                        }
+                    }
+                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(chunk as *const __m128i));
+                    let off = match F {
+                        Q4_1 => _mm256_cvtph_ps(_mm_loadu_si128(chunk.add(16) as *const __m128i)),
+                        Q4_0 => _mm256_mul_ps(dw, _mm256_set1_ps(-8.0)),
+                        _ => _mm256_setzero_ps(),
+                    };
+                    let x: [*const i8; R] =
+                        std::array::from_fn(|t| qs.as_ptr().add((job.t0 + t) * cols + b * QK));
+                    let isums = if F == Q8_0 {
+                        chunk_q8::<R>(chunk.add(head), &x)
+                    } else {
+                        chunk_q4::<R>(chunk.add(head), &x)
+                    };
+                    for (t, (a, isum)) in acc.iter_mut().zip(isums).enumerate() {
+                        let blk = (job.t0 + t) * nb + b;
+                        let sc = _mm256_mul_ps(dw, _mm256_set1_ps(*dx.get_unchecked(blk)));
+                        *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sc, *a);
+                        if F != Q8_0 {
+                            *a = _mm256_fmadd_ps(off, _mm256_set1_ps(*sx.get_unchecked(blk)), *a);
+                        }
+                    }
+                }
+                let live = (rows - g * AVX2_GROUP).min(AVX2_GROUP);
+                for (t, a) in acc.iter().enumerate() {
+                    let o = job.out.add((job.t0 + t) * rows + g * AVX2_GROUP);
+                    if live == AVX2_GROUP {
+                        _mm256_storeu_ps(o, *a);
+                    } else {
+                        _mm256_maskstore_ps(o, lanes_below(live), *a);
+                    }
+                }
+            }
+        }
+    }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]

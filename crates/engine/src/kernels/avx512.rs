@@ -8,33 +8,7 @@
 
 #![cfg_attr(not(target_arch = "x86_64"), allow(unused))]
 
-use super::q8::Q8Acts;
-use super::QKind;
-
-/// A product of packed row groups `g0..g1` with tokens `t0..t0 + R`.
-#[derive(Clone, Copy)]
-pub struct GroupJob<'a> {
-    /// Weight format.
-    pub kind: QKind,
-    /// The packed matrix.
-    pub w: &'a [u8],
-    /// Its rows (the output stride between tokens).
-    pub rows: usize,
-    /// Its columns.
-    pub cols: usize,
-    /// The quantized activations.
-    pub xq: &'a Q8Acts,
-    /// First token.
-    pub t0: usize,
-    /// Row groups (of 16 rows).
-    pub g0: usize,
-    /// End of the row groups.
-    pub g1: usize,
-    /// `out[t * rows + r]`.
-    pub out: *mut f32,
-    /// Prefetch the chunks ahead (on the first pass over these rows).
-    pub prefetch: bool,
-}
+pub use super::pack::GroupJob;
 
 /// Runs `job` for `R` tokens.
 ///
@@ -43,40 +17,21 @@ pub struct GroupJob<'a> {
 /// every output cell of these tokens and rows must be this thread's alone.
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn groups<const R: usize>(job: &GroupJob<'_>) {
+    assert_eq!(
+        job.packing,
+        super::pack::Packing::Vnni,
+        "not a VNNI-packed matrix"
+    );
     job.check(R);
     // SAFETY: bounds checked; features and ownership are the caller's promise.
     unsafe { x86::groups::<R>(job) }
-}
-
-impl GroupJob<'_> {
-    /// Bounds every kernel relies on, checked once per call.
-    pub(crate) fn check(&self, tokens: usize) {
-        let nb = self.cols / super::QK;
-        assert!(
-            self.g1 * nb * super::pack::chunk_bytes(self.kind) <= self.w.len(),
-            "row groups outside the matrix"
-        );
-        assert!(
-            self.g0 == self.g1 || (self.g1 - 1) * super::pack::GROUP < self.rows,
-            "row groups past the rows"
-        );
-        let end = self.t0 + tokens;
-        assert!(
-            end * self.cols <= self.xq.qs_all().len(),
-            "tokens outside the activations"
-        );
-        assert!(
-            end * nb <= self.xq.qsum_all().len(),
-            "tokens outside the activations"
-        );
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::pack::{chunk_bytes, GROUP};
+    use super::super::pack::{chunk_bytes, Packing, GROUP};
     use super::super::q8::Q8Acts;
     use super::super::{QKind, QK};
     use super::GroupJob;
@@ -182,7 +137,7 @@ pub(crate) mod x86 {
     pub unsafe fn groups<const R: usize>(job: &GroupJob<'_>) {
         let (kind, cols) = (job.kind, job.cols);
         let nb = cols / QK;
-        let cb = chunk_bytes(kind);
+        let cb = chunk_bytes(kind, Packing::Vnni);
         let qs = job.xq.qs_all();
         // SAFETY: `GroupJob::check` bounded every chunk (groups < g1) and every token row read
         // (tokens < t0 + R); output cells are masked to real rows and owned by this thread.

@@ -2,9 +2,9 @@
 //! pool by output rows (one join per call, however many matrices — Q, K and V go together).
 
 use super::amx;
-use super::avx512::{self, GroupJob};
-use super::pack;
+use super::pack::{GroupJob, Packing};
 use super::q8::{Q8Acts, Q8Row};
+use super::{avx2, avx512};
 use super::{dot_rows, QMatrix};
 use crate::parallel::{SharedMut, ThreadPool};
 
@@ -37,9 +37,9 @@ pub fn matmul(pool: &ThreadPool, tasks: &mut [MatmulTask<'_>], xf: &[f32], xq: &
         assert!(t.out.len() >= n * t.w.rows, "output buffer too small");
     }
     assert!(xf.len() >= n * cols, "input buffer too small");
-    // Work is split in units: 16-row groups of packed matrices (their kernels' grain), single
+    // Work is split in units: row groups of packed matrices (their kernels' grain), single
     // rows of the others.
-    let unit = |w: &QMatrix| if w.is_packed() { pack::GROUP } else { 1 };
+    let unit = |w: &QMatrix| w.packing().map_or(1, Packing::group);
     let units = |w: &QMatrix| w.rows.div_ceil(unit(w));
     let total: usize = tasks.iter().map(|t| units(t.w)).sum();
     let outs: Vec<(&QMatrix, SharedMut<f32>)> = tasks
@@ -57,10 +57,9 @@ pub fn matmul(pool: &ThreadPool, tasks: &mut [MatmulTask<'_>], xf: &[f32], xq: &
                 let (a, b) = (a - base, b - base);
                 // SAFETY: each thread owns units [lo, hi) of the concatenated unit space, so the
                 // (token, row) cells written here are disjoint from every other thread's.
-                if w.is_packed() {
-                    packed_range(w, out, xq, n, a, b);
-                } else {
-                    rows_range(w, out, xf, xq, n, a, b);
+                match w.packing() {
+                    Some(packing) => packed_range(w, packing, out, xq, n, a, b),
+                    None => rows_range(w, out, xf, xq, n, a, b),
                 }
             }
             base += units(w);
@@ -112,12 +111,22 @@ fn rows_range(
     }
 }
 
-/// Row groups `g0..g1` of a packed matrix for every token: whole 16-token tiles on AMX where it
-/// runs, the rest on AVX-512 four tokens at a time. Both end every block the same way, so each
-/// token's result is the same whichever way it went.
-fn packed_range(w: &QMatrix, out: &SharedMut<f32>, xq: &Q8Acts, n: usize, g0: usize, g1: usize) {
+/// Row groups `g0..g1` of a packed matrix for every token. VNNI packing: whole 16-token tiles on
+/// AMX where it runs, the rest on AVX-512 four tokens at a time; AVX2 packing: four tokens at a
+/// time. The kernels of a packing end every block the same way, so each token's result is the
+/// same whichever way it went.
+fn packed_range(
+    w: &QMatrix,
+    packing: Packing,
+    out: &SharedMut<f32>,
+    xq: &Q8Acts,
+    n: usize,
+    g0: usize,
+    g1: usize,
+) {
     let job = |t0: usize, prefetch: bool| GroupJob {
         kind: w.kind,
+        packing,
         w: w.bytes(),
         rows: w.rows,
         cols: w.cols,
@@ -128,25 +137,37 @@ fn packed_range(w: &QMatrix, out: &SharedMut<f32>, xq: &Q8Acts, n: usize, g0: us
         out: out.ptr(),
         prefetch,
     };
-    let tiles = if amx::has_amx() { n / amx::TOKENS } else { 0 };
+    assert!(
+        packing.runs_here(),
+        "{packing:?} kernels do not run on this CPU"
+    );
+    let vnni = packing == Packing::Vnni;
+    let tiles = if vnni && amx::has_amx() {
+        n / amx::TOKENS
+    } else {
+        0
+    };
     let first = tiles * amx::TOKENS;
     let mut t = first;
-    // SAFETY: packed matrices exist only where `has_vnni` holds (AMX only where `has_amx`);
-    // this thread owns row groups [g0, g1) of every token's output (see `matmul`), which `out`
-    // holds (`matmul` checked its length); `GroupJob::check` bounds the rest.
+    // SAFETY: VNNI-packed matrices exist only where `has_vnni` holds (AMX only where `has_amx`),
+    // AVX2-packed ones only where `has_avx2` does (`QMatrix::for_this_cpu`; tests pack only what
+    // runs); this thread owns row groups [g0, g1) of every token's output (see `matmul`), which
+    // `out` holds (`matmul` checked its length); `GroupJob::check` bounds the rest.
     #[cfg(target_arch = "x86_64")]
     unsafe {
         if tiles > 0 {
             amx::groups(&job(0, false), tiles);
         }
         while t < n {
-            if t + TOKEN_TILE <= n {
-                avx512::groups::<TOKEN_TILE>(&job(t, t == first));
-                t += TOKEN_TILE;
-            } else {
-                avx512::groups::<1>(&job(t, t == first));
-                t += 1;
+            let r = if t + TOKEN_TILE <= n { TOKEN_TILE } else { 1 };
+            let job = job(t, t == first);
+            match (vnni, r) {
+                (true, TOKEN_TILE) => avx512::groups::<TOKEN_TILE>(&job),
+                (true, _) => avx512::groups::<1>(&job),
+                (false, TOKEN_TILE) => avx2::groups::<TOKEN_TILE>(&job),
+                (false, _) => avx2::groups::<1>(&job),
             }
+            t += r;
         }
     }
     #[cfg(not(target_arch = "x86_64"))]

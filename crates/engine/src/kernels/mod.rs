@@ -1,12 +1,13 @@
 //! The hot path: quantized weight matrices and the matrix products over them.
 //!
-//! Weights are memory-mapped GGUF blocks (repacked at load where AVX-512 runs, see below);
+//! Weights are memory-mapped GGUF blocks, repacked at load for the SIMD kernels (see below);
 //! activations are quantized to 8-bit blocks of 32 (`Q8Acts`) once per matrix input and then
-//! multiplied against every weight row with integer SIMD, detected at run time: where the CPU
-//! has AVX-512 VNNI, matrices are repacked at load into 16-row groups (`pack.rs`) that both the
-//! AVX-512 kernels and (where present) the AMX int8 tiles read, with one shared per-block epilogue
-//! so a token's result never depends on its batch; else AVX2/FMA/F16C over the file layout; else
-//! a portable scalar fallback that computes exactly the same sums.
+//! multiplied against every weight row with integer SIMD, detected at run time. Matrices are
+//! repacked at load into row groups (`pack.rs`), one vector lane per row: 16-row groups where the
+//! CPU has AVX-512 VNNI (read by the AVX-512 kernels and, where present, the AMX int8 tiles),
+//! 8-row groups where it has AVX2/FMA/F16C. Every kernel of a packing ends each block with the
+//! same per-block epilogue, so a token's result never depends on its batch. Without AVX2, a
+//! portable scalar fallback over the file layout computes exactly the same integer sums.
 
 pub mod amx;
 mod avx2;
@@ -18,6 +19,7 @@ mod q8;
 mod scalar;
 
 pub use matmul::{matmul, MatmulTask};
+pub use pack::Packing;
 pub use q8::Q8Acts;
 
 use std::sync::Arc;
@@ -100,8 +102,8 @@ pub struct QMatrix {
     /// Input features.
     pub cols: usize,
     bytes: WeightBytes,
-    /// In the packed layout of `pack.rs` (16-row groups; only ever true where `has_vnni`).
-    packed: bool,
+    /// In a packed layout of `pack.rs` (only ever VNNI where `has_vnni`, AVX2 where `has_avx2`).
+    packed: Option<Packing>,
 }
 
 impl QMatrix {
@@ -128,50 +130,88 @@ impl QMatrix {
             rows,
             cols,
             bytes,
-            packed: false,
+            packed: None,
         })
     }
 
-    /// This matrix in the layout of the fastest kernels this CPU has: rows repacked (a copy) for
-    /// the AVX-512 VNNI kernels where they run and the format has them, else itself (shared).
-    pub fn for_this_cpu(&self) -> Self {
-        if self.packed || !has_vnni() || !pack::packable(self.kind) {
-            return self.clone();
+    /// The packing of this CPU's fastest kernels: VNNI where AVX-512 VNNI runs, else AVX2 where
+    /// that does, else none (the scalar kernels read the file layout).
+    pub fn packing_for_this_cpu() -> Option<Packing> {
+        if has_vnni() {
+            Some(Packing::Vnni)
+        } else if has_avx2() {
+            Some(Packing::Avx2)
+        } else {
+            None
         }
-        let dst = pack::pack(self.kind, self.rows, self.cols, self.bytes.as_slice());
+    }
+
+    /// This matrix in the layout of the fastest kernels this CPU has: rows repacked (a copy) for
+    /// them where the format has a packed layout, else itself (shared).
+    pub fn for_this_cpu(&self) -> Self {
+        match Self::packing_for_this_cpu() {
+            Some(p) if self.packed.is_none() && pack::packable(self.kind) => self.packed_as(p),
+            _ => self.clone(),
+        }
+    }
+
+    /// This matrix repacked (a copy) for `packing`'s kernels; the caller checks they can run
+    /// here before multiplying with it.
+    pub fn packed_as(&self, packing: Packing) -> Self {
+        assert!(
+            pack::packable(self.kind),
+            "{:?} has no packed layout",
+            self.kind
+        );
+        let file = self.file_layout();
+        let dst = pack::pack(
+            self.kind,
+            packing,
+            self.rows,
+            self.cols,
+            file.bytes.as_slice(),
+        );
         Self {
             bytes: WeightBytes::Owned(Arc::new(dst)),
-            packed: true,
+            packed: Some(packing),
             ..self.clone()
         }
     }
 
-    /// This matrix in the file layout (a copy if it was packed), for the AVX2 and scalar kernels.
+    /// This matrix in the file layout (a copy if it was packed), for the file-layout kernels.
     pub fn file_layout(&self) -> Self {
-        if !self.packed {
+        let Some(packing) = self.packed else {
             return self.clone();
-        }
+        };
         let rb = self.kind.row_bytes(self.cols);
         let mut dst = vec![0u8; self.rows * rb];
         for (r, out) in dst.chunks_exact_mut(rb).enumerate() {
-            pack::unpack_row(self.kind, self.cols, self.bytes.as_slice(), r, out);
+            pack::unpack_row(self.kind, packing, self.cols, self.bytes.as_slice(), r, out);
         }
         Self {
             bytes: WeightBytes::Owned(Arc::new(dst)),
-            packed: false,
+            packed: None,
             ..self.clone()
         }
     }
 
-    /// Whether the rows are in the packed (AVX-512) layout.
+    /// Whether the rows are in a packed layout.
     pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
+    }
+
+    /// The packed layout the rows are in, if any.
+    pub fn packing(&self) -> Option<Packing> {
         self.packed
     }
 
     /// The bytes of row `r`.
     #[inline]
     pub fn row(&self, r: usize) -> &[u8] {
-        assert!(!self.packed, "a packed matrix has no contiguous rows");
+        assert!(
+            self.packed.is_none(),
+            "a packed matrix has no contiguous rows"
+        );
         let rb = self.kind.row_bytes(self.cols);
         &self.bytes.as_slice()[r * rb..(r + 1) * rb]
     }
@@ -188,9 +228,16 @@ impl QMatrix {
 
     /// Dequantizes row `r` into `out` (length `cols`).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        if self.packed {
+        if let Some(packing) = self.packed {
             let mut file = vec![0u8; self.kind.row_bytes(self.cols)];
-            pack::unpack_row(self.kind, self.cols, self.bytes.as_slice(), r, &mut file);
+            pack::unpack_row(
+                self.kind,
+                packing,
+                self.cols,
+                self.bytes.as_slice(),
+                r,
+                &mut file,
+            );
             scalar::dequantize_row(self.kind, &file, out);
         } else {
             scalar::dequantize_row(self.kind, self.row(r), out);
@@ -203,7 +250,7 @@ impl QMatrix {
 pub enum Tier {
     /// Portable code, no SIMD.
     Scalar,
-    /// AVX2 + FMA + F16C over the file layout.
+    /// AVX2 + FMA + F16C over matrices repacked at load (8-row groups).
     Avx2,
     /// AVX-512 VNNI over matrices repacked at load.
     Avx512,
@@ -409,12 +456,25 @@ mod tests {
         let pool = crate::parallel::ThreadPool::new(2);
         let mut acts = Q8Acts::with_every_layout();
         acts.quantize(&x, n, cols);
-        // The file layout (AVX2 or scalar kernels) and this CPU's layout (packed for AVX-512
-        // where it runs) must both match the reference, and each other to float rounding.
+        // The file layout (scalar kernels, and AVX2's file-layout ones) and every packing whose
+        // kernels run here (AVX2's 8-row groups on any AVX2 CPU, VNNI's 16-row groups where
+        // AVX-512 VNNI runs) must all match the reference, and each other to float rounding.
         let fast = m.for_this_cpu();
-        assert_eq!(fast.is_packed(), has_vnni() && kind.wants_q8());
+        assert_eq!(
+            fast.packing(),
+            QMatrix::packing_for_this_cpu().filter(|_| kind.wants_q8())
+        );
+        let mut layouts = vec![m.clone()];
+        if kind.wants_q8() {
+            if has_avx2() {
+                layouts.push(m.packed_as(Packing::Avx2));
+            }
+            if has_vnni() {
+                layouts.push(m.packed_as(Packing::Vnni));
+            }
+        }
         let mut outs = Vec::new();
-        for mat in [&m, &fast] {
+        for mat in &layouts {
             let mut out = vec![0.0; n * rows];
             matmul(
                 &pool,
@@ -434,46 +494,57 @@ mod tests {
                     let tol = if kind.wants_q8() { 0.1 } else { 1e-3 };
                     assert!(
                         (got - want[r]).abs() < tol,
-                        "{kind:?} packed={} t{t} r{r}: {got} vs {}",
-                        mat.is_packed(),
+                        "{kind:?} {:?} t{t} r{r}: {got} vs {}",
+                        mat.packing(),
                         want[r]
                     );
                 }
             }
             outs.push(out);
         }
-        for (a, b) in outs[0].iter().zip(&outs[1]) {
-            assert!(
-                (a - b).abs() < 1e-3 * (1.0 + a.abs()),
-                "{kind:?}: {a} vs {b}"
-            );
+        for out in &outs[1..] {
+            for (a, b) in outs[0].iter().zip(out) {
+                assert!(
+                    (a - b).abs() < 1e-3 * (1.0 + a.abs()),
+                    "{kind:?}: {a} vs {b}"
+                );
+            }
         }
-        // AMX (whole tiles of 16 tokens) and AVX-512 one token at a time must give the packed
-        // path's results exactly: a token's result may not depend on its batch.
+        // Each packing's kernels one token at a time must give its batched results exactly (and
+        // AMX's whole tiles of 16 tokens the AVX-512 ones): a token's result may not depend on
+        // its batch.
         #[cfg(target_arch = "x86_64")]
-        if fast.is_packed() {
-            let job = |t0: usize, out: &mut Vec<f32>| avx512::GroupJob {
+        for (mat, batched) in layouts.iter().zip(&outs).skip(1) {
+            let packing = mat.packing().expect("packed");
+            let job = |t0: usize, out: &mut Vec<f32>| pack::GroupJob {
                 kind,
-                w: fast.bytes(),
+                packing,
+                w: mat.bytes(),
                 rows,
                 cols,
                 xq: &acts,
                 t0,
                 g0: 0,
-                g1: rows.div_ceil(pack::GROUP),
+                g1: rows.div_ceil(packing.group()),
                 out: out.as_mut_ptr(),
                 prefetch: false,
             };
             let mut single = vec![f32::NAN; n * rows];
             for t in 0..n {
-                // SAFETY: VNNI present (the matrix is packed); `single` holds every cell.
-                unsafe { avx512::groups::<1>(&job(t, &mut single)) };
+                // SAFETY: the packing's kernels run here (it was only built where they do);
+                // `single` holds every cell.
+                unsafe {
+                    match packing {
+                        Packing::Vnni => avx512::groups::<1>(&job(t, &mut single)),
+                        Packing::Avx2 => avx2::groups::<1>(&job(t, &mut single)),
+                    }
+                };
             }
             assert_eq!(
-                single, outs[1],
-                "{kind:?}: one token at a time differs from batched"
+                &single, batched,
+                "{kind:?} {packing:?}: one token at a time differs from batched"
             );
-            if amx::amx_available() && n >= amx::TOKENS {
+            if packing == Packing::Vnni && amx::amx_available() && n >= amx::TOKENS {
                 let tiles = n / amx::TOKENS;
                 let mut tiled = single.clone();
                 tiled[..tiles * amx::TOKENS * rows].fill(f32::NAN);
@@ -485,8 +556,10 @@ mod tests {
         let mut row = vec![0.0; cols];
         let mut packed_row = vec![0.0; cols];
         m.dequantize_row(rows - 1, &mut row);
-        fast.dequantize_row(rows - 1, &mut packed_row);
-        assert_eq!(row, packed_row, "{kind:?}: dequantized rows differ");
+        for mat in &layouts[1..] {
+            mat.dequantize_row(rows - 1, &mut packed_row);
+            assert_eq!(row, packed_row, "{kind:?}: dequantized rows differ");
+        }
         // The scalar path must agree with the SIMD path.
         let xq = acts.row(0);
         let s = scalar::dot_rows::<1>(kind, m.row(3), [&x[..cols]], Some([xq]));

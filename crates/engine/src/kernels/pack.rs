@@ -1,23 +1,124 @@
-//! The packed layout the AVX-512 and AMX kernels read: rows in groups of 16, and per group and
-//! block of 32 columns one *chunk*:
+//! The packed layouts the SIMD kernels read: rows in groups (16 for AVX-512 and AMX, 8 for
+//! AVX2: one zmm or ymm lane per row), and per group and block of 32 columns one *chunk*:
 //!
-//! - the 16 rows' f16 scales `d` (32 bytes), and for Q4_1 their f16 minimums `m` (32 bytes);
-//! - the quants in the VNNI layout, as eight 64-byte "k-rows": k-row `k` holds bytes `4k..4k + 4`
-//!   of each of the 16 rows' block (row `i` at bytes `4i..4i + 4`). That is the B operand of
-//!   AMX's `tdpbsud` as it stands, and for `vpdpbusd` a k-row times a broadcast of the
-//!   activations' bytes `4k..4k + 4` adds one 4-term dot product to every row's lane.
-//!   Q4 stores two k-rows per 64 bytes (k-row `2c` in the low nibbles of chunk part `c`, `2c + 1`
-//!   in the high ones); Q8_0 stores each weight plus 128 as an unsigned byte.
+//! - the group's f16 scales `d` (2 bytes a row), and for Q4_1 their f16 minimums `m`;
+//! - the quants as eight "k-rows" of 4 bytes per row: k-row `k` holds bytes `4k..4k + 4` of each
+//!   row's block (row `i` at bytes `4i..4i + 4`). For AVX-512 that is the VNNI layout (AMX's
+//!   `tdpbsud` B operand as it stands; `vpdpbusd` of a k-row with a broadcast of the activations'
+//!   bytes `4k..4k + 4` adds one 4-term dot product to every row's lane); AVX2's `vpmaddubsw` +
+//!   `vpmaddwd` do the same in two steps.
+//!   Q4 stores two k-rows per part (k-row `2c` in the low nibbles of part `c`, `2c + 1` in the
+//!   high ones). Q8_0 stores each weight plus 128 as an unsigned byte for VNNI (whose `u8 x i8`
+//!   products cannot saturate), and as the signed byte it is for AVX2 (whose `vpmaddubsw` pair
+//!   sums could: the sign moves onto the activation instead).
 //!
-//! Chunks are stored group by group, block by block. Both kernel families then finish every block
-//! the same way for every token (lanes = rows): `acc = fma(cvt(sum), d_w * d_x, acc)` and for
-//! Q4 `acc = fma(off_w, s_x, acc)`, so a token's result does not depend on the path or the batch
-//! it ran in. Rows past the matrix's end (to fill the last group) are zero.
+//! Chunks are stored group by group, block by block. Every kernel of one packing finishes every
+//! block the same way for every token (lanes = rows): `acc = fma(cvt(sum), d_w * d_x, acc)` and
+//! for Q4 `acc = fma(off_w, s_x, acc)`, so a token's result does not depend on the path or the
+//! batch it ran in. Rows past the matrix's end (to fill the last group) are zero.
 
+use super::q8::Q8Acts;
 use super::{QKind, QK};
 
-/// Rows per group.
+/// Rows per group of the AVX-512 / AMX packing.
 pub const GROUP: usize = 16;
+/// Rows per group of the AVX2 packing.
+pub const AVX2_GROUP: usize = 8;
+
+/// Which kernel family a packed matrix is laid out for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Packing {
+    /// 16-row groups, Q8_0 biased to unsigned: the AVX-512 VNNI and AMX kernels.
+    Vnni,
+    /// 8-row groups, Q8_0 signed: the AVX2 kernels.
+    Avx2,
+}
+
+impl Packing {
+    /// Rows per group.
+    pub fn group(self) -> usize {
+        match self {
+            Self::Vnni => GROUP,
+            Self::Avx2 => AVX2_GROUP,
+        }
+    }
+
+    /// Whether this packing's kernels can run on this CPU.
+    pub fn runs_here(self) -> bool {
+        match self {
+            Self::Vnni => super::has_vnni(),
+            Self::Avx2 => super::has_avx2(),
+        }
+    }
+
+    /// Bytes of one k-row (4 per row of the group).
+    fn k_row(self) -> usize {
+        4 * self.group()
+    }
+
+    /// What Q8_0 weights are stored as: XORed with this byte.
+    fn q8_flip(self) -> u8 {
+        match self {
+            Self::Vnni => 0x80,
+            Self::Avx2 => 0,
+        }
+    }
+}
+
+/// A product of packed row groups `g0..g1` with tokens `t0..t0 + R`.
+#[derive(Clone, Copy)]
+pub struct GroupJob<'a> {
+    /// Weight format.
+    pub kind: QKind,
+    /// The layout of `w`.
+    pub packing: Packing,
+    /// The packed matrix.
+    pub w: &'a [u8],
+    /// Its rows (the output stride between tokens).
+    pub rows: usize,
+    /// Its columns.
+    pub cols: usize,
+    /// The quantized activations.
+    pub xq: &'a Q8Acts,
+    /// First token.
+    pub t0: usize,
+    /// Row groups.
+    pub g0: usize,
+    /// End of the row groups.
+    pub g1: usize,
+    /// `out[t * rows + r]`.
+    pub out: *mut f32,
+    /// Prefetch the chunks ahead (on the first pass over these rows).
+    pub prefetch: bool,
+}
+
+impl GroupJob<'_> {
+    /// Bounds every kernel relies on, checked once per call.
+    pub(crate) fn check(&self, tokens: usize) {
+        let nb = self.cols / QK;
+        let group = self.packing.group();
+        assert!(
+            self.g1 * nb * chunk_bytes(self.kind, self.packing) <= self.w.len(),
+            "row groups outside the matrix"
+        );
+        assert!(
+            self.g0 == self.g1 || (self.g1 - 1) * group < self.rows,
+            "row groups past the rows"
+        );
+        let end = self.t0 + tokens;
+        assert!(
+            end * self.cols <= self.xq.qs_all().len(),
+            "tokens outside the activations"
+        );
+        for v in [
+            self.xq.d_all().len(),
+            self.xq.s_all().len(),
+            self.xq.qsum_all().len(),
+        ] {
+            assert!(end * nb <= v, "tokens outside the activations");
+        }
+    }
+}
 
 /// Bytes of scale data per block in the file layout (`d`, and `m` for Q4_1), and quant bytes
 /// per block there. `None` for kinds that are not packed.
@@ -35,25 +136,25 @@ pub fn packable(kind: QKind) -> bool {
     parts(kind).is_some()
 }
 
-/// Bytes of one chunk (16 rows x one block).
-pub fn chunk_bytes(kind: QKind) -> usize {
+/// Bytes of one chunk (one group of rows x one block).
+pub fn chunk_bytes(kind: QKind, packing: Packing) -> usize {
     let (head, q) = parts(kind).expect("packable kind");
-    GROUP * (head + q)
+    packing.group() * (head + q)
 }
 
-/// Bytes of a packed `rows` x `cols` matrix (the last group padded to 16 rows).
-pub fn packed_len(kind: QKind, rows: usize, cols: usize) -> usize {
-    rows.div_ceil(GROUP) * (cols / QK) * chunk_bytes(kind)
+/// Bytes of a packed `rows` x `cols` matrix (the last group padded with zero rows).
+pub fn packed_len(kind: QKind, packing: Packing, rows: usize, cols: usize) -> usize {
+    rows.div_ceil(packing.group()) * (cols / QK) * chunk_bytes(kind, packing)
 }
 
-/// Where weight `j` (0..32) of row `i` (0..16) of a chunk lives inside its quant bytes, and
-/// whether it is the high nibble (Q4 only).
-fn quant_at(kind: QKind, i: usize, j: usize) -> (usize, bool) {
-    let (k, byte) = (j / 4, 4 * i + j % 4);
+/// Where weight `j` (0..32) of row `i` of a chunk lives inside its quant bytes, and whether it
+/// is the high nibble (Q4 only).
+fn quant_at(kind: QKind, packing: Packing, i: usize, j: usize) -> (usize, bool) {
+    let (k, byte, kr) = (j / 4, 4 * i + j % 4, packing.k_row());
     if kind == QKind::Q8_0 {
-        (64 * k + byte, false)
+        (kr * k + byte, false)
     } else {
-        (64 * (k / 2) + byte, k % 2 == 1)
+        (kr * (k / 2) + byte, k % 2 == 1)
     }
 }
 
@@ -85,26 +186,28 @@ fn zeroed_huge(len: usize) -> Vec<u8> {
 }
 
 /// Packs a file-layout matrix.
-pub fn pack(kind: QKind, rows: usize, cols: usize, src: &[u8]) -> Vec<u8> {
+pub fn pack(kind: QKind, packing: Packing, rows: usize, cols: usize, src: &[u8]) -> Vec<u8> {
     let (head, q) = parts(kind).expect("packable kind");
-    let (nb, rb, cb) = (cols / QK, kind.row_bytes(cols), chunk_bytes(kind));
-    let mut dst = zeroed_huge(packed_len(kind, rows, cols));
+    let (nb, rb, cb) = (cols / QK, kind.row_bytes(cols), chunk_bytes(kind, packing));
+    let (group, kr, flip) = (packing.group(), packing.k_row(), packing.q8_flip());
+    let mut dst = zeroed_huge(packed_len(kind, packing, rows, cols));
     for r in 0..rows {
-        let (g, i) = (r / GROUP, r % GROUP);
+        let (g, i) = (r / group, r % group);
         for b in 0..nb {
             let blk = &src[r * rb + b * (head + q)..r * rb + (b + 1) * (head + q)];
             let chunk = &mut dst[(g * nb + b) * cb..(g * nb + b + 1) * cb];
-            // Scale fields: field f (2 bytes) of row i goes to [32 f + 2 i].
+            // Scale fields: field f (2 bytes) of row i goes to [2 group f + 2 i].
             for f in 0..head / 2 {
-                chunk[32 * f + 2 * i..32 * f + 2 * i + 2].copy_from_slice(&blk[2 * f..2 * f + 2]);
+                let at = 2 * group * f + 2 * i;
+                chunk[at..at + 2].copy_from_slice(&blk[2 * f..2 * f + 2]);
             }
-            let quants = &mut chunk[16 * head..];
+            let quants = &mut chunk[group * head..];
             let qs = &blk[head..];
             // The layout `quant_at` defines, written 4 bytes (one k-row slot) at a time.
             if kind == QKind::Q8_0 {
                 for k in 0..8 {
                     for t in 0..4 {
-                        quants[64 * k + 4 * i + t] = qs[4 * k + t] ^ 0x80;
+                        quants[kr * k + 4 * i + t] = qs[4 * k + t] ^ flip;
                     }
                 }
             } else {
@@ -118,7 +221,7 @@ pub fn pack(kind: QKind, rows: usize, cols: usize, src: &[u8]) -> Vec<u8> {
                 };
                 for m in 0..4 {
                     for t in 0..4 {
-                        quants[64 * m + 4 * i + t] = w(8 * m + t) | (w(8 * m + 4 + t) << 4);
+                        quants[kr * m + 4 * i + t] = w(8 * m + t) | (w(8 * m + 4 + t) << 4);
                     }
                 }
             }
@@ -128,23 +231,32 @@ pub fn pack(kind: QKind, rows: usize, cols: usize, src: &[u8]) -> Vec<u8> {
 }
 
 /// Row `r` of a packed matrix, back in the file layout.
-pub fn unpack_row(kind: QKind, cols: usize, packed: &[u8], r: usize, dst: &mut [u8]) {
+pub fn unpack_row(
+    kind: QKind,
+    packing: Packing,
+    cols: usize,
+    packed: &[u8],
+    r: usize,
+    dst: &mut [u8],
+) {
     let (head, q) = parts(kind).expect("packable kind");
-    let (nb, cb) = (cols / QK, chunk_bytes(kind));
-    let (g, i) = (r / GROUP, r % GROUP);
+    let (nb, cb) = (cols / QK, chunk_bytes(kind, packing));
+    let group = packing.group();
+    let (g, i) = (r / group, r % group);
     for b in 0..nb {
         let chunk = &packed[(g * nb + b) * cb..(g * nb + b + 1) * cb];
         let blk = &mut dst[b * (head + q)..(b + 1) * (head + q)];
         for f in 0..head / 2 {
-            blk[2 * f..2 * f + 2].copy_from_slice(&chunk[32 * f + 2 * i..32 * f + 2 * i + 2]);
+            let at = 2 * group * f + 2 * i;
+            blk[2 * f..2 * f + 2].copy_from_slice(&chunk[at..at + 2]);
         }
-        let quants = &chunk[16 * head..];
+        let quants = &chunk[group * head..];
         let out = &mut blk[head..];
         out.fill(0);
         for j in 0..QK {
-            let (at, high) = quant_at(kind, i, j);
+            let (at, high) = quant_at(kind, packing, i, j);
             match kind {
-                QKind::Q8_0 => out[j] = quants[at] ^ 0x80,
+                QKind::Q8_0 => out[j] = quants[at] ^ packing.q8_flip(),
                 _ => {
                     let v = if high {
                         quants[at] >> 4
@@ -168,21 +280,24 @@ mod tests {
 
     #[test]
     fn pack_then_unpack_is_identity() {
-        for kind in [QKind::Q4_0, QKind::Q4_1, QKind::Q8_0] {
-            for rows in [3, 16, 21] {
-                let cols = 96;
-                let rb = kind.row_bytes(cols);
-                let src: Vec<u8> = (0..rows * rb).map(|i| (i * 31 % 251) as u8).collect();
-                let packed = pack(kind, rows, cols, &src);
-                assert_eq!(packed.len(), rows.div_ceil(GROUP) * GROUP * rb);
-                let mut back = vec![0; rb];
-                for r in 0..rows {
-                    unpack_row(kind, cols, &packed, r, &mut back);
-                    assert_eq!(
-                        back,
-                        src[r * rb..(r + 1) * rb],
-                        "{kind:?} row {r} of {rows}"
-                    );
+        for packing in [Packing::Vnni, Packing::Avx2] {
+            let group = packing.group();
+            for kind in [QKind::Q4_0, QKind::Q4_1, QKind::Q8_0] {
+                for rows in [3, 8, 16, 21] {
+                    let cols = 96;
+                    let rb = kind.row_bytes(cols);
+                    let src: Vec<u8> = (0..rows * rb).map(|i| (i * 31 % 251) as u8).collect();
+                    let packed = pack(kind, packing, rows, cols, &src);
+                    assert_eq!(packed.len(), rows.div_ceil(group) * group * rb);
+                    let mut back = vec![0; rb];
+                    for r in 0..rows {
+                        unpack_row(kind, packing, cols, &packed, r, &mut back);
+                        assert_eq!(
+                            back,
+                            src[r * rb..(r + 1) * rb],
+                            "{packing:?} {kind:?} row {r} of {rows}"
+                        );
+                    }
                 }
             }
         }

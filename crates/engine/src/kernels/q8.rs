@@ -19,7 +19,7 @@ pub struct Q8Acts {
     ps: Vec<f32>,
     // Per block, the exact sum of its int8 values (the AVX-512 and AMX kernels' Q8_0 bias).
     qsum: Vec<i32>,
-    // Build the pair layout even where the AVX-512 kernels (which do not read it) run.
+    // Build the pair layout (read only by the AVX2 file-layout kernels, which models never run).
     every_layout: bool,
 }
 
@@ -41,8 +41,8 @@ pub struct Q8Row<'a> {
 }
 
 impl Q8Acts {
-    /// Buffers that also lay activations out for the AVX2 (file-layout) kernels where the
-    /// AVX-512 (packed) ones run — for tests and benchmarks that compare the two.
+    /// Buffers that also lay activations out for the AVX2 file-layout kernels, which the packed
+    /// ones do not read — for tests and benchmarks that compare the two.
     pub fn with_every_layout() -> Self {
         Self {
             every_layout: true,
@@ -70,11 +70,10 @@ impl Q8Acts {
             self.s[b] = d * sum as f32;
             self.qsum[b] = sum;
         }
-        let nb = cols / QK;
-        // The AVX2 kernels (file-layout matrices) read a pair layout; the AVX-512 ones (packed
-        // matrices, every one where VNNI runs) read the rows as they are.
-        if !super::has_vnni() || self.every_layout {
-            self.pair_layout(n, nb);
+        // The AVX2 file-layout kernels read a pair layout; the packed kernels (every matrix a
+        // model multiplies, wherever AVX2 or AVX-512 runs) read the rows as they are.
+        if self.every_layout {
+            self.pair_layout(n, cols / QK);
         }
     }
 
