@@ -424,6 +424,10 @@ mod avx2 {
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
     }
 
+    /// Queries whose scores are computed in one pass over a block's keys (two accumulators
+    /// each, with the block's two key registers: 14 of the 16 registers).
+    const SCORE_PASS: usize = 6;
+
     /// Scores of every query over every 16-position block.
     ///
     /// # Safety
@@ -439,19 +443,24 @@ mod avx2 {
     ) {
         let mut m0 = 0;
         while m0 < g.len() {
-            let n = (g.len() - m0).min(3);
+            let n = (g.len() - m0).min(SCORE_PASS);
             // SAFETY: forwarded from the caller.
             unsafe {
                 match n {
                     1 => pass::<1>(g, kv, scale, scores, row, m0),
                     2 => pass::<2>(g, kv, scale, scores, row, m0),
-                    _ => pass::<3>(g, kv, scale, scores, row, m0),
+                    3 => pass::<3>(g, kv, scale, scores, row, m0),
+                    4 => pass::<4>(g, kv, scale, scores, row, m0),
+                    5 => pass::<5>(g, kv, scale, scores, row, m0),
+                    _ => pass::<6>(g, kv, scale, scores, row, m0),
                 }
             }
             m0 += n;
         }
     }
 
+    /// Scores of queries `m0..m0 + N`: per block, each key channel is widened once and
+    /// multiplied into every query's 16 lanes (the same chain for every query whatever `N`).
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn pass<const N: usize>(
         g: &QueryGroup<'_>,
@@ -490,7 +499,9 @@ mod avx2 {
         }
     }
 
-    /// `out[m] = sum_p weights[m][p] * V[p]`, one query at a time.
+    /// `out[m] = sum_p weights[m][p] * V[p]`: two queries at a time, over segments of up to 32
+    /// channels (8 accumulators and 4 widened values in registers), so each value is widened
+    /// once per pair of queries.
     ///
     /// # Safety
     /// As for [`scores`]; `out` holds `g.len() * head_dim` floats.
@@ -503,46 +514,74 @@ mod avx2 {
         ctx: usize,
         out: &mut [f32],
     ) {
-        for m in 0..g.len() {
-            // SAFETY: forwarded from the caller.
-            unsafe {
-                if g.head_dim <= 64 {
-                    one::<8>(g, kv, weights, row, ctx, out, m);
-                } else {
-                    one::<16>(g, kv, weights, row, ctx, out, m);
+        let chunks = g.head_dim / 8;
+        let mut m0 = 0;
+        while m0 < g.len() {
+            let n = (g.len() - m0).min(2);
+            let mut c0 = 0;
+            while c0 < chunks {
+                let h = (chunks - c0).min(4);
+                let job = (g, kv, weights, row, ctx, m0, c0);
+                // SAFETY: forwarded from the caller; channels c0 * 8 .. (c0 + h) * 8 lie inside
+                // the head; `out` holds every query's head.
+                unsafe {
+                    let o = out.as_mut_ptr();
+                    match (n, h) {
+                        (1, 1) => segment::<1, 1>(job, o),
+                        (1, 2) => segment::<1, 2>(job, o),
+                        (1, 3) => segment::<1, 3>(job, o),
+                        (1, _) => segment::<1, 4>(job, o),
+                        (_, 1) => segment::<2, 1>(job, o),
+                        (_, 2) => segment::<2, 2>(job, o),
+                        (_, 3) => segment::<2, 3>(job, o),
+                        (_, _) => segment::<2, 4>(job, o),
+                    }
                 }
+                c0 += h;
             }
+            m0 += n;
         }
     }
 
-    /// Values for query `m`, a head of at most `8 * D` floats.
+    /// Values of queries `m0..m0 + N`, channels `8 * c0 .. 8 * (c0 + H)`: per position, the
+    /// value chunks are widened once and added into every query's accumulators (per channel
+    /// the same chain, positions in order, whatever `N`).
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn one<const D: usize>(
-        g: &QueryGroup<'_>,
-        kv: &PagedKv<'_>,
-        weights: &[f32],
-        row: usize,
-        ctx: usize,
-        out: &mut [f32],
-        m: usize,
+    #[allow(clippy::type_complexity)]
+    unsafe fn segment<const N: usize, const H: usize>(
+        (g, kv, weights, row, ctx, m0, c0): (
+            &QueryGroup<'_>,
+            &PagedKv<'_>,
+            &[f32],
+            usize,
+            usize,
+            usize,
+            usize,
+        ),
+        out: *mut f32,
     ) {
         let hd = g.head_dim;
-        let chunks = hd / 8;
-        let mut acc = [_mm256_setzero_ps(); D];
-        // SAFETY: positions below `ctx` map to blocks in range (caller); `chunks * 8 == hd`
-        // channels of the KV head are read; the weights row has `row >= ctx` floats.
+        let mut acc = [[_mm256_setzero_ps(); H]; N];
+        // SAFETY: positions below `ctx` map to blocks in range (caller); channels
+        // `8 * c0 .. 8 * (c0 + H)` of the KV head are inside it (caller); weights rows have
+        // `row >= ctx` floats; `out` holds every query's head (caller).
         unsafe {
             let vp = kv.v.as_ptr();
             for p in 0..ctx {
                 let slot = *kv.table.get_unchecked(p / 16) as usize * 16 + p % 16;
-                let at = vp.add(slot * kv.kv_dim + g.kv_head * hd);
-                let w = _mm256_set1_ps(*weights.get_unchecked(m * row + p));
-                for (c, a) in acc.iter_mut().enumerate().take(chunks) {
-                    *a = _mm256_fmadd_ps(w, load8(at.add(8 * c)), *a);
+                let at = vp.add(slot * kv.kv_dim + g.kv_head * hd + 8 * c0);
+                let v: [__m256; H] = std::array::from_fn(|c| load8(at.add(8 * c)));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let w = _mm256_set1_ps(*weights.get_unchecked((m0 + i) * row + p));
+                    for c in 0..H {
+                        a[c] = _mm256_fmadd_ps(w, v[c], a[c]);
+                    }
                 }
             }
-            for (c, a) in acc.iter().enumerate().take(chunks) {
-                _mm256_storeu_ps(out.as_mut_ptr().add(m * hd + 8 * c), *a);
+            for (i, a) in acc.iter().enumerate() {
+                for (c, ac) in a.iter().enumerate() {
+                    _mm256_storeu_ps(out.add((m0 + i) * hd + 8 * (c0 + c)), *ac);
+                }
             }
         }
     }

@@ -22,6 +22,13 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
         unsafe { avx512::swiglu(&mut gate[..n], &up[..n]) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        let n = gate.len().min(up.len());
+        // SAFETY: AVX2/FMA detected; both slices cut to `n`.
+        unsafe { avx2::swiglu(&mut gate[..n], &up[..n]) };
+        return;
+    }
     for (g, &u) in gate.iter_mut().zip(up) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
@@ -54,6 +61,12 @@ pub fn softmax(x: &mut [f32]) {
     if has_vnni() && !x.is_empty() {
         // SAFETY: AVX-512F detected.
         unsafe { avx512::softmax(x) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() && !x.is_empty() {
+        // SAFETY: AVX2/FMA detected.
+        unsafe { avx2::softmax(x) };
         return;
     }
     let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -202,6 +215,143 @@ mod avx512 {
     }
 }
 
+/// The same exp, softmax and SwiGLU eight lanes wide, for CPUs with AVX2 and FMA but no AVX-512.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// `e^x` in every lane: as the AVX-512 one (same reduction and polynomial), with `2^n`
+    /// built in the exponent bits, so `x` is clamped to [-87, 88] where `2^n` is a normal
+    /// float; below -87 the result is 0 (instead of at most 1.7e-38).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn exp(x: __m256) -> __m256 {
+        let live = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-87.0));
+        let x = _mm256_max_ps(
+            _mm256_min_ps(x, _mm256_set1_ps(88.0)),
+            _mm256_set1_ps(-87.0),
+        );
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm256_set1_ps(1.0 / 5040.0);
+        for c in [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), live)
+    }
+
+    /// Lanes below `n` (at most 8) set.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn tail(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hmax(v: __m256) -> f32 {
+        let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    /// In-place softmax of a non-empty slice.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn softmax(x: &mut [f32]) {
+        let n = x.len();
+        let full = n / 8 * 8;
+        let p = x.as_mut_ptr();
+        let rest = tail(n - full);
+        // SAFETY: full vectors below `full`, the masked tail covers `full..n`.
+        unsafe {
+            let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+            let mut i = 0;
+            while i < full {
+                m = _mm256_max_ps(m, _mm256_loadu_ps(p.add(i)));
+                i += 8;
+            }
+            let mut max = hmax(m);
+            for &v in &x[full..] {
+                max = max.max(v);
+            }
+            let vmax = _mm256_set1_ps(max);
+            let mut sum = _mm256_setzero_ps();
+            let mut i = 0;
+            while i < full {
+                let e = exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vmax));
+                _mm256_storeu_ps(p.add(i), e);
+                sum = _mm256_add_ps(sum, e);
+                i += 8;
+            }
+            let e = exp(_mm256_sub_ps(_mm256_maskload_ps(p.add(full), rest), vmax));
+            let e = _mm256_and_ps(e, _mm256_castsi256_ps(rest));
+            _mm256_maskstore_ps(p.add(full), rest, e);
+            sum = _mm256_add_ps(sum, e);
+            let inv = _mm256_set1_ps(1.0 / hsum(sum));
+            let mut i = 0;
+            while i < full {
+                _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inv));
+                i += 8;
+            }
+            let v = _mm256_mul_ps(_mm256_maskload_ps(p.add(full), rest), inv);
+            _mm256_maskstore_ps(p.add(full), rest, v);
+        }
+    }
+
+    /// `gate = gate / (1 + e^-gate) * up` over equal-length slices.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `gate.len() == up.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn swiglu(gate: &mut [f32], up: &[f32]) {
+        let n = gate.len();
+        let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
+        let one = _mm256_set1_ps(1.0);
+        let mut i = 0;
+        // SAFETY: every access is below `n` (masked for the tail).
+        unsafe {
+            while i < n {
+                let k = tail((n - i).min(8));
+                let gv = _mm256_maskload_ps(g.add(i), k);
+                let uv = _mm256_maskload_ps(u.add(i), k);
+                let e = exp(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+                let s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+                _mm256_maskstore_ps(g.add(i), k, _mm256_mul_ps(s, uv));
+                i += 8;
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -298,8 +448,36 @@ mod tests {
         assert_eq!(h, vec![0.0, 0.0, 1.0, 1.0]);
     }
 
+    /// Every softmax and SwiGLU this CPU can run: the dispatching ones, and the AVX2 ones that
+    /// CPUs without AVX-512 run.
+    #[allow(clippy::type_complexity)]
+    fn every_impl() -> Vec<(&'static str, fn(&mut [f32]), fn(&mut [f32], &[f32]))> {
+        let mut impls: Vec<(&'static str, fn(&mut [f32]), fn(&mut [f32], &[f32]))> =
+            vec![("best", softmax, swiglu)];
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY (both): AVX2 and FMA detected just above.
+            impls.push((
+                "avx2",
+                |x| unsafe { avx2::softmax(x) },
+                |g, u| unsafe { avx2::swiglu(g, u) },
+            ));
+        }
+        impls
+    }
+
     #[test]
     fn vector_exp_softmax_and_swiglu_match_libm() {
+        for (name, softmax, swiglu) in every_impl() {
+            check_softmax_and_swiglu(name, softmax, swiglu);
+        }
+    }
+
+    fn check_softmax_and_swiglu(
+        name: &str,
+        softmax: fn(&mut [f32]),
+        swiglu: fn(&mut [f32], &[f32]),
+    ) {
         let xs: Vec<f32> = (0..1000).map(|i| (i as f32 - 700.0) * 0.13).collect();
         for len in [1usize, 5, 16, 17, 100, 1000] {
             let mut a = xs[..len].to_vec();
@@ -311,7 +489,10 @@ mod tests {
                 *v = (((*v - max) as f64).exp() / sum) as f32;
             }
             for (x, y) in a.iter().zip(&b) {
-                assert!((x - y).abs() <= 2e-6 * y.abs() + 1e-30, "{len}: {x} vs {y}");
+                assert!(
+                    (x - y).abs() <= 2e-6 * y.abs() + 1e-30,
+                    "{name} {len}: {x} vs {y}"
+                );
             }
         }
         let mut g = xs.clone();
@@ -321,16 +502,18 @@ mod tests {
             let want = (x as f64 / (1.0 + (-x as f64).exp()) * u as f64) as f32;
             assert!(
                 (got - want).abs() <= 1e-5 * want.abs() + 1e-30,
-                "{x}: {got} vs {want}"
+                "{name} {x}: {got} vs {want}"
             );
         }
     }
 
     #[test]
     fn softmax_sums_to_one() {
-        let mut x = vec![1.0, 2.0, 3.0, -1000.0];
-        softmax(&mut x);
-        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(x[2] > x[1] && x[3] == 0.0);
+        for (name, softmax, _) in every_impl() {
+            let mut x = vec![1.0, 2.0, 3.0, -1000.0, 1.0, 2.0, 3.0, -50.0, 7.0];
+            softmax(&mut x);
+            assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6, "{name}");
+            assert!(x[2] > x[1] && x[3] == 0.0 && x[7] > 0.0, "{name}: {x:?}");
+        }
     }
 }
