@@ -15,7 +15,7 @@
 #                         (LASTMILE_NO_AVX512, LASTMILE_NO_AMX), so one machine measures each
 #
 # Results: $LASTMILE_ANCHOR_DIR/build[-TIER]/bin/{llama-bench,llama-server,llama-quantize,
-# libllama.so,libggml*.so}. make_golden.py loads libllama.so from build/bin through
+# llama-lookup,libllama.so,libggml*.so}. make_golden.py loads libllama.so from build/bin through
 # LLAMA_CPP_LIB_PATH.
 set -euo pipefail
 
@@ -33,8 +33,10 @@ case "$TIER" in
     *) echo "anchor: LASTMILE_ANCHOR_TIER must be native, avx2 or avx512, not '$TIER'" >&2; exit 2 ;;
 esac
 BIN="$BUILD/bin"
-TARGETS=(llama-bench llama-server llama-quantize llama)
-OUTPUTS=(llama-bench llama-server llama-quantize libllama.so)
+# llama-lookup: llama.cpp's prompt-lookup (n-gram) speculative decoding, which
+# scripts/bench_speculative.py sets beside lastmile's.
+TARGETS=(llama-bench llama-server llama-quantize llama-lookup llama)
+OUTPUTS=(llama-bench llama-server llama-quantize llama-lookup libllama.so)
 
 mkdir -p "$SDIST_DIR"
 
@@ -78,7 +80,7 @@ CMAKE_ARGS=(
     -DLLAMA_BUILD_UI=OFF
     -DLLAMA_USE_PREBUILT_UI=OFF
     -DLLAMA_BUILD_TESTS=OFF
-    -DLLAMA_BUILD_EXAMPLES=OFF
+    -DLLAMA_BUILD_EXAMPLES=ON
     -DLLAMA_BUILD_APP=OFF
     -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF
     "-DCMAKE_PROJECT_ggml_INCLUDE=$BUILD/lastmile-ggml-flags.cmake"
@@ -98,7 +100,8 @@ else
     rm -f "$STAMP"
     printf 'string(APPEND CMAKE_C_FLAGS " %s")\nstring(APPEND CMAKE_CXX_FLAGS " %s")\n' \
         "$NO_AMX_FLAGS" "$NO_AMX_FLAGS" > "$BUILD/lastmile-ggml-flags.cmake"
-    # Offline-friendly: no curl, no OpenSSL, no web UI download, no tests/examples/unified app.
+    # Offline-friendly: no curl, no OpenSSL, no web UI download, no tests or unified app (the
+    # examples are configured for llama-lookup; only the targets above are built).
     nice -n 19 cmake -S "$SRC" -B "$BUILD" "${CMAKE_ARGS[@]}"
     nice -n 19 cmake --build "$BUILD" --config Release -j "$JOBS" --target "${TARGETS[@]}"
     if objdump -d "$BIN/libggml-cpu.so" 2>/dev/null | grep -q ldtilecfg; then

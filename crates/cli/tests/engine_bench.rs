@@ -41,7 +41,10 @@ fn kernels_can_be_capped_at_a_lower_tier() {
         assert!(auto["decode_limit_tok_s"].as_f64().expect("limit") > 0.0);
         // One read-rate measurement per round, and the decode's share of its own round's limit.
         let rounds = auto["mem_read_gb_s_rounds"].as_array().expect("rounds");
-        assert_eq!(rounds.len(), auto["decode_tok_s"].as_array().expect("tg").len());
+        assert_eq!(
+            rounds.len(),
+            auto["decode_tok_s"].as_array().expect("tg").len()
+        );
         let share = auto["decode_share_of_limit"].as_f64().expect("share");
         assert!(share > 0.0 && share < 2.0, "{auto}");
         if std::arch::is_x86_feature_detected!("avx512vnni") {

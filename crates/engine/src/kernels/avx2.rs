@@ -86,10 +86,13 @@ pub unsafe fn dot_rows<const R: usize>(
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) use x86::lanes_below;
+
+#[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::pack::{chunk_bytes, Packing, AVX2_GROUP};
+    use super::super::pack::{chunk_bytes, prefetch_ahead, Packing, AVX2_GROUP};
     use super::super::{QKind, QK};
     use super::{GroupJob, Q8Row};
 
@@ -99,10 +102,6 @@ mod x86 {
     pub const Q4_0: u8 = 1;
     /// `groups`' format parameter.
     pub const Q4_1: u8 = 2;
-
-    /// How far ahead of the chunk being multiplied the next ones are fetched on a first pass
-    /// over a matrix's rows (the AVX-512 kernels' distance).
-    const PREFETCH_BYTES: usize = 6144;
 
     /// Integer dot products of a Q8_0 chunk's 8 rows (lane = row) with `R` tokens' block, whose
     /// 32 bytes start at `x[t]`.
@@ -168,10 +167,10 @@ mod x86 {
         sums
     }
 
-    /// Lanes below `n` set (a `maskstore` mask).
+    /// Lanes below `n` (at most 8) set: a `maskload` / `maskstore` mask.
     #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn lanes_below(n: usize) -> __m256i {
+    #[target_feature(enable = "avx2")]
+    pub fn lanes_below(n: usize) -> __m256i {
         _mm256_cmpgt_epi32(
             _mm256_set1_epi32(n as i32),
             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
@@ -206,12 +205,7 @@ mod x86 {
                     let at = (g * nb + b) * cb;
                     let chunk = job.w.as_ptr().add(at);
                     if job.prefetch {
-                        let ahead = at + PREFETCH_BYTES;
-                        let mut p = ahead;
-                        while p < (ahead + cb).min(job.w.len()) {
-                            _mm_prefetch::<_MM_HINT_T0>(job.w.as_ptr().add(p) as *const i8);
-                            p += 64;
-                        }
+                        prefetch_ahead(job.w, at, cb);
                     }
                     let dw = _mm256_cvtph_ps(_mm_loadu_si128(chunk as *const __m128i));
                     let off = match F {

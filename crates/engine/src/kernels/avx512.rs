@@ -31,15 +31,10 @@ pub unsafe fn groups<const R: usize>(job: &GroupJob<'_>) {
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::pack::{chunk_bytes, Packing, GROUP};
+    use super::super::pack::{chunk_bytes, prefetch_ahead, Packing, GROUP};
     use super::super::q8::Q8Acts;
     use super::super::{QKind, QK};
     use super::GroupJob;
-
-    /// How far ahead of the chunk being multiplied the next ones are fetched: the hardware
-    /// prefetcher alone leaves these short, barrier-separated streams at about half the cache's
-    /// bandwidth (measured on the default model's layer matrices at one token, 2 threads).
-    const PREFETCH_BYTES: usize = 6144;
 
     /// The 16 rows' scales and per-block offsets of a chunk (offsets: Q4_1's minimums, Q4_0's
     /// `-8 d`; unused for Q8_0).
@@ -148,12 +143,7 @@ pub(crate) mod x86 {
                     let at = (g * nb + b) * cb;
                     let chunk = job.w.as_ptr().add(at);
                     if job.prefetch {
-                        let ahead = at + PREFETCH_BYTES;
-                        let mut p = ahead;
-                        while p < (ahead + cb).min(job.w.len()) {
-                            _mm_prefetch::<_MM_HINT_T0>(job.w.as_ptr().add(p) as *const i8);
-                            p += 64;
-                        }
+                        prefetch_ahead(job.w, at, cb);
                     }
                     let scales = chunk_scales(kind, chunk);
                     let wk = k_rows(kind, chunk);

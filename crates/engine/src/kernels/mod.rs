@@ -18,6 +18,8 @@ mod pack;
 mod q8;
 mod scalar;
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::lanes_below;
 pub use matmul::{matmul, MatmulTask};
 pub use pack::Packing;
 pub use q8::Q8Acts;

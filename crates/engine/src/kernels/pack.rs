@@ -120,6 +120,28 @@ impl GroupJob<'_> {
     }
 }
 
+/// How far ahead of the chunk being multiplied the next ones are fetched on a first pass over a
+/// matrix's rows: the hardware prefetcher alone leaves these short, barrier-separated streams at
+/// about half the cache's bandwidth (measured on the default model's layer matrices at one token,
+/// 2 threads, AVX-512).
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_BYTES: usize = 6144;
+
+/// Prefetches the cache lines of `w[at + PREFETCH_BYTES ..][..len]` (those inside `w`): called
+/// with each chunk's offset and length, it keeps the next chunks in flight.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn prefetch_ahead(w: &[u8], at: usize, len: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let ahead = at + PREFETCH_BYTES;
+    let mut p = ahead;
+    while p < (ahead + len).min(w.len()) {
+        // SAFETY: a prefetch of an address inside `w`; it never faults and changes no data.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().add(p) as *const i8) };
+        p += 64;
+    }
+}
+
 /// Bytes of scale data per block in the file layout (`d`, and `m` for Q4_1), and quant bytes
 /// per block there. `None` for kinds that are not packed.
 fn parts(kind: QKind) -> Option<(usize, usize)> {

@@ -108,6 +108,24 @@ pub fn axpy(out: &mut [f32], alpha: f32, x: &[f32]) {
     }
 }
 
+/// ln 2 in two parts for the vector exps' range reduction, so that `n * LN2_HI` is exact.
+#[cfg(target_arch = "x86_64")]
+const LN2_HI: f32 = 0.693_145_75;
+#[cfg(target_arch = "x86_64")]
+const LN2_LO: f32 = 1.428_606_8e-6;
+/// `e^r` for `|r| <= ln2 / 2`: the degree-7 Taylor polynomial, highest coefficient first.
+#[cfg(target_arch = "x86_64")]
+const EXP_TAYLOR: [f32; 8] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+
 /// Sixteen-lane exp and the loops built on it (softmax, SwiGLU).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -126,20 +144,11 @@ mod avx512 {
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
         );
-        // ln 2 in two parts, so that n * ln2_hi is exact.
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
-        let mut p = _mm512_set1_ps(1.0 / 5040.0);
-        for c in [
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(super::LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(super::LN2_LO), r);
+        let mut p = _mm512_set1_ps(super::EXP_TAYLOR[0]);
+        for c in &super::EXP_TAYLOR[1..] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
         }
         _mm512_scalef_ps(p, n)
     }
@@ -220,6 +229,8 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use crate::kernels::lanes_below as tail;
+
     /// `e^x` in every lane: as the AVX-512 one (same reduction and polynomial), with `2^n`
     /// built in the exponent bits, so `x` is clamped to [-87, 88] where `2^n` is a normal
     /// float; below -87 the result is 0 (instead of at most 1.7e-38).
@@ -234,35 +245,17 @@ mod avx2 {
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
         );
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
-        let mut p = _mm256_set1_ps(1.0 / 5040.0);
-        for c in [
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(super::LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(super::LN2_LO), r);
+        let mut p = _mm256_set1_ps(super::EXP_TAYLOR[0]);
+        for c in &super::EXP_TAYLOR[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
         }
         let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
             _mm256_cvtps_epi32(n),
             _mm256_set1_epi32(127),
         ));
         _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), live)
-    }
-
-    /// Lanes below `n` (at most 8) set.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn tail(n: usize) -> __m256i {
-        _mm256_cmpgt_epi32(
-            _mm256_set1_epi32(n as i32),
-            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-        )
     }
 
     #[inline]
