@@ -13,15 +13,23 @@ streamed token; the table gives per-workload medians, the ratio, the acceptance 
 server's counters) and whether every greedy answer was byte-identical.
 
     python3 scripts/bench_speculative.py [--rounds 3] [--ngram 3] [--max-draft 8] [--threads 2]
-                                         [--write BENCHMARKS.md]
+                                         [--no-anchor] [--write BENCHMARKS.md]
 
-Needs `cargo build --release` first; about five minutes on 2 cores.
+With the llama.cpp anchor built (`scripts/anchor/build_llama_cpp.sh`, native tier), the same
+prompts also go through llama.cpp's own prompt-lookup decoding, `llama-lookup` (greedy, drafts of
+up to --max-draft tokens, and 0 for plain decoding), one process per completion; its decode speed
+is the one it prints (tokens after the prompt / their time).
+
+Needs `cargo build --release` first; about five minutes on 2 cores (eight with the anchor).
 """
 
 import argparse
 import http.client
 import json
+import os
+import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -183,14 +191,59 @@ def measure(server, workload, rounds, spec):
     return speeds, identical, (kept / drafted if drafted else 0.0), medians
 
 
+def llama_lookup(binary, model, prompt, max_tokens, draft, threads):
+    """One greedy `llama-lookup` completion; returns (decode tok/s, tokens drafted, kept)."""
+    out = subprocess.run(
+        [str(binary), "-m", str(model), "-p", prompt, "-n", str(max_tokens), "--spec-draft-n-max",
+         str(draft), "-t", str(threads), "--temp", "0", "-c", "4096"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "LD_LIBRARY_PATH": str(binary.parent)})
+    log = out.stdout + out.stderr
+    speed = re.search(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+) t/s", log)
+    drafted = re.search(r"n_drafted\s+=\s+(\d+)", log)
+    kept = re.search(r"n_accept\s+=\s+(\d+)", log)
+    if out.returncode != 0 or not (speed and drafted and kept):
+        raise RuntimeError(f"llama-lookup failed ({out.returncode}): {log[-500:]}")
+    return float(speed.group(1)), int(drafted.group(1)), int(kept.group(1))
+
+
+def measure_lookup(binary, model, workload, rounds, max_draft, threads):
+    """llama-lookup on `workload`: speeds off (no drafts) and on, and its acceptance."""
+    speeds = {"off": [], "on": []}
+    drafted = kept = 0
+    steps, done = rounds * len(workload) * 2, 0
+    for _ in range(rounds):
+        for name, prompt, max_tokens in workload:
+            for mode in ("off", "on"):
+                tok_s, d, k = llama_lookup(binary, model, prompt, max_tokens,
+                                           max_draft if mode == "on" else 0, threads)
+                speeds[mode].append(tok_s)
+                if mode == "on":
+                    drafted, kept = drafted + d, kept + k
+                done += 1
+                progress(done, steps, f"llama-lookup {name} ({mode})".ljust(28))
+    return speeds, (kept / drafted if drafted else 0.0)
+
+
+def anchor_lookup():
+    """The anchor's llama-lookup (native build), if built."""
+    anchor = Path(os.environ.get("LASTMILE_ANCHOR_DIR", Path.home() / ".cache/lastmile/anchor"))
+    path = anchor / "build/bin/llama-lookup"
+    return path if path.exists() else None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ngram", type=int, default=3)
     ap.add_argument("--max-draft", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-anchor", action="store_true", help="skip llama.cpp's llama-lookup")
     ap.add_argument("--write", help="update this Markdown file's speculative decoding section")
     a = ap.parse_args()
+    lookup = None if a.no_anchor else anchor_lookup()
+    if lookup is None and not a.no_anchor:
+        print("llama-lookup not built (scripts/anchor/build_llama_cpp.sh): lastmile only", file=sys.stderr)
     spec = {"ngram": a.ngram, "max_draft": a.max_draft}
     rows = []
     with start(["serve", "--threads", str(a.threads)]) as server:
@@ -201,6 +254,15 @@ def main():
             speeds, identical, acceptance, medians = measure(server, workload, a.rounds, spec)
             off, on = statistics.median(speeds["off"]), statistics.median(speeds["on"])
             rows.append((label, off, on, on / off, acceptance, identical, medians))
+    anchor_rows = []
+    if lookup is not None:
+        model = Path(subprocess.run([str(Path(__file__).resolve().parents[1] / "target/release/lastmile"),
+                                     "models", "pull"], check=True, capture_output=True,
+                                    text=True).stdout.strip())
+        for (label, *_), workload in zip(rows, (GROUNDED, OPEN)):
+            speeds, acceptance = measure_lookup(lookup, model, workload, a.rounds, a.max_draft, a.threads)
+            off, on = statistics.median(speeds["off"]), statistics.median(speeds["on"])
+            anchor_rows.append((label, off, on, on / off, acceptance))
     med = f"medians over {a.rounds} rounds of {len(GROUNDED)} prompts each"
     lines = [
         HEADING,
@@ -220,8 +282,19 @@ def main():
     lines += ["", "Per prompt (medians, decode tok/s off → on): " + "; ".join(
         f"{name} {m['off']:.0f} → {m['on']:.0f} ({m['on'] / m['off']:.2f}x)"
         for *_, medians in rows for name, m in medians.items()) + "."]
+    if anchor_rows:
+        lines += ["", "The same prompts through llama.cpp's prompt-lookup decoding (`llama-lookup` from the "
+                  "anchor build, native flags, same GGUF, greedy, `--spec-draft-n-max "
+                  f"{a.max_draft}` against 0, `-t {a.threads}`, one process per completion, decode "
+                  "speed as it prints it), same run:", "",
+                  "| workload | llama-lookup off | llama-lookup on | its ratio | its acceptance "
+                  "| lastmile on / llama-lookup on |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for (label, off, on, ratio, acc), ours in zip(anchor_rows, rows):
+            lines.append(f"| {label} | {off:.1f} | {on:.1f} | {ratio:.2f}x | {acc:.0%} | **{ours[2] / on:.2f}x** |")
     lines += ["", f"Reproduce: `python3 scripts/bench_speculative.py --rounds {a.rounds} --ngram {a.ngram} "
-              f"--max-draft {a.max_draft} --threads {a.threads}`", ""]
+              f"--max-draft {a.max_draft} --threads {a.threads}`"
+              + (" (after `scripts/anchor/build_llama_cpp.sh`, for llama-lookup)" if anchor_rows else ""), ""]
     write_section("\n".join(lines), HEADING, a.write)
 
 
