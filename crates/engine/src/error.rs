@@ -76,6 +76,10 @@ pub enum EngineError {
     /// The engine thread is gone (it stopped or panicked).
     #[error("engine stopped")]
     Stopped,
+    /// A step failed inside the engine (a bug: it is logged, and the requests in flight fail
+    /// with this while the engine goes on).
+    #[error("internal engine error")]
+    Internal,
     /// An I/O error with the path or action that caused it.
     #[error("{context}: {source}")]
     Io {
@@ -127,6 +131,7 @@ impl EngineError {
             | Self::Grammar { .. } => "invalid_request",
             Self::QueueFull { .. } => "overloaded",
             Self::Stopped => "stopped",
+            Self::Internal => "internal",
             Self::Io { .. } => "io",
         }
     }

@@ -217,3 +217,65 @@ fn a_full_queue_refuses_new_requests_as_overloaded() {
     }
     assert!(ok, "the engine accepts work again once the queue drains");
 }
+
+#[test]
+fn submissions_racing_for_the_last_places_are_refused_only_as_overloaded() {
+    let loaded = LoadedModel::load(&ensure_default_model().expect("model")).expect("load");
+    let config = EngineConfig {
+        threads: 2,
+        max_running: 1,
+        max_waiting: 2,
+        ..EngineConfig::default()
+    };
+    let e = EngineHandle::start(loaded, config).expect("engine");
+    let held = e
+        .submit(request(&e, "Once upon a time", 200))
+        .expect("fits");
+    while e.stats().running.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // Eight threads submit at once for the two waiting places. A refusal may come from
+    // `submit` or, for one that slipped past its check, from the engine's queue as a failed
+    // stream: both must say "overloaded" (a 503 to clients), never anything else.
+    let outcomes: Vec<Result<Option<usize>, String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                scope.spawn(|| match e.submit(request(&e, "Hello", 4)) {
+                    Err(EngineError::QueueFull { limit: 2 }) => Ok(None),
+                    Err(other) => Err(format!("submit: {other:?}")),
+                    Ok(mut s) => {
+                        let mut tokens = 0;
+                        while let Some(ev) = s.blocking_next() {
+                            match ev {
+                                GenerationEvent::Token { .. } => tokens += 1,
+                                GenerationEvent::Finished { .. } => return Ok(Some(tokens)),
+                                GenerationEvent::Failed(f) => {
+                                    return match &*f {
+                                        EngineError::QueueFull { limit: 2 } => Ok(None),
+                                        other => Err(format!("stream: {other:?}")),
+                                    }
+                                }
+                                GenerationEvent::PromptLogprobs(_) => {}
+                            }
+                        }
+                        Err("stream ended without an end".into())
+                    }
+                })
+            })
+            .collect();
+        // The long request must not hold the waiting ones forever.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        drop(held);
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    for o in &outcomes {
+        assert!(o.is_ok(), "{outcomes:?}");
+    }
+    let served = outcomes.iter().filter(|o| matches!(o, Ok(Some(4)))).count();
+    let refused = outcomes.iter().filter(|o| matches!(o, Ok(None))).count();
+    assert_eq!(served + refused, 8, "{outcomes:?}");
+    assert!((1..=6).contains(&refused), "{outcomes:?}");
+}

@@ -51,7 +51,7 @@ impl WorkerError {
 }
 
 /// The one mapping from an engine error to OpenAI's error object.
-fn engine_api_error(e: &EngineError) -> ApiError {
+pub(crate) fn engine_api_error(e: &EngineError) -> ApiError {
     match e {
         EngineError::ContextExceeded {
             prompt,

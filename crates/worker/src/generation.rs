@@ -119,9 +119,11 @@ impl Generation {
                 GenerationEvent::PromptLogprobs(entries) => {
                     return Some(Ok(Piece::PromptLogprobs(entries)));
                 }
-                GenerationEvent::Failed(msg) => {
+                GenerationEvent::Failed(e) => {
                     self.done = true;
-                    return Some(Err(ApiError::internal(format!("generation failed: {msg}"))));
+                    // The engine's reason decides the status: an overload is a 503 with
+                    // Retry-After, a request too large for the KV cache a 400, a bug a 500.
+                    return Some(Err(crate::error::engine_api_error(&e)));
                 }
             }
         }

@@ -189,8 +189,9 @@ pub enum GenerationEvent {
     /// Log probabilities of prompt tokens (token id and its logprobs), in prompt order from
     /// the second token on; only for requests with `prompt_logprobs`, before any `Token`.
     PromptLogprobs(Vec<(u32, TokenLogprobs)>),
-    /// The engine failed this request.
-    Failed(String),
+    /// The engine failed this request; the error says why (overload, KV capacity, a grammar
+    /// fault, an internal error), so a server can answer with the right status.
+    Failed(Arc<EngineError>),
 }
 
 /// The receiving end of one request; dropping it cancels the request.

@@ -142,8 +142,11 @@ pub(super) struct StepPlan {
 /// Why a new sequence was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Refusal {
-    /// `max_waiting` sequences are waiting already.
-    QueueFull,
+    /// `limit` (`max_waiting`) sequences are waiting already.
+    QueueFull {
+        /// The most sequences that may wait.
+        limit: usize,
+    },
     /// Its prompt and `max_tokens` together need more blocks than the pool has.
     TooLarge {
         /// KV capacity in tokens.
@@ -199,7 +202,8 @@ impl<S: Planned> Planner<S> {
             return Err((seq, Refusal::TooLarge { capacity }));
         }
         if self.waiting.len() >= self.config.max_waiting {
-            return Err((seq, Refusal::QueueFull));
+            let limit = self.config.max_waiting;
+            return Err((seq, Refusal::QueueFull { limit }));
         }
         let kv = seq.kv_mut();
         kv.id = self.next_id;
@@ -788,7 +792,7 @@ mod tests {
         assert!(p.enqueue(seq(0..4), 4).is_ok());
         assert!(p.enqueue(seq(0..4), 4).is_ok());
         let refused = p.enqueue(seq(0..4), 4).err().map(|e| e.1);
-        assert_eq!(refused, Some(Refusal::QueueFull));
+        assert_eq!(refused, Some(Refusal::QueueFull { limit: 2 }));
         // 8 blocks of 4 tokens: 30 + 3 tokens do not fit.
         let refused = p.enqueue(seq(0..30), 3).err().map(|e| e.1);
         assert_eq!(refused, Some(Refusal::TooLarge { capacity: 32 }));

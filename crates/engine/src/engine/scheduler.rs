@@ -19,6 +19,7 @@ use super::{
     EngineConfig, EngineStats, FinishReason, GenerateRequest, GenerationEvent, Submission,
     TokenLogprobs,
 };
+use crate::error::EngineError;
 use crate::kv::KvCache;
 use crate::model::{BatchSeq, LlamaModel, Scratch};
 use crate::parallel::ThreadPool;
@@ -156,7 +157,7 @@ impl Scheduler {
                 tracing::error!("engine step panicked; failing every request in flight");
                 for s in self.planner.reset() {
                     let _ =
-                        s.tx.send(GenerationEvent::Failed("internal engine error".into()));
+                        s.tx.send(GenerationEvent::Failed(Arc::new(EngineError::Internal)));
                 }
                 self.forget_cache();
             }
@@ -182,14 +183,17 @@ impl Scheduler {
         };
         // Counted in `stats.waiting` by `submit` when it was sent.
         self.counted_waiting += 1;
+        let needed = seq.kv.tokens.len() + max_tokens;
         if let Err((seq, refusal)) = self.planner.enqueue(seq, max_tokens) {
-            let message = match refusal {
-                Refusal::TooLarge { capacity } => format!(
-                    "the request needs more KV cache than the engine has ({capacity} tokens)"
-                ),
-                Refusal::QueueFull => "the engine's queue is full".to_string(),
+            // `submit` checks both first; these catch what slips past it (submissions racing
+            // for the last waiting place), as the same errors, so they get the same statuses.
+            let error = match refusal {
+                Refusal::TooLarge { capacity } => {
+                    EngineError::KvCapacityExceeded { needed, capacity }
+                }
+                Refusal::QueueFull { limit } => EngineError::QueueFull { limit },
             };
-            let _ = seq.tx.send(GenerationEvent::Failed(message));
+            let _ = seq.tx.send(GenerationEvent::Failed(Arc::new(error)));
         }
     }
 
@@ -405,7 +409,7 @@ fn verify_and_emit(
         let (token, logprobs) = match sample_next(s, row, raw) {
             Ok(x) => x,
             Err(e) => {
-                let _ = s.tx.send(GenerationEvent::Failed(e.to_string()));
+                let _ = s.tx.send(GenerationEvent::Failed(Arc::new(e)));
                 out.finished = true;
                 break;
             }
@@ -501,7 +505,7 @@ fn emit(
             }
             Ok(None) => {}
             Err(e) => {
-                let _ = s.tx.send(GenerationEvent::Failed(e.to_string()));
+                let _ = s.tx.send(GenerationEvent::Failed(Arc::new(e)));
                 return Some(FinishReason::Stop);
             }
         }
