@@ -172,8 +172,9 @@ fn a_request_larger_than_the_cache_fails_cleanly() {
     assert_eq!(ids.len(), 8);
 }
 
-#[test]
-fn a_full_queue_refuses_new_requests_as_overloaded() {
+/// An engine that runs one sequence and lets two wait, with a long request running (the stream
+/// returned; dropping it cancels the request).
+fn busy_engine() -> (EngineHandle, lastmile_engine::GenerationStream) {
     let loaded = LoadedModel::load(&ensure_default_model().expect("model")).expect("load");
     let config = EngineConfig {
         threads: 2,
@@ -182,13 +183,20 @@ fn a_full_queue_refuses_new_requests_as_overloaded() {
         ..EngineConfig::default()
     };
     let e = EngineHandle::start(loaded, config).expect("engine");
-    // One runs (wait until it does), two wait; the queue is then full.
-    let mut held = vec![e
+    let held = e
         .submit(request(&e, "Once upon a time", 200))
-        .expect("fits")];
+        .expect("fits");
     while e.stats().running.load(std::sync::atomic::Ordering::Relaxed) == 0 {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    (e, held)
+}
+
+#[test]
+fn a_full_queue_refuses_new_requests_as_overloaded() {
+    // One runs, two wait; the queue is then full.
+    let (e, running) = busy_engine();
+    let mut held = vec![running];
     held.extend((0..2).map(|_| {
         e.submit(request(&e, "Once upon a time", 200))
             .expect("fits")
@@ -220,20 +228,7 @@ fn a_full_queue_refuses_new_requests_as_overloaded() {
 
 #[test]
 fn submissions_racing_for_the_last_places_are_refused_only_as_overloaded() {
-    let loaded = LoadedModel::load(&ensure_default_model().expect("model")).expect("load");
-    let config = EngineConfig {
-        threads: 2,
-        max_running: 1,
-        max_waiting: 2,
-        ..EngineConfig::default()
-    };
-    let e = EngineHandle::start(loaded, config).expect("engine");
-    let held = e
-        .submit(request(&e, "Once upon a time", 200))
-        .expect("fits");
-    while e.stats().running.load(std::sync::atomic::Ordering::Relaxed) == 0 {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let (e, held) = busy_engine();
     // Eight threads submit at once for the two waiting places. A refusal may come from
     // `submit` or, for one that slipped past its check, from the engine's queue as a failed
     // stream: both must say "overloaded" (a 503 to clients), never anything else.
