@@ -55,8 +55,20 @@ pub struct Scratch {
     sin: Vec<f32>,
     /// Per thread: attention scores and one group's output heads.
     scores: Vec<Mutex<(Vec<f32>, Vec<f32>)>>,
-    /// This layer's attention work items: (sequence, first token, tokens, KV head).
-    attention_items: Vec<(usize, usize, usize, usize)>,
+    /// This layer's attention work items.
+    attention_items: Vec<AttentionItem>,
+}
+
+/// One attention work item: a run of tokens of a sequence, and query heads `h0..h0 + heads` of
+/// the group that shares KV head `kvh`.
+#[derive(Clone, Copy)]
+struct AttentionItem {
+    seq: usize,
+    j: usize,
+    len: usize,
+    kvh: usize,
+    h0: usize,
+    heads: usize,
 }
 
 /// Tokens of one sequence whose queries are computed together in attention.
@@ -357,8 +369,9 @@ impl LlamaModel {
 
     /// Causal attention of every batch token over its sequence's cached positions. Work items
     /// are (sequence, KV head, run of up to `ATTENTION_TOKENS` tokens): the query heads sharing a
-    /// KV head, over consecutive tokens, read each key and value once. Items are handed out
-    /// dynamically (later positions cost more).
+    /// KV head, over consecutive tokens, read each key and value once (or one query head each
+    /// where there are too few items for the threads). Items are handed out dynamically (later
+    /// positions cost more).
     fn attention(
         &self,
         layer: usize,
@@ -378,14 +391,33 @@ impl LlamaModel {
             while j < sq.len {
                 let len = (sq.len - j).min(ATTENTION_TOKENS);
                 for kvh in 0..c.kv_heads {
-                    s.attention_items.push((si, j, len, kvh));
+                    s.attention_items.push(AttentionItem {
+                        seq: si,
+                        j,
+                        len,
+                        kvh,
+                        h0: 0,
+                        heads: group,
+                    });
                 }
                 j += len;
             }
         }
+        // Too few items to keep every thread busy (a decode step of one sequence: as many as
+        // KV heads, 3 for 2 threads): one query head each instead, which rereads the group's
+        // keys and values (from cache) but splits the work evenly. Each query's arithmetic is
+        // the same in any group.
+        if s.attention_items.len() < 2 * pool.threads() && group > 1 {
+            let whole = std::mem::take(&mut s.attention_items);
+            for it in whole {
+                for h0 in 0..group {
+                    s.attention_items.push(AttentionItem { h0, heads: 1, ..it });
+                }
+            }
+        }
         // Most expensive (furthest position) first, so the last items to finish are short.
-        s.attention_items.sort_unstable_by_key(|&(si, j, len, _)| {
-            std::cmp::Reverse((seqs[si].pos0 + j + len) * len)
+        s.attention_items.sort_unstable_by_key(|it| {
+            std::cmp::Reverse((seqs[it.seq].pos0 + it.j + it.len) * it.len * it.heads)
         });
         let next = AtomicUsize::new(0);
         let out = SharedMut::new(&mut s.att[..n * qd]);
@@ -396,7 +428,15 @@ impl LlamaModel {
             let (scores, heads_out) = &mut *buf;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&(si, j, len, kvh)) = items.get(i) else {
+                let Some(&AttentionItem {
+                    seq: si,
+                    j,
+                    len,
+                    kvh,
+                    h0,
+                    heads,
+                }) = items.get(i)
+                else {
                     break;
                 };
                 let sq = &seqs[si];
@@ -406,8 +446,8 @@ impl LlamaModel {
                     t0: sq.start + j,
                     tokens: len,
                     pos0: sq.pos0 + j,
-                    head0: kvh * group,
-                    heads: group,
+                    head0: kvh * group + h0,
+                    heads,
                     head_dim: hd,
                     kv_head: kvh,
                 };
@@ -419,14 +459,15 @@ impl LlamaModel {
                     kv_dim: kv.kv_dim(),
                 };
                 heads_out.clear();
-                heads_out.resize(len * group * hd, 0.0);
+                heads_out.resize(len * heads * hd, 0.0);
                 attention::attend(&g, &paged, scale, scores, heads_out);
+                let w = heads * hd;
                 for t in 0..len {
-                    let at = (sq.start + j + t) * qd + kvh * group * hd;
-                    // SAFETY: item (sequence run, KV head) is taken by exactly one thread, and
-                    // owns the output of its tokens' query heads of that group.
-                    let o = unsafe { out.slice(at, group * hd) };
-                    o.copy_from_slice(&heads_out[t * group * hd..(t + 1) * group * hd]);
+                    let at = (sq.start + j + t) * qd + (kvh * group + h0) * hd;
+                    // SAFETY: item (sequence run, KV head, query heads) is taken by exactly one
+                    // thread, and owns the output of its tokens' query heads.
+                    let o = unsafe { out.slice(at, w) };
+                    o.copy_from_slice(&heads_out[t * w..(t + 1) * w]);
                 }
             }
         });
