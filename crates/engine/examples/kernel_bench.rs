@@ -1,6 +1,6 @@
 //! Kernel microbenchmark: times the matrix products of a GGUF model's layers and output at a given
-//! token count, on 1 and 2 threads, in the file layout and in this CPU's layout (repacked for
-//! AVX-512 VNNI where it runs). Medians of 30 passes; a tool for kernel work, not a benchmark of
+//! token count, on 1 and 2 threads, in the file layout and in this CPU's packed layout (16-row
+//! groups where AVX-512 VNNI runs, 8-row groups where AVX2 does). Medians of 30 passes; a tool for kernel work, not a benchmark of
 //! record (see `lastmile engine-bench` and BENCHMARKS.md for those).
 //!
 //!     cargo run --release -p lastmile-engine --example kernel_bench -- MODEL.gguf [TOKENS]
@@ -22,7 +22,7 @@ fn time_mats(pool: &ThreadPool, mats: &[QMatrix], n: usize, passes: usize) -> f6
     let acts: Vec<Q8Acts> = mats
         .iter()
         .map(|m| {
-            let mut a = Q8Acts::with_every_layout();
+            let mut a = Q8Acts::default();
             a.quantize(&x, n, m.cols);
             a
         })

@@ -6,10 +6,11 @@
 //!   activation bytes in one `vpmaddubsw` (and, for Q8_0, one `vpmaddwd`), leaving every row's
 //!   exact integer dot product in its lane: no horizontal sums, one scale product per block for
 //!   all 8 rows, weights loaded once for several tokens (a register-blocked 8-row x `R`-token
-//!   tile). Every block ends the same way for every token (`finish`), so a token's result does
+//!   tile). Every block ends with the same float steps for every token, so a token's result does
 //!   not depend on its batch. This is what models run on.
-//! - `dot_rows`, over the file layout: one weight row against `R` activation rows, for matrices
-//!   that were not packed (tests and tools compare the two).
+//! - `dot_rows`, over the file layout: one weight row against `R` activation rows, one block at a
+//!   time, for float matrices and for quantized ones that were not packed (tests and tools
+//!   compare the two layouts).
 //!
 //! Integer formats multiply 4/8-bit weights with 8-bit activations using `maddubs` (u8 x i8 pairs
 //! into i16), which saturates past 2^15: 4-bit weights (0..15) against |x| <= 127 give at most
@@ -56,12 +57,8 @@ pub unsafe fn dot_rows<const R: usize>(
     // SAFETY: forwarded from the caller: the CPU has the features these functions enable.
     unsafe {
         match (kind, xq) {
-            // The pair layout is built only where file-layout matrices are expected (tests and
-            // tools); without it, one block at a time.
-            (QKind::Q4_0, Some(xq)) if xq[0].pq.is_empty() => x86::q4::<R, 18, false>(w, &xq),
-            (QKind::Q4_1, Some(xq)) if xq[0].pq.is_empty() => x86::q4::<R, 20, true>(w, &xq),
-            (QKind::Q4_0, Some(xq)) => x86::q4_pairs::<R, 18, false>(w, &xq),
-            (QKind::Q4_1, Some(xq)) => x86::q4_pairs::<R, 20, true>(w, &xq),
+            (QKind::Q4_0, Some(xq)) => x86::q4::<R, 18, false>(w, &xq),
+            (QKind::Q4_1, Some(xq)) => x86::q4::<R, 20, true>(w, &xq),
             (QKind::Q8_0, Some(xq)) => x86::q8_0::<R>(w, &xq),
             (QKind::F32, _) => x86::float::<R, 0>(w, &xf),
             (QKind::F16, _) => x86::float::<R, 1>(w, &xf),
@@ -304,106 +301,6 @@ mod x86 {
             let mut out = [0.0f32; R];
             for r in 0..R {
                 out[r] = hsum(acc[r]) + acc_off[r];
-            }
-            out
-        }
-    }
-
-    /// Q4_0 / Q4_1 two blocks per step, straight from the file layout: the nibbles of both blocks
-    /// fill one 256-bit register, the activations come pre-permuted to match (`Q8Acts` pair
-    /// layout), products of the two blocks are summed in i16 (|sum| <= 2 * 2 * 15 * 127 < 2^15)
-    /// before one widening, and both scales are applied with one multiply. About 7 instructions
-    /// per block instead of ~25. An odd last block goes through the one-block loop.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    // Long: one SIMD kernel; its accumulators and constants must stay in registers across the
-    // loop, and a split into calls would spill them.
-    pub unsafe fn q4_pairs<const R: usize, const BS: usize, const MIN: bool>(
-        w: &[u8],
-        xq: &[Q8Row<'_>; R],
-    ) -> [f32; R] {
-        let nb = w.len() / BS;
-        let np = nb / 2;
-        check_rows(nb, xq);
-        for x in xq {
-            assert!(x.pq.len() >= np * 64 && x.pd.len() >= np * 8 && x.ps.len() >= np * 4);
-        }
-        let qoff = if MIN { 4 } else { 2 };
-        let mask = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        let dup = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut acc_off = [_mm_setzero_ps(); R];
-        // SAFETY: pair `p < np` reads bytes [p * 2 * BS, (p + 1) * 2 * BS) of `w`, inside it; the
-        // activation reads are bounded by the asserts above.
-        unsafe {
-            let wp = w.as_ptr();
-            for p in 0..np {
-                let blk0 = wp.add(2 * p * BS);
-                let blk1 = blk0.add(BS);
-                // Halves [d0, m0, d1, m1] (for Q4_0 the m slots hold nibbles and are never used).
-                let dm_bits = _mm_setr_epi32(
-                    std::ptr::read_unaligned(blk0 as *const i32),
-                    std::ptr::read_unaligned(blk1 as *const i32),
-                    0,
-                    0,
-                );
-                let dm = _mm_cvtph_ps(dm_bits);
-                let scale_w = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), dup);
-                let offs = if MIN {
-                    dm
-                } else {
-                    // Q4_0: value = (q - 8) * d, i.e. an offset of -8 * d per block.
-                    _mm_mul_ps(dm, _mm_set1_ps(-8.0))
-                };
-                let offs = if MIN {
-                    offs
-                } else {
-                    _mm_shuffle_ps(offs, offs, 0b10_10_00_00)
-                };
-                let q = _mm256_set_m128i(
-                    _mm_loadu_si128(blk1.add(qoff) as *const __m128i),
-                    _mm_loadu_si128(blk0.add(qoff) as *const __m128i),
-                );
-                let lo = _mm256_and_si256(q, mask);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
-                for r in 0..R {
-                    let x = &xq[r];
-                    let xp = x.pq.as_ptr().add(p * 64);
-                    let a = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(xp as *const __m256i));
-                    let b =
-                        _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xp.add(32) as *const __m256i));
-                    let sum = _mm256_madd_epi16(_mm256_add_epi16(a, b), ones);
-                    let scale = _mm256_mul_ps(scale_w, _mm256_loadu_ps(x.pd.as_ptr().add(p * 8)));
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[r]);
-                    acc_off[r] =
-                        _mm_fmadd_ps(offs, _mm_loadu_ps(x.ps.as_ptr().add(p * 4)), acc_off[r]);
-                }
-            }
-            let mut out = [0.0f32; R];
-            for r in 0..R {
-                let o = acc_off[r];
-                let o = _mm_add_ps(o, _mm_movehl_ps(o, o));
-                let o = _mm_add_ss(o, _mm_shuffle_ps(o, o, 1));
-                out[r] = hsum(acc[r]) + _mm_cvtss_f32(o);
-            }
-            if nb % 2 == 1 {
-                let tail = q4::<R, BS, MIN>(
-                    &w[(nb - 1) * BS..],
-                    &std::array::from_fn(|r| {
-                        let x = &xq[r];
-                        Q8Row {
-                            qs: &x.qs[(nb - 1) * 32..],
-                            d: &x.d[nb - 1..],
-                            s: &x.s[nb - 1..],
-                            pq: &[],
-                            pd: &[],
-                            ps: &[],
-                        }
-                    }),
-                );
-                for r in 0..R {
-                    out[r] += tail[r];
-                }
             }
             out
         }

@@ -456,7 +456,7 @@ mod tests {
         let m = QMatrix::new(kind, rows, cols, WeightBytes::Owned(Arc::new(bytes))).unwrap();
         let x: Vec<f32> = (0..n * cols).map(|_| lcg(&mut seed)).collect();
         let pool = crate::parallel::ThreadPool::new(2);
-        let mut acts = Q8Acts::with_every_layout();
+        let mut acts = Q8Acts::default();
         acts.quantize(&x, n, cols);
         // The file layout (scalar kernels, and AVX2's file-layout ones) and every packing whose
         // kernels run here (AVX2's 8-row groups on any AVX2 CPU, VNNI's 16-row groups where

@@ -11,16 +11,8 @@ pub struct Q8Acts {
     d: Vec<f32>,
     s: Vec<f32>,
     cols: usize,
-    // The same values laid out for kernels that take two weight blocks per step: per pair of
-    // blocks (b0, b1), 32 bytes `b0[0..16] ++ b1[0..16]`, 32 bytes `b0[16..32] ++ b1[16..32]`,
-    // scales `[d0; 4] ++ [d1; 4]`, and offsets `[0, s0, 0, s1]`.
-    pq: Vec<i8>,
-    pd: Vec<f32>,
-    ps: Vec<f32>,
     // Per block, the exact sum of its int8 values (the AVX-512 and AMX kernels' Q8_0 bias).
     qsum: Vec<i32>,
-    // Build the pair layout (read only by the AVX2 file-layout kernels, which models never run).
-    every_layout: bool,
 }
 
 /// One quantized row.
@@ -32,24 +24,9 @@ pub struct Q8Row<'a> {
     pub d: &'a [f32],
     /// Per-block `d * sum(q)`.
     pub s: &'a [f32],
-    /// Pair layout: values (64 bytes per pair of blocks).
-    pub pq: &'a [i8],
-    /// Pair layout: scales (8 per pair).
-    pub pd: &'a [f32],
-    /// Pair layout: offsets (4 per pair).
-    pub ps: &'a [f32],
 }
 
 impl Q8Acts {
-    /// Buffers that also lay activations out for the AVX2 file-layout kernels, which the packed
-    /// ones do not read — for tests and benchmarks that compare the two.
-    pub fn with_every_layout() -> Self {
-        Self {
-            every_layout: true,
-            ..Self::default()
-        }
-    }
-
     /// Quantizes `n` rows of `cols` values (a no-op shape for non-multiple-of-32 widths, which
     /// only f32-input kernels use).
     pub fn quantize(&mut self, x: &[f32], n: usize, cols: usize) {
@@ -69,35 +46,6 @@ impl Q8Acts {
             self.d[b] = d;
             self.s[b] = d * sum as f32;
             self.qsum[b] = sum;
-        }
-        // The AVX2 file-layout kernels read a pair layout; the packed kernels (every matrix a
-        // model multiplies, wherever AVX2 or AVX-512 runs) read the rows as they are.
-        if self.every_layout {
-            self.pair_layout(n, cols / QK);
-        }
-    }
-
-    /// The AVX2 kernels' pair layout (see the field comments).
-    fn pair_layout(&mut self, n: usize, nb: usize) {
-        let per_row_pairs = nb / 2;
-        let pairs = n * per_row_pairs;
-        self.pq.resize(pairs * 64, 0);
-        self.pd.resize(pairs * 8, 0.0);
-        self.ps.resize(pairs * 4, 0.0);
-        for t in 0..n {
-            for p in 0..per_row_pairs {
-                let (b0, b1) = (t * nb + 2 * p, t * nb + 2 * p + 1);
-                let at = (t * per_row_pairs + p) * 64;
-                let dst = &mut self.pq[at..at + 64];
-                dst[0..16].copy_from_slice(&self.qs[b0 * QK..b0 * QK + 16]);
-                dst[16..32].copy_from_slice(&self.qs[b1 * QK..b1 * QK + 16]);
-                dst[32..48].copy_from_slice(&self.qs[b0 * QK + 16..b0 * QK + 32]);
-                dst[48..64].copy_from_slice(&self.qs[b1 * QK + 16..b1 * QK + 32]);
-                let pi = t * per_row_pairs + p;
-                self.pd[pi * 8..pi * 8 + 4].fill(self.d[b0]);
-                self.pd[pi * 8 + 4..pi * 8 + 8].fill(self.d[b1]);
-                self.ps[pi * 4..pi * 4 + 4].copy_from_slice(&[0.0, self.s[b0], 0.0, self.s[b1]]);
-            }
         }
     }
 
@@ -125,22 +73,12 @@ impl Q8Acts {
     #[inline]
     pub fn row(&self, t: usize) -> Q8Row<'_> {
         let nb = self.cols / QK;
-        let np = nb / 2;
         Q8Row {
             qs: &self.qs[t * self.cols..(t + 1) * self.cols],
             d: &self.d[t * nb..(t + 1) * nb],
             s: &self.s[t * nb..(t + 1) * nb],
-            pq: window(&self.pq, t, np * 64),
-            pd: window(&self.pd, t, np * 8),
-            ps: window(&self.ps, t, np * 4),
         }
     }
-}
-
-/// Row `t`'s `per_row` elements of a layout, or nothing where that layout was not built (a kernel
-/// that needs it then fails its length check).
-fn window<T>(v: &[T], t: usize, per_row: usize) -> &[T] {
-    v.get(t * per_row..(t + 1) * per_row).unwrap_or(&[])
 }
 
 /// `quantize_block`, with AVX2 when `simd` (which the caller has checked the CPU supports).
