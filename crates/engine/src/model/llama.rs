@@ -408,12 +408,15 @@ impl LlamaModel {
         // keys and values (from cache) but splits the work evenly. Each query's arithmetic is
         // the same in any group.
         if s.attention_items.len() < 2 * pool.threads() && group > 1 {
-            let whole = std::mem::take(&mut s.attention_items);
-            for it in whole {
+            // In place (the vector keeps its capacity: no allocation per layer).
+            let whole = s.attention_items.len();
+            for i in 0..whole {
+                let it = s.attention_items[i];
                 for h0 in 0..group {
                     s.attention_items.push(AttentionItem { h0, heads: 1, ..it });
                 }
             }
+            s.attention_items.drain(..whole);
         }
         // Most expensive (furthest position) first, so the last items to finish are short.
         s.attention_items.sort_unstable_by_key(|it| {
