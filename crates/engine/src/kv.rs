@@ -80,6 +80,43 @@ impl KvCache {
     pub fn kv_dim(&self) -> usize {
         self.kv_dim
     }
+
+    /// Layers held.
+    pub fn layers(&self) -> usize {
+        self.k.len()
+    }
+
+    /// Half floats one block holds across all layers (keys and values).
+    pub fn block_values(&self) -> usize {
+        self.k.len() * 2 * self.block_size * self.kv_dim
+    }
+
+    /// Appends block `block`'s keys and values to `out`, layer by layer (each layer's keys as
+    /// stored, channel-major, then its values, slot by slot): the layout KV transfer sends.
+    pub fn read_block(&self, block: u32, out: &mut Vec<u16>) {
+        let n = self.block_size * self.kv_dim;
+        let at = block as usize * n;
+        for (k, v) in self.k.iter().zip(&self.v) {
+            out.extend_from_slice(&k[at..at + n]);
+            out.extend_from_slice(&v[at..at + n]);
+        }
+    }
+
+    /// Overwrites block `block` with `data`, laid out as [`KvCache::read_block`] gives it
+    /// (`data` must hold [`KvCache::block_values`] values).
+    pub fn write_block(&mut self, block: u32, data: &[u16]) {
+        let n = self.block_size * self.kv_dim;
+        let at = block as usize * n;
+        for ((k, v), layer) in self
+            .k
+            .iter_mut()
+            .zip(&mut self.v)
+            .zip(data.chunks_exact(2 * n))
+        {
+            k[at..at + n].copy_from_slice(&layer[..n]);
+            v[at..at + n].copy_from_slice(&layer[n..]);
+        }
+    }
 }
 
 /// The names of one full block of a sequence (each also covers every block before it).
@@ -276,6 +313,11 @@ impl BlockPool {
         });
     }
 
+    /// Whether a block with this prefix-cache key is cached.
+    pub fn contains(&self, key: u128) -> bool {
+        self.index.contains_key(&key)
+    }
+
     /// Events since the last call.
     pub fn take_events(&mut self) -> Vec<KvEvent> {
         std::mem::take(&mut self.events)
@@ -395,6 +437,35 @@ mod tests {
         assert_ne!(other.key, victim[0].key);
         p.release(&mut hit);
         p.release(&mut theirs);
+    }
+
+    #[test]
+    fn a_block_read_out_and_written_into_another_is_the_same_block() {
+        let (layers, blocks, bs, dim) = (3, 4, 4, 8);
+        let mut kv = KvCache::new(layers, blocks, bs, dim);
+        for layer in 0..layers {
+            for pos in 0..bs {
+                let k: Vec<f32> = (0..dim)
+                    .map(|c| (layer * 100 + pos * 10 + c) as f32)
+                    .collect();
+                let v: Vec<f32> = k.iter().map(|x| -x).collect();
+                kv.write(layer, bs + pos, &k, &v);
+            }
+        }
+        let mut data = Vec::new();
+        kv.read_block(1, &mut data);
+        assert_eq!(data.len(), kv.block_values());
+        kv.write_block(3, &data);
+        for layer in 0..layers {
+            let (k, v) = kv.layer(layer);
+            let n = bs * dim;
+            assert_eq!(k[n..2 * n], k[3 * n..4 * n]);
+            assert_eq!(v[n..2 * n], v[3 * n..4 * n]);
+            assert!(k[3 * n..4 * n].iter().any(|&x| x != 0));
+        }
+        let mut again = Vec::new();
+        kv.read_block(3, &mut again);
+        assert_eq!(again, data);
     }
 
     #[test]

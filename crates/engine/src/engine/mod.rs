@@ -3,6 +3,7 @@
 //! and frees its blocks at the next step.
 
 mod closing;
+mod handoff;
 mod pacing;
 mod plan;
 mod scheduler;
@@ -22,6 +23,7 @@ use crate::chat_template::ChatTemplate;
 use crate::constraint::{Grammar, GrammarCompiler, GrammarSpec};
 use crate::error::{EngineError, Result};
 use crate::kv::KvCache;
+use crate::kv_transfer::{KvBlock, KvLayout};
 use crate::loader::LoadedModel;
 use crate::sampler::SamplingParams;
 use crate::tokenizer::TextTokenizer;
@@ -245,6 +247,12 @@ pub struct EngineStats {
     pub draft_tokens: AtomicU64,
     /// Draft tokens kept: generated at the cost of a row in another token's step.
     pub accepted_draft_tokens: AtomicU64,
+    /// KV blocks held under leases for other engines to read (disaggregation).
+    pub kv_blocks_held: AtomicUsize,
+    /// KV blocks read out for other engines.
+    pub kv_blocks_exported: AtomicU64,
+    /// KV blocks received from other engines and stored in the prefix cache.
+    pub kv_blocks_imported: AtomicU64,
 }
 
 impl EngineStats {
@@ -293,10 +301,61 @@ pub(crate) struct Submission {
     pub(crate) tx: UnboundedSender<GenerationEvent>,
 }
 
+/// A prompt's cached blocks held under a lease ([`EngineHandle::hold_prefix`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldPrefix {
+    /// The lease, for [`EngineHandle::export_blocks`] and [`EngineHandle::release_prefix`].
+    pub lease: u64,
+    /// Full blocks held: the prompt's longest cached prefix.
+    pub blocks: usize,
+}
+
+/// What an import of blocks did ([`EngineHandle::import_blocks`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImportOutcome {
+    /// Blocks written and registered in the prefix cache.
+    pub stored: usize,
+    /// Blocks the cache held already.
+    pub present: usize,
+    /// Blocks not stored for lack of free blocks.
+    pub no_room: usize,
+    /// Blocks refused (and every block after the first refused): their tokens or routing hash
+    /// are not the prompt's, or their values are not a block's size.
+    pub refused: usize,
+}
+
+/// What the engine thread is asked to do.
+pub(crate) enum Command {
+    /// Run a generation.
+    Generate(Box<Submission>),
+    /// Hold a prompt's cached blocks under a new lease.
+    Hold {
+        prompt: Vec<u32>,
+        reply: tokio::sync::oneshot::Sender<HeldPrefix>,
+    },
+    /// Read out `count` held blocks of `lease` from its `from`th (`None`: no such lease).
+    Export {
+        lease: u64,
+        from: usize,
+        count: usize,
+        reply: tokio::sync::oneshot::Sender<Option<Vec<KvBlock>>>,
+    },
+    /// End a lease.
+    Release { lease: u64 },
+    /// Store blocks `first..` of `prompt`, received from another engine.
+    Import {
+        prompt: Vec<u32>,
+        first: usize,
+        blocks: Vec<KvBlock>,
+        reply: tokio::sync::oneshot::Sender<ImportOutcome>,
+    },
+}
+
 /// A cheap, cloneable handle to a running engine.
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: SyncSender<Submission>,
+    tx: SyncSender<Command>,
+    layout: KvLayout,
     info: Arc<ModelInfo>,
     stats: Arc<EngineStats>,
     tokenizer: Arc<TextTokenizer>,
@@ -338,6 +397,12 @@ impl EngineHandle {
             block_size: config.block_size,
             load_seconds,
         });
+        let layout = KvLayout {
+            model: model_fingerprint(&model.config, info.weight_bytes_per_token),
+            layers: c.layers as u32,
+            kv_dim: c.kv_dim() as u32,
+            block_size: config.block_size as u32,
+        };
         let stats = Arc::new(EngineStats::default());
         stats.kv_blocks_total.store(num_blocks, Ordering::Relaxed);
         let tokenizer = Arc::new(tokenizer);
@@ -368,6 +433,7 @@ impl EngineHandle {
             .map_err(|e| EngineError::io("spawning the engine thread", e))?;
         Ok(Self {
             tx,
+            layout,
             info,
             stats,
             grammars: Arc::new(GrammarCompiler::new(tokenizer.clone())),
@@ -411,7 +477,10 @@ impl EngineHandle {
         }
         let (tx, rx) = unbounded_channel();
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-        match self.tx.try_send(Submission { request, tx }) {
+        match self
+            .tx
+            .try_send(Command::Generate(Box::new(Submission { request, tx })))
+        {
             Ok(()) => Ok(GenerationStream { rx }),
             Err(e) => {
                 self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
@@ -421,6 +490,79 @@ impl EngineHandle {
                 })
             }
         }
+    }
+
+    /// How this engine's KV blocks travel ([`crate::kv_transfer`]): its model's fingerprint
+    /// mixed with `served_as` (the name it is served under), its shape and block size.
+    pub fn kv_layout(&self, served_as: &str) -> KvLayout {
+        let mut layout = self.layout;
+        layout.model = lastmile_protocol::block_hash(Some(layout.model), &name_words(served_as));
+        layout
+    }
+
+    /// Sends a KV command to the engine thread and waits for its reply.
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> Command,
+    ) -> Result<T> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.tx.try_send(command(reply)).map_err(|e| match e {
+            TrySendError::Full(_) => EngineError::QueueFull {
+                limit: self.max_waiting,
+            },
+            TrySendError::Disconnected(_) => EngineError::Stopped,
+        })?;
+        answer.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Holds the longest cached prefix of `prompt` (its full blocks) under a new lease, so that
+    /// another engine can read it ([`EngineHandle::export_blocks`]) before eviction takes it.
+    /// The lease lasts until [`EngineHandle::release_prefix`].
+    pub async fn hold_prefix(&self, prompt: Vec<u32>) -> Result<HeldPrefix> {
+        self.ask(|reply| Command::Hold { prompt, reply }).await
+    }
+
+    /// Copies out up to `count` blocks held under `lease`, from its `from`th; `None` when the
+    /// lease is not live (released, or lost with the cache after a failed step).
+    pub async fn export_blocks(
+        &self,
+        lease: u64,
+        from: usize,
+        count: usize,
+    ) -> Result<Option<Vec<KvBlock>>> {
+        self.ask(|reply| Command::Export {
+            lease,
+            from,
+            count,
+            reply,
+        })
+        .await
+    }
+
+    /// Ends a lease (a lease not live is ignored).
+    pub fn release_prefix(&self, lease: u64) -> Result<()> {
+        self.tx
+            .try_send(Command::Release { lease })
+            .map_err(|_| EngineError::Stopped)
+    }
+
+    /// Stores blocks received from another engine: `blocks[j]` is full block `first + j` of
+    /// `prompt`, checked against the prompt's own tokens and routing hashes (a block that is not
+    /// the prompt's is refused with all after it), registered in the prefix cache under this
+    /// engine's keys, so a request with this prompt finds them cached.
+    pub async fn import_blocks(
+        &self,
+        prompt: Vec<u32>,
+        first: usize,
+        blocks: Vec<KvBlock>,
+    ) -> Result<ImportOutcome> {
+        self.ask(|reply| Command::Import {
+            prompt,
+            first,
+            blocks,
+            reply,
+        })
+        .await
     }
 
     /// The model's facts.
@@ -475,6 +617,32 @@ impl EngineHandle {
     pub fn warm_grammars(&self) -> Result<()> {
         self.grammars.warm()
     }
+}
+
+/// A fingerprint of a model's shape and weights' size: engines whose KV blocks are
+/// interchangeable agree on it (the served name is mixed in by [`EngineHandle::kv_layout`]).
+fn model_fingerprint(c: &crate::model::ModelConfig, weight_bytes: usize) -> u64 {
+    let words = [
+        c.layers,
+        c.kv_dim(),
+        c.vocab,
+        c.context_length,
+        weight_bytes,
+        c.rope_base.to_bits() as usize,
+        c.head_dim,
+    ];
+    let mut all = name_words(&c.arch);
+    all.extend(
+        words
+            .iter()
+            .flat_map(|w| [*w as u32, (*w as u64 >> 32) as u32]),
+    );
+    lastmile_protocol::block_hash(None, &all)
+}
+
+/// A string as words for [`lastmile_protocol::block_hash`].
+fn name_words(s: &str) -> Vec<u32> {
+    s.bytes().map(u32::from).collect()
 }
 
 #[cfg(test)]

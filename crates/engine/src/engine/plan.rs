@@ -213,6 +213,11 @@ impl<S: Planned> Planner<S> {
         Ok(())
     }
 
+    /// The names of every full block of `tokens` (under this engine's keys).
+    pub(super) fn names(&self, tokens: &[u32]) -> Vec<BlockName> {
+        self.namer.prefix(tokens, self.config.block_size)
+    }
+
     /// Decides the next step: drops cancelled sequences, makes room for every decode (preempting
     /// the newest sequences when blocks run out), admits waiting sequences, and sizes the chunks.
     pub(super) fn plan(&mut self) -> StepPlan {

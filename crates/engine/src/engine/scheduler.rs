@@ -13,14 +13,16 @@ use tokio::sync::broadcast;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::closing::BudgetCloser;
+use super::handoff::{import_block, tally, Leases};
 use super::plan::{Chunk, Planned, Planner, Refusal, SeqKv, StepPlan};
 use super::speculate::{Drafter, Speculation, MAX_RUNNING_TO_DRAFT};
 use super::{
-    EngineConfig, EngineStats, FinishReason, GenerateRequest, GenerationEvent, Submission,
-    TokenLogprobs,
+    Command, EngineConfig, EngineStats, FinishReason, GenerateRequest, GenerationEvent,
+    ImportOutcome, Submission, TokenLogprobs,
 };
 use crate::error::EngineError;
 use crate::kv::KvCache;
+use crate::kv_transfer::KvBlock;
 use crate::model::{BatchSeq, LlamaModel, Scratch};
 use crate::parallel::ThreadPool;
 use crate::sampler::{logprobs, Sampler, StopMatcher};
@@ -92,6 +94,8 @@ pub(super) struct Scheduler {
     counted_waiting: usize,
     /// Speculation for requests that do not choose.
     speculation: Speculation,
+    /// Blocks held for other engines to read.
+    leases: Leases,
 }
 
 impl Scheduler {
@@ -123,26 +127,27 @@ impl Scheduler {
             raw_logits: Vec::new(),
             counted_waiting: 0,
             speculation,
+            leases: Leases::default(),
         }
     }
 
-    pub(super) fn run(&mut self, rx: Receiver<Submission>) {
+    pub(super) fn run(&mut self, rx: Receiver<Command>) {
         loop {
             if self.planner.is_idle() {
                 match rx.recv() {
-                    Ok(s) => {
+                    Ok(c) => {
                         // Idle until now: the stall clock starts here, not at the last step.
                         self.stats
                             .loop_at_ms
                             .store(EngineStats::now_ms(), Ordering::Relaxed);
-                        self.admit(s)
+                        self.take(c)
                     }
                     Err(_) => return,
                 }
             }
             loop {
                 match rx.try_recv() {
-                    Ok(s) => self.admit(s),
+                    Ok(c) => self.take(c),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         if self.planner.is_idle() {
@@ -159,11 +164,101 @@ impl Scheduler {
                     let _ =
                         s.tx.send(GenerationEvent::Failed(Arc::new(EngineError::Internal)));
                 }
+                // Their blocks went with the pool.
+                self.leases.forget();
                 self.forget_cache();
             }
             self.publish_stats();
             self.publish_events();
         }
+    }
+
+    fn take(&mut self, command: Command) {
+        match command {
+            Command::Generate(s) => self.admit(*s),
+            Command::Hold { prompt, reply } => {
+                let names = self.planner.names(&prompt);
+                let held = self.leases.hold(&mut self.planner.alloc, names, prompt);
+                self.publish_held();
+                let _ = reply.send(held);
+            }
+            Command::Export {
+                lease,
+                from,
+                count,
+                reply,
+            } => {
+                let blocks = self.export(lease, from, count);
+                if let Some(b) = &blocks {
+                    self.stats
+                        .kv_blocks_exported
+                        .fetch_add(b.len() as u64, Ordering::Relaxed);
+                }
+                let _ = reply.send(blocks);
+            }
+            Command::Release { lease } => {
+                self.leases.release(&mut self.planner.alloc, lease);
+                self.publish_held();
+            }
+            Command::Import {
+                prompt,
+                first,
+                blocks,
+                reply,
+            } => {
+                let outcome = self.import(&prompt, first, &blocks);
+                self.stats
+                    .kv_blocks_imported
+                    .fetch_add(outcome.stored as u64, Ordering::Relaxed);
+                let _ = reply.send(outcome);
+            }
+        }
+    }
+
+    /// Copies out held blocks `from..from + count` of `lease`.
+    fn export(&self, lease: u64, from: usize, count: usize) -> Option<Vec<KvBlock>> {
+        let held = self.leases.get(lease)?;
+        let bs = self.kv.block_size;
+        let end = from.saturating_add(count).min(held.blocks.len());
+        let blocks = (from.min(end)..end)
+            .map(|i| {
+                let mut values = Vec::with_capacity(self.kv.block_values());
+                self.kv.read_block(held.blocks[i], &mut values);
+                KvBlock {
+                    route: held.names[i].route,
+                    tokens: held.tokens[i * bs..(i + 1) * bs].to_vec(),
+                    values,
+                }
+            })
+            .collect();
+        Some(blocks)
+    }
+
+    /// Stores received blocks `first..` of `prompt` (see `EngineHandle::import_blocks`).
+    fn import(&mut self, prompt: &[u32], first: usize, blocks: &[KvBlock]) -> ImportOutcome {
+        let bs = self.kv.block_size;
+        let names = self.planner.names(prompt);
+        let reserve = self.planner.alloc.total_blocks() / 100 + 1;
+        let mut outcome = ImportOutcome::default();
+        for (j, block) in blocks.iter().enumerate() {
+            let i = first + j;
+            let fits = names.get(i).is_some_and(|name| {
+                name.route == block.route
+                    && block.tokens == prompt[i * bs..(i + 1) * bs]
+                    && block.values.len() == self.kv.block_values()
+            });
+            if !fits {
+                outcome.refused = blocks.len() - j;
+                break;
+            }
+            let parent = i.checked_sub(1).map(|p| names[p].route);
+            let kv = &mut self.kv;
+            let imported = import_block(&mut self.planner.alloc, reserve, names[i], parent, |b| {
+                kv.write_block(b, &block.values)
+            });
+            tally(&mut outcome, imported);
+        }
+        outcome
     }
 
     fn admit(&mut self, s: Submission) {
@@ -226,6 +321,13 @@ impl Scheduler {
         stats
             .queued_prefill_tokens
             .store(p.queued_prefill_tokens(), Ordering::Relaxed);
+        self.publish_held();
+    }
+
+    fn publish_held(&self) {
+        self.stats
+            .kv_blocks_held
+            .store(self.leases.blocks(), Ordering::Relaxed);
     }
 
     fn publish_events(&mut self) {
