@@ -23,9 +23,15 @@ def _free_port() -> int:
 
 def start_server(*args):
     """Starts `lastmile serve ARGS` on a free port; returns (base URL, process) once healthy."""
+    return start_lastmile("serve", *args)
+
+
+def start_lastmile(command, *args):
+    """Starts `lastmile COMMAND ARGS` (a server) on a free port; returns (base URL, process) once
+    its /health answers 200."""
     port = _free_port()
     proc = subprocess.Popen(
-        [str(BINARY), "serve", "--port", str(port), *args],
+        [str(BINARY), command, "--port", str(port), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -33,7 +39,7 @@ def start_server(*args):
     deadline = time.time() + 120
     while True:
         if proc.poll() is not None:
-            raise RuntimeError("lastmile serve exited: " + proc.stderr.read().decode(errors="replace"))
+            raise RuntimeError(f"lastmile {command} exited: " + proc.stderr.read().decode(errors="replace"))
         try:
             with urllib.request.urlopen(url + "/health", timeout=1) as r:
                 if r.status == 200:
@@ -42,7 +48,7 @@ def start_server(*args):
             pass
         if time.time() > deadline:
             proc.kill()
-            raise RuntimeError("lastmile serve did not become healthy in 120 s")
+            raise RuntimeError(f"lastmile {command} did not become healthy in 120 s")
         time.sleep(0.2)
 
 

@@ -20,6 +20,8 @@ use crate::{lock, Gateway};
 /// A request's prompt as its model's workers build it: the hashes of its full blocks, its
 /// length, and the header that hands its tokens to the chosen worker.
 pub(crate) struct PromptBlocks {
+    /// The prompt's token ids.
+    pub(crate) ids: Vec<u32>,
     pub(crate) hashes: Vec<u64>,
     pub(crate) tokens: usize,
     pub(crate) block_size: usize,
@@ -142,6 +144,7 @@ pub(crate) async fn prompt_blocks(
             tokens: tokens.len(),
             block_size,
             header: prompter.header(&tokens),
+            ids: tokens,
         })
     };
     if body.len() <= INLINE_BODY_BYTES {

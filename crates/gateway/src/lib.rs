@@ -19,6 +19,7 @@
 
 mod activator;
 mod allow;
+mod disagg;
 mod kv;
 mod metrics;
 mod proxy;
@@ -26,6 +27,7 @@ mod tenants;
 mod workers;
 
 pub use allow::WorkerAllow;
+pub use disagg::DisaggRouting;
 pub use tenants::{TenantsConfig, DEFAULT_MAX_IN_FLIGHT_PER_KEY};
 
 use std::future::Future;
@@ -137,6 +139,9 @@ pub struct GatewayConfig {
     /// Name the worker that answered in an `x-lastmile-worker` header (it shows the workers'
     /// addresses: for debugging and tests only).
     pub debug_headers: bool,
+    /// Disaggregated prefill and decode: when prompts go to prefill workers (`None`: never;
+    /// workers with the `prefill` role then get no requests).
+    pub disagg: Option<DisaggRouting>,
 }
 
 impl GatewayConfig {
@@ -158,6 +163,7 @@ impl GatewayConfig {
             allow_no_workers: false,
             metrics_key: None,
             debug_headers: false,
+            disagg: None,
         }
     }
 
@@ -199,6 +205,15 @@ impl GatewayConfig {
             )));
         }
         self.validate_keys()?;
+        if self
+            .disagg
+            .as_ref()
+            .is_some_and(|d| d.internal_token.is_empty() || d.prefill_timeout.is_zero())
+        {
+            return Err(GatewayError::InvalidConfig(
+                "disaggregation needs the internal token and a positive prefill timeout".into(),
+            ));
+        }
         if let Some(e) = &self.etcd {
             // Certificate files are read now, so that a wrong path stops the start.
             lastmile_discovery::Etcd::connect(&e.client)
@@ -845,6 +860,9 @@ async fn metrics(State(gw): State<Arc<Gateway>>, headers: axum::http::HeaderMap)
         .render(&mut page, &gw.workers, gw.policy.kind(), &gw.index());
     gw.metrics
         .render_activator(&mut page, &gw.config.deployments, &gw.activator);
+    if gw.config.disagg.is_some() {
+        gw.metrics.disagg.write(&mut page);
+    }
     if let Some(t) = &gw.tenants {
         t.metrics(&mut page);
     }

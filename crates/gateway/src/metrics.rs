@@ -18,6 +18,8 @@ pub(crate) struct Metrics {
     overlap_blocks: AtomicU64,
     pub(crate) retries: AtomicU64,
     overhead: Histogram,
+    /// Disaggregation decisions and outcomes.
+    pub(crate) disagg: crate::disagg::DisaggMetrics,
 }
 
 impl Metrics {
@@ -26,6 +28,7 @@ impl Metrics {
             overlap_blocks: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             overhead: Histogram::new(&OVERHEAD_BOUNDS),
+            disagg: Default::default(),
         }
     }
 

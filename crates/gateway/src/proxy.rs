@@ -20,7 +20,9 @@ use lastmile_protocol::{ApiError, StreamMeter, TokenReservation, TokenUsage};
 use lastmile_router::{PolicyKind, RouteRequest};
 
 use crate::activator::Released;
+use crate::disagg::{self, Prefilled};
 use crate::{kv, Gateway};
+use lastmile_protocol::disagg::{INTERNAL_TOKEN_HEADER, KV_SOURCE_HEADER};
 
 /// The error response for `path`, in Anthropic's shape on the Anthropic endpoints.
 pub(crate) fn error_response(path: &str, e: &ApiError) -> Response {
@@ -160,6 +162,8 @@ async fn relay(
         _ => None,
     };
     let route = route_request(blocks.as_ref());
+    // Where the prompt is computed: decided once, for the first decode worker chosen.
+    let mut prefilled: Option<Prefilled> = None;
     loop {
         let snapshot = gw.workers.snapshot(&tried, model);
         let Some(decision) = policy.select(&snapshot, &route, &gw.index()) else {
@@ -178,7 +182,23 @@ async fn relay(
         let worker = gw.workers.get(id);
         let worker_url = worker.url.clone();
         let asked = Instant::now();
-        let post = worker_request(gw, &worker_url, path, blocks.as_ref());
+        if prefilled.is_none() {
+            let decided = match (&gw.config.disagg, blocks.as_ref()) {
+                (Some(d), Some(b)) => {
+                    disagg::prefill(gw, d, path, model, b, decision.overlap_blocks).await
+                }
+                _ => Ok(Prefilled::Local),
+            };
+            match decided {
+                Ok(p) => prefilled = Some(p),
+                Err(resp) => return resp,
+            }
+        }
+        let source = match &prefilled {
+            Some(Prefilled::Remote { source, .. }) => Some(source.as_str()),
+            _ => None,
+        };
+        let post = worker_request(gw, &worker_url, path, blocks.as_ref(), source);
         let patience = gw.config.worker_timeout;
         let sent = while_alive(&worker, patience, post.body(body.clone()).send()).await;
         *upstream += asked.elapsed();
@@ -188,6 +208,7 @@ async fn relay(
                 // stalled). Dropping the request closes the connection (the worker, should it
                 // wake, cancels); nothing reached the client: run it elsewhere.
                 tracing::warn!(worker = %worker_url, "hung: no answer in {patience:?} and its health check fails");
+                give_up_prefill(gw, &mut prefilled);
                 retry_elsewhere(gw, id, &mut tried);
             }
             Some(Ok(upstream)) => {
@@ -208,10 +229,12 @@ async fn relay(
                     "lost the request"
                 };
                 tracing::warn!(worker = %worker_url, "{how}: {e}");
+                give_up_prefill(gw, &mut prefilled);
                 retry_elsewhere(gw, id, &mut tried);
             }
             Some(Err(e)) => {
                 gw.workers.failed(id);
+                give_up_prefill(gw, &mut prefilled);
                 return error_response(
                     path,
                     &ApiError::bad_gateway(format!("the worker failed before answering: {e}")),
@@ -219,6 +242,17 @@ async fn relay(
             }
         }
     }
+}
+
+/// The decode worker failed before answering: the prompt's held blocks (if a prefill worker
+/// computed it) are released there, and another decode worker computes the prompt itself.
+fn give_up_prefill(gw: &Gateway, prefilled: &mut Option<Prefilled>) {
+    if let (Some(Prefilled::Remote { lease, .. }), Some(d)) =
+        (prefilled.take(), gw.config.disagg.as_ref())
+    {
+        disagg::release(gw, d, lease);
+    }
+    *prefilled = Some(Prefilled::Local);
 }
 
 /// Before routing a request for `model` (if it names one): a deployment's request waits while
@@ -264,19 +298,27 @@ fn route_request(blocks: Option<&kv::PromptBlocks>) -> RouteRequest<'_> {
     }
 }
 
-/// The POST of a request for `path` to the worker at `worker_url`, with the prompt's tokens when the gateway has
-/// them and, when it meters tenants, the ask for a usage report.
+/// The POST of a request for `path` to the worker at `worker_url`, with the prompt's tokens
+/// when the gateway has them, the KV source when a prefill worker computed the prompt, and,
+/// when it meters tenants, the ask for a usage report.
 fn worker_request(
     gw: &Gateway,
     worker_url: &str,
     path: &str,
     blocks: Option<&kv::PromptBlocks>,
+    kv_source: Option<&str>,
 ) -> reqwest::RequestBuilder {
     let mut post = gw
         .workers
         .client
         .post(format!("{worker_url}{path}"))
         .header(header::CONTENT_TYPE, "application/json");
+    if let (Some(source), Some(d)) = (kv_source, gw.config.disagg.as_ref()) {
+        // A prefill worker computed the prompt: the decode worker pulls its blocks.
+        post = post
+            .header(KV_SOURCE_HEADER, source)
+            .header(INTERNAL_TOKEN_HEADER, &d.internal_token);
+    }
     if let Some(h) = blocks.and_then(|b| b.header.as_deref()) {
         // The prompt's tokens: the worker need not build them again.
         post = post.header(lastmile_worker::PROMPT_HEADER, h);

@@ -27,6 +27,8 @@ struct Status {
     /// requests lately.
     ttft_p90_ms: Option<f64>,
     itl_p90_ms: Option<f64>,
+    /// Its part in disaggregated serving, from its health report.
+    role: lastmile_protocol::WorkerRole,
     consecutive_failures: u32,
     /// The breaker is open until then.
     open_until: Option<Instant>,
@@ -251,8 +253,9 @@ impl Workers {
             .iter()
             .enumerate()
             .map(|(id, w)| {
-                let available = w.available() && w.serves(model);
                 let s = w.status().clone();
+                // Prefill workers take prompts from the gateway, not requests.
+                let available = w.available() && w.serves(model) && s.role.decodes();
                 let in_flight = w.in_flight();
                 WorkerLoad {
                     id,
@@ -265,6 +268,43 @@ impl Workers {
                 }
             })
             .collect()
+    }
+
+    /// Load snapshots of the prefill workers serving `model`, for choosing where a prompt is
+    /// computed: only available ones with fewer than `max_queue_tokens` prompt tokens still to
+    /// compute are candidates.
+    pub(crate) fn prefill_snapshot(
+        &self,
+        model: Option<&str>,
+        max_queue_tokens: usize,
+    ) -> Vec<WorkerLoad> {
+        self.all()
+            .iter()
+            .enumerate()
+            .map(|(id, w)| {
+                let s = w.status().clone();
+                let queued = s.queued_prefill_tokens + w.recent_prefill.load(Ordering::Relaxed);
+                WorkerLoad {
+                    id,
+                    healthy: w.available()
+                        && w.serves(model)
+                        && s.role == lastmile_protocol::WorkerRole::Prefill
+                        && queued < max_queue_tokens,
+                    running: s.running,
+                    waiting: s.waiting.max(w.in_flight().saturating_sub(s.running)),
+                    queued_prefill_tokens: queued,
+                }
+            })
+            .collect()
+    }
+
+    /// Whether any available worker serving `model` has the prefill role.
+    pub(crate) fn any_prefill_worker(&self, model: Option<&str>) -> bool {
+        self.all().iter().any(|w| {
+            w.available()
+                && w.serves(model)
+                && w.status().role == lastmile_protocol::WorkerRole::Prefill
+        })
     }
 
     /// Marks a request as in flight on `id` until the returned guard is dropped; counts the
@@ -335,6 +375,11 @@ impl Workers {
         s.queued_prefill_tokens = count("queued_prefill_tokens");
         s.ttft_p90_ms = body.get("ttft_p90_ms").and_then(|v| v.as_f64());
         s.itl_p90_ms = body.get("itl_p90_ms").and_then(|v| v.as_f64());
+        s.role = body
+            .get("role")
+            .and_then(|v| v.as_str())
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_default();
         // The report covers what was routed before it was asked for.
         w.recent_prefill.store(0, Ordering::Relaxed);
         s.consecutive_failures = 0;

@@ -128,6 +128,16 @@ impl ApiError {
         .with_code("unknown_url")
     }
 
+    /// 404: the named thing (not the URL) does not exist, or no longer does.
+    pub fn missing(message: impl Into<String>) -> Self {
+        Self::new(404, message, INVALID_REQUEST).with_code("not_found")
+    }
+
+    /// 403: the caller may not do this (an internal endpoint without its token).
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(403, message, INVALID_REQUEST).with_code("forbidden")
+    }
+
     /// 403: a server listening on loopback only was reached under a foreign `Host` name (a
     /// DNS-rebinding page).
     pub fn forbidden_host(host: &str) -> Self {

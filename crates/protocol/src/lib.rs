@@ -10,6 +10,7 @@
 pub mod anthropic;
 pub mod chat;
 pub mod completions;
+pub mod disagg;
 pub mod error;
 pub mod kv;
 pub mod logprobs;
@@ -33,6 +34,7 @@ pub use completions::{
     CompletionChoice, CompletionChunk, CompletionChunkChoice, CompletionRequest,
     CompletionResponse, PromptInput, PromptRef,
 };
+pub use disagg::{PrefillReply, PrefillRequest, WorkerRole};
 pub use error::{parse_json, ApiError};
 pub use kv::{block_hash, prefix_hashes, KvEvent};
 pub use logprobs::{

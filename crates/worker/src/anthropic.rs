@@ -41,6 +41,7 @@ pub(crate) async fn messages(State(state): State<Arc<AppState>>, req: Request) -
     let started = Instant::now();
     let report_usage = crate::openai::wants_usage_report(&req);
     let given = crate::openai::given_prompt(&req);
+    let kv_source = state.transfers.source(req.headers());
     let result = async {
         let body = read_body(req, state.config.max_body_bytes).await?;
         let request: MessagesRequest = parse_json(&body)?;
@@ -49,6 +50,7 @@ pub(crate) async fn messages(State(state): State<Arc<AppState>>, req: Request) -
             .await
             .map_err(from_worker)?;
         prepared.report_usage = report_usage;
+        prepared.pull_prompt(&state, kv_source.as_deref()).await;
         let generations = submit(&state, &prepared, started).map_err(from_worker)?;
         Ok::<_, AnthropicError>((prepared, generations))
     }

@@ -27,6 +27,7 @@ impl Harness {
                     model_id: model_id.to_string(),
                     max_body_bytes: 16 << 20,
                     startup_ms: Vec::new(),
+                    disagg: Default::default(),
                 },
             )),
             rt: tokio::runtime::Builder::new_current_thread()

@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 mod anthropic;
+mod disagg;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -28,11 +29,12 @@ use axum::extract::State;
 use axum::handler::Handler;
 use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, MethodRouter};
+use axum::routing::{delete, get, post, MethodRouter};
 use axum::Router;
 use lastmile_engine::EngineHandle;
 use lastmile_protocol::{ApiError, ModelCard, ModelList};
 
+pub use disagg::DisaggConfig;
 pub use error::{api_response, WorkerError};
 pub use metrics::Metrics;
 pub use prompt::{Api, PromptCard, Prompter, MAX_HEADER_TOKENS, PROMPT_HEADER};
@@ -47,6 +49,9 @@ pub struct ServerConfig {
     /// How this process started, stage by stage in milliseconds (reported by `/health`, for
     /// cold-start breakdowns).
     pub startup_ms: Vec<(String, f64)>,
+    /// Its part in disaggregated prefill and decode (default: serves whole requests, no KV
+    /// transfer).
+    pub disagg: DisaggConfig,
 }
 
 /// Shared state of every handler.
@@ -57,6 +62,8 @@ pub(crate) struct AppState {
     pub(crate) config: ServerConfig,
     pub(crate) metrics: Metrics,
     pub(crate) created: u64,
+    /// KV transfer: leases held for decode workers, pulls from prefill workers.
+    pub(crate) transfers: disagg::Transfers,
 }
 
 impl AppState {
@@ -64,6 +71,7 @@ impl AppState {
         let (tokenizer, template) = engine.prompt_parts();
         Self {
             prompter: Prompter::new(tokenizer, template, engine.info().block_size),
+            transfers: disagg::Transfers::new(config.disagg.clone()),
             engine,
             config,
             metrics: Metrics::default(),
@@ -115,6 +123,14 @@ impl Route {
             handler: post(handler),
         }
     }
+
+    fn delete<H: Handler<T, Arc<AppState>>, T: 'static>(path: &'static str, handler: H) -> Self {
+        Self {
+            method: Method::DELETE,
+            path,
+            handler: delete(handler),
+        }
+    }
 }
 
 /// Every public endpoint, in the order `/openapi.json` lists them.
@@ -132,6 +148,9 @@ pub(crate) fn routes() -> Vec<Route> {
         Route::get("/metrics", metrics),
         Route::get("/openapi.json", openapi::openapi_json),
         Route::get("/internal/prompt-card", internal::prompt_card),
+        Route::post("/internal/prefill", disagg::prefill),
+        Route::get("/internal/kv/{lease}", disagg::blocks),
+        Route::delete("/internal/kv/{lease}", disagg::release),
     ]
 }
 
@@ -217,6 +236,7 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
     let mut body = serde_json::json!({
         "status": if stalled.is_some() { "stalled" } else { "ok" },
         "model": s.config.model_id,
+        "role": s.transfers.role(),
         "context_length": s.engine.info().context_length,
         "running": load(&st.running),
         "waiting": load(&st.waiting),
@@ -247,7 +267,9 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
-    let body = s.metrics.render(s.engine.stats());
+    let body = s
+        .metrics
+        .render(s.engine.stats(), |page| s.transfers.write_metrics(page));
     (
         [(header::CONTENT_TYPE, lastmile_http::metrics::CONTENT_TYPE)],
         body,

@@ -127,7 +127,8 @@ impl Metrics {
     }
 
     /// The Prometheus text page.
-    pub fn render(&self, engine: &EngineStats) -> String {
+    /// `extra` writes further families (the KV transfer's).
+    pub fn render(&self, engine: &EngineStats, extra: impl FnOnce(&mut Exposition)) -> String {
         // Read once: the lastmile_ and vllm: names of one page agree.
         let gauges = EngineGauges::read(engine);
         let mut page = Exposition::new();
@@ -135,6 +136,7 @@ impl Metrics {
         write_engine(&mut page, engine, &gauges);
         self.write_latencies(&mut page);
         write_gaie(&mut page, &gauges);
+        extra(&mut page);
         page.encode()
     }
 
@@ -279,6 +281,21 @@ fn write_engine(page: &mut Exposition, engine: &EngineStats, g: &EngineGauges) {
         "lastmile_kv_blocks_total",
         "KV cache blocks in the pool.",
         g.total,
+    )
+    .gauge(
+        "lastmile_kv_blocks_held",
+        "KV blocks held under leases for decode workers to read.",
+        us(&engine.kv_blocks_held),
+    )
+    .counter(
+        "lastmile_kv_blocks_exported_total",
+        "KV blocks read out for decode workers.",
+        ld(&engine.kv_blocks_exported),
+    )
+    .counter(
+        "lastmile_kv_blocks_imported_total",
+        "KV blocks received from prefill workers and stored in the prefix cache.",
+        ld(&engine.kv_blocks_imported),
     );
 }
 
@@ -327,7 +344,7 @@ mod tests {
         engine.running.store(2, Ordering::Relaxed);
         engine.kv_blocks_used.store(16, Ordering::Relaxed);
         engine.kv_blocks_total.store(64, Ordering::Relaxed);
-        let page = m.render(&engine);
+        let page = m.render(&engine, |_| {});
         let at = |s: &str| sample(&page, s).unwrap_or_else(|| panic!("{s} missing:\n{page}"));
         assert_eq!(
             at("lastmile_requests_total{endpoint=\"/v1/completions\",status=\"200\"}"),
@@ -354,7 +371,7 @@ mod tests {
         assert!(page.contains("# TYPE lastmile_requests_total counter\n"));
         assert_eq!(
             sample(
-                &Metrics::default().render(&EngineStats::default()),
+                &Metrics::default().render(&EngineStats::default(), |_| {}),
                 "vllm:kv_cache_usage_perc"
             ),
             Some(0.0),
@@ -375,7 +392,7 @@ mod tests {
             m.observe_ttft(0.01);
         }
         assert_eq!(m.recent_ttft_p90(), Some(0.01));
-        let page = m.render(&EngineStats::default());
+        let page = m.render(&EngineStats::default(), |_| {});
         assert_eq!(
             sample(&page, "lastmile_time_to_first_token_seconds_count"),
             Some(74.0)

@@ -229,6 +229,12 @@ mod tests {
                 continue;
             }
             let example = op["requestBody"]["content"]["application/json"]["example"].clone();
+            if path == "/internal/prefill" {
+                let req: lastmile_protocol::PrefillRequest =
+                    accepted(&path, parse_json(example.to_string().as_bytes()));
+                assert!(!req.tokens.is_empty());
+                continue;
+            }
             assert_eq!(example["model"], DEFAULT_MODEL_ID, "{path}");
             let max_tokens = example["max_tokens"].as_u64().unwrap_or(0);
             assert!(max_tokens <= 8, "{path}: keep the example cheap on a CPU");
@@ -595,6 +601,19 @@ mod tests {
         out.insert(
             "CountTokensResponse",
             keys(&CountTokensResponse { input_tokens: 1 }),
+        );
+        out.insert(
+            "PrefillRequest",
+            keys(&lastmile_protocol::PrefillRequest { tokens: vec![1] }),
+        );
+        out.insert(
+            "PrefillReply",
+            keys(&lastmile_protocol::PrefillReply {
+                lease: "a".into(),
+                blocks: 1,
+                block_size: 16,
+                expires_in_ms: 1,
+            }),
         );
         out
     }

@@ -55,6 +55,7 @@ pub fn worker_until(shutdown: impl std::future::Future<Output = ()> + Send + 'st
         model_id: MODEL.to_string(),
         max_body_bytes: 1 << 20,
         startup_ms: Vec::new(),
+        disagg: Default::default(),
     };
     spawn_server(move |l| async move {
         lastmile_worker::serve(l, engine, config, shutdown)

@@ -83,6 +83,14 @@ pub(crate) struct Prepared {
 }
 
 impl Prepared {
+    /// Pulls the prompt's KV blocks from `source` (a prefill worker the gateway chose) into the
+    /// prefix cache first, when there is one; whatever does not arrive is computed here.
+    pub(crate) async fn pull_prompt(&self, state: &AppState, source: Option<&str>) {
+        if let (Some(source), Some(first)) = (source, self.requests.first()) {
+            crate::disagg::pull(state, source, &first.prompt).await;
+        }
+    }
+
     /// A fresh builder for choice `index`.
     pub(crate) fn choice(&self, index: u32, tok: &TextTokenizer) -> ChoiceBuilder {
         let mut b = ChoiceBuilder::new(
@@ -377,6 +385,7 @@ async fn handle(state: Arc<AppState>, req: Request, kind: Kind) -> Response {
     let started = Instant::now();
     let report_usage = wants_usage_report(&req);
     let given = given_prompt(&req);
+    let kv_source = state.transfers.source(req.headers());
     let result = async {
         let body = read_body(req, state.config.max_body_bytes).await?;
         let mut prepared = match kind {
@@ -384,6 +393,7 @@ async fn handle(state: Arc<AppState>, req: Request, kind: Kind) -> Response {
             Kind::Completion => prepare_completion(&state, &body, given).await?,
         };
         prepared.report_usage = report_usage;
+        prepared.pull_prompt(&state, kv_source.as_deref()).await;
         let generations = submit(&state, &prepared, started)?;
         Ok::<_, WorkerError>((prepared, generations))
     }

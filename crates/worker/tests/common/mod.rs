@@ -28,6 +28,7 @@ pub fn server() -> &'static str {
             model_id: MODEL.to_string(),
             max_body_bytes: 64 * 1024,
             startup_ms: Vec::new(),
+            disagg: Default::default(),
         };
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding");
         let addr = listener.local_addr().expect("address");
