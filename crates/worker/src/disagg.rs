@@ -3,8 +3,9 @@
 //!
 //! As a **prefill** worker it serves `POST /internal/prefill` (compute a prompt, hold its blocks
 //! under a lease that expires on its own), `GET /internal/kv/{lease}?from=K` (stream the held
-//! blocks from the `K`th in the `lastmile_engine::kv_transfer` format, a few blocks per engine
-//! command so that decoding streams on this engine keep going) and `DELETE /internal/kv/{lease}`.
+//! blocks from the `K`th in the `lastmile_engine::kv_transfer` format, from the copy taken when the
+//! prompt was done: a busy prefill engine's long steps never delay a pull) and
+//! `DELETE /internal/kv/{lease}`.
 //! As a **decode** worker, a request carrying a KV source is preceded by a pull: blocks are
 //! imported into the prefix cache as their frames arrive and check out, so that the generation
 //! finds them cached; whatever the pull did not bring (a dead or slow peer, a cut or corrupt
@@ -40,10 +41,10 @@ use lastmile_protocol::{ApiError, PrefillReply, PrefillRequest, WorkerRole};
 use crate::error::{api_response, engine_api_error};
 use crate::AppState;
 
-/// Blocks read out of the engine per command while streaming a lease.
-const EXPORT_BATCH: usize = 8;
-/// Received blocks imported per engine command.
-const IMPORT_BATCH: usize = 8;
+/// Blocks encoded per chunk of a streamed lease.
+const EXPORT_BATCH: usize = 16;
+/// Received blocks imported per engine command (a decode worker's steps are short).
+const IMPORT_BATCH: usize = 16;
 /// Bounds of the pull duration histogram, seconds.
 const PULL_BOUNDS: [f64; 9] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
 
@@ -110,11 +111,18 @@ impl PullFailure {
     ];
 }
 
+/// A prompt's blocks held for a decode worker: pinned in the engine (so they stay in its prefix
+/// cache) and copied out when the prompt was done (so a pull never waits for the engine).
+struct Lease {
+    engine: u64,
+    blocks: Arc<Vec<KvBlock>>,
+}
+
 /// Leases, the HTTP client for pulls, and their metrics.
 pub(crate) struct Transfers {
     config: DisaggConfig,
-    /// Public lease names and the engine leases they stand for.
-    leases: Mutex<HashMap<String, u64>>,
+    /// Public lease names, the engine leases they stand for, and the held blocks' copy.
+    leases: Mutex<HashMap<String, Lease>>,
     /// Keys that make lease names unguessable.
     namer: (RandomState, RandomState),
     next: AtomicU64,
@@ -154,7 +162,7 @@ impl Transfers {
         self.config.role
     }
 
-    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
         self.leases.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -288,21 +296,26 @@ pub(crate) async fn prefill(State(state): State<Arc<AppState>>, req: Request) ->
             None => return api_response(&engine_api_error(&lastmile_engine::EngineError::Stopped)),
         }
     }
-    let held = match engine.hold_prefix(req.tokens).await {
+    let (held, blocks) = match engine.hold_and_copy_prefix(req.tokens).await {
         Ok(h) => h,
         Err(e) => return api_response(&engine_api_error(&e)),
     };
     let name = t.lease_name();
-    t.leases().insert(name.clone(), held.lease);
+    let lease = Lease {
+        engine: held.lease,
+        blocks: Arc::new(blocks),
+    };
+    t.leases().insert(name.clone(), lease);
     t.prefills.fetch_add(1, Ordering::Relaxed);
     let expire = state.clone();
     let expire_name = name.clone();
     let ttl = t.config.lease;
     tokio::spawn(async move {
         tokio::time::sleep(ttl).await;
-        if let Some(lease) = expire.transfers.leases().remove(&expire_name) {
+        let expired = expire.transfers.leases().remove(&expire_name);
+        if let Some(lease) = expired {
             tracing::info!(lease = %expire_name, "KV lease expired unread");
-            let _ = expire.engine.release_prefix(lease);
+            let _ = expire.engine.release_prefix(lease.engine);
         }
     });
     axum::Json(PrefillReply {
@@ -332,34 +345,24 @@ pub(crate) async fn blocks(
     if !t.trusted(&headers) {
         return t.refuse();
     }
-    let Some(lease) = t.leases().get(&name).copied() else {
+    let Some(held) = t.leases().get(&name).map(|l| l.blocks.clone()) else {
         return api_response(&ApiError::missing(format!("no KV lease `{name}`")));
     };
     let layout = state.engine.kv_layout(&state.config.model_id);
     let mut head = Vec::new();
     encode_header(&layout, from as u32, &mut head);
     let corrupt = t.config.corrupt_sent_blocks;
-    // (next block, blocks sent, done)
-    let body = futures::stream::unfold(
-        (state.clone(), from, 0u32, false),
-        move |(state, next, sent, done)| async move {
-            if done {
+    let total = held.len();
+    // Frames are encoded a batch at a time as the connection takes them.
+    let body = futures::stream::unfold((state.clone(), from.min(total)), move |(state, next)| {
+        let held = held.clone();
+        async move {
+            if next > total {
                 return None;
             }
-            let part = state.engine.export_blocks(lease, next, EXPORT_BATCH).await;
+            let end = (next + EXPORT_BATCH).min(total);
             let mut out = Vec::new();
-            let blocks = match part {
-                Ok(Some(b)) => b,
-                // Released or lost meanwhile: cut the stream (the reader sees it truncated).
-                _ => {
-                    return Some((
-                        Err(std::io::Error::other("the KV lease ended mid-stream")),
-                        (state, next, sent, true),
-                    ))
-                }
-            };
-            let n = blocks.len();
-            for b in &blocks {
+            for b in &held[next..end] {
                 let at = out.len();
                 encode_block(b, &mut out);
                 if corrupt {
@@ -367,18 +370,18 @@ pub(crate) async fn blocks(
                     out[middle] ^= 0x01;
                 }
             }
-            let sent = sent + n as u32;
-            let last = n < EXPORT_BATCH;
-            if last {
-                encode_end(sent, &mut out);
+            if end == total {
+                encode_end((total - from.min(total)) as u32, &mut out);
             }
             state
                 .transfers
                 .bytes_sent
                 .fetch_add(out.len() as u64, Ordering::Relaxed);
-            Some((Ok(Bytes::from(out)), (state, next + n, sent, last)))
-        },
-    );
+            // Past the end once the end frame is out.
+            let next = if end == total { total + 1 } else { end };
+            Some((Ok::<_, std::io::Error>(Bytes::from(out)), (state, next)))
+        }
+    });
     let stream = futures::stream::once(async move { Ok(Bytes::from(head)) }).chain(body);
     (
         [(
@@ -400,9 +403,10 @@ pub(crate) async fn release(
     if !t.trusted(&headers) {
         return t.refuse();
     }
-    match t.leases().remove(&name) {
+    let removed = t.leases().remove(&name);
+    match removed {
         Some(lease) => {
-            let _ = state.engine.release_prefix(lease);
+            let _ = state.engine.release_prefix(lease.engine);
             StatusCode::NO_CONTENT.into_response()
         }
         None => api_response(&ApiError::missing(format!("no KV lease `{name}`"))),

@@ -328,10 +328,11 @@ pub struct ImportOutcome {
 pub(crate) enum Command {
     /// Run a generation.
     Generate(Box<Submission>),
-    /// Hold a prompt's cached blocks under a new lease.
+    /// Hold a prompt's cached blocks under a new lease (and copy them out, with `copy`).
     Hold {
         prompt: Vec<u32>,
-        reply: tokio::sync::oneshot::Sender<HeldPrefix>,
+        copy: bool,
+        reply: tokio::sync::oneshot::Sender<(HeldPrefix, Vec<KvBlock>)>,
     },
     /// Read out `count` held blocks of `lease` from its `from`th (`None`: no such lease).
     Export {
@@ -519,7 +520,29 @@ impl EngineHandle {
     /// another engine can read it ([`EngineHandle::export_blocks`]) before eviction takes it.
     /// The lease lasts until [`EngineHandle::release_prefix`].
     pub async fn hold_prefix(&self, prompt: Vec<u32>) -> Result<HeldPrefix> {
-        self.ask(|reply| Command::Hold { prompt, reply }).await
+        let (held, _) = self
+            .ask(|reply| Command::Hold {
+                prompt,
+                copy: false,
+                reply,
+            })
+            .await?;
+        Ok(held)
+    }
+
+    /// [`EngineHandle::hold_prefix`], and a copy of the held blocks taken in the same command:
+    /// a reader then never waits for the engine's steps (each of which, on a busy prefill
+    /// engine, is a long chunk of some other prompt).
+    pub async fn hold_and_copy_prefix(
+        &self,
+        prompt: Vec<u32>,
+    ) -> Result<(HeldPrefix, Vec<KvBlock>)> {
+        self.ask(|reply| Command::Hold {
+            prompt,
+            copy: true,
+            reply,
+        })
+        .await
     }
 
     /// Copies out up to `count` blocks held under `lease`, from its `from`th; `None` when the

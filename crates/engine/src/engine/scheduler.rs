@@ -176,11 +176,22 @@ impl Scheduler {
     fn take(&mut self, command: Command) {
         match command {
             Command::Generate(s) => self.admit(*s),
-            Command::Hold { prompt, reply } => {
+            Command::Hold {
+                prompt,
+                copy,
+                reply,
+            } => {
                 let names = self.planner.names(&prompt);
                 let held = self.leases.hold(&mut self.planner.alloc, names, prompt);
                 self.publish_held();
-                let _ = reply.send(held);
+                let blocks = match copy {
+                    true => self.export(held.lease, 0, held.blocks).unwrap_or_default(),
+                    false => Vec::new(),
+                };
+                self.stats
+                    .kv_blocks_exported
+                    .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+                let _ = reply.send((held, blocks));
             }
             Command::Export {
                 lease,
