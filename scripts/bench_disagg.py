@@ -208,7 +208,7 @@ def svg(results, path, args):
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
              '<rect width="100%" height="100%" fill="white"/>']
-    parts += panel(left, f"goodput, req/s (TTFT<={args.ttft_slo}s, ITL p99<={args.itl_slo}ms)", lambda r: r["goodput"], "")
+    parts += panel(left, f"goodput, req/s (TTFT &#8804; {args.ttft_slo:g} s, ITL p99 &#8804; {args.itl_slo:g} ms)", lambda r: r["goodput"], "")
     parts += panel(left + panel_w + 50, "chat ITL p99, ms", lambda r: r["chat"]["itl_p99_ms"], "")
     parts.append(f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle">long-prompt arrival rate '
                  f'({args.long_min}-{args.long_max} tokens) beside {args.chats} chat streams</text>')

@@ -1,7 +1,7 @@
 """Disaggregated prefill and decode with real processes: a `--role prefill` worker computes long
 prompts, a `--role decode` worker pulls their KV blocks and generates, behind a kv_aware gateway.
 Answers are the same as a single worker's (greedy and seeded sampling, streaming or not, `n`,
-logprobs, the Anthropic API); short prompts stay on the decode worker; a corrupted transfer is
+logprobs, tool calls, structured output, the Anthropic API); short prompts stay on the decode worker; a corrupted transfer is
 noticed and recomputed; a dead prefill worker costs no request; held blocks return to zero; and
 internal endpoints refuse callers without the token."""
 
@@ -137,6 +137,28 @@ def test_the_anthropic_api_is_disaggregated_the_same(cluster):
     theirs = Anthropic(base_url=cluster["single"], api_key="unused", max_retries=0).messages.create(**kw)
     assert ours.content[0].text == theirs.content[0].text
     assert ours.usage.input_tokens == theirs.usage.input_tokens
+
+
+def test_tools_and_structured_output_are_disaggregated_the_same(cluster):
+    g, single = sdk(cluster["gateway"]), sdk(cluster["single"])
+    remote0 = metric(cluster["gateway"], "lastmile_gateway_disagg_remote_total")
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    kw = dict(model=MODEL, messages=long_messages(8), tools=[weather], tool_choice="required",
+              parallel_tool_calls=False, max_tokens=48, temperature=0)
+    ours, theirs = g.chat.completions.create(**kw).choices[0], single.chat.completions.create(**kw).choices[0]
+    assert ours.finish_reason == theirs.finish_reason == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in ours.message.tool_calls] == \
+        [(c.function.name, c.function.arguments) for c in theirs.message.tool_calls]
+    schema = {"type": "object", "properties": {"apples": {"type": "integer"}}, "required": ["apples"],
+              "additionalProperties": False}
+    kw = dict(model=MODEL, messages=long_messages(9), max_tokens=32, temperature=0,
+              response_format={"type": "json_schema", "json_schema": {"name": "count", "schema": schema, "strict": True}})
+    ours, theirs = g.chat.completions.create(**kw), single.chat.completions.create(**kw)
+    assert ours.choices[0].message.content == theirs.choices[0].message.content
+    assert isinstance(json.loads(ours.choices[0].message.content)["apples"], int)
+    assert metric(cluster["gateway"], "lastmile_gateway_disagg_remote_total") == remote0 + 2
 
 
 def test_short_prompts_are_computed_where_they_decode(cluster):

@@ -43,8 +43,10 @@ use crate::AppState;
 
 /// Blocks encoded per chunk of a streamed lease.
 const EXPORT_BATCH: usize = 16;
-/// Received blocks imported per engine command (a decode worker's steps are short).
-const IMPORT_BATCH: usize = 16;
+/// Received blocks imported per engine command (24 MB of the default model, a few ms of
+/// copying). Each command waits for the engine's current step, which on a decode worker that
+/// also computes a prompt is a long chunk: fewer, larger imports wait out fewer steps.
+const IMPORT_BATCH: usize = 64;
 /// Bounds of the pull duration histogram, seconds.
 const PULL_BOUNDS: [f64; 9] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
 
