@@ -42,6 +42,18 @@ pub fn worker() -> String {
 
 /// A worker that shuts down gracefully when `shutdown` resolves.
 pub fn worker_until(shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> String {
+    worker_with(Default::default(), shutdown)
+}
+
+/// A worker with a part in disaggregated serving.
+pub fn worker_as(disagg: lastmile_worker::DisaggConfig) -> String {
+    worker_with(disagg, std::future::pending())
+}
+
+fn worker_with(
+    disagg: lastmile_worker::DisaggConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> String {
     let loaded = LoadedModel::load(&ensure_default_model().expect("model")).expect("load");
     let engine = EngineHandle::start(
         loaded,
@@ -55,7 +67,7 @@ pub fn worker_until(shutdown: impl std::future::Future<Output = ()> + Send + 'st
         model_id: MODEL.to_string(),
         max_body_bytes: 1 << 20,
         startup_ms: Vec::new(),
-        disagg: Default::default(),
+        disagg,
     };
     spawn_server(move |l| async move {
         lastmile_worker::serve(l, engine, config, shutdown)
