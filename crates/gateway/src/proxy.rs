@@ -190,7 +190,14 @@ async fn relay(
                 _ => Ok(Prefilled::Local),
             };
             match decided {
-                Ok(p) => prefilled = Some(p),
+                Ok(p) => {
+                    if matches!(p, Prefilled::Remote { .. }) {
+                        // Its prompt is computed by the prefill worker, not by this one.
+                        gw.workers
+                            .prefilled_elsewhere(id, route.prompt_tokens - cached);
+                    }
+                    prefilled = Some(p);
+                }
                 Err(resp) => return resp,
             }
         }

@@ -318,6 +318,17 @@ impl Workers {
         InFlight(w, self.became_available.clone())
     }
 
+    /// Takes back `prefill_tokens` of the prompt load [`Workers::start`] predicted for `id`:
+    /// another worker computes that prompt (disaggregation).
+    pub(crate) fn prefilled_elsewhere(&self, id: usize, prefill_tokens: usize) {
+        let _ =
+            self.get(id)
+                .recent_prefill
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(prefill_tokens))
+                });
+    }
+
     /// Records a failure to reach `id`; enough of them in a row open its breaker.
     pub(crate) fn failed(&self, id: usize) {
         let w = self.get(id);
@@ -417,6 +428,11 @@ mod tests {
         assert_eq!(snap[0].queued_prefill_tokens, 500);
         assert_eq!(snap[0].waiting, 2, "in flight, not yet reported running");
         assert_eq!(snap[1].queued_prefill_tokens, 0);
+        // A prompt another worker computes is not this one's load (and never goes below zero).
+        w.prefilled_elsewhere(0, 200);
+        assert_eq!(w.snapshot(&[], None)[0].queued_prefill_tokens, 300);
+        w.prefilled_elsewhere(0, 1000);
+        assert_eq!(w.snapshot(&[], None)[0].queued_prefill_tokens, 0);
         drop(g1);
         assert_eq!(w.get(0).in_flight(), 1);
         assert_eq!(w.get(0).routed.load(Ordering::Relaxed), 2);
