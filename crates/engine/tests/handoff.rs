@@ -3,12 +3,13 @@
 //! second engine gives the second the same greedy tokens as computing it itself, as prefix-cache
 //! hits; blocks that are not the prompt's are refused; leases return to zero.
 
+mod common;
+
 use std::sync::atomic::Ordering;
 
+use common::generate as run;
 use lastmile_engine::kv_transfer::{encode_block, encode_end, encode_header, KvStreamReader};
-use lastmile_engine::{
-    EngineConfig, EngineHandle, GenerateRequest, GenerationEvent, LoadedModel, SamplingParams,
-};
+use lastmile_engine::{EngineConfig, EngineHandle, LoadedModel};
 use lastmile_models::ensure_default_model;
 
 fn engine() -> EngineHandle {
@@ -21,20 +22,10 @@ fn engine() -> EngineHandle {
     EngineHandle::start(loaded, config).expect("engine")
 }
 
-fn run(e: &EngineHandle, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
-    let mut request = GenerateRequest::new(prompt.to_vec(), SamplingParams::greedy(), max_tokens);
-    request.ignore_eos = true;
-    let mut s = e.submit(request).expect("submit");
-    let mut ids = Vec::new();
-    while let Some(ev) = s.blocking_next() {
-        match ev {
-            GenerationEvent::Token { id, .. } => ids.push(id),
-            GenerationEvent::Finished { .. } => return ids,
-            GenerationEvent::PromptLogprobs(_) => panic!("not asked for"),
-            GenerationEvent::Failed(m) => panic!("{m}"),
-        }
-    }
-    panic!("no Finished event")
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
 }
 
 fn prompt(len: usize, salt: u32) -> Vec<u32> {
@@ -45,17 +36,16 @@ fn prompt(len: usize, salt: u32) -> Vec<u32> {
 
 #[test]
 fn blocks_computed_on_one_engine_serve_another_as_if_it_had_computed_them() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let (prefill, decode) = (engine(), engine());
     let layout = prefill.kv_layout("m");
     assert_eq!(layout, decode.kv_layout("m"), "same model, same layout");
     assert_ne!(layout, decode.kv_layout("other-name"));
     let p = prompt(100, 1);
-    // The prefill side computes the prompt, holds its blocks and reads them out.
+    // The prefill side computes the prompt, holds its blocks and copies them out.
     run(&prefill, &p, 1);
-    let held = rt.block_on(prefill.hold_prefix(p.clone())).expect("hold");
+    let (held, copied) = rt.block_on(prefill.hold_prefix(p.clone())).expect("hold");
+    assert_eq!(copied.len(), held.blocks);
     assert_eq!(
         held.blocks,
         100 / 16,
@@ -67,14 +57,8 @@ fn blocks_computed_on_one_engine_serve_another_as_if_it_had_computed_them() {
     );
     let mut wire = Vec::new();
     encode_header(&layout, 0, &mut wire);
-    for from in (0..held.blocks).step_by(4) {
-        let part = rt
-            .block_on(prefill.export_blocks(held.lease, from, 4))
-            .expect("export")
-            .expect("a live lease");
-        for b in &part {
-            encode_block(b, &mut wire);
-        }
+    for b in &copied {
+        encode_block(b, &mut wire);
     }
     encode_end(held.blocks as u32, &mut wire);
     prefill.release_prefix(held.lease).expect("release");
@@ -103,10 +87,6 @@ fn blocks_computed_on_one_engine_serve_another_as_if_it_had_computed_them() {
     let ours = run(&prefill, &p, 24);
     assert_eq!(theirs, ours, "imported KV generates what computed KV does");
     // The lease is gone: nothing held, its blocks back in the cache's care.
-    assert!(rt
-        .block_on(prefill.export_blocks(held.lease, 0, 1))
-        .expect("asked")
-        .is_none());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while prefill.stats().kv_blocks_held.load(Ordering::Relaxed) != 0 {
         assert!(
@@ -119,17 +99,11 @@ fn blocks_computed_on_one_engine_serve_another_as_if_it_had_computed_them() {
 
 #[test]
 fn blocks_that_are_not_the_prompts_are_refused() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let (prefill, decode) = (engine(), engine());
     let p = prompt(64, 2);
     run(&prefill, &p, 1);
-    let held = rt.block_on(prefill.hold_prefix(p.clone())).expect("hold");
-    let blocks = rt
-        .block_on(prefill.export_blocks(held.lease, 0, 16))
-        .expect("export")
-        .expect("live");
+    let (held, blocks) = rt.block_on(prefill.hold_prefix(p.clone())).expect("hold");
     prefill.release_prefix(held.lease).expect("release");
     // Another prompt's blocks (as a hostile or confused peer would send) are not stored.
     let other = prompt(64, 3);

@@ -1,6 +1,8 @@
 //! The prefix cache: reused blocks give identical greedy output, hits are counted, blocks are
 //! shared while in use and return to the pool after, and events name what was stored.
 
+mod common;
+
 use std::sync::atomic::Ordering;
 
 use lastmile_engine::{
@@ -19,31 +21,7 @@ fn engine(prefix_cache: bool, kv_tokens: Option<usize>) -> EngineHandle {
     EngineHandle::start(loaded, config).expect("engine")
 }
 
-fn run(e: &EngineHandle, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
-    let mut s = e
-        .submit(GenerateRequest {
-            prompt: prompt.to_vec(),
-            sampling: SamplingParams::greedy(),
-            max_tokens,
-            stop: vec![],
-            ignore_eos: true,
-            logprobs: None,
-            prompt_logprobs: None,
-            grammar: None,
-            speculation: None,
-        })
-        .expect("submit");
-    let mut ids = Vec::new();
-    while let Some(ev) = s.blocking_next() {
-        match ev {
-            GenerationEvent::Token { id, .. } => ids.push(id),
-            GenerationEvent::Finished { .. } => return ids,
-            GenerationEvent::PromptLogprobs(_) => panic!("not asked for"),
-            GenerationEvent::Failed(m) => panic!("{m}"),
-        }
-    }
-    panic!("no Finished event")
-}
+use common::generate as run;
 
 fn wait_idle(e: &EngineHandle) {
     for _ in 0..200 {

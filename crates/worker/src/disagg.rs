@@ -298,7 +298,7 @@ pub(crate) async fn prefill(State(state): State<Arc<AppState>>, req: Request) ->
             None => return api_response(&engine_api_error(&lastmile_engine::EngineError::Stopped)),
         }
     }
-    let (held, blocks) = match engine.hold_and_copy_prefix(req.tokens).await {
+    let (held, blocks) = match engine.hold_prefix(req.tokens).await {
         Ok(h) => h,
         Err(e) => return api_response(&engine_api_error(&e)),
     };
@@ -331,7 +331,7 @@ pub(crate) async fn prefill(State(state): State<Arc<AppState>>, req: Request) ->
 
 /// Where a pull starts.
 #[derive(serde::Deserialize)]
-pub(crate) struct From {
+pub(crate) struct PullFrom {
     #[serde(default)]
     from: usize,
 }
@@ -340,7 +340,7 @@ pub(crate) struct From {
 pub(crate) async fn blocks(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
-    Query(From { from }): Query<From>,
+    Query(PullFrom { from }): Query<PullFrom>,
     headers: HeaderMap,
 ) -> Response {
     let t = &state.transfers;
@@ -480,10 +480,9 @@ async fn pull_into(state: &AppState, source: &str, prompt: &[u32]) -> Result<usi
     };
     let wire = |e: KvWireError| PullFailure::Stream(e.error_type());
     loop {
-        let chunk = match body.next().await {
-            Some(Ok(c)) => c,
-            Some(Err(_)) => break,
-            None => break,
+        // A cut connection ends the loop; `finish` then reports the stream truncated.
+        let Some(Ok(chunk)) = body.next().await else {
+            break;
         };
         t.bytes_received
             .fetch_add(chunk.len() as u64, Ordering::Relaxed);

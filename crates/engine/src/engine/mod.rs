@@ -304,7 +304,7 @@ pub(crate) struct Submission {
 /// A prompt's cached blocks held under a lease ([`EngineHandle::hold_prefix`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeldPrefix {
-    /// The lease, for [`EngineHandle::export_blocks`] and [`EngineHandle::release_prefix`].
+    /// The lease, for [`EngineHandle::release_prefix`].
     pub lease: u64,
     /// Full blocks held: the prompt's longest cached prefix.
     pub blocks: usize,
@@ -328,18 +328,10 @@ pub struct ImportOutcome {
 pub(crate) enum Command {
     /// Run a generation.
     Generate(Box<Submission>),
-    /// Hold a prompt's cached blocks under a new lease (and copy them out, with `copy`).
+    /// Hold a prompt's cached blocks under a new lease and copy them out.
     Hold {
         prompt: Vec<u32>,
-        copy: bool,
         reply: tokio::sync::oneshot::Sender<(HeldPrefix, Vec<KvBlock>)>,
-    },
-    /// Read out `count` held blocks of `lease` from its `from`th (`None`: no such lease).
-    Export {
-        lease: u64,
-        from: usize,
-        count: usize,
-        reply: tokio::sync::oneshot::Sender<Option<Vec<KvBlock>>>,
     },
     /// End a lease.
     Release { lease: u64 },
@@ -517,49 +509,11 @@ impl EngineHandle {
     }
 
     /// Holds the longest cached prefix of `prompt` (its full blocks) under a new lease, so that
-    /// another engine can read it ([`EngineHandle::export_blocks`]) before eviction takes it.
-    /// The lease lasts until [`EngineHandle::release_prefix`].
-    pub async fn hold_prefix(&self, prompt: Vec<u32>) -> Result<HeldPrefix> {
-        let (held, _) = self
-            .ask(|reply| Command::Hold {
-                prompt,
-                copy: false,
-                reply,
-            })
-            .await?;
-        Ok(held)
-    }
-
-    /// [`EngineHandle::hold_prefix`], and a copy of the held blocks taken in the same command:
-    /// a reader then never waits for the engine's steps (each of which, on a busy prefill
-    /// engine, is a long chunk of some other prompt).
-    pub async fn hold_and_copy_prefix(
-        &self,
-        prompt: Vec<u32>,
-    ) -> Result<(HeldPrefix, Vec<KvBlock>)> {
-        self.ask(|reply| Command::Hold {
-            prompt,
-            copy: true,
-            reply,
-        })
-        .await
-    }
-
-    /// Copies out up to `count` blocks held under `lease`, from its `from`th; `None` when the
-    /// lease is not live (released, or lost with the cache after a failed step).
-    pub async fn export_blocks(
-        &self,
-        lease: u64,
-        from: usize,
-        count: usize,
-    ) -> Result<Option<Vec<KvBlock>>> {
-        self.ask(|reply| Command::Export {
-            lease,
-            from,
-            count,
-            reply,
-        })
-        .await
+    /// eviction cannot take it before [`EngineHandle::release_prefix`], and copies the held blocks
+    /// out in the same command: a reader of the copy never waits for the engine's steps (each of
+    /// which, on a busy prefill engine, is a long chunk of some other prompt).
+    pub async fn hold_prefix(&self, prompt: Vec<u32>) -> Result<(HeldPrefix, Vec<KvBlock>)> {
+        self.ask(|reply| Command::Hold { prompt, reply }).await
     }
 
     /// Ends a lease (a lease not live is ignored).

@@ -176,36 +176,15 @@ impl Scheduler {
     fn take(&mut self, command: Command) {
         match command {
             Command::Generate(s) => self.admit(*s),
-            Command::Hold {
-                prompt,
-                copy,
-                reply,
-            } => {
+            Command::Hold { prompt, reply } => {
                 let names = self.planner.names(&prompt);
                 let held = self.leases.hold(&mut self.planner.alloc, names, prompt);
                 self.publish_held();
-                let blocks = match copy {
-                    true => self.export(held.lease, 0, held.blocks).unwrap_or_default(),
-                    false => Vec::new(),
-                };
+                let blocks = self.copy_held(held.lease).unwrap_or_default();
                 self.stats
                     .kv_blocks_exported
                     .fetch_add(blocks.len() as u64, Ordering::Relaxed);
                 let _ = reply.send((held, blocks));
-            }
-            Command::Export {
-                lease,
-                from,
-                count,
-                reply,
-            } => {
-                let blocks = self.export(lease, from, count);
-                if let Some(b) = &blocks {
-                    self.stats
-                        .kv_blocks_exported
-                        .fetch_add(b.len() as u64, Ordering::Relaxed);
-                }
-                let _ = reply.send(blocks);
             }
             Command::Release { lease } => {
                 self.leases.release(&mut self.planner.alloc, lease);
@@ -226,17 +205,20 @@ impl Scheduler {
         }
     }
 
-    /// Copies out held blocks `from..from + count` of `lease`.
-    fn export(&self, lease: u64, from: usize, count: usize) -> Option<Vec<KvBlock>> {
+    /// Copies out the blocks held under `lease`.
+    fn copy_held(&self, lease: u64) -> Option<Vec<KvBlock>> {
         let held = self.leases.get(lease)?;
         let bs = self.kv.block_size;
-        let end = from.saturating_add(count).min(held.blocks.len());
-        let blocks = (from.min(end)..end)
-            .map(|i| {
+        let blocks = held
+            .blocks
+            .iter()
+            .zip(&held.names)
+            .enumerate()
+            .map(|(i, (&block, name))| {
                 let mut values = Vec::with_capacity(self.kv.block_values());
-                self.kv.read_block(held.blocks[i], &mut values);
+                self.kv.read_block(block, &mut values);
                 KvBlock {
-                    route: held.names[i].route,
+                    route: name.route,
                     tokens: held.tokens[i * bs..(i + 1) * bs].to_vec(),
                     values,
                 }

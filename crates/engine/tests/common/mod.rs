@@ -15,6 +15,26 @@ pub fn default_model() -> &'static LoadedModel {
     })
 }
 
+/// The greedy tokens an engine generates after `prompt` (`max_tokens` of them: end-of-generation
+/// tokens do not stop it).
+#[allow(dead_code)] // not every test binary runs an engine
+pub fn generate(e: &lastmile_engine::EngineHandle, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    use lastmile_engine::{GenerateRequest, GenerationEvent, SamplingParams};
+    let mut request = GenerateRequest::new(prompt.to_vec(), SamplingParams::greedy(), max_tokens);
+    request.ignore_eos = true;
+    let mut s = e.submit(request).expect("submit");
+    let mut ids = Vec::new();
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            GenerationEvent::Token { id, .. } => ids.push(id),
+            GenerationEvent::Finished { .. } => return ids,
+            GenerationEvent::PromptLogprobs(_) => panic!("not asked for"),
+            GenerationEvent::Failed(m) => panic!("{m}"),
+        }
+    }
+    panic!("no Finished event")
+}
+
 /// Reads a JSON fixture next to the tests.
 #[allow(dead_code)] // not every test binary reads fixtures
 pub fn fixture(name: &str) -> serde_json::Value {
