@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -50,6 +51,24 @@ def start_lastmile(command, *args):
             proc.kill()
             raise RuntimeError(f"lastmile {command} did not become healthy in 120 s")
         time.sleep(0.2)
+
+
+def metric(url, name, labels=""):
+    """The value of a metric series on `url`/metrics (0 when absent)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        page = r.read().decode()
+    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else r"(?:\{\})?") + r" (\S+)"
+    m = re.search(r"^" + pattern + r"$", page, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def wait_until(check, what, timeout=20):
+    """Polls `check` every 0.1 s until it holds; fails after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while not check():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
 
 
 def stop_server(proc):

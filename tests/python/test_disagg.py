@@ -6,7 +6,6 @@ noticed and recomputed; a dead prefill worker costs no request; held blocks retu
 internal endpoints refuse callers without the token."""
 
 import json
-import re
 import threading
 import time
 import urllib.error
@@ -15,26 +14,9 @@ import urllib.request
 import pytest
 from openai import OpenAI
 
-from conftest import MODEL, start_lastmile, start_server, stop_server
+from conftest import MODEL, metric, start_lastmile, start_server, stop_server, wait_until
 
 TOKEN = "disagg-test-token-5b1e0c9a"
-
-
-def metric(url, name, labels=""):
-    """The value of a metric series on `url`/metrics (0 when absent)."""
-    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
-        page = r.read().decode()
-    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else r"(?:\{\})?") + r" (\S+)"
-    m = re.search(r"^" + pattern + r"$", page, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
-def wait_until(check, what, timeout=20):
-    deadline = time.time() + timeout
-    while not check():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def long_messages(salt, sentences=70):

@@ -44,6 +44,15 @@ pub(crate) fn serve_fleet(args: ServeArgs) -> Result<()> {
     if let Some(t) = m.itl_target_ms {
         worker_args.extend(["--itl-target-ms".into(), t.to_string()]);
     }
+    if let Some(dir) = &m.kv_disk_dir {
+        // Each worker takes its own slot under the one directory.
+        worker_args.extend([
+            "--kv-disk-dir".into(),
+            dir.to_string_lossy().into_owned(),
+            "--kv-disk-gib".into(),
+            m.kv_disk_gib.to_string(),
+        ]);
+    }
     let mut deployment = DeploymentSpec::fixed(&name, Some(path.clone()), n);
     deployment.threads = Some(threads);
     deployment.args = worker_args.clone();

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use lastmile_engine::kv_disk::KvDiskConfig;
 use lastmile_engine::{
     EngineConfig, EngineHandle, GenerateRequest, GenerationEvent, LoadedModel, SamplingParams,
 };
@@ -373,6 +374,17 @@ pub struct ModelArgs {
     /// The longest suffix speculative decoding looks up (shorter ones follow, down to 2).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=8))]
     pub speculative_ngram: u32,
+    /// A KV tier on disk below the prefix cache: blocks evicted from memory are saved under
+    /// this directory and read back on a prefix hit instead of being recomputed, and the blocks
+    /// still in memory are saved when the server stops. The store outlives the process: a
+    /// replica started again (after scale-to-zero) finds its prefixes. Each process takes its
+    /// own slot inside, per model; give each machine's replicas the same directory.
+    #[arg(long, env = "LASTMILE_KV_DISK_DIR")]
+    pub kv_disk_dir: Option<PathBuf>,
+    /// Most GiB of block files the disk tier keeps (per process), least recently used dropped
+    /// first.
+    #[arg(long, default_value_t = 8.0, requires = "kv_disk_dir", value_parser = positive_gib)]
+    pub kv_disk_gib: f64,
 }
 
 /// `--kernels`: a cap on the kernels' instruction-set tier.
@@ -413,6 +425,14 @@ fn positive_ms(s: &str) -> std::result::Result<f64, String> {
         _ => Err(format!(
             "expected a positive number of milliseconds, got {s:?}"
         )),
+    }
+}
+
+/// `--kv-disk-gib`: a positive size in GiB.
+fn positive_gib(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("expected a positive number of GiB, got {s:?}")),
     }
 }
 
@@ -461,6 +481,10 @@ impl ModelArgs {
                 ngram: self.speculative_ngram as usize,
                 max_draft: self.speculative_max_draft as usize,
             },
+            kv_disk: self.kv_disk_dir.as_ref().map(|dir| KvDiskConfig {
+                dir: dir.clone(),
+                capacity_bytes: (self.kv_disk_gib * (1u64 << 30) as f64) as u64,
+            }),
             ..EngineConfig::default()
         };
         if let Some(t) = self.threads {
@@ -654,9 +678,24 @@ fn serve(args: ServeArgs) -> Result<()> {
             }
         };
         warm_grammars_in_background(&engine)?;
-        lastmile_worker::serve(listener, engine, config, shutdown).await?;
+        lastmile_worker::serve(listener, engine.clone(), config, shutdown).await?;
+        persist_kv(&engine).await;
         Ok(())
     })
+}
+
+/// Saves the prefix cache's blocks to the disk tier (where there is one) as the server stops,
+/// so that the next process on the directory finds them.
+async fn persist_kv(engine: &EngineHandle) {
+    let started = std::time::Instant::now();
+    match engine.persist_kv().await {
+        Ok(0) => {}
+        Ok(n) => eprintln!(
+            "lastmile: saved {n} KV blocks to the disk tier in {:.0} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        ),
+        Err(e) => tracing::warn!("saving the KV cache to disk: {e}"),
+    }
 }
 
 /// Refuses `serve` options that do not go together.

@@ -12,6 +12,8 @@ use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hash, Hasher};
 
+use siphasher::sip::SipHasher13;
+
 use lastmile_protocol::{block_hash, KvEvent};
 
 /// Key and value storage for every layer, `num_blocks * block_size` slots of `kv_dim` values,
@@ -128,11 +130,15 @@ pub struct BlockName {
     pub key: u128,
 }
 
-/// Names blocks; its secret keys are drawn at random when it is made.
+/// Names blocks under secret keys: drawn at random for each process, or kept in a file by a
+/// KV tier on disk, whose blocks outlive the process that named them.
+#[derive(Clone)]
 pub struct BlockNamer {
-    low: RandomState,
-    high: RandomState,
+    keys: NamerKeys,
 }
+
+/// The four SipHash keys of a [`BlockNamer`] (two 64-bit hashes make one 128-bit key).
+pub type NamerKeys = [u64; 4];
 
 impl Default for BlockNamer {
     fn default() -> Self {
@@ -141,25 +147,28 @@ impl Default for BlockNamer {
 }
 
 impl BlockNamer {
-    /// A namer with fresh random keys (`RandomState` draws SipHash keys from the OS).
+    /// A namer with fresh random keys (drawn from the OS, through `RandomState`).
     pub fn new() -> Self {
-        Self {
-            low: RandomState::new(),
-            high: RandomState::new(),
-        }
+        Self::with_keys(random_keys())
+    }
+
+    /// A namer with the given keys: names agree with every other namer that has them.
+    pub fn with_keys(keys: NamerKeys) -> Self {
+        Self { keys }
     }
 
     /// The names of the block holding `tokens` after the block named `parent`.
     pub fn name(&self, parent: Option<BlockName>, tokens: &[u32]) -> BlockName {
-        let keyed = |state: &RandomState| {
-            let mut h = state.build_hasher();
+        let keyed = |k0: u64, k1: u64| {
+            let mut h = SipHasher13::new_with_keys(k0, k1);
             parent.map(|p| p.key).hash(&mut h);
             tokens.hash(&mut h);
             h.finish()
         };
+        let [a, b, c, d] = self.keys;
         BlockName {
             route: block_hash(parent.map(|p| p.route), tokens),
-            key: (u128::from(keyed(&self.high)) << 64) | u128::from(keyed(&self.low)),
+            key: (u128::from(keyed(a, b)) << 64) | u128::from(keyed(c, d)),
         }
     }
 
@@ -176,6 +185,11 @@ impl BlockNamer {
     }
 }
 
+/// Four random 64-bit words from the OS (each `RandomState` is seeded from it).
+pub fn random_keys() -> NamerKeys {
+    std::array::from_fn(|i| RandomState::new().hash_one(i))
+}
+
 /// Hands out KV blocks and keeps the prefix cache.
 ///
 /// A block is in one of three states: free (holds nothing reusable), in use (referenced by one or
@@ -186,6 +200,8 @@ impl BlockNamer {
 pub struct BlockPool {
     refcount: Vec<u32>,
     name_of: Vec<Option<BlockName>>,
+    /// The tokens of each named block (empty for the others).
+    tokens_of: Vec<Vec<u32>>,
     free: Vec<u32>,
     /// Cached blocks by their secret key (never by the forgeable routing hash).
     index: HashMap<u128, u32>,
@@ -194,6 +210,21 @@ pub struct BlockPool {
     tick: u64,
     caching: bool,
     events: Vec<KvEvent>,
+    /// Keep what eviction takes, for a lower tier to save ([`BlockPool::keep_evicted`]).
+    keep_evicted: bool,
+    evicted: Vec<Evicted>,
+}
+
+/// A cached block that eviction just took: its number (its values are still in the cache
+/// until the next forward pass writes there), its name and its tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evicted {
+    /// The block (handed out again).
+    pub block: u32,
+    /// Its name while it was cached.
+    pub name: BlockName,
+    /// Its tokens.
+    pub tokens: Vec<u32>,
 }
 
 impl BlockPool {
@@ -202,6 +233,7 @@ impl BlockPool {
         Self {
             refcount: vec![0; total],
             name_of: vec![None; total],
+            tokens_of: vec![Vec::new(); total],
             free: (0..total as u32).rev().collect(),
             index: HashMap::new(),
             idle: BTreeMap::new(),
@@ -209,7 +241,29 @@ impl BlockPool {
             tick: 0,
             caching,
             events: Vec::new(),
+            keep_evicted: false,
+            evicted: Vec::new(),
         }
+    }
+
+    /// From now on, records each cached block eviction takes, for [`BlockPool::take_evicted`].
+    pub fn keep_evicted(&mut self) {
+        self.keep_evicted = true;
+    }
+
+    /// The blocks evicted since the last call (with [`BlockPool::keep_evicted`]).
+    pub fn take_evicted(&mut self) -> Vec<Evicted> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// Every cached block with its name and tokens: idle ones least recently used first, then
+    /// those in use.
+    pub fn cached(&self) -> impl Iterator<Item = (u32, BlockName, &[u32])> + '_ {
+        let named = |b: u32| {
+            self.name_of[b as usize].map(|n| (b, n, self.tokens_of[b as usize].as_slice()))
+        };
+        let in_use = (0..self.refcount.len() as u32).filter(|&b| self.refcount[b as usize] > 0);
+        self.idle.values().copied().chain(in_use).filter_map(named)
     }
 
     /// Blocks that can be handed out now (free, or idle in the cache).
@@ -245,9 +299,17 @@ impl BlockPool {
                 None => {
                     let (&tick, &b) = self.idle.iter().next()?;
                     self.idle.remove(&tick);
+                    let tokens = std::mem::take(&mut self.tokens_of[b as usize]);
                     if let Some(name) = self.name_of[b as usize].take() {
                         self.index.remove(&name.key);
                         self.events.push(KvEvent::Removed { hash: name.route });
+                        if self.keep_evicted {
+                            self.evicted.push(Evicted {
+                                block: b,
+                                name,
+                                tokens,
+                            });
+                        }
                     }
                     b
                 }
@@ -297,20 +359,32 @@ impl BlockPool {
         out
     }
 
-    /// Records that `block` now holds the full block `name`, whose parent block has the
-    /// routing hash `parent` (no-op if caching is off, the key is already cached elsewhere, or
-    /// the block is already named).
-    pub fn register(&mut self, block: u32, name: BlockName, parent: Option<u64>) {
+    /// Records that `block` now holds the full block `name` of `tokens`, whose parent block has
+    /// the routing hash `parent` (no-op if caching is off, the key is already cached elsewhere,
+    /// or the block is already named).
+    pub fn register(&mut self, block: u32, name: BlockName, parent: Option<u64>, tokens: &[u32]) {
         let i = block as usize;
         if !self.caching || self.name_of[i].is_some() || self.index.contains_key(&name.key) {
             return;
         }
         self.name_of[i] = Some(name);
+        self.tokens_of[i] = tokens.to_vec();
         self.index.insert(name.key, block);
         self.events.push(KvEvent::Stored {
             hash: name.route,
             parent,
         });
+    }
+
+    /// How many of `names`, from the first, are cached (nothing is referenced).
+    pub fn cached_run(&self, names: &[BlockName]) -> usize {
+        if !self.caching {
+            return 0;
+        }
+        names
+            .iter()
+            .take_while(|n| self.index.contains_key(&n.key))
+            .count()
     }
 
     /// Whether a block with this prefix-cache key is cached.
@@ -355,8 +429,8 @@ mod tests {
     fn cached_blocks_are_shared_then_evicted_oldest_first() {
         let mut p = BlockPool::new(3, true);
         let mut a = p.allocate(2).unwrap();
-        p.register(a[0], n(10), None);
-        p.register(a[1], n(11), Some(10));
+        p.register(a[0], n(10), None, &[]);
+        p.register(a[1], n(11), Some(10), &[]);
         assert_eq!(p.take_events().len(), 2);
         // A second user of the same prefix shares the blocks.
         let mut shared = p.lookup(&[n(10), n(11), n(12)]);
@@ -383,7 +457,7 @@ mod tests {
     fn a_hit_on_an_idle_block_takes_it_out_of_eviction() {
         let mut p = BlockPool::new(2, true);
         let mut a = p.allocate(1).unwrap();
-        p.register(a[0], n(5), None);
+        p.register(a[0], n(5), None, &[]);
         p.release(&mut a);
         let mut hit = p.lookup(&[n(5)]);
         assert_eq!(hit.len(), 1);
@@ -400,7 +474,7 @@ mod tests {
     fn caching_off_never_hits() {
         let mut p = BlockPool::new(2, false);
         let mut a = p.allocate(1).unwrap();
-        p.register(a[0], n(5), None);
+        p.register(a[0], n(5), None, &[]);
         p.release(&mut a);
         assert!(p.lookup(&[n(5)]).is_empty());
         assert!(p.take_events().is_empty());
@@ -412,8 +486,8 @@ mod tests {
         let victim = namer.prefix(&[1, 2, 3, 4, 5, 6, 7, 8], 4);
         let mut p = BlockPool::new(4, true);
         let mut held = p.allocate(2).unwrap();
-        p.register(held[0], victim[0], None);
-        p.register(held[1], victim[1], Some(victim[0].route));
+        p.register(held[0], victim[0], None, &[]);
+        p.register(held[1], victim[1], Some(victim[0].route), &[]);
         p.release(&mut held);
         // An attacker's blocks whose routing hashes collide with the victim's (FNV collisions
         // are practical to find with token-id prompts; forced here) hit nothing.
@@ -425,7 +499,7 @@ mod tests {
         // Nor can the attacker's blocks be registered over the victim's: the victim still hits
         // its own blocks, and the attacker's get their own.
         let mut theirs = p.allocate(1).unwrap();
-        p.register(theirs[0], forged[0], None);
+        p.register(theirs[0], forged[0], None, &[]);
         assert_eq!(p.cached_blocks(), 3);
         let mut hit = p.lookup(&victim);
         assert_eq!(hit.len(), 2);

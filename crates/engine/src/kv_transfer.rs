@@ -60,6 +60,11 @@ impl KvLayout {
     pub fn block_frame_bytes(&self) -> usize {
         1 + 8 + 4 * self.block_size as usize + 2 * self.block_values() + 4
     }
+
+    /// Bytes of a whole stream of `blocks` blocks (header, frames, end).
+    pub fn stream_bytes(&self, blocks: usize) -> usize {
+        HEADER_BYTES + blocks * self.block_frame_bytes() + END_BYTES
+    }
 }
 
 impl fmt::Display for KvLayout {
@@ -179,6 +184,17 @@ pub fn encode_end(blocks: u32, out: &mut Vec<u8>) {
     out.push(END_TAG);
     out.extend_from_slice(&blocks.to_le_bytes());
     seal(out, start);
+}
+
+/// A whole stream: `blocks`, the first being block `first` of its prompt, in `layout`.
+pub fn encode_stream(layout: &KvLayout, first: u32, blocks: &[KvBlock]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(layout.stream_bytes(blocks.len()));
+    encode_header(layout, first, &mut out);
+    for b in blocks {
+        encode_block(b, &mut out);
+    }
+    encode_end(blocks.len() as u32, &mut out);
+    out
 }
 
 /// Appends the CRC-32 of `out[start..]`.

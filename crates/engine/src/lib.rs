@@ -10,6 +10,7 @@ pub mod error;
 pub mod gguf;
 pub mod kernels;
 pub mod kv;
+pub mod kv_disk;
 pub mod kv_transfer;
 pub mod loader;
 pub mod model;

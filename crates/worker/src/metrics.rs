@@ -296,6 +296,46 @@ fn write_engine(page: &mut Exposition, engine: &EngineStats, g: &EngineGauges) {
         "lastmile_kv_blocks_imported_total",
         "KV blocks received from prefill workers and stored in the prefix cache.",
         ld(&engine.kv_blocks_imported),
+    )
+    .gauge(
+        "lastmile_kv_disk_blocks",
+        "KV blocks in the disk tier (--kv-disk-dir).",
+        us(&engine.kv_disk_blocks),
+    )
+    .gauge(
+        "lastmile_kv_disk_bytes",
+        "Bytes of block files in the disk tier.",
+        ld(&engine.kv_disk_bytes),
+    )
+    .counter(
+        "lastmile_kv_disk_hit_blocks_total",
+        "Prompt blocks missing from memory that were read back from the disk tier.",
+        ld(&engine.kv_disk_hit_blocks),
+    )
+    .counter(
+        "lastmile_kv_disk_miss_blocks_total",
+        "Prompt blocks missing from memory that the disk tier did not have either.",
+        ld(&engine.kv_disk_miss_blocks),
+    )
+    .counter(
+        "lastmile_kv_disk_written_bytes_total",
+        "Bytes written to the disk tier.",
+        ld(&engine.kv_disk_written_bytes),
+    )
+    .counter(
+        "lastmile_kv_disk_read_bytes_total",
+        "Bytes read back from the disk tier.",
+        ld(&engine.kv_disk_read_bytes),
+    )
+    .counter(
+        "lastmile_kv_disk_dropped_blocks_total",
+        "Evicted blocks not saved because the disk tier's writer was behind.",
+        ld(&engine.kv_disk_dropped_blocks),
+    )
+    .counter(
+        "lastmile_kv_disk_errors_total",
+        "Disk tier writes and reads that failed (those blocks are recomputed).",
+        ld(&engine.kv_disk_errors),
     );
 }
 

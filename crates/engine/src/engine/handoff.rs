@@ -93,15 +93,17 @@ pub(super) enum Imported {
     NoRoom,
 }
 
-/// Imports one block named `name` (its parent's routing hash `parent`): takes a fresh block
-/// unless the key is cached already or fewer than `reserve` blocks would be left, lets `write`
-/// fill it, registers it and leaves it idle-cached.
+/// Imports one block named `name` (its parent's routing hash `parent`) holding `tokens`: takes
+/// a fresh block unless the key is cached already or fewer than `reserve` blocks would be left,
+/// lets `write` fill it (given the pool, whose evictions it may need to save first), registers
+/// it and leaves it idle-cached.
 pub(super) fn import_block(
     pool: &mut BlockPool,
     reserve: usize,
     name: BlockName,
     parent: Option<u64>,
-    write: impl FnOnce(u32),
+    tokens: &[u32],
+    write: impl FnOnce(&mut BlockPool, u32),
 ) -> Imported {
     if pool.contains(name.key) {
         return Imported::Present;
@@ -112,8 +114,8 @@ pub(super) fn import_block(
     let Some(mut fresh) = pool.allocate(1) else {
         return Imported::NoRoom;
     };
-    write(fresh[0]);
-    pool.register(fresh[0], name, parent);
+    write(pool, fresh[0]);
+    pool.register(fresh[0], name, parent, tokens);
     pool.release(&mut fresh);
     Imported::Stored
 }
@@ -138,8 +140,8 @@ mod tests {
         let names = namer.prefix(&[1, 2, 3, 4, 5, 6, 7, 8], 4);
         let mut pool = BlockPool::new(3, true);
         let mut a = pool.allocate(2).unwrap();
-        pool.register(a[0], names[0], None);
-        pool.register(a[1], names[1], Some(names[0].route));
+        pool.register(a[0], names[0], None, &[1, 2, 3, 4]);
+        pool.register(a[1], names[1], Some(names[0].route), &[5, 6, 7, 8]);
         pool.release(&mut a);
         let mut leases = Leases::default();
         let held = leases.hold(&mut pool, names.clone(), vec![1, 2, 3, 4, 5, 6, 7, 8]);
@@ -162,13 +164,24 @@ mod tests {
         let names = namer.prefix(&[1, 2, 3, 4, 5, 6, 7, 8], 4);
         let mut pool = BlockPool::new(3, true);
         let mut written = Vec::new();
-        let first = import_block(&mut pool, 1, names[0], None, |b| written.push(b));
+        let first = import_block(&mut pool, 1, names[0], None, &[1, 2, 3, 4], |_, b| {
+            written.push(b)
+        });
         assert_eq!(first, Imported::Stored);
         assert_eq!(written.len(), 1);
         assert_eq!(pool.used_blocks(), 0, "imported blocks are idle-cached");
-        let again = import_block(&mut pool, 1, names[0], None, |_| panic!("rewritten"));
+        let again = import_block(&mut pool, 1, names[0], None, &[1, 2, 3, 4], |_, _| {
+            panic!("rewritten")
+        });
         assert_eq!(again, Imported::Present);
-        let second = import_block(&mut pool, 1, names[1], Some(names[0].route), |_| {});
+        let second = import_block(
+            &mut pool,
+            1,
+            names[1],
+            Some(names[0].route),
+            &[5, 6, 7, 8],
+            |_, _| {},
+        );
         assert_eq!(second, Imported::Stored);
         let mut hit = pool.lookup(&names);
         assert_eq!(hit.len(), 2);
@@ -176,7 +189,7 @@ mod tests {
         // Two of three blocks are idle-cached and one is free: a reserve of 3 refuses.
         let third = namer.prefix(&[9, 9, 9, 9], 4)[0];
         assert_eq!(
-            import_block(&mut pool, 3, third, None, |_| {}),
+            import_block(&mut pool, 3, third, None, &[9, 9, 9, 9], |_, _| {}),
             Imported::NoRoom
         );
     }

@@ -3,11 +3,13 @@
 //! and frees its blocks at the next step.
 
 mod closing;
+mod disk;
 mod handoff;
 mod pacing;
 mod plan;
 mod scheduler;
 mod speculate;
+mod tiers;
 
 pub use speculate::Speculation;
 
@@ -23,6 +25,7 @@ use crate::chat_template::ChatTemplate;
 use crate::constraint::{Grammar, GrammarCompiler, GrammarSpec};
 use crate::error::{EngineError, Result};
 use crate::kv::KvCache;
+use crate::kv_disk::{DiskTier, KvDiskConfig};
 use crate::kv_transfer::{KvBlock, KvLayout};
 use crate::loader::LoadedModel;
 use crate::sampler::SamplingParams;
@@ -58,6 +61,9 @@ pub struct EngineConfig {
     pub prefix_cache: bool,
     /// Speculative decoding for requests that do not choose (prompt lookup; off by default).
     pub speculation: Speculation,
+    /// A KV tier on disk below the prefix cache (needs `prefix_cache`): evicted blocks are
+    /// saved there and read back on a prefix hit, across restarts.
+    pub kv_disk: Option<KvDiskConfig>,
 }
 
 impl Default for EngineConfig {
@@ -76,6 +82,7 @@ impl Default for EngineConfig {
             max_waiting: 1024,
             prefix_cache: true,
             speculation: Speculation::OFF,
+            kv_disk: None,
         }
     }
 }
@@ -95,6 +102,11 @@ impl EngineConfig {
             return Err(EngineError::InvalidSettings(format!(
                 "engine settings must be positive: {self:?}"
             )));
+        }
+        if self.kv_disk.is_some() && !self.prefix_cache {
+            return Err(EngineError::InvalidSettings(
+                "a KV tier on disk needs the prefix cache (it keeps what the cache evicts)".into(),
+            ));
         }
         Ok(())
     }
@@ -253,6 +265,22 @@ pub struct EngineStats {
     pub kv_blocks_exported: AtomicU64,
     /// KV blocks received from other engines and stored in the prefix cache.
     pub kv_blocks_imported: AtomicU64,
+    /// KV blocks in the disk tier.
+    pub kv_disk_blocks: AtomicUsize,
+    /// Bytes of block files in the disk tier.
+    pub kv_disk_bytes: AtomicU64,
+    /// Prompt blocks missing from memory that the disk tier had (read back, not recomputed).
+    pub kv_disk_hit_blocks: AtomicU64,
+    /// Prompt blocks missing from memory that the disk tier did not have either.
+    pub kv_disk_miss_blocks: AtomicU64,
+    /// Bytes written to the disk tier.
+    pub kv_disk_written_bytes: AtomicU64,
+    /// Bytes read back from the disk tier.
+    pub kv_disk_read_bytes: AtomicU64,
+    /// Evicted blocks not saved because the disk tier's writer was behind.
+    pub kv_disk_dropped_blocks: AtomicU64,
+    /// Disk tier writes and reads that failed (the block is recomputed).
+    pub kv_disk_errors: AtomicU64,
 }
 
 impl EngineStats {
@@ -342,6 +370,11 @@ pub(crate) enum Command {
         blocks: Vec<KvBlock>,
         reply: tokio::sync::oneshot::Sender<ImportOutcome>,
     },
+    /// Save every cached block the disk tier lacks; reply with how many, and a receiver that
+    /// resolves once they are written.
+    Persist {
+        reply: tokio::sync::oneshot::Sender<(usize, tokio::sync::oneshot::Receiver<()>)>,
+    },
 }
 
 /// A cheap, cloneable handle to a running engine.
@@ -359,9 +392,9 @@ pub struct EngineHandle {
     grammars: Arc<GrammarCompiler>,
 }
 
-/// The hashes of the blocks in the prefix cache, kept by the engine thread as it publishes each
-/// event, so that a follower of the event stream can start from a snapshot.
-pub(crate) type CachedBlocks = Arc<std::sync::Mutex<std::collections::HashSet<u64>>>;
+/// The hashes of the blocks in the prefix cache and the disk tier, kept by the engine thread as
+/// it publishes each event, so that a follower of the event stream can start from a snapshot.
+pub(crate) type CachedBlocks = Arc<std::sync::Mutex<tiers::CachedRoutes>>;
 
 impl EngineHandle {
     /// Starts the engine thread for a loaded model.
@@ -398,6 +431,32 @@ impl EngineHandle {
         };
         let stats = Arc::new(EngineStats::default());
         stats.kv_blocks_total.store(num_blocks, Ordering::Relaxed);
+        let cached = CachedBlocks::default();
+        let disk = match &config.kv_disk {
+            Some(d) => {
+                let mut on_disk = layout;
+                on_disk.model = lastmile_protocol::block_hash(
+                    Some(layout.model),
+                    &name_words(&format!("{:016x}", model.weights.fingerprint())),
+                );
+                let mut tier = DiskTier::open(d, on_disk)?;
+                let mut c = cached.lock().unwrap_or_else(|e| e.into_inner());
+                for e in tier.take_changes() {
+                    c.apply(tiers::Tier::Disk, e);
+                }
+                stats.kv_disk_blocks.store(tier.blocks(), Ordering::Relaxed);
+                stats
+                    .kv_disk_bytes
+                    .store(tier.used_bytes(), Ordering::Relaxed);
+                tracing::info!(
+                    "KV disk tier at {}: {} blocks found",
+                    tier.slot().display(),
+                    tier.blocks()
+                );
+                Some(tier)
+            }
+            None => None,
+        };
         let tokenizer = Arc::new(tokenizer);
         let (tx, rx) = sync_channel(config.max_waiting);
         let thread_stats = stats.clone();
@@ -405,7 +464,6 @@ impl EngineHandle {
         let max_waiting = config.max_waiting;
         let (kv_events, _) = broadcast::channel(4096);
         let thread_events = kv_events.clone();
-        let cached = CachedBlocks::default();
         let thread_cached = cached.clone();
         std::thread::Builder::new()
             .name("lastmile-engine".into())
@@ -419,6 +477,7 @@ impl EngineHandle {
                         stats: thread_stats,
                         kv_events: thread_events,
                         cached: thread_cached,
+                        disk,
                     },
                 );
                 s.run(rx);
@@ -542,6 +601,16 @@ impl EngineHandle {
         .await
     }
 
+    /// Saves every block of the prefix cache that the disk tier lacks (the most recently used
+    /// last, so they are the last the tier's bound trims), and waits until they are written:
+    /// what a replica does before it stops, so that its successor finds its prefixes. Returns
+    /// how many blocks it wrote (0 without a disk tier).
+    pub async fn persist_kv(&self) -> Result<usize> {
+        let (written, done) = self.ask(|reply| Command::Persist { reply }).await?;
+        done.await.map_err(|_| EngineError::Stopped)?;
+        Ok(written)
+    }
+
     /// The model's facts.
     pub fn info(&self) -> &ModelInfo {
         &self.info
@@ -568,7 +637,7 @@ impl EngineHandle {
     /// store or a removal twice changes nothing).
     pub fn cached_blocks(&self) -> Vec<u64> {
         let set = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        set.iter().copied().collect()
+        set.hashes()
     }
 
     /// The chat template.

@@ -168,6 +168,8 @@ pub(super) struct Planner<S> {
     config: EngineConfig,
     num_blocks: usize,
     next_id: u64,
+    /// Whether the pool keeps what eviction takes (for a lower tier).
+    keeps_evicted: bool,
 }
 
 fn blocks_for(tokens: usize, block_size: usize) -> usize {
@@ -186,7 +188,16 @@ impl<S: Planned> Planner<S> {
             config,
             num_blocks,
             next_id: 0,
+            keeps_evicted: false,
         }
+    }
+
+    /// Names blocks under `keys` (a lower tier's, whose blocks outlive this process) and has the
+    /// pool keep what eviction takes, for that tier to save.
+    pub(super) fn spill_under(&mut self, keys: crate::kv::NamerKeys) {
+        self.namer = BlockNamer::with_keys(keys);
+        self.alloc.keep_evicted();
+        self.keeps_evicted = true;
     }
 
     /// No sequence waits or runs.
@@ -239,9 +250,10 @@ impl<S: Planned> Planner<S> {
             while s.hashes.len() < s.computed / bs {
                 let k = s.hashes.len();
                 let parent = s.hashes.last().copied();
-                let name = self.namer.name(parent, &s.tokens[k * bs..(k + 1) * bs]);
+                let tokens = &s.tokens[k * bs..(k + 1) * bs];
+                let name = self.namer.name(parent, tokens);
                 self.alloc
-                    .register(s.blocks[k], name, parent.map(|p| p.route));
+                    .register(s.blocks[k], name, parent.map(|p| p.route), tokens);
                 s.hashes.push(name);
             }
         }
@@ -261,6 +273,9 @@ impl<S: Planned> Planner<S> {
     /// sequences, and the routing hashes the cache held are for the caller to announce gone.
     pub(super) fn reset(&mut self) -> Vec<S> {
         self.alloc = BlockPool::new(self.num_blocks, self.config.prefix_cache);
+        if self.keeps_evicted {
+            self.alloc.keep_evicted();
+        }
         self.running
             .drain(..)
             .chain(self.waiting.drain(..))

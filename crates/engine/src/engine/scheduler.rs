@@ -6,22 +6,25 @@
 //! output, and its stream continues seamlessly), never the whole batch.
 
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 
 use tokio::sync::broadcast;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::closing::BudgetCloser;
+use super::disk::{Disk, ReadBack};
 use super::handoff::{import_block, tally, Leases};
 use super::plan::{Chunk, Planned, Planner, Refusal, SeqKv, StepPlan};
 use super::speculate::{Drafter, Speculation, MAX_RUNNING_TO_DRAFT};
+use super::tiers::Tier;
 use super::{
     Command, EngineConfig, EngineStats, FinishReason, GenerateRequest, GenerationEvent,
     ImportOutcome, Submission, TokenLogprobs,
 };
 use crate::error::EngineError;
-use crate::kv::KvCache;
+use crate::kv::{BlockPool, KvCache};
+use crate::kv_disk::DiskTier;
 use crate::kv_transfer::KvBlock;
 use crate::model::{BatchSeq, LlamaModel, Scratch};
 use crate::parallel::ThreadPool;
@@ -74,6 +77,8 @@ pub(super) struct Shared {
     pub(super) kv_events: broadcast::Sender<KvEvent>,
     /// The cached hashes, as the events published so far leave them.
     pub(super) cached: super::CachedBlocks,
+    /// The KV tier on disk, if there is one.
+    pub(super) disk: Option<DiskTier>,
 }
 
 pub(super) struct Scheduler {
@@ -96,6 +101,8 @@ pub(super) struct Scheduler {
     speculation: Speculation,
     /// Blocks held for other engines to read.
     leases: Leases,
+    /// The KV tier on disk, if there is one.
+    disk: Option<Disk>,
 }
 
 impl Scheduler {
@@ -110,16 +117,22 @@ impl Scheduler {
             stats,
             kv_events,
             cached,
+            disk,
         } = shared;
         let c = &model.config;
         let kv = KvCache::new(c.layers, num_blocks, config.block_size, c.kv_dim());
         let speculation = config.speculation;
+        let mut planner = Planner::new(config.clone(), num_blocks);
+        let disk = disk.map(Disk::new);
+        if let Some(d) = &disk {
+            planner.spill_under(d.keys());
+        }
         Self {
             pool: ThreadPool::new(config.threads),
             model,
             tokenizer,
             kv,
-            planner: Planner::new(config, num_blocks),
+            planner,
             kv_events,
             cached,
             scratch: Scratch::default(),
@@ -128,13 +141,21 @@ impl Scheduler {
             counted_waiting: 0,
             speculation,
             leases: Leases::default(),
+            disk,
         }
     }
 
     pub(super) fn run(&mut self, rx: Receiver<Command>) {
         loop {
             if self.planner.is_idle() {
-                match rx.recv() {
+                // Requests waiting for disk reads: look for their answer every millisecond.
+                let reading = self.disk.as_ref().is_some_and(|d| d.loading() > 0);
+                let next = if reading {
+                    rx.recv_timeout(std::time::Duration::from_millis(1))
+                } else {
+                    rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+                };
+                match next {
                     Ok(c) => {
                         // Idle until now: the stall clock starts here, not at the last step.
                         self.stats
@@ -142,7 +163,8 @@ impl Scheduler {
                             .store(EngineStats::now_ms(), Ordering::Relaxed);
                         self.take(c)
                     }
-                    Err(_) => return,
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
             loop {
@@ -157,6 +179,7 @@ impl Scheduler {
                     }
                 }
             }
+            self.admit_read_back();
             let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
             if step.is_err() {
                 tracing::error!("engine step panicked; failing every request in flight");
@@ -175,7 +198,36 @@ impl Scheduler {
 
     fn take(&mut self, command: Command) {
         match command {
-            Command::Generate(s) => self.admit(*s),
+            Command::Generate(s) => {
+                // Counted in `stats.waiting` by `submit` when it was sent.
+                self.counted_waiting += 1;
+                let s = match &mut self.disk {
+                    Some(disk) => {
+                        let names = self.planner.names(&s.request.prompt);
+                        let bs = self.kv.block_size;
+                        disk.start_load(*s, &names, bs, &self.planner.alloc, &self.stats)
+                    }
+                    None => Some(*s),
+                };
+                if let Some(s) = s {
+                    self.admit(s);
+                }
+            }
+            Command::Persist { reply } => {
+                let answer = match &mut self.disk {
+                    Some(disk) => {
+                        let answer = disk.persist(&self.planner.alloc, &self.kv);
+                        disk.publish(&self.stats);
+                        answer
+                    }
+                    None => {
+                        let (done, answer) = tokio::sync::oneshot::channel();
+                        let _ = done.send(());
+                        (0, answer)
+                    }
+                };
+                let _ = reply.send(answer);
+            }
             Command::Hold { prompt, reply } => {
                 let names = self.planner.names(&prompt);
                 let held = self.leases.hold(&mut self.planner.alloc, names, prompt);
@@ -245,15 +297,48 @@ impl Scheduler {
                 break;
             }
             let parent = i.checked_sub(1).map(|p| names[p].route);
-            let kv = &mut self.kv;
-            let imported = import_block(&mut self.planner.alloc, reserve, names[i], parent, |b| {
+            let (kv, disk) = (&mut self.kv, &mut self.disk);
+            let write = |pool: &mut BlockPool, b: u32| {
+                // The fresh block may have been a cached one: saved before it is overwritten.
+                if let Some(disk) = disk {
+                    disk.spill(kv, pool.take_evicted());
+                }
                 kv.write_block(b, &block.values)
-            });
+            };
+            let imported = import_block(
+                &mut self.planner.alloc,
+                reserve,
+                names[i],
+                parent,
+                &block.tokens,
+                write,
+            );
             tally(&mut outcome, imported);
         }
         outcome
     }
 
+    /// Imports the blocks disk reads brought back and admits their requests (a block that does
+    /// not check out is left out, and the rest of the prompt computed).
+    fn admit_read_back(&mut self) {
+        let Some(disk) = &mut self.disk else {
+            return;
+        };
+        for ReadBack {
+            submission,
+            first,
+            blocks,
+        } in disk.read_back()
+        {
+            let outcome = self.import(&submission.request.prompt, first, &blocks);
+            self.stats
+                .kv_disk_hit_blocks
+                .fetch_add(outcome.stored as u64, Ordering::Relaxed);
+            self.admit(submission);
+        }
+    }
+
+    /// Queues a submission for the planner (or fails it, if the queue is full).
     fn admit(&mut self, s: Submission) {
         let Submission { request, tx } = s;
         let max_tokens = request.max_tokens;
@@ -269,8 +354,6 @@ impl Scheduler {
             drafter,
             tx,
         };
-        // Counted in `stats.waiting` by `submit` when it was sent.
-        self.counted_waiting += 1;
         let needed = seq.kv.tokens.len() + max_tokens;
         if let Err((seq, refusal)) = self.planner.enqueue(seq, max_tokens) {
             // `submit` checks both first; these catch what slips past it (submissions racing
@@ -294,7 +377,7 @@ impl Scheduler {
         stats.running.store(p.running.len(), Ordering::Relaxed);
         // Adjusted, not stored: submissions sent during the step are counted there too, and the
         // queue bound `submit` checks must see them.
-        let now = p.waiting.len();
+        let now = p.waiting.len() + self.disk.as_ref().map_or(0, Disk::loading);
         if now > self.counted_waiting {
             stats
                 .waiting
@@ -315,6 +398,9 @@ impl Scheduler {
             .queued_prefill_tokens
             .store(p.queued_prefill_tokens(), Ordering::Relaxed);
         self.publish_held();
+        if let Some(d) = &self.disk {
+            d.publish(stats);
+        }
     }
 
     fn publish_held(&self) {
@@ -323,26 +409,31 @@ impl Scheduler {
             .store(self.leases.blocks(), Ordering::Relaxed);
     }
 
+    /// Publishes the tiers' changes: the disk's first, so that a block evicted from memory
+    /// and saved to disk in the same step is never announced gone.
     fn publish_events(&mut self) {
-        let events = self.planner.alloc.take_events();
-        if events.is_empty() {
+        let disk = self.disk.as_mut().map(Disk::take_changes);
+        let memory = self.planner.alloc.take_events();
+        let changes = disk.into_iter().flatten().map(|e| (Tier::Disk, e));
+        let changes = changes.chain(memory.into_iter().map(|e| (Tier::Memory, e)));
+        let mut changes = changes.peekable();
+        if changes.peek().is_none() {
             return;
         }
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        for e in events {
-            match e {
-                KvEvent::Stored { hash, .. } => cached.insert(hash),
-                KvEvent::Removed { hash } => cached.remove(&hash),
-            };
-            // Nobody listening is fine: events are advisory.
-            let _ = self.kv_events.send(e);
+        for (tier, e) in changes {
+            if let Some(e) = cached.apply(tier, e) {
+                // Nobody listening is fine: events are advisory.
+                let _ = self.kv_events.send(e);
+            }
         }
     }
 
-    /// Tells followers that the whole prefix cache is gone (after a failed step).
+    /// Tells followers that the memory tier is gone (after a failed step); what the disk
+    /// holds stays.
     fn forget_cache(&mut self) {
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        for hash in cached.drain() {
+        for hash in cached.forget_memory() {
             let _ = self.kv_events.send(KvEvent::Removed { hash });
         }
     }
@@ -351,6 +442,10 @@ impl Scheduler {
     /// input its next token.
     fn step(&mut self) {
         let plan = self.planner.plan();
+        if let Some(disk) = &mut self.disk {
+            // Before the forward pass overwrites the blocks eviction handed out.
+            disk.spill(&self.kv, self.planner.alloc.take_evicted());
+        }
         self.count(&plan);
         if plan.chunks.is_empty() {
             return;

@@ -148,6 +148,20 @@ impl QMatrix {
         }
     }
 
+    /// Feeds a fingerprint of this matrix to `h`: its shape, format and layout, and its first
+    /// and last 4 KiB (a fine-tune, a merged adapter or another quantization changes them).
+    pub fn fingerprint(&self, h: &mut impl std::hash::Hasher) {
+        let bytes = self.bytes.as_slice();
+        let edge = bytes.len().min(4096);
+        let words = [self.rows, self.cols, bytes.len()];
+        h.write(format!("{:?}/{:?}", self.kind, self.packed).as_bytes());
+        for w in words {
+            h.write_u64(w as u64);
+        }
+        h.write(&bytes[..edge]);
+        h.write(&bytes[bytes.len() - edge..]);
+    }
+
     /// This matrix in the layout of the fastest kernels this CPU has: rows repacked (a copy) for
     /// them where the format has a packed layout, else itself (shared).
     pub fn for_this_cpu(&self) -> Self {

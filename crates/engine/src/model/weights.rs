@@ -56,6 +56,32 @@ pub struct Weights {
 }
 
 impl Weights {
+    /// A fingerprint of the weights (every matrix's shape, layout and edges, every norm): two
+    /// models whose keys and values could differ disagree on it. What the KV tier on disk
+    /// names its blocks' model by.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::Hasher;
+        let mut h = siphasher::sip::SipHasher13::new();
+        let floats = |h: &mut siphasher::sip::SipHasher13, v: &[f32]| {
+            v.iter().for_each(|x| h.write_u32(x.to_bits()))
+        };
+        self.embed.fingerprint(&mut h);
+        self.output.fingerprint(&mut h);
+        floats(&mut h, &self.out_norm);
+        floats(&mut h, self.rope_freqs.as_deref().unwrap_or_default());
+        for l in &self.layers {
+            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+                m.fingerprint(&mut h);
+            }
+            floats(&mut h, &l.attn_norm);
+            floats(&mut h, &l.ffn_norm);
+            for b in l.bias_qkv.iter().flatten() {
+                floats(&mut h, b);
+            }
+        }
+        h.finish()
+    }
+
     /// Bytes of weights read for one token's forward pass (every matrix once, embedding row aside).
     pub fn bytes_per_token(&self) -> usize {
         let layer: usize = self
