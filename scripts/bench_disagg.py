@@ -42,8 +42,8 @@ WORDS = ("river stone market window garden engine letter summer silver harbor ca
 
 def document(seed, tokens):
     rng = random.Random(seed)
-    # About 1.3 tokens per word of this vocabulary.
-    words = [rng.choice(WORDS) for _ in range(int(tokens / 1.3))]
+    # One token per word of this vocabulary (with its space).
+    words = [rng.choice(WORDS) for _ in range(tokens)]
     return f"Document {seed}: " + " ".join(words)
 
 

@@ -494,6 +494,7 @@ fn io_thread(slot: PathBuf, layout: KvLayout, jobs: Receiver<Job>, done: SyncSen
                 let _ = std::fs::remove_file(slot.join(file_name(key, route)));
             }
             Job::Read { id, names } => {
+                let started = std::time::Instant::now();
                 let mut blocks = Vec::with_capacity(names.len());
                 let mut bad = Vec::new();
                 for (key, route) in names {
@@ -508,6 +509,11 @@ fn io_thread(slot: PathBuf, layout: KvLayout, jobs: Receiver<Job>, done: SyncSen
                         }
                     }
                 }
+                tracing::debug!(
+                    blocks = blocks.len(),
+                    ms = started.elapsed().as_secs_f64() * 1e3,
+                    "KV disk tier: read"
+                );
                 if done.send(Done::Read { id, blocks, bad }).is_err() {
                     return;
                 }

@@ -330,7 +330,13 @@ impl Scheduler {
             blocks,
         } in disk.read_back()
         {
+            let started = std::time::Instant::now();
             let outcome = self.import(&submission.request.prompt, first, &blocks);
+            tracing::debug!(
+                stored = outcome.stored,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "KV disk tier: imported"
+            );
             self.stats
                 .kv_disk_hit_blocks
                 .fetch_add(outcome.stored as u64, Ordering::Relaxed);
