@@ -99,6 +99,29 @@ impl Drop for Proc {
     }
 }
 
+/// Serves on an ephemeral port from a runtime thread of its own (so the server outlives each
+/// test's runtime): `serve` gets the listener; returns the base URL (`http://127.0.0.1:PORT`).
+pub fn spawn_server<F>(serve: impl FnOnce(tokio::net::TcpListener) -> F + Send + 'static) -> String
+where
+    F: std::future::Future<Output = ()>,
+{
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding");
+    let addr = listener.local_addr().expect("address");
+    listener.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            serve(listener).await;
+        });
+    });
+    format!("http://{addr}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

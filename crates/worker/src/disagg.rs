@@ -39,6 +39,7 @@ use lastmile_protocol::disagg::{INTERNAL_TOKEN_HEADER, KV_SOURCE_HEADER};
 use lastmile_protocol::{ApiError, PrefillReply, PrefillRequest, WorkerRole};
 
 use crate::error::{api_response, engine_api_error};
+use crate::kv_transport::{HttpTransport, KvTransport, TransportError};
 use crate::AppState;
 
 /// Blocks encoded per chunk of a streamed lease.
@@ -65,6 +66,8 @@ pub struct DisaggConfig {
     /// Test hook: corrupt one byte of every block frame sent (its checksum then fails on the
     /// receiving side). Never set in service.
     pub corrupt_sent_blocks: bool,
+    /// How pulls fetch held blocks (`None`: HTTP, with the internal token).
+    pub transport: Option<Arc<dyn KvTransport>>,
 }
 
 impl Default for DisaggConfig {
@@ -75,6 +78,7 @@ impl Default for DisaggConfig {
             lease: Duration::from_secs(30),
             pull_timeout: Duration::from_secs(10),
             corrupt_sent_blocks: false,
+            transport: None,
         }
     }
 }
@@ -128,7 +132,7 @@ pub(crate) struct Transfers {
     /// Keys that make lease names unguessable.
     namer: (RandomState, RandomState),
     next: AtomicU64,
-    http: reqwest::Client,
+    transport: Arc<dyn KvTransport>,
     prefills: AtomicU64,
     pulls: AtomicU64,
     pull_failures: [AtomicU64; PullFailure::LABELS.len()],
@@ -140,15 +144,15 @@ pub(crate) struct Transfers {
 
 impl Transfers {
     pub(crate) fn new(config: DisaggConfig) -> Self {
+        let transport = config.transport.clone().unwrap_or_else(|| {
+            Arc::new(HttpTransport::new(config.internal_token.clone())) as Arc<dyn KvTransport>
+        });
         Self {
             config,
             leases: Mutex::new(HashMap::new()),
             namer: (RandomState::new(), RandomState::new()),
             next: AtomicU64::new(0),
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(2))
-                .build()
-                .unwrap_or_default(),
+            transport,
             prefills: AtomicU64::new(0),
             pulls: AtomicU64::new(0),
             pull_failures: Default::default(),
@@ -434,39 +438,21 @@ pub(crate) async fn pull(state: &AppState, source: &str, prompt: &[u32]) {
         }
     }
     // Release the lease either way (it would expire on its own).
-    let http = t.http.clone();
-    let token = t.config.internal_token.clone().unwrap_or_default();
-    let lease_url = source.split('?').next().unwrap_or(source).to_string();
-    tokio::spawn(async move {
-        let _ = http
-            .delete(lease_url)
-            .header(INTERNAL_TOKEN_HEADER, token)
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await;
-    });
+    t.transport.release(source);
 }
 
 /// The pull itself: blocks are imported as they arrive, a batch at a time; returns the blocks
 /// stored.
 async fn pull_into(state: &AppState, source: &str, prompt: &[u32]) -> Result<usize, PullFailure> {
     let t = &state.transfers;
-    let token = t.config.internal_token.clone().unwrap_or_default();
-    let resp = t
-        .http
-        .get(source)
-        .header(INTERNAL_TOKEN_HEADER, token)
-        .send()
-        .await
-        .map_err(|_| PullFailure::Unreachable)?;
-    if !resp.status().is_success() {
-        return Err(PullFailure::Refused);
-    }
+    let mut body = t.transport.open(source).await.map_err(|e| match e {
+        TransportError::Unreachable => PullFailure::Unreachable,
+        TransportError::Refused => PullFailure::Refused,
+    })?;
     let mut reader = KvStreamReader::new(state.engine.kv_layout(&state.config.model_id));
     let mut pending: Vec<KvBlock> = Vec::new();
     let mut imported = 0usize;
     let mut stored = 0usize;
-    let mut body = resp.bytes_stream();
     let import = |blocks: Vec<KvBlock>, first: usize| async move {
         let n = blocks.len();
         match state

@@ -15,6 +15,7 @@ mod error;
 pub mod fuzzing;
 mod generation;
 mod internal;
+pub mod kv_transport;
 mod metrics;
 mod openai;
 mod openapi;
@@ -36,6 +37,7 @@ use lastmile_protocol::{ApiError, ModelCard, ModelList};
 
 pub use disagg::DisaggConfig;
 pub use error::{api_response, WorkerError};
+pub use kv_transport::{KvBytes, KvTransport, TransportError};
 pub use metrics::Metrics;
 pub use prompt::{Api, PromptCard, Prompter, MAX_HEADER_TOKENS, PROMPT_HEADER};
 

@@ -14,27 +14,7 @@ pub use lastmile_testing::{metric, metric_sum, EtcdServer};
 
 pub const MODEL: &str = "smollm2-135m-instruct";
 
-/// Serves `app` on an ephemeral port from its own runtime thread; returns the base URL.
-pub fn spawn_server<F>(serve: impl FnOnce(tokio::net::TcpListener) -> F + Send + 'static) -> String
-where
-    F: std::future::Future<Output = ()>,
-{
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding");
-    let addr = listener.local_addr().expect("address");
-    listener.set_nonblocking(true).expect("nonblocking");
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            serve(listener).await;
-        });
-    });
-    format!("http://{addr}")
-}
+pub use lastmile_testing::spawn_server;
 
 pub fn worker() -> String {
     worker_until(std::future::pending())

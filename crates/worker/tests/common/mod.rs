@@ -14,39 +14,37 @@ pub const MODEL: &str = "smollm2-135m-instruct";
 pub fn server() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
     URL.get_or_init(|| {
-        let path = ensure_default_model().expect("fetching the default model");
-        let loaded = LoadedModel::load(&path).expect("loading the default model");
-        let engine = EngineHandle::start(
-            loaded,
-            EngineConfig {
-                threads: 2,
-                ..EngineConfig::default()
-            },
-        )
-        .expect("starting the engine");
         let config = ServerConfig {
             model_id: MODEL.to_string(),
             max_body_bytes: 64 * 1024,
             startup_ms: Vec::new(),
             disagg: Default::default(),
         };
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding");
-        let addr = listener.local_addr().expect("address");
-        listener.set_nonblocking(true).expect("nonblocking");
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                lastmile_worker::serve(listener, engine, config, std::future::pending())
-                    .await
-                    .expect("serving");
-            });
-        });
-        format!("http://{addr}")
+        start(engine(), config)
+    })
+}
+
+/// A fresh engine over the default model (2 threads).
+pub fn engine() -> EngineHandle {
+    let path = ensure_default_model().expect("fetching the default model");
+    let loaded = LoadedModel::load(&path).expect("loading the default model");
+    EngineHandle::start(
+        loaded,
+        EngineConfig {
+            threads: 2,
+            ..EngineConfig::default()
+        },
+    )
+    .expect("starting the engine")
+}
+
+/// Serves `engine` under `config` on an ephemeral port, on a runtime thread of its own; returns
+/// its base URL.
+pub fn start(engine: EngineHandle, config: ServerConfig) -> String {
+    lastmile_testing::spawn_server(move |listener| async move {
+        lastmile_worker::serve(listener, engine, config, std::future::pending())
+            .await
+            .expect("serving");
     })
 }
 
