@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! DIR/<layout>/slot-N/lock       held (flock) by the one process using the slot
+//!                    /stopping   present while that process saves its cache on the way out
 //!                    /secret     the slot's prefix-cache keys (32 bytes, mode 0600)
 //!                    /<key>-<route>.kvb   one block: a KV transfer stream of one block
 //! ```
@@ -13,7 +14,8 @@
 //! `<layout>` names the model (a fingerprint of its shape and weights), its KV shape and block
 //! size, so blocks of another model are never read. A process takes the first slot no other
 //! live process holds: replicas on one machine each get their own store, and a replica started
-//! again (after scale-to-zero) gets the one its predecessor left. Block files are named by the
+//! again (after scale-to-zero) gets the one its predecessor left — waiting for it, if the
+//! predecessor is still saving its cache (a scale-up right after a scale-down). Block files are named by the
 //! block's prefix-cache key, which is keyed by the slot's secret and chained over every token
 //! before it: a file can only be found by the exact prompt prefix that made it, and a prompt
 //! crafted to collide with another tenant's public routing hash finds nothing. Each file is a
@@ -53,6 +55,8 @@ pub struct KvDiskConfig {
 const QUEUE: usize = 64;
 /// Slots tried per layout before giving up.
 const SLOTS: usize = 64;
+/// How long a new process waits for a slot whose holder is saving its cache on the way out.
+const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 const EXTENSION: &str = "kvb";
 
 /// One block on disk, as the index knows it.
@@ -298,6 +302,12 @@ impl DiskTier {
         }
     }
 
+    /// Marks the slot as being handed over: this process is saving its cache and will exit, so a
+    /// process that starts meanwhile waits for the slot instead of taking an empty one.
+    pub(crate) fn mark_stopping(&self) {
+        let _ = File::create(self.slot.join("stopping"));
+    }
+
     /// Replies on `reply` once every job asked for so far is done.
     pub(crate) fn flush(&mut self, reply: tokio::sync::oneshot::Sender<()>) {
         let _ = self.jobs.send(Job::Flush { reply });
@@ -379,7 +389,8 @@ fn parse_name(name: &str) -> Option<(u128, u64)> {
 }
 
 /// Takes the first slot under `root` that no live process holds (an exclusive flock on its
-/// `lock` file, released by the kernel when the process ends, however it ends).
+/// `lock` file, released by the kernel when the process ends, however it ends); a slot whose
+/// holder is on its way out (`stopping`) is waited for, up to [`HANDOVER_WAIT`].
 fn take_slot(root: &Path) -> Result<(PathBuf, File)> {
     for n in 0..SLOTS {
         let slot = root.join(format!("slot-{n}"));
@@ -394,8 +405,22 @@ fn take_slot(root: &Path) -> Result<(PathBuf, File)> {
             .open(&lock_path)
             .map_err(|e| EngineError::io(format!("opening {}", lock_path.display()), e))?;
         // SAFETY: `flock` on a descriptor this function owns; no memory is passed.
-        let locked = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        let try_lock =
+            || unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        let mut locked = try_lock();
+        if !locked && slot.join("stopping").exists() {
+            let deadline = std::time::Instant::now() + HANDOVER_WAIT;
+            tracing::info!(
+                "KV disk slot {} is being handed over; waiting",
+                slot.display()
+            );
+            while !locked && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                locked = try_lock();
+            }
+        }
         if locked {
+            let _ = std::fs::remove_file(slot.join("stopping"));
             return Ok((slot, lock));
         }
     }

@@ -166,6 +166,37 @@ fn a_replica_started_again_finds_what_its_predecessor_persisted() {
 }
 
 #[test]
+fn a_replica_started_while_its_predecessor_stops_waits_for_its_slot() {
+    let dir = scratch_dir("handover");
+    let rt = runtime();
+    let a = prompt(200, 5);
+    let e = engine(&dir, GIB);
+    let first = run(&e, &a, 8);
+    rt.block_on(e.persist_kv()).expect("persist");
+    let routes = e.cached_blocks();
+    // The old replica is still exiting when the new one starts: the new one waits for its slot
+    // instead of taking an empty one.
+    let exiting = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(800));
+        drop(e);
+    });
+    let next = engine(&dir, GIB);
+    exiting.join().expect("old replica");
+    let found = next.cached_blocks();
+    assert!(
+        routes.iter().all(|r| found.contains(r)),
+        "the same slot, found"
+    );
+    assert_eq!(run(&next, &a, 8), first);
+    assert_eq!(
+        counter(&next, |s| s.kv_disk_hit_blocks.load(Ordering::Relaxed)),
+        12
+    );
+    drop(next);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_damaged_block_file_is_recomputed_never_used() {
     let dir = scratch_dir("damaged");
     let rt = runtime();

@@ -117,12 +117,14 @@ impl Disk {
     }
 
     /// Saves every cached block the tier lacks, waiting for room in the writer's queue, least
-    /// recently used first; returns how many and a receiver that resolves once all are written.
+    /// recently used first, and marks the slot as handed over (this process is stopping);
+    /// returns how many and a receiver that resolves once all are written.
     pub(super) fn persist(
         &mut self,
         pool: &BlockPool,
         kv: &KvCache,
     ) -> (usize, tokio::sync::oneshot::Receiver<()>) {
+        self.tier.mark_stopping();
         let before = self.tier.counts.written_bytes;
         for (block, name, tokens) in pool.cached() {
             self.tier

@@ -603,7 +603,8 @@ impl EngineHandle {
 
     /// Saves every block of the prefix cache that the disk tier lacks (the most recently used
     /// last, so they are the last the tier's bound trims), and waits until they are written:
-    /// what a replica does before it stops, so that its successor finds its prefixes. Returns
+    /// what a replica does before it stops, so that its successor finds its prefixes (a
+    /// successor starting meanwhile waits for the slot rather than take an empty one). Returns
     /// how many blocks it wrote (0 without a disk tier).
     pub async fn persist_kv(&self) -> Result<usize> {
         let (written, done) = self.ask(|reply| Command::Persist { reply }).await?;
