@@ -31,10 +31,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{
+    channel, sync_channel, Receiver, Sender, SyncSender, TryRecvError, TrySendError,
+};
 
 use lastmile_protocol::KvEvent;
 
@@ -147,7 +149,9 @@ impl DiskTier {
         let mut found = scan(&slot, file_bytes, fresh)?;
         found.sort_by_key(|f| f.2);
         let (jobs, job_rx) = sync_channel(QUEUE);
-        let (done_tx, done) = sync_channel(QUEUE);
+        // Unbounded: the I/O thread never waits on the engine (which may be waiting on it, in a
+        // persist); reads in flight are bounded by the job queue.
+        let (done_tx, done) = channel();
         let io_slot = slot.clone();
         std::thread::Builder::new()
             .name("lastmile-kv-disk".into())
@@ -394,7 +398,10 @@ fn parse_name(name: &str) -> Option<(u128, u64)> {
 fn take_slot(root: &Path) -> Result<(PathBuf, File)> {
     for n in 0..SLOTS {
         let slot = root.join(format!("slot-{n}"));
-        std::fs::create_dir_all(&slot)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&slot)
             .map_err(|e| EngineError::io(format!("creating {}", slot.display()), e))?;
         let lock_path = slot.join("lock");
         let lock = OpenOptions::new()
@@ -402,6 +409,7 @@ fn take_slot(root: &Path) -> Result<(PathBuf, File)> {
             .truncate(false)
             .write(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&lock_path)
             .map_err(|e| EngineError::io(format!("opening {}", lock_path.display()), e))?;
         // SAFETY: `flock` on a descriptor this function owns; no memory is passed.
@@ -438,7 +446,11 @@ fn take_slot(root: &Path) -> Result<(PathBuf, File)> {
 fn slot_keys(slot: &Path) -> Result<(NamerKeys, bool)> {
     let path = slot.join("secret");
     let mut bytes = Vec::new();
-    let read = File::open(&path).and_then(|mut f| f.read_to_end(&mut bytes));
+    let read = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .and_then(|mut f| f.read_to_end(&mut bytes));
     if read.is_ok() && bytes.len() == 32 {
         let word = |i: usize| {
             let mut w = [0u8; 8];
@@ -455,6 +467,7 @@ fn slot_keys(slot: &Path) -> Result<(NamerKeys, bool)> {
             .truncate(true)
             .write(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
         for k in keys {
             f.write_all(&k.to_le_bytes())?;
@@ -504,7 +517,7 @@ fn scan(
 }
 
 /// The I/O thread: runs jobs in order until the tier is dropped.
-fn io_thread(slot: PathBuf, layout: KvLayout, jobs: Receiver<Job>, done: SyncSender<Done>) {
+fn io_thread(slot: PathBuf, layout: KvLayout, jobs: Receiver<Job>, done: Sender<Done>) {
     let file_bytes = layout.stream_bytes(1) as u64;
     for job in jobs {
         match job {
@@ -555,7 +568,15 @@ fn io_thread(slot: PathBuf, layout: KvLayout, jobs: Receiver<Job>, done: SyncSen
 fn write_block(path: &Path, layout: &KvLayout, block: &KvBlock) -> std::io::Result<()> {
     let bytes = encode_stream(layout, 0, std::slice::from_ref(block));
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, &bytes)?;
+    // Never through a link someone planted in the directory.
+    OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?
+        .write_all(&bytes)?;
     std::fs::rename(&tmp, path)
 }
 
@@ -566,7 +587,11 @@ fn read_block(
     file_bytes: u64,
     route: u64,
 ) -> std::result::Result<KvBlock, String> {
-    let mut f = File::open(path).map_err(|e| e.to_string())?;
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| e.to_string())?;
     let len = f.metadata().map_err(|e| e.to_string())?.len();
     if len != file_bytes {
         return Err(format!("{len} bytes, expected {file_bytes}"));
@@ -579,5 +604,135 @@ fn read_block(
     match (blocks.pop(), blocks.is_empty()) {
         (Some(b), true) if b.route == route => Ok(b),
         _ => Err("not the one block its name says".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> KvLayout {
+        KvLayout {
+            model: 7,
+            layers: 2,
+            kv_dim: 4,
+            block_size: 4,
+        }
+    }
+
+    fn name(n: u64) -> BlockName {
+        BlockName {
+            route: n,
+            key: u128::from(n) << 64 | 0xfeed,
+        }
+    }
+
+    fn values(n: u64) -> Vec<u16> {
+        (0..layout().block_values() as u16)
+            .map(|i| i ^ n as u16)
+            .collect()
+    }
+
+    fn scratch(tag: &str) -> KvDiskConfig {
+        let dir =
+            std::env::temp_dir().join(format!("lastmile-kv-disk-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        KvDiskConfig {
+            dir,
+            capacity_bytes: 1 << 20,
+        }
+    }
+
+    /// Waits for the read `id` to come back.
+    fn wait_read(tier: &mut DiskTier, id: u64) -> Vec<KvBlock> {
+        for _ in 0..500 {
+            if let Some(l) = tier.poll().into_iter().find(|l| l.id == id) {
+                return l.blocks;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        panic!("read {id} never came back");
+    }
+
+    fn flush(tier: &mut DiskTier) {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        tier.flush(reply);
+        done.blocking_recv().expect("flushed");
+    }
+
+    #[test]
+    fn blocks_written_come_back_and_outlive_the_tier() {
+        let config = scratch("roundtrip");
+        let mut tier = DiskTier::open(&config, layout()).expect("open");
+        for n in 1..=3 {
+            tier.spill(name(n), vec![n as u32; 4], || values(n), true);
+        }
+        let id = tier.read(&[name(1), name(2), name(3)]).expect("queued");
+        let blocks = wait_read(&mut tier, id);
+        assert_eq!(blocks.len(), 3);
+        assert_eq!(blocks[1].values, values(2));
+        assert_eq!(blocks[2].tokens, vec![3; 4]);
+        let keys = tier.keys();
+        drop(tier);
+        let tier = DiskTier::open(&config, layout()).expect("reopen");
+        assert_eq!(tier.keys(), keys, "the slot's keys are kept");
+        assert_eq!(tier.blocks(), 3);
+        assert_eq!(tier.run(&[name(1), name(2), name(9), name(3)]), 2);
+        // Another model's layout has its own directory: nothing of this one is found.
+        let mut other = layout();
+        other.model = 8;
+        assert_eq!(DiskTier::open(&config, other).expect("open").blocks(), 0);
+        drop(tier);
+        let _ = std::fs::remove_dir_all(&config.dir);
+    }
+
+    #[test]
+    fn the_bound_drops_the_least_recently_used_first() {
+        let mut config = scratch("bound");
+        config.capacity_bytes = 2 * layout().stream_bytes(1) as u64;
+        let mut tier = DiskTier::open(&config, layout()).expect("open");
+        tier.spill(name(1), vec![1; 4], || values(1), true);
+        tier.spill(name(2), vec![2; 4], || values(2), true);
+        tier.touch(name(1).key);
+        tier.spill(name(3), vec![3; 4], || values(3), true);
+        assert!(tier.contains(name(1).key) && tier.contains(name(3).key));
+        assert!(!tier.contains(name(2).key), "the least recently used went");
+        flush(&mut tier);
+        let files = std::fs::read_dir(tier.slot()).expect("slot").flatten();
+        let blocks = files.filter(|e| e.path().extension().is_some_and(|x| x == EXTENSION));
+        assert_eq!(blocks.count(), 2, "its file too");
+        drop(tier);
+        let _ = std::fs::remove_dir_all(&config.dir);
+    }
+
+    #[test]
+    fn links_planted_in_the_directory_are_never_followed() {
+        let config = scratch("links");
+        let tier = DiskTier::open(&config, layout()).expect("open");
+        let slot = tier.slot().to_path_buf();
+        drop(tier);
+        let precious = config.dir.join("precious");
+        std::fs::write(&precious, b"keep me").expect("write");
+        // A link dressed as a block file: not indexed, and removed (the target stays).
+        let planted = slot.join(file_name(name(5).key, 5));
+        std::os::unix::fs::symlink(&precious, &planted).expect("link");
+        let mut tier = DiskTier::open(&config, layout()).expect("reopen");
+        assert!(!tier.contains(name(5).key));
+        assert!(
+            std::fs::symlink_metadata(&planted).is_err(),
+            "the link is gone"
+        );
+        // A link where a block's temporary file will be written: the write fails, the target
+        // is untouched, and the block is not indexed.
+        let tmp = slot.join(file_name(name(6).key, 6)).with_extension("tmp");
+        std::os::unix::fs::symlink(&precious, &tmp).expect("link");
+        tier.spill(name(6), vec![6; 4], || values(6), true);
+        flush(&mut tier);
+        tier.poll();
+        assert!(!tier.contains(name(6).key));
+        assert_eq!(tier.counts.errors, 1);
+        assert_eq!(std::fs::read(&precious).expect("read"), b"keep me");
+        drop(tier);
+        let _ = std::fs::remove_dir_all(&config.dir);
     }
 }
