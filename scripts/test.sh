@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: installs etcd, bubblewrap and python3 if missing (see below), builds
 # the workspace once (release), fetches the default model, installs the Python SDK test
-# dependencies into .venv, then runs the Rust tests and the SDK tests.
+# dependencies into .venv, then runs the Rust tests, the CUDA kernel checks (with the CUDA
+# compilers fetched from PyPI) and the SDK tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -69,5 +70,11 @@ phase "Rust tests"
 LASTMILE_NO_AVX512=1 cargo test --release -p lastmile-engine --test batching --test prefix_cache \
     --test speculation --test correctness --test scheduling
 phase "Rust engine tests, AVX2 tier"
+# The GPU path cannot run here (no GPU), so it is kept from rotting: the `cuda` feature builds,
+# every kernel of ours compiles through NVRTC for sm_90 (the lent H100/H200s) and assembles with
+# ptxas, and the device probe says "no CUDA device" cleanly. The compilers come from PyPI.
+eval "$(scripts/cuda/toolchain.sh --env)"
+LASTMILE_REQUIRE_PTXAS=1 cargo test --release -p lastmile-engine --features cuda --test cuda
+phase "CUDA kernels (NVRTC, ptxas sm_90)"
 .venv/bin/python -m pytest -q tests/python
 phase "Python tests"

@@ -5,6 +5,8 @@
 
 pub mod chat_template;
 pub mod constraint;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod gguf;

@@ -1,0 +1,220 @@
+// lastmile's CUDA kernels, compiled at run time by NVRTC (no CUDA headers: half floats are
+// converted with PTX instructions). Layouts are the CPU engine's, so that KV blocks, their
+// hashes, prefix caching and KV transfer are the same on either device:
+//
+// - activations: f32, row-major `[tokens, width]`;
+// - quantized weights: the GGUF file layout, row by row (Q8_0: per 32 weights an f16 scale and
+//   32 signed bytes; Q4_1: an f16 scale, an f16 minimum and 16 bytes, low nibbles the first 16
+//   weights, high nibbles the last 16);
+// - the paged KV cache, per layer: keys channel-major inside each block (block b, channel c,
+//   position j at `(b * kv_dim + c) * block_size + j`), values slot by slot
+//   (`slot * kv_dim + c`), both IEEE half floats; a sequence's block table maps its position p to
+//   slot `table[p / block_size] * block_size + p % block_size`.
+
+typedef unsigned short half_bits;
+typedef unsigned char u8;
+typedef signed char i8;
+typedef unsigned int u32;
+
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float half_to_float(half_bits h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ half_bits float_to_half(float f) {
+    half_bits h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ float block_sum(float v) {
+    __shared__ float partial[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    int warps = blockDim.x >> 5;
+    v = lane < warps ? partial[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+__device__ float block_max(float v) {
+    __shared__ float partial[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    int warps = blockDim.x >> 5;
+    v = lane < warps ? partial[lane] : NEG_INF;
+    return warp_max(v);
+}
+
+// RMSNorm of each row: out = x / sqrt(mean(x^2) + eps) * w. Grid: one block per row.
+extern "C" __global__ void rmsnorm_f32(float *out, const float *x, const float *w, int width,
+                                       float eps) {
+    const float *row = x + (size_t)blockIdx.x * width;
+    float *dst = out + (size_t)blockIdx.x * width;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) ss += row[i] * row[i];
+    float scale = rsqrtf(block_sum(ss) / width + eps);
+    for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = row[i] * scale * w[i];
+}
+
+// Rotary embedding of every head of every token, in place: `x` is `[tokens, heads * head_dim]`,
+// `cos`/`sin` are `[tokens, head_dim / 2]` (each token's position already applied).
+// `neox` 0: pairs (2i, 2i+1); 1: pairs (i, i + head_dim/2). Grid: (tokens, heads); block: head_dim/2.
+extern "C" __global__ void rope_f32(float *x, const float *cos_t, const float *sin_t, int heads,
+                                    int head_dim, int neox) {
+    int t = blockIdx.x, h = blockIdx.y, i = threadIdx.x, half = head_dim / 2;
+    if (i >= half) return;
+    float *head = x + ((size_t)t * heads + h) * head_dim;
+    float c = cos_t[(size_t)t * half + i], s = sin_t[(size_t)t * half + i];
+    int ia = neox ? i : 2 * i, ib = neox ? i + half : 2 * i + 1;
+    float a = head[ia], b = head[ib];
+    head[ia] = a * c - b * s;
+    head[ib] = a * s + b * c;
+}
+
+// gate = silu(gate) * up, elementwise over n values.
+extern "C" __global__ void swiglu_f32(float *gate, const float *up, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        float g = gate[i];
+        gate[i] = g / (1.0f + __expf(-g)) * up[i];
+    }
+}
+
+// x += y, elementwise over n values (the residual adds).
+extern "C" __global__ void add_f32(float *x, const float *y, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+// Stores one token's key and value (f32, `kv_dim` each) at `slot` of one layer's cache.
+// Grid: tokens; block: covers kv_dim. `slots[t]` is token t's slot.
+extern "C" __global__ void kv_store_f16(half_bits *k_cache, half_bits *v_cache, const float *k,
+                                        const float *v, const u32 *slots, int kv_dim,
+                                        int block_size) {
+    int t = blockIdx.x;
+    u32 slot = slots[t];
+    u32 block = slot / block_size, j = slot % block_size;
+    for (int c = threadIdx.x; c < kv_dim; c += blockDim.x) {
+        k_cache[((size_t)block * kv_dim + c) * block_size + j] =
+            float_to_half(k[(size_t)t * kv_dim + c]);
+        v_cache[(size_t)slot * kv_dim + c] = float_to_half(v[(size_t)t * kv_dim + c]);
+    }
+}
+
+// Decode attention over the paged cache: one query token per sequence, every query head.
+// q: `[seqs, heads * head_dim]`; out: same shape; tables: every sequence's block table, the
+// s-th starting at `table_at[s]`; lens[s]: positions the query attends to (its own included);
+// scores: scratch of `seqs * heads * max_len` floats. Query head h reads KV head
+// `h / (heads / kv_heads)`. Grid: (seqs, heads); block: 128 threads (head_dim at most 256).
+extern "C" __global__ void attention_decode_f16(float *out, const float *q,
+                                                const half_bits *k_cache,
+                                                const half_bits *v_cache, const u32 *tables,
+                                                const u32 *table_at, const u32 *lens,
+                                                float *scores, int heads, int kv_heads,
+                                                int head_dim, int block_size, int max_len) {
+    int s = blockIdx.x, h = blockIdx.y;
+    int kvh = h / (heads / kv_heads), kv_dim = kv_heads * head_dim;
+    const u32 *table = tables + table_at[s];
+    int len = lens[s];
+    const float *qh = q + ((size_t)s * heads + h) * head_dim;
+    float *sc = scores + ((size_t)s * heads + h) * max_len;
+    float scale = rsqrtf((float)head_dim);
+    float best = NEG_INF;
+    for (int p = threadIdx.x; p < len; p += blockDim.x) {
+        u32 block = table[p / block_size];
+        int j = p % block_size;
+        const half_bits *kb = k_cache + ((size_t)block * kv_dim + kvh * head_dim) * block_size + j;
+        float dot = 0.0f;
+        for (int d = 0; d < head_dim; d++) dot += qh[d] * half_to_float(kb[(size_t)d * block_size]);
+        dot *= scale;
+        sc[p] = dot;
+        best = fmaxf(best, dot);
+    }
+    best = block_max(best);
+    float total = 0.0f;
+    for (int p = threadIdx.x; p < len; p += blockDim.x) {
+        float e = __expf(sc[p] - best);
+        sc[p] = e;
+        total += e;
+    }
+    total = block_sum(total);
+    __syncthreads();
+    float inv = 1.0f / total;
+    float *oh = out + ((size_t)s * heads + h) * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int p = 0; p < len; p++) {
+            u32 slot = table[p / block_size] * block_size + p % block_size;
+            acc += sc[p] * half_to_float(v_cache[(size_t)slot * kv_dim + kvh * head_dim + d]);
+        }
+        oh[d] = acc * inv;
+    }
+}
+
+// y = W x for a Q8_0 matrix of `rows` x `cols` (cols a multiple of 32) and `tokens` inputs:
+// x `[tokens, cols]`, y `[tokens, rows]`. Grid: (ceil(rows / 8), tokens); block: 256 threads,
+// one warp per row, lanes over the row's blocks of 32.
+extern "C" __global__ void gemv_q8_0(float *y, const u8 *w, const float *x, int rows, int cols) {
+    int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31, t = blockIdx.y;
+    if (row >= rows) return;
+    int nb = cols / 32;
+    const u8 *wr = w + (size_t)row * nb * 34;
+    const float *xt = x + (size_t)t * cols;
+    float acc = 0.0f;
+    for (int b = lane; b < nb; b += 32) {
+        const u8 *blk = wr + (size_t)b * 34;
+        float d = half_to_float((half_bits)(blk[0] | (blk[1] << 8)));
+        const i8 *qs = (const i8 *)(blk + 2);
+        const float *xb = xt + b * 32;
+        float s = 0.0f;
+        for (int j = 0; j < 32; j++) s += (float)qs[j] * xb[j];
+        acc += d * s;
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) y[(size_t)t * rows + row] = acc;
+}
+
+// As `gemv_q8_0`, for a Q4_1 matrix (20 bytes per block of 32: d, m, 16 bytes of nibbles).
+extern "C" __global__ void gemv_q4_1(float *y, const u8 *w, const float *x, int rows, int cols) {
+    int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31, t = blockIdx.y;
+    if (row >= rows) return;
+    int nb = cols / 32;
+    const u8 *wr = w + (size_t)row * nb * 20;
+    const float *xt = x + (size_t)t * cols;
+    float acc = 0.0f;
+    for (int b = lane; b < nb; b += 32) {
+        const u8 *blk = wr + (size_t)b * 20;
+        float d = half_to_float((half_bits)(blk[0] | (blk[1] << 8)));
+        float m = half_to_float((half_bits)(blk[2] | (blk[3] << 8)));
+        const u8 *qs = blk + 4;
+        const float *xb = xt + b * 32;
+        float s = 0.0f, xs = 0.0f;
+        for (int j = 0; j < 16; j++) {
+            s += (float)(qs[j] & 15) * xb[j] + (float)(qs[j] >> 4) * xb[j + 16];
+            xs += xb[j] + xb[j + 16];
+        }
+        acc += d * s + m * xs;
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) y[(size_t)t * rows + row] = acc;
+}
