@@ -3,14 +3,23 @@
 //! devices. Both load the CUDA libraries when first asked (no CUDA library is linked), so a
 //! binary built with the feature starts on a machine without a GPU and says so.
 //!
-//! Status: kernels and probe (this module). The forward pass over them — weights uploaded once,
-//! the paged KV cache in device memory, batched decode and chunked prefill — is the next step.
+//! Status: kernels, their launchers ([`Kernels`]) and the probe (this module). The forward pass
+//! over them — weights uploaded once, the paged KV cache in device memory, batched decode and
+//! chunked prefill — is the next step.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use cudarc::driver::result as driver;
 use cudarc::driver::sys::CUdevice_attribute;
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchArgs, LaunchConfig,
+    PushKernelArg,
+};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
+
+use crate::model::RopeStyle;
 
 /// The kernels' source (CUDA C, no headers).
 pub const KERNELS_SOURCE: &str = include_str!("kernels.cu");
@@ -84,13 +93,17 @@ impl DeviceInfo {
     }
 }
 
+fn driver_error(e: DriverError) -> CudaError {
+    CudaError::Driver(format!("{e:?}"))
+}
+
 /// The CUDA devices of this machine.
 pub fn devices() -> Result<Vec<DeviceInfo>, CudaError> {
     // SAFETY: only tries to open the library (no symbol is called).
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(CudaError::NoDriver);
     }
-    let e = |e: cudarc::driver::DriverError| CudaError::Driver(format!("{e:?}"));
+    let e = driver_error;
     driver::init().map_err(e)?;
     let count = driver::device::get_count().map_err(e)?;
     if count <= 0 {
@@ -119,21 +132,7 @@ pub fn devices() -> Result<Vec<DeviceInfo>, CudaError> {
 
 /// Compiles the kernels to PTX for `arch` (e.g. `sm_90`), checking every kernel is in it.
 pub fn compile_kernels(arch: &'static str) -> Result<String, CudaError> {
-    // SAFETY: only tries to open the library (no symbol is called).
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return Err(CudaError::NoNvrtc);
-    }
-    let options = CompileOptions {
-        arch: Some(arch),
-        name: Some("lastmile_kernels.cu".into()),
-        ..CompileOptions::default()
-    };
-    let ptx = compile_ptx_with_opts(KERNELS_SOURCE, options).map_err(|e| match e {
-        CompileError::CompileError { log, .. } => {
-            CudaError::Compile(log.to_string_lossy().into_owned())
-        }
-        other => CudaError::Compile(format!("{other:?}")),
-    })?;
+    let ptx = compile(arch)?;
     let src = ptx.to_src();
     if let Some(missing) = KERNELS
         .iter()
@@ -144,4 +143,243 @@ pub fn compile_kernels(arch: &'static str) -> Result<String, CudaError> {
         )));
     }
     Ok(src)
+}
+
+fn compile(arch: &'static str) -> Result<Ptx, CudaError> {
+    // SAFETY: only tries to open the library (no symbol is called).
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(CudaError::NoNvrtc);
+    }
+    let options = CompileOptions {
+        arch: Some(arch),
+        name: Some("lastmile_kernels.cu".into()),
+        ..CompileOptions::default()
+    };
+    compile_ptx_with_opts(KERNELS_SOURCE, options).map_err(|e| match e {
+        CompileError::CompileError { log, .. } => {
+            CudaError::Compile(log.to_string_lossy().into_owned())
+        }
+        other => CudaError::Compile(format!("{other:?}")),
+    })
+}
+
+/// Threads per block of the elementwise kernels.
+const THREADS: u32 = 256;
+
+fn blocks_for(n: usize, per_block: u32) -> u32 {
+    n.div_ceil(per_block as usize) as u32
+}
+
+/// Launches what `b` was given.
+fn run(mut b: LaunchArgs<'_>, cfg: LaunchConfig) -> Result<(), CudaError> {
+    // SAFETY: every launcher passes its kernel's parameters in order, with the types the kernel
+    // declares, and sizes the grid to the buffers it was given.
+    unsafe { b.launch(cfg) }.map_err(driver_error)?;
+    Ok(())
+}
+
+fn grid(x: u32, y: u32, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (x, y, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The kernels loaded on one device, and launchers that take their arguments typed. Buffers are
+/// the stream's; launches are queued on it (read results back with the stream's copies).
+pub struct Kernels {
+    stream: Arc<CudaStream>,
+    functions: HashMap<&'static str, CudaFunction>,
+    /// The device they run on.
+    pub device: DeviceInfo,
+}
+
+/// A sequence's place in a decode attention launch.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub heads: usize,
+    /// KV heads (query heads share them in groups).
+    pub kv_heads: usize,
+    /// Values per head.
+    pub head_dim: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+}
+
+impl Kernels {
+    /// Compiles the kernels for device `ordinal`'s architecture and loads them there.
+    pub fn load(ordinal: usize) -> Result<Self, CudaError> {
+        let device = devices()?
+            .into_iter()
+            .find(|d| d.ordinal == ordinal)
+            .ok_or(CudaError::NoDevice)?;
+        let arch: &'static str = Box::leak(device.arch().into_boxed_str());
+        let ptx = compile(arch)?;
+        let ctx = CudaContext::new(ordinal).map_err(driver_error)?;
+        let module = ctx.load_module(ptx).map_err(driver_error)?;
+        let functions = KERNELS
+            .iter()
+            .map(|&k| Ok((k, module.load_function(k).map_err(driver_error)?)))
+            .collect::<Result<_, CudaError>>()?;
+        Ok(Self {
+            stream: ctx.default_stream(),
+            functions,
+            device,
+        })
+    }
+
+    /// The stream the launches are queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// A launch of kernel `name`, to give its arguments to.
+    fn kernel(&self, name: &str) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.functions[name])
+    }
+
+    /// RMSNorm of `rows` rows of `width`: `out = x / sqrt(mean(x^2) + eps) * w`.
+    pub fn rmsnorm(
+        &self,
+        out: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        rows: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        let width = w.len() as i32;
+        let mut b = self.kernel("rmsnorm_f32");
+        b.arg(out).arg(x).arg(w).arg(&width).arg(&eps);
+        run(b, grid(rows as u32, 1, THREADS))
+    }
+
+    /// Rotary embedding, in place, of `x` (`[tokens, heads * head_dim]`) by each token's
+    /// `cos`/`sin` rows (`[tokens, head_dim / 2]`).
+    pub fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        (tokens, heads, head_dim): (usize, usize, usize),
+        style: RopeStyle,
+    ) -> Result<(), CudaError> {
+        let (h, d, neox) = (
+            heads as i32,
+            head_dim as i32,
+            i32::from(style == RopeStyle::Neox),
+        );
+        let cfg = grid(tokens as u32, heads as u32, (head_dim / 2).max(1) as u32);
+        let mut b = self.kernel("rope_f32");
+        b.arg(x).arg(cos).arg(sin).arg(&h).arg(&d).arg(&neox);
+        run(b, cfg)
+    }
+
+    /// `gate = silu(gate) * up` over the first `n` values.
+    pub fn swiglu(
+        &self,
+        gate: &mut CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        let mut b = self.kernel("swiglu_f32");
+        b.arg(gate).arg(up).arg(&n);
+        run(b, grid(blocks_for(n, THREADS), 1, THREADS))
+    }
+
+    /// `x += y` over the first `n` values.
+    pub fn add(
+        &self,
+        x: &mut CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        let mut b = self.kernel("add_f32");
+        b.arg(x).arg(y).arg(&n);
+        run(b, grid(blocks_for(n, THREADS), 1, THREADS))
+    }
+
+    /// Stores each token's key and value (`[tokens, kv_dim]` f32) at its slot of one layer's
+    /// cache (f16 bits, the CPU cache's layout).
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_store(
+        &self,
+        k_cache: &mut CudaSlice<u16>,
+        v_cache: &mut CudaSlice<u16>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        slots: &CudaSlice<u32>,
+        kv_dim: usize,
+        block_size: usize,
+    ) -> Result<(), CudaError> {
+        let (dim, bs) = (kv_dim as i32, block_size as i32);
+        let cfg = grid(slots.len() as u32, 1, kv_dim.min(256) as u32);
+        let mut b = self.kernel("kv_store_f16");
+        b.arg(k_cache)
+            .arg(v_cache)
+            .arg(k)
+            .arg(v)
+            .arg(slots)
+            .arg(&dim)
+            .arg(&bs);
+        run(b, cfg)
+    }
+
+    /// Decode attention: one query token per sequence (`q`, `[seqs, heads * head_dim]`) over
+    /// its `lens[s]` cached positions, through the block tables (`tables`, sequence `s`'s from
+    /// `table_at[s]`), into `out`; `scores` is scratch of `seqs * heads * max_len` floats.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode(
+        &self,
+        out: &mut CudaSlice<f32>,
+        q: &CudaSlice<f32>,
+        (k_cache, v_cache): (&CudaSlice<u16>, &CudaSlice<u16>),
+        (tables, table_at, lens): (&CudaSlice<u32>, &CudaSlice<u32>, &CudaSlice<u32>),
+        scores: &mut CudaSlice<f32>,
+        shape: AttentionShape,
+        max_len: usize,
+    ) -> Result<(), CudaError> {
+        let seqs = lens.len();
+        let ints = [
+            shape.heads,
+            shape.kv_heads,
+            shape.head_dim,
+            shape.block_size,
+            max_len,
+        ]
+        .map(|v| v as i32);
+        let cfg = grid(seqs as u32, shape.heads as u32, 128);
+        let mut b = self.kernel("attention_decode_f16");
+        b.arg(out)
+            .arg(q)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(tables)
+            .arg(table_at)
+            .arg(lens)
+            .arg(scores);
+        for v in &ints {
+            b.arg(v);
+        }
+        run(b, cfg)
+    }
+
+    /// `y = W x` for `tokens` inputs (`x`: `[tokens, cols]`; `y`: `[tokens, rows]`), `W` a
+    /// Q8_0 or Q4_1 matrix in the GGUF layout (`q4_1` picks which).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv(
+        &self,
+        y: &mut CudaSlice<f32>,
+        w: &CudaSlice<u8>,
+        x: &CudaSlice<f32>,
+        (rows, cols, tokens): (usize, usize, usize),
+        q4_1: bool,
+    ) -> Result<(), CudaError> {
+        let name = if q4_1 { "gemv_q4_1" } else { "gemv_q8_0" };
+        let (r, c) = (rows as i32, cols as i32);
+        let mut b = self.kernel(name);
+        b.arg(y).arg(w).arg(x).arg(&r).arg(&c);
+        run(b, grid(blocks_for(rows, 8), tokens as u32, 256))
+    }
 }

@@ -4,7 +4,7 @@
 mod attention;
 mod config;
 mod llama;
-mod ops;
+pub mod ops;
 mod weights;
 
 pub use config::{ModelConfig, RopeStyle, SUPPORTED_ARCHS};
