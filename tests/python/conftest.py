@@ -27,10 +27,10 @@ def start_server(*args):
     return start_lastmile("serve", *args)
 
 
-def start_lastmile(command, *args):
-    """Starts `lastmile COMMAND ARGS` (a server) on a free port; returns (base URL, process) once
-    its /health answers 200."""
-    port = _free_port()
+def start_lastmile(command, *args, port=None):
+    """Starts `lastmile COMMAND ARGS` (a server) on `port` (default: a free one); returns (base URL,
+    process) once its /health answers 200."""
+    port = port or _free_port()
     proc = subprocess.Popen(
         [str(BINARY), command, "--port", str(port), *args],
         stdout=subprocess.DEVNULL,

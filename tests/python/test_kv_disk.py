@@ -3,14 +3,11 @@ the way out, and the replica started again reads a 2,000-token prompt's blocks b
 computing them (same answer, a fraction of the time to first token); a worker restarted behind a
 kv_aware gateway announces what its disk holds, and the gateway routes that prompt back to it."""
 
-import socket
-import subprocess
 import time
-import urllib.request
 
 from openai import OpenAI
 
-from conftest import BINARY, MODEL, admin_request, metric, start_lastmile, start_server, stop_server, wait_until
+from conftest import _free_port, MODEL, admin_request, metric, start_lastmile, start_server, stop_server, wait_until
 
 ADMIN = "kv-disk-admin-key"
 DEPLOYMENT = "smol-kv-disk"
@@ -101,30 +98,7 @@ def test_a_deployment_scaled_to_zero_reads_its_prompt_back_from_disk(tmp_path):
 
 def _serve_on(port, *args):
     """`lastmile serve` on a given port (a restarted worker keeps its address)."""
-    proc = subprocess.Popen(
-        [str(BINARY), "serve", "--port", str(port), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: _healthy(url, proc), f"a worker on port {port}", timeout=120)
-    return url, proc
-
-
-def _healthy(url, proc):
-    if proc.poll() is not None:
-        raise AssertionError("worker exited: " + proc.stderr.read().decode(errors="replace"))
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=1) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return start_lastmile("serve", *args, port=port)
 
 
 def test_a_restarted_worker_announces_its_disk_and_gets_the_prompt_back(tmp_path):

@@ -192,11 +192,6 @@ impl DiskTier {
         &self.slot
     }
 
-    /// Bytes of one block's file.
-    pub(crate) fn file_bytes(&self) -> u64 {
-        self.file_bytes
-    }
-
     /// Blocks on disk.
     pub(crate) fn blocks(&self) -> usize {
         self.index.len()
@@ -229,20 +224,21 @@ impl DiskTier {
 
     /// Saves a block eviction took (or one the engine persists): `values` copies its keys and
     /// values out of the cache, and is called only if the block will be written. With `wait`,
-    /// waits for room in the I/O thread's queue; without, a full queue drops the block.
+    /// waits for room in the I/O thread's queue; without, a full queue drops the block. Returns
+    /// whether a write was queued.
     pub(crate) fn spill(
         &mut self,
         name: BlockName,
         tokens: Vec<u32>,
         values: impl FnOnce() -> Vec<u16>,
         wait: bool,
-    ) {
+    ) -> bool {
         if self.contains(name.key) {
             self.touch(name.key);
-            return;
+            return false;
         }
         if self.file_bytes > self.capacity {
-            return;
+            return false;
         }
         let job = Job::Write {
             key: name.key,
@@ -264,10 +260,12 @@ impl DiskTier {
                 Err(TrySendError::Disconnected(_)) => false,
             }
         };
-        if sent && self.make_room() {
+        let queued = sent && self.make_room();
+        if queued {
             self.insert(name.key, name.route);
             self.counts.written_bytes += self.file_bytes;
         }
+        queued
     }
 
     /// Asks for the blocks `names` (all on disk) to be read back; `None` if the I/O thread's

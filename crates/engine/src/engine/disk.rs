@@ -125,16 +125,17 @@ impl Disk {
         kv: &KvCache,
     ) -> (usize, tokio::sync::oneshot::Receiver<()>) {
         self.tier.mark_stopping();
-        let before = self.tier.counts.written_bytes;
+        let mut written = 0;
         for (block, name, tokens) in pool.cached() {
-            self.tier
-                .spill(name, tokens.to_vec(), || copy(kv, block), true);
+            written +=
+                usize::from(
+                    self.tier
+                        .spill(name, tokens.to_vec(), || copy(kv, block), true),
+                );
         }
-        let per_block = self.tier.file_bytes().max(1);
-        let written = (self.tier.counts.written_bytes - before) / per_block;
         let (reply, done) = tokio::sync::oneshot::channel();
         self.tier.flush(reply);
-        (written as usize, done)
+        (written, done)
     }
 
     /// Routing hashes that entered or left the tier since the last call.
