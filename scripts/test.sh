@@ -75,6 +75,8 @@ phase "Rust engine tests, AVX2 tier"
 # ptxas, and the device probe says "no CUDA device" cleanly. The compilers come from PyPI.
 eval "$(scripts/cuda/toolchain.sh --env)"
 LASTMILE_REQUIRE_PTXAS=1 cargo test --release -p lastmile-engine --features cuda --test cuda
+# And the binary with the feature (`serve --device cuda`) type-checks.
+cargo check --release -p lastmile --features cuda
 phase "CUDA kernels (NVRTC, ptxas sm_90)"
 .venv/bin/python -m pytest -q tests/python
 phase "Python tests"

@@ -363,6 +363,12 @@ pub struct ModelArgs {
     /// measuring what another machine would see; auto is always at least as fast.
     #[arg(long, value_enum, default_value_t = KernelTier::Auto, env = "LASTMILE_KERNELS")]
     pub kernels: KernelTier,
+    /// Where the model runs and its KV cache lives: cpu, cuda (the first GPU) or cuda:N. CUDA
+    /// needs a build with `--features cuda` and, on the machine, the NVIDIA driver and NVRTC
+    /// 13.0 (the kernels are compiled for the GPU found at start); /health and /metrics report
+    /// the device and its memory.
+    #[arg(long, default_value = "cpu", env = "LASTMILE_DEVICE")]
+    pub device: lastmile_engine::Device,
     /// Speculative decoding by prompt lookup, for requests that do not choose (the
     /// `speculative` request field): most draft tokens verified per step, 0 to 16; 0 turns it
     /// off. Drafts come from earlier text that the last tokens repeat (edits, rewrites, code,
@@ -485,6 +491,7 @@ impl ModelArgs {
                 dir: dir.clone(),
                 capacity_bytes: (self.kv_disk_gib * (1u64 << 30) as f64) as u64,
             }),
+            device: self.device,
             ..EngineConfig::default()
         };
         if let Some(t) = self.threads {

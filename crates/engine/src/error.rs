@@ -25,6 +25,10 @@ pub enum EngineError {
     /// The engine settings make no sense (from [`EngineConfig::validate`](crate::EngineConfig)).
     #[error("invalid engine settings: {0}")]
     InvalidSettings(String),
+    /// The device asked for cannot run the model (no GPU, no CUDA support in this build, a
+    /// driver error, not enough memory).
+    #[error("device: {0}")]
+    Device(String),
     /// The request has no prompt tokens.
     #[error("the prompt is empty")]
     EmptyPrompt,
@@ -124,6 +128,7 @@ impl EngineError {
             Self::Tokenizer(_) => "tokenizer",
             Self::ChatTemplate(_) => "chat_template",
             Self::InvalidSettings(_) => "invalid_settings",
+            Self::Device(_) => "device",
             Self::EmptyPrompt
             | Self::TokenOutOfVocab { .. }
             | Self::ContextExceeded { .. }

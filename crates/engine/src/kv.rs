@@ -121,6 +121,31 @@ impl KvCache {
     }
 }
 
+/// Whole blocks in and out of a KV cache, wherever it lives (host memory or a GPU's), in the
+/// layout KV transfer sends and the disk tier stores ([`KvCache::read_block`]).
+pub trait KvBlocks {
+    /// Half floats one block holds across all layers (keys and values).
+    fn block_values(&self) -> usize;
+    /// Appends block `block`'s keys and values to `out`.
+    fn read_block(&self, block: u32, out: &mut Vec<u16>);
+    /// Overwrites block `block` with `data` ([`KvBlocks::block_values`] values).
+    fn write_block(&mut self, block: u32, data: &[u16]);
+}
+
+impl KvBlocks for KvCache {
+    fn block_values(&self) -> usize {
+        KvCache::block_values(self)
+    }
+
+    fn read_block(&self, block: u32, out: &mut Vec<u16>) {
+        KvCache::read_block(self, block, out)
+    }
+
+    fn write_block(&mut self, block: u32, data: &[u16]) {
+        KvCache::write_block(self, block, data)
+    }
+}
+
 /// The names of one full block of a sequence (each also covers every block before it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BlockName {

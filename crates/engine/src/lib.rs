@@ -22,8 +22,8 @@ pub mod tokenizer;
 
 pub use constraint::{Grammar, GrammarSpec};
 pub use engine::{
-    EngineConfig, EngineHandle, EngineStats, FinishReason, GenerateRequest, GenerationEvent,
-    GenerationStream, ModelInfo, Speculation, TokenLogprobs,
+    Device, DeviceReport, EngineConfig, EngineHandle, EngineStats, FinishReason, GenerateRequest,
+    GenerationEvent, GenerationStream, ModelInfo, Speculation, TokenLogprobs,
 };
 pub use error::{EngineError, GrammarFault, Result};
 pub use loader::LoadedModel;

@@ -44,10 +44,10 @@ use crate::AppState;
 
 /// Blocks encoded per chunk of a streamed lease.
 const EXPORT_BATCH: usize = 16;
-/// Received blocks imported per engine command (24 MB of the default model, a few ms of
-/// copying). Each command waits for the engine's current step, which on a decode worker that
-/// also computes a prompt is a long chunk: fewer, larger imports wait out fewer steps.
-const IMPORT_BATCH: usize = 64;
+/// Received blocks queued per import command (12 MB of the default model). Batches queue while
+/// the engine steps and are all taken between two steps, so a small batch costs no extra wait and
+/// lets the copying of early blocks overlap the arrival of later ones.
+const IMPORT_BATCH: usize = 32;
 /// Bounds of the pull duration histogram, seconds.
 const PULL_BOUNDS: [f64; 9] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
 
@@ -441,8 +441,10 @@ pub(crate) async fn pull(state: &AppState, source: &str, prompt: &[u32]) {
     t.transport.release(source);
 }
 
-/// The pull itself: blocks are imported as they arrive, a batch at a time; returns the blocks
-/// stored.
+/// The pull itself: each batch of blocks is queued for import as soon as it has arrived and
+/// checked out, and reading goes on meanwhile (the engine takes every queued batch between two of
+/// its steps, so a pull waits out about one step however many batches it has); returns the
+/// blocks stored.
 async fn pull_into(state: &AppState, source: &str, prompt: &[u32]) -> Result<usize, PullFailure> {
     let t = &state.transfers;
     let mut body = t.transport.open(source).await.map_err(|e| match e {
@@ -451,20 +453,24 @@ async fn pull_into(state: &AppState, source: &str, prompt: &[u32]) -> Result<usi
     })?;
     let mut reader = KvStreamReader::new(state.engine.kv_layout(&state.config.model_id));
     let mut pending: Vec<KvBlock> = Vec::new();
-    let mut imported = 0usize;
-    let mut stored = 0usize;
-    let import = |blocks: Vec<KvBlock>, first: usize| async move {
+    let mut queued = 0usize;
+    let mut imports = Vec::new();
+    let mut import = |blocks: Vec<KvBlock>, first: usize| {
         let n = blocks.len();
-        match state
+        let answer = state
             .engine
-            .import_blocks(prompt.to_vec(), first, blocks)
-            .await
-        {
-            Ok(o) if o.refused == 0 && o.no_room == 0 => Ok((n, o.stored)),
-            _ => Err(PullFailure::Import),
-        }
+            .queue_import(prompt.to_vec(), first, blocks)
+            .map_err(|_| PullFailure::Import)?;
+        imports.push(async move {
+            match answer.await {
+                Ok(o) if o.refused == 0 && o.no_room == 0 => Ok(o.stored),
+                _ => Err(PullFailure::Import),
+            }
+        });
+        Ok::<usize, PullFailure>(n)
     };
     let wire = |e: KvWireError| PullFailure::Stream(e.error_type());
+    let mut failed = None;
     loop {
         // A cut connection ends the loop; `finish` then reports the stream truncated.
         let Some(Ok(chunk)) = body.next().await else {
@@ -473,23 +479,27 @@ async fn pull_into(state: &AppState, source: &str, prompt: &[u32]) -> Result<usi
         t.bytes_received
             .fetch_add(chunk.len() as u64, Ordering::Relaxed);
         let got = reader.push(&chunk);
-        let failed = got.as_ref().err().cloned();
+        failed = got.as_ref().err().cloned();
         pending.extend(got.unwrap_or_default());
         if pending.len() >= IMPORT_BATCH || failed.is_some() {
-            let first = reader.first().unwrap_or(0) as usize + imported;
-            let (n, s) = import(std::mem::take(&mut pending), first).await?;
-            imported += n;
-            stored += s;
+            let first = reader.first().unwrap_or(0) as usize + queued;
+            queued += import(std::mem::take(&mut pending), first)?;
         }
-        if let Some(e) = failed {
-            return Err(wire(e));
+        if failed.is_some() {
+            break;
         }
     }
     if !pending.is_empty() {
-        let first = reader.first().unwrap_or(0) as usize + imported;
-        let (_, s) = import(pending, first).await?;
-        stored += s;
+        let first = reader.first().unwrap_or(0) as usize + queued;
+        import(pending, first)?;
     }
-    reader.finish().map_err(wire)?;
-    Ok(stored)
+    // Every queued batch is answered, in order, before the pull ends.
+    let mut stored = 0;
+    for answer in imports {
+        stored += answer.await?;
+    }
+    match failed {
+        Some(e) => Err(wire(e)),
+        None => reader.finish().map_err(wire).map(|_| stored),
+    }
 }

@@ -240,6 +240,7 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
         "model": s.config.model_id,
         "role": s.transfers.role(),
         "context_length": s.engine.info().context_length,
+        "device": s.engine.info().device,
         "running": load(&st.running),
         "waiting": load(&st.waiting),
         "queued_prefill_tokens": load(&st.queued_prefill_tokens),
@@ -269,9 +270,10 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
-    let body = s
-        .metrics
-        .render(s.engine.stats(), |page| s.transfers.write_metrics(page));
+    let body = s.metrics.render(s.engine.stats(), |page| {
+        s.transfers.write_metrics(page);
+        metrics::write_device(page, &s.engine.info().device);
+    });
     (
         [(header::CONTENT_TYPE, lastmile_http::metrics::CONTENT_TYPE)],
         body,

@@ -363,6 +363,30 @@ fn write_gaie(page: &mut Exposition, g: &EngineGauges) {
     );
 }
 
+/// The device the engine runs on (`lastmile_device_info`, 1, labelled with it) and, on a GPU, its
+/// memory: total, and in use once the weights and the KV cache were allocated.
+pub(crate) fn write_device(page: &mut Exposition, device: &lastmile_engine::DeviceReport) {
+    let mut labels = vec![("device", device.device.clone())];
+    if let Some(name) = &device.name {
+        labels.push(("name", name.clone()));
+    }
+    page.gauges(
+        "lastmile_device_info",
+        "The device the engine runs on (cpu or cuda:N, and the GPU's name).",
+        [(labels, 1u64)],
+    );
+    if let (Some(total), Some(used)) = (device.memory_total_bytes, device.memory_used_bytes) {
+        page.gauges(
+            "lastmile_device_memory_bytes",
+            "The GPU's memory: total, and used once weights and KV cache were allocated.",
+            [
+                (vec![("state", "total".to_string())], total),
+                (vec![("state", "used".to_string())], used),
+            ],
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

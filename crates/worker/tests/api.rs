@@ -333,6 +333,9 @@ async fn models_health_and_metrics() {
         .await
         .expect("health");
     assert_eq!(health.status().as_u16(), 200);
+    let health: Value = health.json().await.expect("health json");
+    assert_eq!(health["device"]["device"], "cpu", "{health}");
+    assert!(health["device"]["memory_total_bytes"].is_null(), "{health}");
     post(
         "/v1/completions",
         json!({"model": MODEL, "prompt": "Hi", "max_tokens": 2}),
@@ -356,6 +359,7 @@ async fn models_health_and_metrics() {
         "lastmile_kv_blocks_cached",
         "lastmile_prefix_cache_hit_rate",
         "lastmile_prefix_cache_hit_tokens_total",
+        "lastmile_device_info{device=\"cpu\"} 1",
     ] {
         assert!(text.contains(name), "metrics lack {name}");
     }

@@ -218,3 +218,53 @@ extern "C" __global__ void gemv_q4_1(float *y, const u8 *w, const float *x, int 
     acc = warp_sum(acc);
     if (lane == 0) y[(size_t)t * rows + row] = acc;
 }
+
+// As `gemv_q8_0`, for a Q4_0 matrix (18 bytes per block of 32: d, 16 bytes of nibbles, each
+// weight `(q - 8) * d`).
+extern "C" __global__ void gemv_q4_0(float *y, const u8 *w, const float *x, int rows, int cols) {
+    int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31, t = blockIdx.y;
+    if (row >= rows) return;
+    int nb = cols / 32;
+    const u8 *wr = w + (size_t)row * nb * 18;
+    const float *xt = x + (size_t)t * cols;
+    float acc = 0.0f;
+    for (int b = lane; b < nb; b += 32) {
+        const u8 *blk = wr + (size_t)b * 18;
+        float d = half_to_float((half_bits)(blk[0] | (blk[1] << 8)));
+        const u8 *qs = blk + 2;
+        const float *xb = xt + b * 32;
+        float s = 0.0f;
+        for (int j = 0; j < 16; j++) {
+            s += (float)((int)(qs[j] & 15) - 8) * xb[j] + (float)((int)(qs[j] >> 4) - 8) * xb[j + 16];
+        }
+        acc += d * s;
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) y[(size_t)t * rows + row] = acc;
+}
+
+// As `gemv_q8_0`, for an f32 matrix (formats without a kernel here are dequantized to f32 at
+// upload). `w` is the matrix's bytes.
+extern "C" __global__ void gemv_f32(float *y, const u8 *w, const float *x, int rows, int cols) {
+    int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31, t = blockIdx.y;
+    if (row >= rows) return;
+    const float *wr = (const float *)w + (size_t)row * cols;
+    const float *xt = x + (size_t)t * cols;
+    float acc = 0.0f;
+    for (int c = lane; c < cols; c += 32) acc += wr[c] * xt[c];
+    acc = warp_sum(acc);
+    if (lane == 0) y[(size_t)t * rows + row] = acc;
+}
+
+// x[t, i] += b[i] for `rows` rows of `width` (the Q/K/V biases). Grid: rows; block: 256.
+extern "C" __global__ void bias_add_f32(float *x, const float *b, int width) {
+    float *row = x + (size_t)blockIdx.x * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) row[i] += b[i];
+}
+
+// out[j] = x[idx[j]] for rows of `width` (the rows that asked for logits). Grid: rows out.
+extern "C" __global__ void gather_rows_f32(float *out, const float *x, const u32 *idx, int width) {
+    const float *src = x + (size_t)idx[blockIdx.x] * width;
+    float *dst = out + (size_t)blockIdx.x * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = src[i];
+}

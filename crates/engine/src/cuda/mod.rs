@@ -3,9 +3,14 @@
 //! devices. Both load the CUDA libraries when first asked (no CUDA library is linked), so a
 //! binary built with the feature starts on a machine without a GPU and says so.
 //!
-//! Status: kernels, their launchers ([`Kernels`]) and the probe (this module). The forward pass
-//! over them — weights uploaded once, the paged KV cache in device memory, batched decode and
-//! chunked prefill — is the next step.
+//! Parts: the kernels, their launchers ([`Kernels`]) and the probe (this module); the forward
+//! pass over them ([`DeviceModel`], `model.rs`): weights uploaded once, the paged KV cache in
+//! device memory in the CPU cache's block layout, batched decode and chunked prefill in one
+//! launch sequence per step.
+
+mod model;
+
+pub use model::DeviceModel;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -25,7 +30,7 @@ use crate::model::RopeStyle;
 pub const KERNELS_SOURCE: &str = include_str!("kernels.cu");
 
 /// Every kernel the source defines (`extern "C" __global__`), by name.
-pub const KERNELS: [&str; 8] = [
+pub const KERNELS: [&str; 12] = [
     "rmsnorm_f32",
     "rope_f32",
     "swiglu_f32",
@@ -34,7 +39,36 @@ pub const KERNELS: [&str; 8] = [
     "attention_decode_f16",
     "gemv_q8_0",
     "gemv_q4_1",
+    "gemv_q4_0",
+    "gemv_f32",
+    "bias_add_f32",
+    "gather_rows_f32",
 ];
+
+/// A weight matrix's layout on the device: the GGUF block formats our kernels multiply as they
+/// are, and f32 for every other format (dequantized at upload).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceFormat {
+    /// ggml Q8_0 (34 bytes per 32 weights).
+    Q8_0,
+    /// ggml Q4_1 (20 bytes per 32 weights).
+    Q4_1,
+    /// ggml Q4_0 (18 bytes per 32 weights).
+    Q4_0,
+    /// 32-bit floats.
+    F32,
+}
+
+impl DeviceFormat {
+    fn kernel(self) -> &'static str {
+        match self {
+            Self::Q8_0 => "gemv_q8_0",
+            Self::Q4_1 => "gemv_q4_1",
+            Self::Q4_0 => "gemv_q4_0",
+            Self::F32 => "gemv_f32",
+        }
+    }
+}
 
 /// Why CUDA cannot be used here.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +83,8 @@ pub enum CudaError {
     Driver(String),
     /// NVRTC refused the kernels (its log).
     Compile(String),
+    /// The model has a feature the CUDA path does not implement yet.
+    Unsupported(String),
 }
 
 impl fmt::Display for CudaError {
@@ -64,6 +100,7 @@ impl fmt::Display for CudaError {
             ),
             Self::Driver(e) => write!(f, "CUDA driver: {e}"),
             Self::Compile(log) => write!(f, "compiling lastmile's CUDA kernels: {log}"),
+            Self::Unsupported(what) => write!(f, "not supported on CUDA yet: {what}"),
         }
     }
 }
@@ -163,6 +200,11 @@ fn compile(arch: &'static str) -> Result<Ptx, CudaError> {
     })
 }
 
+/// A file of the kernels' PTX, compiled on another machine (`compile_kernels`), to load instead
+/// of compiling them here: for a GPU machine without NVRTC. The driver assembles it for the
+/// device (PTX for sm_90 runs on sm_90 and later).
+pub const PTX_ENV: &str = "LASTMILE_CUDA_PTX";
+
 /// Threads per block of the elementwise kernels.
 const THREADS: u32 = 256;
 
@@ -209,14 +251,20 @@ pub struct AttentionShape {
 }
 
 impl Kernels {
-    /// Compiles the kernels for device `ordinal`'s architecture and loads them there.
+    /// Compiles the kernels for device `ordinal`'s architecture (or reads them from the file
+    /// [`PTX_ENV`] names) and loads them there.
     pub fn load(ordinal: usize) -> Result<Self, CudaError> {
         let device = devices()?
             .into_iter()
             .find(|d| d.ordinal == ordinal)
             .ok_or(CudaError::NoDevice)?;
-        let arch: &'static str = Box::leak(device.arch().into_boxed_str());
-        let ptx = compile(arch)?;
+        let ptx = match std::env::var_os(PTX_ENV) {
+            // Compiled elsewhere (a device check carries PTX instead of NVRTC's 30 MB).
+            Some(path) => Ptx::from_src(std::fs::read_to_string(&path).map_err(|e| {
+                CudaError::Compile(format!("{PTX_ENV}={}: {e}", path.to_string_lossy()))
+            })?),
+            None => compile(Box::leak(device.arch().into_boxed_str()))?,
+        };
         let ctx = CudaContext::new(ordinal).map_err(driver_error)?;
         let module = ctx.load_module(ptx).map_err(driver_error)?;
         let functions = KERNELS
@@ -376,10 +424,53 @@ impl Kernels {
         (rows, cols, tokens): (usize, usize, usize),
         q4_1: bool,
     ) -> Result<(), CudaError> {
-        let name = if q4_1 { "gemv_q4_1" } else { "gemv_q8_0" };
+        let format = if q4_1 {
+            DeviceFormat::Q4_1
+        } else {
+            DeviceFormat::Q8_0
+        };
+        self.matmul(y, w, x, (rows, cols, tokens), format)
+    }
+
+    /// `y = W x` for `tokens` inputs, `W` in `format` (its bytes).
+    pub fn matmul(
+        &self,
+        y: &mut CudaSlice<f32>,
+        w: &CudaSlice<u8>,
+        x: &CudaSlice<f32>,
+        (rows, cols, tokens): (usize, usize, usize),
+        format: DeviceFormat,
+    ) -> Result<(), CudaError> {
         let (r, c) = (rows as i32, cols as i32);
-        let mut b = self.kernel(name);
+        let mut b = self.kernel(format.kernel());
         b.arg(y).arg(w).arg(x).arg(&r).arg(&c);
         run(b, grid(blocks_for(rows, 8), tokens as u32, 256))
+    }
+
+    /// `x[t] += bias` for the first `rows` rows of `x` (`bias.len()` wide).
+    pub fn bias_add(
+        &self,
+        x: &mut CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+        rows: usize,
+    ) -> Result<(), CudaError> {
+        let width = bias.len() as i32;
+        let mut b = self.kernel("bias_add_f32");
+        b.arg(x).arg(bias).arg(&width);
+        run(b, grid(rows as u32, 1, THREADS))
+    }
+
+    /// `out[j] = x[rows[j]]`, rows of `width`.
+    pub fn gather_rows(
+        &self,
+        out: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        rows: &CudaSlice<u32>,
+        width: usize,
+    ) -> Result<(), CudaError> {
+        let w = width as i32;
+        let mut b = self.kernel("gather_rows_f32");
+        b.arg(out).arg(x).arg(rows).arg(&w);
+        run(b, grid(rows.len() as u32, 1, THREADS))
     }
 }

@@ -7,7 +7,7 @@
 use std::sync::atomic::Ordering;
 
 use super::{EngineStats, Submission};
-use crate::kv::{BlockName, BlockPool, Evicted, KvCache};
+use crate::kv::{BlockName, BlockPool, Evicted, KvBlocks};
 use crate::kv_disk::DiskTier;
 use crate::kv_transfer::KvBlock;
 
@@ -109,7 +109,7 @@ impl Disk {
 
     /// Saves blocks eviction just took (before anything overwrites them); a block the tier has
     /// already is only marked used.
-    pub(super) fn spill(&mut self, kv: &KvCache, evicted: Vec<Evicted>) {
+    pub(super) fn spill(&mut self, kv: &dyn KvBlocks, evicted: Vec<Evicted>) {
         for e in evicted {
             self.tier
                 .spill(e.name, e.tokens, || copy(kv, e.block), false);
@@ -122,7 +122,7 @@ impl Disk {
     pub(super) fn persist(
         &mut self,
         pool: &BlockPool,
-        kv: &KvCache,
+        kv: &dyn KvBlocks,
     ) -> (usize, tokio::sync::oneshot::Receiver<()>) {
         self.tier.mark_stopping();
         let mut written = 0;
@@ -164,7 +164,7 @@ impl Disk {
 }
 
 /// Block `block`'s keys and values, copied out of the cache.
-fn copy(kv: &KvCache, block: u32) -> Vec<u16> {
+fn copy(kv: &dyn KvBlocks, block: u32) -> Vec<u16> {
     let mut values = Vec::with_capacity(kv.block_values());
     kv.read_block(block, &mut values);
     values

@@ -3,6 +3,7 @@
 //! and frees its blocks at the next step.
 
 mod closing;
+mod device;
 mod disk;
 mod handoff;
 mod pacing;
@@ -11,6 +12,7 @@ mod scheduler;
 mod speculate;
 mod tiers;
 
+pub use device::{Device, DeviceReport};
 pub use speculate::Speculation;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -64,6 +66,8 @@ pub struct EngineConfig {
     /// A KV tier on disk below the prefix cache (needs `prefix_cache`): evicted blocks are
     /// saved there and read back on a prefix hit, across restarts.
     pub kv_disk: Option<KvDiskConfig>,
+    /// Where the forward pass runs and the KV cache lives.
+    pub device: Device,
 }
 
 impl Default for EngineConfig {
@@ -83,6 +87,7 @@ impl Default for EngineConfig {
             prefix_cache: true,
             speculation: Speculation::OFF,
             kv_disk: None,
+            device: Device::Cpu,
         }
     }
 }
@@ -322,6 +327,8 @@ pub struct ModelInfo {
     pub block_size: usize,
     /// Seconds the model took to load.
     pub load_seconds: f64,
+    /// Where it runs.
+    pub device: DeviceReport,
 }
 
 pub(crate) struct Submission {
@@ -414,6 +421,8 @@ impl EngineHandle {
             .kv_cache_tokens
             .unwrap_or_else(|| want_tokens.max(c.context_length + config.block_size));
         let num_blocks = tokens.div_ceil(config.block_size);
+        let (executor, device) =
+            device::Executor::new(&model, config.device, num_blocks, config.block_size)?;
         let info = Arc::new(ModelInfo {
             context_length: c.context_length,
             vocab_size: c.vocab,
@@ -422,6 +431,7 @@ impl EngineHandle {
             kv_capacity_tokens: num_blocks * config.block_size,
             block_size: config.block_size,
             load_seconds,
+            device,
         });
         let layout = KvLayout {
             model: model_fingerprint(&model.config, info.weight_bytes_per_token),
@@ -478,6 +488,7 @@ impl EngineHandle {
                         kv_events: thread_events,
                         cached: thread_cached,
                         disk,
+                        executor,
                     },
                 );
                 s.run(rx);
@@ -557,6 +568,14 @@ impl EngineHandle {
         &self,
         command: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> Command,
     ) -> Result<T> {
+        self.send(command)?.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Sends a KV command to the engine thread now; its reply comes on the returned receiver.
+    fn send<T>(
+        &self,
+        command: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> Command,
+    ) -> Result<tokio::sync::oneshot::Receiver<T>> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.tx.try_send(command(reply)).map_err(|e| match e {
             TrySendError::Full(_) => EngineError::QueueFull {
@@ -564,7 +583,7 @@ impl EngineHandle {
             },
             TrySendError::Disconnected(_) => EngineError::Stopped,
         })?;
-        answer.await.map_err(|_| EngineError::Stopped)
+        Ok(answer)
     }
 
     /// Holds the longest cached prefix of `prompt` (its full blocks) under a new lease, so that
@@ -592,13 +611,25 @@ impl EngineHandle {
         first: usize,
         blocks: Vec<KvBlock>,
     ) -> Result<ImportOutcome> {
-        self.ask(|reply| Command::Import {
+        self.queue_import(prompt, first, blocks)?.await
+    }
+
+    /// [`EngineHandle::import_blocks`], queued now; the returned future waits for the outcome.
+    /// The engine takes every queued command between two steps, in the order sent: a receiver
+    /// that queues each batch as it arrives and reads on waits out one step, not one per batch.
+    pub fn queue_import(
+        &self,
+        prompt: Vec<u32>,
+        first: usize,
+        blocks: Vec<KvBlock>,
+    ) -> Result<impl std::future::Future<Output = Result<ImportOutcome>> + use<>> {
+        let answer = self.send(|reply| Command::Import {
             prompt,
             first,
             blocks,
             reply,
-        })
-        .await
+        })?;
+        Ok(async move { answer.await.map_err(|_| EngineError::Stopped) })
     }
 
     /// Saves every block of the prefix cache that the disk tier lacks (the most recently used

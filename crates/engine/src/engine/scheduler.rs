@@ -13,6 +13,7 @@ use tokio::sync::broadcast;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::closing::BudgetCloser;
+use super::device::Executor;
 use super::disk::{Disk, ReadBack};
 use super::handoff::{import_block, tally, Leases};
 use super::plan::{Chunk, Planned, Planner, Refusal, SeqKv, StepPlan};
@@ -23,7 +24,7 @@ use super::{
     ImportOutcome, Submission, TokenLogprobs,
 };
 use crate::error::EngineError;
-use crate::kv::{BlockPool, KvCache};
+use crate::kv::BlockPool;
 use crate::kv_disk::DiskTier;
 use crate::kv_transfer::KvBlock;
 use crate::model::{BatchSeq, LlamaModel, Scratch};
@@ -79,12 +80,15 @@ pub(super) struct Shared {
     pub(super) cached: super::CachedBlocks,
     /// The KV tier on disk, if there is one.
     pub(super) disk: Option<DiskTier>,
+    /// The device the model runs on, with its KV cache.
+    pub(super) executor: Executor,
 }
 
 pub(super) struct Scheduler {
     model: LlamaModel,
     tokenizer: Arc<TextTokenizer>,
-    kv: KvCache,
+    /// The forward pass and the KV cache, on the CPU or a GPU.
+    kv: Executor,
     /// The queues and the block pool, and the step planning over them.
     planner: Planner<Sequence>,
     kv_events: broadcast::Sender<KvEvent>,
@@ -118,9 +122,8 @@ impl Scheduler {
             kv_events,
             cached,
             disk,
+            executor: kv,
         } = shared;
-        let c = &model.config;
-        let kv = KvCache::new(c.layers, num_blocks, config.block_size, c.kv_dim());
         let speculation = config.speculation;
         let mut planner = Planner::new(config.clone(), num_blocks);
         let disk = disk.map(Disk::new);
@@ -216,7 +219,7 @@ impl Scheduler {
             Command::Persist { reply } => {
                 let answer = match &mut self.disk {
                     Some(disk) => {
-                        let answer = disk.persist(&self.planner.alloc, &self.kv);
+                        let answer = disk.persist(&self.planner.alloc, self.kv.blocks());
                         disk.publish(&self.stats);
                         answer
                     }
@@ -268,7 +271,7 @@ impl Scheduler {
             .enumerate()
             .map(|(i, (&block, name))| {
                 let mut values = Vec::with_capacity(self.kv.block_values());
-                self.kv.read_block(block, &mut values);
+                self.kv.blocks().read_block(block, &mut values);
                 KvBlock {
                     route: name.route,
                     tokens: held.tokens[i * bs..(i + 1) * bs].to_vec(),
@@ -301,9 +304,9 @@ impl Scheduler {
             let write = |pool: &mut BlockPool, b: u32| {
                 // The fresh block may have been a cached one: saved before it is overwritten.
                 if let Some(disk) = disk {
-                    disk.spill(kv, pool.take_evicted());
+                    disk.spill(kv.blocks(), pool.take_evicted());
                 }
-                kv.write_block(b, &block.values)
+                kv.blocks_mut().write_block(b, &block.values)
             };
             let imported = import_block(
                 &mut self.planner.alloc,
@@ -450,7 +453,7 @@ impl Scheduler {
         let plan = self.planner.plan();
         if let Some(disk) = &mut self.disk {
             // Before the forward pass overwrites the blocks eviction handed out.
-            disk.spill(&self.kv, self.planner.alloc.take_evicted());
+            disk.spill(self.kv.blocks(), self.planner.alloc.take_evicted());
         }
         self.count(&plan);
         if plan.chunks.is_empty() {
@@ -496,8 +499,8 @@ impl Scheduler {
             tokens.extend_from_slice(&s.tokens[c.pos0..c.pos0 + c.len]);
         }
         let started = std::time::Instant::now();
-        self.model
-            .forward(&tokens, &batch, &mut self.kv, &mut self.scratch, &self.pool);
+        self.kv
+            .forward(&self.model, &tokens, &batch, &mut self.scratch, &self.pool);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let ms = started.elapsed().as_secs_f64() * 1e3;
         let attention_ms = self.scratch.attention_time.as_secs_f64() * 1e3;

@@ -137,6 +137,12 @@ impl LlamaModel {
         }
     }
 
+    /// The rotary frequencies (per pair of dimensions, `rope_freqs` divisors applied).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     /// Runs one step over `tokens` (grouped by `seqs`), writing their keys and values into `kv`
     /// and the logits of the last `logit_rows` tokens of every sequence into `s.logits`, in batch
     /// order. Returns how many logit rows were produced.

@@ -1,0 +1,432 @@
+//! The llama forward pass on a CUDA device, under the contract of the CPU's
+//! (`model::LlamaModel::forward`): one call runs a whole engine step, the tokens of every
+//! scheduled sequence (decodes and prefill chunks) in one batch, each attending over its own
+//! sequence's paged KV blocks, and the logits of the rows that asked for them come back to the
+//! host for sampling (one copy per step).
+//!
+//! Weights are uploaded once: Q8_0, Q4_1 and Q4_0 matrices in their GGUF layout (multiplied as
+//! they are), every other format dequantized to f32. The KV cache lives in device memory in
+//! the CPU cache's layout (per layer, keys channel-major inside a block, values slot by slot,
+//! f16), so a block read back or written in ([`KvBlocks`]) is the same bytes on either device:
+//! the prefix cache, KV events, the disk tier and KV transfer work unchanged. Prefill runs
+//! through the decode attention kernel with one query per token, each over the positions up to
+//! its own (the chunk's keys are stored first), which is causal attention.
+//!
+//! Embedding rows, rotary tables, slots and block tables are built on the host and uploaded
+//! each step (a few KB); everything else stays on the device.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream};
+
+use super::{driver_error, AttentionShape, CudaError, DeviceFormat, DeviceInfo, Kernels};
+use crate::kernels::{QKind, QMatrix};
+use crate::kv::KvBlocks;
+use crate::model::{BatchSeq, LlamaModel};
+
+/// One weight matrix in device memory.
+struct Matrix {
+    format: DeviceFormat,
+    rows: usize,
+    cols: usize,
+    bytes: CudaSlice<u8>,
+}
+
+/// One decoder block's weights in device memory.
+struct Layer {
+    attn_norm: CudaSlice<f32>,
+    ffn_norm: CudaSlice<f32>,
+    wq: Matrix,
+    wk: Matrix,
+    wv: Matrix,
+    wo: Matrix,
+    gate: Matrix,
+    up: Matrix,
+    down: Matrix,
+    bias_qkv: Option<[CudaSlice<f32>; 3]>,
+}
+
+/// Activations of one step, sized for `tokens` rows (grown on demand, never shrunk).
+struct Buffers {
+    tokens: usize,
+    x: CudaSlice<f32>,
+    xn: CudaSlice<f32>,
+    q: CudaSlice<f32>,
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    att: CudaSlice<f32>,
+    gate: CudaSlice<f32>,
+    up: CudaSlice<f32>,
+    tmp: CudaSlice<f32>,
+    logits: CudaSlice<f32>,
+    /// Attention scores, `queries * heads * max_len`.
+    scores: CudaSlice<f32>,
+}
+
+/// A model's weights and KV cache on one CUDA device, and the step that runs over them.
+pub struct DeviceModel {
+    kernels: Kernels,
+    layers: Vec<Layer>,
+    out_norm: CudaSlice<f32>,
+    output: Matrix,
+    k_cache: Vec<CudaSlice<u16>>,
+    v_cache: Vec<CudaSlice<u16>>,
+    block_size: usize,
+    kv_dim: usize,
+    buffers: Option<Buffers>,
+}
+
+fn to_device<T: cudarc::driver::DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    host: &[T],
+) -> Result<CudaSlice<T>, CudaError> {
+    stream.clone_htod(host).map_err(driver_error)
+}
+
+fn zeros(stream: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<f32>, CudaError> {
+    stream.alloc_zeros::<f32>(n.max(1)).map_err(driver_error)
+}
+
+/// Uploads one matrix: block formats with a kernel as their GGUF bytes, others as f32.
+fn upload(stream: &Arc<CudaStream>, m: &QMatrix) -> Result<Matrix, CudaError> {
+    let format = match m.kind {
+        QKind::Q8_0 => DeviceFormat::Q8_0,
+        QKind::Q4_1 => DeviceFormat::Q4_1,
+        QKind::Q4_0 => DeviceFormat::Q4_0,
+        QKind::F32 | QKind::F16 | QKind::BF16 => DeviceFormat::F32,
+    };
+    let bytes = if format == DeviceFormat::F32 {
+        let mut row = vec![0f32; m.cols];
+        let mut all = Vec::with_capacity(m.rows * m.cols * 4);
+        for r in 0..m.rows {
+            m.dequantize_row(r, &mut row);
+            all.extend(row.iter().flat_map(|v| v.to_le_bytes()));
+        }
+        all
+    } else {
+        // The CPU may hold it repacked for its kernels: the file layout is what ours read.
+        let file = m.file_layout();
+        (0..m.rows).flat_map(|r| file.row(r).to_vec()).collect()
+    };
+    Ok(Matrix {
+        format,
+        rows: m.rows,
+        cols: m.cols,
+        bytes: to_device(stream, &bytes)?,
+    })
+}
+
+impl DeviceModel {
+    /// Loads the kernels on device `ordinal`, uploads `model`'s weights and allocates a KV cache
+    /// of `num_blocks` blocks of `block_size` tokens there.
+    pub fn new(
+        model: &LlamaModel,
+        ordinal: usize,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self, CudaError> {
+        let c = &model.config;
+        if c.rope_dims != c.head_dim {
+            return Err(CudaError::Unsupported(format!(
+                "rotary embeddings over {} of {} dimensions per head",
+                c.rope_dims, c.head_dim
+            )));
+        }
+        if c.head_dim > 256 || !c.head_dim.is_multiple_of(2) {
+            return Err(CudaError::Unsupported(format!("head size {}", c.head_dim)));
+        }
+        let kernels = Kernels::load(ordinal)?;
+        let stream = kernels.stream().clone();
+        let w = &model.weights;
+        let layers = w
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(Layer {
+                    attn_norm: to_device(&stream, &l.attn_norm)?,
+                    ffn_norm: to_device(&stream, &l.ffn_norm)?,
+                    wq: upload(&stream, &l.wq)?,
+                    wk: upload(&stream, &l.wk)?,
+                    wv: upload(&stream, &l.wv)?,
+                    wo: upload(&stream, &l.wo)?,
+                    gate: upload(&stream, &l.w_gate)?,
+                    up: upload(&stream, &l.w_up)?,
+                    down: upload(&stream, &l.w_down)?,
+                    bias_qkv: match &l.bias_qkv {
+                        Some([q, k, v]) => Some([
+                            to_device(&stream, q)?,
+                            to_device(&stream, k)?,
+                            to_device(&stream, v)?,
+                        ]),
+                        None => None,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>, CudaError>>()?;
+        let kv_dim = c.kv_dim();
+        let per_layer = num_blocks * block_size * kv_dim;
+        let cache = || {
+            (0..c.layers)
+                .map(|_| stream.alloc_zeros::<u16>(per_layer.max(1)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(driver_error)
+        };
+        let (k_cache, v_cache) = (cache()?, cache()?);
+        let out = Self {
+            out_norm: to_device(&stream, &w.out_norm)?,
+            output: upload(&stream, &w.output)?,
+            layers,
+            k_cache,
+            v_cache,
+            block_size,
+            kv_dim,
+            buffers: None,
+            kernels,
+        };
+        stream.synchronize().map_err(driver_error)?;
+        Ok(out)
+    }
+
+    /// The device it runs on.
+    pub fn device(&self) -> &DeviceInfo {
+        &self.kernels.device
+    }
+
+    /// The device's free and total memory, in bytes.
+    pub fn memory(&self) -> Result<(usize, usize), CudaError> {
+        self.kernels
+            .stream()
+            .context()
+            .mem_get_info()
+            .map_err(driver_error)
+    }
+
+    fn buffers(&mut self, model: &LlamaModel, tokens: usize) -> Result<(), CudaError> {
+        if self.buffers.as_ref().is_some_and(|b| b.tokens >= tokens) {
+            return Ok(());
+        }
+        let c = &model.config;
+        let n = tokens.next_power_of_two();
+        let s = self.kernels.stream().clone();
+        let (h, qd, kvd, ff) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn_hidden);
+        // Scores are sized per step (they grow with the context, not only the tokens).
+        let scores = match self.buffers.take() {
+            Some(b) => b.scores,
+            None => zeros(&s, 1)?,
+        };
+        self.buffers = Some(Buffers {
+            tokens: n,
+            x: zeros(&s, n * h)?,
+            xn: zeros(&s, n * h)?,
+            q: zeros(&s, n * qd)?,
+            k: zeros(&s, n * kvd)?,
+            v: zeros(&s, n * kvd)?,
+            att: zeros(&s, n * qd)?,
+            gate: zeros(&s, n * ff)?,
+            up: zeros(&s, n * ff)?,
+            tmp: zeros(&s, n * h.max(qd))?,
+            logits: zeros(&s, n * c.vocab)?,
+            scores,
+        });
+        Ok(())
+    }
+
+    /// Runs one step over `tokens` (grouped by `seqs`, as for the CPU model), storing their keys
+    /// and values in the device cache and writing the logits of the rows that asked for them into
+    /// `logits`, in batch order. Returns how many logit rows were produced.
+    pub fn forward(
+        &mut self,
+        model: &LlamaModel,
+        tokens: &[u32],
+        seqs: &[BatchSeq<'_>],
+        logits: &mut Vec<f32>,
+    ) -> Result<usize, CudaError> {
+        let c = &model.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        let (h, qd, kvd, ff, hd) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn_hidden, c.head_dim);
+        let bs = self.block_size;
+        // The step's host-side tables.
+        let inv_freq = model.inv_freq();
+        let half = inv_freq.len();
+        let mut x = vec![0f32; n * h];
+        let (mut cos, mut sin) = (vec![0f32; n * half], vec![0f32; n * half]);
+        let mut slots = Vec::with_capacity(n);
+        let mut tables = Vec::new();
+        let (mut table_at, mut lens) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut rows = Vec::new();
+        for sq in seqs {
+            let at = tables.len() as u32;
+            let covered = (sq.pos0 + sq.len).div_ceil(bs);
+            tables.extend_from_slice(&sq.blocks[..covered]);
+            for j in 0..sq.len {
+                let (t, pos) = (sq.start + j, sq.pos0 + j);
+                model
+                    .weights
+                    .embed
+                    .dequantize_row(tokens[t] as usize, &mut x[t * h..(t + 1) * h]);
+                for (i, f) in inv_freq.iter().enumerate() {
+                    let (sn, cs) = (pos as f32 * f).sin_cos();
+                    cos[t * half + i] = cs;
+                    sin[t * half + i] = sn;
+                }
+                slots.push(sq.blocks[pos / bs] * bs as u32 + (pos % bs) as u32);
+                table_at.push(at);
+                lens.push(pos as u32 + 1);
+            }
+            let first_row = sq.start + sq.len - sq.logit_rows.min(sq.len);
+            rows.extend((first_row..sq.start + sq.len).map(|r| r as u32));
+        }
+        let max_len = lens.iter().copied().max().unwrap_or(1) as usize;
+        self.buffers(model, n)?;
+        let s = self.kernels.stream().clone();
+        let e = driver_error;
+        let b = self.buffers.as_mut().expect("sized above");
+        let need_scores = n * c.heads * max_len;
+        if b.scores.len() < need_scores {
+            b.scores = zeros(&s, need_scores.next_power_of_two())?;
+        }
+        s.memcpy_htod(&x, &mut b.x).map_err(e)?;
+        let cos = to_device(&s, &cos)?;
+        let sin = to_device(&s, &sin)?;
+        let slots = to_device(&s, &slots)?;
+        let tables = to_device(&s, &tables)?;
+        let table_at = to_device(&s, &table_at)?;
+        let lens = to_device(&s, &lens)?;
+        let k = &self.kernels;
+        let shape = AttentionShape {
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: hd,
+            block_size: bs,
+        };
+        for (li, l) in self.layers.iter().enumerate() {
+            k.rmsnorm(&mut b.xn, &b.x, &l.attn_norm, n, c.rms_eps)?;
+            for (out, m) in [(&mut b.q, &l.wq), (&mut b.k, &l.wk), (&mut b.v, &l.wv)] {
+                k.matmul(out, &m.bytes, &b.xn, (m.rows, m.cols, n), m.format)?;
+            }
+            if let Some([bq, bk, bv]) = &l.bias_qkv {
+                k.bias_add(&mut b.q, bq, n)?;
+                k.bias_add(&mut b.k, bk, n)?;
+                k.bias_add(&mut b.v, bv, n)?;
+            }
+            k.rope(&mut b.q, &cos, &sin, (n, c.heads, hd), c.rope_style)?;
+            k.rope(&mut b.k, &cos, &sin, (n, c.kv_heads, hd), c.rope_style)?;
+            k.kv_store(
+                &mut self.k_cache[li],
+                &mut self.v_cache[li],
+                &b.k,
+                &b.v,
+                &slots,
+                kvd,
+                bs,
+            )?;
+            k.attention_decode(
+                &mut b.att,
+                &b.q,
+                (&self.k_cache[li], &self.v_cache[li]),
+                (&tables, &table_at, &lens),
+                &mut b.scores,
+                shape,
+                max_len,
+            )?;
+            k.matmul(&mut b.tmp, &l.wo.bytes, &b.att, (h, qd, n), l.wo.format)?;
+            k.add(&mut b.x, &b.tmp, n * h)?;
+            k.rmsnorm(&mut b.xn, &b.x, &l.ffn_norm, n, c.rms_eps)?;
+            k.matmul(&mut b.gate, &l.gate.bytes, &b.xn, (ff, h, n), l.gate.format)?;
+            k.matmul(&mut b.up, &l.up.bytes, &b.xn, (ff, h, n), l.up.format)?;
+            k.swiglu(&mut b.gate, &b.up, n * ff)?;
+            k.matmul(
+                &mut b.tmp,
+                &l.down.bytes,
+                &b.gate,
+                (h, ff, n),
+                l.down.format,
+            )?;
+            k.add(&mut b.x, &b.tmp, n * h)?;
+        }
+        let m = rows.len();
+        if m > 0 {
+            let rows = to_device(&s, &rows)?;
+            k.gather_rows(&mut b.xn, &b.x, &rows, h)?;
+            k.rmsnorm(&mut b.tmp, &b.xn, &self.out_norm, m, c.rms_eps)?;
+            let o = &self.output;
+            k.matmul(
+                &mut b.logits,
+                &o.bytes,
+                &b.tmp,
+                (o.rows, o.cols, m),
+                o.format,
+            )?;
+            let want = m * c.vocab;
+            if logits.len() < want {
+                logits.resize(want, 0.0);
+            }
+            s.memcpy_dtoh(&b.logits.slice(0..want), &mut logits[..want])
+                .map_err(e)?;
+        }
+        s.synchronize().map_err(e)?;
+        Ok(m)
+    }
+
+    fn block_span(&self, block: u32) -> std::ops::Range<usize> {
+        let n = self.block_size * self.kv_dim;
+        let at = block as usize * n;
+        at..at + n
+    }
+
+    fn try_read_block(&self, block: u32, out: &mut Vec<u16>) -> Result<(), CudaError> {
+        let span = self.block_span(block);
+        let s = self.kernels.stream();
+        let mut staging = vec![0u16; span.len()];
+        for (k, v) in self.k_cache.iter().zip(&self.v_cache) {
+            for half in [k, v] {
+                s.memcpy_dtoh(&half.slice(span.clone()), &mut staging[..])
+                    .map_err(driver_error)?;
+                s.synchronize().map_err(driver_error)?;
+                out.extend_from_slice(&staging);
+            }
+        }
+        Ok(())
+    }
+
+    fn try_write_block(&mut self, block: u32, data: &[u16]) -> Result<(), CudaError> {
+        let span = self.block_span(block);
+        let n = span.len();
+        let s = self.kernels.stream().clone();
+        for ((k, v), layer) in self
+            .k_cache
+            .iter_mut()
+            .zip(&mut self.v_cache)
+            .zip(data.chunks_exact(2 * n))
+        {
+            s.memcpy_htod(&layer[..n], &mut k.slice_mut(span.clone()))
+                .map_err(driver_error)?;
+            s.memcpy_htod(&layer[n..], &mut v.slice_mut(span.clone()))
+                .map_err(driver_error)?;
+        }
+        s.synchronize().map_err(driver_error)
+    }
+}
+
+/// Blocks copied between the device cache and the host, in the CPU cache's layout. A failed
+/// copy is a device fault the engine cannot continue from: it panics with the driver's error.
+impl KvBlocks for DeviceModel {
+    fn block_values(&self) -> usize {
+        self.k_cache.len() * 2 * self.block_size * self.kv_dim
+    }
+
+    fn read_block(&self, block: u32, out: &mut Vec<u16>) {
+        if let Err(e) = self.try_read_block(block, out) {
+            panic!("reading KV block {block} from the GPU: {e}");
+        }
+    }
+
+    fn write_block(&mut self, block: u32, data: &[u16]) {
+        if let Err(e) = self.try_write_block(block, data) {
+            panic!("writing KV block {block} to the GPU: {e}");
+        }
+    }
+}
