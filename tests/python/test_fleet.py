@@ -2,6 +2,7 @@
 The official SDK talks to it unchanged, a conversation's later turn stays on the worker that served
 its first, both workers take conversations, and stopping the command stops the workers."""
 
+import json
 import re
 import time
 import urllib.request
@@ -14,7 +15,8 @@ from conftest import MODEL, start_server, stop_server
 
 @pytest.fixture(scope="module")
 def fleet():
-    url, proc = start_server("--workers", "2", "--debug-headers")
+    # Options for the workers are passed on to them (checked below through their /health).
+    url, proc = start_server("--workers", "2", "--debug-headers", "--kernels", "avx2")
     yield url, proc
     if proc.poll() is None:
         stop_server(proc)
@@ -41,11 +43,26 @@ def test_conversations_stay_on_their_worker_and_both_workers_serve(fleet):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
 
-def test_stopping_the_command_stops_its_workers(fleet):
-    url, proc = fleet
+def worker_ports(url):
     with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
         metrics = r.read().decode()
-    ports = set(re.findall(r'worker="http://127\.0\.0\.1:(\d+)"', metrics))
+    return set(re.findall(r'worker="http://127\.0\.0\.1:(\d+)"', metrics))
+
+
+def test_the_workers_get_the_commands_engine_options(fleet):
+    url, _ = fleet
+    ports = worker_ports(url)
+    assert len(ports) == 2
+    for port in ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            health = json.load(r)
+        assert health["kernels"] == "avx2", health
+        assert health["device"]["device"] == "cpu", health
+
+
+def test_stopping_the_command_stops_its_workers(fleet):
+    url, proc = fleet
+    ports = worker_ports(url)
     assert len(ports) == 2
     proc.terminate()
     proc.wait(timeout=20)

@@ -44,6 +44,18 @@ pub(crate) fn serve_fleet(args: ServeArgs) -> Result<()> {
     if let Some(t) = m.itl_target_ms {
         worker_args.extend(["--itl-target-ms".into(), t.to_string()]);
     }
+    // What each worker computes with, as this command was told.
+    if let Some(tier) = clap::ValueEnum::to_possible_value(&m.kernels) {
+        worker_args.extend(["--kernels".into(), tier.get_name().to_string()]);
+    }
+    worker_args.extend([
+        "--speculative-max-draft".into(),
+        m.speculative_max_draft.to_string(),
+        "--speculative-ngram".into(),
+        m.speculative_ngram.to_string(),
+        "--device".into(),
+        m.device.to_string(),
+    ]);
     if let Some(dir) = &m.kv_disk_dir {
         // Each worker takes its own slot under the one directory.
         worker_args.extend([

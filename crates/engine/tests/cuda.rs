@@ -441,7 +441,15 @@ fn the_gpu_forward_pass_computes_the_cpu_logits() {
             };
             eprintln!("{what} row {r}: max |GPU - CPU| {worst:.4} of scale {scale:.2}");
             assert!(worst <= 5e-2 * scale, "{what} row {r}: {worst} of {scale}");
-            assert_eq!(top(g), top(cl), "{what} row {r}: next token");
+            // The same next token, unless the CPU's top two are closer than the two devices'
+            // difference (the CPU quantizes activations to 8 bits, the GPU does not).
+            let (tg, tc) = (top(g), top(cl));
+            assert!(
+                tg == tc || cl[tc] - cl[tg] <= 2.0 * worst,
+                "{what} row {r}: next token {tg} on the GPU, {tc} on the CPU (CPU logits {} vs {})",
+                cl[tg],
+                cl[tc]
+            );
         }
     };
     // Step 1: prompts 0 and 1 whole, next-token logits each.

@@ -241,6 +241,7 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
         "role": s.transfers.role(),
         "context_length": s.engine.info().context_length,
         "device": s.engine.info().device,
+        "kernels": lastmile_engine::kernels::simd_name(),
         "running": load(&st.running),
         "waiting": load(&st.waiting),
         "queued_prefill_tokens": load(&st.queued_prefill_tokens),

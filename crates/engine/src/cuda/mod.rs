@@ -205,8 +205,25 @@ fn compile(arch: &'static str) -> Result<Ptx, CudaError> {
 /// device (PTX for sm_90 runs on sm_90 and later).
 pub const PTX_ENV: &str = "LASTMILE_CUDA_PTX";
 
+/// The PTX with its ISA version line lowered to 7.8 (what `sm_90` needs at least).
+fn lower_ptx_version(ptx: &str) -> String {
+    ptx.lines()
+        .map(|l| {
+            if l.starts_with(".version ") {
+                ".version 7.8"
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Threads per block of the elementwise kernels.
 const THREADS: u32 = 256;
+
+/// The most blocks a grid's y dimension takes.
+const MAX_GRID_Y: usize = 65_535;
 
 fn blocks_for(n: usize, per_block: u32) -> u32 {
     n.div_ceil(per_block as usize) as u32
@@ -266,7 +283,17 @@ impl Kernels {
             None => compile(Box::leak(device.arch().into_boxed_str()))?,
         };
         let ctx = CudaContext::new(ordinal).map_err(driver_error)?;
-        let module = ctx.load_module(ptx).map_err(driver_error)?;
+        let module = match ctx.load_module(ptx.clone()) {
+            Ok(m) => m,
+            // NVRTC 13 writes PTX ISA 9.0, which a CUDA 12 driver refuses; the kernels use
+            // nothing newer than ISA 7.8 (sm_90's minimum), so say that instead and retry.
+            Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION => {
+                let older = lower_ptx_version(&ptx.to_src());
+                ctx.load_module(Ptx::from_src(older))
+                    .map_err(driver_error)?
+            }
+            Err(e) => return Err(driver_error(e)),
+        };
         let functions = KERNELS
             .iter()
             .map(|&k| Ok((k, module.load_function(k).map_err(driver_error)?)))
@@ -442,9 +469,18 @@ impl Kernels {
         format: DeviceFormat,
     ) -> Result<(), CudaError> {
         let (r, c) = (rows as i32, cols as i32);
-        let mut b = self.kernel(format.kernel());
-        b.arg(y).arg(w).arg(x).arg(&r).arg(&c);
-        run(b, grid(blocks_for(rows, 8), tokens as u32, 256))
+        // Tokens are the grid's y, which stops at 65,535: more go in several launches.
+        let mut t0 = 0;
+        while t0 < tokens {
+            let n = (tokens - t0).min(MAX_GRID_Y);
+            let mut yv = y.slice_mut(t0 * rows..(t0 + n) * rows);
+            let xv = x.slice(t0 * cols..(t0 + n) * cols);
+            let mut b = self.kernel(format.kernel());
+            b.arg(&mut yv).arg(w).arg(&xv).arg(&r).arg(&c);
+            run(b, grid(blocks_for(rows, 8), n as u32, 256))?;
+            t0 += n;
+        }
+        Ok(())
     }
 
     /// `x[t] += bias` for the first `rows` rows of `x` (`bias.len()` wide).
