@@ -2,7 +2,7 @@
 """Engine throughput, ours against llama.cpp's `llama-bench`, in one run on the same GGUFs and threads.
 
     python3 scripts/bench_engine.py [--threads 2] [--repeats 5] [--formats Q4_1,Q8_0,Q4_K_M]
-                                    [--tier native|avx512|avx2] [--model PATH] [--write BENCHMARKS.md]
+                                    [--tier native|avx512|avx-vnni|avx2] [--model PATH] [--write BENCHMARKS.md]
 
 --tier measures both engines as a CPU of that instruction-set tier would run them: lastmile with
 `--kernels avx2` (or avx512: no AMX) and llama.cpp built for exactly that tier
@@ -32,6 +32,9 @@ TIERS = {
     "native": ("auto", "build", "each engine at its best on this CPU (llama.cpp built with native flags)"),
     "avx512": ("avx512", "build-avx512", "AVX-512 tier, no AMX: lastmile `--kernels avx512`, "
                "llama.cpp built with AVX-512 (VNNI, VBMI, BF16) and without AMX"),
+    "avx-vnni": ("avx-vnni", "build-avxvnni", "AVX2 + AVX-VNNI tier, as on an Alder Lake or later Intel client "
+                 "CPU: lastmile `--kernels avx-vnni`, llama.cpp built with AVX2/FMA/F16C/AVX-VNNI and every "
+                 "AVX-512 option off"),
     "avx2": ("avx2", "build-avx2", "AVX2 tier, as on an AVX2-only CPU: lastmile `--kernels avx2`, "
              "llama.cpp built with AVX2/FMA/F16C and every AVX-512 option off"),
 }

@@ -10,9 +10,10 @@
 #   LASTMILE_ANCHOR_DIR   where everything goes (default: $HOME/.cache/lastmile/anchor)
 #   LASTMILE_ANCHOR_JOBS  parallel compile jobs (default: 2)
 #   LASTMILE_ANCHOR_TIER  native (default: this CPU's flags, build/), avx2 (AVX2 + FMA + F16C,
-#                         no AVX-512: build-avx2/) or avx512 (AVX-512 with VNNI, VBMI and BF16,
-#                         no AMX: build-avx512/); the tiers match lastmile's kernel tiers
-#                         (LASTMILE_NO_AVX512, LASTMILE_NO_AMX), so one machine measures each
+#                         no AVX-512: build-avx2/), avxvnni (the same with AVX-VNNI, as on an
+#                         Alder Lake or later Intel client CPU: build-avxvnni/) or avx512
+#                         (AVX-512 with VNNI, VBMI and BF16, no AMX: build-avx512/); the tiers
+#                         match lastmile's `--kernels` tiers, so one machine measures each
 #
 # Results: $LASTMILE_ANCHOR_DIR/build[-TIER]/bin/{llama-bench,llama-server,llama-quantize,
 # llama-lookup,libllama.so,libggml*.so}. make_golden.py loads libllama.so from build/bin through
@@ -29,8 +30,8 @@ SRC="$SRC_ROOT/vendor/llama.cpp"
 TIER="${LASTMILE_ANCHOR_TIER:-native}"
 case "$TIER" in
     native) BUILD="$ANCHOR_DIR/build" ;;
-    avx2|avx512) BUILD="$ANCHOR_DIR/build-$TIER" ;;
-    *) echo "anchor: LASTMILE_ANCHOR_TIER must be native, avx2 or avx512, not '$TIER'" >&2; exit 2 ;;
+    avx2|avx512|avxvnni) BUILD="$ANCHOR_DIR/build-$TIER" ;;
+    *) echo "anchor: LASTMILE_ANCHOR_TIER must be native, avx2, avxvnni or avx512, not '$TIER'" >&2; exit 2 ;;
 esac
 BIN="$BUILD/bin"
 # llama-lookup: llama.cpp's prompt-lookup (n-gram) speculative decoding, which
@@ -67,6 +68,9 @@ case "$TIER" in
     avx2) TIER_ARGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
                      -DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF
                      -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF) ;;
+    avxvnni) TIER_ARGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+                        -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF
+                        -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF) ;;
     avx512) TIER_ARGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
                        -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON
                        -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON) ;;
@@ -109,7 +113,7 @@ else
         exit 1
     fi
     # An AVX2 build must hold no AVX-512 instruction (one on zmm registers would betray it).
-    if [[ $TIER == avx2 ]] && objdump -d "$BIN/libggml-cpu.so" 2>/dev/null | grep -q '%zmm'; then
+    if [[ $TIER == avx2 || $TIER == avxvnni ]] && objdump -d "$BIN/libggml-cpu.so" 2>/dev/null | grep -q '%zmm'; then
         echo "anchor: the avx2 build of libggml-cpu.so uses AVX-512 registers; refusing it" >&2
         exit 1
     fi

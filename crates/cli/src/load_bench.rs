@@ -42,6 +42,9 @@ enum TierArg {
     Native,
     /// AVX-512 without AMX: lastmile `--kernels avx512`, llama.cpp's `build-avx512`.
     Avx512,
+    /// As on an AVX2-only CPU with AVX-VNNI (Alder Lake and later Intel client CPUs): lastmile
+    /// `--kernels avx-vnni`, llama.cpp's `build-avxvnni`.
+    AvxVnni,
     /// As on an AVX2-only CPU: lastmile `--kernels avx2`, llama.cpp's `build-avx2`.
     Avx2,
 }
@@ -52,6 +55,7 @@ impl TierArg {
         let tier = match self {
             Self::Native => KernelTier::Auto,
             Self::Avx512 => KernelTier::Avx512,
+            Self::AvxVnni => KernelTier::AvxVnni,
             Self::Avx2 => KernelTier::Avx2,
         };
         tier.to_possible_value()
@@ -65,6 +69,7 @@ impl TierArg {
         match self {
             Self::Native => "build",
             Self::Avx512 => "build-avx512",
+            Self::AvxVnni => "build-avxvnni",
             Self::Avx2 => "build-avx2",
         }
     }

@@ -359,7 +359,8 @@ pub struct ModelArgs {
     #[arg(long)]
     pub no_prefix_cache: bool,
     /// The highest instruction-set tier the kernels may use: auto (the best this CPU has),
-    /// avx512 (AVX-512 VNNI, no AMX), avx2 (what an AVX2-only CPU runs) or scalar. For
+    /// avx512 (AVX-512 VNNI, no AMX), avx-vnni (AVX2 with AVX-VNNI, as on an Alder Lake or later
+    /// Intel client CPU), avx2 (what an AVX2-only CPU without VNNI runs) or scalar. For
     /// measuring what another machine would see; auto is always at least as fast.
     #[arg(long, value_enum, default_value_t = KernelTier::Auto, env = "LASTMILE_KERNELS")]
     pub kernels: KernelTier,
@@ -400,6 +401,8 @@ pub enum KernelTier {
     Auto,
     /// AVX-512 VNNI, no AMX.
     Avx512,
+    /// AVX2 + FMA + F16C with AVX-VNNI (Intel client CPUs since Alder Lake, AMD since Zen 5).
+    AvxVnni,
     /// AVX2 + FMA + F16C.
     Avx2,
     /// No SIMD.
@@ -414,6 +417,7 @@ impl KernelTier {
         let tier = match self {
             Self::Auto => return Ok(()),
             Self::Avx512 => Tier::Avx512,
+            Self::AvxVnni => Tier::AvxVnni,
             Self::Avx2 => Tier::Avx2,
             Self::Scalar => Tier::Scalar,
         };

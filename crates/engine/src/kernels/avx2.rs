@@ -12,6 +12,10 @@
 //!   time, for float matrices and for quantized ones that were not packed (tests and tools
 //!   compare the two layouts).
 //!
+//! Where the CPU has AVX-VNNI (and the tier allows it), the packed kernels take their integer dot
+//! products from `vpdpbusd` instead (four u8 x i8 products added straight into i32): one
+//! instruction where AVX2 needs `vpmaddubsw` + `vpmaddwd` + `vpaddd`, the same sums.
+//!
 //! Integer formats multiply 4/8-bit weights with 8-bit activations using `maddubs` (u8 x i8 pairs
 //! into i16), which saturates past 2^15: 4-bit weights (0..15) against |x| <= 127 give at most
 //! 3,810 a pair, so eight pairs still fit; Q8_0's signed weights go in as |w| with the sign moved
@@ -30,15 +34,29 @@ use super::QKind;
 /// rows must be this thread's alone.
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn groups<const R: usize>(job: &GroupJob<'_>) {
+    // SAFETY: forwarded; AVX-VNNI only where `has_avx_vnni` found it.
+    unsafe { groups_variant::<R>(job, super::has_avx_vnni()) }
+}
+
+/// `groups`, with the integer dot products by AVX-VNNI's `vpdpbusd` (`vnni`) or by AVX2's
+/// `vpmaddubsw` + `vpmaddwd`: the same sums either way.
+///
+/// # Safety
+/// As `groups`; with `vnni`, the CPU must also support AVX-VNNI.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn groups_variant<const R: usize>(job: &GroupJob<'_>, vnni: bool) {
     assert_eq!(job.packing, Packing::Avx2, "not an AVX2-packed matrix");
     job.check(R);
     // SAFETY: bounds checked; features and ownership are the caller's promise.
     unsafe {
-        match job.kind {
-            QKind::Q8_0 => x86::groups::<R, { x86::Q8_0 }>(job),
-            QKind::Q4_0 => x86::groups::<R, { x86::Q4_0 }>(job),
-            QKind::Q4_1 => x86::groups::<R, { x86::Q4_1 }>(job),
-            other => panic!("{other:?} has no packed layout"),
+        match (job.kind, vnni) {
+            (QKind::Q8_0, false) => x86::groups::<R, { x86::Q8_0 }>(job),
+            (QKind::Q4_0, false) => x86::groups::<R, { x86::Q4_0 }>(job),
+            (QKind::Q4_1, false) => x86::groups::<R, { x86::Q4_1 }>(job),
+            (QKind::Q8_0, true) => x86::groups_vnni::<R, { x86::Q8_0 }>(job),
+            (QKind::Q4_0, true) => x86::groups_vnni::<R, { x86::Q4_0 }>(job),
+            (QKind::Q4_1, true) => x86::groups_vnni::<R, { x86::Q4_1 }>(job),
+            (other, _) => panic!("{other:?} has no packed layout"),
         }
     }
 }
@@ -164,6 +182,79 @@ mod x86 {
         sums
     }
 
+    /// `chunk_q8` by AVX-VNNI: `vpdpbusd` adds each lane's four u8 x i8 products straight
+    /// into i32 (no i16 step to saturate, no widening). Each token's sum is kept in several
+    /// independent accumulators (four for one token, two for a tile), added at the end, so that
+    /// `vpdpbusd`'s latency overlaps; integer sums are the same in any order.
+    ///
+    /// # Safety
+    /// As `chunk_q8`; the CPU must support AVX-VNNI.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn chunk_q8_vnni<const R: usize>(q: *const u8, x: &[*const i8; R]) -> [__m256i; R] {
+        let chains = if R == 1 { 4 } else { 2 };
+        let mut acc = [[_mm256_setzero_si256(); R]; 4];
+        // SAFETY: reads k-rows 0..8 of the chunk and bytes 0..32 of each token's block.
+        unsafe {
+            for k in 0..8 {
+                let wk = _mm256_loadu_si256(q.add(32 * k) as *const __m256i);
+                let aw = _mm256_abs_epi8(wk);
+                let chain = &mut acc[k % chains];
+                for (s, &xt) in chain.iter_mut().zip(x) {
+                    let xb =
+                        _mm256_set1_epi32(std::ptr::read_unaligned(xt.add(4 * k) as *const i32));
+                    *s = _mm256_dpbusd_avx_epi32(*s, aw, _mm256_sign_epi8(xb, wk));
+                }
+            }
+        }
+        join_chains(&acc, chains)
+    }
+
+    /// `chunk_q4` by AVX-VNNI (the nibbles are the unsigned operand as they are), accumulated
+    /// as `chunk_q8_vnni` does.
+    ///
+    /// # Safety
+    /// As `chunk_q4`; the CPU must support AVX-VNNI.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn chunk_q4_vnni<const R: usize>(q: *const u8, x: &[*const i8; R]) -> [__m256i; R] {
+        let chains = if R == 1 { 4 } else { 2 };
+        let nib = _mm256_set1_epi8(0x0F);
+        let mut acc = [[_mm256_setzero_si256(); R]; 4];
+        // SAFETY: reads parts 0..4 of the chunk and bytes 0..32 of each token's block.
+        unsafe {
+            for c in 0..4 {
+                let v = _mm256_loadu_si256(q.add(32 * c) as *const __m256i);
+                let lo = _mm256_and_si256(v, nib);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+                for (t, &xt) in x.iter().enumerate() {
+                    let x0 =
+                        _mm256_set1_epi32(std::ptr::read_unaligned(xt.add(8 * c) as *const i32));
+                    let x1 = _mm256_set1_epi32(std::ptr::read_unaligned(
+                        xt.add(8 * c + 4) as *const i32
+                    ));
+                    let (a, b) = ((2 * c) % chains, (2 * c + 1) % chains);
+                    acc[a][t] = _mm256_dpbusd_avx_epi32(acc[a][t], lo, x0);
+                    acc[b][t] = _mm256_dpbusd_avx_epi32(acc[b][t], hi, x1);
+                }
+            }
+        }
+        join_chains(&acc, chains)
+    }
+
+    /// The sum of the first `chains` accumulators of each token.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn join_chains<const R: usize>(acc: &[[__m256i; R]; 4], chains: usize) -> [__m256i; R] {
+        std::array::from_fn(|t| {
+            let mut s = acc[0][t];
+            for chain in &acc[1..chains] {
+                s = _mm256_add_epi32(s, chain[t]);
+            }
+            s
+        })
+    }
+
     /// Lanes below `n` (at most 8) set: a `maskload` / `maskstore` mask.
     #[inline]
     #[target_feature(enable = "avx2")]
@@ -174,12 +265,17 @@ mod x86 {
         )
     }
 
-    /// The AVX2-packed product (see `super::groups`); `F` is the format (`Q8_0`, `Q4_0`, `Q4_1`).
+    /// Defines an AVX2-packed product (see `super::groups`) under `$features`, with `$q8` and
+    /// `$q4` for the chunks' integer dot products; `F` is the format (`Q8_0`, `Q4_0`, `Q4_1`).
+    macro_rules! packed_product {
+        ($(#[$doc:meta])* $name:ident, $features:literal, $q8:ident, $q4:ident) => {
+    $(#[$doc])*
     ///
     /// # Safety
-    /// As `super::groups`, which checked the job's bounds.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn groups<const R: usize, const F: u8>(job: &GroupJob<'_>) {
+    /// As `super::groups`, which checked the job's bounds; the CPU must have the features the
+    /// function enables.
+    #[target_feature(enable = $features)]
+    pub unsafe fn $name<const R: usize, const F: u8>(job: &GroupJob<'_>) {
         let kind = match F {
             Q8_0 => QKind::Q8_0,
             Q4_0 => QKind::Q4_0,
@@ -213,9 +309,9 @@ mod x86 {
                     let x: [*const i8; R] =
                         std::array::from_fn(|t| qs.as_ptr().add((job.t0 + t) * cols + b * QK));
                     let isums = if F == Q8_0 {
-                        chunk_q8::<R>(chunk.add(head), &x)
+                        $q8::<R>(chunk.add(head), &x)
                     } else {
-                        chunk_q4::<R>(chunk.add(head), &x)
+                        $q4::<R>(chunk.add(head), &x)
                     };
                     for (t, (a, isum)) in acc.iter_mut().zip(isums).enumerate() {
                         let blk = (job.t0 + t) * nb + b;
@@ -238,6 +334,23 @@ mod x86 {
             }
         }
     }
+        };
+    }
+
+    packed_product!(
+        /// The AVX2-packed product by AVX2 alone.
+        groups,
+        "avx2,fma,f16c",
+        chunk_q8,
+        chunk_q4
+    );
+    packed_product!(
+        /// The AVX2-packed product with AVX-VNNI's dot products.
+        groups_vnni,
+        "avx2,fma,f16c,avxvnni",
+        chunk_q8_vnni,
+        chunk_q4_vnni
+    );
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]

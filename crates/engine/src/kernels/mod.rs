@@ -268,6 +268,9 @@ pub enum Tier {
     Scalar,
     /// AVX2 + FMA + F16C over matrices repacked at load (8-row groups).
     Avx2,
+    /// The AVX2 kernels with AVX-VNNI's 256-bit `vpdpbusd` for their integer dot products
+    /// (Intel client CPUs since Alder Lake, AMD since Zen 5: AVX2-only machines with VNNI).
+    AvxVnni,
     /// AVX-512 VNNI over matrices repacked at load.
     Avx512,
     /// AMX int8 tiles beside AVX-512 VNNI.
@@ -296,6 +299,8 @@ pub fn tier() -> Tier {
         Tier::Amx
     } else if has_vnni() {
         Tier::Avx512
+    } else if has_avx_vnni() {
+        Tier::AvxVnni
     } else if has_avx2() {
         Tier::Avx2
     } else {
@@ -314,6 +319,25 @@ pub fn has_avx2() -> bool {
                 && is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Whether the AVX2 kernels may use AVX-VNNI's 256-bit `vpdpbusd` here (checked once; under a
+/// cap below [`Tier::AvxVnni`], or with `LASTMILE_NO_AVXVNNI` set, they do not).
+pub fn has_avx_vnni() -> bool {
+    static DETECTED: OnceLock<bool> = OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            has_avx2()
+                && cap() >= Tier::AvxVnni
+                && std::env::var_os("LASTMILE_NO_AVXVNNI").is_none()
+                && is_x86_feature_detected!("avxvnni")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -349,6 +373,7 @@ pub fn simd_name() -> &'static str {
     match tier() {
         Tier::Amx => "amx-int8+avx512-vnni",
         Tier::Avx512 => "avx512-vnni",
+        Tier::AvxVnni => "avx2+avx-vnni",
         Tier::Avx2 => "avx2",
         Tier::Scalar => "scalar",
     }
@@ -560,6 +585,22 @@ mod tests {
                 &single, batched,
                 "{kind:?} {packing:?}: one token at a time differs from batched"
             );
+            // The AVX2 kernels with and without AVX-VNNI's dot products (where the CPU has it)
+            // compute the same integer sums, so the same floats.
+            if packing == Packing::Avx2 {
+                for vnni in [false, true] {
+                    if vnni && !is_x86_feature_detected!("avxvnni") {
+                        continue;
+                    }
+                    let mut each = vec![f32::NAN; n * rows];
+                    for t in 0..n {
+                        // SAFETY: AVX2 runs here (the packing was built), AVX-VNNI where
+                        // detected; `each` holds every cell.
+                        unsafe { avx2::groups_variant::<1>(&job(t, &mut each), vnni) };
+                    }
+                    assert_eq!(&each, batched, "{kind:?}: AVX2 with AVX-VNNI {vnni}");
+                }
+            }
             if packing == Packing::Vnni && amx::amx_available() && n >= amx::TOKENS {
                 let tiles = n / amx::TOKENS;
                 let mut tiled = single.clone();
