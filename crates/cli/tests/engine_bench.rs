@@ -61,7 +61,7 @@ fn an_unknown_tier_is_a_usage_error_naming_the_choices() {
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("auto, avx512, avx2, scalar"), "{stderr}");
+    assert!(stderr.contains("auto, avx512, avx-vnni, avx2, scalar"), "{stderr}");
     // `bench --tier` chooses both sides of a comparison the same way.
     let out = Command::new(BIN)
         .args(["bench", "--compare", "llama-cpp", "--tier", "sse2"])
@@ -69,7 +69,7 @@ fn an_unknown_tier_is_a_usage_error_naming_the_choices() {
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("native, avx512, avx2"), "{stderr}");
+    assert!(stderr.contains("native, avx512, avx-vnni, avx2"), "{stderr}");
 }
 
 #[test]
