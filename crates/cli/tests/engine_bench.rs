@@ -37,6 +37,14 @@ fn kernels_can_be_capped_at_a_lower_tier() {
     if std::arch::is_x86_feature_detected!("avx2") {
         let avx2 = bench(&["--kernels", "avx2"]);
         assert_eq!(avx2["kernels"], "avx2", "{avx2}");
+        // AVX-VNNI where the CPU has it, else the plain AVX2 kernels under that cap.
+        let vnni = bench(&["--kernels", "avx-vnni"]);
+        let want = if std::arch::is_x86_feature_detected!("avxvnni") {
+            "avx2+avx-vnni"
+        } else {
+            "avx2"
+        };
+        assert_eq!(vnni["kernels"], want, "{vnni}");
         let auto = bench(&[]);
         assert!(auto["decode_limit_tok_s"].as_f64().expect("limit") > 0.0);
         // One read-rate measurement per round, and the decode's share of its own round's limit.
@@ -61,7 +69,10 @@ fn an_unknown_tier_is_a_usage_error_naming_the_choices() {
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("auto, avx512, avx-vnni, avx2, scalar"), "{stderr}");
+    assert!(
+        stderr.contains("auto, avx512, avx-vnni, avx2, scalar"),
+        "{stderr}"
+    );
     // `bench --tier` chooses both sides of a comparison the same way.
     let out = Command::new(BIN)
         .args(["bench", "--compare", "llama-cpp", "--tier", "sse2"])
@@ -69,7 +80,10 @@ fn an_unknown_tier_is_a_usage_error_naming_the_choices() {
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("native, avx512, avx-vnni, avx2"), "{stderr}");
+    assert!(
+        stderr.contains("native, avx512, avx-vnni, avx2"),
+        "{stderr}"
+    );
 }
 
 #[test]
