@@ -130,6 +130,12 @@ pub trait KvBlocks {
     fn read_block(&self, block: u32, out: &mut Vec<u16>);
     /// Overwrites block `block` with `data` ([`KvBlocks::block_values`] values).
     fn write_block(&mut self, block: u32, data: &[u16]);
+    /// Block `block`'s keys and values, copied out.
+    fn block(&self, block: u32) -> Vec<u16> {
+        let mut values = Vec::with_capacity(self.block_values());
+        self.read_block(block, &mut values);
+        values
+    }
 }
 
 impl KvBlocks for KvCache {

@@ -171,79 +171,79 @@ extern "C" __global__ void attention_decode_f16(float *out, const float *q,
     }
 }
 
-// y = W x for a Q8_0 matrix of `rows` x `cols` (cols a multiple of 32) and `tokens` inputs:
-// x `[tokens, cols]`, y `[tokens, rows]`. Grid: (ceil(rows / 8), tokens); block: 256 threads,
-// one warp per row, lanes over the row's blocks of 32.
-extern "C" __global__ void gemv_q8_0(float *y, const u8 *w, const float *x, int rows, int cols) {
-    int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31, t = blockIdx.y;
-    if (row >= rows) return;
-    int nb = cols / 32;
-    const u8 *wr = w + (size_t)row * nb * 34;
-    const float *xt = x + (size_t)t * cols;
-    float acc = 0.0f;
-    for (int b = lane; b < nb; b += 32) {
-        const u8 *blk = wr + (size_t)b * 34;
+// The block formats, each a block's bytes and its dot product with 32 activations.
+// Q8_0: an f16 scale and 32 signed bytes.
+struct Q8_0 {
+    static const int BYTES = 34;
+    static __device__ __forceinline__ float dot(const u8 *blk, const float *xb) {
         float d = half_to_float((half_bits)(blk[0] | (blk[1] << 8)));
         const i8 *qs = (const i8 *)(blk + 2);
-        const float *xb = xt + b * 32;
         float s = 0.0f;
         for (int j = 0; j < 32; j++) s += (float)qs[j] * xb[j];
-        acc += d * s;
+        return d * s;
     }
-    acc = warp_sum(acc);
-    if (lane == 0) y[(size_t)t * rows + row] = acc;
-}
+};
 
-// As `gemv_q8_0`, for a Q4_1 matrix (20 bytes per block of 32: d, m, 16 bytes of nibbles).
-extern "C" __global__ void gemv_q4_1(float *y, const u8 *w, const float *x, int rows, int cols) {
-    int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31, t = blockIdx.y;
-    if (row >= rows) return;
-    int nb = cols / 32;
-    const u8 *wr = w + (size_t)row * nb * 20;
-    const float *xt = x + (size_t)t * cols;
-    float acc = 0.0f;
-    for (int b = lane; b < nb; b += 32) {
-        const u8 *blk = wr + (size_t)b * 20;
+// Q4_1: f16 scale d and minimum m, 16 bytes of nibbles (low: weights 0..15, high: 16..31),
+// each weight `q * d + m`.
+struct Q4_1 {
+    static const int BYTES = 20;
+    static __device__ __forceinline__ float dot(const u8 *blk, const float *xb) {
         float d = half_to_float((half_bits)(blk[0] | (blk[1] << 8)));
         float m = half_to_float((half_bits)(blk[2] | (blk[3] << 8)));
         const u8 *qs = blk + 4;
-        const float *xb = xt + b * 32;
         float s = 0.0f, xs = 0.0f;
         for (int j = 0; j < 16; j++) {
             s += (float)(qs[j] & 15) * xb[j] + (float)(qs[j] >> 4) * xb[j + 16];
             xs += xb[j] + xb[j + 16];
         }
-        acc += d * s + m * xs;
+        return d * s + m * xs;
     }
-    acc = warp_sum(acc);
-    if (lane == 0) y[(size_t)t * rows + row] = acc;
-}
+};
 
-// As `gemv_q8_0`, for a Q4_0 matrix (18 bytes per block of 32: d, 16 bytes of nibbles, each
-// weight `(q - 8) * d`).
-extern "C" __global__ void gemv_q4_0(float *y, const u8 *w, const float *x, int rows, int cols) {
-    int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31, t = blockIdx.y;
-    if (row >= rows) return;
-    int nb = cols / 32;
-    const u8 *wr = w + (size_t)row * nb * 18;
-    const float *xt = x + (size_t)t * cols;
-    float acc = 0.0f;
-    for (int b = lane; b < nb; b += 32) {
-        const u8 *blk = wr + (size_t)b * 18;
+// Q4_0: an f16 scale and 16 bytes of nibbles, each weight `(q - 8) * d`.
+struct Q4_0 {
+    static const int BYTES = 18;
+    static __device__ __forceinline__ float dot(const u8 *blk, const float *xb) {
         float d = half_to_float((half_bits)(blk[0] | (blk[1] << 8)));
         const u8 *qs = blk + 2;
-        const float *xb = xt + b * 32;
         float s = 0.0f;
         for (int j = 0; j < 16; j++) {
             s += (float)((int)(qs[j] & 15) - 8) * xb[j] + (float)((int)(qs[j] >> 4) - 8) * xb[j + 16];
         }
-        acc += d * s;
+        return d * s;
     }
+};
+
+// y = W x for a matrix of `rows` x `cols` (cols a multiple of 32) in block format F and `tokens`
+// inputs: x `[tokens, cols]`, y `[tokens, rows]`. Grid: (ceil(rows / 8), tokens); block: 256
+// threads, one warp per row, lanes over the row's blocks of 32.
+template <typename F>
+__device__ void gemv_blocks(float *y, const u8 *w, const float *x, int rows, int cols) {
+    int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31, t = blockIdx.y;
+    if (row >= rows) return;
+    int nb = cols / 32;
+    const u8 *wr = w + (size_t)row * nb * F::BYTES;
+    const float *xt = x + (size_t)t * cols;
+    float acc = 0.0f;
+    for (int b = lane; b < nb; b += 32) acc += F::dot(wr + (size_t)b * F::BYTES, xt + b * 32);
     acc = warp_sum(acc);
     if (lane == 0) y[(size_t)t * rows + row] = acc;
 }
 
-// As `gemv_q8_0`, for an f32 matrix (formats without a kernel here are dequantized to f32 at
+extern "C" __global__ void gemv_q8_0(float *y, const u8 *w, const float *x, int rows, int cols) {
+    gemv_blocks<Q8_0>(y, w, x, rows, cols);
+}
+
+extern "C" __global__ void gemv_q4_1(float *y, const u8 *w, const float *x, int rows, int cols) {
+    gemv_blocks<Q4_1>(y, w, x, rows, cols);
+}
+
+extern "C" __global__ void gemv_q4_0(float *y, const u8 *w, const float *x, int rows, int cols) {
+    gemv_blocks<Q4_0>(y, w, x, rows, cols);
+}
+
+// As `gemv_blocks`, for an f32 matrix (lanes over columns) (formats without a kernel here are dequantized to f32 at
 // upload). `w` is the matrix's bytes.
 extern "C" __global__ void gemv_f32(float *y, const u8 *w, const float *x, int rows, int cols) {
     int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31, t = blockIdx.y;

@@ -440,26 +440,8 @@ impl Kernels {
         run(b, cfg)
     }
 
-    /// `y = W x` for `tokens` inputs (`x`: `[tokens, cols]`; `y`: `[tokens, rows]`), `W` a
-    /// Q8_0 or Q4_1 matrix in the GGUF layout (`q4_1` picks which).
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemv(
-        &self,
-        y: &mut CudaSlice<f32>,
-        w: &CudaSlice<u8>,
-        x: &CudaSlice<f32>,
-        (rows, cols, tokens): (usize, usize, usize),
-        q4_1: bool,
-    ) -> Result<(), CudaError> {
-        let format = if q4_1 {
-            DeviceFormat::Q4_1
-        } else {
-            DeviceFormat::Q8_0
-        };
-        self.matmul(y, w, x, (rows, cols, tokens), format)
-    }
-
-    /// `y = W x` for `tokens` inputs, `W` in `format` (its bytes).
+    /// `y = W x` for `tokens` inputs (`x`: `[tokens, cols]`; `y`: `[tokens, rows]`), `W` in
+    /// `format` (its bytes: the GGUF layout for the block formats).
     pub fn matmul(
         &self,
         y: &mut CudaSlice<f32>,

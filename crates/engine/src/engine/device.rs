@@ -61,12 +61,18 @@ pub struct DeviceReport {
     pub memory_used_bytes: Option<u64>,
 }
 
+/// Where the KV cache lives (and so where the forward pass runs).
+enum Store {
+    /// Host memory; the CPU model's kernels.
+    Host(KvCache),
+    /// A GPU's memory, with the weights there.
+    #[cfg(feature = "cuda")]
+    Gpu(Box<crate::cuda::DeviceModel>),
+}
+
 /// The forward pass and the KV cache, on the device chosen.
 pub(super) struct Executor {
-    /// The host cache (empty, zero blocks, when a GPU holds it).
-    host: KvCache,
-    #[cfg(feature = "cuda")]
-    gpu: Option<Box<crate::cuda::DeviceModel>>,
+    store: Store,
     /// Tokens per block.
     pub(super) block_size: usize,
 }
@@ -79,30 +85,25 @@ impl Executor {
         num_blocks: usize,
         block_size: usize,
     ) -> Result<(Self, DeviceReport)> {
-        let c = &model.config;
-        let (layers, kv_dim) = (c.layers, c.kv_dim());
-        match device {
-            Device::Cpu => Ok((
-                Self {
-                    host: KvCache::new(layers, num_blocks, block_size, kv_dim),
-                    #[cfg(feature = "cuda")]
-                    gpu: None,
-                    block_size,
-                },
-                DeviceReport {
+        let (store, report) = match device {
+            Device::Cpu => {
+                let c = &model.config;
+                let cache = KvCache::new(c.layers, num_blocks, block_size, c.kv_dim());
+                let report = DeviceReport {
                     device: device.to_string(),
                     name: None,
                     memory_total_bytes: None,
                     memory_used_bytes: None,
-                },
-            )),
+                };
+                (Store::Host(cache), report)
+            }
             #[cfg(feature = "cuda")]
             Device::Cuda(ordinal) => {
+                let fault =
+                    |e: crate::cuda::CudaError| EngineError::Device(format!("{device}: {e}"));
                 let gpu = crate::cuda::DeviceModel::new(model, ordinal, num_blocks, block_size)
-                    .map_err(|e| EngineError::Device(format!("{device}: {e}")))?;
-                let (free, total) = gpu
-                    .memory()
-                    .map_err(|e| EngineError::Device(format!("{device}: {e}")))?;
+                    .map_err(fault)?;
+                let (free, total) = gpu.memory().map_err(fault)?;
                 let report = DeviceReport {
                     device: device.to_string(),
                     name: Some(gpu.device().name.clone()),
@@ -114,43 +115,34 @@ impl Executor {
                     gpu.device().name,
                     total as f64 / (1u64 << 30) as f64
                 );
-                Ok((
-                    Self {
-                        host: KvCache::new(layers, 0, block_size, kv_dim),
-                        gpu: Some(Box::new(gpu)),
-                        block_size,
-                    },
-                    report,
-                ))
+                (Store::Gpu(Box::new(gpu)), report)
             }
             #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => Err(EngineError::Device(format!(
+            Device::Cuda(_) => {
+                return Err(EngineError::Device(format!(
                 "{device}: this build has no CUDA support (build lastmile with `--features cuda`)"
-            ))),
-        }
+            )))
+            }
+        };
+        Ok((Self { store, block_size }, report))
     }
 
     /// The cache, block by block.
     pub(super) fn blocks(&self) -> &dyn KvBlocks {
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &self.gpu {
-            return gpu.as_ref();
+        match &self.store {
+            Store::Host(cache) => cache,
+            #[cfg(feature = "cuda")]
+            Store::Gpu(gpu) => gpu.as_ref(),
         }
-        &self.host
     }
 
     /// The cache, block by block, to write.
     pub(super) fn blocks_mut(&mut self) -> &mut dyn KvBlocks {
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &mut self.gpu {
-            return gpu.as_mut();
+        match &mut self.store {
+            Store::Host(cache) => cache,
+            #[cfg(feature = "cuda")]
+            Store::Gpu(gpu) => gpu.as_mut(),
         }
-        &mut self.host
-    }
-
-    /// Half floats one block holds across all layers.
-    pub(super) fn block_values(&self) -> usize {
-        self.blocks().block_values()
     }
 
     /// Runs one step (see `LlamaModel::forward`); the logits land in `scratch.logits`. A device
@@ -163,16 +155,19 @@ impl Executor {
         scratch: &mut Scratch,
         pool: &ThreadPool,
     ) {
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &mut self.gpu {
-            if let Err(e) = gpu.forward(model, tokens, batch, &mut scratch.logits) {
-                panic!("GPU step failed: {e}");
+        match &mut self.store {
+            Store::Host(cache) => {
+                model.forward(tokens, batch, cache, scratch, pool);
             }
-            // Attention is not timed apart on the GPU: the pacer sees the whole step.
-            scratch.attention_time = std::time::Duration::ZERO;
-            return;
+            #[cfg(feature = "cuda")]
+            Store::Gpu(gpu) => {
+                if let Err(e) = gpu.forward(model, tokens, batch, &mut scratch.logits) {
+                    panic!("GPU step failed: {e}");
+                }
+                // Attention is not timed apart on the GPU: the pacer sees the whole step.
+                scratch.attention_time = std::time::Duration::ZERO;
+            }
         }
-        model.forward(tokens, batch, &mut self.host, scratch, pool);
     }
 }
 

@@ -112,7 +112,7 @@ impl Disk {
     pub(super) fn spill(&mut self, kv: &dyn KvBlocks, evicted: Vec<Evicted>) {
         for e in evicted {
             self.tier
-                .spill(e.name, e.tokens, || copy(kv, e.block), false);
+                .spill(e.name, e.tokens, || kv.block(e.block), false);
         }
     }
 
@@ -130,7 +130,7 @@ impl Disk {
             written +=
                 usize::from(
                     self.tier
-                        .spill(name, tokens.to_vec(), || copy(kv, block), true),
+                        .spill(name, tokens.to_vec(), || kv.block(block), true),
                 );
         }
         let (reply, done) = tokio::sync::oneshot::channel();
@@ -161,11 +161,4 @@ impl Disk {
             counter.store(value, Ordering::Relaxed);
         }
     }
-}
-
-/// Block `block`'s keys and values, copied out of the cache.
-fn copy(kv: &dyn KvBlocks, block: u32) -> Vec<u16> {
-    let mut values = Vec::with_capacity(kv.block_values());
-    kv.read_block(block, &mut values);
-    values
 }

@@ -269,14 +269,10 @@ impl Scheduler {
             .iter()
             .zip(&held.names)
             .enumerate()
-            .map(|(i, (&block, name))| {
-                let mut values = Vec::with_capacity(self.kv.block_values());
-                self.kv.blocks().read_block(block, &mut values);
-                KvBlock {
-                    route: name.route,
-                    tokens: held.tokens[i * bs..(i + 1) * bs].to_vec(),
-                    values,
-                }
+            .map(|(i, (&block, name))| KvBlock {
+                route: name.route,
+                tokens: held.tokens[i * bs..(i + 1) * bs].to_vec(),
+                values: self.kv.blocks().block(block),
             })
             .collect();
         Some(blocks)
@@ -293,7 +289,7 @@ impl Scheduler {
             let fits = names.get(i).is_some_and(|name| {
                 name.route == block.route
                     && block.tokens == prompt[i * bs..(i + 1) * bs]
-                    && block.values.len() == self.kv.block_values()
+                    && block.values.len() == self.kv.blocks().block_values()
             });
             if !fits {
                 outcome.refused = blocks.len() - j;
