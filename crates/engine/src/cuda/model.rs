@@ -102,17 +102,16 @@ fn upload(stream: &Arc<CudaStream>, m: &QMatrix) -> Result<Matrix, CudaError> {
             m.dequantize_row(r, &mut row);
             all.extend(row.iter().flat_map(|v| v.to_le_bytes()));
         }
-        all
+        to_device(stream, &all)?
     } else {
         // The CPU may hold it repacked for its kernels: the file layout is what ours read.
-        let file = m.file_layout();
-        (0..m.rows).flat_map(|r| file.row(r).to_vec()).collect()
+        to_device(stream, m.file_layout().bytes())?
     };
     Ok(Matrix {
         format,
         rows: m.rows,
         cols: m.cols,
-        bytes: to_device(stream, &bytes)?,
+        bytes,
     })
 }
 
