@@ -139,3 +139,31 @@ fn incremental_detokenization_never_splits_characters() {
     }
     assert!(multibyte >= 3, "the fixture should hold emoji and CJK text");
 }
+
+/// The repacked matrices share one buffer, in the order a step reads them (layer by layer, Q K V
+/// O gate up down, then the output), each right after the previous one (cache-line padding
+/// only): a decode step streams it front to back.
+#[test]
+fn packed_weights_lie_in_one_buffer_in_forward_order() {
+    let m = common::default_model();
+    let w = &m.model.weights;
+    if lastmile_engine::kernels::QMatrix::packing_for_this_cpu().is_none() {
+        eprintln!("skipped: this CPU has no packed layout (no AVX2)");
+        return;
+    }
+    let mut order: Vec<&lastmile_engine::kernels::QMatrix> = Vec::new();
+    for l in &w.layers {
+        order.extend([&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]);
+    }
+    order.push(&w.output);
+    assert_eq!(order.len(), 7 * m.model.config.layers + 1);
+    for pair in order.windows(2) {
+        assert!(pair[0].is_packed() && pair[1].is_packed(), "not repacked");
+        let (a, b) = (pair[0].address_range(), pair[1].address_range());
+        assert!(
+            b.start >= a.end && b.start - a.end < 64,
+            "{a:x?} then {b:x?}: not next to each other"
+        );
+        assert_eq!(b.start % 64, 0, "not cache-line aligned");
+    }
+}

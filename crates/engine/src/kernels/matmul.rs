@@ -4,10 +4,10 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::amx;
-use super::pack::{GroupJob, Packing};
+use super::pack::{chunk_bytes, prefetch_range, GroupJob, Packing, PREFETCH_BYTES};
 use super::q8::{Q8Acts, Q8Row};
 use super::{avx2, avx512};
-use super::{dot_rows, QMatrix};
+use super::{dot_rows, QMatrix, QK};
 use crate::parallel::{SharedMut, ThreadPool};
 
 /// One matrix of a fused product and where its output goes: `out[t * w.rows + r]`.
@@ -23,12 +23,101 @@ pub struct MatmulTask<'a> {
 const ROW_TILE: usize = 16;
 /// Tokens per kernel call.
 const TOKEN_TILE: usize = 4;
-/// Chunks of a product's rows per thread (see `matmul`).
-const CHUNKS_PER_THREAD: usize = 8;
+/// A product's largest chunks: its units over this many per thread (see `ChunkQueue`).
+const CHUNKS_PER_THREAD: usize = 2;
+/// Its smallest: the largest over this.
+const FLOOR_DIVISOR: usize = 16;
 
 /// Computes every task's product of `n` input rows (`xf` as f32, `xq` the same rows quantized,
 /// which must be filled when any task's kind wants it).
 pub fn matmul(pool: &ThreadPool, tasks: &mut [MatmulTask<'_>], xf: &[f32], xq: &Q8Acts, n: usize) {
+    matmul_inner(pool, tasks, xf, xq, n);
+}
+
+/// Work units of a product: row groups of packed matrices (their kernels' grain), single rows
+/// of the others.
+fn units(w: &QMatrix) -> usize {
+    w.rows.div_ceil(w.packing().map_or(1, Packing::group))
+}
+
+/// Prefetches `len` bytes of weights from unit `u` of the unit space the matrices span, in
+/// order (nothing where that unit's matrix is not packed).
+fn prefetch_units(mats: &[(&QMatrix, SharedMut<f32>)], u: usize, len: usize) {
+    let mut base = 0;
+    for (w, _) in mats {
+        if u < base + units(w) {
+            if let Some(p) = w.packing() {
+                let at = (u - base) * (w.cols / QK) * chunk_bytes(w.kind, p);
+                prefetch_range(w.bytes(), at, len);
+            }
+            return;
+        }
+        base += units(w);
+    }
+}
+
+/// How a product's units are handed to the pool's threads. Thread `i` starts with chunk `i`;
+/// the rest are claimed as threads get to them, each a share of what is left (guided
+/// self-scheduling): large while much remains, so each chunk is a long stream the prefetch runs
+/// well ahead in, and short at the end, so the threads finish together (on a memory-bound
+/// product one core often gets its bytes later than the other: a fixed split left each waiting
+/// for the other about a fifth of the time, fixed chunks still a few percent).
+struct ChunkQueue {
+    total: usize,
+    threads: usize,
+    /// The largest chunk (and each thread's first).
+    cap: usize,
+    /// The smallest chunk (but the very last).
+    floor: usize,
+    next: AtomicUsize,
+}
+
+impl ChunkQueue {
+    fn new(total: usize, threads: usize, chunks_per_thread: usize, floor_div: usize) -> Self {
+        let cap = total.div_ceil(threads * chunks_per_thread).max(1);
+        Self {
+            total,
+            threads,
+            cap,
+            floor: (cap / floor_div).max(1),
+            next: AtomicUsize::new((threads * cap).min(total)),
+        }
+    }
+
+    /// Thread `tid`'s first chunk (empty where there are fewer chunks than threads).
+    fn first(&self, tid: usize) -> (usize, usize) {
+        let lo = (tid * self.cap).min(self.total);
+        (lo, (lo + self.cap).min(self.total))
+    }
+
+    /// The next unclaimed chunk (empty once every unit is taken).
+    fn claim(&self) -> (usize, usize) {
+        let mut cur = self.next.load(Ordering::Relaxed);
+        loop {
+            if cur >= self.total {
+                return (self.total, self.total);
+            }
+            let size = ((self.total - cur) / (2 * self.threads)).clamp(self.floor, self.cap);
+            let hi = (cur + size).min(self.total);
+            match self
+                .next
+                .compare_exchange_weak(cur, hi, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return (cur, hi),
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+/// `matmul`'s body.
+fn matmul_inner(
+    pool: &ThreadPool,
+    tasks: &mut [MatmulTask<'_>],
+    xf: &[f32],
+    xq: &Q8Acts,
+    n: usize,
+) {
     if tasks.is_empty() || n == 0 {
         return;
     }
@@ -41,41 +130,38 @@ pub fn matmul(pool: &ThreadPool, tasks: &mut [MatmulTask<'_>], xf: &[f32], xq: &
         assert!(t.out.len() >= n * t.w.rows, "output buffer too small");
     }
     assert!(xf.len() >= n * cols, "input buffer too small");
-    // Work is split in units: row groups of packed matrices (their kernels' grain), single
-    // rows of the others.
-    let unit = |w: &QMatrix| w.packing().map_or(1, Packing::group);
-    let units = |w: &QMatrix| w.rows.div_ceil(unit(w));
-    let total: usize = tasks.iter().map(|t| units(t.w)).sum();
     let outs: Vec<(&QMatrix, SharedMut<f32>)> = tasks
         .iter_mut()
         .map(|t| (t.w, SharedMut::new(t.out)))
         .collect();
-    // Threads take chunks of units in turn rather than fixed halves: on a memory-bound product
-    // (decode) one core often gets its bytes later than the other, and a fixed split left each
-    // waiting for the other about a fifth of the time. Chunks stay large enough that the
-    // prefetch runs well ahead inside each.
-    let chunk = total.div_ceil(pool.threads() * CHUNKS_PER_THREAD);
-    let next = AtomicUsize::new(0);
-    pool.run(&|_| loop {
-        let lo = next.fetch_add(chunk, Ordering::Relaxed);
-        if lo >= total {
-            break;
-        }
-        let hi = (lo + chunk).min(total);
-        let mut base = 0;
-        for (w, out) in &outs {
-            let (a, b) = (lo.max(base), hi.min(base + units(w)));
-            if a < b {
-                let (a, b) = (a - base, b - base);
-                // SAFETY: each chunk [lo, hi) of the concatenated unit space is taken by exactly
-                // one thread, so the (token, row) cells written here are disjoint from every
-                // other thread's.
-                match w.packing() {
-                    Some(packing) => packed_range(w, packing, out, xq, n, a, b),
-                    None => rows_range(w, out, xf, xq, n, a, b),
-                }
+    let total = outs.iter().map(|(w, _)| units(w)).sum();
+    let queue = ChunkQueue::new(total, pool.threads(), CHUNKS_PER_THREAD, FLOOR_DIVISOR);
+    pool.run(&|tid| {
+        let (mut lo, mut hi) = queue.first(tid);
+        while lo < hi {
+            // A thread claims its next chunk as it starts one and prefetches that chunk's first
+            // bytes: a chunk is a new memory stream, whose head the in-kernel prefetch (a fixed
+            // distance ahead of the bytes being read) does not cover.
+            let (ahead, ahead_hi) = queue.claim();
+            if ahead < ahead_hi {
+                prefetch_units(&outs, ahead, PREFETCH_BYTES);
             }
-            base += units(w);
+            let mut base = 0;
+            for (w, out) in &outs {
+                let (a, b) = (lo.max(base), hi.min(base + units(w)));
+                if a < b {
+                    let (a, b) = (a - base, b - base);
+                    // SAFETY: each chunk [lo, hi) of the concatenated unit space is taken by exactly
+                    // one thread, so the (token, row) cells written here are disjoint from every
+                    // other thread's.
+                    match w.packing() {
+                        Some(packing) => packed_range(w, packing, out, xq, n, a, b),
+                        None => rows_range(w, out, xf, xq, n, a, b),
+                    }
+                }
+                base += units(w);
+            }
+            (lo, hi) = (ahead, ahead_hi);
         }
     });
 }
@@ -185,4 +271,79 @@ fn packed_range(
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("packed matrices on a non-x86 target ({t} of {n} tokens)");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every unit is handed out exactly once, in chunks within the cap (the floor too, but for
+    /// the last), whatever the total, the threads and the order they claim in; chunks shrink
+    /// toward the end.
+    #[test]
+    fn chunk_queue_hands_out_every_unit_once() {
+        for threads in 1..=4 {
+            for total in (0..200).chain([383, 1536, 6144]) {
+                for order in 0..3usize {
+                    let q = ChunkQueue::new(total, threads, CHUNKS_PER_THREAD, FLOOR_DIVISOR);
+                    let mut seen = vec![0u8; total];
+                    let mut chunks: Vec<(usize, usize)> =
+                        (0..threads).map(|t| q.first(t)).collect();
+                    let mut sizes = Vec::new();
+                    let mut seed = order as u64 + 1;
+                    loop {
+                        // A busy thread picked pseudo-randomly (the pattern varies with `order`).
+                        let busy: Vec<usize> = (0..threads)
+                            .filter(|&t| chunks[t].0 < chunks[t].1)
+                            .collect();
+                        if busy.is_empty() {
+                            break;
+                        }
+                        seed = seed
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let turn = busy[(seed >> 33) as usize % busy.len()];
+                        let (lo, hi) = chunks[turn];
+                        assert!(hi - lo <= q.cap, "chunk past the cap");
+                        sizes.push((lo, hi - lo));
+                        seen[lo..hi].iter_mut().for_each(|s| *s += 1);
+                        chunks[turn] = q.claim();
+                    }
+                    assert!(
+                        seen.iter().all(|&s| s == 1),
+                        "t{threads} n{total}: {seen:?}"
+                    );
+                    sizes.sort();
+                    for w in sizes.windows(2) {
+                        let ((lo_a, a), (lo, b)) = (w[0], w[1]);
+                        let last = lo + b == total;
+                        assert!(b >= q.floor || last, "chunk under the floor");
+                        if lo_a >= threads * q.cap {
+                            assert!(b <= a, "chunks grew: {a} then {b}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The same with real threads racing for chunks.
+    #[test]
+    fn chunk_queue_under_contention() {
+        let pool = ThreadPool::new(4);
+        for total in [1usize, 7, 100, 4097] {
+            let q = ChunkQueue::new(total, 4, CHUNKS_PER_THREAD, FLOOR_DIVISOR);
+            let hits: Vec<AtomicUsize> = (0..total).map(|_| AtomicUsize::new(0)).collect();
+            pool.run(&|tid| {
+                let (mut lo, mut hi) = q.first(tid);
+                while lo < hi {
+                    for h in &hits[lo..hi] {
+                        h.fetch_add(1, Ordering::Relaxed);
+                    }
+                    (lo, hi) = q.claim();
+                }
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+        }
+    }
 }

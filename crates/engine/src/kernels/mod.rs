@@ -21,6 +21,7 @@ mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx2::lanes_below;
 pub use matmul::{matmul, MatmulTask};
+pub(crate) use pack::zeroed_huge;
 pub use pack::Packing;
 pub use q8::Q8Acts;
 
@@ -82,6 +83,16 @@ pub enum WeightBytes {
     },
     /// Bytes owned by the matrix.
     Owned(Arc<Vec<u8>>),
+    /// A range of a buffer several matrices share (a model's packed weights, one allocation in
+    /// the order the forward pass reads them).
+    Shared {
+        /// The buffer.
+        buf: Arc<Vec<u8>>,
+        /// Start offset.
+        start: usize,
+        /// Length in bytes.
+        len: usize,
+    },
 }
 
 impl WeightBytes {
@@ -90,6 +101,7 @@ impl WeightBytes {
         match self {
             Self::Mapped { mmap, start, len } => &mmap[*start..*start + *len],
             Self::Owned(v) => v,
+            Self::Shared { buf, start, len } => &buf[*start..*start + *len],
         }
     }
 }
@@ -171,6 +183,44 @@ impl QMatrix {
         }
     }
 
+    /// The packing `for_this_cpu` would repack this matrix into, and the packed size; `None`
+    /// where it would keep it as it is.
+    pub(crate) fn packing_plan(&self) -> Option<(Packing, usize)> {
+        match Self::packing_for_this_cpu() {
+            Some(p) if self.packed.is_none() && pack::packable(self.kind) => {
+                Some((p, pack::packed_len(self.kind, p, self.rows, self.cols)))
+            }
+            _ => None,
+        }
+    }
+
+    /// Repacks this matrix for `packing` into `dst` (zeroed, `packing_plan`'s size).
+    pub(crate) fn pack_into(&self, packing: Packing, dst: &mut [u8]) {
+        let file = self.file_layout();
+        pack::pack_into(
+            self.kind,
+            packing,
+            self.rows,
+            self.cols,
+            file.bytes.as_slice(),
+            dst,
+        );
+    }
+
+    /// This matrix with `bytes` as its rows in `packing`'s layout (written by `pack_into`).
+    pub(crate) fn with_packed(&self, packing: Packing, bytes: WeightBytes) -> Self {
+        assert_eq!(
+            bytes.as_slice().len(),
+            pack::packed_len(self.kind, packing, self.rows, self.cols),
+            "packed size"
+        );
+        Self {
+            bytes,
+            packed: Some(packing),
+            ..self.clone()
+        }
+    }
+
     /// This matrix repacked (a copy) for `packing`'s kernels; the caller checks they can run
     /// here before multiplying with it.
     pub fn packed_as(&self, packing: Packing) -> Self {
@@ -235,6 +285,14 @@ impl QMatrix {
     /// All rows' bytes.
     pub(crate) fn bytes(&self) -> &[u8] {
         self.bytes.as_slice()
+    }
+
+    /// Where the matrix's bytes lie in memory (for checks of how a model's weights are laid
+    /// out).
+    pub fn address_range(&self) -> std::ops::Range<usize> {
+        let b = self.bytes.as_slice();
+        let start = b.as_ptr() as usize;
+        start..start + b.len()
     }
 
     /// Total bytes (what one full pass over the matrix reads).

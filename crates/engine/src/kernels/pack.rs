@@ -124,23 +124,36 @@ impl GroupJob<'_> {
 /// matrix's rows: the hardware prefetcher alone leaves these short, barrier-separated streams at
 /// about half the cache's bandwidth (measured on the default model's layer matrices at one token,
 /// 2 threads, AVX-512).
-#[cfg(target_arch = "x86_64")]
-const PREFETCH_BYTES: usize = 6144;
+pub(crate) const PREFETCH_BYTES: usize = 6144;
 
 /// Prefetches the cache lines of `w[at + PREFETCH_BYTES ..][..len]` (those inside `w`): called
 /// with each chunk's offset and length, it keeps the next chunks in flight.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub(crate) fn prefetch_ahead(w: &[u8], at: usize, len: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    let ahead = at + PREFETCH_BYTES;
-    let mut p = ahead;
-    while p < (ahead + len).min(w.len()) {
+    prefetch_range(w, at + PREFETCH_BYTES, len)
+}
+
+/// Prefetches the cache lines of `w[at..][..len]` (those inside `w`) into L2, not L1: the
+/// lines in flight to L1 are few (a core's fill buffers), and with both cores streaming, a
+/// distance's worth of L1 prefetches left each core at about two thirds of the bandwidth
+/// that L2 prefetches reach (measured on an AVX2-only tier, AMD EPYC; the in-kernel prefetch
+/// runs a few KiB ahead, so the lines are in L2, not far, when the kernel loads them).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn prefetch_range(w: &[u8], at: usize, len: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+    let mut p = at;
+    while p < (at + len).min(w.len()) {
         // SAFETY: a prefetch of an address inside `w`; it never faults and changes no data.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().add(p) as *const i8) };
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(w.as_ptr().add(p) as *const i8) };
         p += 64;
     }
 }
+
+/// No prefetch off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn prefetch_range(_: &[u8], _: usize, _: usize) {}
 
 /// Bytes of scale data per block in the file layout (`d`, and `m` for Q4_1), and quant bytes
 /// per block there. `None` for kinds that are not packed.
@@ -182,8 +195,9 @@ fn quant_at(kind: QKind, packing: Packing, i: usize, j: usize) -> (usize, bool) 
 
 /// `len` zero bytes, backed by transparent huge pages where the kernel offers them on request
 /// (`madvise` mode): a model's packed matrices are ~100 MB, and faulting them in 4 KiB at a time
-/// was a third of the load time.
-fn zeroed_huge(len: usize) -> Vec<u8> {
+/// was a third of the load time; reading them 4 KiB page by page, every token, costs a TLB miss
+/// per page.
+pub(crate) fn zeroed_huge(len: usize) -> Vec<u8> {
     let mut v: Vec<u8> = Vec::with_capacity(len);
     #[cfg(target_os = "linux")]
     {
@@ -209,10 +223,29 @@ fn zeroed_huge(len: usize) -> Vec<u8> {
 
 /// Packs a file-layout matrix.
 pub fn pack(kind: QKind, packing: Packing, rows: usize, cols: usize, src: &[u8]) -> Vec<u8> {
+    let mut dst = zeroed_huge(packed_len(kind, packing, rows, cols));
+    pack_into(kind, packing, rows, cols, src, &mut dst);
+    dst
+}
+
+/// Packs a file-layout matrix into `dst`: `packed_len` bytes, zero (the last group's padding
+/// rows are not written).
+pub fn pack_into(
+    kind: QKind,
+    packing: Packing,
+    rows: usize,
+    cols: usize,
+    src: &[u8],
+    dst: &mut [u8],
+) {
     let (head, q) = parts(kind).expect("packable kind");
     let (nb, rb, cb) = (cols / QK, kind.row_bytes(cols), chunk_bytes(kind, packing));
     let (group, kr, flip) = (packing.group(), packing.k_row(), packing.q8_flip());
-    let mut dst = zeroed_huge(packed_len(kind, packing, rows, cols));
+    assert_eq!(
+        dst.len(),
+        packed_len(kind, packing, rows, cols),
+        "packed size"
+    );
     for r in 0..rows {
         let (g, i) = (r / group, r % group);
         for b in 0..nb {
@@ -249,7 +282,6 @@ pub fn pack(kind: QKind, packing: Packing, rows: usize, cols: usize, src: &[u8])
             }
         }
     }
-    dst
 }
 
 /// Row `r` of a packed matrix, back in the file layout.

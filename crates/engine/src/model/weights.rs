@@ -15,7 +15,9 @@ use candle_core::{DType, Device, Tensor};
 use super::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
-use crate::kernels::{kquant, quantize_q8_0, QKind, QMatrix, WeightBytes, QK};
+use crate::kernels::{
+    kquant, quantize_q8_0, zeroed_huge, Packing, QKind, QMatrix, WeightBytes, QK,
+};
 
 /// One decoder block's weights.
 pub struct LayerWeights {
@@ -98,10 +100,16 @@ impl Weights {
     }
 
     /// Every matrix the forward pass multiplies, in the layout of this CPU's fastest kernels
-    /// (`QMatrix::for_this_cpu`: repacked for AVX-512 where it runs). The embedding stays as it
-    /// is: it is only read a row at a time.
+    /// (`QMatrix::for_this_cpu`: repacked for AVX-512 or AVX2 where they run). The embedding
+    /// stays as it is: it is only read a row at a time.
+    ///
+    /// The repacked matrices share one buffer on transparent huge pages, laid out in the order
+    /// a step reads them (layer by layer, Q K V O gate up down, then the output): a decode step
+    /// streams the whole buffer front to back, each matrix's bytes right after the previous
+    /// one's, without a TLB miss every 4 KiB (separate allocations of the layer matrices, each
+    /// under 2 MiB, never got huge pages).
     fn for_this_cpu(mut self) -> Self {
-        let mut mats: Vec<&mut QMatrix> = vec![&mut self.output];
+        let mut mats: Vec<&mut QMatrix> = Vec::new();
         for l in &mut self.layers {
             mats.extend([
                 &mut l.wq,
@@ -113,29 +121,75 @@ impl Weights {
                 &mut l.w_down,
             ]);
         }
+        mats.push(&mut self.output);
+        // Where each repacked matrix goes: cache-line aligned, in forward order.
+        const ALIGN: usize = 64;
+        let mut at = 0;
+        let plans: Vec<Option<(Packing, usize, usize)>> = mats
+            .iter()
+            .map(|m| {
+                m.packing_plan().map(|(p, len)| {
+                    let start = at;
+                    at = (at + len).next_multiple_of(ALIGN);
+                    (p, start, len)
+                })
+            })
+            .collect();
+        let mut arena = zeroed_huge(at);
+        // Disjoint windows of the arena, one per repacked matrix.
+        let mut windows: Vec<Option<&mut [u8]>> = Vec::with_capacity(mats.len());
+        let mut rest: &mut [u8] = &mut arena;
+        let mut consumed = 0;
+        for plan in &plans {
+            windows.push(plan.map(|(_, start, len)| {
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - consumed);
+                let (mine, tail) = tail.split_at_mut(len);
+                rest = tail;
+                consumed = start + len;
+                mine
+            }));
+        }
         // Repacking reads and writes every weight byte once: spread it over the cores (it is
         // part of every cold start). Largest first, each to the least-loaded thread.
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut shares: Vec<(usize, Vec<&mut QMatrix>)> =
+        type Job<'a> = (&'a QMatrix, Packing, &'a mut [u8]);
+        let mut shares: Vec<(usize, Vec<Job<'_>>)> =
             (0..threads).map(|_| (0, Vec::new())).collect();
-        mats.sort_by_key(|m| std::cmp::Reverse(m.byte_len()));
-        for m in mats {
+        let mut work: Vec<Job<'_>> = mats
+            .iter()
+            .zip(&plans)
+            .zip(windows)
+            .filter_map(|((m, plan), w)| Some((&**m, plan.as_ref()?.0, w?)))
+            .collect();
+        work.sort_by_key(|(_, _, w)| std::cmp::Reverse(w.len()));
+        for job in work {
             let share = shares
                 .iter_mut()
                 .min_by_key(|s| s.0)
                 .expect("at least one thread");
-            share.0 += m.byte_len();
-            share.1.push(m);
+            share.0 += job.2.len();
+            share.1.push(job);
         }
         std::thread::scope(|scope| {
             for (_, share) in shares {
                 scope.spawn(move || {
-                    for m in share {
-                        *m = m.for_this_cpu();
+                    for (m, packing, dst) in share {
+                        m.pack_into(packing, dst);
                     }
                 });
             }
         });
+        let arena = Arc::new(arena);
+        for (m, plan) in mats.into_iter().zip(plans) {
+            if let Some((packing, start, len)) = plan {
+                let bytes = WeightBytes::Shared {
+                    buf: arena.clone(),
+                    start,
+                    len,
+                };
+                *m = m.with_packed(packing, bytes);
+            }
+        }
         self
     }
 
