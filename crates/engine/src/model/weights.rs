@@ -135,7 +135,13 @@ impl Weights {
                 })
             })
             .collect();
-        let mut arena = zeroed_huge(at);
+        // A cache line more, so the first matrix (hence every one) can start on a line.
+        let mut arena = zeroed_huge(at + ALIGN);
+        let pad = arena.as_ptr().align_offset(ALIGN);
+        let plans: Vec<Option<(Packing, usize, usize)>> = plans
+            .into_iter()
+            .map(|p| p.map(|(packing, start, len)| (packing, start + pad, len)))
+            .collect();
         // Disjoint windows of the arena, one per repacked matrix.
         let mut windows: Vec<Option<&mut [u8]>> = Vec::with_capacity(mats.len());
         let mut rest: &mut [u8] = &mut arena;
