@@ -28,12 +28,6 @@ const CHUNKS_PER_THREAD: usize = 2;
 /// Its smallest: the largest over this.
 const FLOOR_DIVISOR: usize = 16;
 
-/// Computes every task's product of `n` input rows (`xf` as f32, `xq` the same rows quantized,
-/// which must be filled when any task's kind wants it).
-pub fn matmul(pool: &ThreadPool, tasks: &mut [MatmulTask<'_>], xf: &[f32], xq: &Q8Acts, n: usize) {
-    matmul_inner(pool, tasks, xf, xq, n);
-}
-
 /// Work units of a product: row groups of packed matrices (their kernels' grain), single rows
 /// of the others.
 fn units(w: &QMatrix) -> usize {
@@ -110,14 +104,9 @@ impl ChunkQueue {
     }
 }
 
-/// `matmul`'s body.
-fn matmul_inner(
-    pool: &ThreadPool,
-    tasks: &mut [MatmulTask<'_>],
-    xf: &[f32],
-    xq: &Q8Acts,
-    n: usize,
-) {
+/// Computes every task's product of `n` input rows (`xf` as f32, `xq` the same rows quantized,
+/// which must be filled when any task's kind wants it).
+pub fn matmul(pool: &ThreadPool, tasks: &mut [MatmulTask<'_>], xf: &[f32], xq: &Q8Acts, n: usize) {
     if tasks.is_empty() || n == 0 {
         return;
     }
