@@ -270,13 +270,25 @@ pub fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
 
 /// Index of the largest logit (the first on ties).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+    // The largest value first, sixteen independent lanes at a time (the compiler keeps them in
+    // vector registers; one running best would be a dependent chain through the whole
+    // vocabulary), then the first index that holds it. NaNs are never the largest.
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &l) in lanes.iter_mut().zip(c) {
+            if l > *m {
+                *m = l;
+            }
         }
     }
-    best as u32
+    let top = lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m });
+    logits.iter().position(|&l| l == top).unwrap_or(0) as u32
 }
 
 /// Holds back generated text that might be the start of a stop string, and cuts the text at the
@@ -400,6 +412,46 @@ impl StopMatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vectorized argmax picks what a plain scan does: the first index of the largest
+    /// value, NaNs skipped, ties (also 0.0 against -0.0) to the first, 0 when nothing is larger
+    /// than minus infinity; at every length around the lane width.
+    #[test]
+    fn argmax_is_the_first_largest() {
+        let scan = |l: &[f32]| -> u32 {
+            let mut best: Option<usize> = None;
+            for (i, &x) in l.iter().enumerate() {
+                if !x.is_nan() && best.is_none_or(|b| x > l[b]) {
+                    best = Some(i);
+                }
+            }
+            best.unwrap_or(0) as u32
+        };
+        let mut seed = 7u64;
+        for len in (1..70).chain([49152, 49155]) {
+            for case in 0..6 {
+                let mut l: Vec<f32> = (0..len)
+                    .map(|_| {
+                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                        ((seed >> 40) % 7) as f32 - 3.0
+                    })
+                    .collect();
+                match case {
+                    1 => l.iter_mut().step_by(3).for_each(|x| *x = f32::NAN),
+                    2 => l.fill(f32::NEG_INFINITY),
+                    3 => {
+                        l.fill(-1.0);
+                        l[len / 2] = 0.0;
+                        l[len - 1] = -0.0;
+                    }
+                    4 => l.fill(f32::NAN),
+                    5 => l[len - 1] = 100.0,
+                    _ => {}
+                }
+                assert_eq!(argmax(&l), scan(&l), "len {len} case {case}: {l:?}");
+            }
+        }
+    }
 
     #[test]
     fn greedy_picks_argmax_and_penalties_apply() {

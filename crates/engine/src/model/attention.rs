@@ -58,6 +58,12 @@ impl QueryGroup<'_> {
         &self.q[at..at + self.head_dim]
     }
 
+    /// Where queries `m0..m0 + N` start.
+    #[cfg(target_arch = "x86_64")]
+    fn queries<const N: usize>(&self, m0: usize) -> [*const f32; N] {
+        std::array::from_fn(|i| self.query(m0 + i).as_ptr())
+    }
+
     /// Keys query `m` attends over.
     fn ctx(&self, m: usize) -> usize {
         self.pos0 + m / self.heads + 1
@@ -198,6 +204,69 @@ impl Path {
     }
 }
 
+/// Arguments of a scores pass: the queries, the cache, the scale, the scores row length, and
+/// the first query.
+#[cfg(target_arch = "x86_64")]
+type ScoreJob<'a, 'b> = (&'a QueryGroup<'b>, &'a PagedKv<'b>, f32, usize, usize);
+
+/// A tier's scores pass: queries `m0..m0 + N` over blocks `b0..b0 + B`.
+#[cfg(target_arch = "x86_64")]
+trait ScorePass {
+    /// # Safety
+    /// The tier's instructions must be available; the rest as for the tier's `scores`.
+    unsafe fn pass<const N: usize, const B: usize>(
+        job: ScoreJob<'_, '_>,
+        scores: &mut [f32],
+        b0: usize,
+    );
+}
+
+/// Scores of queries `m0..m0 + N` over every block of the row, `B` blocks per pass while that
+/// many are left, then one at a time: with few queries one block's chains are too few to hide
+/// the multiply-add latency, so several blocks run side by side (each lane's sum is the same
+/// whatever `B`).
+///
+/// # Safety
+/// As for `P::pass`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn block_runs<P: ScorePass, const N: usize, const B: usize>(
+    job: ScoreJob<'_, '_>,
+    scores: &mut [f32],
+) {
+    let blocks = job.3 / 16;
+    let mut b = 0;
+    // SAFETY: forwarded from the caller; every pass stays below the row's blocks.
+    unsafe {
+        while b + B <= blocks {
+            P::pass::<N, B>(job, scores, b);
+            b += B;
+        }
+        while b < blocks {
+            P::pass::<N, 1>(job, scores, b);
+            b += 1;
+        }
+    }
+}
+
+impl PagedKv<'_> {
+    /// Where the keys of channels `c0..` start in blocks `b0..b0 + B` of the block table (16
+    /// positions per channel).
+    ///
+    /// # Safety
+    /// Blocks `b0..b0 + B` must be in the table.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn head_keys<const B: usize>(&self, c0: usize, b0: usize) -> [*const u16; B] {
+        std::array::from_fn(|j| {
+            // SAFETY: the caller keeps `b0 + j` inside the table; the block is in range (checked
+            // by `attend_on`), so the pointer stays inside `k`.
+            unsafe {
+                let blk = *self.table.get_unchecked(b0 + j) as usize;
+                self.k.as_ptr().add((blk * self.kv_dim + c0) * 16)
+            }
+        })
+    }
+}
+
 fn f16(bits: u16) -> f32 {
     half::f16::from_bits(bits).to_f32()
 }
@@ -253,6 +322,14 @@ mod avx512 {
     /// Queries whose scores are computed in one pass over a block's keys.
     const SCORE_PASS: usize = 8;
 
+    /// Widens 16 f16 values at `p`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const u16) -> __m512 {
+        // SAFETY: the caller guarantees 32 readable bytes at `p`.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+
     /// Scores of every query over every block (16 positions per block, one lane each).
     ///
     /// # Safety
@@ -266,64 +343,70 @@ mod avx512 {
         scores: &mut [f32],
         row: usize,
     ) {
-        let hd = g.head_dim;
         let mut m0 = 0;
         while m0 < g.len() {
             let n = (g.len() - m0).min(SCORE_PASS);
+            let job = (g, kv, scale, row, m0);
             // SAFETY: forwarded from the caller.
             unsafe {
                 match n {
-                    1 => pass::<1>(g, kv, scale, scores, row, m0, hd),
-                    2 => pass::<2>(g, kv, scale, scores, row, m0, hd),
-                    3 => pass::<3>(g, kv, scale, scores, row, m0, hd),
-                    4 => pass::<4>(g, kv, scale, scores, row, m0, hd),
-                    5 => pass::<5>(g, kv, scale, scores, row, m0, hd),
-                    6 => pass::<6>(g, kv, scale, scores, row, m0, hd),
-                    7 => pass::<7>(g, kv, scale, scores, row, m0, hd),
-                    _ => pass::<8>(g, kv, scale, scores, row, m0, hd),
+                    1 => super::block_runs::<Tier, 1, 4>(job, scores),
+                    2 => super::block_runs::<Tier, 2, 2>(job, scores),
+                    3 => super::block_runs::<Tier, 3, 2>(job, scores),
+                    4 => super::block_runs::<Tier, 4, 2>(job, scores),
+                    5 => super::block_runs::<Tier, 5, 1>(job, scores),
+                    6 => super::block_runs::<Tier, 6, 1>(job, scores),
+                    7 => super::block_runs::<Tier, 7, 1>(job, scores),
+                    _ => super::block_runs::<Tier, 8, 1>(job, scores),
                 }
             }
             m0 += n;
         }
     }
 
-    /// Scores of queries `m0..m0 + N`: per block, each key channel is widened once and
-    /// multiplied into every query's 16 lanes (even and odd channels in separate sums, for
-    /// two independent chains; the order is the same for every query).
-    #[target_feature(enable = "avx512f")]
-    unsafe fn pass<const N: usize>(
-        g: &QueryGroup<'_>,
-        kv: &PagedKv<'_>,
-        scale: f32,
-        scores: &mut [f32],
-        row: usize,
-        m0: usize,
-        hd: usize,
-    ) {
-        let qs: [*const f32; N] = std::array::from_fn(|i| g.query(m0 + i).as_ptr());
-        let vscale = _mm512_set1_ps(scale);
-        for (b, &blk) in kv.table[..row / 16].iter().enumerate() {
-            let base = (blk as usize * kv.kv_dim + g.kv_head * hd) * 16;
-            // SAFETY: channels `kv_head * hd .. + hd` of block `blk` are in range (caller);
-            // each query has `hd` floats; the scores window is inside `scores`.
+    /// This tier's scores pass.
+    pub(super) struct Tier;
+
+    impl super::ScorePass for Tier {
+        /// Scores of queries `m0..m0 + N` over blocks `b0..b0 + B`: per block, each key channel is
+        /// widened once and multiplied into every query's 16 lanes (even and odd channels in
+        /// separate sums, for two independent chains; the order is the same for every query
+        /// whatever `N` and `B`).
+        #[target_feature(enable = "avx512f")]
+        unsafe fn pass<const N: usize, const B: usize>(
+            (g, kv, scale, row, m0): super::ScoreJob<'_, '_>,
+            scores: &mut [f32],
+            b0: usize,
+        ) {
+            let hd = g.head_dim;
+            let qs = g.queries::<N>(m0);
+            let vscale = _mm512_set1_ps(scale);
+            // SAFETY: channels `kv_head * hd .. + hd` of blocks `b0..b0 + B` are in range (caller);
+            // each query has `hd` floats; the scores windows are inside `scores`.
             unsafe {
-                let kt = kv.k.as_ptr().add(base);
-                let mut even = [_mm512_setzero_ps(); N];
-                let mut odd = [_mm512_setzero_ps(); N];
+                let kts: [*const u16; B] = kv.head_keys(g.kv_head * hd, b0);
+                let mut even = [[_mm512_setzero_ps(); B]; N];
+                let mut odd = [[_mm512_setzero_ps(); B]; N];
                 let mut d = 0;
                 while d < hd {
-                    let k0 = _mm512_cvtph_ps(_mm256_loadu_si256(kt.add(d * 16) as *const __m256i));
-                    let k1 =
-                        _mm512_cvtph_ps(_mm256_loadu_si256(kt.add((d + 1) * 16) as *const __m256i));
-                    for i in 0..N {
-                        even[i] = _mm512_fmadd_ps(_mm512_set1_ps(*qs[i].add(d)), k0, even[i]);
-                        odd[i] = _mm512_fmadd_ps(_mm512_set1_ps(*qs[i].add(d + 1)), k1, odd[i]);
+                    for j in 0..B {
+                        let k0 = load16(kts[j].add(d * 16));
+                        let k1 = load16(kts[j].add((d + 1) * 16));
+                        for i in 0..N {
+                            even[i][j] =
+                                _mm512_fmadd_ps(_mm512_set1_ps(*qs[i].add(d)), k0, even[i][j]);
+                            odd[i][j] =
+                                _mm512_fmadd_ps(_mm512_set1_ps(*qs[i].add(d + 1)), k1, odd[i][j]);
+                        }
                     }
                     d += 2;
                 }
                 for i in 0..N {
-                    let s = _mm512_mul_ps(_mm512_add_ps(even[i], odd[i]), vscale);
-                    _mm512_storeu_ps(scores.as_mut_ptr().add((m0 + i) * row + b * 16), s);
+                    for j in 0..B {
+                        let s = _mm512_mul_ps(_mm512_add_ps(even[i][j], odd[i][j]), vscale);
+                        let at = (m0 + i) * row + (b0 + j) * 16;
+                        _mm512_storeu_ps(scores.as_mut_ptr().add(at), s);
+                    }
                 }
             }
         }
@@ -444,63 +527,69 @@ mod avx2 {
         let mut m0 = 0;
         while m0 < g.len() {
             let n = (g.len() - m0).min(SCORE_PASS);
+            let job = (g, kv, scale, row, m0);
             // SAFETY: forwarded from the caller.
             unsafe {
                 match n {
-                    1 => pass::<1>(g, kv, scale, scores, row, m0),
-                    2 => pass::<2>(g, kv, scale, scores, row, m0),
-                    3 => pass::<3>(g, kv, scale, scores, row, m0),
-                    4 => pass::<4>(g, kv, scale, scores, row, m0),
-                    5 => pass::<5>(g, kv, scale, scores, row, m0),
-                    _ => pass::<6>(g, kv, scale, scores, row, m0),
+                    1 => super::block_runs::<Tier, 1, 4>(job, scores),
+                    2 => super::block_runs::<Tier, 2, 2>(job, scores),
+                    3 => super::block_runs::<Tier, 3, 2>(job, scores),
+                    4 => super::block_runs::<Tier, 4, 1>(job, scores),
+                    5 => super::block_runs::<Tier, 5, 1>(job, scores),
+                    _ => super::block_runs::<Tier, 6, 1>(job, scores),
                 }
             }
             m0 += n;
         }
     }
 
-    /// Scores of queries `m0..m0 + N`: per block, each key channel is widened once and
-    /// multiplied into every query's 16 lanes (the same chain for every query whatever `N`).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn pass<const N: usize>(
-        g: &QueryGroup<'_>,
-        kv: &PagedKv<'_>,
-        scale: f32,
-        scores: &mut [f32],
-        row: usize,
-        m0: usize,
-    ) {
-        let hd = g.head_dim;
-        let qs: [*const f32; N] = std::array::from_fn(|i| g.query(m0 + i).as_ptr());
-        let vscale = _mm256_set1_ps(scale);
-        for (b, &blk) in kv.table[..row / 16].iter().enumerate() {
-            let base = (blk as usize * kv.kv_dim + g.kv_head * hd) * 16;
-            // SAFETY: channels of the KV head in block `blk` are in range (caller); each query
-            // has `hd` floats; the scores window is inside `scores`.
+    /// This tier's scores pass.
+    pub(super) struct Tier;
+
+    impl super::ScorePass for Tier {
+        /// Scores of queries `m0..m0 + N` over blocks `b0..b0 + B`: per block, each key channel
+        /// is widened once and multiplied into every query's 16 lanes (the same chain for every
+        /// query whatever `N` and `B`).
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn pass<const N: usize, const B: usize>(
+            (g, kv, scale, row, m0): super::ScoreJob<'_, '_>,
+            scores: &mut [f32],
+            b0: usize,
+        ) {
+            let hd = g.head_dim;
+            let qs = g.queries::<N>(m0);
+            let vscale = _mm256_set1_ps(scale);
+            // SAFETY: channels of the KV head in blocks `b0..b0 + B` are in range (caller); each
+            // query has `hd` floats; the scores windows are inside `scores`.
             unsafe {
-                let kt = kv.k.as_ptr().add(base);
-                let mut lo = [_mm256_setzero_ps(); N];
-                let mut hi = [_mm256_setzero_ps(); N];
+                let kts: [*const u16; B] = kv.head_keys(g.kv_head * hd, b0);
+                let mut lo = [[_mm256_setzero_ps(); B]; N];
+                let mut hi = [[_mm256_setzero_ps(); B]; N];
                 for d in 0..hd {
-                    let k0 = load8(kt.add(d * 16));
-                    let k1 = load8(kt.add(d * 16 + 8));
-                    for i in 0..N {
-                        let q = _mm256_set1_ps(*qs[i].add(d));
-                        lo[i] = _mm256_fmadd_ps(q, k0, lo[i]);
-                        hi[i] = _mm256_fmadd_ps(q, k1, hi[i]);
+                    for j in 0..B {
+                        let k0 = load8(kts[j].add(d * 16));
+                        let k1 = load8(kts[j].add(d * 16 + 8));
+                        for i in 0..N {
+                            let q = _mm256_set1_ps(*qs[i].add(d));
+                            lo[i][j] = _mm256_fmadd_ps(q, k0, lo[i][j]);
+                            hi[i][j] = _mm256_fmadd_ps(q, k1, hi[i][j]);
+                        }
                     }
                 }
                 for i in 0..N {
-                    let at = scores.as_mut_ptr().add((m0 + i) * row + b * 16);
-                    _mm256_storeu_ps(at, _mm256_mul_ps(lo[i], vscale));
-                    _mm256_storeu_ps(at.add(8), _mm256_mul_ps(hi[i], vscale));
+                    for j in 0..B {
+                        let at = scores.as_mut_ptr().add((m0 + i) * row + (b0 + j) * 16);
+                        _mm256_storeu_ps(at, _mm256_mul_ps(lo[i][j], vscale));
+                        _mm256_storeu_ps(at.add(8), _mm256_mul_ps(hi[i][j], vscale));
+                    }
                 }
             }
         }
     }
 
     /// `out[m] = sum_p weights[m][p] * V[p]`: two queries at a time, over segments of up to 32
-    /// channels (8 accumulators and 4 widened values in registers), so each value is widened
+    /// channels (8 accumulators and 4 widened values in registers; a lone query takes 64 channels
+    /// in one segment, for 8 independent chains), so each value is widened
     /// once per pair of queries.
     ///
     /// # Safety
@@ -520,7 +609,8 @@ mod avx2 {
             let n = (g.len() - m0).min(2);
             let mut c0 = 0;
             while c0 < chunks {
-                let h = (chunks - c0).min(4);
+                // One query: all of a 64-float head in one pass (8 chains over positions).
+                let h = (chunks - c0).min(if n == 1 { 8 } else { 4 });
                 let job = (g, kv, weights, row, ctx, m0, c0);
                 // SAFETY: forwarded from the caller; channels c0 * 8 .. (c0 + h) * 8 lie inside
                 // the head; `out` holds every query's head.
@@ -530,7 +620,11 @@ mod avx2 {
                         (1, 1) => segment::<1, 1>(job, o),
                         (1, 2) => segment::<1, 2>(job, o),
                         (1, 3) => segment::<1, 3>(job, o),
-                        (1, _) => segment::<1, 4>(job, o),
+                        (1, 4) => segment::<1, 4>(job, o),
+                        (1, 5) => segment::<1, 5>(job, o),
+                        (1, 6) => segment::<1, 6>(job, o),
+                        (1, 7) => segment::<1, 7>(job, o),
+                        (1, _) => segment::<1, 8>(job, o),
                         (_, 1) => segment::<2, 1>(job, o),
                         (_, 2) => segment::<2, 2>(job, o),
                         (_, 3) => segment::<2, 3>(job, o),

@@ -74,6 +74,10 @@ struct AttentionItem {
 /// Tokens of one sequence whose queries are computed together in attention.
 const ATTENTION_TOKENS: usize = 8;
 
+/// Most bytes of a layer's keys and values prefetched before its projections (see
+/// `KvCache::prefetch`): what a core's L2 takes beside the weights streaming through it.
+const KV_PREFETCH_BYTES: usize = 256 << 10;
+
 /// Elements below which SwiGLU runs on the calling thread alone (a pool join costs more than
 /// the work: a decode step's 1,536 values take about a microsecond).
 const PARALLEL_SWIGLU: usize = 1 << 15;
@@ -224,6 +228,10 @@ impl LlamaModel {
         let l = &self.weights.layers[li];
         let (h, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
         self.norm_and_quantize(n, s, &l.attn_norm);
+        let mut budget = KV_PREFETCH_BYTES;
+        for sq in seqs {
+            kv.prefetch(li, sq.blocks, sq.pos0 + sq.len, &mut budget);
+        }
         let mut qkv = [
             MatmulTask {
                 w: &l.wq,
