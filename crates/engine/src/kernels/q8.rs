@@ -3,6 +3,7 @@
 //! Q4_1 need for their offsets). Buffers are reused across calls: no allocation per token.
 
 use super::QK;
+use crate::parallel::SharedMut;
 
 /// A batch of quantized activation rows.
 #[derive(Default)]
@@ -34,18 +35,37 @@ impl Q8Acts {
         if !cols.is_multiple_of(QK) {
             return;
         }
+        self.shape(n, cols);
+        quantize_blocks(
+            &x[..n * cols],
+            &mut self.qs,
+            &mut self.d,
+            &mut self.s,
+            &mut self.qsum,
+        );
+    }
+
+    fn shape(&mut self, n: usize, cols: usize) {
         let nb = n * cols / QK;
+        self.cols = cols;
         self.qs.resize(n * cols, 0);
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
         self.qsum.resize(nb, 0);
-        let simd = super::has_avx2();
-        for (b, chunk) in x[..n * cols].chunks_exact(QK).enumerate() {
-            let q = &mut self.qs[b * QK..(b + 1) * QK];
-            let (d, sum) = quantize_block_with(simd, chunk, q);
-            self.d[b] = d;
-            self.s[b] = d * sum as f32;
-            self.qsum[b] = sum;
+    }
+
+    /// Shapes the buffers for `n` rows of `cols` values (a multiple of [`QK`]) and hands back
+    /// a writer through which the pool's threads quantize disjoint blocks of them.
+    pub(crate) fn writer(&mut self, n: usize, cols: usize) -> Q8Writer<'_> {
+        assert!(cols.is_multiple_of(QK), "rows of whole blocks");
+        self.shape(n, cols);
+        Q8Writer {
+            qs: SharedMut::new(&mut self.qs),
+            d: SharedMut::new(&mut self.d),
+            s: SharedMut::new(&mut self.s),
+            qsum: SharedMut::new(&mut self.qsum),
+            cols,
+            _acts: std::marker::PhantomData,
         }
     }
 
@@ -78,6 +98,53 @@ impl Q8Acts {
             d: &self.d[t * nb..(t + 1) * nb],
             s: &self.s[t * nb..(t + 1) * nb],
         }
+    }
+}
+
+/// Quantizes rows of [`Q8Acts`] shaped by [`Q8Acts::writer`], a few blocks at a time, from
+/// the pool's threads.
+pub(crate) struct Q8Writer<'a> {
+    qs: SharedMut<i8>,
+    d: SharedMut<f32>,
+    s: SharedMut<f32>,
+    qsum: SharedMut<i32>,
+    cols: usize,
+    _acts: std::marker::PhantomData<&'a mut Q8Acts>,
+}
+
+impl Q8Writer<'_> {
+    /// Quantizes `x` (whole blocks) into row `t` from column `c0` (a multiple of [`QK`]), as
+    /// [`Q8Acts::quantize`] would.
+    ///
+    /// # Safety
+    /// No other thread may write or read those blocks while this runs.
+    pub(crate) unsafe fn quantize(&self, t: usize, c0: usize, x: &[f32]) {
+        assert!(
+            c0.is_multiple_of(QK) && x.len().is_multiple_of(QK) && c0 + x.len() <= self.cols,
+            "whole blocks inside the row"
+        );
+        let (at, b0, nb) = (t * self.cols + c0, (t * self.cols + c0) / QK, x.len() / QK);
+        // SAFETY: the caller owns these blocks; `slice` checks the bounds.
+        unsafe {
+            quantize_blocks(
+                x,
+                self.qs.slice(at, x.len()),
+                self.d.slice(b0, nb),
+                self.s.slice(b0, nb),
+                self.qsum.slice(b0, nb),
+            );
+        }
+    }
+}
+
+/// Quantizes `x` block by block into the blocks' values, scales, `d * sum` and sums.
+fn quantize_blocks(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32], qsum: &mut [i32]) {
+    let simd = super::has_avx2();
+    for (b, chunk) in x.chunks_exact(QK).enumerate() {
+        let (db, sum) = quantize_block_with(simd, chunk, &mut qs[b * QK..(b + 1) * QK]);
+        d[b] = db;
+        s[b] = db * sum as f32;
+        qsum[b] = sum;
     }
 }
 

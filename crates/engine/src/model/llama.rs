@@ -12,7 +12,7 @@ use super::attention;
 use super::config::ModelConfig;
 use super::ops;
 use super::weights::Weights;
-use crate::kernels::{matmul, MatmulTask, Q8Acts};
+use crate::kernels::{matmul, MatmulTask, Q8Acts, QK};
 use crate::kv::KvCache;
 use crate::parallel::{SharedMut, ThreadPool};
 
@@ -78,27 +78,61 @@ const ATTENTION_TOKENS: usize = 8;
 /// `KvCache::prefetch`): what a core's L2 takes beside the weights streaming through it.
 const KV_PREFETCH_BYTES: usize = 256 << 10;
 
-/// Elements below which SwiGLU runs on the calling thread alone (a pool join costs more than
-/// the work: a decode step's 1,536 values take about a microsecond).
-const PARALLEL_SWIGLU: usize = 1 << 15;
+/// Rows below which the per-row work between two products (norms, SwiGLU, quantizing) stays
+/// on the calling thread: a pool join costs about as much as a few rows of it (a decode step's
+/// norm and quantizing of one 576-wide row take well under a microsecond).
+const PARALLEL_ROWS: usize = 8;
 
-/// `gate = silu(gate) * up` over rows of `width`, split by rows across the pool when there are
-/// enough of them (a 512-token prefill's 786,432 values were ~5% of its time on one thread
-/// while the others waited). Each element's arithmetic is the same wherever it runs.
-fn swiglu_rows(pool: &ThreadPool, gate: &mut [f32], up: &[f32], width: usize) {
-    let rows = gate.len() / width.max(1);
-    if gate.len() < PARALLEL_SWIGLU || rows < 2 {
-        ops::swiglu(gate, up);
+/// Calls `f(t)` for every row `t` in `0..n`, split across the pool in contiguous ranges where
+/// there are enough rows (a 512-token prefill's norms and quantizing were several percent of
+/// it on one thread while the others waited). Each row's arithmetic is the same wherever it
+/// runs.
+fn for_rows(pool: &ThreadPool, n: usize, f: &(dyn Fn(usize) + Sync)) {
+    let threads = pool.threads();
+    if n < PARALLEL_ROWS || threads == 1 {
+        (0..n).for_each(f);
         return;
     }
-    let threads = pool.threads();
-    let shared = SharedMut::new(gate);
-    pool.run(&|tid| {
-        let (r0, r1) = (rows * tid / threads, rows * (tid + 1) / threads);
-        if r0 < r1 {
-            // SAFETY: thread `tid` alone owns rows [r0, r1) of `gate`.
-            let g = unsafe { shared.slice(r0 * width, (r1 - r0) * width) };
-            ops::swiglu(g, &up[r0 * width..r1 * width]);
+    pool.run(&|tid| (n * tid / threads..n * (tid + 1) / threads).for_each(f));
+}
+
+/// Quantizes `n` rows of `cols` values of `x` into `acts`, across the pool where worthwhile.
+fn quantize_rows(pool: &ThreadPool, acts: &mut Q8Acts, x: &[f32], n: usize, cols: usize) {
+    if n < PARALLEL_ROWS || !cols.is_multiple_of(QK) {
+        acts.quantize(x, n, cols);
+        return;
+    }
+    let w = acts.writer(n, cols);
+    // SAFETY: `for_rows` hands each row to one thread, which alone writes its blocks.
+    for_rows(pool, n, &|t| unsafe {
+        w.quantize(t, 0, &x[t * cols..(t + 1) * cols])
+    });
+}
+
+/// `gate = silu(gate) * up` over `n` rows of `width`, each row then quantized into `acts` for
+/// the down projection; rows split across the pool where worthwhile.
+fn swiglu_and_quantize(
+    pool: &ThreadPool,
+    gate: &mut [f32],
+    up: &[f32],
+    n: usize,
+    width: usize,
+    acts: &mut Q8Acts,
+) {
+    if !width.is_multiple_of(QK) {
+        ops::swiglu(&mut gate[..n * width], &up[..n * width]);
+        acts.quantize(gate, n, width);
+        return;
+    }
+    let g = SharedMut::new(&mut gate[..n * width]);
+    let w = acts.writer(n, width);
+    for_rows(pool, n, &|t| {
+        // SAFETY: `for_rows` hands row `t` to one thread alone, which alone touches it and
+        // its blocks of `acts`.
+        unsafe {
+            let row = g.slice(t * width, width);
+            ops::swiglu(row, &up[t * width..(t + 1) * width]);
+            w.quantize(t, 0, row);
         }
     });
 }
@@ -226,8 +260,9 @@ impl LlamaModel {
     ) {
         let c = &self.config;
         let l = &self.weights.layers[li];
-        let (h, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
-        self.norm_and_quantize(n, s, &l.attn_norm);
+        let (qd, kvd) = (c.q_dim(), c.kv_dim());
+        // The previous layer's feed-forward output joins the residual stream here.
+        self.norm_and_quantize(n, s, &l.attn_norm, li > 0, pool);
         let mut budget = KV_PREFETCH_BYTES;
         for sq in seqs {
             kv.prefetch(li, sq.blocks, sq.pos0 + sq.len, &mut budget);
@@ -258,27 +293,51 @@ impl LlamaModel {
         let started = std::time::Instant::now();
         self.attention(li, n, seqs, kv, s, pool);
         s.attention_time += started.elapsed();
-        s.acts.quantize(&s.att, n, qd);
+        quantize_rows(pool, &mut s.acts, &s.att, n, qd);
         let mut wo = [MatmulTask {
             w: &l.wo,
             out: &mut s.xn,
         }];
+        // Its output joins the residual stream in the feed-forward's norm.
         matmul(pool, &mut wo, &s.att, &s.acts, n);
-        for (xv, ov) in s.x[..n * h].iter_mut().zip(&s.xn[..n * h]) {
-            *xv += ov;
-        }
     }
 
-    /// RMSNorm of each of the `n` rows of `s.x` under `weight` into `s.xn`, quantized into
-    /// `s.acts` for the projections that follow.
-    fn norm_and_quantize(&self, n: usize, s: &mut Scratch, weight: &[f32]) {
-        let c = &self.config;
-        let h = c.hidden;
-        for t in 0..n {
-            let r = t * h..(t + 1) * h;
-            ops::rmsnorm(&mut s.xn[r.clone()], &s.x[r], weight, c.rms_eps);
+    /// The residual add of the last projection's output (`s.xn`) into `s.x` where `residual`,
+    /// then RMSNorm of each of the `n` rows of `s.x` under `weight` into `s.xn`, quantized into
+    /// `s.acts` for the projections that follow; rows split across the pool where worthwhile.
+    fn norm_and_quantize(
+        &self,
+        n: usize,
+        s: &mut Scratch,
+        weight: &[f32],
+        residual: bool,
+        pool: &ThreadPool,
+    ) {
+        let (h, eps) = (self.config.hidden, self.config.rms_eps);
+        let (x, xn) = (
+            SharedMut::new(&mut s.x[..n * h]),
+            SharedMut::new(&mut s.xn[..n * h]),
+        );
+        let whole_blocks = h.is_multiple_of(QK);
+        let acts = whole_blocks.then(|| s.acts.writer(n, h));
+        for_rows(pool, n, &|t| {
+            // SAFETY: `for_rows` hands row `t` to one thread alone, which alone touches it and
+            // its blocks of `acts`.
+            unsafe {
+                let (x, xn) = (x.slice(t * h, h), xn.slice(t * h, h));
+                if residual {
+                    x.iter_mut().zip(xn.iter()).for_each(|(a, b)| *a += b);
+                }
+                ops::rmsnorm(xn, x, weight, eps);
+                if let Some(acts) = &acts {
+                    acts.quantize(t, 0, xn);
+                }
+            }
+        });
+        if !whole_blocks {
+            // Records the width (f32-input kernels take the rows as they are).
+            s.acts.quantize(&s.xn, n, h);
         }
-        s.acts.quantize(&s.xn, n, h);
     }
 
     /// Rotates every token's query and key heads by its position, and stores its key and value
@@ -323,8 +382,8 @@ impl LlamaModel {
     fn feed_forward(&self, li: usize, n: usize, s: &mut Scratch, pool: &ThreadPool) {
         let c = &self.config;
         let l = &self.weights.layers[li];
-        let (h, ff) = (c.hidden, c.ffn_hidden);
-        self.norm_and_quantize(n, s, &l.ffn_norm);
+        let ff = c.ffn_hidden;
+        self.norm_and_quantize(n, s, &l.ffn_norm, true, pool);
         let mut gate_up = [
             MatmulTask {
                 w: &l.w_gate,
@@ -336,16 +395,13 @@ impl LlamaModel {
             },
         ];
         matmul(pool, &mut gate_up, &s.xn, &s.acts, n);
-        swiglu_rows(pool, &mut s.gate[..n * ff], &s.up[..n * ff], ff);
-        s.acts.quantize(&s.gate, n, ff);
+        swiglu_and_quantize(pool, &mut s.gate, &s.up, n, ff, &mut s.acts);
         let mut down = [MatmulTask {
             w: &l.w_down,
             out: &mut s.xn,
         }];
+        // Its output joins the residual stream in the next layer's norm (or the final one).
         matmul(pool, &mut down, &s.gate, &s.acts, n);
-        for (xv, ov) in s.x[..n * h].iter_mut().zip(&s.xn[..n * h]) {
-            *xv += ov;
-        }
     }
 
     /// The final norm and the output projection of the rows that asked for logits, into
@@ -364,14 +420,15 @@ impl LlamaModel {
         }
         grow(&mut s.last, m * h);
         for (j, &t) in rows.iter().enumerate() {
-            ops::rmsnorm(
-                &mut s.last[j * h..(j + 1) * h],
-                &s.x[t * h..(t + 1) * h],
-                &w.out_norm,
-                c.rms_eps,
-            );
+            // The last layer's feed-forward output joins the residual stream (only the rows
+            // that need it).
+            let x = &mut s.x[t * h..(t + 1) * h];
+            x.iter_mut()
+                .zip(&s.xn[t * h..(t + 1) * h])
+                .for_each(|(a, b)| *a += b);
+            ops::rmsnorm(&mut s.last[j * h..(j + 1) * h], x, &w.out_norm, c.rms_eps);
         }
-        s.acts.quantize(&s.last, m, h);
+        quantize_rows(pool, &mut s.acts, &s.last, m, h);
         grow(&mut s.logits, m * c.vocab);
         let mut output = [MatmulTask {
             w: &w.output,
@@ -496,24 +553,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn swiglu_split_across_the_pool_matches_one_thread() {
-        let (rows, width) = (37, 1536);
-        let gate: Vec<f32> = (0..rows * width)
-            .map(|i| (i as f32 * 0.013).sin() * 6.0)
-            .collect();
-        let up: Vec<f32> = (0..rows * width)
-            .map(|i| (i as f32 * 0.007).cos())
-            .collect();
-        let mut alone = gate.clone();
-        ops::swiglu(&mut alone, &up);
-        for threads in [1, 2, 3] {
-            let mut split = gate.clone();
-            swiglu_rows(&ThreadPool::new(threads), &mut split, &up, width);
-            assert_eq!(split, alone, "{threads} threads");
+    fn swiglu_and_quantize_split_across_the_pool_match_one_thread() {
+        let width = 1536;
+        for rows in [1usize, 7, 8, 37] {
+            let gate: Vec<f32> = (0..rows * width)
+                .map(|i| (i as f32 * 0.013).sin() * 6.0)
+                .collect();
+            let up: Vec<f32> = (0..rows * width)
+                .map(|i| (i as f32 * 0.007).cos())
+                .collect();
+            let mut alone = gate.clone();
+            ops::swiglu(&mut alone, &up);
+            let mut want = Q8Acts::default();
+            want.quantize(&alone, rows, width);
+            for threads in [1, 2, 3] {
+                let mut split = gate.clone();
+                let mut acts = Q8Acts::default();
+                let pool = ThreadPool::new(threads);
+                swiglu_and_quantize(&pool, &mut split, &up, rows, width, &mut acts);
+                assert_eq!(split, alone, "{rows} rows, {threads} threads");
+                for t in 0..rows {
+                    let (g, w) = (acts.row(t), want.row(t));
+                    assert_eq!((g.qs, g.d, g.s), (w.qs, w.d, w.s), "row {t}");
+                }
+                // Quantizing alone, split the same way.
+                let mut again = Q8Acts::default();
+                quantize_rows(&pool, &mut again, &alone, rows, width);
+                for t in 0..rows {
+                    let (g, w) = (again.row(t), want.row(t));
+                    assert_eq!((g.qs, g.d, g.s), (w.qs, w.d, w.s), "row {t}");
+                }
+            }
         }
-        // Below the threshold (a decode step) it stays on the caller.
-        let mut small = gate[..width].to_vec();
-        swiglu_rows(&ThreadPool::new(2), &mut small, &up[..width], width);
-        assert_eq!(small, alone[..width]);
+        // A width of partial blocks: SwiGLU still done, the quantized width recorded.
+        let (mut g, u) = (vec![1.5f32; 40], vec![2.0f32; 40]);
+        let mut acts = Q8Acts::default();
+        swiglu_and_quantize(&ThreadPool::new(2), &mut g, &u, 1, 40, &mut acts);
+        let mut want = vec![1.5f32; 40];
+        ops::swiglu(&mut want, &u);
+        assert_eq!(g, want);
     }
 }
