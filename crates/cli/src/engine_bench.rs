@@ -138,9 +138,10 @@ pub fn run(mut args: EngineBenchArgs) -> Result<()> {
     let mut pp = Vec::new();
     let mut tg = Vec::new();
     let bar = indicatif::ProgressBar::new(args.repeats as u64 * 2).with_message("engine-bench");
-    // The memory read rate is measured in every round, right after its decode: on a shared
-    // machine it drifts by a third within minutes, so each decode is set against the rate of
-    // its own moment (the share reported is the median of those per-round shares).
+    // The memory read rate is measured in every round, right before and right after its decode
+    // (the round's rate is the mean of the two): on a shared machine it drifts by a third within
+    // minutes, so each decode is set against the rate of its own moment, taken on both sides of
+    // it (the share reported is the median of those per-round shares).
     let bw_buf: Vec<u64> = (0..BANDWIDTH_BYTES as u64 / 8).collect();
     let bytes = engine.info().weight_bytes_per_token as f64;
     let mut bws = Vec::new();
@@ -149,9 +150,10 @@ pub fn run(mut args: EngineBenchArgs) -> Result<()> {
         let (ttft, _, _) = time_request(&engine, prompt.clone(), 1)?;
         pp.push(args.prompt_tokens as f64 / ttft);
         bar.inc(1);
+        let before = memory_read_bandwidth(&bw_buf);
         let (_, rest, n) = time_request(&engine, vec![prompt[0]], args.gen_tokens + 1)?;
         tg.push((n - 1) as f64 / rest);
-        bws.push(memory_read_bandwidth(&bw_buf));
+        bws.push((before + memory_read_bandwidth(&bw_buf)) / 2.0);
         shares.push(tg[tg.len() - 1] / (bws[bws.len() - 1] * 1e9 / bytes));
         bar.inc(1);
     }
@@ -186,8 +188,8 @@ pub fn run(mut args: EngineBenchArgs) -> Result<()> {
         );
         println!(
             "memory read {bw:.1} GB/s / {:.1} MB per token = decode limit {limit:.0} tok/s \
-             (medians; decode at {:.0}% of the limit measured in its own round; kernels: \
-             {kernels})",
+             (medians; decode at {:.0}% of the limit measured around it in its own round; \
+             kernels: {kernels})",
             bytes / 1e6,
             100.0 * share
         );
