@@ -87,12 +87,13 @@ impl KvCache {
         let keys = &mut self.k[layer][slot / bs * bs * dim..][..bs * dim];
         // Converted a run at a time (vector instructions where the CPU has them), then spread
         // over the channels' rows.
-        let mut run = [half::f16::ZERO; 64];
-        for (c0, part) in k[..dim].chunks(run.len()).enumerate() {
+        const RUN: usize = 64;
+        let mut run = [half::f16::ZERO; RUN];
+        for (r, part) in k[..dim].chunks(RUN).enumerate() {
             let run = &mut run[..part.len()];
             run.convert_from_f32_slice(part);
             for (i, h) in run.iter().enumerate() {
-                keys[(c0 * 64 + i) * bs + slot % bs] = h.to_bits();
+                keys[(r * RUN + i) * bs + slot % bs] = h.to_bits();
             }
         }
         let at = slot * dim;

@@ -204,10 +204,21 @@ impl Path {
     }
 }
 
-/// Arguments of a scores pass: the queries, the cache, the scale, the scores row length, and
-/// the first query.
+/// What a scores pass works on.
 #[cfg(target_arch = "x86_64")]
-type ScoreJob<'a, 'b> = (&'a QueryGroup<'b>, &'a PagedKv<'b>, f32, usize, usize);
+#[derive(Clone, Copy)]
+struct ScoreJob<'a, 'b> {
+    /// The queries.
+    g: &'a QueryGroup<'b>,
+    /// The cache.
+    kv: &'a PagedKv<'b>,
+    /// Applied to every score.
+    scale: f32,
+    /// Floats per query's row of scores (whole blocks).
+    row: usize,
+    /// The pass's first query.
+    m0: usize,
+}
 
 /// A tier's scores pass: queries `m0..m0 + N` over blocks `b0..b0 + B`.
 #[cfg(target_arch = "x86_64")]
@@ -233,7 +244,7 @@ unsafe fn block_runs<P: ScorePass, const N: usize, const B: usize>(
     job: ScoreJob<'_, '_>,
     scores: &mut [f32],
 ) {
-    let blocks = job.3 / 16;
+    let blocks = job.row / 16;
     let mut b = 0;
     // SAFETY: forwarded from the caller; every pass stays below the row's blocks.
     unsafe {
@@ -346,7 +357,13 @@ mod avx512 {
         let mut m0 = 0;
         while m0 < g.len() {
             let n = (g.len() - m0).min(SCORE_PASS);
-            let job = (g, kv, scale, row, m0);
+            let job = super::ScoreJob {
+                g,
+                kv,
+                scale,
+                row,
+                m0,
+            };
             // SAFETY: forwarded from the caller.
             unsafe {
                 match n {
@@ -374,7 +391,13 @@ mod avx512 {
         /// whatever `N` and `B`).
         #[target_feature(enable = "avx512f")]
         unsafe fn pass<const N: usize, const B: usize>(
-            (g, kv, scale, row, m0): super::ScoreJob<'_, '_>,
+            super::ScoreJob {
+                g,
+                kv,
+                scale,
+                row,
+                m0,
+            }: super::ScoreJob<'_, '_>,
             scores: &mut [f32],
             b0: usize,
         ) {
@@ -527,7 +550,13 @@ mod avx2 {
         let mut m0 = 0;
         while m0 < g.len() {
             let n = (g.len() - m0).min(SCORE_PASS);
-            let job = (g, kv, scale, row, m0);
+            let job = super::ScoreJob {
+                g,
+                kv,
+                scale,
+                row,
+                m0,
+            };
             // SAFETY: forwarded from the caller.
             unsafe {
                 match n {
@@ -552,7 +581,13 @@ mod avx2 {
         /// query whatever `N` and `B`).
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn pass<const N: usize, const B: usize>(
-            (g, kv, scale, row, m0): super::ScoreJob<'_, '_>,
+            super::ScoreJob {
+                g,
+                kv,
+                scale,
+                row,
+                m0,
+            }: super::ScoreJob<'_, '_>,
             scores: &mut [f32],
             b0: usize,
         ) {
