@@ -8,6 +8,7 @@ use std::io::Write;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use lastmile_engine::kernels::QKind;
 use lastmile_engine::LoadedModel;
 use lastmile_models::ensure_default_model;
 
@@ -69,6 +70,8 @@ fn write_mixed_gguf(path: &std::path::Path) {
             _ if name.ends_with("attn_k.weight") => Some(GgmlDType::BF16),
             _ if name.ends_with("attn_v.weight") => Some(GgmlDType::Q8_0),
             _ if name.ends_with("attn_output.weight") => Some(GgmlDType::Q4_0),
+            _ if name.ends_with("ffn_gate.weight") => Some(GgmlDType::Q5_0),
+            _ if name.ends_with("ffn_up.weight") => Some(GgmlDType::Q5_1),
             _ => None,
         };
         let q = match target {
@@ -95,6 +98,19 @@ fn every_tensor_type_loads_and_generates_like_the_original() {
     let path = temp_path("mixed.gguf");
     write_mixed_gguf(&path);
     let mixed = LoadedModel::load(&path).expect("mixed-type model loads");
+    // The formats with kernels stay as they are (Q5 no longer goes through Q8_0).
+    let layer = &mixed.model.weights.layers[0];
+    let kinds = [
+        layer.wv.kind,
+        layer.wo.kind,
+        layer.w_gate.kind,
+        layer.w_up.kind,
+    ];
+    assert_eq!(
+        kinds,
+        [QKind::Q8_0, QKind::Q4_0, QKind::Q5_0, QKind::Q5_1],
+        "formats as loaded"
+    );
     let original = common::default_model();
     let prompt = original
         .tokenizer

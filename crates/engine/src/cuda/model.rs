@@ -20,7 +20,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream};
 
 use super::{driver_error, AttentionShape, CudaError, DeviceFormat, DeviceInfo, Kernels};
-use crate::kernels::{QKind, QMatrix};
+use crate::kernels::{quantize_q8_0, QKind, QMatrix};
 use crate::kv::KvBlocks;
 use crate::model::{BatchSeq, LlamaModel};
 
@@ -87,25 +87,32 @@ fn zeros(stream: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<f32>, CudaError
     stream.alloc_zeros::<f32>(n.max(1)).map_err(driver_error)
 }
 
-/// Uploads one matrix: block formats with a kernel as their GGUF bytes, others as f32.
+/// Uploads one matrix: block formats with a kernel as their GGUF bytes, Q5 ones (no device
+/// kernel yet) re-quantized to Q8_0, others as f32.
 fn upload(stream: &Arc<CudaStream>, m: &QMatrix) -> Result<Matrix, CudaError> {
     let format = match m.kind {
-        QKind::Q8_0 => DeviceFormat::Q8_0,
+        QKind::Q8_0 | QKind::Q5_0 | QKind::Q5_1 => DeviceFormat::Q8_0,
         QKind::Q4_1 => DeviceFormat::Q4_1,
         QKind::Q4_0 => DeviceFormat::Q4_0,
         QKind::F32 | QKind::F16 | QKind::BF16 => DeviceFormat::F32,
     };
-    let bytes = if format == DeviceFormat::F32 {
+    let rows_f32 = || {
         let mut row = vec![0f32; m.cols];
-        let mut all = Vec::with_capacity(m.rows * m.cols * 4);
+        let mut all = Vec::with_capacity(m.rows * m.cols);
         for r in 0..m.rows {
             m.dequantize_row(r, &mut row);
-            all.extend(row.iter().flat_map(|v| v.to_le_bytes()));
+            all.extend_from_slice(&row);
         }
-        to_device(stream, &all)?
-    } else {
+        all
+    };
+    let bytes = match m.kind {
+        _ if format == DeviceFormat::F32 => {
+            let all: Vec<u8> = rows_f32().iter().flat_map(|v| v.to_le_bytes()).collect();
+            to_device(stream, &all)?
+        }
+        QKind::Q5_0 | QKind::Q5_1 => to_device(stream, &quantize_q8_0(&rows_f32()))?,
         // The CPU may hold it repacked for its kernels: the file layout is what ours read.
-        to_device(stream, m.file_layout().bytes())?
+        _ => to_device(stream, m.file_layout().bytes())?,
     };
     Ok(Matrix {
         format,

@@ -5,9 +5,9 @@
 //!
 //! Tiles: tmm0 = sums (16 tokens x 16 rows of i32), tmm1 = activations (16 tokens x 32 signed
 //! bytes, read straight from `Q8Acts`' rows), tmm2 = weights: a packed chunk's eight k-rows (see
-//! `pack.rs`), read in place for Q8_0 and unpacked from nibbles for Q4. Each token's 16 row sums
-//! then go through the AVX-512 kernels' own `finish_block`, so results are bit-identical to that
-//! path's.
+//! `pack.rs`), read in place for Q8_0 and unpacked from nibbles (and Q5's fifth bits) for Q4
+//! and Q5. Each token's 16 row sums then go through the AVX-512 kernels' own `finish_block`, so
+//! results are bit-identical to that path's.
 //!
 //! Whole tiles of 16 tokens go through here; the rest of a batch takes the VNNI path. Linux makes
 //! a process ask for the tile state once (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); each thread loads

@@ -16,9 +16,10 @@
 //! products from `vpdpbusd` instead (four u8 x i8 products added straight into i32): one
 //! instruction where AVX2 needs `vpmaddubsw` + `vpmaddwd` + `vpaddd`, the same sums.
 //!
-//! Integer formats multiply 4/8-bit weights with 8-bit activations using `maddubs` (u8 x i8 pairs
-//! into i16), which saturates past 2^15: 4-bit weights (0..15) against |x| <= 127 give at most
-//! 3,810 a pair, so eight pairs still fit; Q8_0's signed weights go in as |w| with the sign moved
+//! Integer formats multiply 4/5/8-bit weights with 8-bit activations using `maddubs` (u8 x i8
+//! pairs into i16), which saturates past 2^15: 4-bit weights (0..15) against |x| <= 127 give at
+//! most 3,810 a pair, so eight pairs still fit; 5-bit ones (0..31, the fifth bit put back from its
+//! bit plane) at most 7,874, so four do; Q8_0's signed weights go in as |w| with the sign moved
 //! onto the activation (at most 2 * 128 * 127 a pair), and every pair is widened to i32 at once.
 
 #![cfg_attr(not(target_arch = "x86_64"), allow(unused))]
@@ -53,9 +54,13 @@ pub unsafe fn groups_variant<const R: usize>(job: &GroupJob<'_>, vnni: bool) {
             (QKind::Q8_0, false) => x86::groups::<R, { x86::Q8_0 }>(job),
             (QKind::Q4_0, false) => x86::groups::<R, { x86::Q4_0 }>(job),
             (QKind::Q4_1, false) => x86::groups::<R, { x86::Q4_1 }>(job),
+            (QKind::Q5_0, false) => x86::groups::<R, { x86::Q5_0 }>(job),
+            (QKind::Q5_1, false) => x86::groups::<R, { x86::Q5_1 }>(job),
             (QKind::Q8_0, true) => x86::groups_vnni::<R, { x86::Q8_0 }>(job),
             (QKind::Q4_0, true) => x86::groups_vnni::<R, { x86::Q4_0 }>(job),
             (QKind::Q4_1, true) => x86::groups_vnni::<R, { x86::Q4_1 }>(job),
+            (QKind::Q5_0, true) => x86::groups_vnni::<R, { x86::Q5_0 }>(job),
+            (QKind::Q5_1, true) => x86::groups_vnni::<R, { x86::Q5_1 }>(job),
             (other, _) => panic!("{other:?} has no packed layout"),
         }
     }
@@ -107,7 +112,7 @@ pub(crate) use x86::lanes_below;
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::pack::{chunk_bytes, prefetch_ahead, Packing, AVX2_GROUP};
+    use super::super::pack::{chunk_bytes, high_bits_at, prefetch_ahead, Packing, AVX2_GROUP};
     use super::super::{QKind, QK};
     use super::{GroupJob, Q8Row};
 
@@ -117,6 +122,10 @@ mod x86 {
     pub const Q4_0: u8 = 1;
     /// `groups`' format parameter.
     pub const Q4_1: u8 = 2;
+    /// `groups`' format parameter.
+    pub const Q5_0: u8 = 3;
+    /// `groups`' format parameter.
+    pub const Q5_1: u8 = 4;
 
     /// Integer dot products of a Q8_0 chunk's 8 rows (lane = row) with `R` tokens' block, whose
     /// 32 bytes start at `x[t]`.
@@ -218,28 +227,150 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
     unsafe fn chunk_q4_vnni<const R: usize>(q: *const u8, x: &[*const i8; R]) -> [__m256i; R] {
-        let chains = if R == 1 { 4 } else { 2 };
         let nib = _mm256_set1_epi8(0x0F);
-        let mut acc = [[_mm256_setzero_si256(); R]; 4];
         // SAFETY: reads parts 0..4 of the chunk and bytes 0..32 of each token's block.
         unsafe {
-            for c in 0..4 {
+            parts_vnni(x, |c| {
                 let v = _mm256_loadu_si256(q.add(32 * c) as *const __m256i);
                 let lo = _mm256_and_si256(v, nib);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
-                for (t, &xt) in x.iter().enumerate() {
-                    let x0 =
-                        _mm256_set1_epi32(std::ptr::read_unaligned(xt.add(8 * c) as *const i32));
-                    let x1 = _mm256_set1_epi32(std::ptr::read_unaligned(
-                        xt.add(8 * c + 4) as *const i32
-                    ));
-                    let (a, b) = ((2 * c) % chains, (2 * c + 1) % chains);
-                    acc[a][t] = _mm256_dpbusd_avx_epi32(acc[a][t], lo, x0);
-                    acc[b][t] = _mm256_dpbusd_avx_epi32(acc[b][t], hi, x1);
-                }
+                (lo, _mm256_and_si256(_mm256_srli_epi16(v, 4), nib))
+            })
+        }
+    }
+
+    /// The integer dot products of a Q4 or Q5 chunk's four parts, each unpacked by `part` into
+    /// k-rows `2c` and `2c + 1` as unsigned bytes, with `R` tokens' blocks at `x[t]`, by
+    /// `vpdpbusd` in independent chains as `chunk_q8_vnni` does.
+    ///
+    /// # Safety
+    /// Each `x[t]` must point at 32 readable bytes; the CPU must support AVX-VNNI.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn parts_vnni<const R: usize>(
+        x: &[*const i8; R],
+        part: impl Fn(usize) -> (__m256i, __m256i),
+    ) -> [__m256i; R] {
+        let chains = if R == 1 { 4 } else { 2 };
+        let mut acc = [[_mm256_setzero_si256(); R]; 4];
+        for c in 0..4 {
+            let (lo, hi) = part(c);
+            for (t, &xt) in x.iter().enumerate() {
+                // SAFETY: bytes 8c..8c + 8 of each token's 32-byte block (the caller's promise).
+                let (x0, x1) = unsafe {
+                    (
+                        _mm256_set1_epi32(std::ptr::read_unaligned(xt.add(8 * c) as *const i32)),
+                        _mm256_set1_epi32(
+                            std::ptr::read_unaligned(xt.add(8 * c + 4) as *const i32),
+                        ),
+                    )
+                };
+                let (a, b) = ((2 * c) % chains, (2 * c + 1) % chains);
+                acc[a][t] = _mm256_dpbusd_avx_epi32(acc[a][t], lo, x0);
+                acc[b][t] = _mm256_dpbusd_avx_epi32(acc[b][t], hi, x1);
             }
         }
         join_chains(&acc, chains)
+    }
+
+    /// K-row `k`'s fifth bits (bit plane `k` of a chunk's Q5 section, see `pack.rs`) moved to
+    /// bit 4 of each byte, every other bit cleared: 16 where the weight has it, else 0. The
+    /// 16-bit shifts move bit `k` within its own byte for every `k` in 0..8.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn fifth_bits(hb: __m256i, k: usize) -> __m256i {
+        let at4 = match k {
+            0 => _mm256_slli_epi16::<4>(hb),
+            1 => _mm256_slli_epi16::<3>(hb),
+            2 => _mm256_slli_epi16::<2>(hb),
+            3 => _mm256_slli_epi16::<1>(hb),
+            4 => hb,
+            5 => _mm256_srli_epi16::<1>(hb),
+            6 => _mm256_srli_epi16::<2>(hb),
+            _ => _mm256_srli_epi16::<3>(hb),
+        };
+        _mm256_and_si256(at4, _mm256_set1_epi8(0x10))
+    }
+
+    /// Part `c` (k-rows `2c` and `2c + 1`) of a Q5 chunk as unsigned 5-bit weights: the
+    /// nibbles of the part's 32 bytes at `q`, with the fifth bits from `hb` (the chunk's bit
+    /// planes) on top.
+    ///
+    /// # Safety
+    /// `q` must point at the chunk's 128 nibble bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn q5_part(q: *const u8, hb: __m256i, c: usize) -> (__m256i, __m256i) {
+        let nib = _mm256_set1_epi8(0x0F);
+        // SAFETY: part c < 4 lies inside the chunk's nibbles.
+        let v = unsafe { _mm256_loadu_si256(q.add(32 * c) as *const __m256i) };
+        let lo = _mm256_or_si256(_mm256_and_si256(v, nib), fifth_bits(hb, 2 * c));
+        let hi = _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(v, 4), nib),
+            fifth_bits(hb, 2 * c + 1),
+        );
+        (lo, hi)
+    }
+
+    /// `chunk_q4` for a Q5 chunk: nibbles at `q`, bit planes at `h`. Weights reach 31, so a
+    /// `vpmaddubsw` pair sums to at most 2 * 31 * 127 = 7,874 and four of them still fit in
+    /// i16: each half of the chunk is widened once.
+    ///
+    /// # Safety
+    /// As `chunk_q4`, with the chunk's 32 bytes of fifth bits at `h`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn chunk_q5<const R: usize>(
+        q: *const u8,
+        h: *const u8,
+        x: &[*const i8; R],
+    ) -> [__m256i; R] {
+        let ones = _mm256_set1_epi16(1);
+        let mut sums = [_mm256_setzero_si256(); R];
+        // SAFETY: reads the chunk's parts and bit planes and bytes 0..32 of each token's block.
+        unsafe {
+            let hb = _mm256_loadu_si256(h as *const __m256i);
+            for half in 0..2 {
+                let mut p16 = [_mm256_setzero_si256(); R];
+                for c in 2 * half..2 * half + 2 {
+                    let (lo, hi) = q5_part(q, hb, c);
+                    for (p, &xt) in p16.iter_mut().zip(x) {
+                        let x0 = _mm256_set1_epi32(std::ptr::read_unaligned(
+                            xt.add(8 * c) as *const i32
+                        ));
+                        let x1 = _mm256_set1_epi32(std::ptr::read_unaligned(
+                            xt.add(8 * c + 4) as *const i32
+                        ));
+                        let d = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo, x0),
+                            _mm256_maddubs_epi16(hi, x1),
+                        );
+                        *p = _mm256_add_epi16(*p, d);
+                    }
+                }
+                for (s, p) in sums.iter_mut().zip(p16) {
+                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+        sums
+    }
+
+    /// `chunk_q5` by AVX-VNNI, accumulated as `chunk_q4_vnni` does.
+    ///
+    /// # Safety
+    /// As `chunk_q5`; the CPU must support AVX-VNNI.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn chunk_q5_vnni<const R: usize>(
+        q: *const u8,
+        h: *const u8,
+        x: &[*const i8; R],
+    ) -> [__m256i; R] {
+        // SAFETY: reads the chunk's parts and bit planes and bytes 0..32 of each token's block.
+        unsafe {
+            let hb = _mm256_loadu_si256(h as *const __m256i);
+            parts_vnni(x, |c| q5_part(q, hb, c))
+        }
     }
 
     /// The sum of the first `chains` accumulators of each token.
@@ -266,9 +397,10 @@ mod x86 {
     }
 
     /// Defines an AVX2-packed product (see `super::groups`) under `$features`, with `$q8` and
-    /// `$q4` for the chunks' integer dot products; `F` is the format (`Q8_0`, `Q4_0`, `Q4_1`).
+    /// `$q4` and `$q5` for the chunks' integer dot products; `F` is the format (`Q8_0`, `Q4_0`,
+    /// `Q4_1`, `Q5_0`, `Q5_1`).
     macro_rules! packed_product {
-        ($(#[$doc:meta])* $name:ident, $features:literal, $q8:ident, $q4:ident) => {
+        ($(#[$doc:meta])* $name:ident, $features:literal, $q8:ident, $q4:ident, $q5:ident) => {
     $(#[$doc])*
     ///
     /// # Safety
@@ -279,14 +411,18 @@ mod x86 {
         let kind = match F {
             Q8_0 => QKind::Q8_0,
             Q4_0 => QKind::Q4_0,
-            _ => QKind::Q4_1,
+            Q4_1 => QKind::Q4_1,
+            Q5_0 => QKind::Q5_0,
+            _ => QKind::Q5_1,
         };
         debug_assert_eq!(kind, job.kind);
         let (cols, rows) = (job.cols, job.rows);
         let nb = cols / QK;
         let cb = chunk_bytes(kind, Packing::Avx2);
-        // Scale bytes ahead of the quants: 8 f16 `d`, and 8 f16 `m` for Q4_1.
-        let head = if F == Q4_1 { 32 } else { 16 };
+        let high = if F >= Q5_0 { high_bits_at(kind, Packing::Avx2) } else { 0 };
+        // Scale bytes ahead of the quants: 8 f16 `d`, and 8 f16 `m` for Q4_1 and Q5_1.
+        let minimum = F == Q4_1 || F == Q5_1;
+        let head = if minimum { 32 } else { 16 };
         let (qs, dx, sx) = (job.xq.qs_all(), job.xq.d_all(), job.xq.s_all());
         // SAFETY: `GroupJob::check` bounded every chunk (groups < g1), every token's values and
         // block scales (tokens < t0 + R); output cells are limited to real rows and owned by this
@@ -302,16 +438,19 @@ mod x86 {
                     }
                     let dw = _mm256_cvtph_ps(_mm_loadu_si128(chunk as *const __m128i));
                     let off = match F {
-                        Q4_1 => _mm256_cvtph_ps(_mm_loadu_si128(chunk.add(16) as *const __m128i)),
+                        _ if minimum => {
+                            _mm256_cvtph_ps(_mm_loadu_si128(chunk.add(16) as *const __m128i))
+                        }
                         Q4_0 => _mm256_mul_ps(dw, _mm256_set1_ps(-8.0)),
+                        Q5_0 => _mm256_mul_ps(dw, _mm256_set1_ps(-16.0)),
                         _ => _mm256_setzero_ps(),
                     };
                     let x: [*const i8; R] =
                         std::array::from_fn(|t| qs.as_ptr().add((job.t0 + t) * cols + b * QK));
-                    let isums = if F == Q8_0 {
-                        $q8::<R>(chunk.add(head), &x)
-                    } else {
-                        $q4::<R>(chunk.add(head), &x)
+                    let isums = match F {
+                        Q8_0 => $q8::<R>(chunk.add(head), &x),
+                        Q4_0 | Q4_1 => $q4::<R>(chunk.add(head), &x),
+                        _ => $q5::<R>(chunk.add(head), chunk.add(high), &x),
                     };
                     for (t, (a, isum)) in acc.iter_mut().zip(isums).enumerate() {
                         let blk = (job.t0 + t) * nb + b;
@@ -342,14 +481,16 @@ mod x86 {
         groups,
         "avx2,fma,f16c",
         chunk_q8,
-        chunk_q4
+        chunk_q4,
+        chunk_q5
     );
     packed_product!(
         /// The AVX2-packed product with AVX-VNNI's dot products.
         groups_vnni,
         "avx2,fma,f16c,avxvnni",
         chunk_q8_vnni,
-        chunk_q4_vnni
+        chunk_q4_vnni,
+        chunk_q5_vnni
     );
 
     #[inline]

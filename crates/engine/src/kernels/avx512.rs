@@ -31,13 +31,13 @@ pub unsafe fn groups<const R: usize>(job: &GroupJob<'_>) {
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::pack::{chunk_bytes, prefetch_ahead, Packing, GROUP};
+    use super::super::pack::{chunk_bytes, high_bits_at, prefetch_ahead, Packing, GROUP};
     use super::super::q8::Q8Acts;
     use super::super::{QKind, QK};
     use super::GroupJob;
 
-    /// The 16 rows' scales and per-block offsets of a chunk (offsets: Q4_1's minimums, Q4_0's
-    /// `-8 d`; unused for Q8_0).
+    /// The 16 rows' scales and per-block offsets of a chunk (offsets: Q4_1's and Q5_1's
+    /// minimums, Q4_0's `-8 d`, Q5_0's `-16 d`; unused for Q8_0).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn chunk_scales(kind: QKind, chunk: *const u8) -> (__m512, __m512) {
@@ -45,36 +45,51 @@ pub(crate) mod x86 {
         unsafe {
             let d = _mm512_cvtph_ps(_mm256_loadu_si256(chunk as *const __m256i));
             let off = match kind {
-                QKind::Q4_1 => _mm512_cvtph_ps(_mm256_loadu_si256(chunk.add(32) as *const __m256i)),
+                QKind::Q4_1 | QKind::Q5_1 => {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(chunk.add(32) as *const __m256i))
+                }
                 QKind::Q4_0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
+                QKind::Q5_0 => _mm512_mul_ps(d, _mm512_set1_ps(-16.0)),
                 _ => _mm512_setzero_ps(),
             };
             (d, off)
         }
     }
 
-    /// The chunk's eight k-rows as unsigned bytes.
+    /// The chunk's eight k-rows as unsigned bytes (Q5's with their fifth bits: 0..31).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn k_rows(kind: QKind, chunk: *const u8) -> [__m512i; 8] {
-        // SAFETY: the quants follow the scales: 256 bytes for Q4, 512 for Q8_0.
+        // SAFETY: the quants follow the scales: 256 bytes for Q4 and Q5 (then Q5's 64 bytes of
+        // bit planes), 512 for Q8_0.
         unsafe {
             if kind == QKind::Q8_0 {
                 let q = chunk.add(32);
                 std::array::from_fn(|k| _mm512_loadu_si512(q.add(64 * k) as *const __m512i))
             } else {
-                let q = chunk.add(if kind == QKind::Q4_1 { 64 } else { 32 });
+                let minimum = matches!(kind, QKind::Q4_1 | QKind::Q5_1);
+                let q = chunk.add(if minimum { 64 } else { 32 });
                 let nib = _mm512_set1_epi8(0x0F);
                 let parts: [__m512i; 4] =
                     std::array::from_fn(|c| _mm512_loadu_si512(q.add(64 * c) as *const __m512i));
-                std::array::from_fn(|k| {
+                let mut rows: [__m512i; 8] = std::array::from_fn(|k| {
                     let v = parts[k / 2];
                     if k % 2 == 0 {
                         _mm512_and_si512(v, nib)
                     } else {
                         _mm512_and_si512(_mm512_srli_epi16(v, 4), nib)
                     }
-                })
+                });
+                if matches!(kind, QKind::Q5_0 | QKind::Q5_1) {
+                    // Mask k holds k-row k's fifth bits, a bit per byte: add 16 under it.
+                    let masks = chunk.add(high_bits_at(kind, Packing::Vnni)) as *const u64;
+                    let sixteen = _mm512_set1_epi8(16);
+                    for (k, row) in rows.iter_mut().enumerate() {
+                        let set = std::ptr::read_unaligned(masks.add(k));
+                        *row = _mm512_mask_add_epi8(*row, set, *row, sixteen);
+                    }
+                }
+                rows
             }
         }
     }

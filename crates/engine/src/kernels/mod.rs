@@ -48,6 +48,11 @@ pub enum QKind {
     Q4_1,
     /// 8-bit, one f16 scale per 32 (ggml Q8_0, 34 bytes a block).
     Q8_0,
+    /// 5-bit, one f16 scale per 32, values offset by 16 (ggml Q5_0, 22 bytes a block: scale, the
+    /// 32 fifth bits, then the low nibbles as Q4_0 stores them).
+    Q5_0,
+    /// 5-bit, f16 scale and minimum per 32 (ggml Q5_1, 24 bytes a block).
+    Q5_1,
 }
 
 impl QKind {
@@ -59,12 +64,17 @@ impl QKind {
             Self::Q4_0 => cols / QK * 18,
             Self::Q4_1 => cols / QK * 20,
             Self::Q8_0 => cols / QK * 34,
+            Self::Q5_0 => cols / QK * 22,
+            Self::Q5_1 => cols / QK * 24,
         }
     }
 
     /// Whether the kernel takes 8-bit quantized activations (else f32).
     pub fn wants_q8(self) -> bool {
-        matches!(self, Self::Q4_0 | Self::Q4_1 | Self::Q8_0)
+        matches!(
+            self,
+            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 | Self::Q5_0 | Self::Q5_1
+        )
     }
 }
 
@@ -510,6 +520,71 @@ mod tests {
         out
     }
 
+    /// ggml's Q5_0 (`min` false: values `d * (q - 16)`) or Q5_1 (`min`: `d * q + m`) blocks.
+    fn make_q5(values: &[f32], min: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        for b in values.chunks(QK) {
+            let (d, m, q): (f32, f32, Vec<u8>) = if min {
+                let lo = b.iter().cloned().fold(f32::INFINITY, f32::min);
+                let hi = b.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let d = (hi - lo) / 31.0;
+                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                let q = b.iter().map(|v| (((v - lo) * id).round() as u8).min(31));
+                (d, lo, q.collect())
+            } else {
+                let max = b
+                    .iter()
+                    .cloned()
+                    .fold(0.0f32, |a, v| if v.abs() > a.abs() { v } else { a });
+                let d = max / -16.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let q = b.iter().map(|v| ((v * id + 16.5) as u8).min(31));
+                (d, 0.0, q.collect())
+            };
+            out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
+            if min {
+                out.extend_from_slice(&half::f16::from_f32(m).to_le_bytes());
+            }
+            let qh = q
+                .iter()
+                .enumerate()
+                .fold(0u32, |h, (j, v)| h | (((*v as u32) >> 4) << j));
+            out.extend_from_slice(&qh.to_le_bytes());
+            for j in 0..16 {
+                out.push((q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4));
+            }
+        }
+        out
+    }
+
+    /// Our Q5 reference reads the blocks as ggml (candle's copy of its reference) does.
+    #[test]
+    fn q5_blocks_dequantize_like_ggml() {
+        use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+        use std::borrow::Cow;
+        let mut seed = 3u64;
+        let values: Vec<f32> = (0..4 * QK).map(|_| lcg(&mut seed) * 3.0).collect();
+        for (kind, dtype) in [
+            (QKind::Q5_0, GgmlDType::Q5_0),
+            (QKind::Q5_1, GgmlDType::Q5_1),
+        ] {
+            let bytes = make_q5(&values, kind == QKind::Q5_1);
+            let dev = candle_core::Device::Cpu;
+            let storage = QStorage::from_data(Cow::Borrowed(&bytes), &dev, dtype).unwrap();
+            let want: Vec<f32> = QTensor::new(storage, (values.len(),))
+                .and_then(|q| q.dequantize(&dev))
+                .and_then(|t| t.to_vec1::<f32>())
+                .unwrap();
+            let mut got = vec![0.0; values.len()];
+            scalar::dequantize_row(kind, &bytes, &mut got);
+            assert_eq!(got, want, "{kind:?}");
+            // And it is a quantization of the values (the test data means something).
+            for (g, v) in got.iter().zip(&values) {
+                assert!((g - v).abs() < 0.2, "{kind:?}: {g} vs {v}");
+            }
+        }
+    }
+
     fn reference(m: &QMatrix, x: &[f32]) -> Vec<f32> {
         let mut row = vec![0.0; m.cols];
         (0..m.rows)
@@ -536,6 +611,27 @@ mod tests {
     fn check_shape(kind: QKind, rows: usize, cols: usize, n: usize) {
         let mut seed = 7u64;
         let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
+        let x: Vec<f32> = (0..n * cols).map(|_| lcg(&mut seed)).collect();
+        check_data(kind, rows, cols, n, &w, &x);
+    }
+
+    /// Weights that quantize to the largest stored values against activations that quantize to
+    /// 127 everywhere: the integer sums reach the kernels' widest partial sums (31 * 127 per
+    /// product for Q5), which must not saturate.
+    #[test]
+    fn extreme_values_do_not_saturate() {
+        let (rows, cols, n) = (9, 128, 5);
+        for kind in pack::PACKED_KINDS {
+            // Each block: one -1 (its scale's anchor), the rest 15/16 (Q4_0 / Q5_0 store them
+            // at the top of their range, Q4_1 / Q5_1 and Q8_0 as well).
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| if i % QK == 0 { -1.0 } else { 0.9375 })
+                .collect();
+            check_data(kind, rows, cols, n, &w, &vec![1.0; n * cols]);
+        }
+    }
+
+    fn check_data(kind: QKind, rows: usize, cols: usize, n: usize, w: &[f32], x: &[f32]) {
         let bytes = match kind {
             QKind::F32 => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
             QKind::F16 => w
@@ -546,15 +642,16 @@ mod tests {
                 .iter()
                 .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
                 .collect(),
-            QKind::Q4_0 => make_q4_0(&w),
-            QKind::Q4_1 => make_q4_1(&w),
-            QKind::Q8_0 => quantize_q8_0(&w),
+            QKind::Q4_0 => make_q4_0(w),
+            QKind::Q4_1 => make_q4_1(w),
+            QKind::Q8_0 => quantize_q8_0(w),
+            QKind::Q5_0 => make_q5(w, false),
+            QKind::Q5_1 => make_q5(w, true),
         };
         let m = QMatrix::new(kind, rows, cols, WeightBytes::Owned(Arc::new(bytes))).unwrap();
-        let x: Vec<f32> = (0..n * cols).map(|_| lcg(&mut seed)).collect();
         let pool = crate::parallel::ThreadPool::new(2);
         let mut acts = Q8Acts::default();
-        acts.quantize(&x, n, cols);
+        acts.quantize(x, n, cols);
         // The file layout (scalar kernels, and AVX2's file-layout ones) and every packing whose
         // kernels run here (AVX2's 8-row groups on any AVX2 CPU, VNNI's 16-row groups where
         // AVX-512 VNNI runs) must all match the reference, and each other to float rounding.
@@ -581,7 +678,7 @@ mod tests {
                     w: mat,
                     out: &mut out,
                 }],
-                &x,
+                x,
                 &acts,
                 n,
             );
@@ -694,6 +791,8 @@ mod tests {
             QKind::Q4_0,
             QKind::Q4_1,
             QKind::Q8_0,
+            QKind::Q5_0,
+            QKind::Q5_1,
         ] {
             check_kind(kind);
         }

@@ -1,20 +1,23 @@
 //! The packed layouts the SIMD kernels read: rows in groups (16 for AVX-512 and AMX, 8 for
 //! AVX2: one zmm or ymm lane per row), and per group and block of 32 columns one *chunk*:
 //!
-//! - the group's f16 scales `d` (2 bytes a row), and for Q4_1 their f16 minimums `m`;
+//! - the group's f16 scales `d` (2 bytes a row), and for Q4_1 and Q5_1 their f16 minimums `m`;
 //! - the quants as eight "k-rows" of 4 bytes per row: k-row `k` holds bytes `4k..4k + 4` of each
 //!   row's block (row `i` at bytes `4i..4i + 4`). For AVX-512 that is the VNNI layout (AMX's
 //!   `tdpbsud` B operand as it stands; `vpdpbusd` of a k-row with a broadcast of the activations'
 //!   bytes `4k..4k + 4` adds one 4-term dot product to every row's lane); AVX2's `vpmaddubsw` +
 //!   `vpmaddwd` do the same in two steps.
 //!   Q4 stores two k-rows per part (k-row `2c` in the low nibbles of part `c`, `2c + 1` in the
-//!   high ones). Q8_0 stores each weight plus 128 as an unsigned byte for VNNI (whose `u8 x i8`
+//!   high ones). Q5 stores its low four bits as Q4 does, then (4 bytes a row) its fifth bits in
+//!   the shape each packing's kernels add them back fastest (`high_bit_at`): the kernels
+//!   multiply the unsigned 5-bit values, 0..31. Q8_0 stores each weight plus 128 as an unsigned byte for VNNI (whose `u8 x i8`
 //!   products cannot saturate), and as the signed byte it is for AVX2 (whose `vpmaddubsw` pair
 //!   sums could: the sign moves onto the activation instead).
 //!
 //! Chunks are stored group by group, block by block. Every kernel of one packing finishes every
 //! block the same way for every token (lanes = rows): `acc = fma(cvt(sum), d_w * d_x, acc)` and
-//! for Q4 `acc = fma(off_w, s_x, acc)`, so a token's result does not depend on the path or the
+//! for Q4 and Q5 `acc = fma(off_w, s_x, acc)` (`off_w` the minimum, or `-8 d` / `-16 d` for
+//! Q4_0 / Q5_0's values stored plus 8 / 16), so a token's result does not depend on the path or the
 //! batch it ran in. Rows past the matrix's end (to fill the last group) are zero.
 
 use super::q8::Q8Acts;
@@ -155,26 +158,66 @@ pub(crate) fn prefetch_range(w: &[u8], at: usize, len: usize) {
 #[cfg(not(target_arch = "x86_64"))]
 pub(crate) fn prefetch_range(_: &[u8], _: usize, _: usize) {}
 
-/// Bytes of scale data per block in the file layout (`d`, and `m` for Q4_1), and quant bytes
-/// per block there. `None` for kinds that are not packed.
-fn parts(kind: QKind) -> Option<(usize, usize)> {
-    match kind {
-        QKind::Q4_0 => Some((2, 16)),
-        QKind::Q4_1 => Some((4, 16)),
-        QKind::Q8_0 => Some((2, 32)),
-        _ => None,
+/// A packable format's block in the file layout: `scales` bytes of f16 fields (`d`, and `m` for
+/// Q4_1 and Q5_1), then `high` bytes of fifth bits (Q5), then `quants` bytes of nibbles or
+/// bytes. `None` for kinds that are not packed.
+#[derive(Clone, Copy)]
+struct Parts {
+    scales: usize,
+    high: usize,
+    quants: usize,
+}
+
+impl Parts {
+    fn of(kind: QKind) -> Option<Self> {
+        let (scales, high, quants) = match kind {
+            QKind::Q4_0 => (2, 0, 16),
+            QKind::Q4_1 => (4, 0, 16),
+            QKind::Q8_0 => (2, 0, 32),
+            QKind::Q5_0 => (2, 4, 16),
+            QKind::Q5_1 => (4, 4, 16),
+            _ => return None,
+        };
+        Some(Self {
+            scales,
+            high,
+            quants,
+        })
+    }
+
+    fn block(self) -> usize {
+        self.scales + self.high + self.quants
     }
 }
 
+fn parts(kind: QKind) -> Parts {
+    Parts::of(kind).expect("packable kind")
+}
+
+/// Every kind with a packed layout.
+#[cfg(test)]
+pub(crate) const PACKED_KINDS: [QKind; 5] = [
+    QKind::Q4_0,
+    QKind::Q4_1,
+    QKind::Q8_0,
+    QKind::Q5_0,
+    QKind::Q5_1,
+];
+
 /// Whether `kind` has a packed layout.
 pub fn packable(kind: QKind) -> bool {
-    parts(kind).is_some()
+    Parts::of(kind).is_some()
 }
 
 /// Bytes of one chunk (one group of rows x one block).
 pub fn chunk_bytes(kind: QKind, packing: Packing) -> usize {
-    let (head, q) = parts(kind).expect("packable kind");
-    packing.group() * (head + q)
+    packing.group() * parts(kind).block()
+}
+
+/// Where a chunk's fifth bits (Q5) start: after the scales and the nibbles.
+pub fn high_bits_at(kind: QKind, packing: Packing) -> usize {
+    let p = parts(kind);
+    packing.group() * (p.scales + p.quants)
 }
 
 /// Bytes of a packed `rows` x `cols` matrix (the last group padded with zero rows).
@@ -190,6 +233,20 @@ fn quant_at(kind: QKind, packing: Packing, i: usize, j: usize) -> (usize, bool) 
         (kr * k + byte, false)
     } else {
         (kr * (k / 2) + byte, k % 2 == 1)
+    }
+}
+
+/// Where the fifth bit of weight `4k + t` of a chunk's row `i` (byte `4i + t` of k-row `k`)
+/// lives in the chunk's Q5 section: byte and bit.
+///
+/// - VNNI: one 64-bit mask per k-row (bit `4i + t` for that byte), which AVX-512 loads into a
+///   mask register and adds 16 under.
+/// - AVX2: one bit plane per k-row, in a k-row-shaped section (byte `4i + t`, bit `k`), which
+///   a 16-bit shift and a mask turn into 16 or 0 per byte.
+fn high_bit_at(packing: Packing, i: usize, k: usize, t: usize) -> (usize, usize) {
+    match packing {
+        Packing::Vnni => (8 * k + (4 * i + t) / 8, (4 * i + t) % 8),
+        Packing::Avx2 => (4 * i + t, k),
     }
 }
 
@@ -238,9 +295,10 @@ pub fn pack_into(
     src: &[u8],
     dst: &mut [u8],
 ) {
-    let (head, q) = parts(kind).expect("packable kind");
+    let p = parts(kind);
     let (nb, rb, cb) = (cols / QK, kind.row_bytes(cols), chunk_bytes(kind, packing));
     let (group, kr, flip) = (packing.group(), packing.k_row(), packing.q8_flip());
+    let high_at = high_bits_at(kind, packing);
     assert_eq!(
         dst.len(),
         packed_len(kind, packing, rows, cols),
@@ -249,15 +307,25 @@ pub fn pack_into(
     for r in 0..rows {
         let (g, i) = (r / group, r % group);
         for b in 0..nb {
-            let blk = &src[r * rb + b * (head + q)..r * rb + (b + 1) * (head + q)];
+            let blk = &src[r * rb + b * p.block()..r * rb + (b + 1) * p.block()];
             let chunk = &mut dst[(g * nb + b) * cb..(g * nb + b + 1) * cb];
             // Scale fields: field f (2 bytes) of row i goes to [2 group f + 2 i].
-            for f in 0..head / 2 {
+            for f in 0..p.scales / 2 {
                 let at = 2 * group * f + 2 * i;
                 chunk[at..at + 2].copy_from_slice(&blk[2 * f..2 * f + 2]);
             }
-            let quants = &mut chunk[group * head..];
-            let qs = &blk[head..];
+            let qs = &blk[p.scales + p.high..];
+            if p.high > 0 {
+                let h = &blk[p.scales..p.scales + 4];
+                let qh = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+                for k in 0..8 {
+                    for t in 0..4 {
+                        let (byte, bit) = high_bit_at(packing, i, k, t);
+                        chunk[high_at + byte] |= (((qh >> (4 * k + t)) & 1) as u8) << bit;
+                    }
+                }
+            }
+            let quants = &mut chunk[group * p.scales..];
             // The layout `quant_at` defines, written 4 bytes (one k-row slot) at a time.
             if kind == QKind::Q8_0 {
                 for k in 0..8 {
@@ -293,19 +361,28 @@ pub fn unpack_row(
     r: usize,
     dst: &mut [u8],
 ) {
-    let (head, q) = parts(kind).expect("packable kind");
+    let p = parts(kind);
     let (nb, cb) = (cols / QK, chunk_bytes(kind, packing));
     let group = packing.group();
+    let high_at = high_bits_at(kind, packing);
     let (g, i) = (r / group, r % group);
     for b in 0..nb {
         let chunk = &packed[(g * nb + b) * cb..(g * nb + b + 1) * cb];
-        let blk = &mut dst[b * (head + q)..(b + 1) * (head + q)];
-        for f in 0..head / 2 {
+        let blk = &mut dst[b * p.block()..(b + 1) * p.block()];
+        for f in 0..p.scales / 2 {
             let at = 2 * group * f + 2 * i;
             blk[2 * f..2 * f + 2].copy_from_slice(&chunk[at..at + 2]);
         }
-        let quants = &chunk[group * head..];
-        let out = &mut blk[head..];
+        if p.high > 0 {
+            let mut qh = 0u32;
+            for j in 0..QK {
+                let (byte, bit) = high_bit_at(packing, i, j / 4, j % 4);
+                qh |= (((chunk[high_at + byte] >> bit) & 1) as u32) << j;
+            }
+            blk[p.scales..p.scales + 4].copy_from_slice(&qh.to_le_bytes());
+        }
+        let quants = &chunk[group * p.scales..];
+        let out = &mut blk[p.scales + p.high..];
         out.fill(0);
         for j in 0..QK {
             let (at, high) = quant_at(kind, packing, i, j);
@@ -336,7 +413,7 @@ mod tests {
     fn pack_then_unpack_is_identity() {
         for packing in [Packing::Vnni, Packing::Avx2] {
             let group = packing.group();
-            for kind in [QKind::Q4_0, QKind::Q4_1, QKind::Q8_0] {
+            for kind in PACKED_KINDS {
                 for rows in [3, 8, 16, 21] {
                     let cols = 96;
                     let rb = kind.row_bytes(cols);

@@ -56,7 +56,41 @@ pub fn dequantize_row(kind: QKind, w: &[u8], out: &mut [f32]) {
                 }
             }
         }
+        QKind::Q5_0 | QKind::Q5_1 => {
+            let bs = kind.row_bytes(QK);
+            for (o, blk) in out.chunks_exact_mut(QK).zip(w.chunks_exact(bs)) {
+                let (d, off) = q5_scales(kind, blk);
+                for (j, o) in o.iter_mut().enumerate() {
+                    *o = q5_value(blk, j) as f32 * d + off;
+                }
+            }
+        }
     }
+}
+
+/// A Q5 block's scale and the offset every weight carries: `-16 d` for Q5_0 (values stored
+/// plus 16), the minimum for Q5_1.
+fn q5_scales(kind: QKind, blk: &[u8]) -> (f32, f32) {
+    let d = f16_at(blk, 0);
+    if kind == QKind::Q5_1 {
+        (d, f16_at(blk, 2))
+    } else {
+        (d, -16.0 * d)
+    }
+}
+
+/// Stored value `j` (0..32, unsigned 5 bits) of a Q5_0 or Q5_1 block: the low nibble as Q4
+/// stores it (byte `j % 16`, high half for `j >= 16`) and bit `j` of the 32-bit word of fifth
+/// bits before the nibbles.
+pub(crate) fn q5_value(blk: &[u8], j: usize) -> u8 {
+    let qs = &blk[blk.len() - 16..];
+    let qh = &blk[blk.len() - 20..blk.len() - 16];
+    let nib = if j < 16 {
+        qs[j] & 0x0F
+    } else {
+        qs[j - 16] >> 4
+    };
+    nib | (((qh[j / 8] >> (j % 8)) & 1) << 4)
 }
 
 /// Quantizes to ggml Q8_0 blocks (round half away from zero, as ggml's reference does).
@@ -122,6 +156,17 @@ pub fn dot_rows<const R: usize>(
                         sum += blk[2 + j] as i8 as i32 * x.qs[b * QK + j] as i32;
                     }
                     *o += d * (x.d[b] * sum as f32);
+                }
+            }
+        }
+        (QKind::Q5_0 | QKind::Q5_1, Some(xq)) => {
+            for (b, blk) in w.chunks_exact(kind.row_bytes(QK)).enumerate() {
+                let (d, off) = q5_scales(kind, blk);
+                for (o, x) in out.iter_mut().zip(xq.iter()) {
+                    let sum: i32 = (0..QK)
+                        .map(|j| q5_value(blk, j) as i32 * x.qs[b * QK + j] as i32)
+                        .sum();
+                    *o += d * (x.d[b] * sum as f32) + off * x.s[b];
                 }
             }
         }

@@ -1,9 +1,10 @@
 //! Loading a llama-family model's weights, by the names GGUF and Hugging Face give them.
 //!
-//! GGUF tensors in a format with a kernel (F32, F16, BF16, Q4_0, Q4_1, Q8_0) stay in the memory
-//! map: loading touches no weight bytes. Q4_K is rewritten as Q4_1 (`kernels::kquant`); other
-//! GGUF formats (Q6_K, Q5_x, ...) are dequantized by candle and re-quantized to Q8_0 at load. Safetensors weights are copied out of candle's map in
-//! their own float format.
+//! GGUF tensors in a format with a kernel (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) stay in
+//! the memory map: loading touches no weight bytes. Q4_K is rewritten as Q4_1
+//! (`kernels::kquant`); other GGUF formats (Q6_K, Q5_K, ...) are dequantized by candle and
+//! re-quantized to Q8_0 at load. Safetensors weights are copied out of candle's map in their own
+//! float format.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -352,6 +353,8 @@ fn native_kind(d: GgmlDType) -> Option<QKind> {
         GgmlDType::Q4_0 => QKind::Q4_0,
         GgmlDType::Q4_1 => QKind::Q4_1,
         GgmlDType::Q8_0 => QKind::Q8_0,
+        GgmlDType::Q5_0 => QKind::Q5_0,
+        GgmlDType::Q5_1 => QKind::Q5_1,
         _ => return None,
     })
 }
