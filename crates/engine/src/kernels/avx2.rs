@@ -66,6 +66,19 @@ pub unsafe fn groups_variant<const R: usize>(job: &GroupJob<'_>, vnni: bool) {
     }
 }
 
+/// Unpacks the k-rows of `job`'s row groups (an AVX2-packed Q5 matrix) into `dst` for
+/// `GroupJob::unpacked`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (`has_avx2`).
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn unpack(job: &GroupJob<'_>, dst: &mut [u8]) {
+    assert_eq!(job.packing, Packing::Avx2, "not an AVX2-packed matrix");
+    job.check(0);
+    // SAFETY: bounds checked; the features are the caller's promise.
+    unsafe { x86::unpack(job, dst) }
+}
+
 /// Dispatches to the kernel for `kind`.
 ///
 /// # Safety
@@ -126,6 +139,9 @@ mod x86 {
     pub const Q5_0: u8 = 3;
     /// `groups`' format parameter.
     pub const Q5_1: u8 = 4;
+
+    /// Bytes of a chunk's k-rows unpacked.
+    const UNPACKED: usize = 8 * 4 * AVX2_GROUP;
 
     /// Integer dot products of a Q8_0 chunk's 8 rows (lane = row) with `R` tokens' block, whose
     /// 32 bytes start at `x[t]`.
@@ -272,6 +288,91 @@ mod x86 {
         join_chains(&acc, chains)
     }
 
+    /// Integer dot products of a Q5 chunk's eight k-rows already unpacked to unsigned bytes
+    /// (0..31) at `u` (`GroupJob::unpacked`) with `R` tokens' blocks: i16 sums widened every
+    /// four k-rows (see the module's saturation note).
+    ///
+    /// # Safety
+    /// `u` must point at 256 readable bytes, each `x[t]` at 32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn chunk_u8<const R: usize>(u: *const u8, x: &[*const i8; R]) -> [__m256i; R] {
+        let ones = _mm256_set1_epi16(1);
+        let mut sums = [_mm256_setzero_si256(); R];
+        // SAFETY: reads k-rows 0..8 at `u` and bytes 0..32 of each token's block.
+        unsafe {
+            for k0 in [0, 4] {
+                let mut p16 = [_mm256_setzero_si256(); R];
+                for k in k0..k0 + 4 {
+                    let wk = _mm256_loadu_si256(u.add(32 * k) as *const __m256i);
+                    for (p, &xt) in p16.iter_mut().zip(x) {
+                        let xb = _mm256_set1_epi32(std::ptr::read_unaligned(
+                            xt.add(4 * k) as *const i32
+                        ));
+                        *p = _mm256_add_epi16(*p, _mm256_maddubs_epi16(wk, xb));
+                    }
+                }
+                for (s, p) in sums.iter_mut().zip(p16) {
+                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+        sums
+    }
+
+    /// `chunk_u8` by AVX-VNNI.
+    ///
+    /// # Safety
+    /// As `chunk_u8`; the CPU must support AVX-VNNI.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn chunk_u8_vnni<const R: usize>(u: *const u8, x: &[*const i8; R]) -> [__m256i; R] {
+        // SAFETY: reads k-rows 0..8 at `u` and bytes 0..32 of each token's block.
+        unsafe {
+            parts_vnni(x, |c| {
+                let lo = _mm256_loadu_si256(u.add(64 * c) as *const __m256i);
+                (lo, _mm256_loadu_si256(u.add(64 * c + 32) as *const __m256i))
+            })
+        }
+    }
+
+    /// Unpacks `job`'s row groups into `dst` (see `super::unpack`).
+    ///
+    /// # Safety
+    /// As `super::unpack`, which checked the job's bounds.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn unpack(job: &GroupJob<'_>, dst: &mut [u8]) {
+        let nb = job.cols / QK;
+        let cb = chunk_bytes(job.kind, Packing::Avx2);
+        assert!(
+            matches!(job.kind, QKind::Q5_0 | QKind::Q5_1),
+            "only Q5 is unpacked"
+        );
+        let unpacked = Packing::Avx2.unpacked_chunk();
+        assert!(
+            dst.len() >= (job.g1 - job.g0) * nb * unpacked,
+            "unpack buffer"
+        );
+        let head = if job.kind == QKind::Q5_1 { 32 } else { 16 };
+        let high = high_bits_at(job.kind, Packing::Avx2);
+        // SAFETY: `check` bounded every chunk of groups < g1; `dst` holds every k-row written.
+        unsafe {
+            for (i, at) in (job.g0 * nb..job.g1 * nb).map(|c| c * cb).enumerate() {
+                if job.prefetch {
+                    prefetch_ahead(job.w, at, cb);
+                }
+                let chunk = job.w.as_ptr().add(at);
+                let out = dst.as_mut_ptr().add(i * unpacked);
+                let hb = _mm256_loadu_si256(chunk.add(high) as *const __m256i);
+                for c in 0..4 {
+                    let (lo, hi) = q5_part(chunk.add(head), hb, c);
+                    _mm256_storeu_si256(out.add(64 * c) as *mut __m256i, lo);
+                    _mm256_storeu_si256(out.add(64 * c + 32) as *mut __m256i, hi);
+                }
+            }
+        }
+    }
+
     /// K-row `k`'s fifth bits (bit plane `k` of a chunk's Q5 section, see `pack.rs`) moved to
     /// bit 4 of each byte, every other bit cleared: 16 where the weight has it, else 0. The
     /// 16-bit shifts move bit `k` within its own byte for every `k` in 0..8.
@@ -400,7 +501,8 @@ mod x86 {
     /// `$q4` and `$q5` for the chunks' integer dot products; `F` is the format (`Q8_0`, `Q4_0`,
     /// `Q4_1`, `Q5_0`, `Q5_1`).
     macro_rules! packed_product {
-        ($(#[$doc:meta])* $name:ident, $features:literal, $q8:ident, $q4:ident, $q5:ident) => {
+        ($(#[$doc:meta])* $name:ident, $features:literal, $q8:ident, $q4:ident, $q5:ident,
+         $u8:ident) => {
     $(#[$doc])*
     ///
     /// # Safety
@@ -447,9 +549,12 @@ mod x86 {
                     };
                     let x: [*const i8; R] =
                         std::array::from_fn(|t| qs.as_ptr().add((job.t0 + t) * cols + b * QK));
-                    let isums = match F {
-                        Q8_0 => $q8::<R>(chunk.add(head), &x),
-                        Q4_0 | Q4_1 => $q4::<R>(chunk.add(head), &x),
+                    let isums = match (F, job.unpacked) {
+                        (Q8_0, _) => $q8::<R>(chunk.add(head), &x),
+                        (Q4_0 | Q4_1, _) => $q4::<R>(chunk.add(head), &x),
+                        (_, Some(u)) => {
+                            $u8::<R>(u.as_ptr().add(((g - job.g0) * nb + b) * UNPACKED), &x)
+                        }
                         _ => $q5::<R>(chunk.add(head), chunk.add(high), &x),
                     };
                     for (t, (a, isum)) in acc.iter_mut().zip(isums).enumerate() {
@@ -482,7 +587,8 @@ mod x86 {
         "avx2,fma,f16c",
         chunk_q8,
         chunk_q4,
-        chunk_q5
+        chunk_q5,
+        chunk_u8
     );
     packed_product!(
         /// The AVX2-packed product with AVX-VNNI's dot products.
@@ -490,7 +596,8 @@ mod x86 {
         "avx2,fma,f16c,avxvnni",
         chunk_q8_vnni,
         chunk_q4_vnni,
-        chunk_q5_vnni
+        chunk_q5_vnni,
+        chunk_u8_vnni
     );
 
     #[inline]

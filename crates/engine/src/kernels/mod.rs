@@ -620,7 +620,7 @@ mod tests {
     /// product for Q5), which must not saturate.
     #[test]
     fn extreme_values_do_not_saturate() {
-        let (rows, cols, n) = (9, 128, 5);
+        let (rows, cols, n) = (9, 128, 21);
         for kind in pack::PACKED_KINDS {
             // Each block: one -1 (its scale's anchor), the rest 15/16 (Q4_0 / Q5_0 store them
             // at the top of their range, Q4_1 / Q5_1 and Q8_0 as well).
@@ -724,6 +724,7 @@ mod tests {
                 g1: rows.div_ceil(packing.group()),
                 out: out.as_mut_ptr(),
                 prefetch: false,
+                unpacked: None,
             };
             let mut single = vec![f32::NAN; n * rows];
             for t in 0..n {

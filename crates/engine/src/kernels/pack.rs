@@ -59,6 +59,11 @@ impl Packing {
         4 * self.group()
     }
 
+    /// Bytes of one chunk's eight k-rows unpacked to a byte per weight (`GroupJob::unpacked`).
+    pub fn unpacked_chunk(self) -> usize {
+        8 * self.k_row()
+    }
+
     /// What Q8_0 weights are stored as: XORed with this byte.
     fn q8_flip(self) -> u8 {
         match self {
@@ -93,6 +98,11 @@ pub struct GroupJob<'a> {
     pub out: *mut f32,
     /// Prefetch the chunks ahead (on the first pass over these rows).
     pub prefetch: bool,
+    /// The k-rows of groups `g0..g1` of a Q5 matrix already unpacked to one unsigned byte per
+    /// weight (`unpacked_chunk` bytes per chunk, group by group, block by block), for the
+    /// kernels to read instead of unpacking every chunk again for every few tokens: a batch of
+    /// many tokens unpacks them once. Scales still come from `w`.
+    pub unpacked: Option<&'a [u8]>,
 }
 
 impl GroupJob<'_> {
@@ -108,6 +118,13 @@ impl GroupJob<'_> {
             self.g0 == self.g1 || (self.g1 - 1) * group < self.rows,
             "row groups past the rows"
         );
+        if let Some(u) = self.unpacked {
+            assert!(
+                matches!(self.kind, QKind::Q5_0 | QKind::Q5_1)
+                    && (self.g1 - self.g0) * nb * self.packing.unpacked_chunk() <= u.len(),
+                "unpacked k-rows are Q5 and cover the row groups"
+            );
+        }
         let end = self.t0 + tokens;
         assert!(
             end * self.cols <= self.xq.qs_all().len(),
@@ -194,8 +211,8 @@ fn parts(kind: QKind) -> Parts {
     Parts::of(kind).expect("packable kind")
 }
 
-/// Every kind with a packed layout.
-#[cfg(test)]
+/// Every kind with a packed layout; a kernel generic over the format takes its index here as a
+/// const parameter (`F`), so each format's kernel is compiled without branches on the kind.
 pub(crate) const PACKED_KINDS: [QKind; 5] = [
     QKind::Q4_0,
     QKind::Q4_1,
@@ -203,6 +220,14 @@ pub(crate) const PACKED_KINDS: [QKind; 5] = [
     QKind::Q5_0,
     QKind::Q5_1,
 ];
+
+/// `kind`'s index in `PACKED_KINDS`.
+pub(crate) fn format_index(kind: QKind) -> u8 {
+    match PACKED_KINDS.iter().position(|&k| k == kind) {
+        Some(i) => i as u8,
+        None => panic!("{kind:?} has no packed layout"),
+    }
+}
 
 /// Whether `kind` has a packed layout.
 pub fn packable(kind: QKind) -> bool {
