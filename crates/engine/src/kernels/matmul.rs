@@ -25,8 +25,8 @@ const ROW_TILE: usize = 16;
 const TOKEN_TILE: usize = 4;
 /// Tokens from which a Q5 product unpacks its k-rows once for all of them (below, each kernel
 /// call unpacks the chunks it reads for its four tokens). Q5's fifth bits make unpacking cost
-/// more than the bytes it saves; Q4's nibbles cost less (unpacked, the products of 512 tokens
-/// were 7% slower on AVX-512 and AVX2 alike, Q5's 15–30% faster).
+/// more than the bytes it saves; Q4's nibbles cost less (unpacked, Q4's products of 512 tokens
+/// were 4–7% slower, Q5's 15–18% faster).
 const UNPACK_MIN_TOKENS: usize = 16;
 /// Most bytes of k-rows unpacked at a time: they stay in L2 while every token passes over them.
 const UNPACK_BYTES: usize = 256 << 10;
