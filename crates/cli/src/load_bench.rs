@@ -143,6 +143,12 @@ pub struct LoadBenchArgs {
     /// the streams' inter-token latency with and without it.
     #[arg(long)]
     long_prompt: Option<usize>,
+    /// Run the whole workload this many times per server, alternating which server goes first
+    /// (round 1: as listed, round 2: reversed, ...) with fresh prompt text each round, and report
+    /// each server's median of every measure and the ratios of those medians: on a shared or
+    /// noisy machine one run, and the order two servers run in, move the numbers.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=99))]
+    rounds: u32,
 }
 
 /// A server process that is killed when dropped.
@@ -422,21 +428,141 @@ pub fn run(a: LoadBenchArgs) -> Result<()> {
         .build()?;
     let wl = workload(&a);
     let (servers, targets) = start_servers(&a, &rt)?;
-    let mut all: Vec<(String, Vec<LoadReport>)> = Vec::new();
-    // Per server: resident memory idle, and its peak during each run (MiB), when started here.
-    let mut rss: Vec<Rss> = Vec::new();
+    let rounds = a.rounds as usize;
+    // Per server, per round, its reports; and its resident memory (MiB, servers started here):
+    // idle in the first round, and the highest peak of each level over the rounds.
+    let mut runs: Vec<Vec<Vec<LoadReport>>> = vec![Vec::new(); targets.len()];
+    let mut rss: Vec<Rss> = vec![(None, Vec::new()); targets.len()];
     rt.block_on(async {
-        for (name, url) in &targets {
-            let pid = servers.iter().find(|s| &s.url == url).map(|s| s.pid);
-            let (reports, server_rss) = bench_server(&a, &wl, name, url, pid).await?;
-            rss.push(server_rss);
-            all.push((name.clone(), reports));
+        for round in 0..rounds {
+            // Fresh text each round (no round finds an earlier one's prompts cached), the same
+            // for every server; every other round the servers go in the opposite order.
+            let round_wl = Workload {
+                seed: wl.seed.wrapping_add(7_919 * round as u64),
+                ..wl.clone()
+            };
+            let mut order: Vec<usize> = (0..targets.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            if rounds > 1 {
+                eprintln!("round {} of {rounds}", round + 1);
+            }
+            for i in order {
+                let (name, url) = &targets[i];
+                let pid = servers.iter().find(|s| &s.url == url).map(|s| s.pid);
+                let (reports, (idle, peaks)) = bench_server(&a, &round_wl, name, url, pid).await?;
+                runs[i].push(reports);
+                let (first_idle, max_peaks) = &mut rss[i];
+                if round == 0 {
+                    *first_idle = idle;
+                }
+                max_peaks.resize(peaks.len(), None);
+                for (m, p) in max_peaks.iter_mut().zip(peaks) {
+                    *m = match (*m, p) {
+                        (Some(x), Some(y)) => Some(x.max(y)),
+                        (x, y) => x.or(y),
+                    };
+                }
+            }
         }
         Ok::<_, anyhow::Error>(())
     })?;
     drop(servers);
-    print_ratios(&all);
+    let medians: Vec<(String, Vec<Measures>)> = targets
+        .iter()
+        .zip(&runs)
+        .map(|((name, _), r)| (name.clone(), median_measures(r)))
+        .collect();
+    if rounds > 1 {
+        print_rounds(&targets, &runs, &medians);
+    }
+    let labels: Vec<String> = runs[0][0].iter().map(run_label).collect();
+    print_ratios(&labels, &medians);
+    // The JSON and the plot hold, per server and level, the round with the median throughput.
+    let all: Vec<(String, Vec<LoadReport>)> = targets
+        .iter()
+        .zip(runs)
+        .map(|((name, _), r)| (name.clone(), median_runs(r)))
+        .collect();
     write_outputs(&a, &wl, &all, &rss)
+}
+
+/// What the ratios compare, per level: output tok/s, mean TTFT, p50 and p99 ITL (ms).
+type Measures = [f64; 4];
+
+fn measures(r: &LoadReport) -> Measures {
+    let s = &r.summary;
+    [s.output_tok_s, s.ttft_ms.mean, s.itl_ms.p50, s.itl_ms.p99]
+}
+
+/// The median (the mean of the middle two for an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Each level's median of each measure over the rounds (`rounds[round][level]`).
+fn median_measures(rounds: &[Vec<LoadReport>]) -> Vec<Measures> {
+    (0..rounds[0].len())
+        .map(|l| {
+            std::array::from_fn(|m| median(rounds.iter().map(|r| measures(&r[l])[m]).collect()))
+        })
+        .collect()
+}
+
+/// Each level's round with the median output tok/s (the lower middle one for an even count).
+fn median_runs(rounds: Vec<Vec<LoadReport>>) -> Vec<LoadReport> {
+    let mut by_level: Vec<Vec<LoadReport>> = (0..rounds[0].len()).map(|_| Vec::new()).collect();
+    for round in rounds {
+        for (l, r) in round.into_iter().enumerate() {
+            by_level[l].push(r);
+        }
+    }
+    by_level
+        .into_iter()
+        .map(|mut rs| {
+            rs.sort_by(|x, y| x.summary.output_tok_s.total_cmp(&y.summary.output_tok_s));
+            rs.swap_remove((rs.len() - 1) / 2)
+        })
+        .collect()
+}
+
+/// A level's label, with `+long` for its run with the long prompt.
+fn run_label(r: &LoadReport) -> String {
+    let long = if r.long_prompt.is_some() { "+long" } else { "" };
+    format!("{}{long}", level_label(&r.arrival))
+}
+
+/// Every round's throughput and each measure's median, per server and level.
+fn print_rounds(
+    targets: &[Target],
+    runs: &[Vec<Vec<LoadReport>>],
+    medians: &[(String, Vec<Measures>)],
+) {
+    println!("\nmedians over {} rounds:", runs[0].len());
+    for (((name, _), rounds), (_, med)) in targets.iter().zip(runs).zip(medians) {
+        for (l, m) in med.iter().enumerate() {
+            let each: Vec<String> = rounds
+                .iter()
+                .map(|r| format!("{:.1}", r[l].summary.output_tok_s))
+                .collect();
+            println!(
+                "  {name:<12} {:<8} output tok/s {:.1} (rounds: {}) | mean TTFT {:.0} ms | p50 ITL {:.1} ms | p99 ITL {:.1} ms",
+                run_label(&rounds[0][l]),
+                m[0],
+                each.join(", "),
+                m[1],
+                m[2],
+                m[3],
+            );
+        }
+    }
 }
 
 /// The servers to measure, as (name, base URL): the one `--url` names, or those started here
@@ -580,20 +706,18 @@ async fn warm_up(a: &LoadBenchArgs, wl: &Workload, url: &str, model: &str) {
     .await;
 }
 
-/// With two servers, how the first compares with the second at each level.
-fn print_ratios(all: &[(String, Vec<LoadReport>)]) {
-    if all.len() == 2 {
-        println!("\nratios ({} / {}):", all[0].0, all[1].0);
-        for (x, y) in all[0].1.iter().zip(&all[1].1) {
-            let (sx, sy) = (&x.summary, &y.summary);
+/// With two servers, how the first compares with the second at each level (each measure's
+/// median over the rounds).
+fn print_ratios(labels: &[String], medians: &[(String, Vec<Measures>)]) {
+    if let [(a, x), (b, y)] = medians {
+        println!("\nratios ({a} / {b}):");
+        for ((label, x), y) in labels.iter().zip(x).zip(y) {
             println!(
-                "  {:<7}{} output tok/s {:.2}x | mean TTFT {:.2}x lower | p50 ITL {:.2}x lower | p99 ITL {:.2}x lower",
-                level_label(&x.arrival),
-                if x.long_prompt.is_some() { "+long" } else { "" },
-                sx.output_tok_s / sy.output_tok_s.max(1e-9),
-                sy.ttft_ms.mean / sx.ttft_ms.mean.max(1e-9),
-                sy.itl_ms.p50 / sx.itl_ms.p50.max(1e-9),
-                sy.itl_ms.p99 / sx.itl_ms.p99.max(1e-9),
+                "  {label:<7} output tok/s {:.2}x | mean TTFT {:.2}x lower | p50 ITL {:.2}x lower | p99 ITL {:.2}x lower",
+                x[0] / y[0].max(1e-9),
+                y[1] / x[1].max(1e-9),
+                y[2] / x[2].max(1e-9),
+                y[3] / x[3].max(1e-9),
             );
         }
     }
@@ -642,4 +766,56 @@ fn write_outputs(
         std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lastmile_bench::{Percentiles, Summary};
+
+    fn report(tok_s: f64, ttft: f64, p99: f64) -> LoadReport {
+        let pct = |v: f64| Percentiles {
+            mean: v,
+            p50: v,
+            p99: v,
+            ..Percentiles::default()
+        };
+        LoadReport {
+            arrival: Arrival::Concurrency(16),
+            summary: Summary {
+                completed: 1,
+                errors: 0,
+                error_samples: Vec::new(),
+                duration_s: 1.0,
+                prompt_tokens: 0,
+                output_tokens: 0,
+                output_tok_s: tok_s,
+                requests_s: 1.0,
+                ttft_ms: pct(ttft),
+                itl_ms: pct(p99),
+                e2e_ms: pct(1.0),
+            },
+            requests: Vec::new(),
+            long_prompt: None,
+        }
+    }
+
+    /// Each measure's median is taken on its own (the round with the median throughput need
+    /// not have the median latency), and the representative round is a real one.
+    #[test]
+    fn medians_over_rounds() {
+        let rounds = vec![
+            vec![report(300.0, 900.0, 70.0)],
+            vec![report(250.0, 1500.0, 200.0)],
+            vec![report(350.0, 1100.0, 90.0)],
+        ];
+        assert_eq!(median_measures(&rounds), vec![[300.0, 1100.0, 90.0, 90.0]]);
+        let picked = median_runs(rounds);
+        assert_eq!(picked.len(), 1);
+        assert_eq!(picked[0].summary.output_tok_s, 300.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        // Two rounds: the lower of the two is the representative run.
+        let two = vec![vec![report(10.0, 1.0, 1.0)], vec![report(20.0, 1.0, 1.0)]];
+        assert_eq!(median_runs(two)[0].summary.output_tok_s, 10.0);
+    }
 }
