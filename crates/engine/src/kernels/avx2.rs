@@ -48,20 +48,20 @@ pub unsafe fn groups<const R: usize>(job: &GroupJob<'_>) {
 pub unsafe fn groups_variant<const R: usize>(job: &GroupJob<'_>, vnni: bool) {
     assert_eq!(job.packing, Packing::Avx2, "not an AVX2-packed matrix");
     job.check(R);
+    use super::pack::{format::*, format_index};
     // SAFETY: bounds checked; features and ownership are the caller's promise.
     unsafe {
-        match (job.kind, vnni) {
-            (QKind::Q8_0, false) => x86::groups::<R, { x86::Q8_0 }>(job),
-            (QKind::Q4_0, false) => x86::groups::<R, { x86::Q4_0 }>(job),
-            (QKind::Q4_1, false) => x86::groups::<R, { x86::Q4_1 }>(job),
-            (QKind::Q5_0, false) => x86::groups::<R, { x86::Q5_0 }>(job),
-            (QKind::Q5_1, false) => x86::groups::<R, { x86::Q5_1 }>(job),
-            (QKind::Q8_0, true) => x86::groups_vnni::<R, { x86::Q8_0 }>(job),
-            (QKind::Q4_0, true) => x86::groups_vnni::<R, { x86::Q4_0 }>(job),
-            (QKind::Q4_1, true) => x86::groups_vnni::<R, { x86::Q4_1 }>(job),
-            (QKind::Q5_0, true) => x86::groups_vnni::<R, { x86::Q5_0 }>(job),
-            (QKind::Q5_1, true) => x86::groups_vnni::<R, { x86::Q5_1 }>(job),
-            (other, _) => panic!("{other:?} has no packed layout"),
+        match (format_index(job.kind), vnni) {
+            (Q4_0, false) => x86::groups::<R, Q4_0>(job),
+            (Q4_1, false) => x86::groups::<R, Q4_1>(job),
+            (Q8_0, false) => x86::groups::<R, Q8_0>(job),
+            (Q5_0, false) => x86::groups::<R, Q5_0>(job),
+            (_, false) => x86::groups::<R, Q5_1>(job),
+            (Q4_0, true) => x86::groups_vnni::<R, Q4_0>(job),
+            (Q4_1, true) => x86::groups_vnni::<R, Q4_1>(job),
+            (Q8_0, true) => x86::groups_vnni::<R, Q8_0>(job),
+            (Q5_0, true) => x86::groups_vnni::<R, Q5_0>(job),
+            (_, true) => x86::groups_vnni::<R, Q5_1>(job),
         }
     }
 }
@@ -125,20 +125,12 @@ pub(crate) use x86::lanes_below;
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::pack::{chunk_bytes, high_bits_at, prefetch_ahead, Packing, AVX2_GROUP};
+    use super::super::pack::format::*;
+    use super::super::pack::{
+        chunk_bytes, high_bits_at, prefetch_ahead, Packing, AVX2_GROUP, PACKED_KINDS,
+    };
     use super::super::{QKind, QK};
     use super::{GroupJob, Q8Row};
-
-    /// `groups`' format parameter.
-    pub const Q8_0: u8 = 0;
-    /// `groups`' format parameter.
-    pub const Q4_0: u8 = 1;
-    /// `groups`' format parameter.
-    pub const Q4_1: u8 = 2;
-    /// `groups`' format parameter.
-    pub const Q5_0: u8 = 3;
-    /// `groups`' format parameter.
-    pub const Q5_1: u8 = 4;
 
     /// Bytes of a chunk's k-rows unpacked.
     const UNPACKED: usize = 8 * 4 * AVX2_GROUP;
@@ -510,18 +502,16 @@ mod x86 {
     /// function enables.
     #[target_feature(enable = $features)]
     pub unsafe fn $name<const R: usize, const F: u8>(job: &GroupJob<'_>) {
-        let kind = match F {
-            Q8_0 => QKind::Q8_0,
-            Q4_0 => QKind::Q4_0,
-            Q4_1 => QKind::Q4_1,
-            Q5_0 => QKind::Q5_0,
-            _ => QKind::Q5_1,
-        };
+        let kind = PACKED_KINDS[F as usize];
         debug_assert_eq!(kind, job.kind);
         let (cols, rows) = (job.cols, job.rows);
         let nb = cols / QK;
         let cb = chunk_bytes(kind, Packing::Avx2);
-        let high = if F >= Q5_0 { high_bits_at(kind, Packing::Avx2) } else { 0 };
+        let high = if F == Q5_0 || F == Q5_1 {
+            high_bits_at(kind, Packing::Avx2)
+        } else {
+            0
+        };
         // Scale bytes ahead of the quants: 8 f16 `d`, and 8 f16 `m` for Q4_1 and Q5_1.
         let minimum = F == Q4_1 || F == Q5_1;
         let head = if minimum { 32 } else { 16 };

@@ -25,15 +25,15 @@ pub unsafe fn groups<const R: usize>(job: &GroupJob<'_>) {
         "not a VNNI-packed matrix"
     );
     job.check(R);
-    use super::pack::format_index;
+    use super::pack::{format::*, format_index};
     // SAFETY: bounds checked; features and ownership are the caller's promise.
     unsafe {
         match format_index(job.kind) {
-            0 => x86::groups::<R, 0>(job),
-            1 => x86::groups::<R, 1>(job),
-            2 => x86::groups::<R, 2>(job),
-            3 => x86::groups::<R, 3>(job),
-            _ => x86::groups::<R, 4>(job),
+            Q4_0 => x86::groups::<R, Q4_0>(job),
+            Q4_1 => x86::groups::<R, Q4_1>(job),
+            Q8_0 => x86::groups::<R, Q8_0>(job),
+            Q5_0 => x86::groups::<R, Q5_0>(job),
+            _ => x86::groups::<R, Q5_1>(job),
         }
     }
 }

@@ -211,8 +211,22 @@ fn parts(kind: QKind) -> Parts {
     Parts::of(kind).expect("packable kind")
 }
 
-/// Every kind with a packed layout; a kernel generic over the format takes its index here as a
-/// const parameter (`F`), so each format's kernel is compiled without branches on the kind.
+/// The packed kinds as the const parameter (`F`) of the kernels generic over the format, so
+/// each format's kernel is compiled without branches on the kind: indices into `PACKED_KINDS`.
+pub(crate) mod format {
+    /// Q4_0.
+    pub const Q4_0: u8 = 0;
+    /// Q4_1.
+    pub const Q4_1: u8 = 1;
+    /// Q8_0.
+    pub const Q8_0: u8 = 2;
+    /// Q5_0.
+    pub const Q5_0: u8 = 3;
+    /// Q5_1.
+    pub const Q5_1: u8 = 4;
+}
+
+/// Every kind with a packed layout, at its `format` index.
 pub(crate) const PACKED_KINDS: [QKind; 5] = [
     QKind::Q4_0,
     QKind::Q4_1,
@@ -221,11 +235,15 @@ pub(crate) const PACKED_KINDS: [QKind; 5] = [
     QKind::Q5_1,
 ];
 
-/// `kind`'s index in `PACKED_KINDS`.
+/// `kind`'s `format` index.
 pub(crate) fn format_index(kind: QKind) -> u8 {
-    match PACKED_KINDS.iter().position(|&k| k == kind) {
-        Some(i) => i as u8,
-        None => panic!("{kind:?} has no packed layout"),
+    match kind {
+        QKind::Q4_0 => format::Q4_0,
+        QKind::Q4_1 => format::Q4_1,
+        QKind::Q8_0 => format::Q8_0,
+        QKind::Q5_0 => format::Q5_0,
+        QKind::Q5_1 => format::Q5_1,
+        other => panic!("{other:?} has no packed layout"),
     }
 }
 
@@ -433,6 +451,14 @@ pub fn unpack_row(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn format_indices_name_their_kinds() {
+        for (i, kind) in PACKED_KINDS.into_iter().enumerate() {
+            assert_eq!(format_index(kind) as usize, i, "{kind:?}");
+            assert!(packable(kind));
+        }
+    }
 
     #[test]
     fn pack_then_unpack_is_identity() {
