@@ -1,4 +1,5 @@
-//! ggml's Q4_K ("k-quant") rewritten as Q4_1 at load, so it runs on the Q4_1 kernels.
+//! ggml's k-quants rewritten at load into formats the kernels run: Q4_K as Q4_1 (exactly, up
+//! to f16 rounding of its scales), Q6_K as Q8_0 (re-quantized).
 //!
 //! A Q4_K super-block holds 256 weights as eight sub-blocks of 32 that share one f16 scale `d`
 //! and one f16 `dmin`, each with a 6-bit scale `sc` and 6-bit minimum `m`: weight = `d * sc * q -
@@ -58,6 +59,51 @@ pub fn q4k_to_q4_1(src: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Bytes of one Q6_K super-block: 128 bytes of low nibbles, 64 of high bit pairs, 16 signed
+/// 8-bit scales (one per 16 weights), the f16 scale `d`.
+pub const Q6K_BLOCK_BYTES: usize = 210;
+
+/// One Q6_K super-block's 256 weights as f32: weight = `d * scale * (q - 32)`, `q` the 6-bit
+/// value. The block is two halves of 128 weights, each with 64 nibble bytes, 32 bytes of bit
+/// pairs and 8 scales; within a half, weight `32 * j + l` (`j` < 4, `l` < 32) takes the low
+/// (`j` < 2) or high nibble of nibble byte `l + 32 * (j % 2)`, bits `2j..2j + 2` of pair byte
+/// `l` on top, and scale `2j + l / 16`. Computed as candle's (ggml's) dequantization does, to
+/// the same f32 bits.
+fn q6k_values(sb: &[u8], out: &mut [f32; Q4K_WEIGHTS]) {
+    let d = half::f16::from_le_bytes([sb[208], sb[209]]).to_f32();
+    for half in 0..2 {
+        let ql = &sb[64 * half..64 * half + 64];
+        let qh = &sb[128 + 32 * half..128 + 32 * half + 32];
+        let sc = &sb[192 + 8 * half..192 + 8 * half + 8];
+        for j in 0..4 {
+            for l in 0..32 {
+                let byte = ql[l + 32 * (j % 2)];
+                let low = if j < 2 { byte & 0x0F } else { byte >> 4 };
+                let q = (low | (((qh[l] >> (2 * j)) & 3) << 4)) as i8 - 32;
+                let scale = sc[2 * j + l / 16] as i8;
+                out[128 * half + 32 * j + l] = d * scale as f32 * q as f32;
+            }
+        }
+    }
+}
+
+/// Converts whole Q6_K data (a multiple of 210 bytes) to Q8_0 blocks (34 bytes per 32 weights),
+/// byte for byte what quantizing candle's dequantization of it gives (`quantize_q8_0`), without
+/// the matrix in f32.
+pub fn q6k_to_q8_0(src: &[u8]) -> Vec<u8> {
+    assert!(
+        src.len().is_multiple_of(Q6K_BLOCK_BYTES),
+        "partial Q6_K super-block"
+    );
+    let mut out = Vec::with_capacity(src.len() / Q6K_BLOCK_BYTES * 8 * 34);
+    let mut values = [0.0f32; Q4K_WEIGHTS];
+    for sb in src.chunks_exact(Q6K_BLOCK_BYTES) {
+        q6k_values(sb, &mut values);
+        super::scalar::quantize_q8_0_into(&values, &mut out);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::borrow::Cow;
@@ -102,5 +148,28 @@ mod tests {
             want.iter().any(|v| v.abs() > 1.0),
             "test data too small to mean anything"
         );
+    }
+
+    /// Q6_K rewritten directly is byte for byte what the general path (candle's dequantization,
+    /// then `quantize_q8_0`) makes of it, over random blocks with scales of both signs.
+    #[test]
+    fn q6k_converts_like_dequantizing_and_quantizing() {
+        let mut seed = 5u32;
+        let mut src = Vec::new();
+        for b in 0..5 {
+            for _ in 0..208 {
+                seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                src.push((seed >> 24) as u8);
+            }
+            src.extend_from_slice(&half::f16::from_f32(0.002 * (b + 1) as f32).to_le_bytes());
+        }
+        let storage =
+            QStorage::from_data(Cow::Borrowed(&src), &Device::Cpu, GgmlDType::Q6K).unwrap();
+        let values: Vec<f32> = QTensor::new(storage, (5 * Q4K_WEIGHTS,))
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap();
+        assert!(values.iter().any(|v| *v < -1.0) && values.iter().any(|v| *v > 1.0));
+        assert_eq!(q6k_to_q8_0(&src), scalar::quantize_q8_0(&values));
     }
 }

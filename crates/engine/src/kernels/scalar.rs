@@ -95,7 +95,13 @@ pub(crate) fn q5_value(blk: &[u8], j: usize) -> u8 {
 
 /// Quantizes to ggml Q8_0 blocks (round half away from zero, as ggml's reference does).
 pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() / QK * 34);
+    let mut out = Vec::with_capacity(values.len().div_ceil(QK) * 34);
+    quantize_q8_0_into(values, &mut out);
+    out
+}
+
+/// `quantize_q8_0`, appending to `out`.
+pub fn quantize_q8_0_into(values: &[f32], out: &mut Vec<u8>) {
     for b in values.chunks(QK) {
         let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
@@ -106,7 +112,6 @@ pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
             out.push((v * id).round() as i8 as u8);
         }
     }
-    out
 }
 
 /// Dot products of one weight row with `R` activation rows.

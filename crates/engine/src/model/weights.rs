@@ -1,9 +1,9 @@
 //! Loading a llama-family model's weights, by the names GGUF and Hugging Face give them.
 //!
 //! GGUF tensors in a format with a kernel (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) stay in
-//! the memory map: loading touches no weight bytes. Q4_K is rewritten as Q4_1
-//! (`kernels::kquant`); other GGUF formats (Q6_K, Q5_K, ...) are dequantized by candle and
-//! re-quantized to Q8_0 at load. Safetensors weights are copied out of candle's map in their own
+//! the memory map: loading touches no weight bytes. Q4_K is rewritten as Q4_1 and Q6_K as Q8_0
+//! (`kernels::kquant`); other GGUF formats (Q5_K, Q3_K, ...) are dequantized by candle and
+//! re-quantized to Q8_0 at load. Rewriting runs on every core. Safetensors weights are copied out of candle's map in their own
 //! float format.
 
 use std::borrow::Cow;
@@ -202,12 +202,27 @@ impl Weights {
 
     /// Loads from a GGUF file.
     pub fn from_gguf(f: &GgufFile, cfg: &ModelConfig) -> Result<Self> {
-        let embed = gguf_matrix(f, "token_embd.weight")?;
-        let output = if f.tensor("output.weight").is_some() {
-            gguf_matrix(f, "output.weight")?
-        } else {
-            embed.clone()
-        };
+        const LAYER_MATRICES: [&str; 7] = [
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ];
+        let tied = f.tensor("output.weight").is_none();
+        let mut names = vec!["token_embd.weight".to_string()];
+        if !tied {
+            names.push("output.weight".to_string());
+        }
+        for i in 0..cfg.layers {
+            names.extend(LAYER_MATRICES.iter().map(|m| format!("blk.{i}.{m}.weight")));
+        }
+        let mut mats = gguf_matrices(f, &names)?.into_iter();
+        let mut next = || mats.next().expect("one matrix per name");
+        let embed = next();
+        let output = if tied { embed.clone() } else { next() };
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let n = |s: &str| format!("blk.{i}.{s}");
@@ -222,15 +237,15 @@ impl Weights {
             };
             layers.push(LayerWeights {
                 attn_norm: gguf_vector(f, &n("attn_norm.weight"))?,
-                wq: gguf_matrix(f, &n("attn_q.weight"))?,
-                wk: gguf_matrix(f, &n("attn_k.weight"))?,
-                wv: gguf_matrix(f, &n("attn_v.weight"))?,
+                wq: next(),
+                wk: next(),
+                wv: next(),
                 bias_qkv,
-                wo: gguf_matrix(f, &n("attn_output.weight"))?,
+                wo: next(),
                 ffn_norm: gguf_vector(f, &n("ffn_norm.weight"))?,
-                w_gate: gguf_matrix(f, &n("ffn_gate.weight"))?,
-                w_up: gguf_matrix(f, &n("ffn_up.weight"))?,
-                w_down: gguf_matrix(f, &n("ffn_down.weight"))?,
+                w_gate: next(),
+                w_up: next(),
+                w_down: next(),
             });
         }
         let rope_freqs = match f.tensor("rope_freqs.weight") {
@@ -406,6 +421,16 @@ pub fn gguf_matrix(f: &GgufFile, name: &str) -> Result<QMatrix> {
             )
             .map_err(bad)
         }
+        None if t.dtype == GgmlDType::Q6K && cols.is_multiple_of(kquant::Q4K_WEIGHTS) => {
+            let bytes = &f.mmap()[t.start..t.start + t.len];
+            QMatrix::new(
+                QKind::Q8_0,
+                rows,
+                cols,
+                WeightBytes::Owned(Arc::new(kquant::q6k_to_q8_0(bytes))),
+            )
+            .map_err(bad)
+        }
         None => {
             let values = dequantize_gguf(f, name)?;
             let (kind, bytes) = if cols % QK == 0 {
@@ -419,6 +444,36 @@ pub fn gguf_matrix(f: &GgufFile, name: &str) -> Result<QMatrix> {
             QMatrix::new(kind, rows, cols, WeightBytes::Owned(Arc::new(bytes))).map_err(bad)
         }
     }
+}
+
+/// The 2-D GGUF tensors `names` as matrices, in order. Those in a format without a kernel are
+/// rewritten (`gguf_matrix`), which reads and writes every weight: spread over the cores, as
+/// the repacking after it is (it is part of every cold start of a k-quant file).
+fn gguf_matrices(f: &GgufFile, names: &[String]) -> Result<Vec<QMatrix>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut done: Vec<(usize, Result<QMatrix>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads.min(names.len()))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(name) = names.get(i) else {
+                            return mine;
+                        };
+                        mine.push((i, gguf_matrix(f, name)));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, m)| m).collect()
 }
 
 /// A 1-D GGUF tensor as f32 values.
