@@ -58,29 +58,18 @@ impl KvCache {
     }
 
     /// Prefetches into L2 the keys and values of `layer` that a sequence with block table
-    /// `table` holds for positions `positions`, block by block from the first, up to `budget`
+    /// `table` holds for positions `0..ctx`, block by block from the first, up to `budget`
     /// bytes (which it lowers by what it asked for). A decode step's attention reads them right
     /// after the layer's projections, by which time the weights streamed since the last step
     /// have evicted them; asked for before the projections, they arrive while those run.
-    pub fn prefetch(
-        &self,
-        layer: usize,
-        table: &[u32],
-        positions: std::ops::Range<usize>,
-        budget: &mut usize,
-    ) {
+    pub fn prefetch(&self, layer: usize, table: &[u32], ctx: usize, budget: &mut usize) {
         let block_len = self.block_size * self.kv_dim;
         let bytes = |s: &[u16]| -> &[u8] {
             // SAFETY: any u16 slice is a valid byte slice of twice its length.
             unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, s.len() * 2) }
         };
         let (k, v) = (bytes(&self.k[layer]), bytes(&self.v[layer]));
-        if positions.is_empty() {
-            return;
-        }
-        let end = positions.end.div_ceil(self.block_size).min(table.len());
-        let first = (positions.start / self.block_size).min(end);
-        for &b in &table[first..end] {
+        for &b in &table[..ctx.div_ceil(self.block_size).min(table.len())] {
             if *budget < 4 * block_len {
                 return;
             }
@@ -490,22 +479,8 @@ mod tests {
             let slot = cache.slot(&table, 21);
             cache.write(1, slot, &k, &v);
             let mut budget = 2 * 4 * bs * dim + 1;
-            cache.prefetch(1, &table, 0..10_000, &mut budget);
+            cache.prefetch(1, &table, 10_000, &mut budget);
             assert_eq!(budget, 1, "two blocks' keys and values, then no more");
-            // A range asks for the blocks holding its positions, and only those.
-            let block = 4 * bs * dim;
-            for (range, blocks) in [
-                (40..50, 2),
-                (40..48, 1),
-                (31..33, 2),
-                (0..1, 1),
-                (21..21, 0),
-                (60..99, 1),
-            ] {
-                let mut budget = 10 * block;
-                cache.prefetch(1, &table, range.clone(), &mut budget);
-                assert_eq!(budget, (10 - blocks) * block, "{range:?}");
-            }
             let bits = |x: f32| half::f16::from_f32(x).to_bits();
             let (ks, vs) = cache.layer(1);
             for c in 0..dim {

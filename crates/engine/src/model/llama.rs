@@ -294,21 +294,13 @@ impl LlamaModel {
             },
         ];
         // The keys and values attention reads next are asked for while the projections stream
-        // their weights: the blocks this step writes by this thread (which goes on to the
-        // rotary embedding and the cache writes), the sequences' earlier blocks by the others,
-        // a sequence each in turn (with one thread, all by it).
+        // their weights: each sequence's by one thread, from the last (where there is one
+        // sequence, not the thread that goes on to the rope and the cache writes).
         let threads = pool.threads();
         let kv_ahead = |tid: usize| {
             let mut budget = KV_PREFETCH_BYTES;
-            for (i, sq) in seqs.iter().enumerate() {
-                let (old, new) = (0..sq.pos0, sq.pos0..sq.pos0 + sq.len);
-                if threads == 1 {
-                    kv.prefetch(li, sq.blocks, 0..new.end, &mut budget);
-                } else if tid == 0 {
-                    kv.prefetch(li, sq.blocks, new, &mut budget);
-                } else if 1 + i % (threads - 1) == tid {
-                    kv.prefetch(li, sq.blocks, old, &mut budget);
-                }
+            for sq in seqs.iter().skip(threads - 1 - tid).step_by(threads) {
+                kv.prefetch(li, sq.blocks, sq.pos0 + sq.len, &mut budget);
             }
         };
         matmul_beside(pool, &mut qkv, &s.xn, &s.acts, n, &kv_ahead);
