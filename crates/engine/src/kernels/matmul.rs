@@ -114,20 +114,6 @@ impl ChunkQueue {
 /// Computes every task's product of `n` input rows (`xf` as f32, `xq` the same rows quantized,
 /// which must be filled when any task's kind wants it).
 pub fn matmul(pool: &ThreadPool, tasks: &mut [MatmulTask<'_>], xf: &[f32], xq: &Q8Acts, n: usize) {
-    matmul_beside(pool, tasks, xf, xq, n, &|_| {})
-}
-
-/// `matmul`, with each thread calling `beside(its index)` as it starts: work that overlaps
-/// the product's weight stream (prefetches of what comes next) without a join of its own. The
-/// threads that spend longer in it take fewer of the product's chunks.
-pub fn matmul_beside(
-    pool: &ThreadPool,
-    tasks: &mut [MatmulTask<'_>],
-    xf: &[f32],
-    xq: &Q8Acts,
-    n: usize,
-    beside: &(dyn Fn(usize) + Sync),
-) {
     if tasks.is_empty() || n == 0 {
         return;
     }
@@ -147,7 +133,6 @@ pub fn matmul_beside(
     let total = outs.iter().map(|(w, _)| units(w)).sum();
     let queue = ChunkQueue::new(total, pool.threads(), CHUNKS_PER_THREAD, FLOOR_DIVISOR);
     pool.run(&|tid| {
-        beside(tid);
         let (mut lo, mut hi) = queue.first(tid);
         while lo < hi {
             // A thread claims its next chunk as it starts one and prefetches that chunk's first

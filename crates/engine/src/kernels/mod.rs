@@ -20,7 +20,7 @@ mod scalar;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx2::lanes_below;
-pub use matmul::{matmul, matmul_beside, MatmulTask};
+pub use matmul::{matmul, MatmulTask};
 pub use pack::Packing;
 pub(crate) use pack::{prefetch_range, zeroed_huge};
 pub use q8::Q8Acts;

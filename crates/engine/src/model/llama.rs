@@ -12,7 +12,7 @@ use super::attention;
 use super::config::ModelConfig;
 use super::ops;
 use super::weights::Weights;
-use crate::kernels::{matmul, matmul_beside, MatmulTask, Q8Acts, QK};
+use crate::kernels::{matmul, MatmulTask, Q8Acts, QK};
 use crate::kv::KvCache;
 use crate::parallel::{SharedMut, ThreadPool};
 
@@ -126,31 +126,15 @@ fn swiglu_and_quantize(
     }
     let g = SharedMut::new(&mut gate[..n * width]);
     let w = acts.writer(n, width);
-    // Columns `c0..c1` of row `t`: elementwise, then whole blocks quantized, so a row's result
-    // is the same however it is cut.
-    let part = |t: usize, c0: usize, c1: usize| {
-        // SAFETY: every caller below hands each (row, column range) to one thread alone, which
-        // alone touches those values and their blocks of `acts`.
+    for_rows(pool, n, &|t| {
+        // SAFETY: `for_rows` hands row `t` to one thread alone, which alone touches it and
+        // its blocks of `acts`.
         unsafe {
-            let row = g.slice(t * width + c0, c1 - c0);
-            ops::swiglu(row, &up[t * width + c0..t * width + c1]);
-            w.quantize(t, c0, row);
+            let row = g.slice(t * width, width);
+            ops::swiglu(row, &up[t * width..(t + 1) * width]);
+            w.quantize(t, 0, row);
         }
-    };
-    let threads = pool.threads();
-    if n < PARALLEL_ROWS && threads > 1 {
-        // Too few rows to share out: each row's blocks are (a decode step's 1,536-wide SwiGLU
-        // took a few microseconds on one core while the others waited).
-        let blocks = width / QK;
-        pool.run(&|tid| {
-            let (b0, b1) = (blocks * tid / threads, blocks * (tid + 1) / threads);
-            if b0 < b1 {
-                (0..n).for_each(|t| part(t, b0 * QK, b1 * QK));
-            }
-        });
-        return;
-    }
-    for_rows(pool, n, &|t| part(t, 0, width));
+    });
 }
 
 fn grow(v: &mut Vec<f32>, n: usize) {
@@ -279,6 +263,10 @@ impl LlamaModel {
         let (qd, kvd) = (c.q_dim(), c.kv_dim());
         // The previous layer's feed-forward output joins the residual stream here.
         self.norm_and_quantize(n, s, &l.attn_norm, li > 0, pool);
+        let mut budget = KV_PREFETCH_BYTES;
+        for sq in seqs {
+            kv.prefetch(li, sq.blocks, sq.pos0 + sq.len, &mut budget);
+        }
         let mut qkv = [
             MatmulTask {
                 w: &l.wq,
@@ -293,17 +281,7 @@ impl LlamaModel {
                 out: &mut s.v,
             },
         ];
-        // The keys and values attention reads next are asked for while the projections stream
-        // their weights: each sequence's by one thread, from the last (where there is one
-        // sequence, not the thread that goes on to the rope and the cache writes).
-        let threads = pool.threads();
-        let kv_ahead = |tid: usize| {
-            let mut budget = KV_PREFETCH_BYTES;
-            for sq in seqs.iter().skip(threads - 1 - tid).step_by(threads) {
-                kv.prefetch(li, sq.blocks, sq.pos0 + sq.len, &mut budget);
-            }
-        };
-        matmul_beside(pool, &mut qkv, &s.xn, &s.acts, n, &kv_ahead);
+        matmul(pool, &mut qkv, &s.xn, &s.acts, n);
         if let Some([bq, bk, bv]) = &l.bias_qkv {
             for t in 0..n {
                 ops::axpy(&mut s.q[t * qd..(t + 1) * qd], 1.0, bq);
