@@ -111,6 +111,16 @@ fn every_tensor_type_loads_and_generates_like_the_original() {
         [QKind::Q8_0, QKind::Q4_0, QKind::Q5_0, QKind::Q5_1],
         "formats as loaded"
     );
+    // The k-quant down projections (Q4_K, Q5_K, Q6_K in turn) are rewritten at load.
+    let down: Vec<QKind> = mixed.model.weights.layers[..3]
+        .iter()
+        .map(|l| l.w_down.kind)
+        .collect();
+    assert_eq!(
+        down,
+        [QKind::Q4_1, QKind::Q5_1, QKind::Q8_0],
+        "k-quants as rewritten"
+    );
     let original = common::default_model();
     let prompt = original
         .tokenizer

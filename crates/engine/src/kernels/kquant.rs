@@ -1,5 +1,5 @@
-//! ggml's k-quants rewritten at load into formats the kernels run: Q4_K as Q4_1 (exactly, up
-//! to f16 rounding of its scales), Q6_K as Q8_0 (re-quantized).
+//! ggml's k-quants rewritten at load into formats the kernels run: Q4_K as Q4_1 and Q5_K as
+//! Q5_1 (exactly, up to f16 rounding of their scales), Q6_K as Q8_0 (re-quantized).
 //!
 //! A Q4_K super-block holds 256 weights as eight sub-blocks of 32 that share one f16 scale `d`
 //! and one f16 `dmin`, each with a 6-bit scale `sc` and 6-bit minimum `m`: weight = `d * sc * q -
@@ -26,34 +26,83 @@ fn scale_min(s: &[u8], j: usize) -> (u8, u8) {
     }
 }
 
+/// Appends sub-block `j` (0..8) of a Q4_K or Q5_K super-block as a Q4_1 or Q5_1 block: the
+/// f16 scale `d * sc` and minimum `-dmin * m`, then `mid` (Q5_1's fifth bits; nothing for
+/// Q4_1), then the nibbles in Q4_1's order (byte `l` holds weights `l` and `l + 16`). Sub-block
+/// `j`'s nibble `l` (0..32) is in byte `l` of 32-byte chunk `j / 2` of `qs`, low half for even
+/// `j`, high half for odd.
+fn push_sub_block(
+    out: &mut Vec<u8>,
+    (d, dmin): (f32, f32),
+    scales: &[u8],
+    qs: &[u8],
+    j: usize,
+    mid: &[u8],
+) {
+    let (sc, m) = scale_min(scales, j);
+    out.extend_from_slice(&half::f16::from_f32(d * sc as f32).to_le_bytes());
+    out.extend_from_slice(&half::f16::from_f32(-dmin * m as f32).to_le_bytes());
+    out.extend_from_slice(mid);
+    let chunk = &qs[(j / 2) * 32..(j / 2) * 32 + 32];
+    let nib = |l: usize| {
+        if j.is_multiple_of(2) {
+            chunk[l] & 0x0F
+        } else {
+            chunk[l] >> 4
+        }
+    };
+    out.extend((0..16).map(|l| nib(l) | (nib(l + 16) << 4)));
+}
+
+/// A super-block's f16 `d` and `dmin` (its first four bytes).
+fn d_dmin(sb: &[u8]) -> (f32, f32) {
+    let f16 = |i: usize| half::f16::from_le_bytes([sb[i], sb[i + 1]]).to_f32();
+    (f16(0), f16(2))
+}
+
 /// Converts whole Q4_K data (a multiple of 144 bytes) to Q4_1 blocks (20 bytes per 32 weights).
 pub fn q4k_to_q4_1(src: &[u8]) -> Vec<u8> {
     assert!(
         src.len().is_multiple_of(Q4K_BLOCK_BYTES),
         "partial Q4_K super-block"
     );
-    let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
     let mut out = Vec::with_capacity(src.len() / Q4K_BLOCK_BYTES * 8 * 20);
     for sb in src.chunks_exact(Q4K_BLOCK_BYTES) {
-        let (d, dmin) = (f16(&sb[0..2]), f16(&sb[2..4]));
-        let scales = &sb[4..16];
-        let qs = &sb[16..144];
         for j in 0..8 {
-            let (sc, m) = scale_min(scales, j);
-            out.extend_from_slice(&half::f16::from_f32(d * sc as f32).to_le_bytes());
-            out.extend_from_slice(&half::f16::from_f32(-dmin * m as f32).to_le_bytes());
-            // Sub-block j's nibble l (0..32) is byte l of chunk j / 2, low or high half.
-            let chunk = &qs[(j / 2) * 32..(j / 2) * 32 + 32];
-            let nib = |l: usize| {
-                if j % 2 == 0 {
-                    chunk[l] & 0x0F
-                } else {
-                    chunk[l] >> 4
-                }
-            };
-            for l in 0..16 {
-                out.push(nib(l) | (nib(l + 16) << 4));
-            }
+            push_sub_block(&mut out, d_dmin(sb), &sb[4..16], &sb[16..144], j, &[]);
+        }
+    }
+    out
+}
+
+/// Bytes of one Q5_K super-block: `d`, `dmin`, the 12 bytes of 6-bit scales and minimums
+/// (as Q4_K's), 32 bytes of fifth bits, 128 of low nibbles.
+pub const Q5K_BLOCK_BYTES: usize = 176;
+
+/// Converts whole Q5_K data (a multiple of 176 bytes) to Q5_1 blocks (24 bytes per 32 weights).
+/// A Q5_K super-block is Q4_K's with a fifth bit per weight: sub-block `j`'s weight `l` has it
+/// in bit `j` of fifth-bit byte `l`, and each sub-block is exactly a Q5_1 block with scale
+/// `d * sc` and minimum `-dmin * m` (rounded to f16, as for Q4_K). 176 bytes per 256 weights
+/// become 192.
+pub fn q5k_to_q5_1(src: &[u8]) -> Vec<u8> {
+    assert!(
+        src.len().is_multiple_of(Q5K_BLOCK_BYTES),
+        "partial Q5_K super-block"
+    );
+    let mut out = Vec::with_capacity(src.len() / Q5K_BLOCK_BYTES * 8 * 24);
+    for sb in src.chunks_exact(Q5K_BLOCK_BYTES) {
+        let high = &sb[16..48];
+        for j in 0..8 {
+            // Q5_1's fifth bits: bit l of a little-endian u32 for weight l.
+            let bits = (0..32).fold(0u32, |acc, l| acc | (((high[l] >> j) & 1) as u32) << l);
+            push_sub_block(
+                &mut out,
+                d_dmin(sb),
+                &sb[4..16],
+                &sb[48..176],
+                j,
+                &bits.to_le_bytes(),
+            );
         }
     }
     out
@@ -114,40 +163,77 @@ mod tests {
     use super::*;
     use crate::kernels::{scalar, QKind};
 
-    #[test]
-    fn converted_blocks_dequantize_like_ggml() {
-        let mut seed = 11u32;
-        let mut src = Vec::new();
-        for _ in 0..3 {
-            let mut rnd = || {
-                seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-                (seed >> 24) as u8
-            };
-            // Positive, moderate f16 scales; random 6-bit scales and nibbles.
-            src.extend_from_slice(&half::f16::from_f32(0.013).to_le_bytes());
-            src.extend_from_slice(&half::f16::from_f32(0.007).to_le_bytes());
-            for _ in 0..140 {
-                src.push(rnd());
-            }
-        }
-        let storage =
-            QStorage::from_data(Cow::Borrowed(&src), &Device::Cpu, GgmlDType::Q4K).unwrap();
-        let want: Vec<f32> = QTensor::new(storage, (3 * Q4K_WEIGHTS,))
+    /// candle's (ggml's) dequantization of `src`, `blocks` super-blocks of `dtype`.
+    fn ggml_values(src: &[u8], dtype: GgmlDType, blocks: usize) -> Vec<f32> {
+        let storage = QStorage::from_data(Cow::Borrowed(src), &Device::Cpu, dtype).unwrap();
+        QTensor::new(storage, (blocks * Q4K_WEIGHTS,))
             .and_then(|q| q.dequantize(&Device::Cpu))
             .and_then(|t| t.to_vec1::<f32>())
-            .unwrap();
-        let q41 = q4k_to_q4_1(&src);
-        assert_eq!(q41.len(), 3 * 8 * 20);
-        let mut got = vec![0.0f32; 3 * Q4K_WEIGHTS];
-        scalar::dequantize_row(QKind::Q4_1, &q41, &mut got);
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            // f16 rounding of d * sc and dmin * m: relative 2^-11 of terms up to ~0.013*63*15.
-            assert!((g - w).abs() < 0.01, "weight {i}: {g} vs {w}");
+            .unwrap()
+    }
+
+    /// Three super-blocks of `dtype` with scale `d`, minimum scale `dmin` and random other
+    /// bytes, rewritten by `rewrite` into `kind`: checks its size and that it dequantizes to
+    /// candle's (ggml's) values of the original within `tol` (the f16 rounding of each
+    /// sub-block's `d * sc` and `dmin * m`); returns those values.
+    fn rewritten_like_ggml(
+        (dtype, block_bytes): (GgmlDType, usize),
+        (kind, out_block_bytes): (QKind, usize),
+        (d, dmin): (f32, f32),
+        rewrite: fn(&[u8]) -> Vec<u8>,
+        tol: f32,
+    ) -> Vec<f32> {
+        let mut seed = block_bytes as u32;
+        let mut src = Vec::new();
+        for _ in 0..3 {
+            src.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
+            src.extend_from_slice(&half::f16::from_f32(dmin).to_le_bytes());
+            for _ in 4..block_bytes {
+                seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                src.push((seed >> 24) as u8);
+            }
         }
+        let want = ggml_values(&src, dtype, 3);
+        let out = rewrite(&src);
+        assert_eq!(out.len(), 3 * 8 * out_block_bytes);
+        let mut got = vec![0.0f32; 3 * Q4K_WEIGHTS];
+        scalar::dequantize_row(kind, &out, &mut got);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() < tol, "weight {i}: {g} vs {w}");
+        }
+        want
+    }
+
+    #[test]
+    fn converted_blocks_dequantize_like_ggml() {
+        // Terms up to ~0.013 * 63 * 15: f16 rounding of relative 2^-11.
+        let want = rewritten_like_ggml(
+            (GgmlDType::Q4K, Q4K_BLOCK_BYTES),
+            (QKind::Q4_1, 20),
+            (0.013, 0.007),
+            q4k_to_q4_1,
+            0.01,
+        );
         assert!(
             want.iter().any(|v| v.abs() > 1.0),
             "test data too small to mean anything"
         );
+    }
+
+    /// Q5_K rewritten as Q5_1, likewise.
+    #[test]
+    fn q5k_converted_blocks_dequantize_like_ggml() {
+        // Terms up to ~0.011 * 63 * 31.
+        let want = rewritten_like_ggml(
+            (GgmlDType::Q5K, Q5K_BLOCK_BYTES),
+            (QKind::Q5_1, 24),
+            (0.011, 0.009),
+            q5k_to_q5_1,
+            0.02,
+        );
+        // The fifth bits matter: values past what 4 bits reach under the largest scale.
+        let reach = 0.011 * 63.0 * 15.0;
+        assert!(want.iter().any(|v| *v > reach), "no fifth bit exercised");
     }
 
     /// Q6_K rewritten directly is byte for byte what the general path (candle's dequantization,
@@ -163,12 +249,7 @@ mod tests {
             }
             src.extend_from_slice(&half::f16::from_f32(0.002 * (b + 1) as f32).to_le_bytes());
         }
-        let storage =
-            QStorage::from_data(Cow::Borrowed(&src), &Device::Cpu, GgmlDType::Q6K).unwrap();
-        let values: Vec<f32> = QTensor::new(storage, (5 * Q4K_WEIGHTS,))
-            .and_then(|q| q.dequantize(&Device::Cpu))
-            .and_then(|t| t.to_vec1::<f32>())
-            .unwrap();
+        let values = ggml_values(&src, GgmlDType::Q6K, 5);
         assert!(values.iter().any(|v| *v < -1.0) && values.iter().any(|v| *v > 1.0));
         assert_eq!(q6k_to_q8_0(&src), scalar::quantize_q8_0(&values));
     }

@@ -1,9 +1,9 @@
 //! Loading a llama-family model's weights, by the names GGUF and Hugging Face give them.
 //!
 //! GGUF tensors in a format with a kernel (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) stay in
-//! the memory map: loading touches no weight bytes. Q4_K is rewritten as Q4_1 and Q6_K as Q8_0
-//! (`kernels::kquant`); other GGUF formats (Q5_K, Q3_K, ...) are dequantized by candle and
-//! re-quantized to Q8_0 at load. Rewriting runs on every core. Safetensors weights are copied out of candle's map in their own
+//! the memory map: loading touches no weight bytes. Q4_K is rewritten as Q4_1, Q5_K as Q5_1 and
+//! Q6_K as Q8_0 (`kernels::kquant`); other GGUF formats (Q2_K, Q3_K, ...) are dequantized by
+//! candle and re-quantized to Q8_0 at load. Rewriting runs on every core. Safetensors weights are copied out of candle's map in their own
 //! float format.
 
 use std::borrow::Cow;
@@ -388,6 +388,19 @@ fn dequantize_gguf(f: &GgufFile, name: &str) -> Result<Vec<f32>> {
         .map_err(err)
 }
 
+/// A rewrite of whole k-quant data into another format's blocks.
+type Rewrite = fn(&[u8]) -> Vec<u8>;
+
+/// The k-quants rewritten straight from their blocks (`kernels::kquant`): into what kind, by what.
+fn k_rewrite(d: GgmlDType) -> Option<(QKind, Rewrite)> {
+    Some(match d {
+        GgmlDType::Q4K => (QKind::Q4_1, kquant::q4k_to_q4_1),
+        GgmlDType::Q5K => (QKind::Q5_1, kquant::q5k_to_q5_1),
+        GgmlDType::Q6K => (QKind::Q8_0, kquant::q6k_to_q8_0),
+        _ => return None,
+    })
+}
+
 /// A 2-D GGUF tensor as a matrix (zero-copy when a kernel exists for its format).
 pub fn gguf_matrix(f: &GgufFile, name: &str) -> Result<QMatrix> {
     let t = f.tensor(name).ok_or_else(|| missing(name))?;
@@ -411,23 +424,14 @@ pub fn gguf_matrix(f: &GgufFile, name: &str) -> Result<QMatrix> {
             },
         )
         .map_err(bad),
-        None if t.dtype == GgmlDType::Q4K && cols.is_multiple_of(kquant::Q4K_WEIGHTS) => {
+        None if k_rewrite(t.dtype).is_some() && cols.is_multiple_of(kquant::Q4K_WEIGHTS) => {
+            let (kind, rewrite) = k_rewrite(t.dtype).expect("checked just above");
             let bytes = &f.mmap()[t.start..t.start + t.len];
             QMatrix::new(
-                QKind::Q4_1,
+                kind,
                 rows,
                 cols,
-                WeightBytes::Owned(Arc::new(kquant::q4k_to_q4_1(bytes))),
-            )
-            .map_err(bad)
-        }
-        None if t.dtype == GgmlDType::Q6K && cols.is_multiple_of(kquant::Q4K_WEIGHTS) => {
-            let bytes = &f.mmap()[t.start..t.start + t.len];
-            QMatrix::new(
-                QKind::Q8_0,
-                rows,
-                cols,
-                WeightBytes::Owned(Arc::new(kquant::q6k_to_q8_0(bytes))),
+                WeightBytes::Owned(Arc::new(rewrite(bytes))),
             )
             .map_err(bad)
         }
