@@ -604,7 +604,8 @@ impl EngineHandle {
     /// Stores blocks received from another engine: `blocks[j]` is full block `first + j` of
     /// `prompt`, checked against the prompt's own tokens and routing hashes (a block that is not
     /// the prompt's is refused with all after it), registered in the prefix cache under this
-    /// engine's keys, so a request with this prompt finds them cached.
+    /// engine's keys, so a request with this prompt finds them cached. When it returns, the
+    /// stored blocks are in [`EngineHandle::cached_blocks`] and announced on the KV event stream.
     pub async fn import_blocks(
         &self,
         prompt: Vec<u32>,

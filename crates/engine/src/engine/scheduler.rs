@@ -255,6 +255,9 @@ impl Scheduler {
                 self.stats
                     .kv_blocks_imported
                     .fetch_add(outcome.stored as u64, Ordering::Relaxed);
+                // Announced before the answer: whoever waited for the import finds the blocks
+                // in `cached_blocks` (and the KV event stream) once it returns.
+                self.publish_events();
                 let _ = reply.send(outcome);
             }
         }
