@@ -3,8 +3,8 @@
 //! GGUF tensors in a format with a kernel (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) stay in
 //! the memory map: loading touches no weight bytes. Q4_K is rewritten as Q4_1, Q5_K as Q5_1 and
 //! Q6_K as Q8_0 (`kernels::kquant`); other GGUF formats (Q2_K, Q3_K, ...) are dequantized by
-//! candle and re-quantized to Q8_0 at load. Rewriting runs on every core. Safetensors weights are copied out of candle's map in their own
-//! float format.
+//! candle and re-quantized to Q8_0 at load. Rewriting runs on every core. Safetensors weights
+//! are copied out of candle's map in their own float format.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -424,18 +424,13 @@ pub fn gguf_matrix(f: &GgufFile, name: &str) -> Result<QMatrix> {
             },
         )
         .map_err(bad),
-        None if k_rewrite(t.dtype).is_some() && cols.is_multiple_of(kquant::Q4K_WEIGHTS) => {
-            let (kind, rewrite) = k_rewrite(t.dtype).expect("checked just above");
-            let bytes = &f.mmap()[t.start..t.start + t.len];
-            QMatrix::new(
-                kind,
-                rows,
-                cols,
-                WeightBytes::Owned(Arc::new(rewrite(bytes))),
-            )
-            .map_err(bad)
-        }
         None => {
+            let whole = cols.is_multiple_of(kquant::Q4K_WEIGHTS);
+            if let Some((kind, rewrite)) = k_rewrite(t.dtype).filter(|_| whole) {
+                let bytes = &f.mmap()[t.start..t.start + t.len];
+                let owned = WeightBytes::Owned(Arc::new(rewrite(bytes)));
+                return QMatrix::new(kind, rows, cols, owned).map_err(bad);
+            }
             let values = dequantize_gguf(f, name)?;
             let (kind, bytes) = if cols % QK == 0 {
                 (QKind::Q8_0, quantize_q8_0(&values))
