@@ -3,7 +3,9 @@
 //! groups where AVX-512 VNNI runs, 8-row groups where AVX2 does). Medians of 30 passes; a tool for kernel work, not a benchmark of
 //! record (see `lastmile engine-bench` and BENCHMARKS.md for those).
 //!
-//!     cargo run --release -p lastmile-engine --example kernel_bench -- MODEL.gguf [TOKENS]
+//!     cargo run --release -p lastmile-engine --example kernel_bench -- MODEL.gguf [TOKENS] [packed]
+//!
+//! With `packed`, only this CPU's packed layout is timed (the file layout's kernels are slow).
 
 use std::time::Instant;
 
@@ -52,10 +54,11 @@ fn time_mats(pool: &ThreadPool, mats: &[QMatrix], n: usize, passes: usize) -> f6
 fn main() {
     let mut args = std::env::args().skip(1);
     let Some(path) = args.next() else {
-        eprintln!("usage: kernel_bench MODEL.gguf [TOKENS]");
+        eprintln!("usage: kernel_bench MODEL.gguf [TOKENS] [packed]");
         std::process::exit(2);
     };
     let n: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let packed_only = args.next().as_deref() == Some("packed");
     let model = match LoadedModel::load(std::path::Path::new(&path)) {
         Ok(m) => m,
         Err(e) => {
@@ -78,7 +81,10 @@ fn main() {
             file_layout(&w.output),
         ),
         (simd_name(), loaded.clone(), w.output.clone()),
-    ] {
+    ]
+    .into_iter()
+    .skip(usize::from(packed_only))
+    {
         let bytes: usize = layers.iter().map(|m| m.byte_len()).sum();
         for threads in [1, 2] {
             let pool = ThreadPool::new(threads);

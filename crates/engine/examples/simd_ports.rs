@@ -1,0 +1,174 @@
+//! Throughput of the AVX2 instructions the packed integer kernels are made of, alone and in the
+//! mixes the kernels issue, in core cycles (calibrated by a chain of dependent scalar adds, one
+//! a cycle). It tells which execution ports a product waits on: on a CPU where `vpsignb`,
+//! `vpmaddubsw` and `vpmaddwd` share two ports, Q8_0's 32 multiply-adds per token and k-row (a
+//! sign, a `vpmaddubsw`, a `vpmaddwd` and an add) cannot take fewer than 1.5 cycles. A tool for
+//! kernel work, not a benchmark of record.
+//!
+//!     cargo run --release -p lastmile-engine --example simd_ports
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::asm;
+    use std::time::Instant;
+
+    const ITERS: u64 = 50_000_000;
+
+    /// Runs `$body` (asm text using ymm0..ymm11 as twelve independent chains, ymm15 as a
+    /// constant operand and `{m}` as a pointer to readable memory) `ITERS` times; seconds.
+    macro_rules! timed {
+        ($body:expr) => {{
+            let mem = [0u32; 64];
+            let t0 = Instant::now();
+            // SAFETY: the body reads at most 48 bytes from `mem` and writes only the vector
+            // registers declared clobbered; the counter register is the loop's own.
+            unsafe {
+                asm!(
+                    "vpxor ymm15, ymm15, ymm15 /* {m} */",
+                    "2:",
+                    $body,
+                    "dec {n}",
+                    "jnz 2b",
+                    n = inout(reg) ITERS => _,
+                    m = in(reg) mem.as_ptr(),
+                    out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _,
+                    out("ymm4") _, out("ymm5") _, out("ymm6") _, out("ymm7") _,
+                    out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _,
+                    out("ymm15") _,
+                    options(nostack, readonly),
+                );
+            }
+            t0.elapsed().as_secs_f64()
+        }};
+    }
+
+    /// Twelve copies of an instruction, one per chain.
+    macro_rules! twelve {
+        ($op:literal) => {
+            concat!(
+                $op,
+                " ymm0, ymm0, ymm15\n",
+                $op,
+                " ymm1, ymm1, ymm15\n",
+                $op,
+                " ymm2, ymm2, ymm15\n",
+                $op,
+                " ymm3, ymm3, ymm15\n",
+                $op,
+                " ymm4, ymm4, ymm15\n",
+                $op,
+                " ymm5, ymm5, ymm15\n",
+                $op,
+                " ymm6, ymm6, ymm15\n",
+                $op,
+                " ymm7, ymm7, ymm15\n",
+                $op,
+                " ymm8, ymm8, ymm15\n",
+                $op,
+                " ymm9, ymm9, ymm15\n",
+                $op,
+                " ymm10, ymm10, ymm15\n",
+                $op,
+                " ymm11, ymm11, ymm15\n"
+            )
+        };
+    }
+
+    /// Twelve broadcasts of a dword from memory.
+    macro_rules! broadcasts {
+        () => {
+            concat!(
+                "vpbroadcastd ymm0, dword ptr [{m}]\n",
+                "vpbroadcastd ymm1, dword ptr [{m} + 4]\n",
+                "vpbroadcastd ymm2, dword ptr [{m} + 8]\n",
+                "vpbroadcastd ymm3, dword ptr [{m} + 12]\n",
+                "vpbroadcastd ymm4, dword ptr [{m} + 16]\n",
+                "vpbroadcastd ymm5, dword ptr [{m} + 20]\n",
+                "vpbroadcastd ymm6, dword ptr [{m} + 24]\n",
+                "vpbroadcastd ymm7, dword ptr [{m} + 28]\n",
+                "vpbroadcastd ymm8, dword ptr [{m} + 32]\n",
+                "vpbroadcastd ymm9, dword ptr [{m} + 36]\n",
+                "vpbroadcastd ymm10, dword ptr [{m} + 40]\n",
+                "vpbroadcastd ymm11, dword ptr [{m} + 44]\n",
+            )
+        };
+    }
+
+    /// Core cycles a second: four dependent adds an iteration, one a cycle.
+    fn clock() -> f64 {
+        let n = 200_000_000u64;
+        let t0 = Instant::now();
+        // SAFETY: register arithmetic only.
+        unsafe {
+            asm!(
+                "2:",
+                "add {x}, 1",
+                "add {x}, 1",
+                "add {x}, 1",
+                "add {x}, 1",
+                "dec {n}",
+                "jnz 2b",
+                x = inout(reg) 0u64 => _,
+                n = inout(reg) n => _,
+                options(nostack, nomem),
+            );
+        }
+        (4 * n) as f64 / t0.elapsed().as_secs_f64()
+    }
+
+    pub fn main() {
+        if !(is_x86_feature_detected!("avx2")) {
+            eprintln!("this CPU has no AVX2");
+            std::process::exit(1);
+        }
+        let hz = clock();
+        println!("core clock ~{:.2} GHz", hz / 1e9);
+        let report = |name: &str, secs: f64, per: f64| {
+            let cycles = secs * hz / ITERS as f64;
+            println!("{name:<44} {cycles:6.2} cycles / 12 chains ({per:.2} a cycle)");
+        };
+        let rows: [(&str, f64, f64); 9] = [
+            ("vpaddd", timed!(twelve!("vpaddd")), 12.0),
+            ("vpsignb", timed!(twelve!("vpsignb")), 12.0),
+            ("vpmaddubsw", timed!(twelve!("vpmaddubsw")), 12.0),
+            ("vpmaddwd", timed!(twelve!("vpmaddwd")), 12.0),
+            ("vpbroadcastd from memory", timed!(broadcasts!()), 12.0),
+            (
+                "vpmaddubsw + vpmaddwd",
+                timed!(concat!(twelve!("vpmaddubsw"), twelve!("vpmaddwd"))),
+                24.0,
+            ),
+            (
+                "Q8_0: vpsignb + vpmaddubsw + vpmaddwd + vpaddd",
+                timed!(concat!(
+                    twelve!("vpsignb"),
+                    twelve!("vpmaddubsw"),
+                    twelve!("vpmaddwd"),
+                    twelve!("vpaddd")
+                )),
+                48.0,
+            ),
+            (
+                "Q4: vpmaddubsw + vpaddw",
+                timed!(concat!(twelve!("vpmaddubsw"), twelve!("vpaddw"))),
+                24.0,
+            ),
+            (
+                "vpmaddubsw + vpand",
+                timed!(concat!(twelve!("vpmaddubsw"), twelve!("vpand"))),
+                24.0,
+            ),
+        ];
+        for (name, secs, ops) in rows {
+            let cycles = secs * hz / ITERS as f64;
+            report(name, secs, ops / cycles);
+        }
+    }
+}
+
+fn main() {
+    #[cfg(target_arch = "x86_64")]
+    x86::main();
+    #[cfg(not(target_arch = "x86_64"))]
+    eprintln!("simd_ports measures x86-64 instructions");
+}
