@@ -146,12 +146,22 @@ impl GroupJob<'_> {
 /// 2 threads, AVX-512).
 pub(crate) const PREFETCH_BYTES: usize = 6144;
 
-/// Prefetches the cache lines of `w[at + PREFETCH_BYTES ..][..len]` (those inside `w`): called
-/// with each chunk's offset and length, it keeps the next chunks in flight.
+/// Prefetches the cache lines of `w[at + PREFETCH_BYTES ..][..len]` into L2: called with each
+/// chunk's offset and length, it keeps the next chunks in flight. Past the end of `w` it goes
+/// on into whatever follows: a model's matrices share one buffer in the order a step reads them
+/// (`WeightBytes::Shared`), so the last chunks of one product bring in the first of the next
+/// instead of leaving that stream to start cold after the join (AVX2 tier, AMD EPYC, the layer
+/// products at one token alternated in one process: 1.5–4% faster; AVX-512 level).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub(crate) fn prefetch_ahead(w: &[u8], at: usize, len: usize) {
-    prefetch_range(w, at + PREFETCH_BYTES, len)
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+    let start = at + PREFETCH_BYTES;
+    for p in (start..start + len).step_by(64) {
+        // SAFETY: a prefetch is a hint: it never faults, at any address, and changes no data
+        // the program sees; the pointer is formed by wrapping arithmetic and never dereferenced.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(w.as_ptr().wrapping_add(p) as *const i8) };
+    }
 }
 
 /// Prefetches the cache lines of `w[at..][..len]` (those inside `w`) into L2, not L1: the
