@@ -155,28 +155,32 @@ pub(crate) const PREFETCH_BYTES: usize = 6144;
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub(crate) fn prefetch_ahead(w: &[u8], at: usize, len: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
     let start = at + PREFETCH_BYTES;
-    for p in (start..start + len).step_by(64) {
-        // SAFETY: a prefetch is a hint: it never faults, at any address, and changes no data
-        // the program sees; the pointer is formed by wrapping arithmetic and never dereferenced.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(w.as_ptr().wrapping_add(p) as *const i8) };
-    }
+    prefetch_lines(w, start, start + len)
 }
 
-/// Prefetches the cache lines of `w[at..][..len]` (those inside `w`) into L2, not L1: the
-/// lines in flight to L1 are few (a core's fill buffers), and with both cores streaming, a
-/// distance's worth of L1 prefetches left each core at about two thirds of the bandwidth
-/// that L2 prefetches reach (measured on an AVX2-only tier, AMD EPYC; the in-kernel prefetch
-/// runs a few KiB ahead, so the lines are in L2, not far, when the kernel loads them).
+/// Prefetches the cache lines of `w[at..][..len]` (those inside `w`) into L2.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub(crate) fn prefetch_range(w: &[u8], at: usize, len: usize) {
+    prefetch_lines(w, at, (at + len).min(w.len()))
+}
+
+/// Prefetches the cache lines from `from` to `to` bytes past the start of `w` (inside it or
+/// not) into L2, not L1: the lines in flight to L1 are few (a core's fill buffers), and with
+/// both cores streaming, a distance's worth of L1 prefetches left each core at about two thirds
+/// of the bandwidth that L2 prefetches reach (measured on an AVX2-only tier, AMD EPYC; the
+/// in-kernel prefetch runs a few KiB ahead, so the lines are in L2, not far, when the kernel
+/// loads them).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn prefetch_lines(w: &[u8], from: usize, to: usize) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-    let mut p = at;
-    while p < (at + len).min(w.len()) {
-        // SAFETY: a prefetch of an address inside `w`; it never faults and changes no data.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(w.as_ptr().add(p) as *const i8) };
+    let mut p = from;
+    while p < to {
+        // SAFETY: a prefetch is a hint: it never faults, at any address, and changes no data
+        // the program sees; the pointer is formed by wrapping arithmetic and never dereferenced.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(w.as_ptr().wrapping_add(p) as *const i8) };
         p += 64;
     }
 }
