@@ -2,7 +2,8 @@
 //! mixes the kernels issue, in core cycles (calibrated by a chain of dependent scalar adds, one
 //! a cycle). It tells which execution ports a product waits on: on a CPU where `vpsignb`,
 //! `vpmaddubsw` and `vpmaddwd` share two ports, Q8_0's 32 multiply-adds per token and k-row (a
-//! sign, a `vpmaddubsw`, a `vpmaddwd` and an add) cannot take fewer than 1.5 cycles. A tool for
+//! sign, a `vpmaddubsw`, a `vpmaddwd` and an add) cannot take fewer than 1.5 cycles, and the sign
+//! done by `vpxor` + `vpsubb` instead (off those two ports) costs more in all. A tool for
 //! kernel work, not a benchmark of record.
 //!
 //!     cargo run --release -p lastmile-engine --example simd_ports
@@ -127,7 +128,7 @@ mod x86 {
             let cycles = secs * hz / ITERS as f64;
             println!("{name:<44} {cycles:6.2} cycles / 12 chains ({per:.2} a cycle)");
         };
-        let rows: [(&str, f64, f64); 9] = [
+        let rows: [(&str, f64, f64); 13] = [
             ("vpaddd", timed!(twelve!("vpaddd")), 12.0),
             ("vpsignb", timed!(twelve!("vpsignb")), 12.0),
             ("vpmaddubsw", timed!(twelve!("vpmaddubsw")), 12.0),
@@ -152,6 +153,29 @@ mod x86 {
                 "Q4: vpmaddubsw + vpaddw",
                 timed!(concat!(twelve!("vpmaddubsw"), twelve!("vpaddw"))),
                 24.0,
+            ),
+            ("vpxor", timed!(twelve!("vpxor")), 12.0),
+            ("vpsubb", timed!(twelve!("vpsubb")), 12.0),
+            (
+                "Q8_0 by xor: vpxor + vpsubb + vpmaddubsw + vpmaddwd + vpaddd",
+                timed!(concat!(
+                    twelve!("vpxor"),
+                    twelve!("vpsubb"),
+                    twelve!("vpmaddubsw"),
+                    twelve!("vpmaddwd"),
+                    twelve!("vpaddd")
+                )),
+                60.0,
+            ),
+            (
+                "vpxor + vpsubb + vpmaddubsw + vpmaddwd",
+                timed!(concat!(
+                    twelve!("vpxor"),
+                    twelve!("vpsubb"),
+                    twelve!("vpmaddubsw"),
+                    twelve!("vpmaddwd")
+                )),
+                48.0,
             ),
             (
                 "vpmaddubsw + vpand",
