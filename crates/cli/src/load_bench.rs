@@ -1,6 +1,7 @@
 //! `lastmile bench`: drives an OpenAI-compatible endpoint with a workload and reports latency and
 //! throughput; with `--compare` it starts two servers (ours and llama.cpp's `llama-server`, or
-//! ours with and without the prefix cache) and runs the same workload against both in one run.
+//! ours with and without the prefix cache) and runs the same workload against both in one run;
+//! with several `--tier`s, that pair once per instruction-set tier, side by side.
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -27,7 +28,7 @@ enum WorkloadArg {
 }
 
 /// What `--compare` sets side by side.
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum CompareArg {
     /// lastmile against llama.cpp's llama-server (same GGUF, threads, slots = concurrency).
     LlamaCpp,
@@ -36,7 +37,7 @@ enum CompareArg {
 }
 
 /// `--tier`: the instruction-set tier both servers of a comparison run at.
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum TierArg {
     /// Each at its best on this CPU (llama.cpp built with native flags).
     Native,
@@ -59,6 +60,13 @@ impl TierArg {
             Self::Avx2 => KernelTier::Avx2,
         };
         tier.to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
+
+    /// The tier's name on the command line (`avx2`, ...).
+    fn name(self) -> String {
+        self.to_possible_value()
             .map(|v| v.get_name().to_string())
             .unwrap_or_default()
     }
@@ -129,9 +137,11 @@ pub struct LoadBenchArgs {
     /// Instruction-set tier of the servers started here: native (each at its best), avx512 (no
     /// AMX) or avx2 (what an AVX2-only CPU gets): lastmile runs with `--kernels` capped there and
     /// llama-server comes from the anchor built for that tier
-    /// (`LASTMILE_ANCHOR_TIER=avx2 scripts/anchor/build_llama_cpp.sh`).
-    #[arg(long, value_enum, default_value = "native")]
-    tier: TierArg,
+    /// (`LASTMILE_ANCHOR_TIER=avx2 scripts/anchor/build_llama_cpp.sh`). A comma list (e.g.
+    /// `native,avx2`) starts the servers once per tier, runs every round against all of them and
+    /// prints each tier's ratios: what a CPU with fewer instructions keeps of the comparison.
+    #[arg(long, value_enum, default_value = "native", value_delimiter = ',')]
+    tier: Vec<TierArg>,
     /// Write the full results (every request) as JSON here.
     #[arg(long)]
     json_out: Option<PathBuf>,
@@ -179,7 +189,9 @@ impl Drop for ServerProcess {
 }
 
 /// Where the output of the server called `name` goes: a log file in the temp folder.
+/// A server's log file (a tier's `/` in its name becomes `-`).
 fn server_log(name: &str) -> PathBuf {
+    let name = name.replace(['/', '\\'], "-");
     std::env::temp_dir().join(format!("lastmile-bench-{name}-{}.log", std::process::id()))
 }
 
@@ -228,13 +240,24 @@ fn free_port_for_llama_server() -> Result<u16> {
         .port())
 }
 
-fn start_llama_server(
-    bin: &std::path::Path,
-    gguf: &std::path::Path,
+/// How `start_llama_server` runs it: threads, slots and the context each slot gets.
+struct LlamaServerShape {
     threads: usize,
     slots: usize,
     ctx_per_slot: usize,
+}
+
+fn start_llama_server(
+    bin: &std::path::Path,
+    gguf: &std::path::Path,
+    shape: &LlamaServerShape,
+    name: &str,
 ) -> Result<ServerGuard> {
+    let LlamaServerShape {
+        threads,
+        slots,
+        ctx_per_slot,
+    } = *shape;
     if !bin.exists() {
         bail!(
             "{} not found: build it with scripts/anchor/build_llama_cpp.sh (for a tier: \
@@ -244,8 +267,8 @@ fn start_llama_server(
     }
     let port = free_port_for_llama_server()?;
     let lib_dir = bin.parent().map(|p| p.to_path_buf()).unwrap_or_default();
-    let log_path = server_log("llama.cpp");
-    eprintln!("llama.cpp: server log in {}", log_path.display());
+    let log_path = server_log(name);
+    eprintln!("{name}: server log in {}", log_path.display());
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
     let child = Command::new(bin)
@@ -274,7 +297,7 @@ fn start_llama_server(
         .spawn()
         .context("starting llama-server")?;
     Ok(ServerGuard {
-        name: "llama.cpp".into(),
+        name: name.into(),
         url: format!("http://127.0.0.1:{port}"),
         pid: child.id(),
         _process: ServerProcess::Foreign(child),
@@ -318,7 +341,7 @@ fn level_label(a: &Arrival) -> String {
 fn print_report(server: &str, r: &LoadReport, peak_rss: Option<f64>) {
     let s = &r.summary;
     println!(
-        "{server:<12} {:<7} {:>4} ok {:>3} err | {:>8.1} out tok/s {:>6.2} req/s | TTFT ms mean {:>7.0} p50 {:>7.0} p90 {:>7.0} p99 {:>7.0} | ITL ms p50 {:>6.1} p99 {:>6.1} | e2e p50 {:>7.0} ms{}",
+        "{server:<16} {:<7} {:>4} ok {:>3} err | {:>8.1} out tok/s {:>6.2} req/s | TTFT ms mean {:>7.0} p50 {:>7.0} p90 {:>7.0} p99 {:>7.0} | ITL ms p50 {:>6.1} p99 {:>6.1} | e2e p50 {:>7.0} ms{}",
         format!(
             "{}{}",
             level_label(&r.arrival),
@@ -349,14 +372,14 @@ fn print_interference(server: &str, reports: &[LoadReport]) {
         let [base, with] = pair else { continue };
         let Some(long) = &with.long_prompt else {
             println!(
-                "{server:<12} {}: the long prompt was not sent",
+                "{server:<16} {}: the long prompt was not sent",
                 level_label(&with.arrival)
             );
             continue;
         };
         let (b, w) = (&base.summary.itl_ms, &with.summary.itl_ms);
         println!(
-            "{server:<12} {}: long prompt ({} tokens) TTFT {:.0} ms{} | streams' ITL p99 {:.1} -> {:.1} ms ({:.2}x), p50 {:.1} -> {:.1} ms, max {:.0} ms",
+            "{server:<16} {}: long prompt ({} tokens) TTFT {:.0} ms{} | streams' ITL p99 {:.1} -> {:.1} ms ({:.2}x), p50 {:.1} -> {:.1} ms, max {:.0} ms",
             level_label(&with.arrival),
             long.prompt_tokens,
             long.ttft.unwrap_or(f64::NAN) * 1e3,
@@ -478,7 +501,7 @@ pub fn run(a: LoadBenchArgs) -> Result<()> {
         print_rounds(&targets, &runs, &medians);
     }
     let labels: Vec<String> = runs[0][0].iter().map(run_label).collect();
-    print_ratios(&labels, &medians);
+    print_ratios(&labels, &medians, a.compare.is_some());
     // The JSON and the plot hold, per server and level, the round with the median throughput.
     let all: Vec<(String, Vec<LoadReport>)> = targets
         .iter()
@@ -553,7 +576,7 @@ fn print_rounds(
                 .map(|r| format!("{:.1}", r[l].summary.output_tok_s))
                 .collect();
             println!(
-                "  {name:<12} {:<8} output tok/s {:.1} (rounds: {}) | mean TTFT {:.0} ms | p50 ITL {:.1} ms | p99 ITL {:.1} ms",
+                "  {name:<16} {:<8} output tok/s {:.1} (rounds: {}) | mean TTFT {:.0} ms | p50 ITL {:.1} ms | p99 ITL {:.1} ms",
                 run_label(&rounds[0][l]),
                 m[0],
                 each.join(", "),
@@ -565,55 +588,116 @@ fn print_rounds(
     }
 }
 
+/// A server `start_servers` starts: its name in the reports and what it is.
+#[derive(Debug, Clone, PartialEq)]
+struct PlannedServer {
+    name: String,
+    tier: TierArg,
+    kind: PlannedKind,
+}
+
+/// What a planned server is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PlannedKind {
+    /// `lastmile serve` (with or without its prefix cache).
+    Ours { prefix_cache: bool },
+    /// llama.cpp's `llama-server`.
+    LlamaServer,
+}
+
+/// The servers a run starts, in order: for each tier, lastmile, then what `--compare` sets
+/// beside it (so that a comparison's servers come in pairs, tier by tier). With one tier the
+/// names are the plain ones (`lastmile`, `llama.cpp`, `no-cache`); with several, each carries
+/// its tier (`lastmile/avx2`).
+fn plan_servers(compare: Option<CompareArg>, tiers: &[TierArg]) -> Vec<PlannedServer> {
+    let mut plan = Vec::new();
+    for &tier in tiers {
+        let suffix = if tiers.len() > 1 {
+            format!("/{}", tier.name())
+        } else {
+            String::new()
+        };
+        let mut add = |name: &str, kind| {
+            plan.push(PlannedServer {
+                name: format!("{name}{suffix}"),
+                tier,
+                kind,
+            })
+        };
+        add("lastmile", PlannedKind::Ours { prefix_cache: true });
+        match compare {
+            None => {}
+            Some(CompareArg::NoPrefixCache) => add(
+                "no-cache",
+                PlannedKind::Ours {
+                    prefix_cache: false,
+                },
+            ),
+            Some(CompareArg::LlamaCpp) => add("llama.cpp", PlannedKind::LlamaServer),
+        }
+    }
+    plan
+}
+
 /// The servers to measure, as (name, base URL): the one `--url` names, or those started here
 /// (whose guards stop them when dropped).
 fn start_servers(
     a: &LoadBenchArgs,
     rt: &tokio::runtime::Runtime,
 ) -> Result<(Vec<ServerGuard>, Vec<Target>)> {
+    if let Some(url) = &a.url {
+        if a.compare.is_some() {
+            bail!("--compare starts its own servers; drop --url");
+        }
+        return Ok((
+            Vec::new(),
+            vec![("server".into(), url.trim_end_matches('/').to_string())],
+        ));
+    }
+    if a.tier.len() > 1 && a.llama_server.is_some() {
+        bail!(
+            "--llama-server names one binary: with several tiers, each tier's anchor build is used"
+        );
+    }
     // The model is needed only for servers started here: `--url` benchmarks fetch nothing.
-    let model_file = || match &a.gguf {
-        Some(p) => Ok(p.clone()),
-        None => lastmile_models::ensure_default_model(),
+    let gguf = match &a.gguf {
+        Some(p) => p.clone(),
+        None => lastmile_models::ensure_default_model()?,
+    };
+    let slots = a.concurrency.iter().copied().max().unwrap_or(1).max(1);
+    let shape = LlamaServerShape {
+        threads: a.threads,
+        slots,
+        // Room for the long prompt in its slot (the context is split evenly between slots).
+        ctx_per_slot: a.long_prompt.map_or(4096, |n| (n * 5 / 4 + 512).max(4096)),
     };
     let mut servers: Vec<ServerGuard> = Vec::new();
-    let mut targets: Vec<Target> = Vec::new();
-    let kernels = a.tier.kernels();
-    let ours = ["--kernels", &kernels];
-    let no_cache = ["--kernels", &kernels, "--no-prefix-cache"];
-    match (&a.url, a.compare) {
-        (Some(url), None) => targets.push(("server".into(), url.trim_end_matches('/').to_string())),
-        (Some(_), Some(_)) => bail!("--compare starts its own servers; drop --url"),
-        (None, None) => servers.push(start_ours(
-            rt,
-            &model_file()?,
-            a.threads,
-            &ours,
-            "lastmile",
-        )?),
-        (None, Some(CompareArg::NoPrefixCache)) => {
-            let gguf = model_file()?;
-            servers.push(start_ours(rt, &gguf, a.threads, &ours, "lastmile")?);
-            servers.push(start_ours(rt, &gguf, a.threads, &no_cache, "no-cache")?);
-        }
-        (None, Some(CompareArg::LlamaCpp)) => {
-            let gguf = model_file()?;
-            servers.push(start_ours(rt, &gguf, a.threads, &ours, "lastmile")?);
-            let bin = a.llama_server.clone().unwrap_or_else(|| {
-                lastmile_models::lastmile_home()
-                    .join("anchor")
-                    .join(a.tier.anchor_build())
-                    .join("bin/llama-server")
-            });
-            let slots = a.concurrency.iter().copied().max().unwrap_or(1).max(1);
-            // Room for the long prompt in its slot (the context is split evenly between slots).
-            let ctx = a.long_prompt.map_or(4096, |n| (n * 5 / 4 + 512).max(4096));
-            servers.push(start_llama_server(&bin, &gguf, a.threads, slots, ctx)?);
-        }
+    for planned in plan_servers(a.compare, &a.tier) {
+        let kernels = planned.tier.kernels();
+        let server = match planned.kind {
+            PlannedKind::Ours { prefix_cache } => {
+                let mut extra = vec!["--kernels", &kernels];
+                if !prefix_cache {
+                    extra.push("--no-prefix-cache");
+                }
+                start_ours(rt, &gguf, a.threads, &extra, &planned.name)?
+            }
+            PlannedKind::LlamaServer => {
+                let bin = a.llama_server.clone().unwrap_or_else(|| {
+                    lastmile_models::lastmile_home()
+                        .join("anchor")
+                        .join(planned.tier.anchor_build())
+                        .join("bin/llama-server")
+                });
+                start_llama_server(&bin, &gguf, &shape, &planned.name)?
+            }
+        };
+        servers.push(server);
     }
-    for s in &servers {
-        targets.push((s.name.clone(), s.url.clone()));
-    }
+    let targets = servers
+        .iter()
+        .map(|s| (s.name.clone(), s.url.clone()))
+        .collect();
     Ok((servers, targets))
 }
 
@@ -677,7 +761,7 @@ async fn bench_server(
         }
     }
     if let Some(rss) = idle_rss {
-        println!("{name:<12} idle RSS {rss:.0} MiB");
+        println!("{name:<16} idle RSS {rss:.0} MiB");
     }
     if a.long_prompt.is_some() {
         print_interference(name, &reports);
@@ -706,10 +790,15 @@ async fn warm_up(a: &LoadBenchArgs, wl: &Workload, url: &str, model: &str) {
     .await;
 }
 
-/// With two servers, how the first compares with the second at each level (each measure's
-/// median over the rounds).
-fn print_ratios(labels: &[String], medians: &[(String, Vec<Measures>)]) {
-    if let [(a, x), (b, y)] = medians {
+/// Where servers were compared (they come in pairs, tier by tier; see `plan_servers`), how the
+/// first of each pair compares with the second at each level (each measure's median over the
+/// rounds).
+fn print_ratios(labels: &[String], medians: &[(String, Vec<Measures>)], compared: bool) {
+    if !compared {
+        return;
+    }
+    for pair in medians.chunks(2) {
+        let [(a, x), (b, y)] = pair else { continue };
         println!("\nratios ({a} / {b}):");
         for ((label, x), y) in labels.iter().zip(x).zip(y) {
             println!(
@@ -798,6 +887,46 @@ mod tests {
             requests: Vec::new(),
             long_prompt: None,
         }
+    }
+
+    /// One tier keeps the plain names; several start each comparison's pair once per tier, in
+    /// pairs (what `print_ratios` divides), each server at its tier.
+    #[test]
+    fn servers_are_planned_in_pairs_per_tier() {
+        let names = |plan: &[PlannedServer]| -> Vec<String> {
+            plan.iter().map(|p| p.name.clone()).collect()
+        };
+        let one = plan_servers(Some(CompareArg::LlamaCpp), &[TierArg::Avx2]);
+        assert_eq!(names(&one), ["lastmile", "llama.cpp"]);
+        assert!(one.iter().all(|p| p.tier == TierArg::Avx2));
+        let two = plan_servers(
+            Some(CompareArg::LlamaCpp),
+            &[TierArg::Native, TierArg::Avx2],
+        );
+        assert_eq!(
+            names(&two),
+            [
+                "lastmile/native",
+                "llama.cpp/native",
+                "lastmile/avx2",
+                "llama.cpp/avx2"
+            ]
+        );
+        assert_eq!(two[2].tier, TierArg::Avx2);
+        assert_eq!(two[2].kind, PlannedKind::Ours { prefix_cache: true });
+        assert_eq!(two[3].kind, PlannedKind::LlamaServer);
+        let cache = plan_servers(Some(CompareArg::NoPrefixCache), &[TierArg::Avx512]);
+        assert_eq!(
+            cache[1].kind,
+            PlannedKind::Ours {
+                prefix_cache: false
+            }
+        );
+        assert_eq!(names(&plan_servers(None, &[TierArg::Native])), ["lastmile"]);
+        assert_eq!(TierArg::AvxVnni.name(), "avx-vnni");
+        // A tier's name is no folder in the log's path.
+        let log = server_log("lastmile/avx2");
+        assert_eq!(log.parent(), Some(std::env::temp_dir().as_path()));
     }
 
     /// Each measure's median is taken on its own (the round with the median throughput need
