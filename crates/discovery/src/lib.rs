@@ -88,8 +88,9 @@ pub struct EtcdConfig {
     pub ca: Option<PathBuf>,
     /// PEM files of a client certificate and its key (etcd's `--client-cert-auth`).
     pub cert: Option<(PathBuf, PathBuf)>,
-    /// A watch that brings nothing for this long is started again (after a fresh listing):
-    /// a connection that died without a word (a partition, a vanished host) is noticed.
+    /// A watch that brings nothing for this long (or whose request gets no reply) is started
+    /// again (after a fresh listing): a connection that died without a word (a partition, a
+    /// vanished host) is noticed.
     pub watch_idle: Duration,
 }
 
@@ -401,7 +402,19 @@ impl Etcd {
         }
         let mut last = String::from("no endpoints given");
         for e in &self.endpoints {
-            match self.post(e, "/v3/watch").json(&body).send().await {
+            // etcd answers a watch's creation at once; a request that gets no reply within the
+            // idle limit went into a dead connection (a partition, a proxy that stopped
+            // carrying): give up on it as on a watch gone quiet, or the follower would wait
+            // for those headers forever.
+            let sent = self.post(e, "/v3/watch").json(&body).send();
+            let reply = match tokio::time::timeout(self.watch_idle, sent).await {
+                Ok(reply) => reply,
+                Err(_) => {
+                    last = format!("no reply to the watch within {:?}", self.watch_idle);
+                    continue;
+                }
+            };
+            match reply {
                 Ok(r) if r.status().is_success() => {
                     let bytes = r.bytes_stream();
                     let lines = futures::stream::unfold(

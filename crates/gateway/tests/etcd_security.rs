@@ -312,9 +312,10 @@ async fn etcd_over_tls_needs_the_ca_and_a_client_certificate() {
 
 /// A TCP proxy to `target` whose connections can be frozen: once frozen, the connections open
 /// then carry nothing more but stay open (a partition, a host gone without a word), while new
-/// connections pass.
+/// connections pass. A request whose first bytes `swallow` picks is held the same way, at once.
 async fn freezable_proxy(
     target: std::net::SocketAddr,
+    swallow: fn(&[u8]) -> bool,
 ) -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
     use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -333,12 +334,13 @@ async fn freezable_proxy(
             let born_frozen = flag.load(Ordering::Relaxed);
             let (ri, wi) = inbound.into_split();
             let (ro, wo) = outbound.into_split();
-            for (mut r, mut w) in [
+            for (mut r, mut w, request) in [
                 (
                     Box::new(ri) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
                     Box::new(wo) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                    true,
                 ),
-                (Box::new(ro), Box::new(wi)),
+                (Box::new(ro), Box::new(wi), false),
             ] {
                 let flag = flag.clone();
                 tokio::spawn(async move {
@@ -348,7 +350,8 @@ async fn freezable_proxy(
                             Ok(0) | Err(_) => return,
                             Ok(n) => n,
                         };
-                        if flag.load(Ordering::Relaxed) && !born_frozen {
+                        let swallowed = request && swallow(&buf[..n]);
+                        if swallowed || (flag.load(Ordering::Relaxed) && !born_frozen) {
                             // Hold both sockets open and carry nothing.
                             std::future::pending::<()>().await;
                         }
@@ -371,7 +374,7 @@ async fn a_watch_that_went_silent_is_replaced() {
         .trim_start_matches("http://")
         .parse()
         .expect("etcd address");
-    let (proxied, frozen) = freezable_proxy(target).await;
+    let (proxied, frozen) = freezable_proxy(target, |_| false).await;
     let etcd = Etcd::new(vec![server.url.clone()]);
     let reg = Registration::start(etcd, DEFAULT_PREFIX, info("http://127.0.0.1:9"), 5)
         .await
@@ -383,6 +386,33 @@ async fn a_watch_that_went_silent_is_replaced() {
     // on that watch forever would list the worker forever; this one gives the quiet watch up,
     // lists again over a new connection and sees it gone.
     frozen.store(true, std::sync::atomic::Ordering::Relaxed);
+    reg.deregister().await.expect("deregister");
+    until_listed(&gw, 0, Duration::from_secs(10)).await;
+}
+
+/// Regression: a watch request that went into a dead connection (here: one that carries the
+/// listing but swallows every watch request) left the follower waiting for the reply's headers
+/// forever, past the idle limit (which timed only the stream), so the gateway never saw a
+/// worker leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_request_without_a_reply_is_given_up() {
+    let server = EtcdServer::start().await;
+    let target = server
+        .url
+        .trim_start_matches("http://")
+        .parse()
+        .expect("etcd address");
+    let (proxied, _) = freezable_proxy(target, |request| {
+        request.windows(9).any(|w| w == b"/v3/watch")
+    })
+    .await;
+    let etcd = Etcd::new(vec![server.url.clone()]);
+    let reg = Registration::start(etcd, DEFAULT_PREFIX, info("http://127.0.0.1:9"), 5)
+        .await
+        .expect("register");
+    let mut client = EtcdConfig::new(vec![proxied]);
+    client.watch_idle = Duration::from_secs(1);
+    let gw = etcd_gateway(client).await;
     reg.deregister().await.expect("deregister");
     until_listed(&gw, 0, Duration::from_secs(10)).await;
 }
