@@ -366,15 +366,24 @@ async fn freezable_proxy(
     (url, frozen)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_watch_that_went_silent_is_replaced() {
+/// A worker registered in a fresh etcd, and a gateway that follows it through
+/// `freezable_proxy(.., swallow)` with a one-second watch idle limit, once it lists the worker:
+/// the etcd (kept alive), the registration, the gateway's URL and the proxy's freeze switch.
+async fn gateway_behind_proxy(
+    swallow: fn(&[u8]) -> bool,
+) -> (
+    EtcdServer,
+    Registration,
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
     let server = EtcdServer::start().await;
     let target = server
         .url
         .trim_start_matches("http://")
         .parse()
         .expect("etcd address");
-    let (proxied, frozen) = freezable_proxy(target, |_| false).await;
+    let (proxied, frozen) = freezable_proxy(target, swallow).await;
     let etcd = Etcd::new(vec![server.url.clone()]);
     let reg = Registration::start(etcd, DEFAULT_PREFIX, info("http://127.0.0.1:9"), 5)
         .await
@@ -382,6 +391,12 @@ async fn a_watch_that_went_silent_is_replaced() {
     let mut client = EtcdConfig::new(vec![proxied]);
     client.watch_idle = Duration::from_secs(1);
     let gw = etcd_gateway(client).await;
+    (server, reg, gw, frozen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_that_went_silent_is_replaced() {
+    let (_etcd, reg, gw, frozen) = gateway_behind_proxy(|_| false).await;
     // The gateway's watch connection goes silent; then the worker leaves. A gateway that waited
     // on that watch forever would list the worker forever; this one gives the quiet watch up,
     // lists again over a new connection and sees it gone.
@@ -396,23 +411,8 @@ async fn a_watch_that_went_silent_is_replaced() {
 /// worker leave.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_request_without_a_reply_is_given_up() {
-    let server = EtcdServer::start().await;
-    let target = server
-        .url
-        .trim_start_matches("http://")
-        .parse()
-        .expect("etcd address");
-    let (proxied, _) = freezable_proxy(target, |request| {
-        request.windows(9).any(|w| w == b"/v3/watch")
-    })
-    .await;
-    let etcd = Etcd::new(vec![server.url.clone()]);
-    let reg = Registration::start(etcd, DEFAULT_PREFIX, info("http://127.0.0.1:9"), 5)
-        .await
-        .expect("register");
-    let mut client = EtcdConfig::new(vec![proxied]);
-    client.watch_idle = Duration::from_secs(1);
-    let gw = etcd_gateway(client).await;
+    let (_etcd, reg, gw, _) =
+        gateway_behind_proxy(|request| request.windows(9).any(|w| w == b"/v3/watch")).await;
     reg.deregister().await.expect("deregister");
     until_listed(&gw, 0, Duration::from_secs(10)).await;
 }
