@@ -207,6 +207,11 @@ struct GatewayArgs {
     /// tokens) against the prompt tokens its cache saves; 0 routes on cache overlap alone.
     #[arg(long, default_value_t = 1.0)]
     kv_balance: f64,
+    /// kv_aware: seconds a worker's KV event feed may stay silent (the worker sends a
+    /// keep-alive every third of it) before the gateway drops that worker's prefix index and
+    /// subscribes afresh: a link that died without a word does not leave the index stale.
+    #[arg(long, default_value_t = 15.0)]
+    kv_events_idle_secs: f64,
     /// Also serve agent sandboxes (E2B's API) on this port, behind the same keys.
     #[arg(long)]
     sandboxes: bool,
@@ -238,6 +243,8 @@ fn gateway(args: GatewayArgs) -> Result<()> {
     config.health_interval = std::time::Duration::from_millis(args.health_interval_ms);
     config.worker_timeout = std::time::Duration::from_millis(args.worker_timeout_ms);
     config.kv_balance = args.kv_balance;
+    config.kv_events_idle = std::time::Duration::try_from_secs_f64(args.kv_events_idle_secs)
+        .map_err(|e| anyhow::anyhow!("--kv-events-idle-secs: {e}"))?;
     config.disagg = args.disagg.routing(args.policy)?;
     let banner = format!(
         "gateway over {} worker(s){}, policy {}",

@@ -60,6 +60,12 @@ pub struct DeploymentRoute {
     pub capacity_per_replica: f64,
 }
 
+/// The range of [`GatewayConfig::kv_events_idle`]: a third of it is the keep-alive period asked
+/// of the workers, which accept 100 ms to 10 min.
+pub const KV_EVENTS_IDLE_MIN: Duration = Duration::from_millis(300);
+/// See [`KV_EVENTS_IDLE_MIN`].
+pub const KV_EVENTS_IDLE_MAX: Duration = Duration::from_secs(1800);
+
 /// Gateway settings.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -81,6 +87,10 @@ pub struct GatewayConfig {
     /// a final error event. A healthy worker that is merely slow (a long answer that is not
     /// streamed) keeps it.
     pub worker_timeout: Duration,
+    /// `kv_aware`: how long a worker's KV event feed may stay silent before the gateway gives
+    /// it up and subscribes afresh (the worker is asked for a keep-alive every third of it), so
+    /// that a link that died without a word does not leave the worker's prefix index stale.
+    pub kv_events_idle: Duration,
     /// Consecutive failures that open a worker's circuit breaker.
     pub breaker_failures: u32,
     /// How long an open breaker keeps a worker out of rotation.
@@ -116,6 +126,7 @@ impl GatewayConfig {
             kv_balance: 1.0,
             health_interval: Duration::from_millis(200),
             worker_timeout: Duration::from_secs(10),
+            kv_events_idle: Duration::from_secs(15),
             breaker_failures: 3,
             breaker_cooldown: Duration::from_secs(5),
             max_body_bytes: 16 << 20,
@@ -187,6 +198,12 @@ impl GatewayConfig {
             return Err(GatewayError::InvalidConfig(
                 "breaker_failures, health_interval and worker_timeout must be positive".into(),
             ));
+        }
+        if !(KV_EVENTS_IDLE_MIN..=KV_EVENTS_IDLE_MAX).contains(&self.kv_events_idle) {
+            return Err(GatewayError::InvalidConfig(format!(
+                "kv_events_idle must be from {KV_EVENTS_IDLE_MIN:?} to {KV_EVENTS_IDLE_MAX:?}, got {:?}",
+                self.kv_events_idle
+            )));
         }
         Ok(())
     }

@@ -159,16 +159,26 @@ pub(crate) async fn prompt_blocks(
 /// Follows worker `id`'s KV events forever, reconnecting after failures.
 pub(crate) async fn follow(gw: Arc<Gateway>, id: usize) {
     let base = gw.workers.get(id).url.clone();
-    let url = format!("{base}/v1/kv/events");
+    let idle = gw.config.kv_events_idle;
+    let url = format!(
+        "{base}/v1/kv/events?keepalive_ms={}",
+        (idle / 3).as_millis()
+    );
     loop {
-        if let Ok(resp) = gw.workers.client.get(&url).send().await {
+        // Neither the subscription's answer nor the next bytes of the feed may take longer than
+        // `idle` (the worker sends a keep-alive every third of it): a link that died without a
+        // word is given up, like a feed that ended.
+        let subscribed = tokio::time::timeout(idle, gw.workers.client.get(&url).send()).await;
+        if let Ok(Ok(resp)) = subscribed {
             // Subscribed (the worker subscribes before it answers): now the snapshot, then the
             // events that follow it.
             if resp.status().is_success() && resync(&gw, id, &base).await {
                 prefetch_card(&gw, id);
                 let mut body = resp.bytes_stream();
                 let mut buf: Vec<u8> = Vec::new();
-                'stream: while let Some(Ok(chunk)) = body.next().await {
+                'stream: while let Ok(Some(Ok(chunk))) =
+                    tokio::time::timeout(idle, body.next()).await
+                {
                     buf.extend_from_slice(&chunk);
                     while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
                         let frame: Vec<u8> = buf.drain(..end + 2).collect();
@@ -180,7 +190,8 @@ pub(crate) async fn follow(gw: Arc<Gateway>, id: usize) {
                 }
             }
         }
-        // The stream ended or never started: what the worker holds is unknown from here on.
+        // The stream ended, went silent or never started: what the worker holds is unknown from
+        // here on.
         gw.index().drop_worker(id);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

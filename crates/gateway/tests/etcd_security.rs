@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::{gateway, EtcdServer};
+use common::{freezable_proxy, gateway, EtcdServer};
 use lastmile_discovery::{Etcd, EtcdConfig, Registration, WorkerInfo, DEFAULT_PREFIX};
 use lastmile_gateway::{EtcdDiscovery, GatewayConfig};
 use serde_json::{json, Value};
@@ -308,62 +308,6 @@ async fn etcd_over_tls_needs_the_ca_and_a_client_certificate() {
     let err = Etcd::connect(&missing).err().expect("a missing CA file");
     assert!(err.to_string().contains("nope.crt"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// A TCP proxy to `target` whose connections can be frozen: once frozen, the connections open
-/// then carry nothing more but stay open (a partition, a host gone without a word), while new
-/// connections pass. A request whose first bytes `swallow` picks is held the same way, at once.
-async fn freezable_proxy(
-    target: std::net::SocketAddr,
-    swallow: fn(&[u8]) -> bool,
-) -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let frozen = std::sync::Arc::new(AtomicBool::new(false));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let flag = frozen.clone();
-    tokio::spawn(async move {
-        while let Ok((inbound, _)) = listener.accept().await {
-            let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
-                continue;
-            };
-            // Connections made after the freeze are not frozen.
-            let born_frozen = flag.load(Ordering::Relaxed);
-            let (ri, wi) = inbound.into_split();
-            let (ro, wo) = outbound.into_split();
-            for (mut r, mut w, request) in [
-                (
-                    Box::new(ri) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-                    Box::new(wo) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
-                    true,
-                ),
-                (Box::new(ro), Box::new(wi), false),
-            ] {
-                let flag = flag.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 16 << 10];
-                    loop {
-                        let n = match r.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        let swallowed = request && swallow(&buf[..n]);
-                        if swallowed || (flag.load(Ordering::Relaxed) && !born_frozen) {
-                            // Hold both sockets open and carry nothing.
-                            std::future::pending::<()>().await;
-                        }
-                        if w.write_all(&buf[..n]).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        }
-    });
-    (url, frozen)
 }
 
 /// A worker registered in a fresh etcd, and a gateway that follows it through

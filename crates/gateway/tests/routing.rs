@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{dead_url, gateway, metric, metric_sum, wait_healthy, worker, MODEL};
+use common::{dead_url, gateway, kv_blocks, metric, metric_sum, wait_healthy, worker, MODEL};
 use lastmile_gateway::GatewayConfig;
 use lastmile_router::PolicyKind;
 use serde_json::{json, Value};
@@ -174,6 +174,18 @@ fn settings_are_checked() {
     assert!(kv.validate().is_ok());
     kv.breaker_failures = 0;
     assert!(kv.validate().is_err());
+    // The KV feed's idle limit: a third of it is the keep-alive asked of workers (100 ms to
+    // 10 min), so shorter than 300 ms or longer than 30 min is refused.
+    for (idle_ms, ok) in [
+        (299, false),
+        (300, true),
+        (1_800_000, true),
+        (1_800_001, false),
+    ] {
+        let mut c = GatewayConfig::new(vec!["http://127.0.0.1:1".into()]);
+        c.kv_events_idle = Duration::from_millis(idle_ms);
+        assert_eq!(c.validate().is_ok(), ok, "kv_events_idle {idle_ms} ms");
+    }
     assert!(GatewayConfig::new(vec!["http://127.0.0.1:1".into()])
         .validate()
         .is_ok());
@@ -332,14 +344,7 @@ async fn kv_aware_starts_from_what_workers_already_cached() {
     ]);
     let (direct, answer) = chat_via(&client, &b, &messages).await;
     assert_eq!(direct, "", "straight to the worker, no gateway header");
-    let held: Value = client
-        .get(format!("{b}/v1/kv/blocks"))
-        .send()
-        .await
-        .expect("blocks")
-        .json()
-        .await
-        .expect("json");
+    let held = kv_blocks(&b).await;
     assert_eq!(held["block_size"], 16);
     let held = held["hashes"].as_array().map_or(0, Vec::len);
     assert!(held >= 5, "B cached the conversation: {held} blocks");

@@ -286,18 +286,27 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
 /// `data: {"type":"removed","hash":..}`, from the moment of subscription. A subscriber that falls
 /// behind gets `event: lagged` with the number of events it missed and should resynchronise.
 ///
+/// A comment line (`: keep-alive`) goes out whenever the feed has been quiet for
+/// `?keepalive_ms=` (100 ms to 10 min; default 10 s), so that a subscriber can tell a quiet
+/// worker from a dead link and give the feed up after a few missed beats.
+///
 /// The feed ends when the worker starts shutting down, so that a subscribed gateway never holds
 /// a graceful shutdown open.
 async fn kv_events(
     State(s): State<Arc<AppState>>,
     draining: Option<axum::Extension<lastmile_http::Draining>>,
+    uri: axum::http::Uri,
 ) -> Response {
+    let beat = match keepalive_of(uri.query()) {
+        Ok(beat) => beat,
+        Err(e) => return api_response(&e),
+    };
     let rx = s.engine.subscribe_kv_events();
     let stop: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match draining {
         Some(axum::Extension(d)) => Box::pin(d.started()),
         None => Box::pin(std::future::pending()),
     };
-    let stream = futures::stream::unfold((rx, stop), |(mut rx, mut stop)| async move {
+    let stream = futures::stream::unfold((rx, stop), move |(mut rx, mut stop)| async move {
         use tokio::sync::broadcast::error::RecvError;
         let frame = tokio::select! {
             r = rx.recv() => match r {
@@ -305,6 +314,7 @@ async fn kv_events(
                 Err(RecvError::Lagged(n)) => format!("event: lagged\ndata: {{\"missed\":{n}}}\n\n"),
                 Err(RecvError::Closed) => return None,
             },
+            () = tokio::time::sleep(beat) => ": keep-alive\n\n".to_string(),
             () = &mut stop => return None,
         };
         Some((Ok::<_, std::convert::Infallible>(frame), (rx, stop)))
@@ -317,6 +327,29 @@ async fn kv_events(
         axum::body::Body::from_stream(stream),
     )
         .into_response()
+}
+
+/// The keep-alive period of a `/v1/kv/events` query (`keepalive_ms=`, 100 ms to 10 min).
+fn keepalive_of(query: Option<&str>) -> Result<std::time::Duration, ApiError> {
+    const RANGE: std::ops::RangeInclusive<u64> = 100..=600_000;
+    let given = query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("keepalive_ms="));
+    let Some(given) = given else {
+        return Ok(std::time::Duration::from_secs(10));
+    };
+    match given.parse::<u64>() {
+        Ok(ms) if RANGE.contains(&ms) => Ok(std::time::Duration::from_millis(ms)),
+        _ => Err(ApiError::invalid_request(
+            format!(
+                "keepalive_ms must be a whole number of milliseconds from {} to {}, got {given:?}",
+                RANGE.start(),
+                RANGE.end()
+            ),
+            Some("keepalive_ms"),
+        )),
+    }
 }
 
 /// The hashes of every block in the prefix cache now (see `/v1/kv/events` for how a follower

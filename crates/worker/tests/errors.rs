@@ -115,6 +115,21 @@ async fn unknown_paths_and_methods_get_error_objects() {
     assert_eq!(r.status().as_u16(), 405);
 }
 
+/// The KV feed's keep-alive period is bounded both ways: `0` would be a busy loop of
+/// keep-alives, a huge one no keep-alive at all.
+#[tokio::test]
+async fn kv_feed_keepalive_out_of_range_is_400() {
+    for bad in ["0", "99", "600001", "-5", "abc", "", "1e3"] {
+        let r = reqwest::get(format!("{}/v1/kv/events?keepalive_ms={bad}", server()))
+            .await
+            .expect("get");
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.expect("an error object");
+        assert_error(status, &body, 400, "keepalive_ms");
+        assert_eq!(body["error"]["param"], "keepalive_ms", "{bad:?}");
+    }
+}
+
 #[tokio::test]
 async fn out_of_vocabulary_token_ids_are_400() {
     let (s, b) = post(
