@@ -160,14 +160,24 @@ fn json_cut_by_max_tokens_still_parses_and_matches_its_schema() {
     let prompt = chat_prompt(&e, "Write a long, rambling profile of a sailor as JSON.");
     for seed in 0..8 {
         // From 40 tokens (the empty profile alone takes 30) up: the free text has to give way.
-        let max_tokens = 40 + 3 * seed as usize;
-        let mut r = GenerateRequest::new(prompt.clone(), sampled(seed, 1.4), max_tokens);
-        r.grammar = Some(grammar.clone());
-        r.logprobs = (seed % 2 == 1).then_some(2);
-        let out = run(&e, r);
-        assert_profile(&out.text);
+        let mut max_tokens = 40 + 3 * seed as usize;
+        let out = loop {
+            let mut r = GenerateRequest::new(prompt.clone(), sampled(seed, 1.4), max_tokens);
+            r.grammar = Some(grammar.clone());
+            r.logprobs = (seed % 2 == 1).then_some(2);
+            let out = run(&e, r);
+            assert_profile(&out.text);
+            assert!(out.completion_tokens <= max_tokens, "{:?}", out.text);
+            // A sample that closed its profile within the budget by itself (the tokens drawn
+            // depend on the CPU's kernels) did not meet the cut: the same seed again with a
+            // budget short of that answer does.
+            if out.reason == FinishReason::Stop && out.completion_tokens > 40 {
+                max_tokens = out.completion_tokens - 1;
+                continue;
+            }
+            break out;
+        };
         assert_eq!(out.reason, FinishReason::Length, "{:?}", out.text);
-        assert!(out.completion_tokens <= max_tokens, "{:?}", out.text);
         if seed % 2 == 1 {
             assert_eq!(out.logprobs.len(), out.completion_tokens);
         }
