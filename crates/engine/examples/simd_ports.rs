@@ -19,9 +19,11 @@ mod x86 {
     /// constant operand and `{m}` as a pointer to readable memory) `ITERS` times; seconds.
     macro_rules! timed {
         ($body:expr) => {{
-            let mem = [0u32; 64];
+            #[repr(align(64))]
+            struct Lines([u32; 128]);
+            let mem = Lines([0u32; 128]);
             let t0 = Instant::now();
-            // SAFETY: the body reads at most 48 bytes from `mem` and writes only the vector
+            // SAFETY: the body reads at most 384 bytes from `mem` and writes only the vector
             // registers declared clobbered; the counter register is the loop's own.
             unsafe {
                 asm!(
@@ -31,7 +33,7 @@ mod x86 {
                     "dec {n}",
                     "jnz 2b",
                     n = inout(reg) ITERS => _,
-                    m = in(reg) mem.as_ptr(),
+                    m = in(reg) mem.0.as_ptr(),
                     out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _,
                     out("ymm4") _, out("ymm5") _, out("ymm6") _, out("ymm7") _,
                     out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _,
@@ -95,6 +97,26 @@ mod x86 {
         };
     }
 
+    /// Twelve whole-register loads from memory (what a pre-broadcast activation buffer takes).
+    macro_rules! loads {
+        () => {
+            concat!(
+                "vmovdqu ymm0, ymmword ptr [{m}]\n",
+                "vmovdqu ymm1, ymmword ptr [{m} + 32]\n",
+                "vmovdqu ymm2, ymmword ptr [{m} + 64]\n",
+                "vmovdqu ymm3, ymmword ptr [{m} + 96]\n",
+                "vmovdqu ymm4, ymmword ptr [{m} + 128]\n",
+                "vmovdqu ymm5, ymmword ptr [{m} + 160]\n",
+                "vmovdqu ymm6, ymmword ptr [{m} + 192]\n",
+                "vmovdqu ymm7, ymmword ptr [{m} + 224]\n",
+                "vmovdqu ymm8, ymmword ptr [{m} + 256]\n",
+                "vmovdqu ymm9, ymmword ptr [{m} + 288]\n",
+                "vmovdqu ymm10, ymmword ptr [{m} + 320]\n",
+                "vmovdqu ymm11, ymmword ptr [{m} + 352]\n",
+            )
+        };
+    }
+
     /// Core cycles a second: four dependent adds an iteration, one a cycle.
     fn clock() -> f64 {
         let n = 200_000_000u64;
@@ -128,7 +150,7 @@ mod x86 {
             let cycles = secs * hz / ITERS as f64;
             println!("{name:<44} {cycles:6.2} cycles / 12 chains ({per:.2} a cycle)");
         };
-        let rows: [(&str, f64, f64); 13] = [
+        let rows: [(&str, f64, f64); 16] = [
             ("vpaddd", timed!(twelve!("vpaddd")), 12.0),
             ("vpsignb", timed!(twelve!("vpsignb")), 12.0),
             ("vpmaddubsw", timed!(twelve!("vpmaddubsw")), 12.0),
@@ -176,6 +198,29 @@ mod x86 {
                     twelve!("vpmaddwd")
                 )),
                 48.0,
+            ),
+            ("vmovdqu from memory", timed!(loads!()), 12.0),
+            (
+                "Q8_0 + its activations by vpbroadcastd",
+                timed!(concat!(
+                    broadcasts!(),
+                    twelve!("vpsignb"),
+                    twelve!("vpmaddubsw"),
+                    twelve!("vpmaddwd"),
+                    twelve!("vpaddd")
+                )),
+                60.0,
+            ),
+            (
+                "Q8_0 + its activations by vmovdqu",
+                timed!(concat!(
+                    loads!(),
+                    twelve!("vpsignb"),
+                    twelve!("vpmaddubsw"),
+                    twelve!("vpmaddwd"),
+                    twelve!("vpaddd")
+                )),
+                60.0,
             ),
             (
                 "vpmaddubsw + vpand",

@@ -23,6 +23,7 @@ use lastmile_router::RouteRequest;
 
 use crate::kv::PromptBlocks;
 use crate::proxy::error_response;
+use crate::workers::{json_capped, LIST_REPLY, SMALL_REPLY};
 use crate::Gateway;
 
 /// When and how requests are disaggregated.
@@ -212,7 +213,7 @@ pub(crate) async fn prefill(
         // The request itself is at fault (its prompt does not fit, say): the decode worker
         // would refuse it the same way.
         m.client_errors.fetch_add(1, Ordering::Relaxed);
-        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        let body: serde_json::Value = json_capped(resp, SMALL_REPLY).await.unwrap_or_default();
         let e = &body["error"];
         let text = |k: &str| e[k].as_str().map(str::to_string);
         let api = ApiError {
@@ -227,7 +228,7 @@ pub(crate) async fn prefill(
     if !status.is_success() {
         return Ok(fallback("server_error"));
     }
-    let Ok(reply) = resp.json::<PrefillReply>().await else {
+    let Some(reply) = json_capped::<PrefillReply>(resp, LIST_REPLY).await else {
         return Ok(fallback("bad_reply"));
     };
     if reply.lease.is_empty() || !reply.lease.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -15,6 +15,7 @@ use lastmile_protocol::{prefix_hashes, KvEvent};
 use lastmile_worker::{Api, PromptCard, Prompter};
 use serde_json::Value;
 
+use crate::workers::json_capped;
 use crate::{lock, Gateway};
 
 /// A request's prompt as its model's workers build it: the hashes of its full blocks, its
@@ -36,6 +37,13 @@ const INLINE_BODY_BYTES: usize = 16 * 1024;
 /// How long after a failed prompt-card fetch the gateway waits before asking again (requests
 /// meanwhile are routed on load alone).
 const CARD_RETRY: Duration = Duration::from_secs(5);
+/// The most bytes of a worker's prompt card (its tokenizer, chat template and special tokens:
+/// the largest tokenizers are tens of MB).
+const CARD_REPLY: usize = 256 << 20;
+/// The most bytes of a worker's prefix cache snapshot (millions of block hashes).
+const SNAPSHOT_REPLY: usize = 64 << 20;
+/// The longest KV event frame the gateway buffers (one event is under 100 bytes).
+const MAX_FRAME: usize = 64 << 10;
 
 /// Each model's [`Prompter`], loaded from one of its workers' prompt cards, and when a load last
 /// failed.
@@ -97,7 +105,7 @@ async fn fetch_card(gw: &Gateway, model: Option<&str>) -> Option<Arc<Prompter>> 
         tracing::warn!(%url, status = %reply.status(), "no prompt card: routing on load alone");
         return None;
     }
-    let card: PromptCard = reply.json().await.ok()?;
+    let card: PromptCard = json_capped(reply, CARD_REPLY).await?;
     let built = tokio::task::spawn_blocking(move || Prompter::from_card(card)).await;
     match built {
         Ok(Ok(p)) => Some(Arc::new(p)),
@@ -187,6 +195,11 @@ pub(crate) async fn follow(gw: Arc<Gateway>, id: usize) {
                             break 'stream;
                         }
                     }
+                    if buf.len() > MAX_FRAME {
+                        // No event is this long: a broken or hostile feed, not buffered.
+                        tracing::warn!(worker = %base, "KV event feed sent an endless frame");
+                        break 'stream;
+                    }
                 }
             }
         }
@@ -207,7 +220,7 @@ async fn resync(gw: &Gateway, id: usize, base: &str) -> bool {
         .send()
         .await;
     let Ok(reply) = reply else { return false };
-    let Ok(v) = reply.json::<Value>().await else {
+    let Some(v) = json_capped::<Value>(reply, SNAPSHOT_REPLY).await else {
         return false;
     };
     let Some(hashes) = v["hashes"].as_array() else {

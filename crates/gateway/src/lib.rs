@@ -572,7 +572,7 @@ async fn model_cards(gw: &Gateway) -> Vec<ModelCard> {
                     .send()
                     .await
                     .ok()?;
-                r.json::<ModelList>().await.ok()
+                workers::json_capped::<ModelList>(r, workers::LIST_REPLY).await
             }
         });
     let mut cards: Vec<ModelCard> = Vec::new();

@@ -159,6 +159,35 @@ impl Drop for InFlight {
 }
 
 /// Every worker, and the client used to reach them.
+/// The most bytes the gateway reads of a worker's answer to `/health`, or of a refused prefill's
+/// error object.
+pub(crate) const SMALL_REPLY: usize = 64 << 10;
+/// The most bytes of a worker's `/v1/models` list or prefill reply.
+pub(crate) const LIST_REPLY: usize = 1 << 20;
+
+/// Reads a worker's reply as JSON, at most `cap` bytes of it: a worker is not trusted to end
+/// its body (a broken or hostile one could stream without end), so a longer body is given up
+/// as unreadable instead of buffered.
+pub(crate) async fn json_capped<T: serde::de::DeserializeOwned>(
+    reply: reqwest::Response,
+    cap: usize,
+) -> Option<T> {
+    use futures::StreamExt;
+    if reply.content_length().is_some_and(|n| n > cap as u64) {
+        return None;
+    }
+    let mut body = Vec::new();
+    let mut chunks = reply.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.ok()?;
+        if body.len() + chunk.len() > cap {
+            return None;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).ok()
+}
+
 pub(crate) struct Workers {
     list: RwLock<Vec<Arc<Worker>>>,
     pub(crate) client: reqwest::Client,
@@ -364,7 +393,9 @@ impl Workers {
             .send()
             .await;
         let body = match reply {
-            Ok(r) if r.status().is_success() => r.json::<serde_json::Value>().await.ok(),
+            Ok(r) if r.status().is_success() => {
+                json_capped::<serde_json::Value>(r, SMALL_REPLY).await
+            }
             _ => None,
         };
         let Some(body) = body else {
