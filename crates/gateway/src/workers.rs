@@ -158,7 +158,6 @@ impl Drop for InFlight {
     }
 }
 
-/// Every worker, and the client used to reach them.
 /// The most bytes the gateway reads of a worker's answer to `/health`, or of a refused prefill's
 /// error object.
 pub(crate) const SMALL_REPLY: usize = 64 << 10;
@@ -188,6 +187,7 @@ pub(crate) async fn json_capped<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&body).ok()
 }
 
+/// Every worker, and the client used to reach them.
 pub(crate) struct Workers {
     list: RwLock<Vec<Arc<Worker>>>,
     pub(crate) client: reqwest::Client,
