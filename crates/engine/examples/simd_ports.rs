@@ -37,7 +37,7 @@ mod x86 {
                     out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _,
                     out("ymm4") _, out("ymm5") _, out("ymm6") _, out("ymm7") _,
                     out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _,
-                    out("ymm15") _,
+                    out("ymm12") _, out("ymm13") _, out("ymm15") _,
                     options(nostack, readonly),
                 );
             }
@@ -117,6 +117,24 @@ mod x86 {
         };
     }
 
+    /// Two sign-extending loads of 16 weight bytes into i16 (an i16 Q8_0 k-pair of two row
+    /// groups) and six broadcasts of a token's i16 activation pair: what a 16-row x 6-token i16
+    /// tile loads a k-pair.
+    macro_rules! i16_tile_loads {
+        () => {
+            concat!(
+                "vpmovsxbw ymm12, xmmword ptr [{m}]\n",
+                "vpmovsxbw ymm13, xmmword ptr [{m} + 16]\n",
+                "vpbroadcastd ymm0, dword ptr [{m} + 32]\n",
+                "vpbroadcastd ymm1, dword ptr [{m} + 36]\n",
+                "vpbroadcastd ymm2, dword ptr [{m} + 40]\n",
+                "vpbroadcastd ymm3, dword ptr [{m} + 44]\n",
+                "vpbroadcastd ymm4, dword ptr [{m} + 48]\n",
+                "vpbroadcastd ymm5, dword ptr [{m} + 52]\n",
+            )
+        };
+    }
+
     /// Core cycles a second: four dependent adds an iteration, one a cycle.
     fn clock() -> f64 {
         let n = 200_000_000u64;
@@ -150,7 +168,7 @@ mod x86 {
             let cycles = secs * hz / ITERS as f64;
             println!("{name:<44} {cycles:6.2} cycles / 12 chains ({per:.2} a cycle)");
         };
-        let rows: [(&str, f64, f64); 16] = [
+        let rows: [(&str, f64, f64); 23] = [
             ("vpaddd", timed!(twelve!("vpaddd")), 12.0),
             ("vpsignb", timed!(twelve!("vpsignb")), 12.0),
             ("vpmaddubsw", timed!(twelve!("vpmaddubsw")), 12.0),
@@ -221,6 +239,95 @@ mod x86 {
                     twelve!("vpaddd")
                 )),
                 60.0,
+            ),
+            (
+                "vpmovsxbw from memory",
+                timed!(concat!(
+                    "vpmovsxbw ymm0, xmmword ptr [{m}]\n",
+                    "vpmovsxbw ymm1, xmmword ptr [{m} + 16]\n",
+                    "vpmovsxbw ymm2, xmmword ptr [{m} + 32]\n",
+                    "vpmovsxbw ymm3, xmmword ptr [{m} + 48]\n",
+                    "vpmovsxbw ymm4, xmmword ptr [{m} + 64]\n",
+                    "vpmovsxbw ymm5, xmmword ptr [{m} + 80]\n",
+                    "vpmovsxbw ymm6, xmmword ptr [{m} + 96]\n",
+                    "vpmovsxbw ymm7, xmmword ptr [{m} + 112]\n",
+                    "vpmovsxbw ymm8, xmmword ptr [{m} + 128]\n",
+                    "vpmovsxbw ymm9, xmmword ptr [{m} + 144]\n",
+                    "vpmovsxbw ymm10, xmmword ptr [{m} + 160]\n",
+                    "vpmovsxbw ymm11, xmmword ptr [{m} + 176]\n",
+                )),
+                12.0,
+            ),
+            (
+                "Q8_0 by i16: vpmaddwd + vpaddd (16 MACs)",
+                timed!(concat!(twelve!("vpmaddwd"), twelve!("vpaddd"))),
+                24.0,
+            ),
+            (
+                "Q8_0 by i16 + tile loads (16 MACs)",
+                timed!(concat!(
+                    i16_tile_loads!(),
+                    twelve!("vpmaddwd"),
+                    twelve!("vpaddd")
+                )),
+                32.0,
+            ),
+            (
+                "SCR madd+add + 6 bcast",
+                timed!(concat!(
+                    "vpbroadcastd ymm12, dword ptr [{m} + 32]\n",
+                    "vpbroadcastd ymm13, dword ptr [{m} + 36]\n",
+                    "vpbroadcastd ymm12, dword ptr [{m} + 40]\n",
+                    "vpbroadcastd ymm13, dword ptr [{m} + 44]\n",
+                    "vpbroadcastd ymm12, dword ptr [{m} + 48]\n",
+                    "vpbroadcastd ymm13, dword ptr [{m} + 52]\n",
+                    twelve!("vpmaddwd"),
+                    twelve!("vpaddd")
+                )),
+                24.0,
+            ),
+            (
+                "SCR madd+add + 2 movsx",
+                timed!(concat!(
+                    "vpmovsxbw ymm12, xmmword ptr [{m}]\n",
+                    "vpmovsxbw ymm13, xmmword ptr [{m} + 16]\n",
+                    twelve!("vpmaddwd"),
+                    twelve!("vpaddd")
+                )),
+                24.0,
+            ),
+            (
+                "SCR madd+add + 6 vmovdqu",
+                timed!(concat!(
+                    "vmovdqu ymm12, ymmword ptr [{m} + 32]\n",
+                    "vmovdqu ymm13, ymmword ptr [{m} + 64]\n",
+                    "vmovdqu ymm12, ymmword ptr [{m} + 96]\n",
+                    "vmovdqu ymm13, ymmword ptr [{m} + 128]\n",
+                    "vmovdqu ymm12, ymmword ptr [{m} + 160]\n",
+                    "vmovdqu ymm13, ymmword ptr [{m} + 192]\n",
+                    twelve!("vpmaddwd"),
+                    twelve!("vpaddd")
+                )),
+                24.0,
+            ),
+            (
+                "SCR madd + mem operand add",
+                timed!(concat!(
+                    twelve!("vpmaddwd"),
+                    "vpaddd ymm0, ymm0, ymmword ptr [{m}]\n",
+                    "vpaddd ymm1, ymm1, ymmword ptr [{m}+32]\n",
+                    "vpaddd ymm2, ymm2, ymmword ptr [{m}+64]\n",
+                    "vpaddd ymm3, ymm3, ymmword ptr [{m}+96]\n",
+                    "vpaddd ymm4, ymm4, ymmword ptr [{m}+128]\n",
+                    "vpaddd ymm5, ymm5, ymmword ptr [{m}+160]\n",
+                    "vpaddd ymm6, ymm6, ymmword ptr [{m}+192]\n",
+                    "vpaddd ymm7, ymm7, ymmword ptr [{m}+224]\n",
+                    "vpaddd ymm8, ymm8, ymmword ptr [{m}+256]\n",
+                    "vpaddd ymm9, ymm9, ymmword ptr [{m}+288]\n",
+                    "vpaddd ymm10, ymm10, ymmword ptr [{m}+320]\n",
+                    "vpaddd ymm11, ymm11, ymmword ptr [{m}+352]\n",
+                )),
+                24.0,
             ),
             (
                 "vpmaddubsw + vpand",
