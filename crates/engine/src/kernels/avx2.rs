@@ -121,6 +121,10 @@ pub unsafe fn dot_rows<const R: usize>(
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::lanes_below;
 
+/// Independent accumulators per row in the float kernels (see `x86::float`); the joins below
+/// assume four.
+const FLOAT_CHAINS: usize = 4;
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -130,7 +134,7 @@ mod x86 {
         chunk_bytes, high_bits_at, prefetch_ahead, Packing, AVX2_GROUP, PACKED_KINDS,
     };
     use super::super::{QKind, QK};
-    use super::{GroupJob, Q8Row};
+    use super::{GroupJob, Q8Row, FLOAT_CHAINS};
 
     /// Bytes of a chunk's k-rows unpacked.
     const UNPACKED: usize = 8 * 4 * AVX2_GROUP;
@@ -690,6 +694,11 @@ mod x86 {
     }
 
     /// Float weights against f32 activations: `F` = 0 for f32, 1 for f16, 2 for bf16.
+    ///
+    /// Each row's sum runs in [`FLOAT_CHAINS`] independent accumulators (8-wide block `j` into
+    /// chain `j % FLOAT_CHAINS`, joined in a fixed order), whatever `R`: one chain would wait on
+    /// the FMA's latency every block (a decode step of a 16-bit model was latency-bound), and the
+    /// same order for every `R` keeps a token's result independent of its batch.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn float<const R: usize, const F: usize>(w: &[u8], xf: &[&[f32]; R]) -> [f32; R] {
         let esize = if F == 0 { 4 } else { 2 };
@@ -697,30 +706,44 @@ mod x86 {
         for x in xf {
             assert!(x.len() >= n);
         }
-        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc = [[_mm256_setzero_ps(); R]; FLOAT_CHAINS];
         let mut out = [0.0f32; R];
         // SAFETY: `i + 8 <= n` bounds every vector read of `w` and of each `x`.
         unsafe {
             let wp = w.as_ptr();
-            let mut i = 0;
-            while i + 8 <= n {
-                let wv = match F {
-                    0 => _mm256_loadu_ps(wp.add(i * 4) as *const f32),
-                    1 => _mm256_cvtph_ps(_mm_loadu_si128(wp.add(i * 2) as *const __m128i)),
-                    _ => {
-                        let h =
-                            _mm256_cvtepu16_epi32(_mm_loadu_si128(wp.add(i * 2) as *const __m128i));
-                        _mm256_castsi256_ps(_mm256_slli_epi32(h, 16))
-                    }
-                };
-                for r in 0..R {
-                    let xv = _mm256_loadu_ps(xf[r].as_ptr().add(i));
-                    acc[r] = _mm256_fmadd_ps(wv, xv, acc[r]);
+            let load = |i: usize| match F {
+                0 => _mm256_loadu_ps(wp.add(i * 4) as *const f32),
+                1 => _mm256_cvtph_ps(_mm_loadu_si128(wp.add(i * 2) as *const __m128i)),
+                _ => {
+                    let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(wp.add(i * 2) as *const __m128i));
+                    _mm256_castsi256_ps(_mm256_slli_epi32(h, 16))
                 }
+            };
+            let mut i = 0;
+            while i + 8 * FLOAT_CHAINS <= n {
+                for (c, chain) in acc.iter_mut().enumerate() {
+                    let wv = load(i + 8 * c);
+                    for (r, a) in chain.iter_mut().enumerate() {
+                        let xv = _mm256_loadu_ps(xf[r].as_ptr().add(i + 8 * c));
+                        *a = _mm256_fmadd_ps(wv, xv, *a);
+                    }
+                }
+                i += 8 * FLOAT_CHAINS;
+            }
+            let mut c = 0;
+            while i + 8 <= n {
+                let wv = load(i);
+                for (r, a) in acc[c].iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(xf[r].as_ptr().add(i));
+                    *a = _mm256_fmadd_ps(wv, xv, *a);
+                }
+                c += 1;
                 i += 8;
             }
             for r in 0..R {
-                out[r] = hsum(acc[r]);
+                let low = _mm256_add_ps(acc[0][r], acc[1][r]);
+                let high = _mm256_add_ps(acc[2][r], acc[3][r]);
+                out[r] = hsum(_mm256_add_ps(low, high));
             }
             while i < n {
                 let wv = match F {

@@ -23,6 +23,9 @@ pub struct MatmulTask<'a> {
 const ROW_TILE: usize = 16;
 /// Tokens per kernel call.
 const TOKEN_TILE: usize = 4;
+/// Tokens per kernel call for float weights, whose kernel keeps four accumulators a token (two
+/// tokens' eight fill the registers the way four tokens' integer sums do).
+const FLOAT_TOKEN_TILE: usize = 2;
 /// Tokens from which a Q5 product unpacks its k-rows once for all of them (below, each kernel
 /// call unpacks the chunks it reads for its four tokens). Q5's fifth bits make unpacking cost
 /// more than the bytes it saves; Q4's nibbles cost less (unpacked, Q4's products of 512 tokens
@@ -152,7 +155,10 @@ pub fn matmul(pool: &ThreadPool, tasks: &mut [MatmulTask<'_>], xf: &[f32], xq: &
                     // other thread's.
                     match w.packing() {
                         Some(packing) => packed_range(w, packing, out, xq, n, a, b),
-                        None => rows_range(w, out, xf, xq, n, a, b),
+                        None if w.kind.is_float() => {
+                            rows_range::<FLOAT_TOKEN_TILE>(w, out, xf, xq, n, a, b)
+                        }
+                        None => rows_range::<TOKEN_TILE>(w, out, xf, xq, n, a, b),
                     }
                 }
                 base += units(w);
@@ -162,7 +168,9 @@ pub fn matmul(pool: &ThreadPool, tasks: &mut [MatmulTask<'_>], xf: &[f32], xq: &
     });
 }
 
-fn rows_range(
+/// Rows `r0..r1` of a matrix in the file layout for every token, `T` tokens per kernel call
+/// (and the rest one at a time).
+fn rows_range<const T: usize>(
     w: &QMatrix,
     out: &SharedMut<f32>,
     xf: &[f32],
@@ -182,17 +190,16 @@ fn rows_range(
     while tile < r1 {
         let tile_end = (tile + ROW_TILE).min(r1);
         let mut t = 0;
-        while t + TOKEN_TILE <= n {
-            let xfs: [&[f32]; TOKEN_TILE] = std::array::from_fn(|k| xf_row(t + k));
-            let xqs: Option<[Q8Row<'_>; TOKEN_TILE]> =
-                q8.then(|| std::array::from_fn(|k| xq.row(t + k)));
+        while t + T <= n {
+            let xfs: [&[f32]; T] = std::array::from_fn(|k| xf_row(t + k));
+            let xqs: Option<[Q8Row<'_>; T]> = q8.then(|| std::array::from_fn(|k| xq.row(t + k)));
             for r in tile..tile_end {
-                let v = dot_rows::<TOKEN_TILE>(w.kind, w.row(r), xfs, xqs);
+                let v = dot_rows::<T>(w.kind, w.row(r), xfs, xqs);
                 for (k, v) in v.into_iter().enumerate() {
                     write(t + k, r, v);
                 }
             }
-            t += TOKEN_TILE;
+            t += T;
         }
         while t < n {
             let xqs = q8.then(|| [xq.row(t)]);

@@ -76,6 +76,11 @@ impl QKind {
             Self::Q4_0 | Self::Q4_1 | Self::Q8_0 | Self::Q5_0 | Self::Q5_1
         )
     }
+
+    /// Whether the weights are floats (F32, F16, BF16).
+    pub fn is_float(self) -> bool {
+        matches!(self, Self::F32 | Self::F16 | Self::BF16)
+    }
 }
 
 /// Bytes of a weight matrix: either a window of the model's memory map or an owned buffer (for
@@ -796,6 +801,60 @@ mod tests {
             QKind::Q5_1,
         ] {
             check_kind(kind);
+        }
+    }
+
+    /// Float weights: a token's result is the same bits alone, in the two-token tile and in a
+    /// batch of any size (the kernels keep four accumulator chains a row in one order for every
+    /// tile size), over widths with and without a remainder past the chains.
+    #[test]
+    fn float_products_are_the_same_in_any_batch() {
+        let mut seed = 7u64;
+        for kind in [QKind::F32, QKind::F16, QKind::BF16] {
+            for cols in [64, 200, 1000] {
+                let rows = 5;
+                let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
+                let bytes: Vec<u8> = match kind {
+                    QKind::F32 => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    QKind::F16 => w
+                        .iter()
+                        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                        .collect(),
+                    _ => w
+                        .iter()
+                        .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                        .collect(),
+                };
+                let m = QMatrix::new(kind, rows, cols, WeightBytes::Owned(Arc::new(bytes)))
+                    .expect("matrix");
+                let n = 5;
+                let x: Vec<f32> = (0..n * cols).map(|_| lcg(&mut seed)).collect();
+                let pool = crate::parallel::ThreadPool::new(2);
+                let acts = Q8Acts::default();
+                let product = |n: usize, x: &[f32]| {
+                    let mut out = vec![0.0; n * rows];
+                    let mut tasks = [MatmulTask {
+                        w: &m,
+                        out: &mut out,
+                    }];
+                    matmul(&pool, &mut tasks, x, &acts, n);
+                    out
+                };
+                let batched = product(n, &x);
+                for t in 0..n {
+                    let alone = product(1, &x[t * cols..(t + 1) * cols]);
+                    assert_eq!(
+                        alone,
+                        batched[t * rows..(t + 1) * rows],
+                        "{kind:?} width {cols}: token {t} alone differs from its batch"
+                    );
+                    let xt = &x[t * cols..(t + 1) * cols];
+                    let want = reference(&m, xt);
+                    for r in 0..rows {
+                        assert!((alone[r] - want[r]).abs() < 1e-3, "{kind:?} r{r}");
+                    }
+                }
+            }
         }
     }
 
