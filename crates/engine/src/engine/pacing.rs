@@ -56,6 +56,12 @@ struct LineFit {
 }
 
 impl LineFit {
+    /// Whether the recent `x` vary enough to tell a slope (their weighted variance is at least
+    /// 1).
+    fn varies(&self) -> bool {
+        self.w > 0.0 && self.sxx / self.w - (self.sx / self.w).powi(2) >= 1.0
+    }
+
     fn add(&mut self, x: f64, y: f64) {
         let keep = 1.0 - LINE_ALPHA;
         self.w = self.w * keep + 1.0;
@@ -164,8 +170,16 @@ impl Pacer {
     /// most about twice a step without them, from the fitted cost of rows: about `a / b`, where
     /// a CPU with slow matrix rows (AVX2) affords fewer than one with fast ones. `None` until
     /// measured. Attention is left out: a sequence's draft rows share its keys, so they add far
-    /// less than separate queries would.
+    /// less than separate queries would. Also `None` while the recent steps had too few
+    /// different row counts to tell the cost of a row from the cost of a step (one-row decodes
+    /// after a short prompt, or after a cold first step that left a stale slope): a bound from a
+    /// guessed line would allow one draft row, the steps would keep their one or two rows, and
+    /// the cost of a row would never be learned. Unbounded drafts vary the rows again, and the
+    /// bound comes back measured.
     pub(super) fn draft_rows(&self) -> Option<usize> {
+        if !self.rows.varies() {
+            return None;
+        }
         let (a, b) = self.rows.line()?;
         (b > 0.0).then(|| ((a + b) / b + 1e-9).floor() as usize)
     }
@@ -224,6 +238,30 @@ pub(super) mod tests {
         );
         // 4 ms a step plus 0.5 ms a row: a one-row step costs 4.5 ms, nine rows 8.5 ms.
         assert_eq!(trained().draft_rows(), Some(9));
+        // Only one- and two-row steps seen: the cost of a row is unknown, and drafts are not
+        // bounded by a guess of it (they would stay at one row, and it would stay unknown).
+        let mut p = Pacer::default();
+        for rows in [3, 1, 2, 1, 2, 1, 2] {
+            p.observe(shape(rows, 0), 14.0 + rows as f64, 0.0);
+        }
+        assert!(
+            p.estimates().0.is_some(),
+            "a line through the origin predicts"
+        );
+        assert_eq!(p.draft_rows(), None);
+        // A slope told once (a cold first step of 8 rows) and then only one-row steps: stale,
+        // not a bound either.
+        let mut p = Pacer::default();
+        p.observe(shape(8, 0), 80.0, 0.0);
+        p.observe(shape(1, 0), 15.0, 0.0);
+        assert!(
+            p.draft_rows().is_some(),
+            "two far-apart row counts tell a slope"
+        );
+        for _ in 0..200 {
+            p.observe(shape(1, 0), 15.0, 0.0);
+        }
+        assert_eq!(p.draft_rows(), None);
         // Rows as dear as the step itself (slow kernels): one draft row.
         let mut p = Pacer::default();
         for rows in [1, 2, 4, 8] {
