@@ -113,19 +113,21 @@ OPEN = [
 ]
 
 
-def stream_completion(host, port, prompt, max_tokens, speculative):
+def stream_completion(host, port, prompt, max_tokens, speculative, model=MODEL):
     """One streamed greedy completion; returns (text, completion tokens, seconds after the
-    first token)."""
-    body = json.dumps({
-        "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-        "stream": True, "stream_options": {"include_usage": True}, "speculative": speculative,
-    })
+    first token). `speculative` None sends no extension (another server)."""
+    body = {
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        "stream": True, "stream_options": {"include_usage": True},
+    }
+    if speculative is not None:
+        body["speculative"] = speculative
     conn = http.client.HTTPConnection(host, port, timeout=600)
-    conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
+    conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
     resp = conn.getresponse()
     if resp.status != 200:
         raise RuntimeError(f"{resp.status}: {resp.read()[:300]!r}")
-    text, first, tokens = [], None, 0
+    text, first, tokens, pieces = [], None, 0, 0
     for raw in resp:
         line = raw.decode().strip()
         if not line.startswith("data: ") or line == "data: [DONE]":
@@ -135,13 +137,14 @@ def stream_completion(host, port, prompt, max_tokens, speculative):
             piece = c.get("text")
             if piece:
                 text.append(piece)
+                pieces += 1
                 if first is None:
                     first = time.perf_counter()
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
     end = time.perf_counter()
     conn.close()
-    return "".join(text), tokens, end - (first or end)
+    return "".join(text), tokens or pieces, end - (first or end)
 
 
 def counters(host, port):

@@ -114,15 +114,24 @@ GROUNDED = (
 )
 
 
-def _accepted_draft_tokens(base_url):
+def _draft_counter(base_url, name):
     import urllib.request
 
     with urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:
         page = r.read().decode()
     for line in page.splitlines():
-        if line.startswith("lastmile_engine_accepted_draft_tokens_total "):
+        if line.startswith(name + " "):
             return float(line.split()[1])
-    raise AssertionError("no lastmile_engine_accepted_draft_tokens_total in /metrics")
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def _accepted_draft_tokens(base_url):
+    return _draft_counter(base_url, "lastmile_engine_accepted_draft_tokens_total")
+
+
+def _drafts(base_url):
+    """(draft tokens verified, draft tokens kept) so far."""
+    return (_draft_counter(base_url, "lastmile_engine_draft_tokens_total"), _accepted_draft_tokens(base_url))
 
 
 def test_speculative_decoding_is_an_extension_that_changes_no_greedy_token(client, base_url):
@@ -142,8 +151,57 @@ def test_speculative_decoding_is_an_extension_that_changes_no_greedy_token(clien
     with_drafts = client.completions.create(**sampled, extra_body={"speculative": {"max_draft": 6}})
     without = client.completions.create(**sampled, extra_body={"speculative": {"max_draft": 0}})
     assert with_drafts.choices[0].text == without.choices[0].text
-    # Out of range, or a misspelt key: a 400 naming the field.
-    for bad in ({"max_draft": 99}, {"ngram": 0}, {"ngrams": 2}):
+    # Out of range, a misspelt key, an unknown method, or a draft model this server was not
+    # started with: a 400 naming the field.
+    for bad in ({"max_draft": 99}, {"ngram": 0}, {"ngrams": 2}, {"method": "medusa"}, {"method": "draft_model"}):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(**kw, extra_body={"speculative": bad})
-        assert "speculative" in str(e.value) or "ngrams" in str(e.value), (bad, str(e.value))
+        named = ("speculative", "ngrams", "medusa")
+        assert any(n in str(e.value) for n in named), (bad, str(e.value))
+
+
+def test_a_draft_model_server_answers_token_for_token_as_without_drafts(tmp_path):
+    """`serve --draft-model`: a 20-block cut of the default model (same tokenizer, a cheaper and
+    sometimes wrong guesser) drafts for every request that does not choose; answers are the
+    ones decoding without drafts gives, through the SDK, streamed or not."""
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    from conftest import BINARY, ROOT, start_server, stop_server
+
+    pulled = subprocess.run([str(BINARY), "models", "pull"], capture_output=True, text=True, check=True)
+    model = pulled.stdout.strip().splitlines()[-1]
+    draft = tmp_path / "draft.gguf"
+    subprocess.run([sys.executable, str(ROOT / "scripts/cuda/cut_model.py"), model, str(draft), "--blocks", "20"],
+                   check=True, capture_output=True)
+    url, proc = start_server("--threads", "2", "--draft-model", str(draft))
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=10) as r:
+            health = json.loads(r.read())
+        assert health["draft_model"]["layers"] == 20, health
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        for prompt in ("The history of Rome", "def fibonacci(n):", "1, 2, 3, 4, 5,"):
+            kw = dict(model=MODEL, prompt=prompt, max_tokens=40, temperature=0)
+            plain = client.completions.create(**kw, extra_body={"speculative": {"max_draft": 0}})
+            before = _drafts(url)
+            by_default = client.completions.create(**kw)
+            after = _drafts(url)
+            assert by_default.choices[0].text == plain.choices[0].text, prompt
+            assert after[0] > before[0], "the draft model drafted"
+            explicit = client.completions.create(**kw, extra_body={"speculative": {"method": "draft_model", "max_draft": 4}})
+            assert explicit.choices[0].text == plain.choices[0].text
+            lookup = client.completions.create(**kw, extra_body={"speculative": {"method": "prompt_lookup"}})
+            assert lookup.choices[0].text == plain.choices[0].text
+            streamed = client.completions.create(**kw, stream=True)
+            assert "".join(c.choices[0].text for c in streamed if c.choices) == plain.choices[0].text
+        drafted, kept = _drafts(url)
+        assert 0 < kept < drafted, (kept, drafted)
+        # A seeded sample: the same answer with the draft model's drafts as without.
+        sampled = dict(model=MODEL, prompt="Once upon a time", max_tokens=30, temperature=0.9, seed=5)
+        off = client.completions.create(**sampled, extra_body={"speculative": {"max_draft": 0}})
+        on = client.completions.create(**sampled)
+        assert on.choices[0].text == off.choices[0].text
+    finally:
+        stop_server(proc)

@@ -56,6 +56,9 @@ pub(crate) fn serve_fleet(args: ServeArgs) -> Result<()> {
         "--device".into(),
         m.device.to_string(),
     ]);
+    if let Some(draft) = &m.draft_model {
+        worker_args.extend(["--draft-model".into(), draft.to_string_lossy().into_owned()]);
+    }
     if let Some(dir) = &m.kv_disk_dir {
         // Each worker takes its own slot under the one directory.
         worker_args.extend([

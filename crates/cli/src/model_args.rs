@@ -66,6 +66,14 @@ pub struct ModelArgs {
     /// nobody drafts while more than 8 sequences run.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=16))]
     pub speculative_max_draft: u32,
+    /// A draft model for speculative decoding: a smaller GGUF (or Hugging Face folder) with
+    /// the same tokenizer as the served model (a 0.5B beside a 7B of one family, a 4-bit file
+    /// beside a 16-bit one). It runs on the CPU beside the served model and guesses up to
+    /// --speculative-max-draft tokens greedily for every request that does not choose (prompt
+    /// lookup stays available per request: `"speculative": {"method": "prompt_lookup"}`); the
+    /// output is the same as without it. Refused at start when the tokenizers differ.
+    #[arg(long, env = "LASTMILE_DRAFT_MODEL")]
+    pub draft_model: Option<PathBuf>,
     /// The longest suffix speculative decoding looks up (shorter ones follow, down to 2).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=8))]
     pub speculative_ngram: u32,
@@ -178,6 +186,8 @@ impl ModelArgs {
             speculation: lastmile_engine::Speculation {
                 ngram: self.speculative_ngram as usize,
                 max_draft: self.speculative_max_draft as usize,
+                // The draft model when there is one, else prompt lookup.
+                source: lastmile_engine::DraftSource::Default,
             },
             kv_disk: self.kv_disk_dir.as_ref().map(|dir| KvDiskConfig {
                 dir: dir.clone(),
@@ -195,8 +205,22 @@ impl ModelArgs {
             .map(|(stage, s)| (stage.to_string(), s * 1e3))
             .collect();
         timings.push(("load".into(), loaded.load_seconds * 1e3));
+        let draft = match &self.draft_model {
+            Some(p) => {
+                let d = LoadedModel::load(p)
+                    .with_context(|| format!("loading the draft model {}", p.display()))?;
+                timings.push(("draft model load".into(), d.load_seconds * 1e3));
+                tracing::info!(
+                    "draft model {} loaded in {:.0} ms",
+                    p.display(),
+                    d.load_seconds * 1e3
+                );
+                Some(d)
+            }
+            None => None,
+        };
         let started = std::time::Instant::now();
-        let engine = EngineHandle::start(loaded, config)?;
+        let engine = EngineHandle::start_with_draft(loaded, draft, config)?;
         let engine_ms = started.elapsed().as_secs_f64() * 1e3;
         timings.push(("engine start".into(), engine_ms));
         tracing::info!(

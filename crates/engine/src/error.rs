@@ -71,6 +71,11 @@ pub enum EngineError {
         /// The compiler's or matcher's one-line explanation (may be empty).
         detail: String,
     },
+    /// The request asked for drafts from a draft model and the engine has none.
+    #[error(
+        "speculative.method draft_model needs a server started with a draft model (--draft-model)"
+    )]
+    NoDraftModel,
     /// The engine is at capacity: `limit` requests are already waiting.
     #[error("engine overloaded: {limit} requests are already waiting")]
     QueueFull {
@@ -133,6 +138,7 @@ impl EngineError {
             | Self::TokenOutOfVocab { .. }
             | Self::ContextExceeded { .. }
             | Self::KvCapacityExceeded { .. }
+            | Self::NoDraftModel
             | Self::Grammar { .. } => "invalid_request",
             Self::QueueFull { .. } => "overloaded",
             Self::Stopped => "stopped",
@@ -147,6 +153,7 @@ impl EngineError {
             Self::EmptyPrompt
             | Self::TokenOutOfVocab { .. }
             | Self::ContextExceeded { .. }
+            | Self::NoDraftModel
             | Self::KvCapacityExceeded { .. } => true,
             Self::Grammar { fault, .. } => *fault != GrammarFault::Runtime,
             _ => false,
@@ -162,6 +169,7 @@ impl EngineError {
             Self::EmptyPrompt | Self::TokenOutOfVocab { .. } => Some("prompt"),
             Self::ContextExceeded { .. } => Some("messages"),
             Self::KvCapacityExceeded { .. } => Some("max_tokens"),
+            Self::NoDraftModel => Some("speculative"),
             Self::Grammar { .. } if self.is_client_error() => Some("response_format"),
             _ => None,
         }
@@ -225,6 +233,9 @@ mod tests {
         );
         assert_eq!((long.param(), long.limit()), (Some("messages"), Some(8192)));
         assert_eq!(EngineError::EmptyPrompt.param(), Some("prompt"));
+        let none = EngineError::NoDraftModel;
+        assert!(none.is_client_error());
+        assert_eq!(none.param(), Some("speculative"));
         let full = EngineError::QueueFull { limit: 4 };
         assert_eq!(full.error_type(), "overloaded");
         assert_eq!((full.param(), full.limit()), (None, Some(4)));

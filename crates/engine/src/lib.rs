@@ -22,8 +22,9 @@ pub mod tokenizer;
 
 pub use constraint::{Grammar, GrammarSpec};
 pub use engine::{
-    Device, DeviceReport, EngineConfig, EngineHandle, EngineStats, FinishReason, GenerateRequest,
-    GenerationEvent, GenerationStream, ModelInfo, Speculation, TokenLogprobs,
+    Device, DeviceReport, DraftInfo, DraftSource, EngineConfig, EngineHandle, EngineStats,
+    FinishReason, GenerateRequest, GenerationEvent, GenerationStream, ModelInfo, Speculation,
+    TokenLogprobs,
 };
 pub use error::{EngineError, GrammarFault, Result};
 pub use loader::LoadedModel;

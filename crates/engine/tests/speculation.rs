@@ -1,20 +1,17 @@
-//! Speculative decoding (prompt lookup) end to end on the default model: output is the same
-//! token for token with and without drafts — greedy or seeded sampling, alone, in a batch, under
-//! KV pressure, with stop strings and log probabilities — while drafts are actually kept on
-//! text that repeats its input.
+//! Speculative decoding end to end on the default model, by prompt lookup and by a draft model:
+//! output is the same token for token with and without drafts — greedy or seeded sampling,
+//! alone, in a batch, under KV pressure, with stop strings and log probabilities — while drafts
+//! are actually kept (on text that repeats its input, or where the draft model guesses right).
 
 use std::sync::atomic::Ordering;
 
 use lastmile_engine::{
-    EngineConfig, EngineHandle, GenerateRequest, GenerationEvent, LoadedModel, SamplingParams,
-    Speculation, TokenLogprobs,
+    EngineConfig, EngineError, EngineHandle, GenerateRequest, GenerationEvent, LoadedModel,
+    SamplingParams, Speculation, TokenLogprobs,
 };
 use lastmile_models::ensure_default_model;
 
-const SPEC: Speculation = Speculation {
-    ngram: 3,
-    max_draft: 8,
-};
+const SPEC: Speculation = Speculation::lookup(3, 8);
 
 /// A prompt whose answer copies its input: drafts from the prompt should be kept.
 const GROUNDED: &str = "Copy the text exactly.\n\nText: The quick brown fox jumps over the lazy \
@@ -28,14 +25,33 @@ const OPEN: [&str; 3] = [
     "1, 1, 2, 3, 5, 8,",
 ];
 
+const BY_MODEL: Speculation = Speculation::draft_model(6);
+
 fn engine(kv_tokens: Option<usize>) -> EngineHandle {
-    let loaded = LoadedModel::load(&ensure_default_model().expect("model")).expect("load");
+    drafting_engine(kv_tokens, None)
+}
+
+fn load() -> LoadedModel {
+    LoadedModel::load(&ensure_default_model().expect("model")).expect("load")
+}
+
+/// The default model as a draft model, cut to its first `layers` decoder blocks (all 30: the
+/// served model's exact twin): a cheaper model of the same family, whose guesses are often but
+/// not always the served model's.
+fn draft_of(layers: usize) -> LoadedModel {
+    let mut d = load();
+    d.model.weights.layers.truncate(layers);
+    d.model.config.layers = layers;
+    d
+}
+
+fn drafting_engine(kv_tokens: Option<usize>, draft: Option<LoadedModel>) -> EngineHandle {
     let config = EngineConfig {
         threads: 2,
         kv_cache_tokens: kv_tokens,
         ..EngineConfig::default()
     };
-    EngineHandle::start(loaded, config).expect("engine")
+    EngineHandle::start_with_draft(load(), draft, config).expect("engine")
 }
 
 fn request(e: &EngineHandle, text: &str, max_tokens: usize, spec: Speculation) -> GenerateRequest {
@@ -178,10 +194,11 @@ fn stop_strings_logprobs_and_the_token_limit_behave_as_without_drafts() {
     assert!(accepted(&e).1 > 0, "drafts were kept along the way");
 }
 
-#[test]
-fn drafts_under_kv_pressure_change_nothing_and_leak_no_block() {
-    // 12 blocks of 16 tokens for four requests of ~60-100 tokens each: drafts must give way.
-    let tight = engine(Some(192));
+/// Four requests drafting as `spec` says on an engine of 12 blocks of 16 tokens (`draft`: its
+/// draft model) for requests of ~60-100 tokens each: drafts must give way; the answers are the
+/// ones a roomy engine gives without drafts, and every block comes back.
+fn under_kv_pressure(spec: Speculation, draft: Option<LoadedModel>) {
+    let tight = drafting_engine(Some(192), draft);
     let roomy = engine(None);
     let prompts: Vec<&str> = std::iter::once(GROUNDED).chain(OPEN).collect();
     let solo: Vec<Vec<u32>> = prompts
@@ -196,14 +213,14 @@ fn drafts_under_kv_pressure_change_nothing_and_leak_no_block() {
         &tight,
         prompts
             .iter()
-            .map(|p| request(&tight, p, 40, SPEC))
+            .map(|p| request(&tight, p, 40, spec))
             .collect(),
     );
     for (i, out) in outs.iter().enumerate() {
         assert_eq!(out.0, solo[i], "prompt {i} under KV pressure");
     }
-    let st = tight.stats();
     assert!(accepted(&tight).0 > 0, "drafts were made under pressure");
+    let st = tight.stats();
     let mut used = usize::MAX;
     for _ in 0..100 {
         used = st.kv_blocks_used.load(Ordering::Relaxed);
@@ -213,4 +230,121 @@ fn drafts_under_kv_pressure_change_nothing_and_leak_no_block() {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     assert_eq!(used, 0, "blocks leaked");
+}
+
+#[test]
+fn drafts_under_kv_pressure_change_nothing_and_leak_no_block() {
+    under_kv_pressure(SPEC, None);
+}
+
+#[test]
+fn a_draft_model_changes_no_token_alone_in_a_batch_or_sampled() {
+    let e = drafting_engine(None, Some(draft_of(20)));
+    assert_eq!(e.info().draft.as_ref().map(|d| d.layers), Some(20));
+    let prompts: Vec<&str> = std::iter::once(GROUNDED).chain(OPEN).collect();
+    let plain: Vec<Output> = prompts
+        .iter()
+        .map(|p| run(&e, vec![request(&e, p, 40, Speculation::OFF)]).remove(0))
+        .collect();
+    assert_eq!(accepted(&e), (0, 0), "off means no drafts");
+    for (i, p) in prompts.iter().enumerate() {
+        let out = run(&e, vec![request(&e, p, 40, BY_MODEL)]).remove(0);
+        assert_eq!(out.0, plain[i].0, "prompt {i} alone");
+        assert_eq!(out.1, plain[i].1);
+    }
+    let (drafted, kept) = accepted(&e);
+    assert!(
+        kept > 0 && kept < drafted,
+        "a 20-layer draft of a 30-layer model is right often, not always: {kept} of {drafted}"
+    );
+    // Together, drafting by model, by lookup and not at all in the same steps.
+    let specs = [BY_MODEL, SPEC, Speculation::OFF, BY_MODEL];
+    let batch = run(
+        &e,
+        prompts
+            .iter()
+            .zip(specs)
+            .map(|(p, spec)| request(&e, p, 40, spec))
+            .collect(),
+    );
+    for (i, out) in batch.iter().enumerate() {
+        assert_eq!(out.0, plain[i].0, "prompt {i} in a batch");
+    }
+    // Sampled with a seed: the same draws, the same answer.
+    for (seed, temperature) in [(1, 0.5), (2, 1.0)] {
+        let sampled = |spec| {
+            let mut r = request(&e, OPEN[0], 32, spec);
+            r.sampling = SamplingParams {
+                temperature,
+                top_p: 0.95,
+                seed: Some(seed),
+                ..SamplingParams::default()
+            };
+            r.logprobs = Some(1);
+            run(&e, vec![r]).remove(0)
+        };
+        let (off, on) = (sampled(Speculation::OFF), sampled(BY_MODEL));
+        assert_eq!(on.0, off.0, "seed {seed} at temperature {temperature}");
+        assert_eq!(on.2, off.2, "log probabilities");
+    }
+}
+
+#[test]
+fn a_twin_draft_model_is_always_right_and_is_the_default() {
+    // The served model's exact twin guesses what the served model computes (its kernels give
+    // a token the same numbers in any batch), so greedy drafts are all kept.
+    let e = drafting_engine(None, Some(draft_of(30)));
+    let prompt = request(&e, OPEN[1], 48, Speculation::OFF);
+    let plain = run(&e, vec![prompt]).remove(0);
+    // A request that does not choose drafts by the draft model on an engine that has one.
+    let mut r = request(&e, OPEN[1], 48, SPEC);
+    r.speculation = None;
+    let default = EngineHandle::start_with_draft(
+        load(),
+        Some(draft_of(30)),
+        EngineConfig {
+            threads: 2,
+            speculation: Speculation {
+                ngram: 3,
+                max_draft: 6,
+                source: lastmile_engine::DraftSource::Default,
+            },
+            ..EngineConfig::default()
+        },
+    )
+    .expect("engine");
+    let out = run(&default, vec![r]).remove(0);
+    assert_eq!(out.0, plain.0);
+    let (drafted, kept) = accepted(&default);
+    assert!(drafted >= 20, "{drafted} drafted");
+    assert_eq!(kept, drafted, "the twin is always right");
+    // And the same on the first engine, asked for explicitly.
+    let out = run(&e, vec![request(&e, OPEN[1], 48, BY_MODEL)]).remove(0);
+    assert_eq!(out.0, plain.0);
+    let (drafted, kept) = accepted(&e);
+    assert!(drafted >= 20 && kept == drafted, "{kept} of {drafted}");
+}
+
+#[test]
+fn draft_model_requests_without_one_and_foreign_tokenizers_are_refused() {
+    let e = engine(None);
+    match e.submit(request(&e, OPEN[0], 8, BY_MODEL)) {
+        Err(EngineError::NoDraftModel) => {}
+        other => panic!("expected NoDraftModel, got {:?}", other.err()),
+    }
+    // Turned off, the same request is fine.
+    let off = Speculation::draft_model(0);
+    assert_eq!(run(&e, vec![request(&e, OPEN[0], 4, off)])[0].0.len(), 4);
+    // A draft model whose vocabulary is not the served model's is refused at start.
+    let mut foreign = draft_of(4);
+    foreign.model.config.vocab -= 1;
+    let err = EngineHandle::start_with_draft(load(), Some(foreign), EngineConfig::default())
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("tokenizer"), "{err}");
+}
+
+#[test]
+fn draft_model_under_kv_pressure_changes_nothing_and_leaks_no_block() {
+    under_kv_pressure(BY_MODEL, Some(draft_of(20)));
 }

@@ -47,7 +47,7 @@ pub use sampling::{
     FinishReason, ResponseMeta, SamplingFields, SamplingRequest, StopSequences, StreamOptions,
     Usage, UsageField, MAX_CHOICES, MAX_LOGIT_BIAS, MAX_STOP_BYTES, MAX_STOP_SEQUENCES,
 };
-pub use speculative::SpeculativeParams;
+pub use speculative::{SpeculativeMethod, SpeculativeParams};
 pub use sse::{parse_sse_data, sse_event, SSE_DONE};
 pub use structured::{ConstraintFields, OutputConstraint};
 pub use usage::{StreamMeter, TokenUsage, USAGE_HEADER};

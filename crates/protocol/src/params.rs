@@ -214,10 +214,20 @@ mod tests {
         assert_eq!(
             p.speculative,
             Some(SpeculativeParams {
+                method: None,
                 ngram: 3,
                 max_draft: 8
             })
         );
+        let p = read(json!({"model": "m", "speculative": {"method": "draft_model"}}))
+            .expect("a method");
+        assert_eq!(
+            p.speculative.and_then(|s| s.method),
+            Some(crate::speculative::SpeculativeMethod::DraftModel)
+        );
+        let err = read(json!({"model": "m", "speculative": {"method": "medusa"}}))
+            .expect_err("an unknown method");
+        assert!(err.to_string().contains("medusa"), "{err}");
         let p = read(json!({"model": "m", "speculative": {"max_draft": 0}})).expect("off");
         assert!(p
             .sampling(None)

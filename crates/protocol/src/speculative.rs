@@ -1,16 +1,32 @@
-//! The `speculative` request extension (prompt-lookup speculative decoding) and its checks.
+//! The `speculative` request extension (speculative decoding by prompt lookup or by the
+//! server's draft model) and its checks.
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 
-/// The `speculative` extension: prompt-lookup speculative decoding for this request. The last
-/// `ngram` tokens (then shorter suffixes, down to 2) are looked up in the prompt and the text so
-/// far, and up to `max_draft` tokens of what followed are verified in one step; the output is the
-/// same as without (greedy, or sampled with a seed). `{"max_draft": 0}` turns it off.
+/// Where a request's drafts come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpeculativeMethod {
+    /// Earlier text that the last tokens repeat (the prompt and the output so far).
+    PromptLookup,
+    /// The server's draft model (`--draft-model`), greedily.
+    DraftModel,
+}
+
+/// The `speculative` extension: speculative decoding for this request. By prompt lookup, the
+/// last `ngram` tokens (then shorter suffixes, down to 2) are looked up in the prompt and the
+/// text so far and up to `max_draft` tokens of what followed are verified in one step; by draft
+/// model, the server's smaller model guesses up to `max_draft` tokens. The output is the same as
+/// without (greedy, or sampled with a seed). `{"max_draft": 0}` turns it off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpeculativeParams {
+    /// `prompt_lookup` or `draft_model`; absent: the server's draft model if it has one, else
+    /// prompt lookup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<SpeculativeMethod>,
     /// Longest suffix matched, 1 to [`MAX_SPECULATIVE_NGRAM`] (default 3).
     #[serde(default = "SpeculativeParams::default_ngram")]
     pub ngram: u32,
@@ -34,7 +50,7 @@ impl SpeculativeParams {
         8
     }
 
-    /// Checks both numbers' ranges.
+    /// Checks both numbers' ranges (a draft model's presence is the server's to check).
     pub fn validate(&self) -> Result<(), ApiError> {
         if !(1..=MAX_SPECULATIVE_NGRAM).contains(&self.ngram) {
             return Err(ApiError::invalid_request(

@@ -241,6 +241,11 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
         "role": s.transfers.role(),
         "context_length": s.engine.info().context_length,
         "device": s.engine.info().device,
+        "draft_model": s.engine.info().draft.as_ref().map(|d| serde_json::json!({
+            "arch": d.arch,
+            "layers": d.layers,
+            "weight_bytes_per_token": d.weight_bytes_per_token,
+        })),
         "kernels": lastmile_engine::kernels::simd_name(),
         "running": load(&st.running),
         "waiting": load(&st.waiting),

@@ -65,8 +65,8 @@ mod tests {
         CompletionChoice, CompletionChunk, CompletionChunkChoice, CompletionLogprobs,
         CompletionRequest, CompletionResponse, Delta, FinishReason, FunctionCall,
         FunctionDefinition, GenerationParams, KvEvent, MessageContent, ModelCard, ModelList,
-        PromptInput, Role, SpeculativeParams, StopSequences, StreamOptions, Tool, ToolCall,
-        ToolCallDelta, TopLogprob, Usage, UsageField,
+        PromptInput, Role, SpeculativeMethod, SpeculativeParams, StopSequences, StreamOptions,
+        Tool, ToolCall, ToolCallDelta, TopLogprob, Usage, UsageField,
     };
     use serde::Serialize;
     use serde_json::{json, Map};
@@ -336,6 +336,7 @@ mod tests {
             function: function.clone(),
         };
         let speculative = SpeculativeParams {
+            method: Some(SpeculativeMethod::DraftModel),
             ngram: 3,
             max_draft: 8,
         };

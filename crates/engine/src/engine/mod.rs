@@ -5,6 +5,7 @@
 mod closing;
 mod device;
 mod disk;
+mod draft;
 mod handoff;
 mod pacing;
 mod plan;
@@ -13,7 +14,7 @@ mod speculate;
 mod tiers;
 
 pub use device::{Device, DeviceReport};
-pub use speculate::Speculation;
+pub use speculate::{DraftSource, Speculation};
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
@@ -61,7 +62,8 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// Reuse the KV blocks of prompts' cached prefixes.
     pub prefix_cache: bool,
-    /// Speculative decoding for requests that do not choose (prompt lookup; off by default).
+    /// Speculative decoding for requests that do not choose (off by default). A `Default`
+    /// source means the draft model when the engine has one, else prompt lookup.
     pub speculation: Speculation,
     /// A KV tier on disk below the prefix cache (needs `prefix_cache`): evicted blocks are
     /// saved there and read back on a prefix hit, across restarts.
@@ -329,6 +331,19 @@ pub struct ModelInfo {
     pub load_seconds: f64,
     /// Where it runs.
     pub device: DeviceReport,
+    /// The draft model, when the engine has one.
+    pub draft: Option<DraftInfo>,
+}
+
+/// Facts about an engine's draft model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DraftInfo {
+    /// Architecture name.
+    pub arch: String,
+    /// Decoder blocks.
+    pub layers: usize,
+    /// Weight bytes read per draft token.
+    pub weight_bytes_per_token: usize,
 }
 
 pub(crate) struct Submission {
@@ -384,6 +399,27 @@ pub(crate) enum Command {
     },
 }
 
+/// Refuses a draft model whose tokens are not the served model's: its guesses would be ids of
+/// other text.
+fn same_tokenizer(served: &LoadedModel, draft: &LoadedModel) -> Result<()> {
+    let (a, b) = (&served.tokenizer, &draft.tokenizer);
+    let vocab = (served.model.config.vocab, draft.model.config.vocab);
+    if vocab.0 != vocab.1 || a.vocab_size() != b.vocab_size() || a.pieces() != b.pieces() {
+        return Err(EngineError::InvalidSettings(format!(
+            "the draft model's tokenizer is not the served model's (vocabularies of {} and {} \
+             tokens{}): a draft model must come from the same family",
+            vocab.1,
+            vocab.0,
+            if vocab.0 == vocab.1 {
+                ", different pieces"
+            } else {
+                ""
+            }
+        )));
+    }
+    Ok(())
+}
+
 /// A cheap, cloneable handle to a running engine.
 #[derive(Clone)]
 pub struct EngineHandle {
@@ -406,7 +442,28 @@ pub(crate) type CachedBlocks = Arc<std::sync::Mutex<tiers::CachedRoutes>>;
 impl EngineHandle {
     /// Starts the engine thread for a loaded model.
     pub fn start(loaded: LoadedModel, config: EngineConfig) -> Result<Self> {
+        Self::start_with_draft(loaded, None, config)
+    }
+
+    /// Starts the engine thread for a loaded model and, if given, a draft model for speculative
+    /// decoding: a smaller model with the same tokenizer, run on the CPU beside it, whose greedy
+    /// guesses the served model verifies (requests whose `speculation` source is
+    /// `DraftModel`, and those that do not choose). Refused when the tokenizers differ.
+    pub fn start_with_draft(
+        loaded: LoadedModel,
+        draft: Option<LoadedModel>,
+        config: EngineConfig,
+    ) -> Result<Self> {
         config.validate()?;
+        if let Some(d) = &draft {
+            same_tokenizer(&loaded, d)?;
+        }
+        let draft_info = draft.as_ref().map(|d| DraftInfo {
+            arch: d.model.config.arch.clone(),
+            layers: d.model.config.layers,
+            weight_bytes_per_token: d.model.weights.bytes_per_token(),
+        });
+        let draft = draft.map(|d| d.model);
         let LoadedModel {
             model,
             tokenizer,
@@ -432,6 +489,7 @@ impl EngineHandle {
             block_size: config.block_size,
             load_seconds,
             device,
+            draft: draft_info,
         });
         let layout = KvLayout {
             model: model_fingerprint(&model.config, info.weight_bytes_per_token),
@@ -489,6 +547,7 @@ impl EngineHandle {
                         cached: thread_cached,
                         disk,
                         executor,
+                        draft,
                     },
                 );
                 s.run(rx);
@@ -516,6 +575,12 @@ impl EngineHandle {
         let vocab = self.info.vocab_size;
         if let Some(&token) = request.prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(EngineError::TokenOutOfVocab { token, vocab });
+        }
+        let by_model = request
+            .speculation
+            .is_some_and(|s| s.source == DraftSource::DraftModel && s.max_draft > 0);
+        if by_model && self.info.draft.is_none() {
+            return Err(EngineError::NoDraftModel);
         }
         let total = request.prompt.len() + request.max_tokens;
         if total > self.info.context_length {

@@ -15,9 +15,10 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::closing::BudgetCloser;
 use super::device::Executor;
 use super::disk::{Disk, ReadBack};
+use super::draft::{DraftJob, DraftKv, DraftModel};
 use super::handoff::{import_block, tally, Leases};
 use super::plan::{Chunk, Planned, Planner, Refusal, SeqKv, StepPlan};
-use super::speculate::{Drafter, Speculation, MAX_RUNNING_TO_DRAFT};
+use super::speculate::{DraftSource, Drafter, Speculation, MAX_RUNNING_TO_DRAFT};
 use super::tiers::Tier;
 use super::{
     Command, EngineConfig, EngineStats, FinishReason, GenerateRequest, GenerationEvent,
@@ -45,6 +46,8 @@ struct Sequence {
     prompt_logprobs_from: usize,
     /// Its draft maker, when it speculates.
     drafter: Option<Drafter>,
+    /// Its place in the draft model's cache, once the draft model drafted for it.
+    draft_kv: Option<DraftKv>,
     tx: UnboundedSender<GenerationEvent>,
 }
 
@@ -82,6 +85,8 @@ pub(super) struct Shared {
     pub(super) disk: Option<DiskTier>,
     /// The device the model runs on, with its KV cache.
     pub(super) executor: Executor,
+    /// The draft model, if the engine has one.
+    pub(super) draft: Option<LlamaModel>,
 }
 
 pub(super) struct Scheduler {
@@ -103,6 +108,8 @@ pub(super) struct Scheduler {
     counted_waiting: usize,
     /// Speculation for requests that do not choose.
     speculation: Speculation,
+    /// The draft model, for requests whose drafts come from it.
+    draft: Option<DraftModel>,
     /// Blocks held for other engines to read.
     leases: Leases,
     /// The KV tier on disk, if there is one.
@@ -123,8 +130,16 @@ impl Scheduler {
             cached,
             disk,
             executor: kv,
+            draft,
         } = shared;
-        let speculation = config.speculation;
+        let default_source = if draft.is_some() {
+            DraftSource::DraftModel
+        } else {
+            DraftSource::PromptLookup
+        };
+        let speculation = config.speculation.resolved(default_source);
+        // As many draft blocks as the served model's cache has: room for every sequence.
+        let draft = draft.map(|m| DraftModel::new(m, num_blocks, config.block_size));
         let mut planner = Planner::new(config.clone(), num_blocks);
         let disk = disk.map(Disk::new);
         if let Some(d) = &disk {
@@ -143,6 +158,7 @@ impl Scheduler {
             raw_logits: Vec::new(),
             counted_waiting: 0,
             speculation,
+            draft,
             leases: Leases::default(),
             disk,
         }
@@ -350,7 +366,11 @@ impl Scheduler {
     fn admit(&mut self, s: Submission) {
         let Submission { request, tx } = s;
         let max_tokens = request.max_tokens;
-        let drafter = Drafter::new(request.speculation.unwrap_or(self.speculation));
+        let spec = request
+            .speculation
+            .map_or(self.speculation, |s| s.resolved(self.speculation.source));
+        // `submit` refuses draft-model requests to an engine without one.
+        let drafter = Drafter::new(spec).filter(|d| !d.by_model() || self.draft.is_some());
         let seq = Sequence {
             kv: SeqKv::new(request.prompt.clone(), request.prompt_logprobs.is_some()),
             sampler: Sampler::new(request.sampling.clone(), &request.prompt),
@@ -360,6 +380,7 @@ impl Scheduler {
             decoder: DecodeStream::default(),
             prompt_logprobs_from: 1,
             drafter,
+            draft_kv: None,
             tx,
         };
         let needed = seq.kv.tokens.len() + max_tokens;
@@ -523,6 +544,8 @@ impl Scheduler {
         let draft_cap = self.planner.pacer.draft_rows().unwrap_or(usize::MAX);
         let mut logit_row = 0;
         let mut finished = Vec::new();
+        // Sequences whose next draft the draft model makes, all at once after this loop.
+        let mut by_model = Vec::new();
         for c in &plan.chunks {
             let s = &mut self.planner.running[c.seq];
             let first_row = logit_row;
@@ -556,11 +579,53 @@ impl Scheduler {
             if ended.finished {
                 finished.push(c.seq);
             } else if may_draft {
-                draft(s, draft_cap);
+                if s.drafter.as_ref().is_some_and(Drafter::by_model) {
+                    by_model.push(c.seq);
+                } else {
+                    draft(s, draft_cap);
+                }
             }
+        }
+        if !by_model.is_empty() {
+            self.draft_by_model(&by_model, draft_cap);
         }
         finished
     }
+
+    /// Drafts for the running sequences `seqs` by the draft model, in one batch.
+    fn draft_by_model(&mut self, seqs: &[usize], cap: usize) {
+        let Some(model) = self.draft.as_mut() else {
+            return;
+        };
+        let mut jobs = Vec::with_capacity(seqs.len());
+        let mut who = Vec::with_capacity(seqs.len());
+        for (i, s) in self.planner.running.iter_mut().enumerate() {
+            let want = s.drafter.as_ref().map_or(0, |d| d.wanted(room(s, cap)));
+            if want == 0 || !seqs.contains(&i) {
+                continue;
+            }
+            who.push(i);
+            let kv = s.draft_kv.get_or_insert_with(|| model.new_kv());
+            jobs.push(DraftJob::new(kv, &s.kv.tokens, want));
+        }
+        model.propose(&mut jobs, &self.pool);
+        let drafts: Vec<Vec<u32>> = jobs.into_iter().map(|j| j.out).collect();
+        for (i, draft) in who.into_iter().zip(drafts) {
+            let s = &mut self.planner.running[i];
+            s.kv.draft = draft.len();
+            s.kv.tokens.extend(draft);
+        }
+    }
+}
+
+/// How many draft tokens `s` may carry: what `max_tokens` leaves (the last token always comes
+/// from the model), at most `cap`.
+fn room(s: &Sequence, cap: usize) -> usize {
+    s.request
+        .max_tokens
+        .saturating_sub(s.generated())
+        .saturating_sub(1)
+        .min(cap)
 }
 
 /// What one chunk's sampling did.
@@ -639,13 +704,7 @@ fn draft(s: &mut Sequence, cap: usize) {
     let Some(d) = s.drafter.as_ref() else {
         return;
     };
-    let room = s
-        .request
-        .max_tokens
-        .saturating_sub(s.generated())
-        .saturating_sub(1)
-        .min(cap);
-    let proposal = d.propose(&s.kv.tokens, room);
+    let proposal = d.propose(&s.kv.tokens, room(s, cap));
     s.kv.draft = proposal.len();
     s.kv.tokens.extend_from_within(proposal);
 }

@@ -10,21 +10,39 @@
 //! number of rows, so the accepted tokens come almost free where text repeats its input (edits,
 //! rewrites, code, extraction).
 //!
+//! Drafts come from one of two places ([`DraftSource`]): prompt lookup, or a smaller draft model
+//! with the same tokenizer (`super::draft`), which guesses greedily where no earlier text
+//! repeats. Either is a draft of certain tokens, so verification is the same.
+//!
 //! Invariants: drafts never pass `max_tokens` (the last token always comes from the model); a
 //! request whose drafts keep failing stops drafting ([`MIN_ACCEPTANCE`] after [`PROBATION`]
 //! drafted tokens), so open-ended text pays almost nothing.
 
 use std::ops::Range;
 
+/// Where a request's drafts come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DraftSource {
+    /// The engine's default: its draft model when it was started with one, else prompt lookup.
+    #[default]
+    Default,
+    /// Earlier text that the last tokens repeat (no second model).
+    PromptLookup,
+    /// The engine's draft model, greedily (`EngineHandle::start_with_draft`).
+    DraftModel,
+}
+
 /// How one request drafts: match its last `ngram` tokens (then shorter suffixes, down to 2)
-/// against earlier text and draft up to `max_draft` tokens of what followed.
+/// against earlier text, or ask the draft model, and draft up to `max_draft` tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Speculation {
     /// Longest suffix matched against earlier text; shorter ones are tried next, down to 2 (a
-    /// lone token is too weak a hint), or 1 when this is 1.
+    /// lone token is too weak a hint), or 1 when this is 1. Prompt lookup only.
     pub ngram: usize,
     /// Most draft tokens per step; 0 turns speculation off.
     pub max_draft: usize,
+    /// Where the drafts come from.
+    pub source: DraftSource,
 }
 
 impl Speculation {
@@ -32,11 +50,41 @@ impl Speculation {
     pub const OFF: Self = Self {
         ngram: 0,
         max_draft: 0,
+        source: DraftSource::Default,
     };
+
+    /// Prompt lookup with these settings.
+    pub const fn lookup(ngram: usize, max_draft: usize) -> Self {
+        Self {
+            ngram,
+            max_draft,
+            source: DraftSource::PromptLookup,
+        }
+    }
+
+    /// Drafts of up to `max_draft` tokens by the engine's draft model.
+    pub const fn draft_model(max_draft: usize) -> Self {
+        Self {
+            ngram: 0,
+            max_draft,
+            source: DraftSource::DraftModel,
+        }
+    }
 
     /// Whether this drafts at all.
     pub fn is_on(&self) -> bool {
-        self.ngram > 0 && self.max_draft > 0
+        self.max_draft > 0 && (self.source == DraftSource::DraftModel || self.ngram > 0)
+    }
+
+    /// `self` with a `Default` source replaced by `default` (the engine's).
+    pub(super) fn resolved(self, default: DraftSource) -> Self {
+        match self.source {
+            DraftSource::Default => Self {
+                source: default,
+                ..self
+            },
+            _ => self,
+        }
     }
 }
 
@@ -88,10 +136,21 @@ impl Drafter {
     /// Where in `tokens` (prompt and output so far, the last one not yet computed) the draft to
     /// follow them lies, at most `room` tokens; empty when nothing matches or it gave up.
     pub(super) fn propose(&self, tokens: &[u32], room: usize) -> Range<usize> {
-        if !self.active() {
-            return 0..0;
+        lookup(tokens, self.spec.ngram, self.wanted(room))
+    }
+
+    /// How many tokens the next draft should have, at most `room`: 0 once it gave up.
+    pub(super) fn wanted(&self, room: usize) -> usize {
+        if self.active() {
+            self.next.min(room)
+        } else {
+            0
         }
-        lookup(tokens, self.spec.ngram, self.next.min(room))
+    }
+
+    /// Whether its drafts come from the draft model.
+    pub(super) fn by_model(&self) -> bool {
+        self.spec.source == DraftSource::DraftModel
     }
 
     /// Counts a verified draft: `drafted` proposed, the first `accepted` kept; sizes the next.
@@ -165,11 +224,7 @@ mod tests {
 
     #[test]
     fn a_drafter_gives_up_on_text_it_cannot_predict() {
-        let mut d = Drafter::new(Speculation {
-            ngram: 2,
-            max_draft: 4,
-        })
-        .expect("on");
+        let mut d = Drafter::new(Speculation::lookup(2, 4)).expect("on");
         let t = [1, 2, 3, 1, 2];
         let proposed = |d: &Drafter, room| t[d.propose(&t, room)].to_vec();
         assert_eq!(proposed(&d, 8), [3, 1], "the first draft is short");
@@ -185,13 +240,17 @@ mod tests {
         d.record(PROBATION, PROBATION / 10);
         assert!(!d.active());
         assert!(proposed(&d, 8).is_empty());
-        let mut good = Drafter::new(Speculation {
-            ngram: 2,
-            max_draft: 4,
-        })
-        .expect("on");
+        let mut good = Drafter::new(Speculation::lookup(2, 4)).expect("on");
         good.record(PROBATION * 2, PROBATION);
         assert!(good.active(), "half accepted keeps drafting");
         assert!(Drafter::new(Speculation::OFF).is_none());
+        assert!(Drafter::new(Speculation::draft_model(0)).is_none());
+        let m = Drafter::new(Speculation::draft_model(4)).expect("on");
+        assert!(m.by_model() && !good.by_model());
+        assert_eq!(
+            (m.wanted(8), m.wanted(1)),
+            (2, 1),
+            "short first, within room"
+        );
     }
 }

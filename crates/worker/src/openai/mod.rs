@@ -15,13 +15,13 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use lastmile_engine::tokenizer::TextTokenizer;
 use lastmile_engine::{
-    EngineError, GenerateRequest, Grammar, GrammarSpec, SamplingParams, Speculation,
+    DraftSource, EngineError, GenerateRequest, Grammar, GrammarSpec, SamplingParams, Speculation,
 };
 use lastmile_protocol::structured::regex_escape;
 use lastmile_protocol::{
     parse_json, ApiError, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
     CompletionResponse, FinishReason, OutputConstraint, PromptRef, ResponseMeta, SamplingRequest,
-    Usage,
+    SpeculativeMethod, Usage,
 };
 use serde_json::json;
 
@@ -147,6 +147,11 @@ fn engine_requests(
                 speculation: s.speculative.map(|p| Speculation {
                     ngram: p.ngram as usize,
                     max_draft: p.max_draft as usize,
+                    source: match p.method {
+                        None => DraftSource::Default,
+                        Some(SpeculativeMethod::PromptLookup) => DraftSource::PromptLookup,
+                        Some(SpeculativeMethod::DraftModel) => DraftSource::DraftModel,
+                    },
                 }),
                 ..GenerateRequest::new(prompt.clone(), sampling, max_tokens)
             }
