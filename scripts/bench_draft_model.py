@@ -56,9 +56,10 @@ def served_id(port):
     return models[0]["id"]
 
 
-def stream(port, prompt, max_tokens, speculative):
-    """One streamed greedy completion from the server on `port` (see `stream_completion`)."""
-    return stream_completion("127.0.0.1", port, prompt, max_tokens, speculative, served_id(port))
+def stream(port, prompt, max_tokens, speculative, model=None):
+    """One streamed greedy completion from the server on `port` (see `stream_completion`), of
+    `model` (default: asked of the server)."""
+    return stream_completion("127.0.0.1", port, prompt, max_tokens, speculative, model or served_id(port))
 
 
 class LlamaServer:
@@ -99,11 +100,12 @@ def run_modes(port, modes, rounds, label, lastmile):
     texts = {}
     drafts = {m: [0.0, 0.0] for m in modes}
     steps, done = rounds * len(OPEN) * len(modes), 0
+    model = served_id(port)
     for _ in range(rounds):
         for name, prompt, max_tokens in OPEN:
             for mode, spec in modes.items():
                 d0, k0 = counters("127.0.0.1", port) if lastmile else (0, 0)
-                text, tokens, secs = stream(port, prompt, max_tokens, spec)
+                text, tokens, secs = stream(port, prompt, max_tokens, spec, model)
                 if lastmile:
                     d1, k1 = counters("127.0.0.1", port)
                     drafts[mode][0] += d1 - d0

@@ -168,7 +168,7 @@ mod x86 {
             let cycles = secs * hz / ITERS as f64;
             println!("{name:<44} {cycles:6.2} cycles / 12 chains ({per:.2} a cycle)");
         };
-        let rows: [(&str, f64, f64); 23] = [
+        let rows: [(&str, f64, f64); 19] = [
             ("vpaddd", timed!(twelve!("vpaddd")), 12.0),
             ("vpsignb", timed!(twelve!("vpsignb")), 12.0),
             ("vpmaddubsw", timed!(twelve!("vpmaddubsw")), 12.0),
@@ -271,63 +271,6 @@ mod x86 {
                     twelve!("vpaddd")
                 )),
                 32.0,
-            ),
-            (
-                "SCR madd+add + 6 bcast",
-                timed!(concat!(
-                    "vpbroadcastd ymm12, dword ptr [{m} + 32]\n",
-                    "vpbroadcastd ymm13, dword ptr [{m} + 36]\n",
-                    "vpbroadcastd ymm12, dword ptr [{m} + 40]\n",
-                    "vpbroadcastd ymm13, dword ptr [{m} + 44]\n",
-                    "vpbroadcastd ymm12, dword ptr [{m} + 48]\n",
-                    "vpbroadcastd ymm13, dword ptr [{m} + 52]\n",
-                    twelve!("vpmaddwd"),
-                    twelve!("vpaddd")
-                )),
-                24.0,
-            ),
-            (
-                "SCR madd+add + 2 movsx",
-                timed!(concat!(
-                    "vpmovsxbw ymm12, xmmword ptr [{m}]\n",
-                    "vpmovsxbw ymm13, xmmword ptr [{m} + 16]\n",
-                    twelve!("vpmaddwd"),
-                    twelve!("vpaddd")
-                )),
-                24.0,
-            ),
-            (
-                "SCR madd+add + 6 vmovdqu",
-                timed!(concat!(
-                    "vmovdqu ymm12, ymmword ptr [{m} + 32]\n",
-                    "vmovdqu ymm13, ymmword ptr [{m} + 64]\n",
-                    "vmovdqu ymm12, ymmword ptr [{m} + 96]\n",
-                    "vmovdqu ymm13, ymmword ptr [{m} + 128]\n",
-                    "vmovdqu ymm12, ymmword ptr [{m} + 160]\n",
-                    "vmovdqu ymm13, ymmword ptr [{m} + 192]\n",
-                    twelve!("vpmaddwd"),
-                    twelve!("vpaddd")
-                )),
-                24.0,
-            ),
-            (
-                "SCR madd + mem operand add",
-                timed!(concat!(
-                    twelve!("vpmaddwd"),
-                    "vpaddd ymm0, ymm0, ymmword ptr [{m}]\n",
-                    "vpaddd ymm1, ymm1, ymmword ptr [{m}+32]\n",
-                    "vpaddd ymm2, ymm2, ymmword ptr [{m}+64]\n",
-                    "vpaddd ymm3, ymm3, ymmword ptr [{m}+96]\n",
-                    "vpaddd ymm4, ymm4, ymmword ptr [{m}+128]\n",
-                    "vpaddd ymm5, ymm5, ymmword ptr [{m}+160]\n",
-                    "vpaddd ymm6, ymm6, ymmword ptr [{m}+192]\n",
-                    "vpaddd ymm7, ymm7, ymmword ptr [{m}+224]\n",
-                    "vpaddd ymm8, ymm8, ymmword ptr [{m}+256]\n",
-                    "vpaddd ymm9, ymm9, ymmword ptr [{m}+288]\n",
-                    "vpaddd ymm10, ymm10, ymmword ptr [{m}+320]\n",
-                    "vpaddd ymm11, ymm11, ymmword ptr [{m}+352]\n",
-                )),
-                24.0,
             ),
             (
                 "vpmaddubsw + vpand",

@@ -342,6 +342,25 @@ fn draft_model_requests_without_one_and_foreign_tokenizers_are_refused() {
         .err()
         .expect("refused");
     assert!(err.to_string().contains("tokenizer"), "{err}");
+    // Nor one of the same size whose tokens mean other text: two ordinary tokens' ids swapped.
+    let mut swapped = draft_of(4);
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&swapped.tokenizer.to_json().expect("json")).expect("parse");
+    let vocab = doc["model"]["vocab"]
+        .as_object_mut()
+        .expect("a BPE vocabulary");
+    let (a, b) = (vocab["Hello"].clone(), vocab["world"].clone());
+    assert_ne!(a, b);
+    vocab.insert("Hello".into(), b);
+    vocab.insert("world".into(), a);
+    let facts = swapped.tokenizer.special_facts();
+    swapped.tokenizer =
+        lastmile_engine::tokenizer::TextTokenizer::from_json(&doc.to_string(), facts)
+            .expect("a valid tokenizer");
+    let err = EngineHandle::start_with_draft(load(), Some(swapped), EngineConfig::default())
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("different pieces"), "{err}");
 }
 
 #[test]

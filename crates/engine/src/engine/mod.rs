@@ -404,7 +404,7 @@ pub(crate) enum Command {
 fn same_tokenizer(served: &LoadedModel, draft: &LoadedModel) -> Result<()> {
     let (a, b) = (&served.tokenizer, &draft.tokenizer);
     let vocab = (served.model.config.vocab, draft.model.config.vocab);
-    if vocab.0 != vocab.1 || a.vocab_size() != b.vocab_size() || a.pieces() != b.pieces() {
+    if vocab.0 != vocab.1 || a.pieces() != b.pieces() {
         return Err(EngineError::InvalidSettings(format!(
             "the draft model's tokenizer is not the served model's (vocabularies of {} and {} \
              tokens{}): a draft model must come from the same family",
