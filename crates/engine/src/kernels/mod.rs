@@ -804,15 +804,16 @@ mod tests {
         }
     }
 
-    /// Float weights: a token's result is the same bits alone, in the two-token tile and in a
-    /// batch of any size (the kernels keep four accumulator chains a row in one order for every
-    /// tile size), over widths with and without a remainder past the chains.
+    /// Float weights: a token's result is the same bits alone and in a batch of any size (in a
+    /// register tile of rows x tokens, in the tiles for the tokens and rows left over: every
+    /// kernel sums a row and token in one order), over widths with an odd and an even number of
+    /// 8-wide blocks and with elements past the last block, and close to the reference.
     #[test]
     fn float_products_are_the_same_in_any_batch() {
         let mut seed = 7u64;
         for kind in [QKind::F32, QKind::F16, QKind::BF16] {
-            for cols in [64, 200, 1000] {
-                let rows = 5;
+            for cols in [64, 200, 203, 1000] {
+                let rows = 7;
                 let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
                 let bytes: Vec<u8> = match kind {
                     QKind::F32 => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -827,7 +828,7 @@ mod tests {
                 };
                 let m = QMatrix::new(kind, rows, cols, WeightBytes::Owned(Arc::new(bytes)))
                     .expect("matrix");
-                let n = 5;
+                let n = 8;
                 let x: Vec<f32> = (0..n * cols).map(|_| lcg(&mut seed)).collect();
                 let pool = crate::parallel::ThreadPool::new(2);
                 let acts = Q8Acts::default();
@@ -840,14 +841,16 @@ mod tests {
                     matmul(&pool, &mut tasks, x, &acts, n);
                     out
                 };
-                let batched = product(n, &x);
+                let batches: Vec<Vec<f32>> = (2..=n).map(|b| product(b, &x[..b * cols])).collect();
                 for t in 0..n {
                     let alone = product(1, &x[t * cols..(t + 1) * cols]);
-                    assert_eq!(
-                        alone,
-                        batched[t * rows..(t + 1) * rows],
-                        "{kind:?} width {cols}: token {t} alone differs from its batch"
-                    );
+                    for (b, batched) in (2..=n).zip(&batches).filter(|(b, _)| t < *b) {
+                        assert_eq!(
+                            alone,
+                            batched[t * rows..(t + 1) * rows],
+                            "{kind:?} width {cols}: token {t} alone differs from its batch of {b}"
+                        );
+                    }
                     let xt = &x[t * cols..(t + 1) * cols];
                     let want = reference(&m, xt);
                     for r in 0..rows {
