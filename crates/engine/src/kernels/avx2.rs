@@ -96,9 +96,9 @@ pub unsafe fn dot_rows<const R: usize>(
             (QKind::Q4_0, Some(xq)) => x86::q4::<R, 18, false>(w, &xq),
             (QKind::Q4_1, Some(xq)) => x86::q4::<R, 20, true>(w, &xq),
             (QKind::Q8_0, Some(xq)) => x86::q8_0::<R>(w, &xq),
-            (QKind::F32 | QKind::F16 | QKind::BF16, _) => {
-                float_tile::<1, R>(kind, &[w], &xf).map(|v| v[0])
-            }
+            (QKind::F32, _) => x86::float_tile::<1, R, 0>(&[w], &xf).map(|v| v[0]),
+            (QKind::F16, _) => x86::float_tile::<1, R, 1>(&[w], &xf).map(|v| v[0]),
+            (QKind::BF16, _) => x86::float_tile::<1, R, 2>(&[w], &xf).map(|v| v[0]),
             _ => super::scalar::dot_rows::<R>(kind, w, xf, xq),
         }
     }
@@ -118,24 +118,56 @@ pub unsafe fn dot_rows<const R: usize>(
     super::scalar::dot_rows::<R>(kind, w, xf, xq)
 }
 
-/// `R` rows of float weights (`kind` F32, F16 or BF16) against `T` tokens: `out[t][r]`, the same
-/// bits [`dot_rows`] gives for each row and token (see `x86::float_tile`).
+/// Float weight rows (`kind` F32, F16 or BF16; `w` the rows' bytes, one after another)
+/// against `T` tokens: row `i` for token `t` into `out[t][i]`, in register tiles of `R` rows
+/// (the rest one row at a time; see `x86::float_tile`, which sums each row and token in the
+/// same order in any tile).
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
-pub unsafe fn float_tile<const R: usize, const T: usize>(
+pub unsafe fn float_rows<const R: usize, const T: usize>(
     kind: QKind,
-    w: &[&[u8]; R],
+    w: &[u8],
     xf: &[&[f32]; T],
-) -> [[f32; R]; T] {
-    // SAFETY: forwarded from the caller.
+    out: &mut [&mut [f32]; T],
+) {
+    let rows = out[0].len();
+    assert!(
+        out.iter().all(|o| o.len() == rows),
+        "one output length for every token"
+    );
+    assert!(rows > 0 && w.len().is_multiple_of(rows), "whole rows of weights");
+    let row_bytes = w.len() / rows;
+    // SAFETY: forwarded from the caller; `float_tile` checks each row and token's length.
     unsafe {
         match kind {
-            QKind::F32 => x86::float_tile::<R, T, 0>(w, xf),
-            QKind::F16 => x86::float_tile::<R, T, 1>(w, xf),
-            QKind::BF16 => x86::float_tile::<R, T, 2>(w, xf),
-            _ => panic!("float_tile: {kind:?} is not a float kind"),
+            QKind::F32 => x86::float_rows::<R, T, 0>(w, row_bytes, xf, out),
+            QKind::F16 => x86::float_rows::<R, T, 1>(w, row_bytes, xf, out),
+            QKind::BF16 => x86::float_rows::<R, T, 2>(w, row_bytes, xf, out),
+            _ => panic!("float_rows: {kind:?} is not a float kind"),
+        }
+    }
+}
+
+/// Never called off x86-64 (`has_avx2` is false there); the scalar kernels, row by row.
+///
+/// # Safety
+/// Always safe; kept `unsafe` to match the x86-64 signature.
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn float_rows<const R: usize, const T: usize>(
+    kind: QKind,
+    w: &[u8],
+    xf: &[&[f32]; T],
+    out: &mut [&mut [f32]; T],
+) {
+    let rows = out[0].len();
+    let row_bytes = w.len() / rows.max(1);
+    for r in 0..rows {
+        let v =
+            super::scalar::dot_rows::<T>(kind, &w[r * row_bytes..(r + 1) * row_bytes], *xf, None);
+        for (o, v) in out.iter_mut().zip(v) {
+            o[r] = v;
         }
     }
 }
@@ -728,6 +760,37 @@ mod x86 {
         }
     }
 
+    /// [`super::float_rows`] for weights of kind `F` (as in [`float_tile`]), rows of
+    /// `row_bytes` bytes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn float_rows<const R: usize, const T: usize, const F: usize>(
+        w: &[u8],
+        row_bytes: usize,
+        xf: &[&[f32]; T],
+        out: &mut [&mut [f32]; T],
+    ) {
+        let rows = w.len() / row_bytes;
+        let row = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
+        let mut r = 0;
+        // SAFETY (both calls): the features are the caller's promise; `float_tile` checks the
+        // lengths.
+        while r + R <= rows {
+            let ws: [&[u8]; R] = std::array::from_fn(|k| row(r + k));
+            let v = unsafe { float_tile::<R, T, F>(&ws, xf) };
+            for (o, v) in out.iter_mut().zip(&v) {
+                o[r..r + R].copy_from_slice(v);
+            }
+            r += R;
+        }
+        while r < rows {
+            let v = unsafe { float_tile::<1, T, F>(&[row(r)], xf) };
+            for (o, v) in out.iter_mut().zip(&v) {
+                o[r] = v[0];
+            }
+            r += 1;
+        }
+    }
+
     /// `R` float weight rows (`F` = 0 for f32, 1 for f16, 2 for bf16) against `T` tokens' f32
     /// activations: `out[t][r]`.
     ///
@@ -739,6 +802,7 @@ mod x86 {
     /// read side by side as short interleaved streams ran a decode step 20% slower on an
     /// AVX2-only AMD EPYC); each weight block is converted once for `T` tokens and each
     /// activation block loaded once for `R` rows.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn float_tile<const R: usize, const T: usize, const F: usize>(
         w: &[&[u8]; R],

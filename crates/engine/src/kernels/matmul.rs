@@ -217,68 +217,42 @@ fn rows_range<const T: usize>(
 
 /// Rows `r0..r1` of a float matrix for every token, in register tiles of `FLOAT_TILE` rows x
 /// tokens, the rest one row or one token at a time (each (row, token) sum is the same bits in
-/// any tile: see `avx2::float_tile`).
+/// any tile: see `avx2::float_rows`).
 fn float_range(w: &QMatrix, out: &SharedMut<f32>, xf: &[f32], n: usize, r0: usize, r1: usize) {
     const R: usize = FLOAT_TILE.0;
     const T: usize = FLOAT_TILE.1;
     let cols = w.cols;
+    let row_bytes = w.kind.row_bytes(cols);
     let xf_row = |t: usize| &xf[t * cols..(t + 1) * cols];
-    let write = |t: usize, r: usize, v: f32| {
-        // SAFETY: (t, r) lies in this thread's row range; see `matmul`.
-        unsafe { out.slice(t * w.rows + r, 1)[0] = v };
-    };
-    /// Rows `r..end` in tiles of `RT` rows (the rest one at a time) against the tokens `xs`;
-    /// `write(k, row, v)` for token `xs[k]`.
-    fn rows<const RT: usize, const TT: usize>(
-        w: &QMatrix,
-        xs: &[&[f32]; TT],
-        r: usize,
-        end: usize,
-        mut write: impl FnMut(usize, usize, f32),
-    ) {
-        let mut r = r;
-        while r < end {
-            // SAFETY (both calls): `matmul` runs `float_range` only where `has_avx2` holds.
-            if r + RT <= end {
-                let ws: [&[u8]; RT] = std::array::from_fn(|k| w.row(r + k));
-                let v = unsafe { avx2::float_tile::<RT, TT>(w.kind, &ws, xs) };
-                for (k, v) in v.iter().enumerate() {
-                    for (i, &v) in v.iter().enumerate() {
-                        write(k, r + i, v);
-                    }
-                }
-                r += RT;
-            } else {
-                let v = unsafe { avx2::float_tile::<1, TT>(w.kind, &[w.row(r)], xs) };
-                for (k, v) in v.iter().enumerate() {
-                    write(k, r, v[0]);
-                }
-                r += 1;
-            }
-        }
-    }
     // A lone token reads each row once, so its rows are one tile.
     let tile_rows = match n == 1 {
         true => r1 - r0,
-        false => (FLOAT_TILE_BYTES / w.kind.row_bytes(cols)).clamp(R, ROW_TILE * 4) / R * R,
+        false => (FLOAT_TILE_BYTES / row_bytes).clamp(R, ROW_TILE * 4) / R * R,
     };
     let mut tile = r0;
     while tile < r1 {
         let tile_end = (tile + tile_rows).min(r1);
+        let wt = &w.bytes()[tile * row_bytes..tile_end * row_bytes];
+        // SAFETY (out): rows tile..tile_end of each token lie in this thread's row range (see
+        // `matmul`); (kernels): `matmul` runs `float_range` only where `has_avx2` holds.
+        let outs = |t: usize| unsafe { out.slice(t * w.rows + tile, tile_end - tile) };
         let mut t = 0;
         while t + T <= n {
             let xs: [&[f32]; T] = std::array::from_fn(|k| xf_row(t + k));
-            rows::<R, T>(w, &xs, tile, tile_end, |k, r, v| write(t + k, r, v));
+            let mut o: [&mut [f32]; T] = std::array::from_fn(|k| outs(t + k));
+            unsafe { avx2::float_rows::<R, T>(w.kind, wt, &xs, &mut o) };
             t += T;
         }
         // The tokens left over: in the tile's rows while these are in L1 from the tokens
         // before; a lone token one row at a time (see `avx2::float_tile`).
         match n - t {
             0 => {}
-            1 if n > 1 => rows::<R, 1>(w, &[xf_row(t)], tile, tile_end, |_, r, v| write(t, r, v)),
+            1 if n > 1 => unsafe {
+                avx2::float_rows::<R, 1>(w.kind, wt, &[xf_row(t)], &mut [outs(t)])
+            },
             _ => {
                 for t in t..n {
-                    rows::<1, 1>(w, &[xf_row(t)], tile, tile_end, |_, r, v| write(t, r, v));
+                    unsafe { avx2::float_rows::<1, 1>(w.kind, wt, &[xf_row(t)], &mut [outs(t)]) };
                 }
             }
         }
