@@ -28,8 +28,10 @@ const TOKEN_TILE: usize = 4;
 /// fill the sixteen registers (3 x 2 and 2 x 3 timed alike on an AVX2-only AMD EPYC; a 3 x 4
 /// tile summing its two chains in two passes was 12% slower).
 const FLOAT_TILE: (usize, usize) = (3, 2);
-/// Bytes of float weight rows every token passes over before the next rows: they stay in L1.
-const FLOAT_TILE_BYTES: usize = 16 << 10;
+/// Bytes of float weight rows every pair of tokens passes over before the next rows: they stay
+/// near (L1, L2) while the pair's activations stay in L1 (`kernel_bench`, AVX2-only AMD EPYC,
+/// F16 layers at 128 tokens: 24, 32 and 64 KiB timed alike, 5–8% faster than 8 or 16 KiB).
+const FLOAT_TILE_BYTES: usize = 32 << 10;
 /// Tokens from which a Q5 product unpacks its k-rows once for all of them (below, each kernel
 /// call unpacks the chunks it reads for its four tokens). Q5's fifth bits make unpacking cost
 /// more than the bytes it saves; Q4's nibbles cost less (unpacked, Q4's products of 512 tokens
