@@ -137,7 +137,10 @@ pub unsafe fn float_rows<const R: usize, const T: usize>(
         out.iter().all(|o| o.len() == rows),
         "one output length for every token"
     );
-    assert!(rows > 0 && w.len().is_multiple_of(rows), "whole rows of weights");
+    assert!(
+        rows > 0 && w.len().is_multiple_of(rows),
+        "whole rows of weights"
+    );
     let row_bytes = w.len() / rows;
     // SAFETY: forwarded from the caller; `float_tile` checks each row and token's length.
     unsafe {

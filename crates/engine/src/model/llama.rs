@@ -96,8 +96,19 @@ fn for_rows(pool: &ThreadPool, n: usize, f: &(dyn Fn(usize) + Sync)) {
     pool.run(&|tid| (n * tid / threads..n * (tid + 1) / threads).for_each(f));
 }
 
-/// Quantizes `n` rows of `cols` values of `x` into `acts`, across the pool where worthwhile.
-fn quantize_rows(pool: &ThreadPool, acts: &mut Q8Acts, x: &[f32], n: usize, cols: usize) {
+/// Quantizes `n` rows of `cols` values of `x` into `acts`, across the pool where worthwhile;
+/// nothing where the product that follows takes f32 inputs alone (`quantize` false).
+fn quantize_rows(
+    pool: &ThreadPool,
+    acts: &mut Q8Acts,
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    quantize: bool,
+) {
+    if !quantize {
+        return;
+    }
     if n < PARALLEL_ROWS || !cols.is_multiple_of(QK) {
         acts.quantize(x, n, cols);
         return;
@@ -110,29 +121,34 @@ fn quantize_rows(pool: &ThreadPool, acts: &mut Q8Acts, x: &[f32], n: usize, cols
 }
 
 /// `gate = silu(gate) * up` over `n` rows of `width`, each row then quantized into `acts` for
-/// the down projection; rows split across the pool where worthwhile.
+/// the down projection (none where it takes f32 inputs alone); rows split across the pool where
+/// worthwhile.
 fn swiglu_and_quantize(
     pool: &ThreadPool,
     gate: &mut [f32],
     up: &[f32],
     n: usize,
     width: usize,
-    acts: &mut Q8Acts,
+    acts: Option<&mut Q8Acts>,
 ) {
-    if !width.is_multiple_of(QK) {
-        ops::swiglu(&mut gate[..n * width], &up[..n * width]);
-        acts.quantize(gate, n, width);
-        return;
-    }
+    let acts = match acts {
+        Some(acts) if !width.is_multiple_of(QK) => {
+            ops::swiglu(&mut gate[..n * width], &up[..n * width]);
+            acts.quantize(gate, n, width);
+            return;
+        }
+        acts => acts.map(|a| a.writer(n, width)),
+    };
     let g = SharedMut::new(&mut gate[..n * width]);
-    let w = acts.writer(n, width);
     for_rows(pool, n, &|t| {
         // SAFETY: `for_rows` hands row `t` to one thread alone, which alone touches it and
         // its blocks of `acts`.
         unsafe {
             let row = g.slice(t * width, width);
             ops::swiglu(row, &up[t * width..(t + 1) * width]);
-            w.quantize(t, 0, row);
+            if let Some(acts) = &acts {
+                acts.quantize(t, 0, row);
+            }
         }
     });
 }
@@ -262,7 +278,8 @@ impl LlamaModel {
         let l = &self.weights.layers[li];
         let (qd, kvd) = (c.q_dim(), c.kv_dim());
         // The previous layer's feed-forward output joins the residual stream here.
-        self.norm_and_quantize(n, s, &l.attn_norm, li > 0, pool);
+        let quantize = [&l.wq, &l.wk, &l.wv].iter().any(|w| w.kind.wants_q8());
+        self.norm_and_quantize(n, s, &l.attn_norm, li > 0, quantize, pool);
         let mut budget = KV_PREFETCH_BYTES;
         for sq in seqs {
             kv.prefetch(li, sq.blocks, sq.pos0 + sq.len, &mut budget);
@@ -293,7 +310,7 @@ impl LlamaModel {
         let started = std::time::Instant::now();
         self.attention(li, n, seqs, kv, s, pool);
         s.attention_time += started.elapsed();
-        quantize_rows(pool, &mut s.acts, &s.att, n, qd);
+        quantize_rows(pool, &mut s.acts, &s.att, n, qd, l.wo.kind.wants_q8());
         let mut wo = [MatmulTask {
             w: &l.wo,
             out: &mut s.xn,
@@ -311,6 +328,7 @@ impl LlamaModel {
         s: &mut Scratch,
         weight: &[f32],
         residual: bool,
+        quantize: bool,
         pool: &ThreadPool,
     ) {
         let (h, eps) = (self.config.hidden, self.config.rms_eps);
@@ -319,7 +337,7 @@ impl LlamaModel {
             SharedMut::new(&mut s.xn[..n * h]),
         );
         let whole_blocks = h.is_multiple_of(QK);
-        let acts = whole_blocks.then(|| s.acts.writer(n, h));
+        let acts = (whole_blocks && quantize).then(|| s.acts.writer(n, h));
         for_rows(pool, n, &|t| {
             // SAFETY: `for_rows` hands row `t` to one thread alone, which alone touches it and
             // its blocks of `acts`.
@@ -334,7 +352,7 @@ impl LlamaModel {
                 }
             }
         });
-        if !whole_blocks {
+        if !whole_blocks && quantize {
             // Records the width (f32-input kernels take the rows as they are).
             s.acts.quantize(&s.xn, n, h);
         }
@@ -383,7 +401,8 @@ impl LlamaModel {
         let c = &self.config;
         let l = &self.weights.layers[li];
         let ff = c.ffn_hidden;
-        self.norm_and_quantize(n, s, &l.ffn_norm, true, pool);
+        let quantize = [&l.w_gate, &l.w_up].iter().any(|w| w.kind.wants_q8());
+        self.norm_and_quantize(n, s, &l.ffn_norm, true, quantize, pool);
         let mut gate_up = [
             MatmulTask {
                 w: &l.w_gate,
@@ -395,7 +414,8 @@ impl LlamaModel {
             },
         ];
         matmul(pool, &mut gate_up, &s.xn, &s.acts, n);
-        swiglu_and_quantize(pool, &mut s.gate, &s.up, n, ff, &mut s.acts);
+        let acts = l.w_down.kind.wants_q8().then_some(&mut s.acts);
+        swiglu_and_quantize(pool, &mut s.gate, &s.up, n, ff, acts);
         let mut down = [MatmulTask {
             w: &l.w_down,
             out: &mut s.xn,
@@ -428,7 +448,7 @@ impl LlamaModel {
                 .for_each(|(a, b)| *a += b);
             ops::rmsnorm(&mut s.last[j * h..(j + 1) * h], x, &w.out_norm, c.rms_eps);
         }
-        quantize_rows(pool, &mut s.acts, &s.last, m, h);
+        quantize_rows(pool, &mut s.acts, &s.last, m, h, w.output.kind.wants_q8());
         grow(&mut s.logits, m * c.vocab);
         let mut output = [MatmulTask {
             w: &w.output,
@@ -570,15 +590,22 @@ mod tests {
                 let mut split = gate.clone();
                 let mut acts = Q8Acts::default();
                 let pool = ThreadPool::new(threads);
-                swiglu_and_quantize(&pool, &mut split, &up, rows, width, &mut acts);
+                swiglu_and_quantize(&pool, &mut split, &up, rows, width, Some(&mut acts));
                 assert_eq!(split, alone, "{rows} rows, {threads} threads");
+                // For a float down projection: the same SwiGLU, nothing quantized.
+                let mut unquantized = gate.clone();
+                swiglu_and_quantize(&pool, &mut unquantized, &up, rows, width, None);
+                assert_eq!(
+                    unquantized, alone,
+                    "{rows} rows, {threads} threads, f32 only"
+                );
                 for t in 0..rows {
                     let (g, w) = (acts.row(t), want.row(t));
                     assert_eq!((g.qs, g.d, g.s), (w.qs, w.d, w.s), "row {t}");
                 }
                 // Quantizing alone, split the same way.
                 let mut again = Q8Acts::default();
-                quantize_rows(&pool, &mut again, &alone, rows, width);
+                quantize_rows(&pool, &mut again, &alone, rows, width, true);
                 for t in 0..rows {
                     let (g, w) = (again.row(t), want.row(t));
                     assert_eq!((g.qs, g.d, g.s), (w.qs, w.d, w.s), "row {t}");
@@ -588,7 +615,7 @@ mod tests {
         // A width of partial blocks: SwiGLU still done, the quantized width recorded.
         let (mut g, u) = (vec![1.5f32; 40], vec![2.0f32; 40]);
         let mut acts = Q8Acts::default();
-        swiglu_and_quantize(&ThreadPool::new(2), &mut g, &u, 1, 40, &mut acts);
+        swiglu_and_quantize(&ThreadPool::new(2), &mut g, &u, 1, 40, Some(&mut acts));
         let mut want = vec![1.5f32; 40];
         ops::swiglu(&mut want, &u);
         assert_eq!(g, want);
