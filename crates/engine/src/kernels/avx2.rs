@@ -746,7 +746,7 @@ mod x86 {
         }
     }
 
-    /// One 8-wide block of float weights at element `i` as f32 (`F` as in [`float`]).
+    /// One 8-wide block of float weights at element `i` as f32 (`F` as in [`float_tile`]).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn float_block<const F: usize>(wp: *const u8, i: usize) -> __m256 {

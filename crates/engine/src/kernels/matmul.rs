@@ -235,18 +235,20 @@ fn float_range(w: &QMatrix, out: &SharedMut<f32>, xf: &[f32], n: usize, r0: usiz
     while tile < r1 {
         let tile_end = (tile + tile_rows).min(r1);
         let wt = &w.bytes()[tile * row_bytes..tile_end * row_bytes];
-        // SAFETY (out): rows tile..tile_end of each token lie in this thread's row range (see
-        // `matmul`); (kernels): `matmul` runs `float_range` only where `has_avx2` holds.
+        // SAFETY: rows tile..tile_end of each token lie in this thread's row range (see
+        // `matmul`), and each token's rows are a span of their own.
         let outs = |t: usize| unsafe { out.slice(t * w.rows + tile, tile_end - tile) };
         let mut t = 0;
         while t + T <= n {
             let xs: [&[f32]; T] = std::array::from_fn(|k| xf_row(t + k));
             let mut o: [&mut [f32]; T] = std::array::from_fn(|k| outs(t + k));
+            // SAFETY: `matmul` runs `float_range` only where `has_avx2` holds.
             unsafe { avx2::float_rows::<R, T>(w.kind, wt, &xs, &mut o) };
             t += T;
         }
         // The tokens left over: in the tile's rows while these are in L1 from the tokens
         // before; a lone token one row at a time (see `avx2::float_tile`).
+        // SAFETY (both calls): as above.
         match n - t {
             0 => {}
             1 if n > 1 => unsafe {
