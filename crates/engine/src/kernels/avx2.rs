@@ -121,11 +121,11 @@ pub unsafe fn dot_rows<const R: usize>(
 /// Float weight rows (`kind` F32, F16 or BF16; `w` the rows' bytes, one after another)
 /// against `T` tokens: row `i` for token `t` into `out[t][i]`, in register tiles of `R` rows
 /// (the rest one row at a time; see `x86::float_tile`, which sums each row and token in the
-/// same order in any tile).
+/// same order in any tile). Off x86-64 (never called there: `has_avx2` is false), the scalar
+/// kernel row by row.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
-#[cfg(target_arch = "x86_64")]
 pub unsafe fn float_rows<const R: usize, const T: usize>(
     kind: QKind,
     w: &[u8],
@@ -142,6 +142,7 @@ pub unsafe fn float_rows<const R: usize, const T: usize>(
         "whole rows of weights"
     );
     let row_bytes = w.len() / rows;
+    #[cfg(target_arch = "x86_64")]
     // SAFETY: forwarded from the caller; `float_tile` checks each row and token's length.
     unsafe {
         match kind {
@@ -151,24 +152,10 @@ pub unsafe fn float_rows<const R: usize, const T: usize>(
             _ => panic!("float_rows: {kind:?} is not a float kind"),
         }
     }
-}
-
-/// Never called off x86-64 (`has_avx2` is false there); the scalar kernels, row by row.
-///
-/// # Safety
-/// Always safe; kept `unsafe` to match the x86-64 signature.
-#[cfg(not(target_arch = "x86_64"))]
-pub unsafe fn float_rows<const R: usize, const T: usize>(
-    kind: QKind,
-    w: &[u8],
-    xf: &[&[f32]; T],
-    out: &mut [&mut [f32]; T],
-) {
-    let rows = out[0].len();
-    let row_bytes = w.len() / rows.max(1);
+    #[cfg(not(target_arch = "x86_64"))]
     for r in 0..rows {
-        let v =
-            super::scalar::dot_rows::<T>(kind, &w[r * row_bytes..(r + 1) * row_bytes], *xf, None);
+        let w = &w[r * row_bytes..(r + 1) * row_bytes];
+        let v = super::scalar::dot_rows::<T>(kind, w, *xf, None);
         for (o, v) in out.iter_mut().zip(v) {
             o[r] = v;
         }
