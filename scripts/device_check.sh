@@ -1,31 +1,48 @@
 #!/usr/bin/env bash
-# The GPU checks, as one prepared script for a lent GPU machine (which has the NVIDIA driver, no
-# network and no Rust toolchain). Two halves:
+# The GPU checks, as one prepared script for a lent GPU machine (which has the NVIDIA driver, the
+# CUDA 13 libraries in its Python environment, no network and no Rust toolchain). A device call
+# carries at most 64 MiB, and the default model alone is 94 MB, so the run comes in two calls
+# made back to back (the machine keeps the first call's files while it stays warm):
 #
-#   scripts/device_check.sh prepare   here: build the CUDA test binary, compile the kernels to
-#                                     PTX for sm_90, cut the default model down to its first
-#                                     blocks, and compress them into target/device/ (what the
-#                                     device run carries: about 50 MB)
-#   scripts/device_check.sh run       there (from the repository root, with target/device
-#                                     carried): run it; the report goes to $OUT/device_check.txt
+#   scripts/device_check.sh prepare   here: build the CUDA test binary and `lastmile` with the
+#                                     `cuda` feature, compile the kernels to PTX for sm_90, build
+#                                     llama.cpp's CUDA backend (the anchor), compress everything
+#                                     and split the default model in two: target/device1 (the
+#                                     first call's carry) and target/device2 (the second's)
+#   scripts/device_check.sh run1      there, carrying target/device1: unpack, and (a) the kernel
+#                                     checks; report in $OUT/device_check_1.txt
+#   scripts/device_check.sh run2      there, right after, carrying target/device2: join the
+#                                     model, (b) the whole-model checks, (c) the benchmark;
+#                                     report in $OUT/device_check_2.txt
 #
 # What it checks:
 #   (a) every kernel against the CPU engine's own functions and KV cache layout (RMSNorm, RoPE,
 #       SwiGLU, residual add, bias, row gather, GEMV over Q8_0/Q4_1/Q4_0/f32, the paged KV store,
 #       attention over the paged cache): f32 relative error 1e-3;
-#   (b) the whole model: one forward pass on either device over the same mixed batch (prefill
+#   (b) the default model: one forward pass on either device over the same mixed batch (prefill
 #       chunks and decodes over scattered blocks) gives the same logits (within 5% of their
 #       scale) and next tokens, and a KV block read back from the GPU matches the CPU's; the
 #       engine on cuda:0 (scheduler, paged cache, sampling) against the engine on the CPU,
-#       greedy, 32 tokens, the same on at least 9 of 10 prompts; /health's device report.
-# The model is the default model cut to its first $BLOCKS decoder blocks (the carry limit is
-# 64 MB; the whole model is 94 MB): still a real model, the same weights on both devices.
-# Still to come: the benchmark against llama.cpp's CUDA build (decode at 1 stream, output tok/s
-# at 64 streams).
+#       greedy, 32 tokens, the same on at least 9 of 10 prompts; /health's device report;
+#   (c) against llama.cpp's CUDA build of the same GGUF, in the same run: prefill 512 and decode
+#       128 at one stream (`engine-bench` vs `llama-bench`), and output tok/s served at 1 and 64
+#       streams (`lastmile bench --compare llama-cpp --device cuda:0`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEV=target/device
-BLOCKS=${BLOCKS:-6}
+D1=target/device1
+D2=target/device2
+WORK=target/device-work
+# Bytes of the compressed model that ride in the first call (the rest in the second).
+PART1_BYTES=${PART1_BYTES:-40000000}
+
+# The CUDA 13 runtime and cuBLAS of the GPU machine's Python environment, for llama.cpp.
+cuda_lib_path() {
+    local d
+    for lib in libcudart.so.13 libcublas.so.13; do
+        d=$(find /opt /usr/local /usr/lib -name "$lib" 2>/dev/null | head -1)
+        [[ -n "$d" ]] && printf '%s:' "$(dirname "$d")"
+    done
+}
 
 case "${1:-}" in
 prepare)
@@ -37,34 +54,103 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
         print(m["executable"])' | tail -1)
-    rm -rf "$DEV"
-    mkdir -p "$DEV"
-    LASTMILE_WRITE_PTX="$PWD/$DEV/kernels.ptx" "$bin" --exact every_kernel_compiles_for_sm_90_and_assembles >/dev/null
-    test -s "$DEV/kernels.ptx"
-    model=$(cargo run --release -q -- models pull 2>/dev/null | tail -1)
-    python3 scripts/cuda/cut_model.py "$model" "$DEV/model.gguf" --blocks "$BLOCKS"
-    xz -T0 -6 "$DEV/model.gguf"
-    xz -T0 -6 -c "$bin" > "$DEV/cuda-test.xz"
-    du -sh "$DEV"
-    echo "carry: $DEV"
+    cargo build --release -q -p lastmile --features cuda
+    LASTMILE_ANCHOR_TIER=cuda scripts/anchor/build_llama_cpp.sh >/dev/null
+    anchor="${LASTMILE_HOME:-$HOME/.cache/lastmile}/anchor/build-cuda/bin"
+    rm -rf "$D1" "$D2"
+    mkdir -p "$D1" "$D2"
+    LASTMILE_WRITE_PTX="$PWD/$D1/kernels.ptx" "$bin" --exact every_kernel_compiles_for_sm_90_and_assembles >/dev/null
+    test -s "$D1/kernels.ptx"
+    strip -o "$D1/cuda-test" "$bin"
+    strip -o "$D1/lastmile" target/release/lastmile
+    xz -T0 -6 "$D1/cuda-test" "$D1/lastmile"
+    # llama.cpp: its binaries and libraries, and the OpenMP runtime they link (not every
+    # image has it).
+    stage=$(mktemp -d)
+    cp -a "$anchor"/llama-bench "$anchor"/llama-server "$anchor"/lib*.so* "$stage/"
+    gomp=$(gcc -print-file-name=libgomp.so.1)
+    cp -L "$gomp" "$stage/"
+    strip "$stage"/llama-* 2>/dev/null || true
+    tar -C "$stage" -cf - . | xz -T0 -6 > "$D2/llama-cuda.tar.xz"
+    rm -rf "$stage"
+    model=$(cargo run --release -q -p lastmile --features cuda -- models pull 2>/dev/null | tail -1)
+    basename "$model" > "$D2/model.name"
+    sha256sum < "$model" | cut -d' ' -f1 > "$D2/model.sha256"
+    xz -T0 -3 -c "$model" > "$WORK.model.xz"
+    head -c "$PART1_BYTES" "$WORK.model.xz" > "$D1/model.part1"
+    tail -c +$((PART1_BYTES + 1)) "$WORK.model.xz" > "$D2/model.part2"
+    rm -f "$WORK.model.xz"
+    du -sh "$D1" "$D2"
+    for d in "$D1" "$D2"; do
+        size=$(du -sb "$d" | cut -f1)
+        if (( size > 63 * 1024 * 1024 )); then
+            echo "$d is $size bytes: over what one device call carries beside the repository" >&2
+            exit 1
+        fi
+    done
+    echo "carry: $D1 (run1), then $D2 (run2)"
     ;;
-run)
-    out="${OUT:-/tmp}/device_check.txt"
-    work=$(mktemp -d)
-    xz -dc "$DEV/cuda-test.xz" > "$work/cuda-test"
-    chmod +x "$work/cuda-test"
-    xz -dc "$DEV/model.gguf.xz" > "$work/model.gguf"
+run1)
+    out="${OUT:-/tmp}/device_check_1.txt"
+    rm -rf "$WORK"
+    mkdir -p "$WORK"
+    xz -dc "$D1/cuda-test.xz" > "$WORK/cuda-test"
+    xz -dc "$D1/lastmile.xz" > "$WORK/lastmile"
+    chmod +x "$WORK/cuda-test" "$WORK/lastmile"
+    cp "$D1/kernels.ptx" "$D1/model.part1" "$WORK/"
     {
-        echo "== $(date -u +%FT%TZ) device check"
+        echo "== $(date -u +%FT%TZ) device check, part 1: (a) kernels"
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+        lscpu | grep -E '^Model name|^CPU\(s\)' || true
         set +e
-        LASTMILE_CUDA_PTX="$PWD/$DEV/kernels.ptx" LASTMILE_CUDA_TEST_MODEL="$work/model.gguf" \
-            "$work/cuda-test" --test-threads 1 --nocapture
+        LASTMILE_CUDA_PTX="$PWD/$WORK/kernels.ptx" "$WORK/cuda-test" --test-threads 1 --nocapture \
+            the_probe_says_what_there_is_and_never_panics the_kernels_compute_what_the_cpu_engine_computes
         echo "== exit $?"
     } 2>&1 | tee "$out"
     ;;
+run2)
+    out="${OUT:-/tmp}/device_check_2.txt"
+    exec > >(tee "$out") 2>&1
+    echo "== $(date -u +%FT%TZ) device check, part 2: (b) the default model, (c) the benchmark"
+    if [[ ! -f "$WORK/model.part1" ]]; then
+        echo "== $WORK/model.part1 is missing: the machine was given back after run1; run run1 again, then run2 at once"
+        exit 3
+    fi
+    model="$WORK/$(cat "$D2/model.name")"
+    cat "$WORK/model.part1" "$D2/model.part2" | xz -dc > "$model"
+    if [[ "$(sha256sum < "$model" | cut -d' ' -f1)" != "$(cat "$D2/model.sha256")" ]]; then
+        echo "== the joined model does not match its checksum"
+        exit 4
+    fi
+    mkdir -p "$WORK/llama"
+    xz -dc "$D2/llama-cuda.tar.xz" | tar -C "$WORK/llama" -xf -
+    export LD_LIBRARY_PATH="$(cuda_lib_path)${LD_LIBRARY_PATH:-}"
+    export LASTMILE_CUDA_PTX="$PWD/$WORK/kernels.ptx"
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    set +e
+    echo "== (b) the default model on cuda:0 against the CPU"
+    LASTMILE_CUDA_TEST_MODEL="$model" timeout 240 "$WORK/cuda-test" --test-threads 1 --nocapture \
+        the_gpu_forward_pass_computes_the_cpu_logits greedy_tokens_on_the_gpu_match_the_cpu
+    echo "== exit $?"
+    echo "== (c1) one stream: lastmile engine-bench vs llama-bench, prefill 512, decode 128"
+    timeout 120 "$WORK/lastmile" engine-bench --model "$model" --device cuda:0 --threads 8 \
+        --prompt-tokens 512 --gen-tokens 128 --repeats 5 2>&1 | grep -v '^\s*$'
+    echo "== exit $?"
+    LD_LIBRARY_PATH="$PWD/$WORK/llama:$LD_LIBRARY_PATH" timeout 120 "$WORK/llama/llama-bench" \
+        -m "$model" -ngl 999 -p 512 -n 128 -r 5 -t 8
+    echo "== exit $?"
+    echo "== (c2) served: output tok/s at 1 and 64 streams, lastmile vs llama-server, both on cuda:0"
+    timeout 300 "$WORK/lastmile" bench --compare llama-cpp --device cuda:0 --gguf "$model" \
+        --llama-server "$PWD/$WORK/llama/llama-server" --threads 8 --concurrency 1,64 \
+        --requests 128 --input-tokens 128 --output-tokens 128 --rounds 2
+    echo "== exit $?"
+    for f in /tmp/lastmile-bench-*.log; do
+        echo "== tail of $f"
+        tail -5 "$f"
+    done
+    ;;
 *)
-    echo "usage: $0 prepare|run" >&2
+    echo "usage: $0 prepare|run1|run2" >&2
     exit 2
     ;;
 esac

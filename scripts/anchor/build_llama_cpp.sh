@@ -13,7 +13,12 @@
 #                         no AVX-512: build-avx2/), avxvnni (the same with AVX-VNNI, as on an
 #                         Alder Lake or later Intel client CPU: build-avxvnni/) or avx512
 #                         (AVX-512 with VNNI, VBMI and BF16, no AMX: build-avx512/); the tiers
-#                         match lastmile's `--kernels` tiers, so one machine measures each
+#                         match lastmile's `--kernels` tiers, so one machine measures each;
+#                         or cuda: the CUDA backend for Hopper (sm_90, every layer on the GPU
+#                         with `-ngl 999`; host code at the avx2 tier), built here without a GPU
+#                         with the PyPI toolkit of scripts/cuda/toolkit.sh (build-cuda/, only
+#                         llama-bench and llama-server; run it where the driver and the CUDA 13
+#                         runtime and cuBLAS libraries are on the library path)
 #
 # Results: $LASTMILE_ANCHOR_DIR/build[-TIER]/bin/{llama-bench,llama-server,llama-quantize,
 # llama-lookup,libllama.so,libggml*.so}. make_golden.py loads libllama.so from build/bin through
@@ -30,14 +35,18 @@ SRC="$SRC_ROOT/vendor/llama.cpp"
 TIER="${LASTMILE_ANCHOR_TIER:-native}"
 case "$TIER" in
     native) BUILD="$ANCHOR_DIR/build" ;;
-    avx2|avx512|avxvnni) BUILD="$ANCHOR_DIR/build-$TIER" ;;
-    *) echo "anchor: LASTMILE_ANCHOR_TIER must be native, avx2, avxvnni or avx512, not '$TIER'" >&2; exit 2 ;;
+    avx2|avx512|avxvnni|cuda) BUILD="$ANCHOR_DIR/build-$TIER" ;;
+    *) echo "anchor: LASTMILE_ANCHOR_TIER must be native, avx2, avxvnni, avx512 or cuda, not '$TIER'" >&2; exit 2 ;;
 esac
 BIN="$BUILD/bin"
 # llama-lookup: llama.cpp's prompt-lookup (n-gram) speculative decoding, which
 # scripts/bench_speculative.py sets beside lastmile's.
 TARGETS=(llama-bench llama-server llama-quantize llama-lookup llama)
 OUTPUTS=(llama-bench llama-server llama-quantize llama-lookup libllama.so)
+if [[ $TIER == cuda ]]; then
+    TARGETS=(llama-bench llama-server)
+    OUTPUTS=(llama-bench llama-server libllama.so libggml-cuda.so)
+fi
 
 mkdir -p "$SDIST_DIR"
 
@@ -74,6 +83,8 @@ case "$TIER" in
     avx512) TIER_ARGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
                        -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON
                        -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON) ;;
+    cuda) TIER_ARGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+                     -DGGML_BMI2=ON -DGGML_AVX512=OFF) ;;
 esac
 CMAKE_ARGS=(
     -DCMAKE_BUILD_TYPE=Release
@@ -89,6 +100,19 @@ CMAKE_ARGS=(
     -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF
     "-DCMAKE_PROJECT_ggml_INCLUDE=$BUILD/lastmile-ggml-flags.cmake"
 )
+if [[ $TIER == cuda ]]; then
+    # The CUDA backend for Hopper alone (no NCCL: one GPU). The driver library is a symbol-less
+    # stub here (scripts/cuda/toolkit.sh), so executables link with --allow-shlib-undefined.
+    eval "$("$(dirname "$0")/../cuda/toolkit.sh" --env)"
+    CMAKE_ARGS=(
+        -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON "${TIER_ARGS[@]}"
+        -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF
+        -DGGML_CUDA=ON -DGGML_CUDA_NCCL=OFF -DCMAKE_CUDA_ARCHITECTURES=90
+        "-DCUDAToolkit_ROOT=$CUDA_HOME" "-DCMAKE_CUDA_COMPILER=$CUDA_HOME/bin/nvcc"
+        "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined"
+    )
+fi
 STAMP="$BUILD/lastmile-config.txt"
 WANT_STAMP="$(printf '%s\n' "$VERSION" "$NO_AMX_FLAGS" "${CMAKE_ARGS[@]}")"
 

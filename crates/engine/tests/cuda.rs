@@ -250,7 +250,7 @@ fn the_kernels_compute_what_the_cpu_engine_computes() {
     close(&down(&dx), &want, "bias add");
     let mut picked = s.alloc_zeros::<f32>(2 * 64).expect("alloc");
     let idx = s.clone_htod(&[2u32, 0]).expect("upload");
-    k.gather_rows(&mut picked, &up(&x), &idx, 64)
+    k.gather_rows(&mut picked, &up(&x), &idx.as_view(), 64)
         .expect("gather");
     let want = [&x[128..192], &x[..64]].concat();
     close(&down(&picked), &want, "gather rows");
@@ -280,8 +280,16 @@ fn the_kernels_compute_what_the_cpu_engine_computes() {
     let mut kc = s.alloc_zeros::<u16>(8 * bs * kv_dim).expect("alloc");
     let mut vc = s.alloc_zeros::<u16>(8 * bs * kv_dim).expect("alloc");
     let dslots = s.clone_htod(&slots).expect("upload");
-    k.kv_store(&mut kc, &mut vc, &up(&ks), &up(&vs), &dslots, kv_dim, bs)
-        .expect("kv store");
+    k.kv_store(
+        &mut kc,
+        &mut vc,
+        &up(&ks),
+        &up(&vs),
+        &dslots.as_view(),
+        kv_dim,
+        bs,
+    )
+    .expect("kv store");
     let (ck, cv) = cpu.layer(0);
     assert_eq!(
         s.clone_dtoh(&kc).expect("keys"),
@@ -338,7 +346,7 @@ fn the_kernels_compute_what_the_cpu_engine_computes() {
         &mut out,
         &up(&q),
         (&kc, &vc),
-        (&dt, &dat, &dl),
+        (&dt, &dat, &dl.as_view()),
         &mut scores,
         shape,
         37,

@@ -133,9 +133,15 @@ pub struct LoadBenchArgs {
     /// Threads for servers started here.
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// llama-server binary (default: the anchor build of --tier under $LASTMILE_HOME/anchor).
+    /// llama-server binary (default: the anchor build of --tier under $LASTMILE_HOME/anchor,
+    /// or its CUDA build `build-cuda` with a `--device cuda`).
     #[arg(long)]
     llama_server: Option<PathBuf>,
+    /// Device of the servers started here: `cpu`, or `cuda[:N]` (lastmile `serve --device`,
+    /// llama-server with every layer offloaded to that GPU: `-ngl 999 -mg N`, from the anchor's
+    /// CUDA build, `LASTMILE_ANCHOR_TIER=cuda scripts/anchor/build_llama_cpp.sh`).
+    #[arg(long, default_value = "cpu")]
+    device: lastmile_engine::Device,
     /// Instruction-set tier of the servers started here: native (each at its best), avx512 (no
     /// AMX) or avx2 (what an AVX2-only CPU gets): lastmile runs with `--kernels` capped there and
     /// llama-server comes from the anchor built for that tier

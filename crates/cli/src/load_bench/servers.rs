@@ -92,6 +92,8 @@ fn free_port_for_llama_server() -> Result<u16> {
 /// How `start_llama_server` runs it: threads, slots and the context each slot gets.
 struct LlamaServerShape {
     threads: usize,
+    /// The GPU to offload every layer to (`None`: the CPU).
+    gpu: Option<usize>,
     slots: usize,
     ctx_per_slot: usize,
 }
@@ -104,6 +106,7 @@ fn start_llama_server(
 ) -> Result<ServerGuard> {
     let LlamaServerShape {
         threads,
+        gpu,
         slots,
         ctx_per_slot,
     } = *shape;
@@ -115,7 +118,21 @@ fn start_llama_server(
         );
     }
     let port = free_port_for_llama_server()?;
+    // Its shared libraries first; the CUDA libraries it needs may be on the path already.
     let lib_dir = bin.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+    let lib_path = match std::env::var_os("LD_LIBRARY_PATH") {
+        Some(rest) if !rest.is_empty() => {
+            let mut p = lib_dir.into_os_string();
+            p.push(":");
+            p.push(rest);
+            p
+        }
+        _ => lib_dir.into_os_string(),
+    };
+    let offload: Vec<String> = match gpu {
+        Some(n) => vec!["-ngl".into(), "999".into(), "-mg".into(), n.to_string()],
+        None => Vec::new(),
+    };
     let log_path = server_log(name);
     eprintln!("{name}: server log in {}", log_path.display());
     let log = std::fs::File::create(&log_path)
@@ -140,7 +157,8 @@ fn start_llama_server(
             "--alias",
             "bench-model",
         ])
-        .env("LD_LIBRARY_PATH", lib_dir)
+        .args(&offload)
+        .env("LD_LIBRARY_PATH", lib_path)
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
@@ -230,18 +248,24 @@ pub(super) fn start_servers(
         None => lastmile_models::ensure_default_model()?,
     };
     let slots = a.concurrency.iter().copied().max().unwrap_or(1).max(1);
+    let gpu = match a.device {
+        lastmile_engine::Device::Cpu => None,
+        lastmile_engine::Device::Cuda(n) => Some(n),
+    };
     let shape = LlamaServerShape {
         threads: a.threads,
+        gpu,
         slots,
         // Room for the long prompt in its slot (the context is split evenly between slots).
         ctx_per_slot: a.long_prompt.map_or(4096, |n| (n * 5 / 4 + 512).max(4096)),
     };
+    let device = a.device.to_string();
     let mut servers: Vec<ServerGuard> = Vec::new();
     for planned in plan_servers(a.compare, &a.tier) {
         let kernels = planned.tier.kernels();
         let server = match planned.kind {
             PlannedKind::Ours { prefix_cache } => {
-                let mut extra = vec!["--kernels", &kernels];
+                let mut extra = vec!["--kernels", &kernels, "--device", &device];
                 if !prefix_cache {
                     extra.push("--no-prefix-cache");
                 }
@@ -251,7 +275,10 @@ pub(super) fn start_servers(
                 let bin = a.llama_server.clone().unwrap_or_else(|| {
                     lastmile_models::lastmile_home()
                         .join("anchor")
-                        .join(planned.tier.anchor_build())
+                        .join(match gpu {
+                            Some(_) => "build-cuda",
+                            None => planned.tier.anchor_build(),
+                        })
                         .join("bin/llama-server")
                 });
                 start_llama_server(&bin, &gguf, &shape, &planned.name)?

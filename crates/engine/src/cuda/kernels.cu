@@ -124,20 +124,22 @@ extern "C" __global__ void kv_store_f16(half_bits *k_cache, half_bits *v_cache, 
 // Decode attention over the paged cache: one query token per sequence, every query head.
 // q: `[seqs, heads * head_dim]`; out: same shape; tables: every sequence's block table, the
 // s-th starting at `table_at[s]`; lens[s]: positions the query attends to (its own included);
-// scores: scratch of `seqs * heads * max_len` floats. Query head h reads KV head
+// scores: scratch of `seqs * heads * score_stride` floats (score_stride >= every lens[s]).
+// Query head h reads KV head
 // `h / (heads / kv_heads)`. Grid: (seqs, heads); block: 128 threads (head_dim at most 256).
 extern "C" __global__ void attention_decode_f16(float *out, const float *q,
                                                 const half_bits *k_cache,
                                                 const half_bits *v_cache, const u32 *tables,
                                                 const u32 *table_at, const u32 *lens,
                                                 float *scores, int heads, int kv_heads,
-                                                int head_dim, int block_size, int max_len) {
+                                                int head_dim, int block_size,
+                                                int score_stride) {
     int s = blockIdx.x, h = blockIdx.y;
     int kvh = h / (heads / kv_heads), kv_dim = kv_heads * head_dim;
     const u32 *table = tables + table_at[s];
     int len = lens[s];
     const float *qh = q + ((size_t)s * heads + h) * head_dim;
-    float *sc = scores + ((size_t)s * heads + h) * max_len;
+    float *sc = scores + ((size_t)s * heads + h) * score_stride;
     float scale = rsqrtf((float)head_dim);
     float best = NEG_INF;
     for (int p = threadIdx.x; p < len; p += blockDim.x) {

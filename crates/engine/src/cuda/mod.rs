@@ -19,8 +19,8 @@ use std::sync::Arc;
 use cudarc::driver::result as driver;
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchArgs, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DriverError, LaunchArgs,
+    LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
 
@@ -283,6 +283,13 @@ impl Kernels {
             None => compile(Box::leak(device.arch().into_boxed_str()))?,
         };
         let ctx = CudaContext::new(ordinal).map_err(driver_error)?;
+        // SAFETY: called before any buffer of this context exists, and every buffer is used on
+        // the one stream made below only (so no use needs an event to order it against another
+        // stream's).
+        unsafe { ctx.disable_event_tracking() };
+        // A stream of our own, not the legacy default stream, which cannot be captured into a
+        // graph (`DeviceModel` replays each step shape's launches as one graph).
+        let stream = ctx.new_stream().map_err(driver_error)?;
         let module = match ctx.load_module(ptx.clone()) {
             Ok(m) => m,
             // NVRTC 13 writes PTX ISA 9.0, which a CUDA 12 driver refuses; the kernels use
@@ -299,7 +306,7 @@ impl Kernels {
             .map(|&k| Ok((k, module.load_function(k).map_err(driver_error)?)))
             .collect::<Result<_, CudaError>>()?;
         Ok(Self {
-            stream: ctx.default_stream(),
+            stream,
             functions,
             device,
         })
@@ -376,7 +383,7 @@ impl Kernels {
     }
 
     /// Stores each token's key and value (`[tokens, kv_dim]` f32) at its slot of one layer's
-    /// cache (f16 bits, the CPU cache's layout).
+    /// cache (f16 bits, the CPU cache's layout): one token per entry of `slots`.
     #[allow(clippy::too_many_arguments)]
     pub fn kv_store(
         &self,
@@ -384,7 +391,7 @@ impl Kernels {
         v_cache: &mut CudaSlice<u16>,
         k: &CudaSlice<f32>,
         v: &CudaSlice<f32>,
-        slots: &CudaSlice<u32>,
+        slots: &CudaView<'_, u32>,
         kv_dim: usize,
         block_size: usize,
     ) -> Result<(), CudaError> {
@@ -401,19 +408,20 @@ impl Kernels {
         run(b, cfg)
     }
 
-    /// Decode attention: one query token per sequence (`q`, `[seqs, heads * head_dim]`) over
-    /// its `lens[s]` cached positions, through the block tables (`tables`, sequence `s`'s from
-    /// `table_at[s]`), into `out`; `scores` is scratch of `seqs * heads * max_len` floats.
+    /// Decode attention: one query token per sequence (`q`, `[seqs, heads * head_dim]`, a
+    /// sequence per entry of `lens`) over its `lens[s]` cached positions, through the block
+    /// tables (`tables`, sequence `s`'s from `table_at[s]`), into `out`; `scores` is scratch of
+    /// `seqs * heads * score_stride` floats, `score_stride` at least the longest `lens[s]`.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_decode(
         &self,
         out: &mut CudaSlice<f32>,
         q: &CudaSlice<f32>,
         (k_cache, v_cache): (&CudaSlice<u16>, &CudaSlice<u16>),
-        (tables, table_at, lens): (&CudaSlice<u32>, &CudaSlice<u32>, &CudaSlice<u32>),
+        (tables, table_at, lens): (&CudaSlice<u32>, &CudaSlice<u32>, &CudaView<'_, u32>),
         scores: &mut CudaSlice<f32>,
         shape: AttentionShape,
-        max_len: usize,
+        score_stride: usize,
     ) -> Result<(), CudaError> {
         let seqs = lens.len();
         let ints = [
@@ -421,7 +429,7 @@ impl Kernels {
             shape.kv_heads,
             shape.head_dim,
             shape.block_size,
-            max_len,
+            score_stride,
         ]
         .map(|v| v as i32);
         let cfg = grid(seqs as u32, shape.heads as u32, 128);
@@ -483,7 +491,7 @@ impl Kernels {
         &self,
         out: &mut CudaSlice<f32>,
         x: &CudaSlice<f32>,
-        rows: &CudaSlice<u32>,
+        rows: &CudaView<'_, u32>,
         width: usize,
     ) -> Result<(), CudaError> {
         let w = width as i32;

@@ -12,12 +12,19 @@
 //! through the decode attention kernel with one query per token, each over the positions up to
 //! its own (the chunk's keys are stored first), which is causal attention.
 //!
-//! Embedding rows, rotary tables, slots and block tables are built on the host and uploaded
-//! each step (a few KB); everything else stays on the device.
+//! Embedding rows, rotary tables, slots and block tables are built on the host and copied each
+//! step (a few KB) into buffers at fixed addresses; everything else stays on the device. The
+//! launches of the decoder blocks (15 a block) are captured once per step shape (tokens, and the
+//! attention scratch's stride, a power of two) into a CUDA graph and replayed as one launch
+//! after that: a small model's decode step is launch-bound, not bound by the GPU's work.
+//! `LASTMILE_CUDA_GRAPHS=0` launches every kernel one by one instead; a capture the driver
+//! refuses turns graphs off for the process, with a warning.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaSlice, CudaStream};
 
 use super::{driver_error, AttentionShape, CudaError, DeviceFormat, DeviceInfo, Kernels};
 use crate::kernels::{quantize_q8_0, QKind, QMatrix};
@@ -46,9 +53,20 @@ struct Layer {
     bias_qkv: Option<[CudaSlice<f32>; 3]>,
 }
 
-/// Activations of one step, sized for `tokens` rows (grown on demand, never shrunk).
+/// Activations and inputs of one step, sized for `tokens` rows (grown on demand, never shrunk).
+/// A captured graph holds their addresses: growing any of them drops every graph.
 struct Buffers {
     tokens: usize,
+    /// Rotary tables, `[tokens, head_dim / 2]`.
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+    /// Each token's KV slot, block table offset, and attended length.
+    slots: CudaSlice<u32>,
+    table_at: CudaSlice<u32>,
+    lens: CudaSlice<u32>,
+    /// Rows that want logits.
+    rows: CudaSlice<u32>,
+    /// The step's block tables, one after another (grown apart from `tokens`).
     x: CudaSlice<f32>,
     xn: CudaSlice<f32>,
     q: CudaSlice<f32>,
@@ -59,9 +77,28 @@ struct Buffers {
     up: CudaSlice<f32>,
     tmp: CudaSlice<f32>,
     logits: CudaSlice<f32>,
-    /// Attention scores, `queries * heads * max_len`.
+    tables: CudaSlice<u32>,
+    /// Attention scores, `queries * heads * score_stride` (grown apart from `tokens`).
     scores: CudaSlice<f32>,
 }
+
+/// A step's decoder-block launches, captured.
+struct StepGraph(CudaGraph);
+
+// SAFETY: a `StepGraph` is only launched or dropped through `&mut DeviceModel`, so never from two
+// threads at once; the driver's graph objects only ask for that serialization.
+unsafe impl Send for StepGraph {}
+
+/// The most tokens a step may have to be captured as a graph (longer prefill chunks are bound
+/// by the GPU's work, not by launches).
+const GRAPH_MAX_TOKENS: usize = 256;
+
+/// The most graphs kept (all are dropped when a new one would pass it).
+const GRAPH_CACHE: usize = 512;
+
+/// The smallest stride of the attention scratch (so that decode steps change graph only when
+/// the longest context passes a power of two).
+const MIN_SCORE_STRIDE: usize = 256;
 
 /// A model's weights and KV cache on one CUDA device, and the step that runs over them.
 pub struct DeviceModel {
@@ -74,6 +111,8 @@ pub struct DeviceModel {
     block_size: usize,
     kv_dim: usize,
     buffers: Option<Buffers>,
+    /// Captured steps by (tokens, score stride); `None` when graphs are off.
+    graphs: Option<HashMap<(usize, usize), StepGraph>>,
 }
 
 fn to_device<T: cudarc::driver::DeviceRepr>(
@@ -187,6 +226,8 @@ impl DeviceModel {
             block_size,
             kv_dim,
             buffers: None,
+            graphs: (std::env::var("LASTMILE_CUDA_GRAPHS").as_deref() != Ok("0"))
+                .then(HashMap::new),
             kernels,
         };
         stream.synchronize().map_err(driver_error)?;
@@ -207,33 +248,67 @@ impl DeviceModel {
             .map_err(driver_error)
     }
 
-    fn buffers(&mut self, model: &LlamaModel, tokens: usize) -> Result<(), CudaError> {
-        if self.buffers.as_ref().is_some_and(|b| b.tokens >= tokens) {
-            return Ok(());
-        }
-        let c = &model.config;
-        let n = tokens.next_power_of_two();
+    /// Sizes the step buffers for `tokens` rows, `tables` block table entries and `scores`
+    /// attention scores; drops every graph when one moves.
+    fn buffers(
+        &mut self,
+        model: &LlamaModel,
+        tokens: usize,
+        tables: usize,
+        scores: usize,
+    ) -> Result<(), CudaError> {
         let s = self.kernels.stream().clone();
-        let (h, qd, kvd, ff) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn_hidden);
-        // Scores are sized per step (they grow with the context, not only the tokens).
-        let scores = match self.buffers.take() {
-            Some(b) => b.scores,
-            None => zeros(&s, 1)?,
-        };
-        self.buffers = Some(Buffers {
-            tokens: n,
-            x: zeros(&s, n * h)?,
-            xn: zeros(&s, n * h)?,
-            q: zeros(&s, n * qd)?,
-            k: zeros(&s, n * kvd)?,
-            v: zeros(&s, n * kvd)?,
-            att: zeros(&s, n * qd)?,
-            gate: zeros(&s, n * ff)?,
-            up: zeros(&s, n * ff)?,
-            tmp: zeros(&s, n * h.max(qd))?,
-            logits: zeros(&s, n * c.vocab)?,
-            scores,
-        });
+        let mut moved = false;
+        if self.buffers.as_ref().is_none_or(|b| b.tokens < tokens) {
+            let c = &model.config;
+            let n = tokens.next_power_of_two();
+            let (h, qd, kvd, ff) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn_hidden);
+            let half = c.head_dim / 2;
+            let u32s = |len: usize| s.alloc_zeros::<u32>(len.max(1)).map_err(driver_error);
+            // The block tables and the scores are sized by the contexts, not the tokens.
+            let (tables, scores) = match self.buffers.take() {
+                Some(b) => (b.tables, b.scores),
+                None => (u32s(1)?, zeros(&s, 1)?),
+            };
+            self.buffers = Some(Buffers {
+                tokens: n,
+                cos: zeros(&s, n * half)?,
+                sin: zeros(&s, n * half)?,
+                slots: u32s(n)?,
+                table_at: u32s(n)?,
+                lens: u32s(n)?,
+                rows: u32s(n)?,
+                x: zeros(&s, n * h)?,
+                xn: zeros(&s, n * h)?,
+                q: zeros(&s, n * qd)?,
+                k: zeros(&s, n * kvd)?,
+                v: zeros(&s, n * kvd)?,
+                att: zeros(&s, n * qd)?,
+                gate: zeros(&s, n * ff)?,
+                up: zeros(&s, n * ff)?,
+                tmp: zeros(&s, n * h.max(qd))?,
+                logits: zeros(&s, n * c.vocab)?,
+                tables,
+                scores,
+            });
+            moved = true;
+        }
+        let b = self.buffers.as_mut().expect("sized above");
+        if b.tables.len() < tables {
+            b.tables = s
+                .alloc_zeros::<u32>(tables.next_power_of_two())
+                .map_err(driver_error)?;
+            moved = true;
+        }
+        if b.scores.len() < scores {
+            b.scores = zeros(&s, scores.next_power_of_two())?;
+            moved = true;
+        }
+        if moved {
+            if let Some(g) = &mut self.graphs {
+                g.clear();
+            }
+        }
         Ok(())
     }
 
@@ -252,7 +327,7 @@ impl DeviceModel {
         if n == 0 {
             return Ok(0);
         }
-        let (h, qd, kvd, ff, hd) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn_hidden, c.head_dim);
+        let h = c.hidden;
         let bs = self.block_size;
         // The step's host-side tables.
         let inv_freq = model.inv_freq();
@@ -286,77 +361,28 @@ impl DeviceModel {
             rows.extend((first_row..sq.start + sq.len).map(|r| r as u32));
         }
         let max_len = lens.iter().copied().max().unwrap_or(1) as usize;
-        self.buffers(model, n)?;
+        let stride = max_len.next_power_of_two().max(MIN_SCORE_STRIDE);
+        self.buffers(model, n, tables.len(), n * c.heads * stride)?;
         let s = self.kernels.stream().clone();
         let e = driver_error;
-        let b = self.buffers.as_mut().expect("sized above");
-        let need_scores = n * c.heads * max_len;
-        if b.scores.len() < need_scores {
-            b.scores = zeros(&s, need_scores.next_power_of_two())?;
-        }
-        s.memcpy_htod(&x, &mut b.x).map_err(e)?;
-        let cos = to_device(&s, &cos)?;
-        let sin = to_device(&s, &sin)?;
-        let slots = to_device(&s, &slots)?;
-        let tables = to_device(&s, &tables)?;
-        let table_at = to_device(&s, &table_at)?;
-        let lens = to_device(&s, &lens)?;
-        let k = &self.kernels;
-        let shape = AttentionShape {
-            heads: c.heads,
-            kv_heads: c.kv_heads,
-            head_dim: hd,
-            block_size: bs,
-        };
-        for (li, l) in self.layers.iter().enumerate() {
-            k.rmsnorm(&mut b.xn, &b.x, &l.attn_norm, n, c.rms_eps)?;
-            for (out, m) in [(&mut b.q, &l.wq), (&mut b.k, &l.wk), (&mut b.v, &l.wv)] {
-                k.matmul(out, &m.bytes, &b.xn, (m.rows, m.cols, n), m.format)?;
+        {
+            let b = self.buffers.as_mut().expect("sized above");
+            s.memcpy_htod(&x, &mut b.x).map_err(e)?;
+            s.memcpy_htod(&cos, &mut b.cos).map_err(e)?;
+            s.memcpy_htod(&sin, &mut b.sin).map_err(e)?;
+            s.memcpy_htod(&slots, &mut b.slots).map_err(e)?;
+            s.memcpy_htod(&tables, &mut b.tables).map_err(e)?;
+            s.memcpy_htod(&table_at, &mut b.table_at).map_err(e)?;
+            s.memcpy_htod(&lens, &mut b.lens).map_err(e)?;
+            if !rows.is_empty() {
+                s.memcpy_htod(&rows, &mut b.rows).map_err(e)?;
             }
-            if let Some([bq, bk, bv]) = &l.bias_qkv {
-                k.bias_add(&mut b.q, bq, n)?;
-                k.bias_add(&mut b.k, bk, n)?;
-                k.bias_add(&mut b.v, bv, n)?;
-            }
-            k.rope(&mut b.q, &cos, &sin, (n, c.heads, hd), c.rope_style)?;
-            k.rope(&mut b.k, &cos, &sin, (n, c.kv_heads, hd), c.rope_style)?;
-            k.kv_store(
-                &mut self.k_cache[li],
-                &mut self.v_cache[li],
-                &b.k,
-                &b.v,
-                &slots,
-                kvd,
-                bs,
-            )?;
-            k.attention_decode(
-                &mut b.att,
-                &b.q,
-                (&self.k_cache[li], &self.v_cache[li]),
-                (&tables, &table_at, &lens),
-                &mut b.scores,
-                shape,
-                max_len,
-            )?;
-            k.matmul(&mut b.tmp, &l.wo.bytes, &b.att, (h, qd, n), l.wo.format)?;
-            k.add(&mut b.x, &b.tmp, n * h)?;
-            k.rmsnorm(&mut b.xn, &b.x, &l.ffn_norm, n, c.rms_eps)?;
-            k.matmul(&mut b.gate, &l.gate.bytes, &b.xn, (ff, h, n), l.gate.format)?;
-            k.matmul(&mut b.up, &l.up.bytes, &b.xn, (ff, h, n), l.up.format)?;
-            k.swiglu(&mut b.gate, &b.up, n * ff)?;
-            k.matmul(
-                &mut b.tmp,
-                &l.down.bytes,
-                &b.gate,
-                (h, ff, n),
-                l.down.format,
-            )?;
-            k.add(&mut b.x, &b.tmp, n * h)?;
         }
+        self.run_blocks(model, n, stride)?;
+        let (k, b) = (&self.kernels, self.buffers.as_mut().expect("sized above"));
         let m = rows.len();
         if m > 0 {
-            let rows = to_device(&s, &rows)?;
-            k.gather_rows(&mut b.xn, &b.x, &rows, h)?;
+            k.gather_rows(&mut b.xn, &b.x, &b.rows.slice(0..m), h)?;
             k.rmsnorm(&mut b.tmp, &b.xn, &self.out_norm, m, c.rms_eps)?;
             let o = &self.output;
             k.matmul(
@@ -375,6 +401,114 @@ impl DeviceModel {
         }
         s.synchronize().map_err(e)?;
         Ok(m)
+    }
+
+    /// The decoder blocks over the step's `n` tokens (inputs already in the buffers): replayed
+    /// from the graph of this shape, captured first if there is none, or launched one by one.
+    fn run_blocks(&mut self, model: &LlamaModel, n: usize, stride: usize) -> Result<(), CudaError> {
+        let key = (n, stride);
+        let Some(graphs) = self.graphs.as_mut().filter(|_| n <= GRAPH_MAX_TOKENS) else {
+            return self.launch_blocks(model, n, stride);
+        };
+        if let Some(g) = graphs.get(&key) {
+            return g.0.launch().map_err(driver_error);
+        }
+        if graphs.len() >= GRAPH_CACHE {
+            graphs.clear();
+        }
+        let s = self.kernels.stream().clone();
+        s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(driver_error)?;
+        let launched = self.launch_blocks(model, n, stride);
+        // End the capture whatever happened, so that the stream takes launches again.
+        let graph = s.end_capture(CUgraphInstantiate_flags(0));
+        match (launched, graph) {
+            (Ok(()), Ok(Some(g))) => {
+                g.launch().map_err(driver_error)?;
+                if let Some(graphs) = &mut self.graphs {
+                    graphs.insert(key, StepGraph(g));
+                }
+                Ok(())
+            }
+            (launched, graph) => {
+                // Nothing captured ran: launch the step directly, and never capture again.
+                tracing::warn!(
+                    "CUDA graph capture failed ({:?}, {:?}): launching kernels one by one",
+                    launched.err(),
+                    graph.err()
+                );
+                self.graphs = None;
+                self.launch_blocks(model, n, stride)
+            }
+        }
+    }
+
+    /// Queues every decoder block's launches over the step's `n` tokens.
+    fn launch_blocks(
+        &mut self,
+        model: &LlamaModel,
+        n: usize,
+        stride: usize,
+    ) -> Result<(), CudaError> {
+        let c = &model.config;
+        let (h, qd, kvd, ff, hd) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn_hidden, c.head_dim);
+        let bs = self.block_size;
+        let k = &self.kernels;
+        let b = self.buffers.as_mut().expect("sized by forward");
+        let shape = AttentionShape {
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: hd,
+            block_size: bs,
+        };
+        let (cos, sin) = (&b.cos, &b.sin);
+        let (slots, lens) = (b.slots.slice(0..n), b.lens.slice(0..n));
+        for (li, l) in self.layers.iter().enumerate() {
+            k.rmsnorm(&mut b.xn, &b.x, &l.attn_norm, n, c.rms_eps)?;
+            for (out, m) in [(&mut b.q, &l.wq), (&mut b.k, &l.wk), (&mut b.v, &l.wv)] {
+                k.matmul(out, &m.bytes, &b.xn, (m.rows, m.cols, n), m.format)?;
+            }
+            if let Some([bq, bk, bv]) = &l.bias_qkv {
+                k.bias_add(&mut b.q, bq, n)?;
+                k.bias_add(&mut b.k, bk, n)?;
+                k.bias_add(&mut b.v, bv, n)?;
+            }
+            k.rope(&mut b.q, cos, sin, (n, c.heads, hd), c.rope_style)?;
+            k.rope(&mut b.k, cos, sin, (n, c.kv_heads, hd), c.rope_style)?;
+            k.kv_store(
+                &mut self.k_cache[li],
+                &mut self.v_cache[li],
+                &b.k,
+                &b.v,
+                &slots,
+                kvd,
+                bs,
+            )?;
+            k.attention_decode(
+                &mut b.att,
+                &b.q,
+                (&self.k_cache[li], &self.v_cache[li]),
+                (&b.tables, &b.table_at, &lens),
+                &mut b.scores,
+                shape,
+                stride,
+            )?;
+            k.matmul(&mut b.tmp, &l.wo.bytes, &b.att, (h, qd, n), l.wo.format)?;
+            k.add(&mut b.x, &b.tmp, n * h)?;
+            k.rmsnorm(&mut b.xn, &b.x, &l.ffn_norm, n, c.rms_eps)?;
+            k.matmul(&mut b.gate, &l.gate.bytes, &b.xn, (ff, h, n), l.gate.format)?;
+            k.matmul(&mut b.up, &l.up.bytes, &b.xn, (ff, h, n), l.up.format)?;
+            k.swiglu(&mut b.gate, &b.up, n * ff)?;
+            k.matmul(
+                &mut b.tmp,
+                &l.down.bytes,
+                &b.gate,
+                (h, ff, n),
+                l.down.format,
+            )?;
+            k.add(&mut b.x, &b.tmp, n * h)?;
+        }
+        Ok(())
     }
 
     fn block_span(&self, block: u32) -> std::ops::Range<usize> {
