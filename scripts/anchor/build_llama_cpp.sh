@@ -16,7 +16,7 @@
 #                         match lastmile's `--kernels` tiers, so one machine measures each;
 #                         or cuda: the CUDA backend for Hopper (sm_90, every layer on the GPU
 #                         with `-ngl 999`; host code at the avx2 tier), built here without a GPU
-#                         with the PyPI toolkit of scripts/cuda/toolkit.sh (build-cuda/, only
+#                         with the PyPI toolkit of `scripts/cuda/toolchain.sh --full` (build-cuda/, only
 #                         llama-bench and llama-server; run it where the driver and the CUDA 13
 #                         runtime and cuBLAS libraries are on the library path)
 #
@@ -102,8 +102,8 @@ CMAKE_ARGS=(
 )
 if [[ $TIER == cuda ]]; then
     # The CUDA backend for Hopper alone (no NCCL: one GPU). The driver library is a symbol-less
-    # stub here (scripts/cuda/toolkit.sh), so executables link with --allow-shlib-undefined.
-    eval "$("$(dirname "$0")/../cuda/toolkit.sh" --env)"
+    # stub here (scripts/cuda/toolchain.sh --full), so executables link with --allow-shlib-undefined.
+    eval "$("$(dirname "$0")/../cuda/toolchain.sh" --full --env)"
     CMAKE_ARGS=(
         -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON "${TIER_ARGS[@]}"
         -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
