@@ -132,18 +132,27 @@ run2)
     LASTMILE_CUDA_TEST_MODEL="$model" timeout 240 "$WORK/cuda-test" --test-threads 1 --nocapture \
         the_gpu_forward_pass_computes_the_cpu_logits greedy_tokens_on_the_gpu_match_the_cpu
     echo "== exit $?"
-    echo "== (c1) one stream: lastmile engine-bench vs llama-bench, prefill 512, decode 128"
-    timeout 120 "$WORK/lastmile" engine-bench --model "$model" --device cuda:0 --threads 8 \
-        --prompt-tokens 512 --gen-tokens 128 --repeats 5 2>&1 | grep -v '^\s*$'
-    echo "== exit $?"
+    echo "== (c1) the engine alone: lastmile engine-bench (prefill 512, decode 128, 64 streams"
+    echo "   decoding at once), with CUDA graphs and without; then llama-bench (flash attention on, off)"
+    for graphs in 1 0; do
+        echo "-- LASTMILE_CUDA_GRAPHS=$graphs"
+        LASTMILE_CUDA_GRAPHS=$graphs timeout 150 "$WORK/lastmile" engine-bench --model "$model" \
+            --device cuda:0 --threads 8 --prompt-tokens 512 --gen-tokens 128 --repeats 5 \
+            --streams 64 2>&1 | grep -E '^model|Error|error|panick'
+        echo "== exit $?"
+    done
     LD_LIBRARY_PATH="$PWD/$WORK/llama:$LD_LIBRARY_PATH" timeout 120 "$WORK/llama/llama-bench" \
-        -m "$model" -ngl 999 -p 512 -n 128 -r 5 -t 8
+        -m "$model" -ngl 999 -p 512 -n 128 -r 5 -t 8 -fa on,off
     echo "== exit $?"
-    echo "== (c2) served: output tok/s at 1 and 64 streams, lastmile vs llama-server, both on cuda:0"
-    timeout 300 "$WORK/lastmile" bench --compare llama-cpp --device cuda:0 --gguf "$model" \
-        --llama-server "$PWD/$WORK/llama/llama-server" --threads 8 --concurrency 1,64 \
-        --requests 128 --input-tokens 128 --output-tokens 128 --rounds 2
-    echo "== exit $?"
+    echo "== (c2) served, both on cuda:0: output tok/s at 1 stream, then at 64"
+    for level in "1 16" "64 256"; do
+        set -- $level
+        timeout 240 "$WORK/lastmile" bench --compare llama-cpp --device cuda:0 --gguf "$model" \
+            --llama-server "$PWD/$WORK/llama/llama-server" --threads 8 --concurrency "$1" \
+            --requests "$2" --input-tokens 128 --output-tokens 128 --rounds 2 2>&1 |
+            grep -v -E '^\s*$|Downloading|%\|'
+        echo "== exit $?"
+    done
     for f in /tmp/lastmile-bench-*.log; do
         echo "== tail of $f"
         tail -5 "$f"

@@ -27,6 +27,10 @@ pub struct EngineBenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Also decode this many streams at once (each --gen-tokens after a one-token prompt) and
+    /// report their summed output tok/s: batched decode without HTTP in the way (0: skip).
+    #[arg(long, default_value_t = 0)]
+    streams: usize,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -77,6 +81,29 @@ fn time_request(
     let total = start.elapsed().as_secs_f64();
     let first = first.unwrap_or(total);
     Ok((first, total - first, n))
+}
+
+/// Decodes `streams` requests at once, each `gen` tokens after a one-token prompt of its own;
+/// returns their summed output tok/s (every token over the wall time from submission to the
+/// last one finished).
+fn batched_decode(engine: &EngineHandle, streams: usize, gen: usize, vocab: u32) -> Result<f64> {
+    let start = Instant::now();
+    let tokens = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..streams as u32)
+            .map(|i| {
+                let prompt = vec![1000 + (i * 7919) % (vocab - 2000)];
+                s.spawn(move || time_request(engine, prompt, gen).map(|(_, _, n)| n))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a stream's thread panicked"))?
+            })
+            .sum::<Result<usize>>()
+    })?;
+    Ok(tokens as f64 / start.elapsed().as_secs_f64())
 }
 
 /// Reads a buffer larger than the caches with both cores; returns GB/s.
@@ -157,7 +184,19 @@ pub fn run(mut args: EngineBenchArgs) -> Result<()> {
         shares.push(tg[tg.len() - 1] / (bws[bws.len() - 1] * 1e9 / bytes));
         bar.inc(1);
     }
+    let mut batched = Vec::new();
+    if args.streams > 0 {
+        for _ in 0..args.repeats {
+            batched.push(batched_decode(
+                &engine,
+                args.streams,
+                args.gen_tokens,
+                vocab,
+            )?);
+        }
+    }
     bar.finish_and_clear();
+    let batched_med = median(&mut batched.clone());
     let bw = median(&mut bws.clone());
     let limit = bw * 1e9 / bytes;
     let share = median(&mut shares);
@@ -175,6 +214,8 @@ pub fn run(mut args: EngineBenchArgs) -> Result<()> {
                 "weight_bytes_per_token": bytes, "decode_limit_tok_s": limit,
                 "decode_share_of_limit": share,
                 "kernels": kernels,
+                "streams": args.streams, "streams_tok_s": batched,
+                "streams_tok_s_median": batched_med,
             })
         );
     } else {
@@ -186,6 +227,13 @@ pub fn run(mut args: EngineBenchArgs) -> Result<()> {
             "model {id}: decode {} tokens: {tg_med:.1} tok/s (median of {})",
             args.gen_tokens, args.repeats
         );
+        if args.streams > 0 {
+            println!(
+                "model {id}: {} streams decoding {} tokens each: {batched_med:.1} output tok/s \
+                 (median of {})",
+                args.streams, args.gen_tokens, args.repeats
+            );
+        }
         println!(
             "memory read {bw:.1} GB/s / {:.1} MB per token = decode limit {limit:.0} tok/s \
              (medians; decode at {:.0}% of the limit measured around it in its own round; \
