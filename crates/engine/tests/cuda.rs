@@ -184,15 +184,17 @@ fn the_kernels_compute_what_the_cpu_engine_computes() {
     let want: Vec<f32> = g.iter().zip(&u).map(|(a, b)| a + b).collect();
     close(&down(&dx), &want, "add");
 
-    // GEMV over GGUF Q8_0, Q4_1 and Q4_0 rows and over f32 (40 x 128, 2 tokens), against the
-    // CPU's dequantization.
+    // GEMV over GGUF Q8_0, Q4_1 and Q4_0 rows and over f32, against the CPU's dequantization:
+    // 43 rows (a partial block of 8 warps), 37 blocks of 32 a row (lanes wrap around), 11 tokens
+    // (a tile of 8 and a partial one).
+    const TOKENS: usize = 11;
     for (kind, format) in [
         (QKind::Q8_0, DeviceFormat::Q8_0),
         (QKind::Q4_1, DeviceFormat::Q4_1),
         (QKind::Q4_0, DeviceFormat::Q4_0),
         (QKind::F32, DeviceFormat::F32),
     ] {
-        let (rows, cols) = (40, 128);
+        let (rows, cols) = (43, 37 * 32);
         let noise = values(rows * cols, 8);
         let bytes: Vec<u8> = if kind == QKind::F32 {
             noise.iter().flat_map(|v| v.to_le_bytes()).collect()
@@ -215,7 +217,7 @@ fn the_kernels_compute_what_the_cpu_engine_computes() {
             }
             bytes
         };
-        let x = values(2 * cols, 9);
+        let x = values(TOKENS * cols, 9);
         let m = QMatrix::new(
             kind,
             rows,
@@ -223,17 +225,17 @@ fn the_kernels_compute_what_the_cpu_engine_computes() {
             WeightBytes::Owned(std::sync::Arc::new(bytes.clone())),
         )
         .expect("matrix");
-        let mut want = vec![0.0f32; 2 * rows];
+        let mut want = vec![0.0f32; TOKENS * rows];
         let mut row = vec![0.0f32; cols];
         for r in 0..rows {
             m.dequantize_row(r, &mut row);
-            for t in 0..2 {
+            for t in 0..TOKENS {
                 want[t * rows + r] = row.iter().zip(&x[t * cols..]).map(|(a, b)| a * b).sum();
             }
         }
-        let mut y = s.alloc_zeros::<f32>(2 * rows).expect("alloc");
+        let mut y = s.alloc_zeros::<f32>(TOKENS * rows).expect("alloc");
         let dw = s.clone_htod(&bytes).expect("upload");
-        k.matmul(&mut y, &dw, &up(&x), (rows, cols, 2), format)
+        k.matmul(&mut y, &dw, &up(&x), (rows, cols, TOKENS), format)
             .expect("gemv");
         close(&down(&y), &want, &format!("gemv {kind:?}"));
     }

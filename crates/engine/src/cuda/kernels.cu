@@ -173,16 +173,15 @@ extern "C" __global__ void attention_decode_f16(float *out, const float *q,
     }
 }
 
-// The block formats, each a block's bytes and its dot product with 32 activations.
+// The block formats, each a block's bytes and the 32 weights it holds.
 // Q8_0: an f16 scale and 32 signed bytes.
 struct Q8_0 {
     static const int BYTES = 34;
-    static __device__ __forceinline__ float dot(const u8 *blk, const float *xb) {
+    static __device__ __forceinline__ void load(const u8 *blk, float *w) {
         float d = half_to_float((half_bits)(blk[0] | (blk[1] << 8)));
         const i8 *qs = (const i8 *)(blk + 2);
-        float s = 0.0f;
-        for (int j = 0; j < 32; j++) s += (float)qs[j] * xb[j];
-        return d * s;
+#pragma unroll
+        for (int j = 0; j < 32; j++) w[j] = (float)qs[j] * d;
     }
 };
 
@@ -190,64 +189,100 @@ struct Q8_0 {
 // each weight `q * d + m`.
 struct Q4_1 {
     static const int BYTES = 20;
-    static __device__ __forceinline__ float dot(const u8 *blk, const float *xb) {
+    static __device__ __forceinline__ void load(const u8 *blk, float *w) {
         float d = half_to_float((half_bits)(blk[0] | (blk[1] << 8)));
         float m = half_to_float((half_bits)(blk[2] | (blk[3] << 8)));
         const u8 *qs = blk + 4;
-        float s = 0.0f, xs = 0.0f;
+#pragma unroll
         for (int j = 0; j < 16; j++) {
-            s += (float)(qs[j] & 15) * xb[j] + (float)(qs[j] >> 4) * xb[j + 16];
-            xs += xb[j] + xb[j + 16];
+            w[j] = (float)(qs[j] & 15) * d + m;
+            w[j + 16] = (float)(qs[j] >> 4) * d + m;
         }
-        return d * s + m * xs;
     }
 };
 
 // Q4_0: an f16 scale and 16 bytes of nibbles, each weight `(q - 8) * d`.
 struct Q4_0 {
     static const int BYTES = 18;
-    static __device__ __forceinline__ float dot(const u8 *blk, const float *xb) {
+    static __device__ __forceinline__ void load(const u8 *blk, float *w) {
         float d = half_to_float((half_bits)(blk[0] | (blk[1] << 8)));
         const u8 *qs = blk + 2;
-        float s = 0.0f;
+#pragma unroll
         for (int j = 0; j < 16; j++) {
-            s += (float)((int)(qs[j] & 15) - 8) * xb[j] + (float)((int)(qs[j] >> 4) - 8) * xb[j + 16];
+            w[j] = (float)((int)(qs[j] & 15) - 8) * d;
+            w[j + 16] = (float)((int)(qs[j] >> 4) - 8) * d;
         }
-        return d * s;
     }
 };
 
+// Tokens a warp multiplies each weight block it decodes with.
+#define TOKEN_TILE 8
+
 // y = W x for a matrix of `rows` x `cols` (cols a multiple of 32) in block format F and `tokens`
-// inputs: x `[tokens, cols]`, y `[tokens, rows]`. Grid: (ceil(rows / 8), tokens); block: 256
-// threads, one warp per row, lanes over the row's blocks of 32.
+// inputs: x `[tokens, cols]`, y `[tokens, rows]`. Grid: (ceil(rows / 8), ceil(tokens /
+// TOKEN_TILE)); block: 256 threads, one warp per row, lanes over the row's blocks of 32. Each
+// lane decodes a weight block once and multiplies it with up to TOKEN_TILE tokens, so batched
+// decode and prefill read and decode each weight once per tile of tokens, not once per token.
 template <typename F>
-__device__ void gemv_blocks(float *y, const u8 *w, const float *x, int rows, int cols) {
-    int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31, t = blockIdx.y;
+__device__ void gemv_blocks(float *y, const u8 *w, const float *x, int rows, int cols,
+                            int tokens) {
+    int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    int t0 = blockIdx.y * TOKEN_TILE;
     if (row >= rows) return;
+    int nt = min(TOKEN_TILE, tokens - t0);
     int nb = cols / 32;
     const u8 *wr = w + (size_t)row * nb * F::BYTES;
-    const float *xt = x + (size_t)t * cols;
-    float acc = 0.0f;
-    for (int b = lane; b < nb; b += 32) acc += F::dot(wr + (size_t)b * F::BYTES, xt + b * 32);
-    acc = warp_sum(acc);
-    if (lane == 0) y[(size_t)t * rows + row] = acc;
+    float acc[TOKEN_TILE];
+#pragma unroll
+    for (int t = 0; t < TOKEN_TILE; t++) acc[t] = 0.0f;
+    for (int b = lane; b < nb; b += 32) {
+        float wv[32];
+        F::load(wr + (size_t)b * F::BYTES, wv);
+#pragma unroll
+        for (int t = 0; t < TOKEN_TILE; t++) {
+            if (t < nt) {
+                const float4 *xb = (const float4 *)(x + (size_t)(t0 + t) * cols + b * 32);
+                float sum = 0.0f;
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    float4 v = xb[j];
+                    sum += wv[4 * j] * v.x + wv[4 * j + 1] * v.y + wv[4 * j + 2] * v.z +
+                           wv[4 * j + 3] * v.w;
+                }
+                acc[t] += sum;
+            }
+        }
+    }
+    // `nt` is the same for the whole warp: every lane takes part in each sum.
+#pragma unroll
+    for (int t = 0; t < TOKEN_TILE; t++) {
+        if (t < nt) {
+            float v = warp_sum(acc[t]);
+            if (lane == 0) y[(size_t)(t0 + t) * rows + row] = v;
+        }
+    }
 }
 
-extern "C" __global__ void gemv_q8_0(float *y, const u8 *w, const float *x, int rows, int cols) {
-    gemv_blocks<Q8_0>(y, w, x, rows, cols);
+extern "C" __global__ void gemv_q8_0(float *y, const u8 *w, const float *x, int rows, int cols,
+                                     int tokens) {
+    gemv_blocks<Q8_0>(y, w, x, rows, cols, tokens);
 }
 
-extern "C" __global__ void gemv_q4_1(float *y, const u8 *w, const float *x, int rows, int cols) {
-    gemv_blocks<Q4_1>(y, w, x, rows, cols);
+extern "C" __global__ void gemv_q4_1(float *y, const u8 *w, const float *x, int rows, int cols,
+                                     int tokens) {
+    gemv_blocks<Q4_1>(y, w, x, rows, cols, tokens);
 }
 
-extern "C" __global__ void gemv_q4_0(float *y, const u8 *w, const float *x, int rows, int cols) {
-    gemv_blocks<Q4_0>(y, w, x, rows, cols);
+extern "C" __global__ void gemv_q4_0(float *y, const u8 *w, const float *x, int rows, int cols,
+                                     int tokens) {
+    gemv_blocks<Q4_0>(y, w, x, rows, cols, tokens);
 }
 
-// As `gemv_blocks`, for an f32 matrix (lanes over columns) (formats without a kernel here are dequantized to f32 at
-// upload). `w` is the matrix's bytes.
-extern "C" __global__ void gemv_f32(float *y, const u8 *w, const float *x, int rows, int cols) {
+// As `gemv_blocks`, for an f32 matrix (formats without a kernel here are dequantized to f32 at
+// upload), a token per grid row and lanes over columns (any width). `w` is the matrix's bytes;
+// `tokens` is the grid's y (unused).
+extern "C" __global__ void gemv_f32(float *y, const u8 *w, const float *x, int rows, int cols,
+                                    int tokens) {
     int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31, t = blockIdx.y;
     if (row >= rows) return;
     const float *wr = (const float *)w + (size_t)row * cols;

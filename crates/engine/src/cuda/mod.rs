@@ -59,7 +59,19 @@ pub enum DeviceFormat {
     F32,
 }
 
+/// Tokens each warp of a block-format product multiplies a decoded weight block with
+/// (`TOKEN_TILE` in the kernels).
+const TOKEN_TILE: usize = 8;
+
 impl DeviceFormat {
+    /// Tokens one grid row of its product covers.
+    fn tokens_per_grid_row(self) -> usize {
+        match self {
+            Self::F32 => 1,
+            _ => TOKEN_TILE,
+        }
+    }
+
     fn kernel(self) -> &'static str {
         match self {
             Self::Q8_0 => "gemv_q8_0",
@@ -459,15 +471,18 @@ impl Kernels {
         format: DeviceFormat,
     ) -> Result<(), CudaError> {
         let (r, c) = (rows as i32, cols as i32);
-        // Tokens are the grid's y, which stops at 65,535: more go in several launches.
+        // Tokens per grid row: a tile for the block formats, one for f32.
+        let per_y = format.tokens_per_grid_row();
+        // The grid's y stops at 65,535: more tokens go in several launches.
         let mut t0 = 0;
         while t0 < tokens {
-            let n = (tokens - t0).min(MAX_GRID_Y);
+            let n = (tokens - t0).min(MAX_GRID_Y * per_y);
             let mut yv = y.slice_mut(t0 * rows..(t0 + n) * rows);
             let xv = x.slice(t0 * cols..(t0 + n) * cols);
+            let nt = n as i32;
             let mut b = self.kernel(format.kernel());
-            b.arg(&mut yv).arg(w).arg(&xv).arg(&r).arg(&c);
-            run(b, grid(blocks_for(rows, 8), n as u32, 256))?;
+            b.arg(&mut yv).arg(w).arg(&xv).arg(&r).arg(&c).arg(&nt);
+            run(b, grid(blocks_for(rows, 8), n.div_ceil(per_y) as u32, 256))?;
             t0 += n;
         }
         Ok(())
