@@ -155,6 +155,19 @@ fn the_kernels_compute_what_the_cpu_engine_computes() {
     }
     close(&down(&out), &want, "rmsnorm");
 
+    // The residual add and RMSNorm in one launch, on the same rows.
+    let y = values(3 * 576, 14);
+    let mut dx = up(&x);
+    k.add_rmsnorm((&mut dx, &up(&y)), &mut out, &up(&w), 3, 1e-5)
+        .expect("add_rmsnorm");
+    let sum: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
+    for r in 0..3 {
+        let at = r * 576..(r + 1) * 576;
+        ops::rmsnorm(&mut want[at.clone()], &sum[at], &w, 1e-5);
+    }
+    close(&down(&dx), &sum, "add_rmsnorm: the sum");
+    close(&down(&out), &want, "add_rmsnorm: the norm");
+
     // RoPE, both pairings: 2 tokens x 3 heads x 64.
     for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
         let (q, cos, sin) = (values(2 * 3 * 64, 3), values(2 * 32, 4), values(2 * 32, 5));
@@ -195,49 +208,66 @@ fn the_kernels_compute_what_the_cpu_engine_computes() {
         (QKind::F32, DeviceFormat::F32),
     ] {
         let (rows, cols) = (43, 37 * 32);
-        let noise = values(rows * cols, 8);
-        let bytes: Vec<u8> = if kind == QKind::F32 {
-            noise.iter().flat_map(|v| v.to_le_bytes()).collect()
-        } else {
-            let block_bytes = kind.row_bytes(32);
-            let mut bytes = Vec::new();
-            for (b, chunk) in noise.chunks(32).enumerate() {
-                let mut block = vec![0u8; block_bytes];
-                let d = half::f16::from_f32(0.01 + (b % 7) as f32 * 0.003).to_bits();
-                block[..2].copy_from_slice(&d.to_le_bytes());
-                if kind == QKind::Q4_1 {
-                    let m = half::f16::from_f32(-0.05).to_bits();
-                    block[2..4].copy_from_slice(&m.to_le_bytes());
+        // A matrix of `kind` from seeded noise: its bytes, and its products with `x`
+        // (`[TOKENS, rows]`) by the CPU's dequantization.
+        let matrix = |seed: u32, x: &[f32]| {
+            let noise = values(rows * cols, seed);
+            let bytes: Vec<u8> = if kind == QKind::F32 {
+                noise.iter().flat_map(|v| v.to_le_bytes()).collect()
+            } else {
+                let block_bytes = kind.row_bytes(32);
+                let mut bytes = Vec::new();
+                for (b, chunk) in noise.chunks(32).enumerate() {
+                    let mut block = vec![0u8; block_bytes];
+                    let d = half::f16::from_f32(0.01 + (b % 7) as f32 * 0.003).to_bits();
+                    block[..2].copy_from_slice(&d.to_le_bytes());
+                    if kind == QKind::Q4_1 {
+                        let m = half::f16::from_f32(-0.05).to_bits();
+                        block[2..4].copy_from_slice(&m.to_le_bytes());
+                    }
+                    let start = if kind == QKind::Q4_1 { 4 } else { 2 };
+                    for (j, v) in block[start..].iter_mut().enumerate() {
+                        *v = ((chunk[j % 32] + 1.0) * 127.0) as u8;
+                    }
+                    bytes.extend(block);
                 }
-                let start = if kind == QKind::Q4_1 { 4 } else { 2 };
-                for (j, v) in block[start..].iter_mut().enumerate() {
-                    *v = ((chunk[j % 32] + 1.0) * 127.0) as u8;
+                bytes
+            };
+            let m = QMatrix::new(
+                kind,
+                rows,
+                cols,
+                WeightBytes::Owned(std::sync::Arc::new(bytes.clone())),
+            )
+            .expect("matrix");
+            let mut want = vec![0.0f32; TOKENS * rows];
+            let mut row = vec![0.0f32; cols];
+            for r in 0..rows {
+                m.dequantize_row(r, &mut row);
+                for t in 0..TOKENS {
+                    want[t * rows + r] = row.iter().zip(&x[t * cols..]).map(|(a, b)| a * b).sum();
                 }
-                bytes.extend(block);
             }
-            bytes
+            (bytes, want)
         };
         let x = values(TOKENS * cols, 9);
-        let m = QMatrix::new(
-            kind,
-            rows,
-            cols,
-            WeightBytes::Owned(std::sync::Arc::new(bytes.clone())),
-        )
-        .expect("matrix");
-        let mut want = vec![0.0f32; TOKENS * rows];
-        let mut row = vec![0.0f32; cols];
-        for r in 0..rows {
-            m.dequantize_row(r, &mut row);
-            for t in 0..TOKENS {
-                want[t * rows + r] = row.iter().zip(&x[t * cols..]).map(|(a, b)| a * b).sum();
-            }
-        }
+        let (bytes, want) = matrix(8, &x);
         let mut y = s.alloc_zeros::<f32>(TOKENS * rows).expect("alloc");
         let dw = s.clone_htod(&bytes).expect("upload");
         k.matmul(&mut y, &dw, &up(&x), (rows, cols, TOKENS), format)
             .expect("gemv");
         close(&down(&y), &want, &format!("gemv {kind:?}"));
+
+        // The fused feed-forward product: silu(G x) * (U x), G the matrix above.
+        if format.swiglu_kernel().is_some() {
+            let (u_bytes, u_want) = matrix(15, &x);
+            let du = s.clone_htod(&u_bytes).expect("upload");
+            k.matmul_swiglu(&mut y, (&dw, &du), &up(&x), (rows, cols, TOKENS), format)
+                .expect("gemv swiglu");
+            let mut fused = want.clone();
+            ops::swiglu(&mut fused, &u_want);
+            close(&down(&y), &fused, &format!("gemv swiglu {kind:?}"));
+        }
     }
 
     // Bias rows and the gather of logit rows.

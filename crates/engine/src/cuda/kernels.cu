@@ -76,6 +76,23 @@ extern "C" __global__ void rmsnorm_f32(float *out, const float *x, const float *
     for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = row[i] * scale * w[i];
 }
 
+// The residual add and the next RMSNorm in one pass: x += y, then out = x / sqrt(mean(x^2) +
+// eps) * w, row by row. Grid: one block per row.
+extern "C" __global__ void add_rmsnorm_f32(float *x, const float *y, float *out, const float *w,
+                                           int width, float eps) {
+    float *row = x + (size_t)blockIdx.x * width;
+    const float *add = y + (size_t)blockIdx.x * width;
+    float *dst = out + (size_t)blockIdx.x * width;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float v = row[i] + add[i];
+        row[i] = v;
+        ss += v * v;
+    }
+    float scale = rsqrtf(block_sum(ss) / width + eps);
+    for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = row[i] * scale * w[i];
+}
+
 // Rotary embedding of every head of every token, in place: `x` is `[tokens, heads * head_dim]`,
 // `cos`/`sin` are `[tokens, head_dim / 2]` (each token's position already applied).
 // `neox` 0: pairs (2i, 2i+1); 1: pairs (i, i + head_dim/2). Grid: (tokens, heads); block: head_dim/2.
@@ -261,6 +278,66 @@ __device__ void gemv_blocks(float *y, const u8 *w, const float *x, int rows, int
             if (lane == 0) y[(size_t)(t0 + t) * rows + row] = v;
         }
     }
+}
+
+// The feed-forward's two products and SwiGLU in one launch: out = silu(G x) * (U x), G and U
+// both `rows` x `cols` in block format F, grid and tiles as `gemv_blocks` (each lane decodes a
+// block of G and the same block of U once per tile of tokens).
+template <typename F>
+__device__ void gemv_swiglu(float *out, const u8 *wg, const u8 *wu, const float *x, int rows,
+                            int cols, int tokens) {
+    int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    int t0 = blockIdx.y * TOKEN_TILE;
+    if (row >= rows) return;
+    int nt = min(TOKEN_TILE, tokens - t0);
+    int nb = cols / 32;
+    size_t at = (size_t)row * nb * F::BYTES;
+    float g[TOKEN_TILE], u[TOKEN_TILE];
+#pragma unroll
+    for (int t = 0; t < TOKEN_TILE; t++) g[t] = u[t] = 0.0f;
+    for (int b = lane; b < nb; b += 32) {
+        float wv[32];
+#pragma unroll
+        for (int m = 0; m < 2; m++) {
+            F::load((m == 0 ? wg : wu) + at + (size_t)b * F::BYTES, wv);
+#pragma unroll
+            for (int t = 0; t < TOKEN_TILE; t++) {
+                if (t < nt) {
+                    const float4 *xb = (const float4 *)(x + (size_t)(t0 + t) * cols + b * 32);
+                    float sum = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        float4 v = xb[j];
+                        sum += wv[4 * j] * v.x + wv[4 * j + 1] * v.y + wv[4 * j + 2] * v.z +
+                               wv[4 * j + 3] * v.w;
+                    }
+                    if (m == 0) g[t] += sum; else u[t] += sum;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < TOKEN_TILE; t++) {
+        if (t < nt) {
+            float gs = warp_sum(g[t]), us = warp_sum(u[t]);
+            if (lane == 0) out[(size_t)(t0 + t) * rows + row] = gs / (1.0f + __expf(-gs)) * us;
+        }
+    }
+}
+
+extern "C" __global__ void gemv_swiglu_q8_0(float *out, const u8 *wg, const u8 *wu,
+                                            const float *x, int rows, int cols, int tokens) {
+    gemv_swiglu<Q8_0>(out, wg, wu, x, rows, cols, tokens);
+}
+
+extern "C" __global__ void gemv_swiglu_q4_1(float *out, const u8 *wg, const u8 *wu,
+                                            const float *x, int rows, int cols, int tokens) {
+    gemv_swiglu<Q4_1>(out, wg, wu, x, rows, cols, tokens);
+}
+
+extern "C" __global__ void gemv_swiglu_q4_0(float *out, const u8 *wg, const u8 *wu,
+                                            const float *x, int rows, int cols, int tokens) {
+    gemv_swiglu<Q4_0>(out, wg, wu, x, rows, cols, tokens);
 }
 
 extern "C" __global__ void gemv_q8_0(float *y, const u8 *w, const float *x, int rows, int cols,

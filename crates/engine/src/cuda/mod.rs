@@ -30,8 +30,9 @@ use crate::model::RopeStyle;
 pub const KERNELS_SOURCE: &str = include_str!("kernels.cu");
 
 /// Every kernel the source defines (`extern "C" __global__`), by name.
-pub const KERNELS: [&str; 12] = [
+pub const KERNELS: [&str; 16] = [
     "rmsnorm_f32",
+    "add_rmsnorm_f32",
     "rope_f32",
     "swiglu_f32",
     "add_f32",
@@ -40,6 +41,9 @@ pub const KERNELS: [&str; 12] = [
     "gemv_q8_0",
     "gemv_q4_1",
     "gemv_q4_0",
+    "gemv_swiglu_q8_0",
+    "gemv_swiglu_q4_1",
+    "gemv_swiglu_q4_0",
     "gemv_f32",
     "bias_add_f32",
     "gather_rows_f32",
@@ -78,6 +82,16 @@ impl DeviceFormat {
             Self::Q4_1 => "gemv_q4_1",
             Self::Q4_0 => "gemv_q4_0",
             Self::F32 => "gemv_f32",
+        }
+    }
+
+    /// The fused feed-forward kernel (two products and SwiGLU) of this format, if it has one.
+    pub fn swiglu_kernel(self) -> Option<&'static str> {
+        match self {
+            Self::Q8_0 => Some("gemv_swiglu_q8_0"),
+            Self::Q4_1 => Some("gemv_swiglu_q4_1"),
+            Self::Q4_0 => Some("gemv_swiglu_q4_0"),
+            Self::F32 => None,
         }
     }
 }
@@ -349,6 +363,22 @@ impl Kernels {
         run(b, grid(rows as u32, 1, THREADS))
     }
 
+    /// The residual add and the next RMSNorm over `rows` rows, in one launch: `x += y`, then
+    /// `out = x / sqrt(mean(x^2) + eps) * w`.
+    pub fn add_rmsnorm(
+        &self,
+        (x, y): (&mut CudaSlice<f32>, &CudaSlice<f32>),
+        out: &mut CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        rows: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        let width = w.len() as i32;
+        let mut b = self.kernel("add_rmsnorm_f32");
+        b.arg(x).arg(y).arg(out).arg(w).arg(&width).arg(&eps);
+        run(b, grid(rows as u32, 1, THREADS))
+    }
+
     /// Rotary embedding, in place, of `x` (`[tokens, heads * head_dim]`) by each token's
     /// `cos`/`sin` rows (`[tokens, head_dim / 2]`).
     pub fn rope(
@@ -483,6 +513,44 @@ impl Kernels {
             let mut b = self.kernel(format.kernel());
             b.arg(&mut yv).arg(w).arg(&xv).arg(&r).arg(&c).arg(&nt);
             run(b, grid(blocks_for(rows, 8), n.div_ceil(per_y) as u32, 256))?;
+            t0 += n;
+        }
+        Ok(())
+    }
+
+    /// `out = silu(G x) * (U x)` for `tokens` inputs (`x`: `[tokens, cols]`; `out`: `[tokens,
+    /// rows]`), `G` and `U` both `rows` x `cols` in `format`, which must have a fused kernel
+    /// ([`DeviceFormat::swiglu_kernel`]).
+    pub fn matmul_swiglu(
+        &self,
+        out: &mut CudaSlice<f32>,
+        (gate, up): (&CudaSlice<u8>, &CudaSlice<u8>),
+        x: &CudaSlice<f32>,
+        (rows, cols, tokens): (usize, usize, usize),
+        format: DeviceFormat,
+    ) -> Result<(), CudaError> {
+        let name = format.swiglu_kernel().ok_or_else(|| {
+            CudaError::Unsupported(format!("a fused feed-forward product over {format:?}"))
+        })?;
+        let (r, c) = (rows as i32, cols as i32);
+        let mut t0 = 0;
+        while t0 < tokens {
+            let n = (tokens - t0).min(MAX_GRID_Y * TOKEN_TILE);
+            let mut ov = out.slice_mut(t0 * rows..(t0 + n) * rows);
+            let xv = x.slice(t0 * cols..(t0 + n) * cols);
+            let nt = n as i32;
+            let mut b = self.kernel(name);
+            b.arg(&mut ov)
+                .arg(gate)
+                .arg(up)
+                .arg(&xv)
+                .arg(&r)
+                .arg(&c)
+                .arg(&nt);
+            run(
+                b,
+                grid(blocks_for(rows, 8), n.div_ceil(TOKEN_TILE) as u32, 256),
+            )?;
             t0 += n;
         }
         Ok(())

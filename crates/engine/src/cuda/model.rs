@@ -14,7 +14,7 @@
 //!
 //! Embedding rows, rotary tables, slots and block tables are built on the host and copied each
 //! step (a few KB) into buffers at fixed addresses; everything else stays on the device. The
-//! launches of the decoder blocks (15 a block) are captured once per step shape (tokens, and the
+//! launches of the decoder blocks (12 a block) are captured once per step shape (tokens, and the
 //! attention scratch's stride, a power of two) into a CUDA graph and replayed as one launch
 //! after that: a small model's decode step is launch-bound, not bound by the GPU's work.
 //! `LASTMILE_CUDA_GRAPHS=0` launches every kernel one by one instead; a capture the driver
@@ -463,8 +463,11 @@ impl DeviceModel {
         };
         let (cos, sin) = (&b.cos, &b.sin);
         let (slots, lens) = (b.slots.slice(0..n), b.lens.slice(0..n));
+        // The first block's norm; every later one is fused with the residual add before it.
+        if let Some(first) = self.layers.first() {
+            k.rmsnorm(&mut b.xn, &b.x, &first.attn_norm, n, c.rms_eps)?;
+        }
         for (li, l) in self.layers.iter().enumerate() {
-            k.rmsnorm(&mut b.xn, &b.x, &l.attn_norm, n, c.rms_eps)?;
             for (out, m) in [(&mut b.q, &l.wq), (&mut b.k, &l.wk), (&mut b.v, &l.wv)] {
                 k.matmul(out, &m.bytes, &b.xn, (m.rows, m.cols, n), m.format)?;
             }
@@ -494,11 +497,18 @@ impl DeviceModel {
                 stride,
             )?;
             k.matmul(&mut b.tmp, &l.wo.bytes, &b.att, (h, qd, n), l.wo.format)?;
-            k.add(&mut b.x, &b.tmp, n * h)?;
-            k.rmsnorm(&mut b.xn, &b.x, &l.ffn_norm, n, c.rms_eps)?;
-            k.matmul(&mut b.gate, &l.gate.bytes, &b.xn, (ff, h, n), l.gate.format)?;
-            k.matmul(&mut b.up, &l.up.bytes, &b.xn, (ff, h, n), l.up.format)?;
-            k.swiglu(&mut b.gate, &b.up, n * ff)?;
+            k.add_rmsnorm((&mut b.x, &b.tmp), &mut b.xn, &l.ffn_norm, n, c.rms_eps)?;
+            let fused = (l.gate.format == l.up.format && l.gate.cols == l.up.cols)
+                .then(|| l.gate.format.swiglu_kernel())
+                .flatten();
+            if fused.is_some() {
+                let w = (&l.gate.bytes, &l.up.bytes);
+                k.matmul_swiglu(&mut b.gate, w, &b.xn, (ff, h, n), l.gate.format)?;
+            } else {
+                k.matmul(&mut b.gate, &l.gate.bytes, &b.xn, (ff, h, n), l.gate.format)?;
+                k.matmul(&mut b.up, &l.up.bytes, &b.xn, (ff, h, n), l.up.format)?;
+                k.swiglu(&mut b.gate, &b.up, n * ff)?;
+            }
             k.matmul(
                 &mut b.tmp,
                 &l.down.bytes,
@@ -506,7 +516,13 @@ impl DeviceModel {
                 (h, ff, n),
                 l.down.format,
             )?;
-            k.add(&mut b.x, &b.tmp, n * h)?;
+            match self.layers.get(li + 1) {
+                Some(next) => {
+                    k.add_rmsnorm((&mut b.x, &b.tmp), &mut b.xn, &next.attn_norm, n, c.rms_eps)?
+                }
+                // The final norm runs on the rows that want logits only.
+                None => k.add(&mut b.x, &b.tmp, n * h)?,
+            }
         }
         Ok(())
     }
