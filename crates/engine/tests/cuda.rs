@@ -210,7 +210,7 @@ fn the_kernels_compute_what_the_cpu_engine_computes() {
         let (rows, cols) = (43, 37 * 32);
         // A matrix of `kind` from seeded noise: its bytes, and its products with `x`
         // (`[TOKENS, rows]`) by the CPU's dequantization.
-        let matrix = |seed: u32, x: &[f32]| {
+        let matrix = |rows: usize, seed: u32, x: &[f32]| {
             let noise = values(rows * cols, seed);
             let bytes: Vec<u8> = if kind == QKind::F32 {
                 noise.iter().flat_map(|v| v.to_le_bytes()).collect()
@@ -251,7 +251,7 @@ fn the_kernels_compute_what_the_cpu_engine_computes() {
             (bytes, want)
         };
         let x = values(TOKENS * cols, 9);
-        let (bytes, want) = matrix(8, &x);
+        let (bytes, want) = matrix(rows, 8, &x);
         let mut y = s.alloc_zeros::<f32>(TOKENS * rows).expect("alloc");
         let dw = s.clone_htod(&bytes).expect("upload");
         k.matmul(&mut y, &dw, &up(&x), (rows, cols, TOKENS), format)
@@ -260,13 +260,38 @@ fn the_kernels_compute_what_the_cpu_engine_computes() {
 
         // The fused feed-forward product: silu(G x) * (U x), G the matrix above.
         if format.swiglu_kernel().is_some() {
-            let (u_bytes, u_want) = matrix(15, &x);
+            let (u_bytes, u_want) = matrix(rows, 15, &x);
             let du = s.clone_htod(&u_bytes).expect("upload");
             k.matmul_swiglu(&mut y, (&dw, &du), &up(&x), (rows, cols, TOKENS), format)
                 .expect("gemv swiglu");
             let mut fused = want.clone();
             ops::swiglu(&mut fused, &u_want);
             close(&down(&y), &fused, &format!("gemv swiglu {kind:?}"));
+        }
+
+        // The fused Q, K and V products: 43 query rows and 19 each for K and V (warps of one
+        // block straddle the matrices).
+        if format.qkv_kernel().is_some() {
+            let kv_rows = 19;
+            let (k_bytes, k_want) = matrix(kv_rows, 16, &x);
+            let (v_bytes, v_want) = matrix(kv_rows, 17, &x);
+            let mut dk = s.alloc_zeros::<f32>(TOKENS * kv_rows).expect("alloc");
+            let mut dv = s.alloc_zeros::<f32>(TOKENS * kv_rows).expect("alloc");
+            let (wk, wv) = (
+                s.clone_htod(&k_bytes).expect("upload"),
+                s.clone_htod(&v_bytes).expect("upload"),
+            );
+            k.matmul_qkv(
+                (&mut y, &mut dk, &mut dv),
+                (&dw, &wk, &wv),
+                &up(&x),
+                (rows, kv_rows, cols, TOKENS),
+                format,
+            )
+            .expect("gemv qkv");
+            close(&down(&y), &want, &format!("gemv qkv {kind:?}: Q"));
+            close(&down(&dk), &k_want, &format!("gemv qkv {kind:?}: K"));
+            close(&down(&dv), &v_want, &format!("gemv qkv {kind:?}: V"));
         }
     }
 
@@ -385,6 +410,61 @@ fn the_kernels_compute_what_the_cpu_engine_computes() {
     )
     .expect("attention");
     close(&down(&out), &want, "attention");
+
+    // Rotary embedding of queries and keys and the keys' and values' store in one launch, over
+    // the same tokens and slots as the store above, both pairings, against the CPU's rotation
+    // and cache.
+    let tokens = slots.len();
+    let half = hd / 2;
+    for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
+        let q = values(tokens * heads * hd, 16);
+        let (cos, sin) = (values(tokens * half, 17), values(tokens * half, 18));
+        let (mut dq, mut dk) = (up(&q), up(&ks));
+        let mut kc = s.alloc_zeros::<u16>(8 * bs * kv_dim).expect("alloc");
+        let mut vc = s.alloc_zeros::<u16>(8 * bs * kv_dim).expect("alloc");
+        k.rope_store(
+            (&mut dq, &mut dk, &up(&vs)),
+            (&up(&cos), &up(&sin)),
+            (&mut kc, &mut vc),
+            &dslots.as_view(),
+            shape,
+            style,
+        )
+        .expect("rope_store");
+        let (mut wq, mut wk) = (q.clone(), ks.clone());
+        let mut cpu = KvCache::new(1, 8, bs, kv_dim);
+        for t in 0..tokens {
+            let (c, sn) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+            for h in 0..heads {
+                ops::rope(&mut wq[(t * heads + h) * hd..][..hd], c, sn, style);
+            }
+            for h in 0..kv_heads {
+                ops::rope(&mut wk[(t * kv_heads + h) * hd..][..hd], c, sn, style);
+            }
+            let at = t * kv_dim..(t + 1) * kv_dim;
+            cpu.write(0, slots[t] as usize, &wk[at.clone()], &vs[at]);
+        }
+        close(&down(&dq), &wq, &format!("rope_store {style:?}: queries"));
+        close(&down(&dk), &wk, &format!("rope_store {style:?}: keys"));
+        let (ck, cv) = cpu.layer(0);
+        let gpu_keys: Vec<f32> = s
+            .clone_dtoh(&kc)
+            .expect("keys")
+            .into_iter()
+            .map(f)
+            .collect();
+        let cpu_keys: Vec<f32> = ck.iter().map(|&b| f(b)).collect();
+        close(
+            &gpu_keys,
+            &cpu_keys,
+            &format!("rope_store {style:?}: cached keys"),
+        );
+        assert_eq!(
+            s.clone_dtoh(&vc).expect("values"),
+            cv,
+            "rope_store {style:?}: cached values in the CPU cache's layout"
+        );
+    }
 }
 
 mod common;

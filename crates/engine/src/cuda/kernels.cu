@@ -108,6 +108,39 @@ extern "C" __global__ void rope_f32(float *x, const float *cos_t, const float *s
     head[ib] = a * s + b * c;
 }
 
+// Rotary embedding of the queries and keys and the keys' and values' store into one layer's
+// paged cache, in one launch. q: `[tokens, heads * head_dim]` (rotated in place); k, v:
+// `[tokens, kv_heads * head_dim]` (k rotated in place, both stored at token t's `slots[t]` as in
+// `kv_store_f16`). Grid: (tokens, heads + kv_heads): query heads, then KV heads; block:
+// head_dim / 2 (one rotation pair a thread).
+extern "C" __global__ void rope_store_f16(float *q, float *k, const float *v, const float *cos_t,
+                                          const float *sin_t, half_bits *k_cache,
+                                          half_bits *v_cache, const u32 *slots, int heads,
+                                          int kv_heads, int head_dim, int neox, int block_size) {
+    int t = blockIdx.x, hh = blockIdx.y, i = threadIdx.x, half = head_dim / 2;
+    if (i >= half) return;
+    bool is_q = hh < heads;
+    int h = is_q ? hh : hh - heads;
+    int width = (is_q ? heads : kv_heads) * head_dim;
+    float *head = (is_q ? q : k) + (size_t)t * width + h * head_dim;
+    float c = cos_t[(size_t)t * half + i], s = sin_t[(size_t)t * half + i];
+    int ia = neox ? i : 2 * i, ib = neox ? i + half : 2 * i + 1;
+    float a = head[ia], b = head[ib];
+    float ra = a * c - b * s, rb = a * s + b * c;
+    head[ia] = ra;
+    head[ib] = rb;
+    if (is_q) return;
+    int kv_dim = kv_heads * head_dim;
+    u32 slot = slots[t];
+    u32 block = slot / block_size, j = slot % block_size;
+    int ca = h * head_dim + ia, cb = h * head_dim + ib;
+    k_cache[((size_t)block * kv_dim + ca) * block_size + j] = float_to_half(ra);
+    k_cache[((size_t)block * kv_dim + cb) * block_size + j] = float_to_half(rb);
+    const float *vt = v + (size_t)t * kv_dim;
+    v_cache[(size_t)slot * kv_dim + ca] = float_to_half(vt[ca]);
+    v_cache[(size_t)slot * kv_dim + cb] = float_to_half(vt[cb]);
+}
+
 // gate = silu(gate) * up, elementwise over n values.
 extern "C" __global__ void swiglu_f32(float *gate, const float *up, size_t n) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -241,11 +274,10 @@ struct Q4_0 {
 // lane decodes a weight block once and multiplies it with up to TOKEN_TILE tokens, so batched
 // decode and prefill read and decode each weight once per tile of tokens, not once per token.
 template <typename F>
-__device__ void gemv_blocks(float *y, const u8 *w, const float *x, int rows, int cols,
-                            int tokens) {
-    int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+__device__ __forceinline__ void gemv_row(float *y, const u8 *w, const float *x, int rows,
+                                         int cols, int tokens, int row) {
+    int lane = threadIdx.x & 31;
     int t0 = blockIdx.y * TOKEN_TILE;
-    if (row >= rows) return;
     int nt = min(TOKEN_TILE, tokens - t0);
     int nb = cols / 32;
     const u8 *wr = w + (size_t)row * nb * F::BYTES;
@@ -279,6 +311,40 @@ __device__ void gemv_blocks(float *y, const u8 *w, const float *x, int rows, int
         }
     }
 }
+
+template <typename F>
+__device__ void gemv_blocks(float *y, const u8 *w, const float *x, int rows, int cols,
+                            int tokens) {
+    int row = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (row < rows) gemv_row<F>(y, w, x, rows, cols, tokens, row);
+}
+
+// The Q, K and V products in one launch: three matrices of `cols` columns in block format F,
+// `q_rows` rows for Q and `kv_rows` each for K and V, into q, k, v (`[tokens, rows]` each). Grid:
+// (ceil((q_rows + 2 kv_rows) / 8), ceil(tokens / TOKEN_TILE)); each warp takes one row of one
+// of them, as `gemv_blocks`.
+template <typename F>
+__device__ void gemv_qkv(float *q, float *k, float *v, const u8 *wq, const u8 *wk, const u8 *wv,
+                         const float *x, int q_rows, int kv_rows, int cols, int tokens) {
+    int row = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (row < q_rows) {
+        gemv_row<F>(q, wq, x, q_rows, cols, tokens, row);
+    } else if (row < q_rows + kv_rows) {
+        gemv_row<F>(k, wk, x, kv_rows, cols, tokens, row - q_rows);
+    } else if (row < q_rows + 2 * kv_rows) {
+        gemv_row<F>(v, wv, x, kv_rows, cols, tokens, row - q_rows - kv_rows);
+    }
+}
+
+#define GEMV_QKV(NAME, F)                                                                      \
+    extern "C" __global__ void NAME(float *q, float *k, float *v, const u8 *wq, const u8 *wk,  \
+                                    const u8 *wv, const float *x, int q_rows, int kv_rows,     \
+                                    int cols, int tokens) {                                    \
+        gemv_qkv<F>(q, k, v, wq, wk, wv, x, q_rows, kv_rows, cols, tokens);                    \
+    }
+GEMV_QKV(gemv_qkv_q8_0, Q8_0)
+GEMV_QKV(gemv_qkv_q4_1, Q4_1)
+GEMV_QKV(gemv_qkv_q4_0, Q4_0)
 
 // The feed-forward's two products and SwiGLU in one launch: out = silu(G x) * (U x), G and U
 // both `rows` x `cols` in block format F, grid and tiles as `gemv_blocks` (each lane decodes a

@@ -30,10 +30,11 @@ use crate::model::RopeStyle;
 pub const KERNELS_SOURCE: &str = include_str!("kernels.cu");
 
 /// Every kernel the source defines (`extern "C" __global__`), by name.
-pub const KERNELS: [&str; 16] = [
+pub const KERNELS: [&str; 20] = [
     "rmsnorm_f32",
     "add_rmsnorm_f32",
     "rope_f32",
+    "rope_store_f16",
     "swiglu_f32",
     "add_f32",
     "kv_store_f16",
@@ -41,6 +42,9 @@ pub const KERNELS: [&str; 16] = [
     "gemv_q8_0",
     "gemv_q4_1",
     "gemv_q4_0",
+    "gemv_qkv_q8_0",
+    "gemv_qkv_q4_1",
+    "gemv_qkv_q4_0",
     "gemv_swiglu_q8_0",
     "gemv_swiglu_q4_1",
     "gemv_swiglu_q4_0",
@@ -82,6 +86,16 @@ impl DeviceFormat {
             Self::Q4_1 => "gemv_q4_1",
             Self::Q4_0 => "gemv_q4_0",
             Self::F32 => "gemv_f32",
+        }
+    }
+
+    /// The fused Q, K and V product kernel of this format, if it has one.
+    pub fn qkv_kernel(self) -> Option<&'static str> {
+        match self {
+            Self::Q8_0 => Some("gemv_qkv_q8_0"),
+            Self::Q4_1 => Some("gemv_qkv_q4_1"),
+            Self::Q4_0 => Some("gemv_qkv_q4_0"),
+            Self::F32 => None,
         }
     }
 
@@ -400,6 +414,46 @@ impl Kernels {
         run(b, cfg)
     }
 
+    /// Rotary embedding of `q` (`[tokens, heads * head_dim]`) and `k` (`[tokens, kv_heads *
+    /// head_dim]`) in place, and `k` and `v` stored at each token's slot of one layer's cache
+    /// (as [`Kernels::kv_store`]), in one launch: a token per entry of `slots`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_store(
+        &self,
+        (q, k, v): (&mut CudaSlice<f32>, &mut CudaSlice<f32>, &CudaSlice<f32>),
+        (cos, sin): (&CudaSlice<f32>, &CudaSlice<f32>),
+        (k_cache, v_cache): (&mut CudaSlice<u16>, &mut CudaSlice<u16>),
+        slots: &CudaView<'_, u32>,
+        shape: AttentionShape,
+        style: RopeStyle,
+    ) -> Result<(), CudaError> {
+        let ints = [
+            shape.heads as i32,
+            shape.kv_heads as i32,
+            shape.head_dim as i32,
+            i32::from(style == RopeStyle::Neox),
+            shape.block_size as i32,
+        ];
+        let cfg = grid(
+            slots.len() as u32,
+            (shape.heads + shape.kv_heads) as u32,
+            (shape.head_dim / 2).max(1) as u32,
+        );
+        let mut b = self.kernel("rope_store_f16");
+        b.arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(cos)
+            .arg(sin)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(slots);
+        for i in &ints {
+            b.arg(i);
+        }
+        run(b, cfg)
+    }
+
     /// `gate = silu(gate) * up` over the first `n` values.
     pub fn swiglu(
         &self,
@@ -513,6 +567,48 @@ impl Kernels {
             let mut b = self.kernel(format.kernel());
             b.arg(&mut yv).arg(w).arg(&xv).arg(&r).arg(&c).arg(&nt);
             run(b, grid(blocks_for(rows, 8), n.div_ceil(per_y) as u32, 256))?;
+            t0 += n;
+        }
+        Ok(())
+    }
+
+    /// The Q, K and V products in one launch: `q = Wq x` (`q_rows` rows), `k = Wk x`, `v = Wv
+    /// x` (`kv_rows` each), all `cols` wide in `format`, which must have a fused kernel
+    /// ([`DeviceFormat::qkv_kernel`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_qkv(
+        &self,
+        (q, k, v): (
+            &mut CudaSlice<f32>,
+            &mut CudaSlice<f32>,
+            &mut CudaSlice<f32>,
+        ),
+        (wq, wk, wv): (&CudaSlice<u8>, &CudaSlice<u8>, &CudaSlice<u8>),
+        x: &CudaSlice<f32>,
+        (q_rows, kv_rows, cols, tokens): (usize, usize, usize, usize),
+        format: DeviceFormat,
+    ) -> Result<(), CudaError> {
+        let name = format.qkv_kernel().ok_or_else(|| {
+            CudaError::Unsupported(format!("a fused Q/K/V product over {format:?}"))
+        })?;
+        let (qr, kr, c) = (q_rows as i32, kv_rows as i32, cols as i32);
+        let mut t0 = 0;
+        while t0 < tokens {
+            let n = (tokens - t0).min(MAX_GRID_Y * TOKEN_TILE);
+            let mut qv = q.slice_mut(t0 * q_rows..(t0 + n) * q_rows);
+            let mut kv = k.slice_mut(t0 * kv_rows..(t0 + n) * kv_rows);
+            let mut vv = v.slice_mut(t0 * kv_rows..(t0 + n) * kv_rows);
+            let xv = x.slice(t0 * cols..(t0 + n) * cols);
+            let nt = n as i32;
+            let mut b = self.kernel(name);
+            b.arg(&mut qv).arg(&mut kv).arg(&mut vv);
+            b.arg(wq).arg(wk).arg(wv).arg(&xv);
+            b.arg(&qr).arg(&kr).arg(&c).arg(&nt);
+            let rows = q_rows + 2 * kv_rows;
+            run(
+                b,
+                grid(blocks_for(rows, 8), n.div_ceil(TOKEN_TILE) as u32, 256),
+            )?;
             t0 += n;
         }
         Ok(())

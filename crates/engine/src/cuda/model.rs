@@ -14,7 +14,7 @@
 //!
 //! Embedding rows, rotary tables, slots and block tables are built on the host and copied each
 //! step (a few KB) into buffers at fixed addresses; everything else stays on the device. The
-//! launches of the decoder blocks (12 a block) are captured once per step shape (tokens, and the
+//! launches of the decoder blocks (8 a block) are captured once per step shape (tokens, and the
 //! attention scratch's stride, a power of two) into a CUDA graph and replayed as one launch
 //! after that: a small model's decode step is launch-bound, not bound by the GPU's work.
 //! `LASTMILE_CUDA_GRAPHS=0` launches every kernel one by one instead; a capture the driver
@@ -451,7 +451,7 @@ impl DeviceModel {
         stride: usize,
     ) -> Result<(), CudaError> {
         let c = &model.config;
-        let (h, qd, kvd, ff, hd) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn_hidden, c.head_dim);
+        let (h, qd, ff, hd) = (c.hidden, c.q_dim(), c.ffn_hidden, c.head_dim);
         let bs = self.block_size;
         let k = &self.kernels;
         let b = self.buffers.as_mut().expect("sized by forward");
@@ -468,24 +468,36 @@ impl DeviceModel {
             k.rmsnorm(&mut b.xn, &b.x, &first.attn_norm, n, c.rms_eps)?;
         }
         for (li, l) in self.layers.iter().enumerate() {
-            for (out, m) in [(&mut b.q, &l.wq), (&mut b.k, &l.wk), (&mut b.v, &l.wv)] {
-                k.matmul(out, &m.bytes, &b.xn, (m.rows, m.cols, n), m.format)?;
+            let (wq, wk, wv) = (&l.wq, &l.wk, &l.wv);
+            let fused = wq.format.qkv_kernel().is_some()
+                && [wk, wv]
+                    .iter()
+                    .all(|m| m.format == wq.format && m.cols == wq.cols && m.rows == wk.rows);
+            if fused {
+                k.matmul_qkv(
+                    (&mut b.q, &mut b.k, &mut b.v),
+                    (&wq.bytes, &wk.bytes, &wv.bytes),
+                    &b.xn,
+                    (wq.rows, wk.rows, wq.cols, n),
+                    wq.format,
+                )?;
+            } else {
+                for (out, m) in [(&mut b.q, wq), (&mut b.k, wk), (&mut b.v, wv)] {
+                    k.matmul(out, &m.bytes, &b.xn, (m.rows, m.cols, n), m.format)?;
+                }
             }
             if let Some([bq, bk, bv]) = &l.bias_qkv {
                 k.bias_add(&mut b.q, bq, n)?;
                 k.bias_add(&mut b.k, bk, n)?;
                 k.bias_add(&mut b.v, bv, n)?;
             }
-            k.rope(&mut b.q, cos, sin, (n, c.heads, hd), c.rope_style)?;
-            k.rope(&mut b.k, cos, sin, (n, c.kv_heads, hd), c.rope_style)?;
-            k.kv_store(
-                &mut self.k_cache[li],
-                &mut self.v_cache[li],
-                &b.k,
-                &b.v,
+            k.rope_store(
+                (&mut b.q, &mut b.k, &b.v),
+                (cos, sin),
+                (&mut self.k_cache[li], &mut self.v_cache[li]),
                 &slots,
-                kvd,
-                bs,
+                shape,
+                c.rope_style,
             )?;
             k.attention_decode(
                 &mut b.att,
