@@ -136,15 +136,16 @@ run2)
     echo "   decoding at once), with CUDA graphs and without; then llama-bench (flash attention on, off)"
     for graphs in 1 0; do
         echo "-- LASTMILE_CUDA_GRAPHS=$graphs"
-        LASTMILE_CUDA_GRAPHS=$graphs timeout 150 "$WORK/lastmile" engine-bench --model "$model" \
-            --device cuda:0 --threads 8 --prompt-tokens 512 --gen-tokens 128 --repeats 5 \
-            --streams 64 2>&1 | grep -E '^model|Error|error|panick'
+        LASTMILE_CUDA_GRAPHS=$graphs LASTMILE_STEP_PROFILE=1 timeout 150 "$WORK/lastmile" \
+            engine-bench --model "$model" --device cuda:0 --threads 8 --prompt-tokens 512 \
+            --gen-tokens 128 --repeats 5 --streams 64 2>&1 | grep -E '^model|step profile|rror|panick'
         echo "== exit $?"
     done
     LD_LIBRARY_PATH="$PWD/$WORK/llama:$LD_LIBRARY_PATH" timeout 120 "$WORK/llama/llama-bench" \
         -m "$model" -ngl 999 -p 512 -n 128 -r 5 -t 8 -fa on,off
     echo "== exit $?"
     echo "== (c2) served, both on cuda:0: output tok/s at 1 stream, then at 64"
+    export LASTMILE_STEP_PROFILE=1
     for level in "1 16" "64 256"; do
         set -- $level
         timeout 240 "$WORK/lastmile" bench --compare llama-cpp --device cuda:0 --gguf "$model" \
@@ -154,8 +155,9 @@ run2)
         echo "== exit $?"
     done
     for f in /tmp/lastmile-bench-*.log; do
-        echo "== tail of $f"
-        tail -5 "$f"
+        echo "== $f: its last lines, and its last step profiles"
+        grep -v 'step profile' "$f" | tail -4
+        grep 'step profile' "$f" | tail -4
     done
     ;;
 *)

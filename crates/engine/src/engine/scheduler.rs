@@ -114,6 +114,55 @@ pub(super) struct Scheduler {
     leases: Leases,
     /// The KV tier on disk, if there is one.
     disk: Option<Disk>,
+    /// Where step time goes (`LASTMILE_STEP_PROFILE=1`), printed every few seconds.
+    profile: Option<StepProfile>,
+}
+
+/// Step time by phase, summed since the last report.
+struct StepProfile {
+    since: std::time::Instant,
+    steps: usize,
+    tokens: usize,
+    /// Planning, the forward pass, and sampling (with detokenizing and streaming).
+    phases: [std::time::Duration; 3],
+}
+
+impl StepProfile {
+    /// Every step's phases; a line on stderr every 2 s.
+    fn add(&mut self, tokens: usize, phases: [std::time::Duration; 3]) {
+        self.steps += 1;
+        self.tokens += tokens;
+        for (sum, p) in self.phases.iter_mut().zip(phases) {
+            *sum += p;
+        }
+        let wall = self.since.elapsed();
+        if wall.as_secs() < 2 {
+            return;
+        }
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3 / self.steps as f64;
+        let [plan, forward, sample] = self.phases;
+        eprintln!(
+            "step profile: {} steps in {:.1} s, {:.1} tokens a step; per step: plan {:.3} ms, \
+             forward {:.3} ms, sample {:.3} ms; idle {:.0}%",
+            self.steps,
+            wall.as_secs_f64(),
+            self.tokens as f64 / self.steps as f64,
+            ms(plan),
+            ms(forward),
+            ms(sample),
+            100.0 * (1.0 - (plan + forward + sample).as_secs_f64() / wall.as_secs_f64()),
+        );
+        *self = Self::new();
+    }
+
+    fn new() -> Self {
+        Self {
+            since: std::time::Instant::now(),
+            steps: 0,
+            tokens: 0,
+            phases: Default::default(),
+        }
+    }
 }
 
 impl Scheduler {
@@ -156,6 +205,8 @@ impl Scheduler {
             scratch: Scratch::default(),
             stats,
             raw_logits: Vec::new(),
+            profile: (std::env::var("LASTMILE_STEP_PROFILE").as_deref() == Ok("1"))
+                .then(StepProfile::new),
             counted_waiting: 0,
             speculation,
             draft,
@@ -470,6 +521,7 @@ impl Scheduler {
     /// Plans a step, runs the model over it, and hands each sequence that reached its end of
     /// input its next token.
     fn step(&mut self) {
+        let t0 = std::time::Instant::now();
         let plan = self.planner.plan();
         if let Some(disk) = &mut self.disk {
             // Before the forward pass overwrites the blocks eviction handed out.
@@ -479,10 +531,15 @@ impl Scheduler {
         if plan.chunks.is_empty() {
             return;
         }
+        let t1 = std::time::Instant::now();
         self.forward(&plan);
+        let t2 = std::time::Instant::now();
         let finished = self.sample(&plan);
         self.planner.advance(&plan);
         self.planner.retire(finished);
+        if let Some(p) = &mut self.profile {
+            p.add(plan.shape.rows, [t1 - t0, t2 - t1, t2.elapsed()]);
+        }
     }
 
     fn count(&self, plan: &StepPlan) {
