@@ -32,8 +32,8 @@ cd "$(dirname "$0")/.."
 D1=target/device1
 D2=target/device2
 WORK=target/device-work
-# Bytes of the compressed model that ride in the first call (the rest in the second).
-PART1_BYTES=${PART1_BYTES:-40000000}
+# What one call may carry beside the repository (the limit is 64 MiB with it).
+CARRY_BYTES=$((62 * 1024 * 1024))
 
 # The CUDA 13 runtime and cuBLAS of the GPU machine's Python environment, for llama.cpp.
 cuda_lib_path() {
@@ -76,14 +76,16 @@ for l in sys.stdin:
     model=$(cargo run --release -q -p lastmile --features cuda -- models pull 2>/dev/null | tail -1)
     basename "$model" > "$D2/model.name"
     sha256sum < "$model" | cut -d' ' -f1 > "$D2/model.sha256"
-    xz -T0 -3 -c "$model" > "$WORK.model.xz"
-    head -c "$PART1_BYTES" "$WORK.model.xz" > "$D1/model.part1"
-    tail -c +$((PART1_BYTES + 1)) "$WORK.model.xz" > "$D2/model.part2"
+    xz -T0 -6 -c "$model" > "$WORK.model.xz"
+    # The first call carries as much of the model as fits beside its binaries; the second the rest.
+    part1=$((CARRY_BYTES - $(du -sb "$D1" | cut -f1)))
+    head -c "$part1" "$WORK.model.xz" > "$D1/model.part1"
+    tail -c +$((part1 + 1)) "$WORK.model.xz" > "$D2/model.part2"
     rm -f "$WORK.model.xz"
     du -sh "$D1" "$D2"
     for d in "$D1" "$D2"; do
         size=$(du -sb "$d" | cut -f1)
-        if (( size > 63 * 1024 * 1024 )); then
+        if (( size > CARRY_BYTES )); then
             echo "$d is $size bytes: over what one device call carries beside the repository" >&2
             exit 1
         fi

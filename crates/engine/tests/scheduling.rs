@@ -274,3 +274,67 @@ fn submissions_racing_for_the_last_places_are_refused_only_as_overloaded() {
     assert_eq!(served + refused, 8, "{outcomes:?}");
     assert!((1..=6).contains(&refused), "{outcomes:?}");
 }
+
+/// Twelve sequences sampled in the same steps (sampling is spread over the compute threads from
+/// eight on) each get their solo output: greedy and seeded-sampled ones, with log probabilities,
+/// ids, text and finish alike.
+#[test]
+fn many_sequences_sampled_in_one_step_get_their_solo_outputs() {
+    let e = engine(None, 512);
+    let make = |i: usize| {
+        let mut r = request(&e, PROMPTS[i % PROMPTS.len()], 10 + i % 3);
+        if i % 2 == 1 {
+            r.sampling = SamplingParams {
+                temperature: 0.9,
+                top_p: 0.95,
+                seed: Some(7 + i as u64),
+                ..SamplingParams::default()
+            };
+        }
+        if i % 3 == 0 {
+            r.logprobs = Some(2);
+        }
+        r
+    };
+    // Every event of a stream, as text (ids, text, log probabilities, the finish).
+    let events = |mut s: lastmile_engine::GenerationStream| {
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            while let Some(ev) = s.blocking_next() {
+                let done = matches!(
+                    ev,
+                    GenerationEvent::Finished { .. } | GenerationEvent::Failed(_)
+                );
+                got.push(format!("{ev:?}"));
+                if done {
+                    break;
+                }
+            }
+            got
+        })
+    };
+    let solo: Vec<Vec<String>> = (0..12)
+        .map(|i| {
+            events(e.submit(make(i)).expect("submit"))
+                .join()
+                .expect("solo")
+        })
+        .collect();
+    let together: Vec<_> = (0..12)
+        .map(|i| e.submit(make(i)).expect("submit"))
+        .collect();
+    let together: Vec<Vec<String>> = together
+        .into_iter()
+        .map(events)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().expect("together"))
+        .collect();
+    for (i, (alone, batched)) in solo.iter().zip(&together).enumerate() {
+        assert!(
+            alone.last().is_some_and(|l| l.starts_with("Finished")),
+            "{alone:?}"
+        );
+        assert_eq!(alone, batched, "request {i}");
+    }
+}

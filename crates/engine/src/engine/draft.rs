@@ -11,8 +11,7 @@
 //! draft token for all drafting sequences together. Draft tokens that verification refused are
 //! simply overwritten next round. A sequence's draft blocks go back to the pool when it ends.
 
-use std::cell::RefCell;
-use std::rc::Rc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::kv::KvCache;
 use crate::model::{BatchSeq, LlamaModel, Scratch};
@@ -23,25 +22,33 @@ use crate::parallel::ThreadPool;
 /// rather than stalling every stream for one long draft prefill.
 pub(super) const CATCH_UP: usize = 256;
 
+/// The draft cache's free blocks, shared with every sequence's [`DraftKv`] (which gives its
+/// blocks back when dropped, on whichever thread holds the sequence then).
+type FreeList = Arc<Mutex<Vec<u32>>>;
+
+fn lock(free: &FreeList) -> MutexGuard<'_, Vec<u32>> {
+    free.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The draft model, its KV cache and the free list of that cache's blocks.
 pub(super) struct DraftModel {
     model: LlamaModel,
     kv: KvCache,
-    free: Rc<RefCell<Vec<u32>>>,
+    free: FreeList,
     scratch: Scratch,
 }
 
 /// One sequence's place in the draft model's KV cache: its blocks, and the tokens whose keys
 /// and values they hold (positions `0..tokens.len()`). Dropping it frees the blocks.
 pub(super) struct DraftKv {
-    free: Rc<RefCell<Vec<u32>>>,
+    free: FreeList,
     blocks: Vec<u32>,
     tokens: Vec<u32>,
 }
 
 impl Drop for DraftKv {
     fn drop(&mut self) {
-        self.free.borrow_mut().append(&mut self.blocks);
+        lock(&self.free).append(&mut self.blocks);
     }
 }
 
@@ -80,7 +87,7 @@ impl DraftModel {
         Self {
             model,
             kv,
-            free: Rc::new(RefCell::new((0..num_blocks as u32).rev().collect())),
+            free: Arc::new(Mutex::new((0..num_blocks as u32).rev().collect())),
             scratch: Scratch::default(),
         }
     }
@@ -97,7 +104,7 @@ impl DraftModel {
     /// Blocks free in the draft cache.
     #[cfg(test)]
     pub(super) fn free_blocks(&self) -> usize {
-        self.free.borrow().len()
+        lock(&self.free).len()
     }
 
     /// Fills each job's `out` with up to `want` greedy guesses of the draft model: one forward
@@ -131,7 +138,7 @@ impl DraftModel {
                 same + CATCH_UP
             };
             let need = end.div_ceil(bs).saturating_sub(job.kv.blocks.len());
-            let mut free = self.free.borrow_mut();
+            let mut free = lock(&self.free);
             if need > free.len() {
                 plan.push(None);
                 continue;

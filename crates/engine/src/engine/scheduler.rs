@@ -29,7 +29,7 @@ use crate::kv::BlockPool;
 use crate::kv_disk::DiskTier;
 use crate::kv_transfer::KvBlock;
 use crate::model::{BatchSeq, LlamaModel, Scratch};
-use crate::parallel::ThreadPool;
+use crate::parallel::{SharedMut, ThreadPool};
 use crate::sampler::{logprobs, Sampler, StopMatcher};
 use crate::tokenizer::{DecodeStream, TextTokenizer};
 use lastmile_protocol::KvEvent;
@@ -601,8 +601,8 @@ impl Scheduler {
         let draft_cap = self.planner.pacer.draft_rows().unwrap_or(usize::MAX);
         let mut logit_row = 0;
         let mut finished = Vec::new();
-        // Sequences whose next draft the draft model makes, all at once after this loop.
-        let mut by_model = Vec::new();
+        // The chunks whose sequence gets its next token, with their first logit row.
+        let mut due = Vec::new();
         for c in &plan.chunks {
             let s = &mut self.planner.running[c.seq];
             let first_row = logit_row;
@@ -620,8 +620,12 @@ impl Scheduler {
                 finished.push(c.seq);
                 continue;
             }
-            let rows = &mut self.scratch.logits[first_row * vocab..logit_row * vocab];
-            let ended = verify_and_emit(s, c, rows, vocab, &mut self.raw_logits, &self.tokenizer);
+            due.push((c, first_row));
+        }
+        let sampled = self.sample_due(&due, vocab);
+        // Sequences whose next draft the draft model makes, all at once after this loop.
+        let mut by_model = Vec::new();
+        for ((c, _), ended) in due.iter().zip(sampled) {
             self.stats
                 .generated_tokens
                 .fetch_add(ended.generated as u64, Ordering::Relaxed);
@@ -633,6 +637,7 @@ impl Scheduler {
                     .accepted_draft_tokens
                     .fetch_add(ended.accepted as u64, Ordering::Relaxed);
             }
+            let s = &mut self.planner.running[c.seq];
             if ended.finished {
                 finished.push(c.seq);
             } else if may_draft {
@@ -647,6 +652,48 @@ impl Scheduler {
             self.draft_by_model(&by_model, draft_cap);
         }
         finished
+    }
+
+    /// Samples and streams the next token(s) of each chunk in `due` (with its first logit
+    /// row), in order: spread over the compute threads when there are many (a GPU step leaves
+    /// sampling as the host's main work: 64 sequences take about as long as the step itself).
+    fn sample_due(&mut self, due: &[(&Chunk, usize)], vocab: usize) -> Vec<Sampled> {
+        let distinct = {
+            let mut seqs: Vec<usize> = due.iter().map(|(c, _)| c.seq).collect();
+            seqs.sort_unstable();
+            seqs.windows(2).all(|w| w[0] != w[1])
+        };
+        let tok = &*self.tokenizer;
+        if due.len() < PARALLEL_SAMPLING_FROM || self.pool.threads() == 1 || !distinct {
+            return due
+                .iter()
+                .map(|&(c, first)| {
+                    let s = &mut self.planner.running[c.seq];
+                    let rows = &mut self.scratch.logits[first * vocab..][..c.logit_rows * vocab];
+                    verify_and_emit(s, c, rows, vocab, &mut self.raw_logits, tok)
+                })
+                .collect();
+        }
+        let running = SharedMut::new(&mut self.planner.running);
+        let logits = SharedMut::new(&mut self.scratch.logits);
+        let mut out: Vec<Option<Sampled>> = due.iter().map(|_| None).collect();
+        let results = SharedMut::new(&mut out);
+        self.pool.for_each_dynamic(due.len(), 1, &|i| {
+            let (c, first) = due[i];
+            // SAFETY: the chunks' sequences are distinct (checked above), and so are their
+            // logit rows and their result slots: each index is touched by this item alone.
+            let (s, rows, slot) = unsafe {
+                (
+                    &mut running.slice(c.seq, 1)[0],
+                    logits.slice(first * vocab, c.logit_rows * vocab),
+                    &mut results.slice(i, 1)[0],
+                )
+            };
+            *slot = Some(verify_and_emit(s, c, rows, vocab, &mut Vec::new(), tok));
+        });
+        out.into_iter()
+            .map(|r| r.expect("every item was sampled"))
+            .collect()
     }
 
     /// Drafts for the running sequences `seqs` by the draft model, in one batch.
@@ -684,6 +731,9 @@ fn room(s: &Sequence, cap: usize) -> usize {
         .saturating_sub(1)
         .min(cap)
 }
+
+/// Sequences sampled in one step from which sampling is spread over the compute threads.
+const PARALLEL_SAMPLING_FROM: usize = 8;
 
 /// What one chunk's sampling did.
 struct Sampled {
