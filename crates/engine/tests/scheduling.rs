@@ -291,7 +291,7 @@ fn many_sequences_sampled_in_one_step_get_their_solo_outputs() {
                 ..SamplingParams::default()
             };
         }
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             r.logprobs = Some(2);
         }
         r
