@@ -18,7 +18,8 @@
 //! attention scratch's stride, a power of two) into a CUDA graph and replayed as one launch
 //! after that: a small model's decode step is launch-bound, not bound by the GPU's work.
 //! `LASTMILE_CUDA_GRAPHS=0` launches every kernel one by one instead; a capture the driver
-//! refuses turns graphs off for the process, with a warning.
+//! refuses turns graphs off for the process, with a warning. `LASTMILE_CUDA_FUSED=0` runs each
+//! operation as its own kernel (15 a block) instead of the fused ones.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -113,6 +114,10 @@ pub struct DeviceModel {
     buffers: Option<Buffers>,
     /// Captured steps by (tokens, score stride); `None` when graphs are off.
     graphs: Option<HashMap<(usize, usize), StepGraph>>,
+    /// Fused kernels (Q/K/V, RoPE with the KV store, add with RMSNorm, the feed-forward with
+    /// SwiGLU); `LASTMILE_CUDA_FUSED=0` launches each operation on its own (for checking one
+    /// against the other on a GPU).
+    fused: bool,
 }
 
 fn to_device<T: cudarc::driver::DeviceRepr>(
@@ -228,6 +233,7 @@ impl DeviceModel {
             buffers: None,
             graphs: (std::env::var("LASTMILE_CUDA_GRAPHS").as_deref() != Ok("0"))
                 .then(HashMap::new),
+            fused: std::env::var("LASTMILE_CUDA_FUSED").as_deref() != Ok("0"),
             kernels,
         };
         stream.synchronize().map_err(driver_error)?;
@@ -463,17 +469,23 @@ impl DeviceModel {
         };
         let (cos, sin) = (&b.cos, &b.sin);
         let (slots, lens) = (b.slots.slice(0..n), b.lens.slice(0..n));
-        // The first block's norm; every later one is fused with the residual add before it.
+        let fuse = self.fused;
+        // The first block's norm; with fused kernels every later one goes with the residual
+        // add before it.
         if let Some(first) = self.layers.first() {
             k.rmsnorm(&mut b.xn, &b.x, &first.attn_norm, n, c.rms_eps)?;
         }
         for (li, l) in self.layers.iter().enumerate() {
+            if li > 0 && !fuse {
+                k.rmsnorm(&mut b.xn, &b.x, &l.attn_norm, n, c.rms_eps)?;
+            }
             let (wq, wk, wv) = (&l.wq, &l.wk, &l.wv);
-            let fused = wq.format.qkv_kernel().is_some()
+            let qkv_fused = fuse
+                && wq.format.qkv_kernel().is_some()
                 && [wk, wv]
                     .iter()
                     .all(|m| m.format == wq.format && m.cols == wq.cols && m.rows == wk.rows);
-            if fused {
+            if qkv_fused {
                 k.matmul_qkv(
                     (&mut b.q, &mut b.k, &mut b.v),
                     (&wq.bytes, &wk.bytes, &wv.bytes),
@@ -491,14 +503,15 @@ impl DeviceModel {
                 k.bias_add(&mut b.k, bk, n)?;
                 k.bias_add(&mut b.v, bv, n)?;
             }
-            k.rope_store(
-                (&mut b.q, &mut b.k, &b.v),
-                (cos, sin),
-                (&mut self.k_cache[li], &mut self.v_cache[li]),
-                &slots,
-                shape,
-                c.rope_style,
-            )?;
+            let (kc, vc) = (&mut self.k_cache[li], &mut self.v_cache[li]);
+            if fuse {
+                let qkv = (&mut b.q, &mut b.k, &b.v);
+                k.rope_store(qkv, (cos, sin), (kc, vc), &slots, shape, c.rope_style)?;
+            } else {
+                k.rope(&mut b.q, cos, sin, (n, c.heads, hd), c.rope_style)?;
+                k.rope(&mut b.k, cos, sin, (n, c.kv_heads, hd), c.rope_style)?;
+                k.kv_store(kc, vc, &b.k, &b.v, &slots, c.kv_dim(), bs)?;
+            }
             k.attention_decode(
                 &mut b.att,
                 &b.q,
@@ -509,11 +522,17 @@ impl DeviceModel {
                 stride,
             )?;
             k.matmul(&mut b.tmp, &l.wo.bytes, &b.att, (h, qd, n), l.wo.format)?;
-            k.add_rmsnorm((&mut b.x, &b.tmp), &mut b.xn, &l.ffn_norm, n, c.rms_eps)?;
-            let fused = (l.gate.format == l.up.format && l.gate.cols == l.up.cols)
-                .then(|| l.gate.format.swiglu_kernel())
-                .flatten();
-            if fused.is_some() {
+            if fuse {
+                k.add_rmsnorm((&mut b.x, &b.tmp), &mut b.xn, &l.ffn_norm, n, c.rms_eps)?;
+            } else {
+                k.add(&mut b.x, &b.tmp, n * h)?;
+                k.rmsnorm(&mut b.xn, &b.x, &l.ffn_norm, n, c.rms_eps)?;
+            }
+            let ffn_fused = fuse
+                && l.gate.format == l.up.format
+                && l.gate.cols == l.up.cols
+                && l.gate.format.swiglu_kernel().is_some();
+            if ffn_fused {
                 let w = (&l.gate.bytes, &l.up.bytes);
                 k.matmul_swiglu(&mut b.gate, w, &b.xn, (ff, h, n), l.gate.format)?;
             } else {
@@ -529,11 +548,11 @@ impl DeviceModel {
                 l.down.format,
             )?;
             match self.layers.get(li + 1) {
-                Some(next) => {
+                Some(next) if fuse => {
                     k.add_rmsnorm((&mut b.x, &b.tmp), &mut b.xn, &next.attn_norm, n, c.rms_eps)?
                 }
                 // The final norm runs on the rows that want logits only.
-                None => k.add(&mut b.x, &b.tmp, n * h)?,
+                _ => k.add(&mut b.x, &b.tmp, n * h)?,
             }
         }
         Ok(())
