@@ -14,9 +14,9 @@
 //!
 //! Embedding rows, rotary tables, slots and block tables are built on the host and copied each
 //! step (a few KB) into buffers at fixed addresses; everything else stays on the device. The
-//! launches of the decoder blocks (8 a block) are captured once per step shape (tokens, and the
-//! attention scratch's stride, a power of two) into a CUDA graph and replayed as one launch
-//! after that: a small model's decode step is launch-bound, not bound by the GPU's work.
+//! launches of the decoder blocks (8 a block) are captured per step shape (tokens, and the
+//! attention scratch's stride, a power of two) into a CUDA graph the second time the shape
+//! comes, and replayed as one launch after that: a small model's decode step is launch-bound, not bound by the GPU's work.
 //! `LASTMILE_CUDA_GRAPHS=0` launches every kernel one by one instead; a capture the driver
 //! refuses turns graphs off for the process, with a warning. `LASTMILE_CUDA_FUSED=0` runs each
 //! operation as its own kernel (15 a block) instead of the fused ones.
@@ -94,7 +94,8 @@ unsafe impl Send for StepGraph {}
 /// by the GPU's work, not by launches).
 const GRAPH_MAX_TOKENS: usize = 256;
 
-/// The most graphs kept (all are dropped when a new one would pass it).
+/// The most step shapes remembered, captured or seen once (all are forgotten when a new one
+/// would pass it).
 const GRAPH_CACHE: usize = 512;
 
 /// The smallest stride of the attention scratch (so that decode steps change graph only when
@@ -112,8 +113,9 @@ pub struct DeviceModel {
     block_size: usize,
     kv_dim: usize,
     buffers: Option<Buffers>,
-    /// Captured steps by (tokens, score stride); `None` when graphs are off.
-    graphs: Option<HashMap<(usize, usize), StepGraph>>,
+    /// Captured steps by (tokens, score stride), and shapes seen once (`None`); `None` when
+    /// graphs are off.
+    graphs: Option<HashMap<(usize, usize), Option<StepGraph>>>,
     /// Fused kernels (Q/K/V, RoPE with the KV store, add with RMSNorm, the feed-forward with
     /// SwiGLU); `LASTMILE_CUDA_FUSED=0` launches each operation on its own (for checking one
     /// against the other on a GPU).
@@ -416,11 +418,19 @@ impl DeviceModel {
         let Some(graphs) = self.graphs.as_mut().filter(|_| n <= GRAPH_MAX_TOKENS) else {
             return self.launch_blocks(model, n, stride);
         };
-        if let Some(g) = graphs.get(&key) {
-            return g.0.launch().map_err(driver_error);
-        }
-        if graphs.len() >= GRAPH_CACHE {
-            graphs.clear();
+        match graphs.get(&key) {
+            Some(Some(g)) => return g.0.launch().map_err(driver_error),
+            // Seen before: worth capturing now.
+            Some(None) => {}
+            // A shape seen once (a prefill chunk's, say) may never come back: capturing costs
+            // more than launching it once, so only its second step is captured.
+            None => {
+                if graphs.len() >= GRAPH_CACHE {
+                    graphs.clear();
+                }
+                graphs.insert(key, None);
+                return self.launch_blocks(model, n, stride);
+            }
         }
         let s = self.kernels.stream().clone();
         s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
@@ -432,7 +442,7 @@ impl DeviceModel {
             (Ok(()), Ok(Some(g))) => {
                 g.launch().map_err(driver_error)?;
                 if let Some(graphs) = &mut self.graphs {
-                    graphs.insert(key, StepGraph(g));
+                    graphs.insert(key, Some(StepGraph(g)));
                 }
                 Ok(())
             }
