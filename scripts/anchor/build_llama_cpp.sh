@@ -101,8 +101,8 @@ CMAKE_ARGS=(
     "-DCMAKE_PROJECT_ggml_INCLUDE=$BUILD/lastmile-ggml-flags.cmake"
 )
 if [[ $TIER == cuda ]]; then
-    # The CUDA backend for Hopper alone (no NCCL: one GPU). The driver library is a symbol-less
-    # stub here (scripts/cuda/toolchain.sh --full), so executables link with --allow-shlib-undefined.
+    # The CUDA backend for Hopper alone (no NCCL: one GPU). The driver library is a link stub
+    # here (scripts/cuda/toolchain.sh --full); the GPU machine's own driver is loaded there.
     eval "$("$(dirname "$0")/../cuda/toolchain.sh" --full --env)"
     CMAKE_ARGS=(
         -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON "${TIER_ARGS[@]}"
@@ -110,7 +110,6 @@ if [[ $TIER == cuda ]]; then
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF
         -DGGML_CUDA=ON -DGGML_CUDA_NCCL=OFF -DCMAKE_CUDA_ARCHITECTURES=90
         "-DCUDAToolkit_ROOT=$CUDA_HOME" "-DCMAKE_CUDA_COMPILER=$CUDA_HOME/bin/nvcc"
-        "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined"
     )
 fi
 STAMP="$BUILD/lastmile-config.txt"

@@ -7,8 +7,8 @@
 #   --full:  a whole toolkit for building C++ CUDA code here (llama.cpp's CUDA backend, the
 #            anchor of the GPU benchmark): nvcc, ptxas, cicc (nvvm), the runtime and its headers,
 #            CCCL, cuBLAS, in a toolkit's layout, with a link stub for the driver library
-#            (`lib/stubs/libcuda.so`, SONAME `libcuda.so.1`, no symbols: link executables with
-#            `--allow-shlib-undefined`; the GPU machine's real driver resolves them):
+#            (`lib/stubs/libcuda.so`, SONAME `libcuda.so.1`, every entry point an empty
+#            function; the GPU machine's real driver takes its place there):
 #            $LASTMILE_HOME/cuda-tk-13.0 (about 500 MB of wheels)
 #
 # Pinned to 13.0: the lent GPU machines' driver is 580.x (CUDA 13.0), and newer toolkits emit
@@ -78,8 +78,12 @@ if [[ ! -f "$DEST/.complete" ]]; then
         fi
     done
     if [[ $FULL == 1 ]]; then
+        # Every driver entry point cuda.h declares (and the versioned names its #defines map
+        # them to), as empty functions: enough for the linker to record libcuda.so.1 as needed.
         mkdir -p "$DEST/lib/stubs"
-        echo 'void lastmile_cuda_driver_stub(void) {}' > "$tmp/stub.c"
+        { grep -oE 'CUDAAPI cu[A-Za-z0-9_]+' "$DEST/include/cuda.h" | awk '{print $2}'
+          grep -oE '^#define cu[A-Za-z0-9_]+ +cu[A-Za-z0-9_]+' "$DEST/include/cuda.h" | awk '{print $3}'
+        } | sort -u | sed 's/.*/void &(void) {}/' > "$tmp/stub.c"
         cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$DEST/lib/stubs/libcuda.so" "$tmp/stub.c"
     fi
     touch "$DEST/.complete"
