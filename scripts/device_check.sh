@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # The GPU checks, as one prepared script for a lent GPU machine (which has the NVIDIA driver, the
 # CUDA 13 libraries in its Python environment, no network and no Rust toolchain). A device call
-# carries at most 64 MiB, and the default model alone is 94 MB, so the run comes in two calls
-# made back to back (the machine keeps the first call's files while it stays warm):
+# carries at most 64 MiB; the default model (94 MB) and llama.cpp's CUDA build (~45 MB
+# compressed) do not fit in one, so the run comes in three calls made back to back (the machine
+# keeps each call's files while it stays warm, 30 s after a call):
 #
 #   scripts/device_check.sh prepare   here: build the CUDA test binary and `lastmile` with the
 #                                     `cuda` feature, compile the kernels to PTX for sm_90, build
 #                                     llama.cpp's CUDA backend (the anchor), compress everything
-#                                     and split the default model in two: target/device1 (the
-#                                     first call's carry) and target/device2 (the second's)
+#                                     and split it over target/device1, target/device2 and
+#                                     target/device3 (one call's carry each)
 #   scripts/device_check.sh run1      there, carrying target/device1: unpack, and (a) the kernel
 #                                     checks; report in $OUT/device_check_1.txt
 #   scripts/device_check.sh run2      there, right after, carrying target/device2: join the
-#                                     model, (b) the whole-model checks, (c) the benchmark;
-#                                     report in $OUT/device_check_2.txt
+#                                     model, (b) the whole-model checks, and lastmile's side of
+#                                     the engine benchmark; report in $OUT/device_check_2.txt
+#   scripts/device_check.sh run3      there, right after, carrying target/device3: join
+#                                     llama.cpp, (c) the benchmark against it; report in
+#                                     $OUT/device_check_3.txt
 #
 # What it checks:
 #   (a) every kernel against the CPU engine's own functions and KV cache layout (RMSNorm, RoPE,
@@ -24,13 +28,15 @@
 #       scale) and next tokens, and a KV block read back from the GPU matches the CPU's; the
 #       engine on cuda:0 (scheduler, paged cache, sampling) against the engine on the CPU,
 #       greedy, 32 tokens, the same on at least 9 of 10 prompts; /health's device report;
-#   (c) against llama.cpp's CUDA build of the same GGUF, in the same run: prefill 512 and decode
-#       128 at one stream (`engine-bench` vs `llama-bench`), and output tok/s served at 1 and 64
-#       streams (`lastmile bench --compare llama-cpp --device cuda:0`).
+#   (c) against llama.cpp's CUDA build of the same GGUF on the same machine: prefill 512 and
+#       decode 128 at one stream, 64 streams decoding at once (`engine-bench`, run2) vs
+#       `llama-bench` (run3), and output tok/s served at 1 and 64 streams (`lastmile bench
+#       --compare llama-cpp --device cuda:0`, both servers in one run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D1=target/device1
 D2=target/device2
+D3=target/device3
 WORK=target/device-work
 # What one call may carry beside the repository (the limit is 64 MiB with it).
 CARRY_BYTES=$((62 * 1024 * 1024))
@@ -57,8 +63,8 @@ for l in sys.stdin:
     cargo build --release -q -p lastmile --features cuda
     LASTMILE_ANCHOR_TIER=cuda scripts/anchor/build_llama_cpp.sh >/dev/null
     anchor="${LASTMILE_HOME:-$HOME/.cache/lastmile}/anchor/build-cuda/bin"
-    rm -rf "$D1" "$D2"
-    mkdir -p "$D1" "$D2"
+    rm -rf "$D1" "$D2" "$D3"
+    mkdir -p "$D1" "$D2" "$D3"
     LASTMILE_WRITE_PTX="$PWD/$D1/kernels.ptx" "$bin" --exact every_kernel_compiles_for_sm_90_and_assembles >/dev/null
     test -s "$D1/kernels.ptx"
     strip -o "$D1/cuda-test" "$bin"
@@ -71,26 +77,30 @@ for l in sys.stdin:
     gomp=$(gcc -print-file-name=libgomp.so.1)
     cp -L "$gomp" "$stage/"
     strip "$stage"/llama-* 2>/dev/null || true
-    tar -C "$stage" -cf - . | xz -T0 -6 > "$D2/llama-cuda.tar.xz"
+    tar -C "$stage" -cf - . | xz -T0 -6 > "$WORK.llama.tar.xz"
     rm -rf "$stage"
     model=$(cargo run --release -q -p lastmile --features cuda -- models pull 2>/dev/null | tail -1)
     basename "$model" > "$D2/model.name"
     sha256sum < "$model" | cut -d' ' -f1 > "$D2/model.sha256"
     xz -T0 -6 -c "$model" > "$WORK.model.xz"
-    # The first call carries as much of the model as fits beside its binaries; the second the rest.
+    # The model fills what the first call leaves and goes on into the second; llama.cpp fills
+    # the rest of the second and goes on into the third.
     part1=$((CARRY_BYTES - $(du -sb "$D1" | cut -f1)))
     head -c "$part1" "$WORK.model.xz" > "$D1/model.part1"
     tail -c +$((part1 + 1)) "$WORK.model.xz" > "$D2/model.part2"
-    rm -f "$WORK.model.xz"
-    du -sh "$D1" "$D2"
-    for d in "$D1" "$D2"; do
+    part2=$((CARRY_BYTES - $(du -sb "$D2" | cut -f1)))
+    head -c "$part2" "$WORK.llama.tar.xz" > "$D2/llama.part1"
+    tail -c +$((part2 + 1)) "$WORK.llama.tar.xz" > "$D3/llama.part2"
+    rm -f "$WORK.model.xz" "$WORK.llama.tar.xz"
+    du -sh "$D1" "$D2" "$D3"
+    for d in "$D1" "$D2" "$D3"; do
         size=$(du -sb "$d" | cut -f1)
         if (( size > CARRY_BYTES )); then
             echo "$d is $size bytes: over what one device call carries beside the repository" >&2
             exit 1
         fi
     done
-    echo "carry: $D1 (run1), then $D2 (run2)"
+    echo "carry: $D1 (run1), then $D2 (run2), then $D3 (run3), each call right after the last"
     ;;
 run1)
     out="${OUT:-/tmp}/device_check_1.txt"
@@ -113,7 +123,7 @@ run1)
 run2)
     out="${OUT:-/tmp}/device_check_2.txt"
     exec > >(tee "$out") 2>&1
-    echo "== $(date -u +%FT%TZ) device check, part 2: (b) the default model, (c) the benchmark"
+    echo "== $(date -u +%FT%TZ) device check, part 2: (b) the default model, (c) lastmile's side"
     if [[ ! -f "$WORK/model.part1" ]]; then
         echo "== $WORK/model.part1 is missing: the machine was given back after run1; run run1 again, then run2 at once"
         exit 3
@@ -124,11 +134,9 @@ run2)
         echo "== the joined model does not match its checksum"
         exit 4
     fi
-    mkdir -p "$WORK/llama"
-    xz -dc "$D2/llama-cuda.tar.xz" | tar -C "$WORK/llama" -xf -
-    export LD_LIBRARY_PATH="$(cuda_lib_path)${LD_LIBRARY_PATH:-}"
+    echo "$model" > "$WORK/model.path"
+    cp "$D2/llama.part1" "$WORK/"
     export LASTMILE_CUDA_PTX="$PWD/$WORK/kernels.ptx"
-    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     set +e
     echo "== (b) the default model on cuda:0 against the CPU"
     # As shipped (CUDA graphs, fused kernels); if that fails, again without graphs, then also
@@ -141,8 +149,8 @@ run2)
         echo "== exit $rc"
         [[ $rc == 0 ]] && break
     done
-    echo "== (c1) the engine alone: lastmile engine-bench (prefill 512, decode 128, 64 streams"
-    echo "   decoding at once), with CUDA graphs and without; then llama-bench (flash attention on, off)"
+    echo "== (c1) lastmile engine-bench: prefill 512, decode 128, 64 streams decoding at once;"
+    echo "   with CUDA graphs, then without"
     for graphs in 1 0; do
         echo "-- LASTMILE_CUDA_GRAPHS=$graphs"
         LASTMILE_CUDA_GRAPHS=$graphs LASTMILE_STEP_PROFILE=1 timeout 150 "$WORK/lastmile" \
@@ -150,6 +158,23 @@ run2)
             --gen-tokens 128 --repeats 5 --streams 64 2>&1 | grep -E '^model|step profile|rror|panick'
         echo "== exit $?"
     done
+    ;;
+run3)
+    out="${OUT:-/tmp}/device_check_3.txt"
+    exec > >(tee "$out") 2>&1
+    echo "== $(date -u +%FT%TZ) device check, part 3: (c) against llama.cpp's CUDA build"
+    if [[ ! -f "$WORK/llama.part1" || ! -f "$WORK/model.path" ]]; then
+        echo "== run2's files are missing: the machine was given back; run run1, run2, run3 again"
+        exit 3
+    fi
+    model=$(cat "$WORK/model.path")
+    mkdir -p "$WORK/llama"
+    cat "$WORK/llama.part1" "$D3/llama.part2" | xz -dc | tar -C "$WORK/llama" -xf -
+    export LD_LIBRARY_PATH="$(cuda_lib_path)${LD_LIBRARY_PATH:-}"
+    export LASTMILE_CUDA_PTX="$PWD/$WORK/kernels.ptx"
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    set +e
+    echo "== (c1) llama-bench: prefill 512, decode 128, flash attention on and off"
     LD_LIBRARY_PATH="$PWD/$WORK/llama:$LD_LIBRARY_PATH" timeout 120 "$WORK/llama/llama-bench" \
         -m "$model" -ngl 999 -p 512 -n 128 -r 5 -t 8 -fa on,off
     echo "== exit $?"
@@ -157,7 +182,7 @@ run2)
     export LASTMILE_STEP_PROFILE=1
     for level in "1 16" "64 256"; do
         set -- $level
-        timeout 240 "$WORK/lastmile" bench --compare llama-cpp --device cuda:0 --gguf "$model" \
+        timeout 200 "$WORK/lastmile" bench --compare llama-cpp --device cuda:0 --gguf "$model" \
             --llama-server "$PWD/$WORK/llama/llama-server" --threads 8 --concurrency "$1" \
             --requests "$2" --input-tokens 128 --output-tokens 128 --rounds 2 2>&1 |
             grep -v -E '^\s*$|Downloading|%\|'
@@ -170,7 +195,7 @@ run2)
     done
     ;;
 *)
-    echo "usage: $0 prepare|run1|run2" >&2
+    echo "usage: $0 prepare|run1|run2|run3" >&2
     exit 2
     ;;
 esac
