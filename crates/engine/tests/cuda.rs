@@ -123,8 +123,8 @@ fn close(gpu: &[f32], cpu: &[f32], what: &str) {
 /// machine without one, the loader's answer must be that there is none.
 #[test]
 fn the_kernels_compute_what_the_cpu_engine_computes() {
-    use lastmile_engine::cuda::{AttentionShape, DeviceFormat, Kernels};
-    use lastmile_engine::kernels::{QKind, QMatrix, WeightBytes};
+    use lastmile_engine::cuda::{AttentionShape, DeviceFormat, Kernels, Q8Buf};
+    use lastmile_engine::kernels::{Q8Acts, QKind, QMatrix, WeightBytes};
     use lastmile_engine::kv::KvCache;
     use lastmile_engine::model::{ops, RopeStyle};
 
@@ -158,8 +158,16 @@ fn the_kernels_compute_what_the_cpu_engine_computes() {
     // The residual add and RMSNorm in one launch, on the same rows.
     let y = values(3 * 576, 14);
     let mut dx = up(&x);
-    k.add_rmsnorm((&mut dx, &up(&y)), &mut out, &up(&w), 3, 1e-5)
-        .expect("add_rmsnorm");
+    let mut dq = Q8Buf::new(&s, 3 * 576).expect("alloc");
+    k.add_rmsnorm(
+        (&mut dx, &up(&y)),
+        &mut out,
+        Some(&mut dq),
+        &up(&w),
+        3,
+        1e-5,
+    )
+    .expect("add_rmsnorm");
     let sum: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
     for r in 0..3 {
         let at = r * 576..(r + 1) * 576;
@@ -167,6 +175,14 @@ fn the_kernels_compute_what_the_cpu_engine_computes() {
     }
     close(&down(&dx), &sum, "add_rmsnorm: the sum");
     close(&down(&out), &want, "add_rmsnorm: the norm");
+    // Its quantized copy is the separate quantization's, bit for bit.
+    let mut alone = Q8Buf::new(&s, 3 * 576).expect("alloc");
+    k.quantize(&mut alone, &out, 3 * 576).expect("quantize");
+    assert_eq!(
+        dq.download(&s).expect("download"),
+        alone.download(&s).expect("download"),
+        "add_rmsnorm: the quantized copy"
+    );
 
     // RoPE, both pairings: 2 tokens x 3 heads x 64.
     for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
@@ -251,18 +267,53 @@ fn the_kernels_compute_what_the_cpu_engine_computes() {
             (bytes, want)
         };
         let x = values(TOKENS * cols, 9);
-        let (bytes, want) = matrix(rows, 8, &x);
+        // Block formats multiply the activations quantized as the CPU engine quantizes them
+        // (8 bits a block of 32); the reference takes those values, dequantized.
+        let mut q8 = Q8Acts::default();
+        q8.quantize(&x, TOKENS, cols);
+        let x_seen: Vec<f32> = if kind == QKind::F32 {
+            x.clone()
+        } else {
+            (0..TOKENS)
+                .flat_map(|t| {
+                    let r = q8.row(t);
+                    r.qs.iter()
+                        .enumerate()
+                        .map(|(j, &q)| q as f32 * r.d[j / 32])
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        let (dx, mut dxq) = (up(&x), Q8Buf::new(&s, TOKENS * cols).expect("alloc"));
+        k.quantize(&mut dxq, &dx, TOKENS * cols).expect("quantize");
+        // The same integers and scales as the CPU's quantization.
+        let (gq, gd, gs) = dxq.download(&s).expect("download");
+        for t in 0..TOKENS {
+            let (r, nb) = (q8.row(t), cols / 32);
+            assert_eq!(
+                &gq[t * cols..(t + 1) * cols],
+                r.qs,
+                "quantized activations, token {t}"
+            );
+            assert_eq!(
+                &gd[t * nb..(t + 1) * nb],
+                r.d,
+                "activation scales, token {t}"
+            );
+            close(&gs[t * nb..(t + 1) * nb], r.s, "activation sums");
+        }
+        let (bytes, want) = matrix(rows, 8, &x_seen);
         let mut y = s.alloc_zeros::<f32>(TOKENS * rows).expect("alloc");
         let dw = s.clone_htod(&bytes).expect("upload");
-        k.matmul(&mut y, &dw, &up(&x), (rows, cols, TOKENS), format)
+        k.matmul(&mut y, &dw, (&dx, &dxq), (rows, cols, TOKENS), format)
             .expect("gemv");
         close(&down(&y), &want, &format!("gemv {kind:?}"));
 
         // The fused feed-forward product: silu(G x) * (U x), G the matrix above.
         if format.swiglu_kernel().is_some() {
-            let (u_bytes, u_want) = matrix(rows, 15, &x);
+            let (u_bytes, u_want) = matrix(rows, 15, &x_seen);
             let du = s.clone_htod(&u_bytes).expect("upload");
-            k.matmul_swiglu(&mut y, (&dw, &du), &up(&x), (rows, cols, TOKENS), format)
+            k.matmul_swiglu(&mut y, (&dw, &du), &dxq, (rows, cols, TOKENS), format)
                 .expect("gemv swiglu");
             let mut fused = want.clone();
             ops::swiglu(&mut fused, &u_want);
@@ -273,8 +324,8 @@ fn the_kernels_compute_what_the_cpu_engine_computes() {
         // block straddle the matrices).
         if format.qkv_kernel().is_some() {
             let kv_rows = 19;
-            let (k_bytes, k_want) = matrix(kv_rows, 16, &x);
-            let (v_bytes, v_want) = matrix(kv_rows, 17, &x);
+            let (k_bytes, k_want) = matrix(kv_rows, 16, &x_seen);
+            let (v_bytes, v_want) = matrix(kv_rows, 17, &x_seen);
             let mut dk = s.alloc_zeros::<f32>(TOKENS * kv_rows).expect("alloc");
             let mut dv = s.alloc_zeros::<f32>(TOKENS * kv_rows).expect("alloc");
             let (wk, wv) = (
@@ -284,7 +335,7 @@ fn the_kernels_compute_what_the_cpu_engine_computes() {
             k.matmul_qkv(
                 (&mut y, &mut dk, &mut dv),
                 (&dw, &wk, &wv),
-                &up(&x),
+                &dxq,
                 (rows, kv_rows, cols, TOKENS),
                 format,
             )

@@ -65,6 +65,24 @@ __device__ float block_max(float v) {
     return warp_max(v);
 }
 
+// Value `at` of a row quantized to 8 bits as the CPU engine does (`kernels::Q8Acts`): the 32
+// values of its block are held one a lane by the calling warp, whose lanes all call this; per
+// block `d = max|x| / 127`, `q = trunc(x * (1 / d) + copysign(0.5))`, `s = d * sum(q)`.
+__device__ __forceinline__ void quantize_lane(float v, i8 *q, float *d, float *s, size_t at) {
+    float amax = warp_max(fabsf(v));
+    float db = amax / 127.0f;
+    float id = db > 0.0f ? 1.0f / db : 0.0f;
+    float y = v * id;
+    int r = (int)(y + copysignf(0.5f, y));
+    q[at] = (i8)r;
+    int sum = r;
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if ((threadIdx.x & 31) == 0) {
+        d[at / 32] = db;
+        s[at / 32] = db * (float)sum;
+    }
+}
+
 // RMSNorm of each row: out = x / sqrt(mean(x^2) + eps) * w. Grid: one block per row.
 extern "C" __global__ void rmsnorm_f32(float *out, const float *x, const float *w, int width,
                                        float eps) {
@@ -78,8 +96,10 @@ extern "C" __global__ void rmsnorm_f32(float *out, const float *x, const float *
 
 // The residual add and the next RMSNorm in one pass: x += y, then out = x / sqrt(mean(x^2) +
 // eps) * w, row by row. Grid: one block per row.
+// When `q` is not null, `out` is also quantized there as `quantize_q8` does (`d`, `s` per block
+// of 32; `width` must then be a multiple of 32, so that each block is one warp's).
 extern "C" __global__ void add_rmsnorm_f32(float *x, const float *y, float *out, const float *w,
-                                           int width, float eps) {
+                                           int width, float eps, i8 *q, float *d, float *s) {
     float *row = x + (size_t)blockIdx.x * width;
     const float *add = y + (size_t)blockIdx.x * width;
     float *dst = out + (size_t)blockIdx.x * width;
@@ -90,7 +110,11 @@ extern "C" __global__ void add_rmsnorm_f32(float *x, const float *y, float *out,
         ss += v * v;
     }
     float scale = rsqrtf(block_sum(ss) / width + eps);
-    for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = row[i] * scale * w[i];
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float o = row[i] * scale * w[i];
+        dst[i] = o;
+        if (q != nullptr) quantize_lane(o, q, d, s, (size_t)blockIdx.x * width + i);
+    }
 }
 
 // Rotary embedding of every head of every token, in place: `x` is `[tokens, heads * head_dim]`,
@@ -223,15 +247,39 @@ extern "C" __global__ void attention_decode_f16(float *out, const float *q,
     }
 }
 
-// The block formats, each a block's bytes and the 32 weights it holds.
+// Activations of the products over block formats are quantized to 8 bits first, exactly as the
+// CPU engine quantizes them (`kernels::Q8Acts`): per block of 32, `d = max|x| / 127`,
+// `q = trunc(x * (1 / d) + copysign(0.5))`, and `s = d * sum(q)`; so both devices multiply the
+// same integers and their logits agree to float rounding, not to 8-bit noise.
+// Grid: ceil(blocks / 8); block: 256 threads, a warp per block of 32 values.
+extern "C" __global__ void quantize_q8(const float *x, i8 *q, float *d, float *s, int blocks) {
+    int b = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (b >= blocks) return;
+    size_t at = (size_t)b * 32 + lane;
+    quantize_lane(x[at], q, d, s, at);
+}
+
+// The block formats, each a block's bytes and its integer dot product with 32 quantized
+// activations (`xq`, their scale `xd`, `xs = xd * sum(xq)`), as the CPU engine computes it.
+__device__ __forceinline__ int dot_bytes(const int *w, const int *x) {
+    int acc = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc = __dp4a(w[j], x[j], acc);
+    return acc;
+}
+
 // Q8_0: an f16 scale and 32 signed bytes.
 struct Q8_0 {
     static const int BYTES = 34;
-    static __device__ __forceinline__ void load(const u8 *blk, float *w) {
-        float d = half_to_float((half_bits)(blk[0] | (blk[1] << 8)));
-        const i8 *qs = (const i8 *)(blk + 2);
+    // The block's 32 values as signed bytes, 4 to an int; its scale and offset.
+    static __device__ __forceinline__ void load(const u8 *blk, int *w, float &dw, float &mw) {
+        dw = half_to_float((half_bits)(blk[0] | (blk[1] << 8)));
+        mw = 0.0f;
 #pragma unroll
-        for (int j = 0; j < 32; j++) w[j] = (float)qs[j] * d;
+        for (int j = 0; j < 8; j++) {
+            const u8 *p = blk + 2 + 4 * j;
+            w[j] = (int)p[0] | ((int)p[1] << 8) | ((int)p[2] << 16) | ((int)p[3] << 24);
+        }
     }
 };
 
@@ -239,14 +287,15 @@ struct Q8_0 {
 // each weight `q * d + m`.
 struct Q4_1 {
     static const int BYTES = 20;
-    static __device__ __forceinline__ void load(const u8 *blk, float *w) {
-        float d = half_to_float((half_bits)(blk[0] | (blk[1] << 8)));
-        float m = half_to_float((half_bits)(blk[2] | (blk[3] << 8)));
-        const u8 *qs = blk + 4;
+    static __device__ __forceinline__ void load(const u8 *blk, int *w, float &dw, float &mw) {
+        dw = half_to_float((half_bits)(blk[0] | (blk[1] << 8)));
+        mw = half_to_float((half_bits)(blk[2] | (blk[3] << 8)));
 #pragma unroll
-        for (int j = 0; j < 16; j++) {
-            w[j] = (float)(qs[j] & 15) * d + m;
-            w[j + 16] = (float)(qs[j] >> 4) * d + m;
+        for (int j = 0; j < 4; j++) {
+            const u8 *p = blk + 4 + 4 * j;
+            int packed = (int)p[0] | ((int)p[1] << 8) | ((int)p[2] << 16) | ((int)p[3] << 24);
+            w[j] = packed & 0x0f0f0f0f;
+            w[j + 4] = (packed >> 4) & 0x0f0f0f0f;
         }
     }
 };
@@ -254,13 +303,17 @@ struct Q4_1 {
 // Q4_0: an f16 scale and 16 bytes of nibbles, each weight `(q - 8) * d`.
 struct Q4_0 {
     static const int BYTES = 18;
-    static __device__ __forceinline__ void load(const u8 *blk, float *w) {
-        float d = half_to_float((half_bits)(blk[0] | (blk[1] << 8)));
-        const u8 *qs = blk + 2;
+    static __device__ __forceinline__ void load(const u8 *blk, int *w, float &dw, float &mw) {
+        dw = half_to_float((half_bits)(blk[0] | (blk[1] << 8)));
+        mw = 0.0f;
 #pragma unroll
-        for (int j = 0; j < 16; j++) {
-            w[j] = (float)((int)(qs[j] & 15) - 8) * d;
-            w[j + 16] = (float)((int)(qs[j] >> 4) - 8) * d;
+        for (int j = 0; j < 4; j++) {
+            const u8 *p = blk + 2 + 4 * j;
+            int packed = (int)p[0] | ((int)p[1] << 8) | ((int)p[2] << 16) | ((int)p[3] << 24);
+            // Each byte q - 8, as a signed byte (per-byte subtraction: no borrow crosses bytes
+            // since (q | 0x80) - 8 >= 0x78).
+            w[j] = __vsub4(packed & 0x0f0f0f0f, 0x08080808);
+            w[j + 4] = __vsub4((packed >> 4) & 0x0f0f0f0f, 0x08080808);
         }
     }
 };
@@ -268,14 +321,20 @@ struct Q4_0 {
 // Tokens a warp multiplies each weight block it decodes with.
 #define TOKEN_TILE 8
 
-// y = W x for a matrix of `rows` x `cols` (cols a multiple of 32) in block format F and `tokens`
-// inputs: x `[tokens, cols]`, y `[tokens, rows]`. Grid: (ceil(rows / 8), ceil(tokens /
-// TOKEN_TILE)); block: 256 threads, one warp per row, lanes over the row's blocks of 32. Each
-// lane decodes a weight block once and multiplies it with up to TOKEN_TILE tokens, so batched
-// decode and prefill read and decode each weight once per tile of tokens, not once per token.
+// The quantized activations of a product: `cols / 32` blocks a token.
+struct QActs {
+    const i8 *q;
+    const float *d;
+    const float *s;
+};
+
+// Row `row` of y = W x for a matrix of `rows` x `cols` (cols a multiple of 32) in block format F
+// and the tokens of this grid row's tile (x quantized, `[tokens, cols]`; y `[tokens, rows]`).
+// One warp: lanes over the row's blocks of 32, each lane decoding a weight block once and
+// multiplying it with up to TOKEN_TILE tokens.
 template <typename F>
-__device__ __forceinline__ void gemv_row(float *y, const u8 *w, const float *x, int rows,
-                                         int cols, int tokens, int row) {
+__device__ __forceinline__ void gemv_row(float *y, const u8 *w, QActs x, int rows, int cols,
+                                         int tokens, int row) {
     int lane = threadIdx.x & 31;
     int t0 = blockIdx.y * TOKEN_TILE;
     int nt = min(TOKEN_TILE, tokens - t0);
@@ -285,20 +344,17 @@ __device__ __forceinline__ void gemv_row(float *y, const u8 *w, const float *x, 
 #pragma unroll
     for (int t = 0; t < TOKEN_TILE; t++) acc[t] = 0.0f;
     for (int b = lane; b < nb; b += 32) {
-        float wv[32];
-        F::load(wr + (size_t)b * F::BYTES, wv);
+        int wv[8];
+        float dw, mw;
+        F::load(wr + (size_t)b * F::BYTES, wv, dw, mw);
 #pragma unroll
         for (int t = 0; t < TOKEN_TILE; t++) {
             if (t < nt) {
-                const float4 *xb = (const float4 *)(x + (size_t)(t0 + t) * cols + b * 32);
-                float sum = 0.0f;
-#pragma unroll
-                for (int j = 0; j < 8; j++) {
-                    float4 v = xb[j];
-                    sum += wv[4 * j] * v.x + wv[4 * j + 1] * v.y + wv[4 * j + 2] * v.z +
-                           wv[4 * j + 3] * v.w;
-                }
-                acc[t] += sum;
+                size_t xb = (size_t)(t0 + t) * nb + b;
+                const int4 *xp = (const int4 *)(x.q + xb * 32);
+                int4 lo = xp[0], hi = xp[1];
+                int xv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+                acc[t] += dw * x.d[xb] * (float)dot_bytes(wv, xv) + mw * x.s[xb];
             }
         }
     }
@@ -312,9 +368,9 @@ __device__ __forceinline__ void gemv_row(float *y, const u8 *w, const float *x, 
     }
 }
 
+// y = W x. Grid: (ceil(rows / 8), ceil(tokens / TOKEN_TILE)); block: 256 threads, a warp a row.
 template <typename F>
-__device__ void gemv_blocks(float *y, const u8 *w, const float *x, int rows, int cols,
-                            int tokens) {
+__device__ void gemv_blocks(float *y, const u8 *w, QActs x, int rows, int cols, int tokens) {
     int row = blockIdx.x * 8 + (threadIdx.x >> 5);
     if (row < rows) gemv_row<F>(y, w, x, rows, cols, tokens, row);
 }
@@ -325,7 +381,7 @@ __device__ void gemv_blocks(float *y, const u8 *w, const float *x, int rows, int
 // of them, as `gemv_blocks`.
 template <typename F>
 __device__ void gemv_qkv(float *q, float *k, float *v, const u8 *wq, const u8 *wk, const u8 *wv,
-                         const float *x, int q_rows, int kv_rows, int cols, int tokens) {
+                         QActs x, int q_rows, int kv_rows, int cols, int tokens) {
     int row = blockIdx.x * 8 + (threadIdx.x >> 5);
     if (row < q_rows) {
         gemv_row<F>(q, wq, x, q_rows, cols, tokens, row);
@@ -336,22 +392,11 @@ __device__ void gemv_qkv(float *q, float *k, float *v, const u8 *wq, const u8 *w
     }
 }
 
-#define GEMV_QKV(NAME, F)                                                                      \
-    extern "C" __global__ void NAME(float *q, float *k, float *v, const u8 *wq, const u8 *wk,  \
-                                    const u8 *wv, const float *x, int q_rows, int kv_rows,     \
-                                    int cols, int tokens) {                                    \
-        gemv_qkv<F>(q, k, v, wq, wk, wv, x, q_rows, kv_rows, cols, tokens);                    \
-    }
-GEMV_QKV(gemv_qkv_q8_0, Q8_0)
-GEMV_QKV(gemv_qkv_q4_1, Q4_1)
-GEMV_QKV(gemv_qkv_q4_0, Q4_0)
-
 // The feed-forward's two products and SwiGLU in one launch: out = silu(G x) * (U x), G and U
-// both `rows` x `cols` in block format F, grid and tiles as `gemv_blocks` (each lane decodes a
-// block of G and the same block of U once per tile of tokens).
+// both `rows` x `cols` in block format F, grid and tiles as `gemv_blocks`.
 template <typename F>
-__device__ void gemv_swiglu(float *out, const u8 *wg, const u8 *wu, const float *x, int rows,
-                            int cols, int tokens) {
+__device__ void gemv_swiglu(float *out, const u8 *wg, const u8 *wu, QActs x, int rows, int cols,
+                            int tokens) {
     int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     int t0 = blockIdx.y * TOKEN_TILE;
     if (row >= rows) return;
@@ -362,23 +407,20 @@ __device__ void gemv_swiglu(float *out, const u8 *wg, const u8 *wu, const float 
 #pragma unroll
     for (int t = 0; t < TOKEN_TILE; t++) g[t] = u[t] = 0.0f;
     for (int b = lane; b < nb; b += 32) {
-        float wv[32];
+        int gw[8], uw[8];
+        float gd, gm, ud, um;
+        F::load(wg + at + (size_t)b * F::BYTES, gw, gd, gm);
+        F::load(wu + at + (size_t)b * F::BYTES, uw, ud, um);
 #pragma unroll
-        for (int m = 0; m < 2; m++) {
-            F::load((m == 0 ? wg : wu) + at + (size_t)b * F::BYTES, wv);
-#pragma unroll
-            for (int t = 0; t < TOKEN_TILE; t++) {
-                if (t < nt) {
-                    const float4 *xb = (const float4 *)(x + (size_t)(t0 + t) * cols + b * 32);
-                    float sum = 0.0f;
-#pragma unroll
-                    for (int j = 0; j < 8; j++) {
-                        float4 v = xb[j];
-                        sum += wv[4 * j] * v.x + wv[4 * j + 1] * v.y + wv[4 * j + 2] * v.z +
-                               wv[4 * j + 3] * v.w;
-                    }
-                    if (m == 0) g[t] += sum; else u[t] += sum;
-                }
+        for (int t = 0; t < TOKEN_TILE; t++) {
+            if (t < nt) {
+                size_t xb = (size_t)(t0 + t) * nb + b;
+                const int4 *xp = (const int4 *)(x.q + xb * 32);
+                int4 lo = xp[0], hi = xp[1];
+                int xv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+                float xd = x.d[xb], xs = x.s[xb];
+                g[t] += gd * xd * (float)dot_bytes(gw, xv) + gm * xs;
+                u[t] += ud * xd * (float)dot_bytes(uw, xv) + um * xs;
             }
         }
     }
@@ -391,35 +433,26 @@ __device__ void gemv_swiglu(float *out, const u8 *wg, const u8 *wu, const float 
     }
 }
 
-extern "C" __global__ void gemv_swiglu_q8_0(float *out, const u8 *wg, const u8 *wu,
-                                            const float *x, int rows, int cols, int tokens) {
-    gemv_swiglu<Q8_0>(out, wg, wu, x, rows, cols, tokens);
-}
-
-extern "C" __global__ void gemv_swiglu_q4_1(float *out, const u8 *wg, const u8 *wu,
-                                            const float *x, int rows, int cols, int tokens) {
-    gemv_swiglu<Q4_1>(out, wg, wu, x, rows, cols, tokens);
-}
-
-extern "C" __global__ void gemv_swiglu_q4_0(float *out, const u8 *wg, const u8 *wu,
-                                            const float *x, int rows, int cols, int tokens) {
-    gemv_swiglu<Q4_0>(out, wg, wu, x, rows, cols, tokens);
-}
-
-extern "C" __global__ void gemv_q8_0(float *y, const u8 *w, const float *x, int rows, int cols,
-                                     int tokens) {
-    gemv_blocks<Q8_0>(y, w, x, rows, cols, tokens);
-}
-
-extern "C" __global__ void gemv_q4_1(float *y, const u8 *w, const float *x, int rows, int cols,
-                                     int tokens) {
-    gemv_blocks<Q4_1>(y, w, x, rows, cols, tokens);
-}
-
-extern "C" __global__ void gemv_q4_0(float *y, const u8 *w, const float *x, int rows, int cols,
-                                     int tokens) {
-    gemv_blocks<Q4_0>(y, w, x, rows, cols, tokens);
-}
+#define GEMV_KERNELS(SUFFIX, F)                                                                \
+    extern "C" __global__ void gemv_##SUFFIX(float *y, const u8 *w, const i8 *xq,              \
+                                             const float *xd, const float *xs, int rows,       \
+                                             int cols, int tokens) {                           \
+        gemv_blocks<F>(y, w, QActs{xq, xd, xs}, rows, cols, tokens);                           \
+    }                                                                                          \
+    extern "C" __global__ void gemv_qkv_##SUFFIX(                                              \
+        float *q, float *k, float *v, const u8 *wq, const u8 *wk, const u8 *wv, const i8 *xq,  \
+        const float *xd, const float *xs, int q_rows, int kv_rows, int cols, int tokens) {     \
+        gemv_qkv<F>(q, k, v, wq, wk, wv, QActs{xq, xd, xs}, q_rows, kv_rows, cols, tokens);    \
+    }                                                                                          \
+    extern "C" __global__ void gemv_swiglu_##SUFFIX(float *out, const u8 *wg, const u8 *wu,    \
+                                                    const i8 *xq, const float *xd,             \
+                                                    const float *xs, int rows, int cols,       \
+                                                    int tokens) {                              \
+        gemv_swiglu<F>(out, wg, wu, QActs{xq, xd, xs}, rows, cols, tokens);                    \
+    }
+GEMV_KERNELS(q8_0, Q8_0)
+GEMV_KERNELS(q4_1, Q4_1)
+GEMV_KERNELS(q4_0, Q4_0)
 
 // As `gemv_blocks`, for an f32 matrix (formats without a kernel here are dequantized to f32 at
 // upload), a token per grid row and lanes over columns (any width). `w` is the matrix's bytes;

@@ -30,7 +30,8 @@ use crate::model::RopeStyle;
 pub const KERNELS_SOURCE: &str = include_str!("kernels.cu");
 
 /// Every kernel the source defines (`extern "C" __global__`), by name.
-pub const KERNELS: [&str; 20] = [
+pub const KERNELS: [&str; 21] = [
+    "quantize_q8",
     "rmsnorm_f32",
     "add_rmsnorm_f32",
     "rope_f32",
@@ -285,6 +286,70 @@ fn grid(x: u32, y: u32, threads: u32) -> LaunchConfig {
     }
 }
 
+/// Activations quantized to 8 bits per block of 32, as the CPU engine's `Q8Acts`: the values,
+/// each block's scale `d`, and `s = d * sum(q)`.
+pub struct Q8Buf {
+    q: CudaSlice<i8>,
+    d: CudaSlice<f32>,
+    s: CudaSlice<f32>,
+}
+
+impl Q8Buf {
+    /// Room for `values` activations (a multiple of 32).
+    pub fn new(stream: &Arc<CudaStream>, values: usize) -> Result<Self, CudaError> {
+        let blocks = values.div_ceil(32).max(1);
+        Ok(Self {
+            q: stream
+                .alloc_zeros::<i8>(blocks * 32)
+                .map_err(driver_error)?,
+            d: stream.alloc_zeros::<f32>(blocks).map_err(driver_error)?,
+            s: stream.alloc_zeros::<f32>(blocks).map_err(driver_error)?,
+        })
+    }
+
+    /// Its values, scales and scaled sums, copied to the host (for checks).
+    #[allow(clippy::type_complexity)]
+    pub fn download(
+        &self,
+        stream: &Arc<CudaStream>,
+    ) -> Result<(Vec<i8>, Vec<f32>, Vec<f32>), CudaError> {
+        let e = driver_error;
+        Ok((
+            stream.clone_dtoh(&self.q).map_err(e)?,
+            stream.clone_dtoh(&self.d).map_err(e)?,
+            stream.clone_dtoh(&self.s).map_err(e)?,
+        ))
+    }
+
+    /// Room, in activations.
+    pub fn len(&self) -> usize {
+        self.q.len()
+    }
+
+    /// Whether it has no room.
+    pub fn is_empty(&self) -> bool {
+        self.q.len() == 0
+    }
+
+    /// The rows `t0..t0 + n` of `cols` values (for the launches a long batch is split into).
+    #[allow(clippy::type_complexity)]
+    fn window(
+        &self,
+        t0: usize,
+        n: usize,
+        cols: usize,
+    ) -> (CudaView<'_, i8>, CudaView<'_, f32>, CudaView<'_, f32>) {
+        let (v, b) = (
+            t0 * cols..(t0 + n) * cols,
+            t0 * cols / 32..(t0 + n) * cols / 32,
+        );
+        // Widths that are not whole blocks have no block-format product (f32 only).
+        let b = b.start.min(self.d.len())..b.end.min(self.d.len());
+        let v = v.start.min(self.q.len())..v.end.min(self.q.len());
+        (self.q.slice(v), self.d.slice(b.clone()), self.s.slice(b))
+    }
+}
+
 /// The kernels loaded on one device, and launchers that take their arguments typed. Buffers are
 /// the stream's; launches are queued on it (read results back with the stream's copies).
 pub struct Kernels {
@@ -378,18 +443,31 @@ impl Kernels {
     }
 
     /// The residual add and the next RMSNorm over `rows` rows, in one launch: `x += y`, then
-    /// `out = x / sqrt(mean(x^2) + eps) * w`.
+    /// `out = x / sqrt(mean(x^2) + eps) * w`, and `out` quantized into `xq` as
+    /// [`Kernels::quantize`] does, if given (and the width is whole blocks of 32).
+    #[allow(clippy::too_many_arguments)]
     pub fn add_rmsnorm(
         &self,
         (x, y): (&mut CudaSlice<f32>, &CudaSlice<f32>),
         out: &mut CudaSlice<f32>,
+        xq: Option<&mut Q8Buf>,
         w: &CudaSlice<f32>,
         rows: usize,
         eps: f32,
     ) -> Result<(), CudaError> {
         let width = w.len() as i32;
+        // A null pointer for "no quantized copy".
+        let null = 0u64;
         let mut b = self.kernel("add_rmsnorm_f32");
         b.arg(x).arg(y).arg(out).arg(w).arg(&width).arg(&eps);
+        match xq.filter(|_| width % 32 == 0) {
+            Some(q) => {
+                b.arg(&mut q.q).arg(&mut q.d).arg(&mut q.s);
+            }
+            None => {
+                b.arg(&null).arg(&null).arg(&null);
+            }
+        }
         run(b, grid(rows as u32, 1, THREADS))
     }
 
@@ -544,13 +622,33 @@ impl Kernels {
         run(b, cfg)
     }
 
+    /// Quantizes the first `values` of `x` (a multiple of 32) to 8 bits per block of 32 into
+    /// `out`, exactly as the CPU engine quantizes the activations of its products.
+    pub fn quantize(
+        &self,
+        out: &mut Q8Buf,
+        x: &CudaSlice<f32>,
+        values: usize,
+    ) -> Result<(), CudaError> {
+        let blocks = values / 32;
+        let nb = blocks as i32;
+        let mut b = self.kernel("quantize_q8");
+        b.arg(x)
+            .arg(&mut out.q)
+            .arg(&mut out.d)
+            .arg(&mut out.s)
+            .arg(&nb);
+        run(b, grid(blocks_for(blocks, 8), 1, 256))
+    }
+
     /// `y = W x` for `tokens` inputs (`x`: `[tokens, cols]`; `y`: `[tokens, rows]`), `W` in
-    /// `format` (its bytes: the GGUF layout for the block formats).
+    /// `format` (its bytes: the GGUF layout for the block formats, which read `x` as `xq`,
+    /// quantized by [`Kernels::quantize`]; f32 reads `x`).
     pub fn matmul(
         &self,
         y: &mut CudaSlice<f32>,
         w: &CudaSlice<u8>,
-        x: &CudaSlice<f32>,
+        (x, xq): (&CudaSlice<f32>, &Q8Buf),
         (rows, cols, tokens): (usize, usize, usize),
         format: DeviceFormat,
     ) -> Result<(), CudaError> {
@@ -562,10 +660,17 @@ impl Kernels {
         while t0 < tokens {
             let n = (tokens - t0).min(MAX_GRID_Y * per_y);
             let mut yv = y.slice_mut(t0 * rows..(t0 + n) * rows);
-            let xv = x.slice(t0 * cols..(t0 + n) * cols);
             let nt = n as i32;
             let mut b = self.kernel(format.kernel());
-            b.arg(&mut yv).arg(w).arg(&xv).arg(&r).arg(&c).arg(&nt);
+            b.arg(&mut yv).arg(w);
+            let xv = x.slice(t0 * cols..(t0 + n) * cols);
+            let q = xq.window(t0, n, cols);
+            if format == DeviceFormat::F32 {
+                b.arg(&xv);
+            } else {
+                b.arg(&q.0).arg(&q.1).arg(&q.2);
+            }
+            b.arg(&r).arg(&c).arg(&nt);
             run(b, grid(blocks_for(rows, 8), n.div_ceil(per_y) as u32, 256))?;
             t0 += n;
         }
@@ -574,7 +679,7 @@ impl Kernels {
 
     /// The Q, K and V products in one launch: `q = Wq x` (`q_rows` rows), `k = Wk x`, `v = Wv
     /// x` (`kv_rows` each), all `cols` wide in `format`, which must have a fused kernel
-    /// ([`DeviceFormat::qkv_kernel`]).
+    /// ([`DeviceFormat::qkv_kernel`]); `x` quantized by [`Kernels::quantize`].
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_qkv(
         &self,
@@ -584,7 +689,7 @@ impl Kernels {
             &mut CudaSlice<f32>,
         ),
         (wq, wk, wv): (&CudaSlice<u8>, &CudaSlice<u8>, &CudaSlice<u8>),
-        x: &CudaSlice<f32>,
+        xq: &Q8Buf,
         (q_rows, kv_rows, cols, tokens): (usize, usize, usize, usize),
         format: DeviceFormat,
     ) -> Result<(), CudaError> {
@@ -598,11 +703,11 @@ impl Kernels {
             let mut qv = q.slice_mut(t0 * q_rows..(t0 + n) * q_rows);
             let mut kv = k.slice_mut(t0 * kv_rows..(t0 + n) * kv_rows);
             let mut vv = v.slice_mut(t0 * kv_rows..(t0 + n) * kv_rows);
-            let xv = x.slice(t0 * cols..(t0 + n) * cols);
+            let x = xq.window(t0, n, cols);
             let nt = n as i32;
             let mut b = self.kernel(name);
             b.arg(&mut qv).arg(&mut kv).arg(&mut vv);
-            b.arg(wq).arg(wk).arg(wv).arg(&xv);
+            b.arg(wq).arg(wk).arg(wv).arg(&x.0).arg(&x.1).arg(&x.2);
             b.arg(&qr).arg(&kr).arg(&c).arg(&nt);
             let rows = q_rows + 2 * kv_rows;
             run(
@@ -614,14 +719,14 @@ impl Kernels {
         Ok(())
     }
 
-    /// `out = silu(G x) * (U x)` for `tokens` inputs (`x`: `[tokens, cols]`; `out`: `[tokens,
-    /// rows]`), `G` and `U` both `rows` x `cols` in `format`, which must have a fused kernel
-    /// ([`DeviceFormat::swiglu_kernel`]).
+    /// `out = silu(G x) * (U x)` for `tokens` inputs (`out`: `[tokens, rows]`), `G` and `U`
+    /// both `rows` x `cols` in `format`, which must have a fused kernel
+    /// ([`DeviceFormat::swiglu_kernel`]); `x` quantized by [`Kernels::quantize`].
     pub fn matmul_swiglu(
         &self,
         out: &mut CudaSlice<f32>,
         (gate, up): (&CudaSlice<u8>, &CudaSlice<u8>),
-        x: &CudaSlice<f32>,
+        xq: &Q8Buf,
         (rows, cols, tokens): (usize, usize, usize),
         format: DeviceFormat,
     ) -> Result<(), CudaError> {
@@ -633,16 +738,16 @@ impl Kernels {
         while t0 < tokens {
             let n = (tokens - t0).min(MAX_GRID_Y * TOKEN_TILE);
             let mut ov = out.slice_mut(t0 * rows..(t0 + n) * rows);
-            let xv = x.slice(t0 * cols..(t0 + n) * cols);
+            let x = xq.window(t0, n, cols);
             let nt = n as i32;
             let mut b = self.kernel(name);
             b.arg(&mut ov)
                 .arg(gate)
                 .arg(up)
-                .arg(&xv)
-                .arg(&r)
-                .arg(&c)
-                .arg(&nt);
+                .arg(&x.0)
+                .arg(&x.1)
+                .arg(&x.2);
+            b.arg(&r).arg(&c).arg(&nt);
             run(
                 b,
                 grid(blocks_for(rows, 8), n.div_ceil(TOKEN_TILE) as u32, 256),

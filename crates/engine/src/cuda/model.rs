@@ -27,7 +27,7 @@ use std::sync::Arc;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice, CudaStream};
 
-use super::{driver_error, AttentionShape, CudaError, DeviceFormat, DeviceInfo, Kernels};
+use super::{driver_error, AttentionShape, CudaError, DeviceFormat, DeviceInfo, Kernels, Q8Buf};
 use crate::kernels::{quantize_q8_0, QKind, QMatrix};
 use crate::kv::KvBlocks;
 use crate::model::{BatchSeq, LlamaModel};
@@ -38,6 +38,21 @@ struct Matrix {
     rows: usize,
     cols: usize,
     bytes: CudaSlice<u8>,
+}
+
+/// Quantizes the first `values` of `x` into `xq` for the products over block formats (which
+/// read activations as the CPU engine does: 8 bits per block of 32); widths that are not whole
+/// blocks only meet f32 matrices, which read `x` itself.
+fn quantize(
+    k: &Kernels,
+    xq: &mut Q8Buf,
+    x: &CudaSlice<f32>,
+    values: usize,
+) -> Result<(), CudaError> {
+    if values.is_multiple_of(32) {
+        k.quantize(xq, x, values)?;
+    }
+    Ok(())
 }
 
 /// One decoder block's weights in device memory.
@@ -67,6 +82,8 @@ struct Buffers {
     lens: CudaSlice<u32>,
     /// Rows that want logits.
     rows: CudaSlice<u32>,
+    /// The input of the next product over block formats, quantized to 8 bits.
+    xq: Q8Buf,
     /// The step's block tables, one after another (grown apart from `tokens`).
     x: CudaSlice<f32>,
     xn: CudaSlice<f32>,
@@ -286,6 +303,7 @@ impl DeviceModel {
                 table_at: u32s(n)?,
                 lens: u32s(n)?,
                 rows: u32s(n)?,
+                xq: Q8Buf::new(&s, n * h.max(qd).max(ff))?,
                 x: zeros(&s, n * h)?,
                 xn: zeros(&s, n * h)?,
                 q: zeros(&s, n * qd)?,
@@ -392,11 +410,12 @@ impl DeviceModel {
         if m > 0 {
             k.gather_rows(&mut b.xn, &b.x, &b.rows.slice(0..m), h)?;
             k.rmsnorm(&mut b.tmp, &b.xn, &self.out_norm, m, c.rms_eps)?;
+            quantize(k, &mut b.xq, &b.tmp, m * h)?;
             let o = &self.output;
             k.matmul(
                 &mut b.logits,
                 &o.bytes,
-                &b.tmp,
+                (&b.tmp, &b.xq),
                 (o.rows, o.cols, m),
                 o.format,
             )?;
@@ -489,6 +508,10 @@ impl DeviceModel {
             if li > 0 && !fuse {
                 k.rmsnorm(&mut b.xn, &b.x, &l.attn_norm, n, c.rms_eps)?;
             }
+            if li == 0 || !fuse {
+                // Fused, the add + norm before this block quantized it already.
+                quantize(k, &mut b.xq, &b.xn, n * h)?;
+            }
             let (wq, wk, wv) = (&l.wq, &l.wk, &l.wv);
             let qkv_fused = fuse
                 && wq.format.qkv_kernel().is_some()
@@ -499,13 +522,13 @@ impl DeviceModel {
                 k.matmul_qkv(
                     (&mut b.q, &mut b.k, &mut b.v),
                     (&wq.bytes, &wk.bytes, &wv.bytes),
-                    &b.xn,
+                    &b.xq,
                     (wq.rows, wk.rows, wq.cols, n),
                     wq.format,
                 )?;
             } else {
                 for (out, m) in [(&mut b.q, wq), (&mut b.k, wk), (&mut b.v, wv)] {
-                    k.matmul(out, &m.bytes, &b.xn, (m.rows, m.cols, n), m.format)?;
+                    k.matmul(out, &m.bytes, (&b.xn, &b.xq), (m.rows, m.cols, n), m.format)?;
                 }
             }
             if let Some([bq, bk, bv]) = &l.bias_qkv {
@@ -531,12 +554,16 @@ impl DeviceModel {
                 shape,
                 stride,
             )?;
-            k.matmul(&mut b.tmp, &l.wo.bytes, &b.att, (h, qd, n), l.wo.format)?;
+            quantize(k, &mut b.xq, &b.att, n * qd)?;
+            let att = (&b.att, &b.xq);
+            k.matmul(&mut b.tmp, &l.wo.bytes, att, (h, qd, n), l.wo.format)?;
             if fuse {
-                k.add_rmsnorm((&mut b.x, &b.tmp), &mut b.xn, &l.ffn_norm, n, c.rms_eps)?;
+                let (x, xq) = ((&mut b.x, &b.tmp), Some(&mut b.xq));
+                k.add_rmsnorm(x, &mut b.xn, xq, &l.ffn_norm, n, c.rms_eps)?;
             } else {
                 k.add(&mut b.x, &b.tmp, n * h)?;
                 k.rmsnorm(&mut b.xn, &b.x, &l.ffn_norm, n, c.rms_eps)?;
+                quantize(k, &mut b.xq, &b.xn, n * h)?;
             }
             let ffn_fused = fuse
                 && l.gate.format == l.up.format
@@ -544,22 +571,25 @@ impl DeviceModel {
                 && l.gate.format.swiglu_kernel().is_some();
             if ffn_fused {
                 let w = (&l.gate.bytes, &l.up.bytes);
-                k.matmul_swiglu(&mut b.gate, w, &b.xn, (ff, h, n), l.gate.format)?;
+                k.matmul_swiglu(&mut b.gate, w, &b.xq, (ff, h, n), l.gate.format)?;
             } else {
-                k.matmul(&mut b.gate, &l.gate.bytes, &b.xn, (ff, h, n), l.gate.format)?;
-                k.matmul(&mut b.up, &l.up.bytes, &b.xn, (ff, h, n), l.up.format)?;
+                let xn = (&b.xn, &b.xq);
+                k.matmul(&mut b.gate, &l.gate.bytes, xn, (ff, h, n), l.gate.format)?;
+                k.matmul(&mut b.up, &l.up.bytes, xn, (ff, h, n), l.up.format)?;
                 k.swiglu(&mut b.gate, &b.up, n * ff)?;
             }
+            quantize(k, &mut b.xq, &b.gate, n * ff)?;
             k.matmul(
                 &mut b.tmp,
                 &l.down.bytes,
-                &b.gate,
+                (&b.gate, &b.xq),
                 (h, ff, n),
                 l.down.format,
             )?;
             match self.layers.get(li + 1) {
                 Some(next) if fuse => {
-                    k.add_rmsnorm((&mut b.x, &b.tmp), &mut b.xn, &next.attn_norm, n, c.rms_eps)?
+                    let (x, xq) = ((&mut b.x, &b.tmp), Some(&mut b.xq));
+                    k.add_rmsnorm(x, &mut b.xn, xq, &next.attn_norm, n, c.rms_eps)?
                 }
                 // The final norm runs on the rows that want logits only.
                 _ => k.add(&mut b.x, &b.tmp, n * h)?,
