@@ -328,6 +328,14 @@ struct QActs {
     const float *s;
 };
 
+// Block `xb` of the quantized activations, 4 values to an int.
+__device__ __forceinline__ void load_acts(QActs x, size_t xb, int *xv) {
+    const int4 *xp = (const int4 *)(x.q + xb * 32);
+    int4 lo = xp[0], hi = xp[1];
+    xv[0] = lo.x, xv[1] = lo.y, xv[2] = lo.z, xv[3] = lo.w;
+    xv[4] = hi.x, xv[5] = hi.y, xv[6] = hi.z, xv[7] = hi.w;
+}
+
 // Row `row` of y = W x for a matrix of `rows` x `cols` (cols a multiple of 32) in block format F
 // and the tokens of this grid row's tile (x quantized, `[tokens, cols]`; y `[tokens, rows]`).
 // One warp: lanes over the row's blocks of 32, each lane decoding a weight block once and
@@ -351,9 +359,8 @@ __device__ __forceinline__ void gemv_row(float *y, const u8 *w, QActs x, int row
         for (int t = 0; t < TOKEN_TILE; t++) {
             if (t < nt) {
                 size_t xb = (size_t)(t0 + t) * nb + b;
-                const int4 *xp = (const int4 *)(x.q + xb * 32);
-                int4 lo = xp[0], hi = xp[1];
-                int xv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+                int xv[8];
+                load_acts(x, xb, xv);
                 acc[t] += dw * x.d[xb] * (float)dot_bytes(wv, xv) + mw * x.s[xb];
             }
         }
@@ -415,9 +422,8 @@ __device__ void gemv_swiglu(float *out, const u8 *wg, const u8 *wu, QActs x, int
         for (int t = 0; t < TOKEN_TILE; t++) {
             if (t < nt) {
                 size_t xb = (size_t)(t0 + t) * nb + b;
-                const int4 *xp = (const int4 *)(x.q + xb * 32);
-                int4 lo = xp[0], hi = xp[1];
-                int xv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+                int xv[8];
+                load_acts(x, xb, xv);
                 float xd = x.d[xb], xs = x.s[xb];
                 g[t] += gd * xd * (float)dot_bytes(gw, xv) + gm * xs;
                 u[t] += ud * xd * (float)dot_bytes(uw, xv) + um * xs;
