@@ -138,6 +138,25 @@ run2)
     cp "$D2/llama.part1" "$WORK/"
     export LASTMILE_CUDA_PTX="$PWD/$WORK/kernels.ptx"
     set +e
+    if [[ "${DIAG:-0}" == 1 ]]; then
+        # Where GPU and CPU part: one forward pass, the logits' and every layer's KV apart; on
+        # the whole model against the CPU's best kernels and its scalar ones, then on the model
+        # cut to its first 1 and 4 blocks.
+        for cfg in "" "LASTMILE_NO_SIMD=1"; do
+            echo "-- diagnosis, whole model, CPU ${cfg:-at its best}"
+            env $cfg LASTMILE_CUDA_TEST_MODEL="$model" timeout 100 "$WORK/cuda-test" \
+                --test-threads 1 --nocapture the_gpu_forward_pass 2>&1 |
+                grep -E 'GPU - CPU|KV block|test result'
+        done
+        for blocks in 1 4; do
+            echo "-- diagnosis, the model cut to $blocks blocks"
+            python3 scripts/cuda/cut_model.py "$model" "$WORK/cut$blocks.gguf" --blocks "$blocks"
+            LASTMILE_CUDA_TEST_MODEL="$WORK/cut$blocks.gguf" timeout 100 "$WORK/cuda-test" \
+                --test-threads 1 --nocapture the_gpu_forward_pass 2>&1 |
+                grep -E 'GPU - CPU|KV block|test result'
+        done
+        exit 0
+    fi
     echo "== (b) the default model on cuda:0 against the CPU"
     # As shipped (CUDA graphs, fused kernels); if that fails, again without graphs, then also
     # without fused kernels, to say which part is wrong.
