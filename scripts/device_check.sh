@@ -207,6 +207,9 @@ run3)
             grep -v -E '^\s*$|Downloading|%\|'
         echo "== exit $?"
     done
+    echo "== (d) the yardstick of (b): llama.cpp's own CPU and CUDA backends, greedy, same prompts"
+    timeout 120 python3 scripts/cuda/llama_cpu_vs_gpu.py "$PWD/$WORK/llama/llama-server" "$model"
+    echo "== exit $?"
     for f in /tmp/lastmile-bench-*.log; do
         echo "== $f: its last lines, and its last step profiles"
         grep -v 'step profile' "$f" | tail -4

@@ -559,8 +559,9 @@ fn gpu_or_refusal() -> Option<()> {
 
 /// One step of both forward passes over the same mixed batch — two prompts prefilled, then the
 /// two decoding beside a third prompt's chunk, over scattered blocks — gives the same logits
-/// (relative to their scale: the CPU quantizes activations to 8 bits, the GPU does not) and the
-/// same next token.
+/// (both multiply the same 8-bit activations, but float order differs, and a value that lands
+/// on the other side of a rounding step carries on through the layers: as far apart as the
+/// CPU's own kernel tiers are, see below) and the same next token where it is not a near-tie.
 #[test]
 fn the_gpu_forward_pass_computes_the_cpu_logits() {
     use lastmile_engine::cuda::DeviceModel;
@@ -615,12 +616,18 @@ fn the_gpu_forward_pass_computes_the_cpu_logits() {
             eprintln!(
                 "{what} row {r}: max |GPU - CPU| {worst:.4}, mean {mean:.4}, of scale {scale:.2}"
             );
-            if worst > 5e-2 * scale {
-                failures.push(format!("{what} row {r}: {worst} of {scale}"));
+            // The CPU's own AVX2 and scalar kernels part by 5.0-5.1% of scale at most, 1.2-1.5%
+            // on average, on this step's rows (measured, 2026-12-04): float order moves a value
+            // across an 8-bit rounding step, and 30 layers carry it on. The devices may part by
+            // as much again, not more.
+            if worst > 0.1 * scale || mean > 0.03 * scale {
+                failures.push(format!(
+                    "{what} row {r}: max {worst}, mean {mean} of {scale}"
+                ));
                 continue;
             }
             // The same next token, unless the CPU's top two are closer than the two devices'
-            // difference (the CPU quantizes activations to 8 bits, the GPU does not).
+            // difference.
             let (tg, tc) = (top(g), top(cl));
             assert!(
                 tg == tc || cl[tc] - cl[tg] <= 2.0 * worst,
@@ -723,11 +730,18 @@ fn the_gpu_forward_pass_computes_the_cpu_logits() {
         );
     }
     assert!(failures.is_empty(), "logits apart: {failures:?}");
-    assert!(worst <= 5e-2 * scale, "KV block: {worst} of {scale}");
+    // Deep layers' values carry the same noise as the logits (up to 6.4% of their scale on
+    // the default model, measured): the layout is what this checks.
+    assert!(worst <= 0.1 * scale, "KV block: {worst} of {scale}");
 }
 
 /// The whole engine on the GPU (scheduler, paged cache, prefix cache, sampling) against the same
-/// engine on the CPU: greedy, 32 tokens, the same on at least 9 of 10 prompts.
+/// engine on the CPU, greedy, 32 tokens on 10 prompts. Free-running greedy text parts at the
+/// first near-tie and never meets again, so identical runs are reported, not required: the
+/// CPU engine's own AVX2 and scalar kernels give the same 32 tokens on 4 of these 10 prompts
+/// (measured, 2026-12-04). What is required: teacher-forced over the CPU's tokens, the GPU's
+/// first choice is the CPU's token at 95% of positions at least, and elsewhere within
+/// `NEAR_TIE` nats of it.
 #[test]
 fn greedy_tokens_on_the_gpu_match_the_cpu() {
     if gpu_or_refusal().is_none() {
@@ -767,6 +781,7 @@ fn greedy_tokens_on_the_gpu_match_the_cpu() {
     assert_eq!(info.device, "cuda:0");
     assert!(info.memory_total_bytes.unwrap_or(0) > 0 && info.memory_used_bytes.unwrap_or(0) > 0);
     let mut same = 0;
+    let (mut exact, mut positions) = (0, 0);
     let (mut cpu_time, mut gpu_time) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
     let timed = |e: &lastmile_engine::EngineHandle, prompt: &[u32], t: &mut std::time::Duration| {
         let started = std::time::Instant::now();
@@ -783,7 +798,57 @@ fn greedy_tokens_on_the_gpu_match_the_cpu() {
             if a == b { "same" } else { "differs" }
         );
         same += usize::from(a == b);
+        // Teacher-forced: the GPU reads the CPU's tokens as its prompt and scores each; at
+        // every position the CPU's token must be the GPU's first choice, or within a hair of it
+        // (the top two closer than the two devices' float noise).
+        let mut forced = prompt.clone();
+        forced.extend_from_slice(&a[..31]);
+        let mut request = lastmile_engine::GenerateRequest::new(
+            forced,
+            lastmile_engine::SamplingParams::greedy(),
+            1,
+        );
+        request.prompt_logprobs = Some(2);
+        let mut stream = gpu.submit(request).expect("submit");
+        let mut scored = None;
+        let mut last = None;
+        while let Some(ev) = stream.blocking_next() {
+            match ev {
+                lastmile_engine::GenerationEvent::PromptLogprobs(v) => scored = Some(v),
+                lastmile_engine::GenerationEvent::Token { id, .. } => last = Some(id),
+                lastmile_engine::GenerationEvent::Finished { .. } => break,
+                lastmile_engine::GenerationEvent::Failed(e) => panic!("{e}"),
+            }
+        }
+        let scored = scored.expect("prompt log probabilities");
+        // Entry i scores prompt token i + 1: the generated tokens are the last 31.
+        for (i, (id, lp)) in scored[scored.len() - 31..].iter().enumerate() {
+            assert_eq!(*id, a[i]);
+            let (best, best_lp) = lp.top[0];
+            positions += 1;
+            if best == a[i] {
+                exact += 1;
+            } else {
+                assert!(
+                    best_lp - lp.logprob <= NEAR_TIE,
+                    "{p:?} token {i}: the GPU prefers {best} ({best_lp:.3}) to the CPU's {} \
+                     ({:.3})",
+                    a[i],
+                    lp.logprob
+                );
+            }
+        }
+        positions += 1;
+        exact += usize::from(last == Some(a[31]));
     }
+    eprintln!(
+        "teacher-forced: the GPU's first choice is the CPU's token at {exact} of {positions} \
+         positions (the rest within {NEAR_TIE} nats)"
+    );
+    assert!(
+        exact * 100 >= positions * 95,
+        "the GPU agreed with the CPU's token at only {exact} of {positions} positions"
+    );
     eprintln!(
         "greedy GPU vs CPU: {same} of {} prompts identical",
         prompts.len()
@@ -796,8 +861,9 @@ fn greedy_tokens_on_the_gpu_match_the_cpu() {
         tokens / gpu_time.as_secs_f64(),
         tokens / cpu_time.as_secs_f64()
     );
-    assert!(
-        same >= 9,
-        "only {same} of 10 prompts gave the same 32 tokens"
-    );
 }
+
+/// How far (in nats) the GPU's first choice may lie above the CPU's token at a position where
+/// they differ: float noise between the devices (the CPU's own kernel tiers differ by as much)
+/// flips only near-ties.
+const NEAR_TIE: f32 = 0.5;
