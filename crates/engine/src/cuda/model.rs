@@ -14,12 +14,12 @@
 //!
 //! Embedding rows, rotary tables, slots and block tables are built on the host and copied each
 //! step (a few KB) into buffers at fixed addresses; everything else stays on the device. The
-//! launches of the decoder blocks (8 a block) are captured per step shape (tokens, and the
+//! launches of the decoder blocks (10 a block) are captured per step shape (tokens, and the
 //! attention scratch's stride, a power of two) into a CUDA graph the second time the shape
 //! comes, and replayed as one launch after that: a small model's decode step is launch-bound, not bound by the GPU's work.
 //! `LASTMILE_CUDA_GRAPHS=0` launches every kernel one by one instead; a capture the driver
 //! refuses turns graphs off for the process, with a warning. `LASTMILE_CUDA_FUSED=0` runs each
-//! operation as its own kernel (15 a block) instead of the fused ones.
+//! operation as its own kernel (20 a block) instead of the fused ones.
 
 use std::collections::HashMap;
 use std::sync::Arc;
