@@ -458,9 +458,38 @@ fn the_kernels_compute_what_the_cpu_engine_computes() {
         &mut scores,
         shape,
         37,
+        None,
     )
     .expect("attention");
     close(&down(&out), &want, "attention");
+    // Again with the output quantized in the same launch: the same values, and the same 8-bit
+    // copy as the separate quantization gives.
+    let mut fused_q = Q8Buf::new(&s, 2 * heads * hd).expect("alloc");
+    let mut out2 = s.alloc_zeros::<f32>(2 * heads * hd).expect("alloc");
+    k.attention_decode(
+        &mut out2,
+        &up(&q),
+        (&kc, &vc),
+        (&dt, &dat, &dl.as_view()),
+        &mut scores,
+        shape,
+        37,
+        Some(&mut fused_q),
+    )
+    .expect("attention, quantized");
+    assert_eq!(
+        down(&out2),
+        down(&out),
+        "attention: the same output with its 8-bit copy"
+    );
+    let mut alone = Q8Buf::new(&s, 2 * heads * hd).expect("alloc");
+    k.quantize(&mut alone, &out2, 2 * heads * hd)
+        .expect("quantize");
+    assert_eq!(
+        fused_q.download(&s).expect("download"),
+        alone.download(&s).expect("download"),
+        "attention: the quantized copy"
+    );
 
     // Rotary embedding of queries and keys and the keys' and values' store in one launch, over
     // the same tokens and slots as the store above, both pairings, against the CPU's rotation

@@ -198,7 +198,8 @@ extern "C" __global__ void kv_store_f16(half_bits *k_cache, half_bits *v_cache, 
 // Decode attention over the paged cache: one query token per sequence, every query head.
 // q: `[seqs, heads * head_dim]`; out: same shape; tables: every sequence's block table, the
 // s-th starting at `table_at[s]`; lens[s]: positions the query attends to (its own included);
-// scores: scratch of `seqs * heads * score_stride` floats (score_stride >= every lens[s]).
+// scores: scratch of `seqs * heads * score_stride` floats (score_stride >= every lens[s]);
+// oq/od/os: where `out` goes quantized to 8 bits too, or null (head_dim a multiple of 32).
 // Query head h reads KV head
 // `h / (heads / kv_heads)`. Grid: (seqs, heads); block: 128 threads (head_dim at most 256).
 extern "C" __global__ void attention_decode_f16(float *out, const float *q,
@@ -207,7 +208,8 @@ extern "C" __global__ void attention_decode_f16(float *out, const float *q,
                                                 const u32 *table_at, const u32 *lens,
                                                 float *scores, int heads, int kv_heads,
                                                 int head_dim, int block_size,
-                                                int score_stride) {
+                                                int score_stride, i8 *oq, float *od,
+                                                float *os) {
     int s = blockIdx.x, h = blockIdx.y;
     int kvh = h / (heads / kv_heads), kv_dim = kv_heads * head_dim;
     const u32 *table = tables + table_at[s];
@@ -243,7 +245,11 @@ extern "C" __global__ void attention_decode_f16(float *out, const float *q,
             u32 slot = table[p / block_size] * block_size + p % block_size;
             acc += sc[p] * half_to_float(v_cache[(size_t)slot * kv_dim + kvh * head_dim + d]);
         }
-        oh[d] = acc * inv;
+        float o = acc * inv;
+        oh[d] = o;
+        // The output quantized for the product after it, as `quantize_q8` would (head_dim a
+        // multiple of 32: each block of 32 is one warp's).
+        if (oq != nullptr) quantize_lane(o, oq, od, os, ((size_t)s * heads + h) * head_dim + d);
     }
 }
 

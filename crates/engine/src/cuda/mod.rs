@@ -586,6 +586,8 @@ impl Kernels {
     /// sequence per entry of `lens`) over its `lens[s]` cached positions, through the block
     /// tables (`tables`, sequence `s`'s from `table_at[s]`), into `out`; `scores` is scratch of
     /// `seqs * heads * score_stride` floats, `score_stride` at least the longest `lens[s]`.
+    /// With `out_q` (and a head size of whole blocks of 32), `out` is also quantized there as
+    /// [`Kernels::quantize`] does.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_decode(
         &self,
@@ -596,6 +598,7 @@ impl Kernels {
         scores: &mut CudaSlice<f32>,
         shape: AttentionShape,
         score_stride: usize,
+        out_q: Option<&mut Q8Buf>,
     ) -> Result<(), CudaError> {
         let seqs = lens.len();
         let ints = [
@@ -618,6 +621,15 @@ impl Kernels {
             .arg(scores);
         for v in &ints {
             b.arg(v);
+        }
+        let null = 0u64;
+        match out_q.filter(|_| shape.head_dim.is_multiple_of(32)) {
+            Some(q) => {
+                b.arg(&mut q.q).arg(&mut q.d).arg(&mut q.s);
+            }
+            None => {
+                b.arg(&null).arg(&null).arg(&null);
+            }
         }
         run(b, cfg)
     }

@@ -14,7 +14,7 @@
 //!
 //! Embedding rows, rotary tables, slots and block tables are built on the host and copied each
 //! step (a few KB) into buffers at fixed addresses; everything else stays on the device. The
-//! launches of the decoder blocks (10 a block) are captured per step shape (tokens, and the
+//! launches of the decoder blocks (9 a block) are captured per step shape (tokens, and the
 //! attention scratch's stride, a power of two) into a CUDA graph the second time the shape
 //! comes, and replayed as one launch after that: a small model's decode step is launch-bound, not bound by the GPU's work.
 //! `LASTMILE_CUDA_GRAPHS=0` launches every kernel one by one instead; a capture the driver
@@ -553,8 +553,11 @@ impl DeviceModel {
                 &mut b.scores,
                 shape,
                 stride,
+                (fuse && hd.is_multiple_of(32)).then_some(&mut b.xq),
             )?;
-            quantize(k, &mut b.xq, &b.att, n * qd)?;
+            if !(fuse && hd.is_multiple_of(32)) {
+                quantize(k, &mut b.xq, &b.att, n * qd)?;
+            }
             let att = (&b.att, &b.xq);
             k.matmul(&mut b.tmp, &l.wo.bytes, att, (h, qd, n), l.wo.format)?;
             if fuse {
