@@ -274,53 +274,55 @@ __device__ __forceinline__ int dot_bytes(const int *w, const int *x) {
     return acc;
 }
 
+// Block fields: the f16 at byte `at`, and 4 bytes (little-endian) as one int.
+__device__ __forceinline__ float f16_at(const u8 *blk, int at) {
+    return half_to_float((half_bits)(blk[at] | (blk[at + 1] << 8)));
+}
+
+__device__ __forceinline__ int int_at(const u8 *p) {
+    return (int)p[0] | ((int)p[1] << 8) | ((int)p[2] << 16) | ((int)p[3] << 24);
+}
+
+// 16 bytes of nibbles as 32 bytes (low nibbles: values 0..15, high: 16..31), `bias`
+// subtracted from each (per byte: `__vsub4` keeps borrows inside each byte).
+__device__ __forceinline__ void unpack_nibbles(const u8 *qs, int bias, int *w) {
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        int packed = int_at(qs + 4 * j);
+        w[j] = __vsub4(packed & 0x0f0f0f0f, bias);
+        w[j + 4] = __vsub4((packed >> 4) & 0x0f0f0f0f, bias);
+    }
+}
+
+// Each format loads a block as its 32 values in bytes, 4 to an int, its scale and its offset.
 // Q8_0: an f16 scale and 32 signed bytes.
 struct Q8_0 {
     static const int BYTES = 34;
-    // The block's 32 values as signed bytes, 4 to an int; its scale and offset.
     static __device__ __forceinline__ void load(const u8 *blk, int *w, float &dw, float &mw) {
-        dw = half_to_float((half_bits)(blk[0] | (blk[1] << 8)));
+        dw = f16_at(blk, 0);
         mw = 0.0f;
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const u8 *p = blk + 2 + 4 * j;
-            w[j] = (int)p[0] | ((int)p[1] << 8) | ((int)p[2] << 16) | ((int)p[3] << 24);
-        }
+        for (int j = 0; j < 8; j++) w[j] = int_at(blk + 2 + 4 * j);
     }
 };
 
-// Q4_1: f16 scale d and minimum m, 16 bytes of nibbles (low: weights 0..15, high: 16..31),
-// each weight `q * d + m`.
+// Q4_1: f16 scale d and minimum m, 16 bytes of nibbles, each weight `q * d + m`.
 struct Q4_1 {
     static const int BYTES = 20;
     static __device__ __forceinline__ void load(const u8 *blk, int *w, float &dw, float &mw) {
-        dw = half_to_float((half_bits)(blk[0] | (blk[1] << 8)));
-        mw = half_to_float((half_bits)(blk[2] | (blk[3] << 8)));
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const u8 *p = blk + 4 + 4 * j;
-            int packed = (int)p[0] | ((int)p[1] << 8) | ((int)p[2] << 16) | ((int)p[3] << 24);
-            w[j] = packed & 0x0f0f0f0f;
-            w[j + 4] = (packed >> 4) & 0x0f0f0f0f;
-        }
+        dw = f16_at(blk, 0);
+        mw = f16_at(blk, 2);
+        unpack_nibbles(blk + 4, 0, w);
     }
 };
 
-// Q4_0: an f16 scale and 16 bytes of nibbles, each weight `(q - 8) * d`.
+// Q4_0: an f16 scale and 16 bytes of nibbles, each weight `(q - 8) * d` (signed bytes).
 struct Q4_0 {
     static const int BYTES = 18;
     static __device__ __forceinline__ void load(const u8 *blk, int *w, float &dw, float &mw) {
-        dw = half_to_float((half_bits)(blk[0] | (blk[1] << 8)));
+        dw = f16_at(blk, 0);
         mw = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const u8 *p = blk + 2 + 4 * j;
-            int packed = (int)p[0] | ((int)p[1] << 8) | ((int)p[2] << 16) | ((int)p[3] << 24);
-            // Each byte q - 8, as a signed byte (per-byte subtraction: no borrow crosses bytes
-            // since (q | 0x80) - 8 >= 0x78).
-            w[j] = __vsub4(packed & 0x0f0f0f0f, 0x08080808);
-            w[j + 4] = __vsub4((packed >> 4) & 0x0f0f0f0f, 0x08080808);
-        }
+        unpack_nibbles(blk + 2, 0x08080808, w);
     }
 };
 

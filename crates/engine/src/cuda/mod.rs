@@ -278,6 +278,28 @@ fn run(mut b: LaunchArgs<'_>, cfg: LaunchConfig) -> Result<(), CudaError> {
     Ok(())
 }
 
+/// Calls `launch(t0, n)` over consecutive windows of a product's `tokens`, each as many as one
+/// launch takes at `per_y` tokens a grid row (the grid's y stops at 65,535).
+fn token_windows(
+    tokens: usize,
+    per_y: usize,
+    mut launch: impl FnMut(usize, usize) -> Result<(), CudaError>,
+) -> Result<(), CudaError> {
+    let mut t0 = 0;
+    while t0 < tokens {
+        let n = (tokens - t0).min(MAX_GRID_Y * per_y);
+        launch(t0, n)?;
+        t0 += n;
+    }
+    Ok(())
+}
+
+/// The grid of a product over `rows` weight rows (a warp each, 8 a block) and `n` tokens
+/// (`per_y` a grid row).
+fn product_grid(rows: usize, n: usize, per_y: usize) -> LaunchConfig {
+    grid(blocks_for(rows, 8), n.div_ceil(per_y) as u32, 256)
+}
+
 fn grid(x: u32, y: u32, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (x, y, 1),
@@ -319,16 +341,6 @@ impl Q8Buf {
             stream.clone_dtoh(&self.d).map_err(e)?,
             stream.clone_dtoh(&self.s).map_err(e)?,
         ))
-    }
-
-    /// Room, in activations.
-    pub fn len(&self) -> usize {
-        self.q.len()
-    }
-
-    /// Whether it has no room.
-    pub fn is_empty(&self) -> bool {
-        self.q.len() == 0
     }
 
     /// The rows `t0..t0 + n` of `cols` values (for the launches a long batch is split into).
@@ -667,10 +679,7 @@ impl Kernels {
         let (r, c) = (rows as i32, cols as i32);
         // Tokens per grid row: a tile for the block formats, one for f32.
         let per_y = format.tokens_per_grid_row();
-        // The grid's y stops at 65,535: more tokens go in several launches.
-        let mut t0 = 0;
-        while t0 < tokens {
-            let n = (tokens - t0).min(MAX_GRID_Y * per_y);
+        token_windows(tokens, per_y, |t0, n| {
             let mut yv = y.slice_mut(t0 * rows..(t0 + n) * rows);
             let nt = n as i32;
             let mut b = self.kernel(format.kernel());
@@ -683,10 +692,8 @@ impl Kernels {
                 b.arg(&q.0).arg(&q.1).arg(&q.2);
             }
             b.arg(&r).arg(&c).arg(&nt);
-            run(b, grid(blocks_for(rows, 8), n.div_ceil(per_y) as u32, 256))?;
-            t0 += n;
-        }
-        Ok(())
+            run(b, product_grid(rows, n, per_y))
+        })
     }
 
     /// The Q, K and V products in one launch: `q = Wq x` (`q_rows` rows), `k = Wk x`, `v = Wv
@@ -709,9 +716,7 @@ impl Kernels {
             CudaError::Unsupported(format!("a fused Q/K/V product over {format:?}"))
         })?;
         let (qr, kr, c) = (q_rows as i32, kv_rows as i32, cols as i32);
-        let mut t0 = 0;
-        while t0 < tokens {
-            let n = (tokens - t0).min(MAX_GRID_Y * TOKEN_TILE);
+        token_windows(tokens, TOKEN_TILE, |t0, n| {
             let mut qv = q.slice_mut(t0 * q_rows..(t0 + n) * q_rows);
             let mut kv = k.slice_mut(t0 * kv_rows..(t0 + n) * kv_rows);
             let mut vv = v.slice_mut(t0 * kv_rows..(t0 + n) * kv_rows);
@@ -721,14 +726,8 @@ impl Kernels {
             b.arg(&mut qv).arg(&mut kv).arg(&mut vv);
             b.arg(wq).arg(wk).arg(wv).arg(&x.0).arg(&x.1).arg(&x.2);
             b.arg(&qr).arg(&kr).arg(&c).arg(&nt);
-            let rows = q_rows + 2 * kv_rows;
-            run(
-                b,
-                grid(blocks_for(rows, 8), n.div_ceil(TOKEN_TILE) as u32, 256),
-            )?;
-            t0 += n;
-        }
-        Ok(())
+            run(b, product_grid(q_rows + 2 * kv_rows, n, TOKEN_TILE))
+        })
     }
 
     /// `out = silu(G x) * (U x)` for `tokens` inputs (`out`: `[tokens, rows]`), `G` and `U`
@@ -746,9 +745,7 @@ impl Kernels {
             CudaError::Unsupported(format!("a fused feed-forward product over {format:?}"))
         })?;
         let (r, c) = (rows as i32, cols as i32);
-        let mut t0 = 0;
-        while t0 < tokens {
-            let n = (tokens - t0).min(MAX_GRID_Y * TOKEN_TILE);
+        token_windows(tokens, TOKEN_TILE, |t0, n| {
             let mut ov = out.slice_mut(t0 * rows..(t0 + n) * rows);
             let x = xq.window(t0, n, cols);
             let nt = n as i32;
@@ -760,13 +757,8 @@ impl Kernels {
                 .arg(&x.1)
                 .arg(&x.2);
             b.arg(&r).arg(&c).arg(&nt);
-            run(
-                b,
-                grid(blocks_for(rows, 8), n.div_ceil(TOKEN_TILE) as u32, 256),
-            )?;
-            t0 += n;
-        }
-        Ok(())
+            run(b, product_grid(rows, n, TOKEN_TILE))
+        })
     }
 
     /// `x[t] += bias` for the first `rows` rows of `x` (`bias.len()` wide).

@@ -40,17 +40,17 @@ struct Matrix {
     bytes: CudaSlice<u8>,
 }
 
-/// Quantizes the first `values` of `x` into `xq` for the products over block formats (which
+/// Quantizes `rows` rows of `width` of `x` into `xq` for the products over block formats (which
 /// read activations as the CPU engine does: 8 bits per block of 32); widths that are not whole
 /// blocks only meet f32 matrices, which read `x` itself.
 fn quantize(
     k: &Kernels,
     xq: &mut Q8Buf,
     x: &CudaSlice<f32>,
-    values: usize,
+    (rows, width): (usize, usize),
 ) -> Result<(), CudaError> {
-    if values.is_multiple_of(32) {
-        k.quantize(xq, x, values)?;
+    if width.is_multiple_of(32) {
+        k.quantize(xq, x, rows * width)?;
     }
     Ok(())
 }
@@ -410,7 +410,7 @@ impl DeviceModel {
         if m > 0 {
             k.gather_rows(&mut b.xn, &b.x, &b.rows.slice(0..m), h)?;
             k.rmsnorm(&mut b.tmp, &b.xn, &self.out_norm, m, c.rms_eps)?;
-            quantize(k, &mut b.xq, &b.tmp, m * h)?;
+            quantize(k, &mut b.xq, &b.tmp, (m, h))?;
             let o = &self.output;
             k.matmul(
                 &mut b.logits,
@@ -510,7 +510,7 @@ impl DeviceModel {
             }
             if li == 0 || !fuse {
                 // Fused, the add + norm before this block quantized it already.
-                quantize(k, &mut b.xq, &b.xn, n * h)?;
+                quantize(k, &mut b.xq, &b.xn, (n, h))?;
             }
             let (wq, wk, wv) = (&l.wq, &l.wk, &l.wv);
             let qkv_fused = fuse
@@ -556,7 +556,7 @@ impl DeviceModel {
                 (fuse && hd.is_multiple_of(32)).then_some(&mut b.xq),
             )?;
             if !(fuse && hd.is_multiple_of(32)) {
-                quantize(k, &mut b.xq, &b.att, n * qd)?;
+                quantize(k, &mut b.xq, &b.att, (n, qd))?;
             }
             let att = (&b.att, &b.xq);
             k.matmul(&mut b.tmp, &l.wo.bytes, att, (h, qd, n), l.wo.format)?;
@@ -566,7 +566,7 @@ impl DeviceModel {
             } else {
                 k.add(&mut b.x, &b.tmp, n * h)?;
                 k.rmsnorm(&mut b.xn, &b.x, &l.ffn_norm, n, c.rms_eps)?;
-                quantize(k, &mut b.xq, &b.xn, n * h)?;
+                quantize(k, &mut b.xq, &b.xn, (n, h))?;
             }
             let ffn_fused = fuse
                 && l.gate.format == l.up.format
@@ -581,7 +581,7 @@ impl DeviceModel {
                 k.matmul(&mut b.up, &l.up.bytes, xn, (ff, h, n), l.up.format)?;
                 k.swiglu(&mut b.gate, &b.up, n * ff)?;
             }
-            quantize(k, &mut b.xq, &b.gate, n * ff)?;
+            quantize(k, &mut b.xq, &b.gate, (n, ff))?;
             k.matmul(
                 &mut b.tmp,
                 &l.down.bytes,
