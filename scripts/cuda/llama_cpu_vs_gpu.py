@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """How often llama.cpp agrees with itself between its CPU and CUDA backends: greedy, 32 tokens,
-on the prompts of lastmile's GPU-vs-CPU check (crates/engine/tests/cuda.rs). The yardstick for
+on the prompts of lastmile's GPU-vs-CPU check (crates/engine/tests/fixtures/gpu_prompts.json). The yardstick for
 that check: free-running greedy text parts at the first near-tie, on any two backends.
 
     python3 scripts/cuda/llama_cpu_vs_gpu.py LLAMA_SERVER MODEL.gguf
@@ -14,18 +14,10 @@ import sys
 import time
 import urllib.request
 
-PROMPTS = [
-    "The capital of France is",
-    "Write a haiku about the ocean.",
-    "def quicksort(xs):",
-    "List three primary colors:",
-    "The quick brown fox",
-    "In 1969, the first humans",
-    "Translate to French: good morning",
-    "SELECT name FROM users WHERE",
-    "The main ingredients of bread are",
-    "Once upon a time",
-]
+# The prompts of lastmile's own GPU-vs-CPU check, from the same file.
+PROMPTS = json.load(
+    open(os.path.join(os.path.dirname(__file__), "../../crates/engine/tests/fixtures/gpu_prompts.json"))
+)
 
 
 def free_port():

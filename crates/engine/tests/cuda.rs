@@ -450,33 +450,28 @@ fn the_kernels_compute_what_the_cpu_engine_computes() {
         head_dim: hd,
         block_size: bs,
     };
-    k.attention_decode(
-        &mut out,
-        &up(&q),
-        (&kc, &vc),
-        (&dt, &dat, &dl.as_view()),
-        &mut scores,
-        shape,
-        37,
-        None,
-    )
-    .expect("attention");
+    // Plain, then with the output quantized in the same launch: the same values both times,
+    // and the same 8-bit copy as the separate quantization gives.
+    let attend = |out: &mut cudarc::driver::CudaSlice<f32>,
+                  scores: &mut cudarc::driver::CudaSlice<f32>,
+                  out_q: Option<&mut Q8Buf>| {
+        k.attention_decode(
+            out,
+            &up(&q),
+            (&kc, &vc),
+            (&dt, &dat, &dl.as_view()),
+            scores,
+            shape,
+            37,
+            out_q,
+        )
+        .expect("attention");
+    };
+    attend(&mut out, &mut scores, None);
     close(&down(&out), &want, "attention");
-    // Again with the output quantized in the same launch: the same values, and the same 8-bit
-    // copy as the separate quantization gives.
     let mut fused_q = Q8Buf::new(&s, 2 * heads * hd).expect("alloc");
     let mut out2 = s.alloc_zeros::<f32>(2 * heads * hd).expect("alloc");
-    k.attention_decode(
-        &mut out2,
-        &up(&q),
-        (&kc, &vc),
-        (&dt, &dat, &dl.as_view()),
-        &mut scores,
-        shape,
-        37,
-        Some(&mut fused_q),
-    )
-    .expect("attention, quantized");
+    attend(&mut out2, &mut scores, Some(&mut fused_q));
     assert_eq!(
         down(&out2),
         down(&out),
@@ -776,18 +771,10 @@ fn greedy_tokens_on_the_gpu_match_the_cpu() {
     if gpu_or_refusal().is_none() {
         return;
     }
-    let prompts = [
-        "The capital of France is",
-        "Write a haiku about the ocean.",
-        "def quicksort(xs):",
-        "List three primary colors:",
-        "The quick brown fox",
-        "In 1969, the first humans",
-        "Translate to French: good morning",
-        "SELECT name FROM users WHERE",
-        "The main ingredients of bread are",
-        "Once upon a time",
-    ];
+    // The same prompts as scripts/cuda/llama_cpu_vs_gpu.py, llama.cpp's CPU-vs-CUDA yardstick;
+    // compiled in, since the device check runs this binary away from the source tree.
+    let prompts: Vec<String> =
+        serde_json::from_str(include_str!("fixtures/gpu_prompts.json")).expect("a list of prompts");
     let cpu_model = test_model();
     let tok = test_model().tokenizer;
     let ids: Vec<Vec<u32>> = prompts
