@@ -9,6 +9,7 @@ mod draft;
 mod handoff;
 mod pacing;
 mod plan;
+mod profile;
 mod scheduler;
 mod speculate;
 mod tiers;

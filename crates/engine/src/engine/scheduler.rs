@@ -18,6 +18,7 @@ use super::disk::{Disk, ReadBack};
 use super::draft::{DraftJob, DraftKv, DraftModel};
 use super::handoff::{import_block, tally, Leases};
 use super::plan::{Chunk, Planned, Planner, Refusal, SeqKv, StepPlan};
+use super::profile::StepProfile;
 use super::speculate::{DraftSource, Drafter, Speculation, MAX_RUNNING_TO_DRAFT};
 use super::tiers::Tier;
 use super::{
@@ -116,53 +117,6 @@ pub(super) struct Scheduler {
     disk: Option<Disk>,
     /// Where step time goes (`LASTMILE_STEP_PROFILE=1`), printed every few seconds.
     profile: Option<StepProfile>,
-}
-
-/// Step time by phase, summed since the last report.
-struct StepProfile {
-    since: std::time::Instant,
-    steps: usize,
-    tokens: usize,
-    /// Planning, the forward pass, and sampling (with detokenizing and streaming).
-    phases: [std::time::Duration; 3],
-}
-
-impl StepProfile {
-    /// Every step's phases; a line on stderr every 2 s.
-    fn add(&mut self, tokens: usize, phases: [std::time::Duration; 3]) {
-        self.steps += 1;
-        self.tokens += tokens;
-        for (sum, p) in self.phases.iter_mut().zip(phases) {
-            *sum += p;
-        }
-        let wall = self.since.elapsed();
-        if wall.as_secs() < 2 {
-            return;
-        }
-        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3 / self.steps as f64;
-        let [plan, forward, sample] = self.phases;
-        eprintln!(
-            "step profile: {} steps in {:.1} s, {:.1} tokens a step; per step: plan {:.3} ms, \
-             forward {:.3} ms, sample {:.3} ms; idle {:.0}%",
-            self.steps,
-            wall.as_secs_f64(),
-            self.tokens as f64 / self.steps as f64,
-            ms(plan),
-            ms(forward),
-            ms(sample),
-            100.0 * (1.0 - (plan + forward + sample).as_secs_f64() / wall.as_secs_f64()),
-        );
-        *self = Self::new();
-    }
-
-    fn new() -> Self {
-        Self {
-            since: std::time::Instant::now(),
-            steps: 0,
-            tokens: 0,
-            phases: Default::default(),
-        }
-    }
 }
 
 impl Scheduler {
@@ -658,13 +612,15 @@ impl Scheduler {
     /// row), in order: spread over the compute threads when there are many (a GPU step leaves
     /// sampling as the host's main work: 64 sequences take about as long as the step itself).
     fn sample_due(&mut self, due: &[(&Chunk, usize)], vocab: usize) -> Vec<Sampled> {
-        let distinct = {
+        // Whether each chunk has a sequence of its own (the planner gives a sequence one chunk
+        // a step; the parallel path relies on it, so it is checked, only where it is taken).
+        let distinct = || {
             let mut seqs: Vec<usize> = due.iter().map(|(c, _)| c.seq).collect();
             seqs.sort_unstable();
             seqs.windows(2).all(|w| w[0] != w[1])
         };
         let tok = &*self.tokenizer;
-        if due.len() < PARALLEL_SAMPLING_FROM || self.pool.threads() == 1 || !distinct {
+        if due.len() < PARALLEL_SAMPLING_FROM || self.pool.threads() == 1 || !distinct() {
             return due
                 .iter()
                 .map(|&(c, first)| {
