@@ -43,11 +43,12 @@ CARRY_BYTES=$((52 * 1024 * 1024))
 
 # The CUDA 13 runtime and cuBLAS of the GPU machine's Python environment, for llama.cpp.
 cuda_lib_path() {
-    local d
+    local f dirs=""
     for lib in libcudart.so.13 libcublas.so.13; do
-        d=$(find /opt /usr/local /usr/lib -name "$lib" 2>/dev/null | head -1)
-        [[ -n "$d" ]] && printf '%s:' "$(dirname "$d")"
+        f=$(find /opt /usr/local /usr/lib -name "$lib" 2>/dev/null | head -1)
+        [[ -n "$f" && ":$dirs" != *":$(dirname "$f"):"* ]] && dirs+="$(dirname "$f"):"
     done
+    printf '%s' "$dirs"
 }
 
 case "${1:-}" in
