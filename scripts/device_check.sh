@@ -32,6 +32,9 @@
 #       decode 128 at one stream, 64 streams decoding at once (`engine-bench`, run2) vs
 #       `llama-bench` (run3), and output tok/s served at 1 and 64 streams (`lastmile bench
 #       --compare llama-cpp --device cuda:0`, both servers in one run).
+#
+# LASTMILE_DEVICE_ANCHOR=0 prepares without llama.cpp (its CUDA build takes ~45 min on 2 cores
+# the first time): run1 and run2 check and measure lastmile alone, run3 has nothing to run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D1=target/device1
@@ -62,7 +65,10 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
         print(m["executable"])' | tail -1)
     cargo build --release -q -p lastmile --features cuda
-    LASTMILE_ANCHOR_TIER=cuda scripts/anchor/build_llama_cpp.sh >/dev/null
+    with_anchor="${LASTMILE_DEVICE_ANCHOR:-1}"
+    if [[ "$with_anchor" != 0 ]]; then
+        LASTMILE_ANCHOR_TIER=cuda scripts/anchor/build_llama_cpp.sh >/dev/null
+    fi
     anchor="${LASTMILE_HOME:-$HOME/.cache/lastmile}/anchor/build-cuda/bin"
     rm -rf "$D1" "$D2" "$D3"
     mkdir -p "$D1" "$D2" "$D3"
@@ -74,10 +80,12 @@ for l in sys.stdin:
     # llama.cpp: its binaries and libraries, and the OpenMP runtime they link (not every
     # image has it).
     stage=$(mktemp -d)
-    cp -a "$anchor"/llama-bench "$anchor"/llama-server "$anchor"/lib*.so* "$stage/"
-    gomp=$(gcc -print-file-name=libgomp.so.1)
-    cp -L "$gomp" "$stage/"
-    strip "$stage"/llama-* 2>/dev/null || true
+    if [[ "$with_anchor" != 0 ]]; then
+        cp -a "$anchor"/llama-bench "$anchor"/llama-server "$anchor"/lib*.so* "$stage/"
+        gomp=$(gcc -print-file-name=libgomp.so.1)
+        cp -L "$gomp" "$stage/"
+        strip "$stage"/llama-* 2>/dev/null || true
+    fi
     tar -C "$stage" -cf - . | xz -T0 -6 > "$WORK.llama.tar.xz"
     rm -rf "$stage"
     model=$(cargo run --release -q -p lastmile --features cuda -- models pull 2>/dev/null | tail -1)
@@ -190,6 +198,10 @@ run3)
     model=$(cat "$WORK/model.path")
     mkdir -p "$WORK/llama"
     cat "$WORK/llama.part1" "$D3/llama.part2" | xz -dc | tar -C "$WORK/llama" -xf -
+    if [[ ! -x "$WORK/llama/llama-bench" ]]; then
+        echo "== prepared with LASTMILE_DEVICE_ANCHOR=0: no llama.cpp to measure against"
+        exit 0
+    fi
     export LD_LIBRARY_PATH="$(cuda_lib_path)${LD_LIBRARY_PATH:-}"
     export LASTMILE_CUDA_PTX="$PWD/$WORK/kernels.ptx"
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"

@@ -169,7 +169,14 @@ pub fn run(mut args: EngineBenchArgs) -> Result<()> {
     // (the round's rate is the mean of the two): on a shared machine it drifts by a third within
     // minutes, so each decode is set against the rate of its own moment, taken on both sides of
     // it (the share reported is the median of those per-round shares).
-    let bw_buf: Vec<u64> = (0..BANDWIDTH_BYTES as u64 / 8).collect();
+    // On a GPU the host's memory is not what decode reads: no limit is measured there.
+    let device = engine.info().device.clone();
+    let on_cpu = device.device == "cpu";
+    let bw_buf: Vec<u64> = if on_cpu {
+        (0..BANDWIDTH_BYTES as u64 / 8).collect()
+    } else {
+        Vec::new()
+    };
     let bytes = engine.info().weight_bytes_per_token as f64;
     let mut bws = Vec::new();
     let mut shares = Vec::new();
@@ -177,11 +184,13 @@ pub fn run(mut args: EngineBenchArgs) -> Result<()> {
         let (ttft, _, _) = time_request(&engine, prompt.clone(), 1)?;
         pp.push(args.prompt_tokens as f64 / ttft);
         bar.inc(1);
-        let before = memory_read_bandwidth(&bw_buf);
+        let before = on_cpu.then(|| memory_read_bandwidth(&bw_buf));
         let (_, rest, n) = time_request(&engine, vec![prompt[0]], args.gen_tokens + 1)?;
         tg.push((n - 1) as f64 / rest);
-        bws.push((before + memory_read_bandwidth(&bw_buf)) / 2.0);
-        shares.push(tg[tg.len() - 1] / (bws[bws.len() - 1] * 1e9 / bytes));
+        if let Some(before) = before {
+            bws.push((before + memory_read_bandwidth(&bw_buf)) / 2.0);
+            shares.push(tg[tg.len() - 1] / (bws[bws.len() - 1] * 1e9 / bytes));
+        }
         bar.inc(1);
     }
     let mut batched = Vec::new();
@@ -197,11 +206,20 @@ pub fn run(mut args: EngineBenchArgs) -> Result<()> {
     }
     bar.finish_and_clear();
     let batched_med = median(&mut batched.clone());
-    let bw = median(&mut bws.clone());
-    let limit = bw * 1e9 / bytes;
-    let share = median(&mut shares);
+    // `None` on a GPU (nothing measured).
+    let bw = on_cpu.then(|| median(&mut bws.clone()));
+    let limit = bw.map(|bw| bw * 1e9 / bytes);
+    let share = on_cpu.then(|| median(&mut shares));
     let (pp_med, tg_med) = (median(&mut pp.clone()), median(&mut tg.clone()));
-    let kernels = lastmile_engine::kernels::simd_name();
+    let kernels = if on_cpu {
+        lastmile_engine::kernels::simd_name().to_string()
+    } else {
+        format!(
+            "{} ({})",
+            device.device,
+            device.name.as_deref().unwrap_or("GPU")
+        )
+    };
     if args.json {
         println!(
             "{}",
@@ -234,13 +252,20 @@ pub fn run(mut args: EngineBenchArgs) -> Result<()> {
                 args.streams, args.gen_tokens, args.repeats
             );
         }
-        println!(
-            "memory read {bw:.1} GB/s / {:.1} MB per token = decode limit {limit:.0} tok/s \
-             (medians; decode at {:.0}% of the limit measured around it in its own round; \
-             kernels: {kernels})",
-            bytes / 1e6,
-            100.0 * share
-        );
+        match (bw, limit, share) {
+            (Some(bw), Some(limit), Some(share)) => println!(
+                "memory read {bw:.1} GB/s / {:.1} MB per token = decode limit {limit:.0} tok/s \
+                 (medians; decode at {:.0}% of the limit measured around it in its own round; \
+                 kernels: {kernels})",
+                bytes / 1e6,
+                100.0 * share
+            ),
+            _ => println!(
+                "device {kernels}: {:.1} MB of weights per token (the host's memory read rate \
+                 is no limit on a GPU, so none is measured)",
+                bytes / 1e6
+            ),
+        }
     }
     Ok(())
 }
