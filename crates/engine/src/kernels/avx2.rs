@@ -132,33 +132,21 @@ pub unsafe fn float_rows<const R: usize, const T: usize>(
     xf: &[&[f32]; T],
     out: &mut [&mut [f32]; T],
 ) {
-    let rows = out[0].len();
-    assert!(
-        out.iter().all(|o| o.len() == rows),
-        "one output length for every token"
-    );
-    assert!(
-        rows > 0 && w.len().is_multiple_of(rows),
-        "whole rows of weights"
-    );
-    let row_bytes = w.len() / rows;
     #[cfg(target_arch = "x86_64")]
     // SAFETY: forwarded from the caller; `float_tile` checks each row and token's length.
     unsafe {
         match kind {
-            QKind::F32 => x86::float_rows::<R, T, 0>(w, row_bytes, xf, out),
-            QKind::F16 => x86::float_rows::<R, T, 1>(w, row_bytes, xf, out),
-            QKind::BF16 => x86::float_rows::<R, T, 2>(w, row_bytes, xf, out),
+            QKind::F32 => x86::float_rows::<R, T, 0>(w, xf, out),
+            QKind::F16 => x86::float_rows::<R, T, 1>(w, xf, out),
+            QKind::BF16 => x86::float_rows::<R, T, 2>(w, xf, out),
             _ => panic!("float_rows: {kind:?} is not a float kind"),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    for r in 0..rows {
-        let w = &w[r * row_bytes..(r + 1) * row_bytes];
-        let v = super::scalar::dot_rows::<T>(kind, w, *xf, None);
-        for (o, v) in out.iter_mut().zip(v) {
-            o[r] = v;
-        }
+    {
+        let row =
+            |ws: &[&[u8]; 1]| super::scalar::dot_rows::<T>(kind, ws[0], *xf, None).map(|v| [v]);
+        super::float_row_tiles::<1, T>(w, out, row, row);
     }
 }
 
@@ -750,35 +738,21 @@ mod x86 {
         }
     }
 
-    /// [`super::float_rows`] for weights of kind `F` (as in [`float_tile`]), rows of
-    /// `row_bytes` bytes.
+    /// [`super::float_rows`] for weights of kind `F` (as in [`float_tile`]).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn float_rows<const R: usize, const T: usize, const F: usize>(
         w: &[u8],
-        row_bytes: usize,
         xf: &[&[f32]; T],
         out: &mut [&mut [f32]; T],
     ) {
-        let rows = w.len() / row_bytes;
-        let row = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
-        let mut r = 0;
-        // SAFETY (both calls): the features are the caller's promise; `float_tile` checks the
-        // lengths.
-        while r + R <= rows {
-            let ws: [&[u8]; R] = std::array::from_fn(|k| row(r + k));
-            let v = unsafe { float_tile::<R, T, F>(&ws, xf) };
-            for (o, v) in out.iter_mut().zip(&v) {
-                o[r..r + R].copy_from_slice(v);
-            }
-            r += R;
-        }
-        while r < rows {
-            let v = unsafe { float_tile::<1, T, F>(&[row(r)], xf) };
-            for (o, v) in out.iter_mut().zip(&v) {
-                o[r] = v[0];
-            }
-            r += 1;
-        }
+        // SAFETY (both closures): the features are the caller's promise; `float_tile` checks
+        // the lengths.
+        super::super::float_row_tiles::<R, T>(
+            w,
+            out,
+            |ws| unsafe { float_tile::<R, T, F>(ws, xf) },
+            |ws| unsafe { float_tile::<1, T, F>(ws, xf) },
+        );
     }
 
     /// `R` float weight rows (`F` = 0 for f32, 1 for f16, 2 for bf16) against `T` tokens' f32
@@ -798,14 +772,7 @@ mod x86 {
         w: &[&[u8]; R],
         xf: &[&[f32]; T],
     ) -> [[f32; R]; T] {
-        let esize = if F == 0 { 4 } else { 2 };
-        let n = w[0].len() / esize;
-        for row in w {
-            assert_eq!(row.len(), n * esize);
-        }
-        for x in xf {
-            assert!(x.len() >= n);
-        }
+        let n = super::super::float_tile_len::<F>(w, xf);
         let mut acc = [[[_mm256_setzero_ps(); R]; T]; 2];
         let mut out = [[0.0f32; R]; T];
         // SAFETY: `i + 8 <= n` bounds every vector read of each row and each `x`, `i < n` every

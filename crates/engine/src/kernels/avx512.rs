@@ -7,6 +7,12 @@
 //! prefill and preemption rely on for identical greedy output). The kernel is compiled once per
 //! format (a const parameter): with the format a run-time value, its branches sat in the inner
 //! loop, and Q5's products ran 30% slower, Q4's and Q8_0's 4–10%.
+//!
+//! Float matrices (F32, F16, BF16: every safetensors model) run `float_rows`: a register tile
+//! of rows x tokens over 16-wide f32 blocks, with thirty-two registers room for a larger tile
+//! than AVX2's. Where many tokens pass (prefill), 16-bit rows are widened to f32 once per row
+//! tile into a scratch (`widen_rows`) so that the tile's inner loop is loads and FMAs only: a
+//! 512-bit f16 or bf16 conversion takes the FMA ports on Intel cores.
 
 #![cfg_attr(not(target_arch = "x86_64"), allow(unused))]
 
@@ -53,6 +59,58 @@ pub unsafe fn unpack(job: &GroupJob<'_>, dst: &mut [u8]) {
     job.check(0);
     // SAFETY: bounds checked; the features are the caller's promise.
     unsafe { x86::unpack(job, dst) }
+}
+
+/// Float weight rows (`kind` F32, F16 or BF16; `w` the rows' bytes, one after another) against
+/// `T` tokens: row `i` for token `t` into `out[t][i]`, in register tiles of `R` rows (the rest
+/// one row at a time). Every tile sums a row and token the same way (see `x86::float_tile`), so
+/// a token's result is the same bits in any batch, and the same whether its 16-bit rows were
+/// widened first (`widen_rows`: exact) or are converted in the loop.
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL (`has_vnni` implies them; never true off x86-64).
+pub unsafe fn float_rows<const R: usize, const T: usize>(
+    kind: super::QKind,
+    w: &[u8],
+    xf: &[&[f32]; T],
+    out: &mut [&mut [f32]; T],
+) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: forwarded from the caller; `float_tile` checks each row and token's length.
+    unsafe {
+        use super::QKind;
+        match kind {
+            QKind::F32 => x86::float_rows::<R, T, 0>(w, xf, out),
+            QKind::F16 => x86::float_rows::<R, T, 1>(w, xf, out),
+            QKind::BF16 => x86::float_rows::<R, T, 2>(w, xf, out),
+            _ => panic!("float_rows: {kind:?} is not a float kind"),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!(
+        "AVX-512 float rows ({kind:?}, {} bytes) off x86-64",
+        w.len()
+    );
+}
+
+/// Widens 16-bit float weights (`kind` F16 or BF16) to f32, exactly: `dst[i]` is element `i`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL (`has_vnni` implies them; never true off x86-64).
+pub unsafe fn widen_rows(kind: super::QKind, w: &[u8], dst: &mut [f32]) {
+    assert_eq!(w.len(), dst.len() * 2, "two bytes an element");
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AVX-512 widening of {kind:?} off x86-64");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: lengths checked; the features are the caller's promise.
+    unsafe {
+        use super::QKind;
+        match kind {
+            QKind::F16 => x86::widen::<1>(w, dst),
+            QKind::BF16 => x86::widen::<2>(w, dst),
+            _ => panic!("widen_rows: {kind:?} is not a 16-bit float kind"),
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -267,5 +325,126 @@ pub(crate) mod x86 {
                 }
             }
         }
+    }
+
+    /// Lanes `0..n` of a 16-lane mask (`n` at most 16).
+    #[inline]
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << n) - 1
+        }
+    }
+
+    /// Elements `i..i + 16` (the lanes of `m`; the others zero, their bytes never read) of a
+    /// float row of kind `F` (0 f32, 1 f16, 2 bf16) at `p`, as f32.
+    ///
+    /// # Safety
+    /// The lanes of `m` must lie inside the row.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn float_block<const F: usize>(p: *const u8, i: usize, m: __mmask16) -> __m512 {
+        // SAFETY: masked loads read (and may fault on) only the lanes of `m`.
+        unsafe {
+            match F {
+                0 => _mm512_maskz_loadu_ps(m, p.add(i * 4) as *const f32),
+                1 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.add(i * 2) as *const i16)),
+                _ => {
+                    let h = _mm256_maskz_loadu_epi16(m, p.add(i * 2) as *const i16);
+                    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                }
+            }
+        }
+    }
+
+    /// [`super::widen_rows`] for kind `F` (1 f16, 2 bf16).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub unsafe fn widen<const F: usize>(w: &[u8], dst: &mut [f32]) {
+        let n = dst.len();
+        let mut i = 0;
+        // SAFETY: `lanes(n - i)` keeps every read inside `w` (2n bytes) and every write inside
+        // `dst`.
+        unsafe {
+            while i < n {
+                let m = lanes(n - i);
+                _mm512_mask_storeu_ps(
+                    dst.as_mut_ptr().add(i),
+                    m,
+                    float_block::<F>(w.as_ptr(), i, m),
+                );
+                i += 16;
+            }
+        }
+    }
+
+    /// [`super::float_rows`] for weights of kind `F` (as in [`float_tile`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub unsafe fn float_rows<const R: usize, const T: usize, const F: usize>(
+        w: &[u8],
+        xf: &[&[f32]; T],
+        out: &mut [&mut [f32]; T],
+    ) {
+        // SAFETY (both closures): the features are the caller's promise; `float_tile` checks
+        // the lengths.
+        super::super::float_row_tiles::<R, T>(
+            w,
+            out,
+            |ws| unsafe { float_tile::<R, T, F>(ws, xf) },
+            |ws| unsafe { float_tile::<1, T, F>(ws, xf) },
+        );
+    }
+
+    /// `R` float weight rows (`F` = 0 for f32, 1 for f16, 2 for bf16) against `T` tokens' f32
+    /// activations: `out[t][r]`.
+    ///
+    /// Each (row, token) sum runs in two accumulators, the even 16-wide blocks into one and the
+    /// odd ones into the other, in order (a last partial block masked, into the chain its index
+    /// gives), then the two added and reduced: the same steps whatever the tile, so a token's
+    /// result does not depend on which rows and tokens shared its loop. Two chains so that a
+    /// lone row and token (a decode step) does not wait on the FMA's latency every block.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub unsafe fn float_tile<const R: usize, const T: usize, const F: usize>(
+        w: &[&[u8]; R],
+        xf: &[&[f32]; T],
+    ) -> [[f32; R]; T] {
+        let n = super::super::float_tile_len::<F>(w, xf);
+        let mut acc = [[[_mm512_setzero_ps(); R]; T]; 2];
+        // SAFETY: every load is masked to lanes below `n`, inside each row and each `x`.
+        unsafe {
+            let wp: [*const u8; R] = std::array::from_fn(|r| w[r].as_ptr());
+            let xp: [*const f32; T] = std::array::from_fn(|t| xf[t].as_ptr());
+            let step = |acc: &mut [[__m512; R]; T], i: usize, m: __mmask16| {
+                let wv: [__m512; R] = std::array::from_fn(|r| float_block::<F>(wp[r], i, m));
+                for (t, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_maskz_loadu_ps(m, xp[t].add(i));
+                    for (r, a) in a.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(wv[r], xv, *a);
+                    }
+                }
+            };
+            let [even, odd] = &mut acc;
+            let mut i = 0;
+            while i + 32 <= n {
+                step(even, i, u16::MAX);
+                step(odd, i + 16, u16::MAX);
+                i += 32;
+            }
+            if i < n {
+                step(even, i, lanes(n - i));
+                i += 16;
+            }
+            if i < n {
+                step(odd, i, lanes(n - i));
+            }
+        }
+        let mut out = [[0.0f32; R]; T];
+        for t in 0..T {
+            for r in 0..R {
+                out[t][r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t][r], acc[1][t][r]));
+            }
+        }
+        out
     }
 }

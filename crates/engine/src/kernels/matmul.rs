@@ -7,7 +7,7 @@ use super::amx;
 use super::pack::{chunk_bytes, prefetch_range, GroupJob, Packing, PREFETCH_BYTES};
 use super::q8::{Q8Acts, Q8Row};
 use super::{avx2, avx512};
-use super::{dot_rows, has_avx2, QKind, QMatrix, QK};
+use super::{dot_rows, has_avx2, has_vnni, QKind, QMatrix, QK};
 use crate::parallel::{SharedMut, ThreadPool};
 
 /// One matrix of a fused product and where its output goes: `out[t * w.rows + r]`.
@@ -32,6 +32,14 @@ const FLOAT_TILE: (usize, usize) = (3, 2);
 /// near (L1, L2) while the pair's activations stay in L1 (`kernel_bench`, AVX2-only AMD EPYC,
 /// F16 layers at 128 tokens: 24, 32 and 64 KiB timed alike, 5–8% faster than 8 or 16 KiB).
 const FLOAT_TILE_BYTES: usize = 32 << 10;
+/// The same for AVX-512 (`wide_float_range`): two chains a sum, twenty-four accumulators, four
+/// weight blocks and one activation block of the thirty-two registers.
+const WIDE_FLOAT_TILE: (usize, usize) = (4, 3);
+/// Tokens from which an AVX-512 product over 16-bit rows widens each row tile to f32 once for
+/// all of them (below, each tile converts its blocks in the loop, for every token group).
+const WIDEN_MIN_TOKENS: usize = 4;
+/// Bytes of widened (f32) rows in an AVX-512 row tile.
+const WIDE_TILE_BYTES: usize = 32 << 10;
 /// Tokens from which a Q5 product unpacks its k-rows once for all of them (below, each kernel
 /// call unpacks the chunks it reads for its four tokens). Q5's fifth bits make unpacking cost
 /// more than the bytes it saves; Q4's nibbles cost less (unpacked, Q4's products of 512 tokens
@@ -161,6 +169,9 @@ pub fn matmul(pool: &ThreadPool, tasks: &mut [MatmulTask<'_>], xf: &[f32], xq: &
                     // other thread's.
                     match w.packing() {
                         Some(packing) => packed_range(w, packing, out, xq, n, a, b),
+                        None if w.kind.is_float() && has_vnni() => {
+                            wide_float_range(w, out, xf, n, a, b)
+                        }
                         None if w.kind.is_float() && has_avx2() => float_range(w, out, xf, n, a, b),
                         None => rows_range::<TOKEN_TILE>(w, out, xf, xq, n, a, b),
                     }
@@ -259,6 +270,65 @@ fn float_range(w: &QMatrix, out: &SharedMut<f32>, xf: &[f32], n: usize, r0: usiz
                     unsafe { avx2::float_rows::<1, 1>(w.kind, wt, &[xf_row(t)], &mut [outs(t)]) };
                 }
             }
+        }
+        tile = tile_end;
+    }
+}
+
+/// `float_range` on AVX-512: tiles of `WIDE_FLOAT_TILE`; from `WIDEN_MIN_TOKENS` tokens, each
+/// row tile of 16-bit weights widened to f32 once (exact, so a token's result is the same bits
+/// either way) and the tiles' inner loops left with loads and FMAs only.
+fn wide_float_range(w: &QMatrix, out: &SharedMut<f32>, xf: &[f32], n: usize, r0: usize, r1: usize) {
+    const R: usize = WIDE_FLOAT_TILE.0;
+    const T: usize = WIDE_FLOAT_TILE.1;
+    let cols = w.cols;
+    let row_bytes = w.kind.row_bytes(cols);
+    let xf_row = |t: usize| &xf[t * cols..(t + 1) * cols];
+    let widen = w.kind != QKind::F32 && n >= WIDEN_MIN_TOKENS;
+    // A lone token reads each row once, so its rows are one tile.
+    let tile_rows = match n == 1 {
+        true => r1 - r0,
+        false => (WIDE_TILE_BYTES / (cols * 4)).clamp(R, ROW_TILE * 4) / R * R,
+    };
+    let mut scratch = vec![0.0f32; if widen { tile_rows * cols } else { 0 }];
+    let mut tile = r0;
+    while tile < r1 {
+        let tile_end = (tile + tile_rows).min(r1);
+        let file = &w.bytes()[tile * row_bytes..tile_end * row_bytes];
+        let (kind, wt) = match widen {
+            true => {
+                let dst = &mut scratch[..(tile_end - tile) * cols];
+                // SAFETY: `matmul` runs `wide_float_range` only where `has_vnni` holds.
+                unsafe { avx512::widen_rows(w.kind, file, dst) };
+                // SAFETY: any f32 slice is a valid byte slice of four times its length.
+                let bytes =
+                    unsafe { std::slice::from_raw_parts(dst.as_ptr() as *const u8, dst.len() * 4) };
+                (QKind::F32, bytes)
+            }
+            false => (w.kind, file),
+        };
+        // SAFETY: rows tile..tile_end of each token lie in this thread's row range (see
+        // `matmul`), and each token's rows are a span of their own.
+        let outs = |t: usize| unsafe { out.slice(t * w.rows + tile, tile_end - tile) };
+        let mut t = 0;
+        while t + T <= n {
+            let xs: [&[f32]; T] = std::array::from_fn(|k| xf_row(t + k));
+            let mut o: [&mut [f32]; T] = std::array::from_fn(|k| outs(t + k));
+            // SAFETY: as above (`has_vnni`).
+            unsafe { avx512::float_rows::<R, T>(kind, wt, &xs, &mut o) };
+            t += T;
+        }
+        // The tokens left over two at a time, then one: in the tile's rows, or a lone token
+        // one row at a time. SAFETY (all three calls): as above.
+        while t + 2 <= n {
+            let xs = [xf_row(t), xf_row(t + 1)];
+            unsafe { avx512::float_rows::<R, 2>(kind, wt, &xs, &mut [outs(t), outs(t + 1)]) };
+            t += 2;
+        }
+        match (n - t, n) {
+            (0, _) => {}
+            (_, 1) => unsafe { avx512::float_rows::<1, 1>(kind, wt, &[xf_row(t)], &mut [outs(t)]) },
+            _ => unsafe { avx512::float_rows::<R, 1>(kind, wt, &[xf_row(t)], &mut [outs(t)]) },
         }
         tile = tile_end;
     }

@@ -452,6 +452,58 @@ pub fn simd_name() -> &'static str {
     }
 }
 
+/// Float weight rows `w` (`out[0].len()` of them, one after another) against `T` tokens, `R`
+/// rows at a time through `tile` and each row left through `one`: row `i` for token `t` into
+/// `out[t][i]`. Inlined into each SIMD family's target-feature function, whose closures it runs.
+#[inline(always)]
+pub(crate) fn float_row_tiles<const R: usize, const T: usize>(
+    w: &[u8],
+    out: &mut [&mut [f32]; T],
+    tile: impl Fn(&[&[u8]; R]) -> [[f32; R]; T],
+    one: impl Fn(&[&[u8]; 1]) -> [[f32; 1]; T],
+) {
+    let rows = out[0].len();
+    assert!(
+        out.iter().all(|o| o.len() == rows),
+        "one output length for every token"
+    );
+    assert!(
+        rows > 0 && w.len().is_multiple_of(rows),
+        "whole rows of weights"
+    );
+    let row_bytes = w.len() / rows;
+    let row = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
+    let mut r = 0;
+    while r + R <= rows {
+        let v = tile(&std::array::from_fn(|k| row(r + k)));
+        for (o, v) in out.iter_mut().zip(&v) {
+            o[r..r + R].copy_from_slice(v);
+        }
+        r += R;
+    }
+    while r < rows {
+        let v = one(&[row(r)]);
+        for (o, v) in out.iter_mut().zip(&v) {
+            o[r] = v[0];
+        }
+        r += 1;
+    }
+}
+
+/// Elements in each float row of `w` (`F` 0: four bytes an element, else two), checked to be
+/// the same in every row and to fit in every activation row of `xf`.
+pub(crate) fn float_tile_len<const F: usize>(w: &[&[u8]], xf: &[&[f32]]) -> usize {
+    let esize = if F == 0 { 4 } else { 2 };
+    let n = w[0].len() / esize;
+    for row in w {
+        assert_eq!(row.len(), n * esize, "float rows of one length");
+    }
+    for x in xf {
+        assert!(x.len() >= n, "activations shorter than the rows");
+    }
+    n
+}
+
 /// Quantizes f32 values to ggml Q8_0 blocks (used when converting formats we have no kernel for).
 pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
     scalar::quantize_q8_0(values)
@@ -815,17 +867,7 @@ mod tests {
             for cols in [64, 200, 203, 1000] {
                 let rows = 7;
                 let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
-                let bytes: Vec<u8> = match kind {
-                    QKind::F32 => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                    QKind::F16 => w
-                        .iter()
-                        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                        .collect(),
-                    _ => w
-                        .iter()
-                        .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-                        .collect(),
-                };
+                let bytes = float_bytes(kind, &w);
                 let m = QMatrix::new(kind, rows, cols, WeightBytes::Owned(Arc::new(bytes)))
                     .expect("matrix");
                 let n = 8;
@@ -855,6 +897,163 @@ mod tests {
                     let want = reference(&m, xt);
                     for r in 0..rows {
                         assert!((alone[r] - want[r]).abs() < 1e-3, "{kind:?} r{r}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// `w` in the bytes of float kind `kind`.
+    fn float_bytes(kind: QKind, w: &[f32]) -> Vec<u8> {
+        match kind {
+            QKind::F32 => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            QKind::F16 => w
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+            _ => w
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+        }
+    }
+
+    /// A float kernel for one token (`avx2::float_rows::<R, 1>`, `avx512::float_rows::<R, 1>`).
+    #[cfg(target_arch = "x86_64")]
+    type OneToken = unsafe fn(QKind, &[u8], &[&[f32]; 1], &mut [&mut [f32]; 1]);
+    /// The same for two and three tokens.
+    #[cfg(target_arch = "x86_64")]
+    type TwoTokens = unsafe fn(QKind, &[u8], &[&[f32]; 2], &mut [&mut [f32]; 2]);
+    /// Each token's outputs.
+    #[cfg(target_arch = "x86_64")]
+    type TokenRows = Vec<Vec<f32>>;
+    #[cfg(target_arch = "x86_64")]
+    type ThreeTokens = unsafe fn(QKind, &[u8], &[&[f32]; 3], &mut [&mut [f32]; 3]);
+
+    /// Each tier's float kernel called directly (the products above run only this CPU's best
+    /// tier): every tile shape gives each (row, token) the bits the lone row and token gets,
+    /// 16-bit rows widened first give the bits converting them in the loop gives, and all of it
+    /// is the reference product to 1e-3.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn float_kernels_of_every_tier_agree_in_every_tile() {
+        let mut seed = 11u64;
+        let rows = 7;
+        for kind in [QKind::F32, QKind::F16, QKind::BF16] {
+            for cols in [16, 20, 40, 50, 64, 203, 1000] {
+                let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
+                let bytes = float_bytes(kind, &w);
+                let m = QMatrix::new(
+                    kind,
+                    rows,
+                    cols,
+                    WeightBytes::Owned(Arc::new(bytes.clone())),
+                )
+                .expect("matrix");
+                let x: Vec<f32> = (0..3 * cols).map(|_| lcg(&mut seed)).collect();
+                let xs: Vec<&[f32]> = x.chunks(cols).collect();
+                let out = || vec![vec![0.0f32; rows]; 3];
+                // Three tokens one at a time, as (one, one, one), (two, one) or (three).
+                let ones = |f: OneToken, k: QKind, w: &[u8]| {
+                    let mut o = out();
+                    for (t, o) in o.iter_mut().enumerate() {
+                        // SAFETY: each caller checked its tier's features.
+                        unsafe { f(k, w, &[xs[t]], &mut [o]) };
+                    }
+                    o
+                };
+                let two_one = |f2: TwoTokens, f1: OneToken, k: QKind, w: &[u8]| {
+                    let mut o = out();
+                    let (a, b) = o.split_at_mut(2);
+                    let [o0, o1] = a else { unreachable!() };
+                    // SAFETY: as above.
+                    unsafe { f2(k, w, &[xs[0], xs[1]], &mut [o0, o1]) };
+                    unsafe { f1(k, w, &[xs[2]], &mut [&mut b[0]]) };
+                    o
+                };
+                let three = |f: ThreeTokens, k: QKind, w: &[u8]| {
+                    let mut o = out();
+                    let [o0, o1, o2] = &mut o[..] else {
+                        unreachable!()
+                    };
+                    // SAFETY: as above.
+                    unsafe { f(k, w, &[xs[0], xs[1], xs[2]], &mut [o0, o1, o2]) };
+                    o
+                };
+                let mut tiers: Vec<Vec<(&str, TokenRows)>> = Vec::new();
+                if has_avx2() {
+                    tiers.push(vec![
+                        ("avx2 1x1", ones(avx2::float_rows::<1, 1>, kind, &bytes)),
+                        ("avx2 3x1", ones(avx2::float_rows::<3, 1>, kind, &bytes)),
+                        (
+                            "avx2 3x2 + 3x1",
+                            two_one(
+                                avx2::float_rows::<3, 2>,
+                                avx2::float_rows::<3, 1>,
+                                kind,
+                                &bytes,
+                            ),
+                        ),
+                    ]);
+                }
+                if has_vnni() {
+                    let mut wide = vec![0.0f32; rows * cols];
+                    if kind != QKind::F32 {
+                        // SAFETY: has_vnni holds.
+                        unsafe { avx512::widen_rows(kind, &bytes, &mut wide) };
+                        let exact: Vec<f32> = (0..rows)
+                            .flat_map(|r| {
+                                let mut row = vec![0.0; cols];
+                                m.dequantize_row(r, &mut row);
+                                row
+                            })
+                            .collect();
+                        assert_eq!(wide, exact, "{kind:?} width {cols}: widening is not exact");
+                    }
+                    let widened = float_bytes(QKind::F32, &wide);
+                    let (wk, wb) = match kind {
+                        QKind::F32 => (kind, &bytes),
+                        _ => (QKind::F32, &widened),
+                    };
+                    tiers.push(vec![
+                        ("avx512 1x1", ones(avx512::float_rows::<1, 1>, kind, &bytes)),
+                        (
+                            "avx512 4x3",
+                            three(avx512::float_rows::<4, 3>, kind, &bytes),
+                        ),
+                        (
+                            "avx512 4x2 + 4x1, widened",
+                            two_one(
+                                avx512::float_rows::<4, 2>,
+                                avx512::float_rows::<4, 1>,
+                                wk,
+                                wb,
+                            ),
+                        ),
+                        (
+                            "avx512 4x3, widened",
+                            three(avx512::float_rows::<4, 3>, wk, wb),
+                        ),
+                    ]);
+                }
+                for runs in &tiers {
+                    let (alone, want) = (&runs[0], (0..3).map(|t| reference(&m, xs[t])));
+                    for (t, want) in want.enumerate() {
+                        for r in 0..rows {
+                            let (got, want) = (alone.1[t][r], want[r]);
+                            assert!(
+                                (got - want).abs() < 1e-3,
+                                "{} {kind:?} width {cols}: {got} vs {want}",
+                                alone.0
+                            );
+                        }
+                    }
+                    for other in &runs[1..] {
+                        assert_eq!(
+                            alone.1, other.1,
+                            "{kind:?} width {cols}: {} vs {}",
+                            alone.0, other.0
+                        );
                     }
                 }
             }
