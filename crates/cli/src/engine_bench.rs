@@ -147,6 +147,26 @@ fn xor_all(words: &[u64]) -> u64 {
         .fold(lanes.iter().fold(0, |a, b| a ^ b), |a, b| a ^ b)
 }
 
+/// This CPU's last-level (L3) cache in bytes, from sysfs (`None` where it says nothing).
+fn l3_bytes() -> Option<u64> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    dir.flatten().find_map(|e| {
+        let read = |f: &str| std::fs::read_to_string(e.path().join(f)).ok();
+        if read("level")?.trim() != "3" {
+            return None;
+        }
+        let size = read("size")?;
+        let size = size.trim();
+        let (digits, unit) = size.split_at(size.find(|c: char| !c.is_ascii_digit())?);
+        let n: u64 = digits.parse().ok()?;
+        match unit {
+            "K" => Some(n << 10),
+            "M" => Some(n << 20),
+            _ => None,
+        }
+    })
+}
+
 /// Bytes read per bandwidth measurement: well past any last-level cache.
 const BANDWIDTH_BYTES: usize = 512 << 20;
 
@@ -231,6 +251,7 @@ pub fn run(mut args: EngineBenchArgs) -> Result<()> {
                 "mem_read_gb_s": bw, "mem_read_gb_s_rounds": bws,
                 "weight_bytes_per_token": bytes, "decode_limit_tok_s": limit,
                 "decode_share_of_limit": share,
+                "l3_bytes": l3_bytes(),
                 "kernels": kernels,
                 "streams": args.streams, "streams_tok_s": batched,
                 "streams_tok_s_median": batched_med,
@@ -253,13 +274,22 @@ pub fn run(mut args: EngineBenchArgs) -> Result<()> {
             );
         }
         match (bw, limit, share) {
-            (Some(bw), Some(limit), Some(share)) => println!(
-                "memory read {bw:.1} GB/s / {:.1} MB per token = decode limit {limit:.0} tok/s \
-                 (medians; decode at {:.0}% of the limit measured around it in its own round; \
-                 kernels: {kernels})",
-                bytes / 1e6,
-                100.0 * share
-            ),
+            (Some(bw), Some(limit), Some(share)) => {
+                println!(
+                    "memory read {bw:.1} GB/s / {:.1} MB per token = decode limit {limit:.0} tok/s \
+                     (medians; decode at {:.0}% of the limit measured around it in its own round; \
+                     kernels: {kernels})",
+                    bytes / 1e6,
+                    100.0 * share
+                );
+                if let Some(l3) = l3_bytes().filter(|l3| *l3 as f64 >= bytes) {
+                    println!(
+                        "the weights read per token fit in this CPU's L3 cache ({} MiB): decode \
+                         can run past a limit set by memory",
+                        l3 >> 20
+                    );
+                }
+            }
             _ => println!(
                 "device {kernels}: {:.1} MB of weights per token (the host's memory read rate \
                  is no limit on a GPU, so none is measured)",

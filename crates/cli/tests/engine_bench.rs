@@ -54,7 +54,12 @@ fn kernels_can_be_capped_at_a_lower_tier() {
             auto["decode_tok_s"].as_array().expect("tg").len()
         );
         let share = auto["decode_share_of_limit"].as_f64().expect("share");
-        assert!(share > 0.0 && share < 2.0, "{auto}");
+        // Past the memory's limit only where the weights fit in the L3 cache (as on a CPU with
+        // a few hundred MiB of it); a share in percent instead of a fraction fails either way.
+        let weights = auto["weight_bytes_per_token"].as_f64().expect("bytes");
+        let in_l3 = auto["l3_bytes"].as_f64().is_some_and(|l3| l3 >= weights);
+        let most = if in_l3 { 10.0 } else { 2.0 };
+        assert!(share > 0.0 && share < most, "{auto}");
         if std::arch::is_x86_feature_detected!("avx512vnni") {
             assert_ne!(auto["kernels"], "avx2", "auto takes the best tier: {auto}");
         }
