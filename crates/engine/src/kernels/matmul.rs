@@ -290,48 +290,55 @@ fn wide_float_range(w: &QMatrix, out: &SharedMut<f32>, xf: &[f32], n: usize, r0:
         true => r1 - r0,
         false => (WIDE_TILE_BYTES / (cols * 4)).clamp(R, ROW_TILE * 4) / R * R,
     };
-    let mut scratch = vec![0.0f32; if widen { tile_rows * cols } else { 0 }];
-    let mut tile = r0;
-    while tile < r1 {
-        let tile_end = (tile + tile_rows).min(r1);
-        let file = &w.bytes()[tile * row_bytes..tile_end * row_bytes];
-        let (kind, wt) = match widen {
-            true => {
-                let dst = &mut scratch[..(tile_end - tile) * cols];
-                // SAFETY: `matmul` runs `wide_float_range` only where `has_vnni` holds.
-                unsafe { avx512::widen_rows(w.kind, file, dst) };
-                // SAFETY: any f32 slice is a valid byte slice of four times its length.
-                let bytes =
-                    unsafe { std::slice::from_raw_parts(dst.as_ptr() as *const u8, dst.len() * 4) };
-                (QKind::F32, bytes)
+    WIDENED.with_borrow_mut(|scratch| {
+        if widen && scratch.len() < tile_rows * cols {
+            scratch.resize(tile_rows * cols, 0.0);
+        }
+        let mut tile = r0;
+        while tile < r1 {
+            let tile_end = (tile + tile_rows).min(r1);
+            let file = &w.bytes()[tile * row_bytes..tile_end * row_bytes];
+            let (kind, wt) = match widen {
+                true => {
+                    let dst = &mut scratch[..(tile_end - tile) * cols];
+                    // SAFETY: `matmul` runs `wide_float_range` only where `has_vnni` holds.
+                    unsafe { avx512::widen_rows(w.kind, file, dst) };
+                    // SAFETY: any f32 slice is a valid byte slice of four times its length.
+                    let bytes = unsafe {
+                        std::slice::from_raw_parts(dst.as_ptr() as *const u8, dst.len() * 4)
+                    };
+                    (QKind::F32, bytes)
+                }
+                false => (w.kind, file),
+            };
+            // SAFETY: rows tile..tile_end of each token lie in this thread's row range (see
+            // `matmul`), and each token's rows are a span of their own.
+            let outs = |t: usize| unsafe { out.slice(t * w.rows + tile, tile_end - tile) };
+            let mut t = 0;
+            while t + T <= n {
+                let xs: [&[f32]; T] = std::array::from_fn(|k| xf_row(t + k));
+                let mut o: [&mut [f32]; T] = std::array::from_fn(|k| outs(t + k));
+                // SAFETY: as above (`has_vnni`).
+                unsafe { avx512::float_rows::<R, T>(kind, wt, &xs, &mut o) };
+                t += T;
             }
-            false => (w.kind, file),
-        };
-        // SAFETY: rows tile..tile_end of each token lie in this thread's row range (see
-        // `matmul`), and each token's rows are a span of their own.
-        let outs = |t: usize| unsafe { out.slice(t * w.rows + tile, tile_end - tile) };
-        let mut t = 0;
-        while t + T <= n {
-            let xs: [&[f32]; T] = std::array::from_fn(|k| xf_row(t + k));
-            let mut o: [&mut [f32]; T] = std::array::from_fn(|k| outs(t + k));
-            // SAFETY: as above (`has_vnni`).
-            unsafe { avx512::float_rows::<R, T>(kind, wt, &xs, &mut o) };
-            t += T;
+            // The tokens left over two at a time, then one: in the tile's rows, or a lone
+            // token one row at a time. SAFETY (all three calls): as above.
+            while t + 2 <= n {
+                let xs = [xf_row(t), xf_row(t + 1)];
+                unsafe { avx512::float_rows::<R, 2>(kind, wt, &xs, &mut [outs(t), outs(t + 1)]) };
+                t += 2;
+            }
+            match (n - t, n) {
+                (0, _) => {}
+                (_, 1) => unsafe {
+                    avx512::float_rows::<1, 1>(kind, wt, &[xf_row(t)], &mut [outs(t)])
+                },
+                _ => unsafe { avx512::float_rows::<R, 1>(kind, wt, &[xf_row(t)], &mut [outs(t)]) },
+            }
+            tile = tile_end;
         }
-        // The tokens left over two at a time, then one: in the tile's rows, or a lone token
-        // one row at a time. SAFETY (all three calls): as above.
-        while t + 2 <= n {
-            let xs = [xf_row(t), xf_row(t + 1)];
-            unsafe { avx512::float_rows::<R, 2>(kind, wt, &xs, &mut [outs(t), outs(t + 1)]) };
-            t += 2;
-        }
-        match (n - t, n) {
-            (0, _) => {}
-            (_, 1) => unsafe { avx512::float_rows::<1, 1>(kind, wt, &[xf_row(t)], &mut [outs(t)]) },
-            _ => unsafe { avx512::float_rows::<R, 1>(kind, wt, &[xf_row(t)], &mut [outs(t)]) },
-        }
-        tile = tile_end;
-    }
+    });
 }
 
 /// Row groups `g0..g1` of a packed matrix for every token. VNNI packing: whole 16-token tiles on
@@ -415,6 +422,8 @@ fn packed_range(
 thread_local! {
     /// Each thread's unpacked k-rows (`packed_range`).
     static UNPACKED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each thread's widened float rows (`wide_float_range`).
+    static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Tokens `first..n` of the jobs `job(t)` makes, four at a time on the packing's kernels and
