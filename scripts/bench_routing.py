@@ -17,8 +17,6 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import lastmile_proc  # scripts/lastmile_proc.py: starts servers on ports they report
@@ -26,21 +24,6 @@ import lastmile_proc  # scripts/lastmile_proc.py: starts servers on ports they r
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "target" / "release" / "lastmile"
 POLICIES = ["kv_aware", "round_robin", "random"]
-
-
-def wait_healthy(url, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"{url} exited early")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    sys.exit(f"{url} never became healthy")
 
 
 def run_policy(policy, args, out_json):
@@ -52,7 +35,7 @@ def run_policy(policy, args, out_json):
             servers.append(w)
             urls.append(w.url)
         for w in servers:
-            wait_healthy(w.url, w.proc)
+            lastmile_proc.wait_healthy(w.url, w.proc)
         cmd = ["gateway", "--policy", policy]
         if policy == "kv_aware" and args.kv_balance is not None:
             cmd += ["--kv-balance", str(args.kv_balance)]
@@ -62,7 +45,7 @@ def run_policy(policy, args, out_json):
         servers.append(g)
         gw = g.url
         print(f"logs: {', '.join(s.log for s in servers)}", flush=True)
-        wait_healthy(gw, g.proc)
+        lastmile_proc.wait_healthy(gw, g.proc)
         bench = [
             BIN, "bench", "--url", gw, "--workload", "multi-turn",
             "--requests", str(args.conversations), "--turns", str(args.turns),

@@ -140,6 +140,28 @@ def start(args, log=None, env=None, timeout=120, binary=BIN, host="127.0.0.1"):
     return Server(proc, url, log)
 
 
+def wait_healthy(url, proc=None, timeout=120):
+    """Waits until `url`/health answers 200 (a server still loading answers otherwise, or not at
+    all); exits with a message if `proc` (its Popen, where given) ends first or `timeout`
+    seconds pass."""
+    import sys
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            sys.exit(f"{url} exited early")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    sys.exit(f"{url} never became healthy")
+
+
 def free_port_for_foreign_server():
     """A port nothing listens on now, for servers that cannot report a port they picked
     (llama.cpp's llama-server): another process may take it before they bind it."""

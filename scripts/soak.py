@@ -35,6 +35,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import lastmile_proc  # scripts/lastmile_proc.py: wait_healthy
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "target" / "release" / "lastmile"
 MODEL = "smollm2-135m-instruct"
@@ -65,19 +67,6 @@ def http(method, url, body=None, key=ADMIN):
         req.add_header("Content-Type", "application/json")
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
-
-
-def wait_healthy(url, within=120):
-    end = time.time() + within
-    while time.time() < end:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            pass
-        time.sleep(0.2)
-    sys.exit(f"{url} never became healthy")
 
 
 def rss_mib(pid):
@@ -265,13 +254,13 @@ def main():
         procs.append(subprocess.Popen(
             [str(BIN), "serve", "--port", str(wp), "--threads", str(args.threads)],
             env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "worker.log", "w")))
-        wait_healthy(worker_url)
+        lastmile_proc.wait_healthy(worker_url)
         procs.append(subprocess.Popen(
             [str(BIN), "gateway", "--port", str(gp), "--worker", worker_url,
              "--admin-key", ADMIN, "--usage-db", str(tmp / "usage.db"),
              "--key-max-in-flight", str(args.streams * 2)],
             env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "gateway.log", "w")))
-        wait_healthy(gw)
+        lastmile_proc.wait_healthy(gw)
         keys, ids = {}, {}
         for name in ["whole", "cut"]:
             k = http("POST", f"{gw}/admin/keys", {"name": f"soak-{name}"})

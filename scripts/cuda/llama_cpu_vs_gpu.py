@@ -8,22 +8,17 @@ that check: free-running greedy text parts at the first near-tie, on any two bac
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from lastmile_proc import free_port_for_foreign_server, wait_healthy  # noqa: E402
 
 # The prompts of lastmile's own GPU-vs-CPU check, from the same file.
 PROMPTS = json.load(
     open(os.path.join(os.path.dirname(__file__), "../../crates/engine/tests/fixtures/gpu_prompts.json"))
 )
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url, body):
@@ -33,7 +28,7 @@ def post(url, body):
 
 
 def greedy(server, model, ngl):
-    port = free_port()
+    port = free_port_for_foreign_server()
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.path.dirname(server) + ":" + env.get("LD_LIBRARY_PATH", "")
     proc = subprocess.Popen(
@@ -44,13 +39,7 @@ def greedy(server, model, ngl):
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except Exception:
-                time.sleep(0.1)
+        wait_healthy(url, proc)
         out = []
         for p in PROMPTS:
             r = post(url + "/completion", {"prompt": p, "n_predict": 32, "temperature": 0,
